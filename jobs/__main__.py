@@ -1,0 +1,43 @@
+"""The one container entrypoint: ``python -m jobs <stage> --config <path-or-uri>``.
+
+Exit codes (jobs.errors): 0 done or already up to date; 65 bad config or input,
+do not retry; 75 transient or preempted after a checkpoint, retry; anything
+else is a bug and is retried by the Job's backoffLimit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs.errors import EXIT_OK, StageError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs", description=__doc__.splitlines()[0])
+    parser.add_argument("stage", help="the stage to run (bootstrap, data, sft, ...)")
+    parser.add_argument("--config", required=True, help="YAML or JSON config: a path or s3:// URI")
+    args = parser.parse_args(argv)
+    try:
+        from jobs.config_file import load_mapping, validate
+        from jobs.contract import run_stage
+        from jobs.stages import stage_module
+
+        module = stage_module(args.stage)
+        config = validate(module.Config, load_mapping(args.config), args.config)
+        manifest = run_stage(args.stage, config, module.run)
+    except StageError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    summary = ", ".join(f"{k}={_fmt(v)}" for k, v in manifest.metrics.items()
+                        if isinstance(v, int | float))
+    print(f"{args.stage}: finished -> {manifest.config['output']}  {summary}", flush=True)
+    return EXIT_OK
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Data handling shared by the training stages: JSONL rows, a resumable sampler, padding."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from jobs.errors import BadInputError
+
+IGNORE = -100  # label of tokens the loss skips (prompt, padding)
+
+
+def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+    """Rows of a stage-written JSONL file, each checked for the fields the stage needs."""
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BadInputError(f"{path.name}:{number}: not valid JSON ({exc.msg})") from None
+            for name in required:
+                if not isinstance(row.get(name), str):
+                    raise BadInputError(f"{path.name}:{number}: field {name!r} missing or not text")
+            rows.append(row)
+    return rows
+
+
+class ShardedSampler:
+    """Micro-batches of example indices: a seeded shuffle per epoch, this rank's share of it.
+
+    Position is counted in micro-batches consumed, so a resumed run continues
+    with exactly the batches the interrupted run would have seen next.
+    """
+
+    def __init__(self, n: int, micro_batch: int, seed: int, rank: int = 0, world: int = 1,
+                 shuffle: bool = True) -> None:
+        self.n, self.micro_batch, self.seed = n, micro_batch, seed
+        self.rank, self.world, self.shuffle = rank, world, shuffle
+        self.per_epoch = (n // world) // micro_batch
+        if self.per_epoch == 0:
+            raise BadInputError(
+                f"{n} examples cannot fill one micro-batch of {micro_batch} on each of {world} "
+                "processes; lower micro_batch_size or add data"
+            )
+
+    def _order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n, generator=generator).tolist()
+
+    def micro_batches(self, start: int = 0) -> Iterator[list[int]]:
+        epoch, offset = divmod(start, self.per_epoch)
+        while True:
+            mine = self._order(epoch)[self.rank::self.world]
+            for b in range(offset, self.per_epoch):
+                yield mine[b * self.micro_batch:(b + 1) * self.micro_batch]
+            epoch, offset = epoch + 1, 0
+
+
+def shard(n: int, rank: int, world: int) -> list[int]:
+    """This rank's share of 0..n-1 for evaluation (every example seen once across ranks)."""
+    return list(range(rank, n, world))
+
+
+def pad(sequences: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    rows = [([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s)))
+            for s in sequences]
+    return torch.tensor(rows, dtype=torch.long)

@@ -1,0 +1,431 @@
+"""The contract every stage keeps: config, inputs, metrics, checkpoints, manifest last.
+
+A stage output under URI ``out`` is finished only when ``out/manifest.json``
+exists and every file it lists is there with the size and sha256 it records.
+Run-time state lives beside the finished files under ``out/_progress`` (the
+metrics so far) and ``out/_checkpoints`` (resumable training state), so a
+re-run never disturbs a finished output until it is ready to replace it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobs import dist, store
+from jobs.errors import BadInputError, Preempted
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.jsonl"
+PROGRESS = "_progress"
+CHECKPOINTS = "_checkpoints"
+COMMIT = "COMMIT"
+
+
+class StageConfig(BaseModel):
+    """Fields every stage has; a stage's config adds its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output: str = Field(description="URI the stage writes its outputs to (s3://... or a path)")
+    seed: int = 0
+
+    def config_hash(self) -> str:
+        return sha256_json(self.model_dump(mode="json"))
+
+
+class FileEntry(BaseModel):
+    path: str
+    size: int
+    sha256: str
+
+
+class InputRef(BaseModel):
+    """What a stage read: a finished stage output (by its manifest) or a plain file or data set."""
+
+    uri: str
+    kind: str  # "stage" | "file" | "hub"
+    sha256: str
+
+
+class Manifest(BaseModel):
+    stage: str
+    config: dict[str, Any]
+    config_hash: str
+    code_version: str
+    image: str | None = None
+    inputs: list[InputRef] = []
+    files: list[FileEntry] = []
+    metrics: dict[str, Any] = {}
+    started_at: str
+    finished_at: str
+
+
+def sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    if env := os.environ.get("KUBERLHF_CODE_VERSION"):
+        return env
+    try:
+        return version("kuberlhf")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# --- reading finished outputs ---------------------------------------------------------------
+
+
+def read_manifest(uri: str) -> Manifest | None:
+    """The manifest at ``uri``, or None when the output is not finished."""
+    path = store.join(uri, MANIFEST)
+    if not store.exists(path):
+        return None
+    return Manifest.model_validate_json(store.read_bytes(path))
+
+
+def manifest_hash(uri: str) -> str | None:
+    path = store.join(uri, MANIFEST)
+    if not store.exists(path):
+        return None
+    return hashlib.sha256(store.read_bytes(path)).hexdigest()
+
+
+def require_finished(uri: str) -> Manifest:
+    """The manifest of a finished output; an unfinished one is a user-facing error."""
+    manifest = read_manifest(uri)
+    if manifest is None:
+        raise BadInputError(
+            f"{uri}: not a finished stage output (no {MANIFEST}); run the stage that writes it first"
+        )
+    present = {f.path: f.size for f in store.list_files(uri)}
+    for entry in manifest.files:
+        if present.get(entry.path) != entry.size:
+            raise BadInputError(
+                f"{uri}/{entry.path}: missing or of the wrong size "
+                f"({present.get(entry.path)} bytes, manifest says {entry.size}); "
+                "the output is incomplete"
+            )
+    return manifest
+
+
+def download_finished(uri: str, local_dir: Path, only: list[str] | None = None) -> Manifest:
+    """Fetch a finished output (or ``only`` some of its files) and verify every checksum."""
+    manifest = require_finished(uri)
+    entries = [f for f in manifest.files if only is None or f.path in only]
+    if only is not None and len(entries) != len(only):
+        missing = sorted(set(only) - {f.path for f in entries})
+        raise BadInputError(f"{uri}: the output has no file {missing[0]}")
+    for entry in entries:
+        target = local_dir / entry.path
+        if not (target.is_file() and store.sha256_file(target) == entry.sha256):
+            store.download_file(store.join(uri, entry.path), target)
+            if store.sha256_file(target) != entry.sha256:
+                target.unlink()
+                raise BadInputError(f"{uri}/{entry.path}: checksum does not match the manifest")
+    return manifest
+
+
+def find_output(uri: str, depth: int = 4) -> tuple[str, str, Manifest]:
+    """The finished output holding ``uri``: (its root, the path below it, its manifest)."""
+    root, below = uri.rstrip("/"), []
+    for _ in range(depth + 1):
+        manifest = read_manifest(root)
+        if manifest is not None:
+            require_finished(root)
+            return root, "/".join(reversed(below)), manifest
+        head, sep, leaf = root.rpartition("/")
+        if not sep or not head or head.endswith(":/") or head == "s3:":
+            break
+        root = head
+        below.append(leaf)
+    raise BadInputError(
+        f"{uri}: not inside a finished stage output (no {MANIFEST} at it or above it); "
+        "run the stage that writes it first"
+    )
+
+
+# --- the run of one stage ----------------------------------------------------------------
+
+
+class MetricsLog:
+    """metrics.jsonl written as the stage goes, pushed to the store every ``sync_s`` seconds."""
+
+    def __init__(self, local: Path, remote: str, sync_s: float = 15.0) -> None:
+        self.local, self.remote, self.sync_s = local, remote, sync_s
+        self.local.parent.mkdir(parents=True, exist_ok=True)
+        self.local.write_text("")
+        self._last_sync = 0.0
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.local, "a") as handle:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if time.monotonic() - self._last_sync > self.sync_s:
+            self.sync()
+
+    def sync(self) -> None:
+        store.upload_file(self.local, self.remote)
+        self._last_sync = time.monotonic()
+
+
+class StageContext:
+    """What a stage's ``run`` is handed: where to write, how to read inputs, log and checkpoint."""
+
+    def __init__(self, stage: str, config: StageConfig, workdir: Path) -> None:
+        self.stage, self.config, self.workdir = stage, config, workdir
+        self.out_dir = workdir / "output"
+        self.inputs: dict[str, InputRef] = {}
+        self.stop_requested = False
+        self.checkpoints = Checkpoints(store.join(config.output, CHECKPOINTS), workdir / "checkpoints")
+        self.metrics = (
+            MetricsLog(self.out_dir / METRICS, store.join(config.output, PROGRESS, METRICS))
+            if dist.is_main()
+            else None
+        )
+
+    # inputs -------------------------------------------------------------------------
+
+    def input_dir(self, uri: str) -> Path:
+        """A finished stage output, or a folder inside one, downloaded once per node and verified."""
+        root, sub, manifest = find_output(uri)
+        local = self.workdir / "inputs" / hashlib.sha256(root.encode()).hexdigest()[:16]
+        wanted = [f.path for f in manifest.files if not sub or f.path.startswith(sub + "/")]
+        if not wanted:
+            raise BadInputError(f"{uri}: the output at {root} has no files under {sub!r}")
+        if dist.is_node_main():
+            download_finished(root, local, only=wanted)
+        dist.barrier()
+        self.inputs[root] = InputRef(uri=root, kind="stage", sha256=manifest_hash(root) or "")
+        return local / sub if sub else local
+
+    def input_file(self, uri: str) -> Path:
+        """A file: inside a finished stage output (verified), or a plain local or S3 file."""
+        try:
+            root, sub, _ = find_output(uri)
+        except BadInputError:
+            root = None
+        if root is not None:
+            parent, _, name = uri.rstrip("/").rpartition("/")
+            path = self.input_dir(parent) / name if sub else None
+            if path is None or not path.is_file():
+                raise BadInputError(f"{uri}: not a file of the finished output at {root}")
+            return path
+        if store.is_s3(uri):
+            local = self.workdir / "inputs" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+            local = local / uri.rsplit("/", 1)[-1]
+            if dist.is_node_main():
+                if not store.exists(uri):
+                    raise BadInputError(f"{uri}: no such object")
+                store.download_file(uri, local)
+            dist.barrier()
+        else:
+            local = store.local_path(uri)
+            if not local.is_file():
+                raise BadInputError(f"{uri}: no such file")
+        self.inputs[uri] = InputRef(uri=uri, kind="file", sha256=store.sha256_file(local))
+        return local
+
+    def input_hub(self, name: str, revision: str | None) -> None:
+        """Record a Hugging Face Hub id read by the stage (pinned by revision when given)."""
+        ref = f"{name}@{revision or 'main'}"
+        self.inputs[ref] = InputRef(uri=ref, kind="hub", sha256=sha256_json(ref))
+
+    # progress -----------------------------------------------------------------------
+
+    def log(self, step: int, **values: float) -> None:
+        if self.metrics is None:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **values}
+        self.metrics.write(record)
+        print(json.dumps({"stage": self.stage, **record}, ensure_ascii=False), flush=True)
+
+    def should_stop(self) -> bool:
+        """True on every rank once any rank has received SIGTERM."""
+        return dist.any_rank(self.stop_requested)
+
+    def preempted(self, step: int) -> Preempted:
+        return Preempted(f"{self.stage}: SIGTERM received, checkpoint saved at step {step}")
+
+
+class Checkpoints:
+    """Resumable state under ``<output>/_checkpoints/step-NNNNNNNN``: files first, COMMIT last."""
+
+    def __init__(self, uri: str, local_root: Path, keep: int = 2) -> None:
+        self.uri, self.local_root, self.keep = uri, local_root, keep
+
+    def _step_uri(self, step: int) -> str:
+        return store.join(self.uri, f"step-{step:08d}")
+
+    def committed(self) -> list[int]:
+        steps = []
+        for info in store.list_files(self.uri):
+            name, _, leaf = info.path.partition("/")
+            if leaf == COMMIT and name.startswith("step-"):
+                steps.append(int(name.removeprefix("step-")))
+        return sorted(steps)
+
+    def latest(self) -> int | None:
+        """The newest complete checkpoint, the same answer on every rank."""
+        steps = self.committed() if dist.is_main() else None
+        steps = dist.broadcast_object(steps)
+        return steps[-1] if steps else None
+
+    def local_dir(self, step: int) -> Path:
+        return self.local_root / f"step-{step:08d}"
+
+    def save(self, step: int) -> None:
+        """Push ``local_dir(step)`` (written by every rank) and commit it; collective."""
+        local = self.local_dir(step)
+        dist.barrier()
+        remote = self._step_uri(step)
+        if dist.is_node_main():
+            part = [
+                FileEntry(path=p.relative_to(local).as_posix(), size=p.stat().st_size,
+                          sha256=store.sha256_file(p)).model_dump()
+                for p in store.walk_dir(local)
+            ]
+            store.upload_dir(local, remote)
+            node = os.environ.get("GROUP_RANK", os.environ.get("PET_NODE_RANK", "0"))
+            store.write_text(store.join(remote, f"PART-{node}.json"), json.dumps(part))
+        dist.barrier()
+        if dist.is_main():
+            store.write_text(store.join(remote, COMMIT), json.dumps({"step": step, "time": _now()}))
+            for old in self.committed()[: -self.keep]:
+                store.delete(self._step_uri(old))
+        dist.barrier()
+
+    def restore(self, step: int) -> Path:
+        """Download checkpoint ``step`` into ``local_dir(step)`` and verify it; collective."""
+        local = self.local_dir(step)
+        remote = self._step_uri(step)
+        if dist.is_node_main():
+            entries: list[FileEntry] = []
+            for info in store.list_files(remote):
+                if info.path.startswith("PART-"):
+                    part = json.loads(store.read_text(store.join(remote, info.path)))
+                    entries += [FileEntry.model_validate(e) for e in part]
+            for entry in entries:
+                target = local / entry.path
+                if not (target.is_file() and store.sha256_file(target) == entry.sha256):
+                    store.download_file(store.join(remote, entry.path), target)
+                if store.sha256_file(target) != entry.sha256:
+                    raise BadInputError(f"{remote}/{entry.path}: checkpoint checksum mismatch")
+        dist.barrier()
+        return local
+
+    def clear(self) -> None:
+        if dist.is_main():
+            store.delete(self.uri)
+
+
+# --- the lifecycle ---------------------------------------------------------------------
+
+
+def up_to_date(stage: str, config: StageConfig) -> Manifest | None:
+    """The finished manifest when this exact config already ran on these exact inputs."""
+    manifest = read_manifest(config.output)
+    if manifest is None or manifest.stage != stage or manifest.config_hash != config.config_hash():
+        return None
+    for ref in manifest.inputs:
+        if current_input_hash(ref) != ref.sha256:
+            return None
+    try:
+        require_finished(config.output)
+    except BadInputError:
+        return None
+    return manifest
+
+
+def current_input_hash(ref: InputRef) -> str | None:
+    if ref.kind == "stage":
+        return manifest_hash(ref.uri)
+    if ref.kind == "hub":
+        return ref.sha256
+    if store.is_s3(ref.uri):
+        if not store.exists(ref.uri):
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            return store.sha256_file(store.download_file(ref.uri, Path(tmp) / "f"))
+    path = store.local_path(ref.uri)
+    return store.sha256_file(path) if path.is_file() else None
+
+
+def default_workdir(stage: str, config: StageConfig) -> Path:
+    root = Path(os.environ.get("KUBERLHF_WORKDIR", Path(tempfile.gettempdir()) / "kuberlhf"))
+    return root / f"{stage}-{config.config_hash()[:12]}"
+
+
+def publish(ctx: StageContext, metrics: dict[str, Any], started_at: str) -> Manifest:
+    """Replace whatever was at the output with what the stage made; the manifest goes last."""
+    output = ctx.config.output
+    if ctx.metrics is not None:
+        ctx.metrics.sync()
+    store.delete(store.join(output, MANIFEST))  # from here on the output reads as unfinished
+    files = []
+    for path in store.walk_dir(ctx.out_dir):
+        rel = path.relative_to(ctx.out_dir).as_posix()
+        files.append(FileEntry(path=rel, size=path.stat().st_size, sha256=store.sha256_file(path)))
+        store.upload_file(path, store.join(output, rel))
+    manifest = Manifest(
+        stage=ctx.stage,
+        config=ctx.config.model_dump(mode="json"),
+        config_hash=ctx.config.config_hash(),
+        code_version=code_version(),
+        image=os.environ.get("KUBERLHF_IMAGE"),
+        inputs=list(ctx.inputs.values()),
+        files=files,
+        metrics=metrics,
+        started_at=started_at,
+        finished_at=_now(),
+    )
+    store.write_text(store.join(output, MANIFEST), manifest.model_dump_json(indent=2))
+    return manifest
+
+
+def run_stage(stage: str, config: StageConfig, run_fn, workdir: Path | None = None) -> Manifest:
+    """Skip if up to date, else run ``run_fn(config, ctx) -> metrics`` and publish."""
+    dist.init()
+    finished = up_to_date(stage, config) if dist.is_main() else None
+    finished = dist.broadcast_object(finished)
+    if finished is not None:
+        if dist.is_main():
+            print(f"{stage}: up to date at {config.output} (config and inputs unchanged); skipped",
+                  flush=True)
+        return finished
+
+    ctx = StageContext(stage, config, workdir or default_workdir(stage, config))
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def on_sigterm(signum, frame):  # noqa: ARG001 - the signal API's signature
+        ctx.stop_requested = True
+        print(f"{stage}: SIGTERM received; checkpointing at the next step", file=sys.stderr,
+              flush=True)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    started_at = _now()
+    try:
+        metrics = run_fn(config, ctx)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    dist.barrier()
+    manifest = publish(ctx, metrics, started_at) if dist.is_main() else None
+    dist.barrier()
+    ctx.checkpoints.clear()
+    return dist.broadcast_object(manifest)

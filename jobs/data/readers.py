@@ -1,0 +1,216 @@
+"""Readers for the data formats the seeds use, into one record shape.
+
+Each reader takes rows (dicts) with their location and yields :class:`Example`.
+A bad row raises :class:`BadInputError` naming the file, the row (JSONL line
+number, or row index for JSON arrays, Parquet and Hub data sets) and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.errors import BadInputError
+
+
+@dataclass
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass
+class Example:
+    """One training example: a prompt conversation and what may follow it."""
+
+    source: str
+    messages: list[Message]  # the conversation up to (not including) the final response
+    context: str | None = None  # Alpaca/KULLM "input", kept apart for the templates with one
+    response: str | None = None  # for SFT
+    chosen: str | None = None  # for preference pairs
+    rejected: str | None = None
+    label: str | None = None  # the source class (C-RLFT), e.g. "gpt4"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def outputs(self) -> list[str]:
+        return [r for r in (self.response, self.chosen, self.rejected) if r is not None]
+
+
+@dataclass(frozen=True)
+class Row:
+    where: str  # "file.jsonl:12" or "file.parquet: row 3", for error messages
+    data: dict[str, Any]
+
+    def text(self, name: str, required: bool = True) -> str | None:
+        value = self.data.get(name)
+        if value is None or (isinstance(value, str) and not value.strip() and required):
+            if required:
+                raise BadInputError(f"{self.where}: field {name!r} is missing or empty")
+            return None
+        if not isinstance(value, str):
+            raise BadInputError(
+                f"{self.where}: field {name!r} should be text, got {type(value).__name__}"
+            )
+        return value
+
+
+# --- row sources --------------------------------------------------------------------------
+
+
+def rows_from_file(path: Path, display: str) -> Iterator[Row]:
+    """Rows of a JSONL, JSON (array of objects) or Parquet file."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # pyarrow raises several types for a corrupt file
+            raise BadInputError(f"{display}: not a readable Parquet file ({exc})") from None
+        for index, data in enumerate(table.to_pylist()):
+            yield Row(f"{display}: row {index}", data)
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise BadInputError(f"{display}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise BadInputError(f"{display}: expected a JSON array of objects")
+        for index, item in enumerate(data):
+            yield _as_row(f"{display}: row {index}", item)
+    else:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise BadInputError(
+                        f"{display}:{number}: not valid JSON ({exc.msg} at column {exc.colno})"
+                    ) from None
+                yield _as_row(f"{display}:{number}", item)
+
+
+def rows_from_hub(name: str, subset: str | None, split: str, revision: str | None) -> Iterator[Row]:
+    """Rows of a Hugging Face Hub data set (what users run; tests use files)."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, subset, split=split, revision=revision)
+    except Exception as exc:  # the hub client raises many types; the user needs the message
+        raise BadInputError(f"hf://{name}: cannot load split {split!r} ({exc})") from None
+    for index, data in enumerate(dataset):
+        yield Row(f"hf://{name}[{split}]: row {index}", data)
+
+
+def _as_row(where: str, item: Any) -> Row:
+    if not isinstance(item, dict):
+        raise BadInputError(f"{where}: expected a JSON object, got {type(item).__name__}")
+    return Row(where, item)
+
+
+# --- formats ------------------------------------------------------------------------------
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def parse_hh(text: str, where: str, name: str) -> list[Message]:
+    """Split an Anthropic HH-RLHF dialogue ("\\n\\nHuman: ... \\n\\nAssistant: ...") into turns."""
+    if not text.startswith("\n\nHuman:") and text.startswith("Human:"):
+        text = "\n\n" + text
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise BadInputError(f"{where}: field {name!r} is not a '\\n\\nHuman: ... \\n\\nAssistant: "
+                            "...' dialogue")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [Message(roles[parts[i]], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
+
+
+def read_alpaca(row: Row, source: str) -> Example:
+    """Alpaca / KULLM: instruction, optional input, output."""
+    instruction = row.text("instruction")
+    context = row.text("input", required=False) or None
+    return Example(source, [Message("user", instruction)], context=context,
+                   response=row.text("output"))
+
+
+def read_pairs(row: Row, source: str) -> Example:
+    """prompt/chosen/rejected (Dahoas, DeepSpeed-Chat) or system/question/chosen/rejected (orca)."""
+    prompt = row.text("prompt", required=False) or row.data.get("question")
+    if prompt is None:
+        raise BadInputError(f"{row.where}: field 'prompt' (or 'question') is missing or empty")
+    if not isinstance(prompt, str):
+        raise BadInputError(f"{row.where}: field 'prompt' should be text")
+    messages: list[Message] = []
+    if system := row.text("system", required=False):
+        messages.append(Message("system", system))
+    if "\n\nHuman:" in prompt or prompt.startswith("Human:"):
+        turns = parse_hh(prompt.rstrip().removesuffix("Assistant:").rstrip() + "\n\nAssistant: ",
+                         row.where, "prompt")
+        messages += [t for t in turns if t.content]
+    else:
+        messages.append(Message("user", prompt.strip()))
+    return Example(source, messages, chosen=row.text("chosen").strip(),
+                   rejected=row.text("rejected").strip())
+
+
+def read_hh(row: Row, source: str) -> Example:
+    """Anthropic HH-RLHF: two full dialogues sharing every turn but the last answer."""
+    chosen = parse_hh(row.text("chosen"), row.where, "chosen")
+    rejected = parse_hh(row.text("rejected"), row.where, "rejected")
+    if chosen[-1].role != "assistant" or rejected[-1].role != "assistant":
+        raise BadInputError(f"{row.where}: field 'chosen'/'rejected' must end with an Assistant turn")
+    if chosen[:-1] != rejected[:-1]:
+        raise BadInputError(f"{row.where}: field 'rejected' does not share the dialogue of 'chosen'")
+    return Example(source, chosen[:-1], chosen=chosen[-1].content, rejected=rejected[-1].content)
+
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "chatgpt": "assistant", "bard": "assistant", "system": "system"}
+
+
+def read_sharegpt(row: Row, source: str, label_field: str | None = None) -> Example:
+    """ShareGPT conversations; the last assistant turn is the response, the rest the prompt."""
+    turns = row.data.get("conversations") or row.data.get("items")
+    if not isinstance(turns, list) or not turns:
+        raise BadInputError(f"{row.where}: field 'conversations' is missing or empty")
+    messages = []
+    for index, turn in enumerate(turns):
+        who = turn.get("from") if isinstance(turn, dict) else None
+        role = _SHAREGPT_ROLES.get(str(who).lower())
+        if role is None or not isinstance(turn.get("value"), str):
+            raise BadInputError(
+                f"{row.where}: field 'conversations[{index}]' needs 'from' (human/gpt/system) "
+                "and text 'value'"
+            )
+        messages.append(Message(role, turn["value"].strip()))
+    while messages and messages[-1].role != "assistant":
+        messages.pop()
+    if len(messages) < 2:
+        raise BadInputError(f"{row.where}: field 'conversations' has no assistant answer")
+    label = None
+    if label_field is not None:
+        label = row.text(label_field)
+    return Example(source, messages[:-1], response=messages[-1].content, label=label)
+
+
+READERS: dict[str, Callable[..., Example]] = {
+    "alpaca": read_alpaca,
+    "pairs": read_pairs,
+    "hh": read_hh,
+    "sharegpt": read_sharegpt,
+}
+
+
+def read_examples(rows: Iterable[Row], fmt: str, source: str, **options: Any) -> Iterator[Example]:
+    reader = READERS[fmt]
+    for row in rows:
+        yield reader(row, source, **options)

@@ -1,0 +1,216 @@
+"""data: build the stage-specific data sets (seed: VAIV Task 1).
+
+Read every source, drop short examples and near-duplicates, mix by ratio,
+apply the prompt template, split train/eval, and write:
+
+- ``sft/{train,eval}.jsonl``: prompt (templated) and response, for SFT;
+- ``pairs/{train,eval}.jsonl``: prompt, chosen and rejected, for reward models and DPO;
+- ``prompts/{train,eval}.jsonl``: prompts alone, for PPO rollouts and evaluation.
+
+The manifest counts, per source, what was read, kept and dropped by each filter.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from jobs.contract import StageConfig, StageContext
+from jobs.data.filters import near_duplicates
+from jobs.data.readers import READERS, Example, read_examples, rows_from_file, rows_from_hub
+from jobs.data.templates import flatten, render_prompt
+from jobs.errors import BadInputError
+from jobs.models import load_tokenizer, model_source
+
+Output = Literal["sft", "pairs", "prompts"]
+DEFAULT_OUTPUTS: dict[str, list[Output]] = {
+    "alpaca": ["sft", "prompts"],
+    "sharegpt": ["sft", "prompts"],
+    "pairs": ["pairs", "prompts"],
+    "hh": ["pairs", "prompts"],
+}
+
+
+class SourceConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="a label for counts and for the example's source")
+    format: Literal["alpaca", "pairs", "hh", "sharegpt"]
+    uri: str | None = Field(None, description="JSONL/JSON/Parquet file: a path, s3:// URI, or a "
+                                             "file inside a finished stage output")
+    hub: str | None = Field(None, description="a Hugging Face data set id, instead of uri")
+    subset: str | None = None
+    split: str = "train"
+    revision: str | None = None
+    ratio: float | None = Field(None, gt=0, description="mixing weight among sources with one")
+    max_rows: int | None = Field(None, ge=1)
+    label: str | None = Field(None, description="class of every example (C-RLFT)")
+    label_field: str | None = Field(None, description="ShareGPT: the row field naming the class")
+    outputs: list[Output] | None = None
+
+    @model_validator(mode="after")
+    def _one_location(self) -> SourceConfig:
+        if (self.uri is None) == (self.hub is None):
+            raise ValueError("give exactly one of 'uri' and 'hub'")
+        if self.label_field and self.format != "sharegpt":
+            raise ValueError("'label_field' applies to the sharegpt format only")
+        return self
+
+    def wanted_outputs(self) -> list[Output]:
+        return self.outputs or DEFAULT_OUTPUTS[self.format]
+
+
+class Config(StageConfig):
+    sources: list[SourceConfig] = Field(min_length=1)
+    template: str = Field("kullm", description="kullm | alpaca | chat | raw | a string with {prompt}")
+    tokenizer: str | None = Field(
+        None, description="model dir or Hub id whose tokenizer counts tokens (and chat template)"
+    )
+    min_tokens: int = Field(15, ge=0, description="drop examples of this many tokens or fewer")
+    dedup_threshold: float | None = Field(0.5, gt=0, le=1,
+                                          description="drop near-duplicates at cosine >= this")
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    max_examples: int | None = Field(None, ge=1, description="cap on the mixed total")
+
+
+def read_source(source: SourceConfig, ctx: StageContext) -> Iterator[Example]:
+    options = {"label_field": source.label_field} if source.format == "sharegpt" else {}
+    if source.hub is not None:
+        ctx.input_hub(source.hub, source.revision)
+        rows = rows_from_hub(source.hub, source.subset, source.split, source.revision)
+    else:
+        rows = rows_from_file(ctx.input_file(source.uri), source.uri)
+    for count, example in enumerate(read_examples(rows, source.format, source.name, **options)):
+        if source.max_rows is not None and count >= source.max_rows:
+            return
+        if source.label is not None and example.label is None:
+            example.label = source.label
+        yield example
+
+
+def token_counter(config: Config, ctx: StageContext):
+    if config.tokenizer is None:
+        return None, lambda text: len(text.split())
+    tokenizer = load_tokenizer(model_source(ctx, config.tokenizer))
+    return tokenizer, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def mix(groups: dict[str, list[Example]], sources: list[SourceConfig], rng: random.Random,
+        max_examples: int | None) -> dict[str, list[Example]]:
+    """Sample the sources that have a ratio in exactly those proportions, as many as they allow."""
+    weighted = {s.name: s.ratio for s in sources if s.ratio is not None}
+    chosen = {name: rows for name, rows in groups.items() if name not in weighted}
+    if weighted:
+        total_weight = sum(weighted.values())
+        shares = {name: weight / total_weight for name, weight in weighted.items()}
+        total = min(len(groups[name]) / share for name, share in shares.items())
+        if max_examples is not None:
+            total = min(total, max_examples)
+        for name, share in shares.items():
+            rows = list(groups[name])
+            rng.shuffle(rows)
+            chosen[name] = rows[: int(round(share * total))]
+    return chosen
+
+
+def record(example: Example, output: Output, prompt: str) -> dict | None:
+    base = {"prompt": prompt, "source": example.source}
+    if example.label is not None:
+        base["label"] = example.label
+    if output == "sft":
+        response = example.response if example.response is not None else example.chosen
+        return None if response is None else {**base, "response": response}
+    if output == "pairs":
+        if example.chosen is None or example.rejected is None:
+            return None
+        return {**base, "chosen": example.chosen, "rejected": example.rejected}
+    return {**base, "instruction": flatten(example.messages)}
+
+
+def run(config: Config, ctx: StageContext) -> dict:
+    rng = random.Random(config.seed)
+    tokenizer, n_tokens = token_counter(config, ctx)
+    counts: dict[str, dict[str, int]] = {}
+    groups: dict[str, list[Example]] = {}
+    names = [s.name for s in config.sources]
+    if len(set(names)) != len(names):
+        raise BadInputError("data: sources: every source needs a distinct 'name'")
+
+    # Read and drop the short ones.
+    for source in config.sources:
+        kept, c = [], {"read": 0, "dropped_short": 0, "dropped_duplicate": 0, "dropped_mix": 0}
+        for example in read_source(source, ctx):
+            c["read"] += 1
+            shortest = min(example.outputs, key=len, default="")
+            if n_tokens(flatten(example.messages) + "\n" + shortest) <= config.min_tokens:
+                c["dropped_short"] += 1
+                continue
+            kept.append(example)
+        if c["read"] == 0:
+            raise BadInputError(f"data: source {source.name!r} ({source.uri or source.hub}) has no rows")
+        groups[source.name], counts[source.name] = kept, c
+        ctx.log(0, **{f"{source.name}.read": c["read"], f"{source.name}.short": c["dropped_short"]})
+
+    # Near-duplicates, greedy in source order, among sources that feed the same outputs (a
+    # preference pair that shares its prompt with an SFT example is no duplicate of it).
+    if config.dedup_threshold is not None:
+        families: dict[tuple[str, ...], list[str]] = {}
+        for source in config.sources:
+            families.setdefault(tuple(sorted(source.wanted_outputs())), []).append(source.name)
+        for family in families.values():
+            flat = [(name, ex) for name in family for ex in groups[name]]
+            texts = [flatten(ex.messages) + "\n" + (ex.outputs[0] if ex.outputs else "")
+                     for _, ex in flat]
+            dropped = near_duplicates(texts, config.dedup_threshold, seed=config.seed)
+            for name in family:
+                groups[name] = []
+            for (name, example), is_dup in zip(flat, dropped, strict=True):
+                if is_dup:
+                    counts[name]["dropped_duplicate"] += 1
+                else:
+                    groups[name].append(example)
+
+    mixed = mix(groups, config.sources, rng, config.max_examples)
+    for name, rows in mixed.items():
+        counts[name]["dropped_mix"] = len(groups[name]) - len(rows)
+        counts[name]["kept"] = len(rows)
+    total = sum(len(rows) for rows in mixed.values())
+    if total == 0:
+        detail = "; ".join(f"{n}: read {c['read']}, short {c['dropped_short']}, duplicate "
+                           f"{c['dropped_duplicate']}" for n, c in counts.items())
+        raise BadInputError(f"data: no examples left after filtering ({detail}); "
+                            "check min_tokens and dedup_threshold")
+
+    # Template, split, write.
+    wanted = {s.name: s.wanted_outputs() for s in config.sources}
+    examples = [ex for name in names for ex in mixed[name]]
+    rng.shuffle(examples)
+    n_eval = int(round(len(examples) * config.eval_fraction))
+    splits = {"eval": examples[:n_eval], "train": examples[n_eval:]}
+    written: dict[str, int] = {}
+    for split, rows in splits.items():
+        files: dict[str, list[dict]] = {}
+        for example in rows:
+            try:
+                prompt = render_prompt(config.template, example.messages, example.context, tokenizer)
+            except ValueError as exc:
+                raise BadInputError(f"data: template: {exc}") from None
+            for output in wanted[example.source]:
+                if (row := record(example, output, prompt)) is not None:
+                    files.setdefault(output, []).append(row)
+        for output, out_rows in files.items():
+            path = ctx.out_dir / output / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as handle:
+                for row in out_rows:
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            written[f"{output}.{split}"] = len(out_rows)
+    ctx.log(1, kept=total, **written)
+    return {"kept": total, "rows": written, "sources": counts}
+
+
+__all__ = ["Config", "run", "READERS"]

@@ -1,0 +1,69 @@
+"""Prompt templates: the seed's KULLM preset, the Alpaca preset, and the tokenizer's own.
+
+A template turns a prompt conversation into the exact text the model sees
+before its response; the response follows it directly and ends with EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jobs.data.readers import Message
+
+
+@dataclass(frozen=True)
+class Preset:
+    plain: str  # with {prompt}
+    with_input: str  # with {prompt} and {input}
+
+
+PRESETS: dict[str, Preset] = {
+    # The seed's KULLM template (VAIV Task 2/3), and KULLM's variant with an input.
+    "kullm": Preset(
+        plain="아래는 작업을 설명하는 명령어입니다. 요청을 적절히 완료하는 응답을 작성하세요.\n\n"
+              "### 명령어:\n{prompt}\n\n### 응답:\n",
+        with_input="아래는 작업을 설명하는 명령어와 추가 컨텍스트를 제공하는 입력이 짝을 이루는 예제입니다. "
+                   "요청을 적절히 완료하는 응답을 작성하세요.\n\n"
+                   "### 명령어:\n{prompt}\n\n### 입력:\n{input}\n\n### 응답:\n",
+    ),
+    "alpaca": Preset(
+        plain="Below is an instruction that describes a task. Write a response that appropriately "
+              "completes the request.\n\n### Instruction:\n{prompt}\n\n### Response:\n",
+        with_input="Below is an instruction that describes a task, paired with an input that "
+                   "provides further context. Write a response that appropriately completes the "
+                   "request.\n\n### Instruction:\n{prompt}\n\n### Input:\n{input}\n\n### Response:\n",
+    ),
+}
+
+TEMPLATE_NAMES = (*PRESETS, "chat", "raw")
+
+
+def flatten(messages: list[Message]) -> str:
+    """A multi-turn history as one instruction, for single-turn templates."""
+    if len(messages) == 1:
+        return messages[0].content
+    speaker = {"system": "System", "user": "Human", "assistant": "Assistant"}
+    return "\n".join(f"{speaker[m.role]}: {m.content}" for m in messages)
+
+
+def render_prompt(template: str, messages: list[Message], context: str | None = None,
+                  tokenizer=None) -> str:
+    """The text before the response under ``template`` (a preset name, 'chat', 'raw',
+    or a custom string with ``{prompt}``)."""
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the 'chat' template needs a tokenizer with a chat template")
+        turns = [{"role": m.role, "content": m.content} for m in messages]
+        if context:
+            turns[-1] = {**turns[-1], "content": f"{turns[-1]['content']}\n\n{context}"}
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    prompt = flatten(messages)
+    if template == "raw":
+        return f"{prompt}\n\n{context}" if context else prompt
+    if template in PRESETS:
+        preset = PRESETS[template]
+        if context:
+            return preset.with_input.format(prompt=prompt, input=context)
+        return preset.plain.format(prompt=prompt)
+    text = template.replace("{prompt}", prompt)
+    return text.replace("{input}", context or "")

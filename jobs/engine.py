@@ -1,0 +1,182 @@
+"""The DeepSpeed engine every training stage shares: config, set-up, checkpoints, export.
+
+Written once so that sft, reward, ppo and dpo differ only in their data and
+their loss (DeepSpeed-Chat re-implements this per step; we do not).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from jobs import dist
+
+
+class LoraConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, ge=1)
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+
+
+class EngineConfig(BaseModel):
+    """How to train: DeepSpeed ZeRO stage, precision, batch, optimiser, memory savers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    zero_stage: int = Field(0, ge=0, le=3)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    micro_batch_size: int = Field(8, ge=1, description="per process")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-5, gt=0)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay floor")
+    gradient_clipping: float = 1.0
+    gradient_checkpointing: bool = False
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimiser state to CPU")
+    lora: LoraConfig | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> EngineConfig:
+        if self.lora is not None and self.zero_stage == 3:
+            raise ValueError("lora with zero_stage 3 is not supported; use zero_stage 0-2")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
+def deepspeed_config(cfg: EngineConfig, total_steps: int) -> dict:
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "gradient_clipping": cfg.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": cfg.learning_rate, "betas": list(cfg.betas), "eps": 1e-8,
+                       "weight_decay": cfg.weight_decay},
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {"total_num_steps": max(total_steps, 1),
+                       "warmup_num_steps": cfg.warmup_steps,
+                       "warmup_min_ratio": 0.0 if cfg.warmup_steps else 1.0,
+                       "cos_min_ratio": cfg.min_lr_ratio},
+        },
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def prepare_model(model, cfg: EngineConfig):
+    """Gradient checkpointing and LoRA, before the engine wraps the model."""
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora is not None:
+        from peft import LoraConfig as PeftLora
+        from peft import get_peft_model
+
+        model = get_peft_model(model, PeftLora(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
+        ))
+    return model
+
+
+def initialize(model, cfg: EngineConfig, total_steps: int):
+    """A DeepSpeed engine around ``model`` (one process, or one rank of torchrun's group)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    import deepspeed
+
+    if dist.world_size() == 1:
+        # DeepSpeed always wants a process group; a single process gets one of its own
+        # (otherwise it goes looking for MPI).
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend="nccl" if _has_cuda() else "gloo")
+    model = prepare_model(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=params, config=deepspeed_config(cfg, total_steps)
+    )
+    return engine
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def save_state(engine, directory: Path, client_state: dict) -> None:
+    """Model, optimiser and scheduler state (every rank's shard) for resuming; collective."""
+    engine.save_checkpoint(str(directory), tag="state", client_state=client_state)
+
+
+def load_state(engine, directory: Path) -> dict:
+    _, client_state = engine.load_checkpoint(str(directory), tag="state")
+    return client_state or {}
+
+
+def export_hf(engine, tokenizer, out_dir: Path, cfg: EngineConfig) -> None:
+    """The trained model in Hugging Face format (safetensors + tokenizer); collective."""
+    module = engine.module
+    state_dict = None
+    if cfg.zero_stage == 3:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+    if not dist.is_main():
+        return
+    if cfg.lora is not None:
+        module = module.merge_and_unload()
+        state_dict = None
+    module.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def checkpoint(engine, ctx, step: int, state: dict) -> None:
+    """Save and commit a resumable checkpoint at ``step`` (with the RNG state); collective."""
+    import torch
+
+    save_state(engine, ctx.checkpoints.local_dir(step),
+               {**state, "step": step, "torch_rng": torch.get_rng_state()})
+    ctx.checkpoints.save(step)
+
+
+def resume(engine, ctx) -> dict:
+    """Load the newest committed checkpoint, if any: its client state, or {} for a fresh run."""
+    import torch
+
+    step = ctx.checkpoints.latest()
+    if step is None:
+        return {}
+    state = load_state(engine, ctx.checkpoints.restore(step))
+    if "torch_rng" in state:
+        torch.set_rng_state(state["torch_rng"])
+    if dist.is_main():
+        print(f"{ctx.stage}: resumed from the checkpoint at step {step}", flush=True)
+    return state

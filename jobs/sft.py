@@ -1,0 +1,197 @@
+"""sft: instruction tuning with the loss on response tokens only (seed: VAIV Task 2).
+
+Reads ``sft/{train,eval}.jsonl`` from a data stage output (prompt already
+templated, response without EOS), trains through the shared DeepSpeed engine,
+and writes ``model/`` in Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from jobs import dist, engine
+from jobs.batches import IGNORE, ShardedSampler, pad, read_jsonl, shard
+from jobs.contract import StageConfig, StageContext
+from jobs.engine import EngineConfig
+from jobs.errors import BadInputError
+from jobs.models import load_tokenizer, model_source
+
+
+class Config(StageConfig):
+    model: str = Field(description="base model: a stage output folder or a Hugging Face id")
+    revision: str | None = None
+    data: str = Field(description="a data stage output (reads sft/train.jsonl, sft/eval.jsonl)")
+    max_seq_len: int = Field(512, ge=8)
+    packing: bool = Field(False, description="concatenate examples into full-length rows")
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
+    eval_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    train: EngineConfig = EngineConfig()
+
+
+def tokenize(rows: list[dict], tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per example; labels are IGNORE on the prompt."""
+    out = []
+    for row in rows:
+        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+        response = response + [tokenizer.eos_token_id]
+        prompt = prompt[-(max_len // 2):] if len(prompt) + len(response) > max_len else prompt
+        ids = (prompt + response)[:max_len]
+        labels = ([IGNORE] * len(prompt) + response)[:max_len]
+        out.append((ids, labels))
+    return out
+
+
+def pack(examples: list[tuple[list[int], list[int]]], max_len: int):
+    """Greedy packing into rows of at most ``max_len`` tokens, positions restarting per example.
+
+    With eager/SDPA attention a token may attend to an earlier example of its
+    row (as TRL's packing does); flash-attention kernels read the restarted
+    position ids and keep the examples apart.
+    """
+    rows, ids, labels, positions = [], [], [], []
+    for example_ids, example_labels in examples:
+        if ids and len(ids) + len(example_ids) > max_len:
+            rows.append((ids, labels, positions))
+            ids, labels, positions = [], [], []
+        ids = ids + example_ids
+        labels = labels + example_labels
+        positions = positions + list(range(len(example_ids)))
+    if ids:
+        rows.append((ids, labels, positions))
+    return rows
+
+
+def collate(items, pad_id: int) -> dict[str, torch.Tensor]:
+    batch = {
+        "input_ids": pad([i[0] for i in items], pad_id),
+        "labels": pad([i[1] for i in items], IGNORE),
+        "attention_mask": pad([[1] * len(i[0]) for i in items], 0),
+    }
+    if len(items[0]) == 3:
+        batch["position_ids"] = pad([i[2] for i in items], 0)
+    return batch
+
+
+def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over response tokens, and how many there were."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    n_tokens = int((targets != IGNORE).sum())
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss / max(n_tokens, 1), n_tokens
+
+
+@torch.no_grad()
+def evaluate(model, items, pad_id: int, micro_batch: int) -> float:
+    """Token-weighted mean loss over this rank's share of ``items``, reduced over ranks."""
+    model.eval()
+    total = torch.zeros(2)
+    mine = [items[i] for i in shard(len(items), dist.rank(), dist.world_size())]
+    for start in range(0, len(mine), micro_batch):
+        batch = collate(mine[start:start + micro_batch], pad_id)
+        batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+        loss, n = response_loss(model, batch)
+        total += torch.tensor([loss.item() * n, n])
+    model.train()
+    if dist.world_size() > 1:
+        import torch.distributed as torch_dist
+
+        torch_dist.all_reduce(total)
+    return float(total[0] / max(total[1], 1))
+
+
+def run(config: Config, ctx: StageContext) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(config.seed)
+    source = model_source(ctx, config.model, config.revision)
+    tokenizer = load_tokenizer(source, config.revision)
+    data_dir = ctx.input_dir(config.data)
+    splits = {}
+    for split in ("train", "eval"):
+        path = data_dir / "sft" / f"{split}.jsonl"
+        if not path.is_file():
+            if split == "eval":
+                splits[split] = []
+                continue
+            raise BadInputError(f"{config.data}: no sft/train.jsonl; the data stage wrote no SFT rows")
+        splits[split] = tokenize(read_jsonl(path, ("prompt", "response")), tokenizer,
+                                 config.max_seq_len)
+    train_items = pack(splits["train"], config.max_seq_len) if config.packing else splits["train"]
+    eval_items = splits["eval"]
+
+    cfg = config.train
+    sampler = ShardedSampler(len(train_items), cfg.micro_batch_size, config.seed,
+                             dist.rank(), dist.world_size())
+    steps_per_epoch = max(sampler.per_epoch // cfg.gradient_accumulation_steps, 1)
+    total_steps = config.max_steps or steps_per_epoch * config.epochs
+
+    model = AutoModelForCausalLM.from_pretrained(source, revision=config.revision,
+                                                 dtype=torch.float32)
+    ds = engine.initialize(model, cfg, total_steps)
+    state = engine.resume(ds, ctx)
+    step = state.get("step", 0)
+    device = ds.device
+    pad_id = tokenizer.pad_token_id
+
+    first_eval = state.get("first_eval_loss")
+    if first_eval is None and eval_items:
+        first_eval = evaluate(ds, eval_items, pad_id, cfg.micro_batch_size)
+        ctx.log(step, eval_loss=first_eval)
+    eval_loss = first_eval
+    batches = sampler.micro_batches(start=step * cfg.gradient_accumulation_steps)
+    progress = _progress(total_steps, step)
+    tokens, started, losses = 0, time.perf_counter(), []
+    while step < total_steps:
+        for _ in range(cfg.gradient_accumulation_steps):
+            batch = collate([train_items[i] for i in next(batches)], pad_id)
+            tokens += int(batch["attention_mask"].sum())
+            loss, _ = response_loss(ds, {k: v.to(device) for k, v in batch.items()})
+            ds.backward(loss)
+            ds.step()
+            losses.append(loss.item())
+        step += 1
+        progress.update(1)
+        if step % config.log_every == 0 or step == total_steps:
+            elapsed = time.perf_counter() - started
+            ctx.log(step, loss=sum(losses) / len(losses), lr=ds.get_lr()[0],
+                    tokens_per_s=tokens * dist.world_size() / max(elapsed, 1e-9))
+            losses = []
+        if eval_items and (step % config.eval_every == 0 or step == total_steps):
+            eval_loss = evaluate(ds, eval_items, pad_id, cfg.micro_batch_size)
+            ctx.log(step, eval_loss=eval_loss)
+        stop = ctx.should_stop()
+        if stop or step % config.checkpoint_every == 0:
+            engine.checkpoint(ds, ctx, step, {"first_eval_loss": first_eval})
+        if stop:
+            raise ctx.preempted(step)
+    progress.close()
+    elapsed = time.perf_counter() - started
+
+    engine.export_hf(ds, tokenizer, ctx.out_dir / "model", cfg)
+    return {
+        "steps": step,
+        "eval_loss_start": first_eval,
+        "eval_loss": eval_loss,
+        "train_examples": len(splits["train"]),
+        "tokens_per_s": tokens * dist.world_size() / max(elapsed, 1e-9),
+    }
+
+
+def _progress(total: int, done: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc="sft", unit="step", file=sys.stderr,
+                disable=not (dist.is_main() and sys.stderr.isatty()))
+

@@ -1,0 +1,344 @@
+"""One artifact store over S3 (any S3-compatible endpoint) and the local file system.
+
+Every stage reads and writes by URI: ``s3://bucket/key/prefix`` or a local path
+(``file://`` optional). Whole directories travel with multipart transfers and
+sha256 checksums; transient S3 errors are retried with exponential back-off by
+botocore's ``standard`` retry mode, and what is still failing after that is
+raised as :class:`TransientError` so the stage exits with the retryable code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from jobs.errors import BadInputError, TransientError
+
+_CHUNK = 1 << 20
+
+
+class S3Settings(BaseSettings):
+    """Where S3 is and who we are there; only ever read from the environment.
+
+    The names are the ones every AWS SDK and every S3-compatible server's docs
+    use, so a Kubernetes Secret written for any other tool works here too.
+    """
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    endpoint_url: str | None = Field(
+        None, validation_alias=AliasChoices("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    )
+    region: str = Field(
+        "us-east-1", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")
+    )
+    access_key_id: SecretStr | None = Field(None, validation_alias="AWS_ACCESS_KEY_ID")
+    secret_access_key: SecretStr | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY")
+    session_token: SecretStr | None = Field(None, validation_alias="AWS_SESSION_TOKEN")
+    max_attempts: int = Field(5, validation_alias="KUBERLHF_S3_MAX_ATTEMPTS", ge=1)
+    connect_timeout_s: float = Field(5.0, validation_alias="KUBERLHF_S3_CONNECT_TIMEOUT")
+    multipart_threshold_mb: int = Field(16, validation_alias="KUBERLHF_S3_MULTIPART_MB", ge=5)
+    # Self-hosted S3 (MinIO, Ceph, the test server) wants path-style addressing.
+    addressing_style: str = Field("auto", validation_alias="KUBERLHF_S3_ADDRESSING_STYLE")
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str  # relative to the directory it was listed under, '/'-separated
+    size: int
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join URI segments with '/', the separator of both S3 keys and POSIX paths."""
+    out = uri.rstrip("/")
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = f"{out}/{part}"
+    return out
+
+
+def local_path(uri: str) -> Path:
+    return Path(uri.removeprefix("file://"))
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise BadInputError(f"{uri}: an S3 URI needs a bucket, as in s3://bucket/prefix")
+    return bucket, key.strip("/")
+
+
+# --- the two back-ends -------------------------------------------------------------------
+
+
+class _Local:
+    def list(self, uri: str) -> list[FileInfo]:
+        root = local_path(uri)
+        if not root.is_dir():
+            return []
+        return sorted(
+            (
+                FileInfo(p.relative_to(root).as_posix(), p.stat().st_size)
+                for p in root.rglob("*")
+                if p.is_file()
+            ),
+            key=lambda f: f.path,
+        )
+
+    def exists(self, uri: str) -> bool:
+        return local_path(uri).is_file()
+
+    def read_bytes(self, uri: str) -> bytes:
+        return local_path(uri).read_bytes()
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        target = local_path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename: a reader never sees half a file.
+        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+            tmp.write(data)
+        os.chmod(tmp.name, 0o644)
+        os.replace(tmp.name, target)
+
+    def put_file(self, src: Path, uri: str) -> None:
+        target = local_path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+            with open(src, "rb") as handle:
+                shutil.copyfileobj(handle, tmp, _CHUNK)
+        os.chmod(tmp.name, 0o644)
+        os.replace(tmp.name, target)
+
+    def get_file(self, uri: str, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local_path(uri), dst)
+
+    def delete(self, uri: str) -> None:
+        target = local_path(uri)
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+class _S3:
+    def __init__(self, settings: S3Settings) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        if (settings.access_key_id is None) != (settings.secret_access_key is None):
+            raise BadInputError(
+                "S3 credentials: set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither"
+            )
+        self.endpoint = settings.endpoint_url or f"AWS S3 ({settings.region})"
+        session = boto3.session.Session(
+            aws_access_key_id=_reveal(settings.access_key_id),
+            aws_secret_access_key=_reveal(settings.secret_access_key),
+            aws_session_token=_reveal(settings.session_token),
+            region_name=settings.region,
+        )
+        if session.get_credentials() is None:
+            raise BadInputError(
+                "S3 credentials missing: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(in Kubernetes, from a Secret) for " + self.endpoint
+            )
+        self.client = session.client(
+            "s3",
+            endpoint_url=settings.endpoint_url,
+            config=Config(
+                retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+                connect_timeout=settings.connect_timeout_s,
+                s3={"addressing_style": settings.addressing_style},
+            ),
+        )
+        threshold = settings.multipart_threshold_mb * 1024 * 1024
+        self.transfer = TransferConfig(multipart_threshold=threshold, multipart_chunksize=threshold)
+
+    def _call(self, uri: str, fn, *args, **kwargs):
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+        )
+
+        try:
+            return fn(*args, **kwargs)
+        except NoCredentialsError as exc:
+            raise BadInputError(f"{uri}: S3 credentials missing ({exc})") from None
+        except EndpointConnectionError as exc:
+            raise TransientError(f"{uri}: cannot reach S3 endpoint {self.endpoint}: {exc}") from None
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId",
+                        "SignatureDoesNotMatch", "403", "InvalidBucketName"}:
+                raise BadInputError(f"{uri}: S3 refused the request: {code}") from None
+            if status >= 500 or code in {"SlowDown", "RequestTimeout", "Throttling"}:
+                raise TransientError(f"{uri}: S3 error {code} after retries") from None
+            raise
+        except BotoCoreError as exc:
+            raise TransientError(f"{uri}: S3 transport error: {exc}") from None
+
+    def list(self, uri: str) -> list[FileInfo]:
+        bucket, prefix = _split_s3(uri)
+        prefix = f"{prefix}/" if prefix else ""
+        paginator = self.client.get_paginator("list_objects_v2")
+
+        def collect() -> list[FileInfo]:
+            out = []
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    out.append(FileInfo(obj["Key"][len(prefix):], obj["Size"]))
+            return out
+
+        return sorted(self._call(uri, collect), key=lambda f: f.path)
+
+    def exists(self, uri: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        bucket, key = _split_s3(uri)
+        try:
+            self._call(uri, self.client.head_object, Bucket=bucket, Key=key)
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                return False
+            raise
+
+    def read_bytes(self, uri: str) -> bytes:
+        bucket, key = _split_s3(uri)
+        response = self._call(uri, self.client.get_object, Bucket=bucket, Key=key)
+        return response["Body"].read()
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        bucket, key = _split_s3(uri)
+        self._call(uri, self.client.put_object, Bucket=bucket, Key=key, Body=data)
+
+    def put_file(self, src: Path, uri: str) -> None:
+        bucket, key = _split_s3(uri)
+        self._call(uri, self.client.upload_file, str(src), bucket, key, Config=self.transfer)
+
+    def get_file(self, uri: str, dst: Path) -> None:
+        bucket, key = _split_s3(uri)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".part")
+        self._call(uri, self.client.download_file, bucket, key, str(tmp), Config=self.transfer)
+        os.replace(tmp, dst)
+
+    def delete(self, uri: str) -> None:
+        bucket, prefix = _split_s3(uri)
+        keys = [join(prefix, f.path) for f in self.list(uri)]
+        if self.exists(uri):
+            keys.append(prefix)
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[start:start + 1000]]
+            self._call(uri, self.client.delete_objects, Bucket=bucket,
+                       Delete={"Objects": batch, "Quiet": True})
+
+
+def _reveal(secret: SecretStr | None) -> str | None:
+    return secret.get_secret_value() if secret is not None else None
+
+
+@lru_cache(maxsize=1)
+def _s3() -> _S3:
+    return _S3(S3Settings())
+
+
+def reset_clients() -> None:
+    """Forget the cached S3 client (the environment changed: tests, a new Secret)."""
+    _s3.cache_clear()
+
+
+def _backend(uri: str) -> _Local | _S3:
+    return _s3() if is_s3(uri) else _Local()
+
+
+# --- the interface every stage uses --------------------------------------------------------
+
+
+def list_files(uri: str) -> list[FileInfo]:
+    """Every file below ``uri``, relative paths, sorted."""
+    return _backend(uri).list(uri)
+
+
+def exists(uri: str) -> bool:
+    return _backend(uri).exists(uri)
+
+
+def read_bytes(uri: str) -> bytes:
+    return _backend(uri).read_bytes(uri)
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    _backend(uri).write_bytes(uri, data)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def upload_file(src: Path, uri: str) -> None:
+    _backend(uri).put_file(src, uri)
+
+
+def download_file(uri: str, dst: Path) -> Path:
+    _backend(uri).get_file(uri, dst)
+    return dst
+
+
+def delete(uri: str) -> None:
+    """Remove a file or everything below a prefix."""
+    _backend(uri).delete(uri)
+
+
+def walk_dir(local_dir: Path) -> Iterator[Path]:
+    yield from sorted(p for p in local_dir.rglob("*") if p.is_file())
+
+
+def upload_dir(local_dir: Path, uri: str, skip: tuple[str, ...] = ()) -> list[FileInfo]:
+    """Copy every file below ``local_dir`` to ``uri``; returns what was sent."""
+    sent = []
+    for path in walk_dir(local_dir):
+        rel = path.relative_to(local_dir).as_posix()
+        if rel.startswith(skip):
+            continue
+        upload_file(path, join(uri, rel))
+        sent.append(FileInfo(rel, path.stat().st_size))
+    return sent
+
+
+def download_dir(uri: str, local_dir: Path, only: list[str] | None = None) -> Path:
+    """Copy the files below ``uri`` (or just ``only``, relative paths) into ``local_dir``."""
+    names = only if only is not None else [f.path for f in list_files(uri)]
+    for rel in names:
+        download_file(join(uri, rel), local_dir / rel)
+    return local_dir
