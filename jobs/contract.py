@@ -172,7 +172,8 @@ class MetricsLog:
         self.local, self.remote, self.sync_s = local, remote, sync_s
         self.local.parent.mkdir(parents=True, exist_ok=True)
         self.local.write_text("")
-        self._last_sync = 0.0
+        # The first push waits sync_s: a stage that fails at once leaves the store untouched.
+        self._last_sync = time.monotonic()
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.local, "a") as handle:

@@ -1,0 +1,119 @@
+"""Shared fixtures: a real S3 server on localhost, and the tiny model and data, made once."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs import store
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 over HTTP on localhost: boto3 talks to it as to any S3-compatible endpoint."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+          "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "KUBERLHF_S3_ADDRESSING_STYLE",
+          "KUBERLHF_S3_MAX_ATTEMPTS", "AWS_PROFILE", "AWS_CONFIG_FILE",
+          "AWS_SHARED_CREDENTIALS_FILE")
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch, tmp_path):
+    """The environment a pod gets from its Secret, pointing at the test server; a fresh bucket."""
+    import uuid
+
+    import boto3
+
+    for name in S3_ENV:
+        monkeypatch.delenv(name, raising=False)
+    env = {
+        "AWS_ENDPOINT_URL": s3_server,
+        "AWS_ACCESS_KEY_ID": "test-access-key",
+        "AWS_SECRET_ACCESS_KEY": "test-secret-key",
+        "AWS_REGION": "us-east-1",
+        "KUBERLHF_S3_ADDRESSING_STYLE": "path",
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    store.reset_clients()
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
+                 aws_access_key_id="test-access-key",
+                 aws_secret_access_key="test-secret-key").create_bucket(Bucket=bucket)
+    yield f"s3://{bucket}"
+    store.reset_clients()
+
+
+def run_entrypoint(stage: str, config: dict, tmp_path: Path, env: dict | None = None,
+                   name: str | None = None) -> subprocess.CompletedProcess:
+    """``python -m jobs STAGE --config FILE`` in a subprocess, as a container runs it."""
+    config_path = tmp_path / f"{name or stage}.yaml"
+    config_path.write_text(yaml.safe_dump(config, allow_unicode=True))
+    return subprocess.run(
+        [sys.executable, "-m", "jobs", stage, "--config", str(config_path)],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=900,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """A finished bootstrap output: the tiny GPT-NeoX, its tokenizer and the synthetic data."""
+    from jobs import bootstrap
+    from jobs.contract import run_stage
+
+    out = tmp_path_factory.mktemp("store") / "bootstrap"
+    config = bootstrap.Config(output=str(out), daily_per_lang=300, hate_per_lang=150)
+    run_stage("bootstrap", config, bootstrap.run, workdir=tmp_path_factory.mktemp("work"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny, tmp_path_factory) -> Path:
+    """A finished data output built from the synthetic data (KULLM template, 2:1 mix)."""
+    from jobs.contract import run_stage
+    from jobs.data import stage as data
+
+    out = tiny.parent / "data"
+    config = data.Config(
+        output=str(out), tokenizer=str(tiny / "model"), dedup_threshold=0.95, eval_fraction=0.1,
+        sources=[
+            {"name": "daily", "format": "alpaca", "uri": str(tiny / "data/sft_daily.jsonl"),
+             "ratio": 2},
+            {"name": "hate", "format": "alpaca", "uri": str(tiny / "data/sft_hate.jsonl"),
+             "ratio": 1},
+            {"name": "pairs", "format": "pairs", "uri": str(tiny / "data/pairs.jsonl")},
+        ],
+    )
+    run_stage("data", config, data.run, workdir=tmp_path_factory.mktemp("work"))
+    return out
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file below ``root`` with its bytes: to show that nothing changed."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in store.walk_dir(root)}

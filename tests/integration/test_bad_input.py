@@ -1,0 +1,120 @@
+"""Bad input through the container entrypoint: one clear line, the right exit code, and
+nothing already in the store changes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs import store
+from jobs.errors import EXIT_BAD_INPUT, EXIT_RETRY
+from tests.conftest import FIXTURES, free_port, run_entrypoint, snapshot
+
+
+def error_line(result) -> str:
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def finished(tmp_path):
+    """A store with one finished data output in it, to show bad runs leave it alone."""
+    out = tmp_path / "store" / "data"
+    config = {"output": str(out), "min_tokens": 0, "dedup_threshold": None, "eval_fraction": 0,
+              "sources": [{"name": "a", "format": "alpaca", "uri": str(FIXTURES / "alpaca.jsonl")}]}
+    assert run_entrypoint("data", config, tmp_path).returncode == 0
+    return config
+
+
+def rerun_with(finished, tmp_path, rows: str) -> tuple:
+    source = tmp_path / "user.jsonl"
+    source.write_text(rows)
+    config = {**finished, "template": "raw",
+              "sources": [{"name": "a", "format": "alpaca", "uri": str(source)}]}
+    before = snapshot(tmp_path / "store")
+    result = run_entrypoint("data", config, tmp_path, name="rerun")
+    return result, before
+
+
+def test_malformed_jsonl_line_names_file_and_line(finished, tmp_path):
+    result, before = rerun_with(finished, tmp_path,
+                                '{"instruction": "a", "output": "b"}\n{"instruction": oops}\n')
+    assert result.returncode == EXIT_BAD_INPUT
+    assert f"{tmp_path}/user.jsonl:2: not valid JSON" in error_line(result)
+    assert snapshot(tmp_path / "store") == before
+
+
+def test_missing_field_names_file_line_and_field(finished, tmp_path):
+    result, before = rerun_with(finished, tmp_path, '{"instruction": "a"}\n')
+    assert result.returncode == EXIT_BAD_INPUT
+    assert "user.jsonl:1: field 'output' is missing or empty" in error_line(result)
+    assert snapshot(tmp_path / "store") == before
+
+
+def test_empty_data_set_after_filtering(finished, tmp_path):
+    source = tmp_path / "user.jsonl"
+    source.write_text('{"instruction": "hi", "output": "yo"}\n')
+    config = {**finished, "min_tokens": 15,
+              "sources": [{"name": "a", "format": "alpaca", "uri": str(source)}]}
+    before = snapshot(tmp_path / "store")
+    result = run_entrypoint("data", config, tmp_path, name="again")
+    assert result.returncode == EXIT_BAD_INPUT
+    assert "no examples left after filtering (a: read 1, short 1" in error_line(result)
+    assert snapshot(tmp_path / "store") == before
+
+
+def test_unknown_stage(tmp_path):
+    result = run_entrypoint("sfft", {"output": str(tmp_path / "o")}, tmp_path)
+    assert result.returncode == EXIT_BAD_INPUT
+    assert error_line(result) == ("error: unknown stage 'sfft'; the stages are: bootstrap, data, sft")
+
+
+def test_invalid_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("output: /tmp/x\nsources:\n  - name: [unclosed\n")
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "jobs", "data", "--config", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode == EXIT_BAD_INPUT
+    assert f"{path}: line 4: not valid YAML/JSON" in error_line(result)
+
+
+def test_unknown_config_field_names_its_path(tmp_path):
+    config = {"output": str(tmp_path / "o"), "model": "m", "data": "d",
+              "train": {"learning_rte": 1e-3}}
+    result = run_entrypoint("sft", config, tmp_path)
+    assert result.returncode == EXIT_BAD_INPUT
+    assert "sft.yaml: train.learning_rte: Extra inputs are not permitted" in error_line(result)
+
+
+def test_unreachable_s3_endpoint_is_retryable(s3_env, finished, tmp_path):
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "KUBERLHF_S3_MAX_ATTEMPTS": "2"}
+    config = {**finished, "output": f"{s3_env}/data"}
+    result = run_entrypoint("data", config, tmp_path, env=env, name="s3")
+    # The endpoint may come back (a restarting MinIO): Kubernetes retries this one.
+    assert result.returncode == EXIT_RETRY
+    assert "cannot reach S3 endpoint http://127.0.0.1:" in error_line(result)
+
+
+def test_missing_credentials_are_the_users_to_fix(s3_env, finished, tmp_path):
+    store.write_text(f"{s3_env}/data/keep.txt", "already here")
+    env = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}
+    config = {**finished, "output": f"{s3_env}/data"}
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if k not in env}
+    import subprocess
+    import sys
+
+    path = tmp_path / "s3.yaml"
+    path.write_text(json.dumps(config))
+    result = subprocess.run([sys.executable, "-m", "jobs", "data", "--config", str(path)],
+                            capture_output=True, text=True, env=full_env)
+    assert result.returncode == EXIT_BAD_INPUT
+    assert "S3 credentials missing" in error_line(result)
+    assert "test-secret-key" not in result.stderr + result.stdout
+    assert store.read_text(f"{s3_env}/data/keep.txt") == "already here"

@@ -1,0 +1,133 @@
+"""The stage contract: manifest last, unfinished outputs never read, re-runs skipped by hash."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs import store
+from jobs.contract import (
+    COMMIT,
+    Checkpoints,
+    StageContext,
+    download_finished,
+    read_manifest,
+    require_finished,
+    run_stage,
+)
+from jobs.data import stage as data
+from jobs.errors import BadInputError
+from tests.conftest import FIXTURES
+
+
+def data_config(output: str, uri: str, **options) -> data.Config:
+    return data.Config(output=output, sources=[{"name": "a", "format": "alpaca", "uri": uri}],
+                       min_tokens=0, dedup_threshold=None, eval_fraction=0, **options)
+
+
+@pytest.fixture(params=["local", "s3"])
+def out_root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_env") + "/store"
+
+
+def test_manifest_lists_every_file_with_size_and_checksum(out_root, tmp_path):
+    config = data_config(store.join(out_root, "data"), str(FIXTURES / "alpaca.jsonl"))
+    manifest = run_stage("data", config, data.run, workdir=tmp_path / "w")
+
+    assert manifest.stage == "data" and manifest.config_hash == config.config_hash()
+    assert {f.path for f in manifest.files} == {"sft/train.jsonl", "prompts/train.jsonl",
+                                                 "metrics.jsonl"}
+    assert manifest.inputs[0].kind == "file"
+    back = download_finished(config.output, tmp_path / "back")
+    assert back == manifest
+    assert read_manifest(config.output) == manifest
+
+
+def test_rerun_with_same_config_and_inputs_is_skipped(out_root, tmp_path, capsys):
+    config = data_config(store.join(out_root, "data"), str(FIXTURES / "alpaca.jsonl"))
+    first = run_stage("data", config, data.run, workdir=tmp_path / "w1")
+    second = run_stage("data", config, data.run, workdir=tmp_path / "w2")
+
+    assert second == first
+    assert "up to date" in capsys.readouterr().out
+    assert not (tmp_path / "w2").exists()  # nothing ran
+
+
+def test_changed_config_or_input_is_not_skipped(tmp_path):
+    source = tmp_path / "a.jsonl"
+    source.write_text((FIXTURES / "alpaca.jsonl").read_text())
+    config = data_config(str(tmp_path / "out"), str(source))
+    first = run_stage("data", config, data.run, workdir=tmp_path / "w1")
+
+    changed = data_config(str(tmp_path / "out"), str(source), template="raw")
+    second = run_stage("data", changed, data.run, workdir=tmp_path / "w2")
+    assert second.config_hash != first.config_hash
+
+    source.write_text(source.read_text().splitlines()[0] + "\n")
+    third = run_stage("data", changed, data.run, workdir=tmp_path / "w3")
+    assert third.inputs[0].sha256 != second.inputs[0].sha256
+    assert third.metrics["kept"] == 1
+
+
+def test_a_stage_killed_mid_upload_leaves_no_manifest(out_root, tmp_path, monkeypatch):
+    config = data_config(store.join(out_root, "data"), str(FIXTURES / "alpaca.jsonl"))
+    run_stage("data", config, data.run, workdir=tmp_path / "w1")  # a finished earlier output
+    changed = data_config(config.output, str(FIXTURES / "alpaca.jsonl"), template="raw")
+
+    real_upload, sent = store.upload_file, []
+
+    def dying_upload(src, uri):
+        if len(sent) == 1:
+            raise KeyboardInterrupt("killed")  # the pod dies here
+        sent.append(uri)
+        real_upload(src, uri)
+
+    monkeypatch.setattr(store, "upload_file", dying_upload)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("data", changed, data.run, workdir=tmp_path / "w2")
+
+    assert read_manifest(config.output) is None
+    with pytest.raises(BadInputError, match="not a finished stage output"):
+        require_finished(config.output)
+
+
+def test_an_output_whose_checksum_does_not_match_is_never_read(tmp_path):
+    config = data_config(str(tmp_path / "out"), str(FIXTURES / "alpaca.jsonl"))
+    run_stage("data", config, data.run, workdir=tmp_path / "w")
+    target = tmp_path / "out" / "sft" / "train.jsonl"
+    text = target.read_text()
+    target.write_text(text.replace("a", "b", 1))  # same size, other bytes
+
+    with pytest.raises(BadInputError, match="sft/train.jsonl: checksum does not match"):
+        download_finished(config.output, tmp_path / "read")
+
+
+def test_a_downstream_stage_refuses_an_unfinished_input(tmp_path):
+    (tmp_path / "half" / "sft").mkdir(parents=True)
+    (tmp_path / "half" / "sft" / "train.jsonl").write_text("{}\n")
+    config = data_config(str(tmp_path / "out"), str(tmp_path / "half" / "sft" / "train.jsonl"))
+    ctx = StageContext("data", config, tmp_path / "w")
+    with pytest.raises(BadInputError, match="half: not inside a finished stage output"):
+        ctx.input_dir(str(tmp_path / "half"))
+
+
+def test_checkpoints_without_commit_marker_are_ignored(out_root, tmp_path):
+    checkpoints = Checkpoints(store.join(out_root, "_checkpoints"), tmp_path / "local", keep=2)
+    for step in (10, 20, 30):
+        local = checkpoints.local_dir(step)
+        local.mkdir(parents=True)
+        (local / "state.pt").write_text(f"state at {step}")
+        checkpoints.save(step)
+    assert checkpoints.committed() == [20, 30]  # the oldest was pruned
+
+    # A checkpoint whose upload was cut short: data but no commit marker.
+    store.write_text(store.join(out_root, "_checkpoints", "step-00000040", "state.pt"), "partial")
+    assert checkpoints.latest() == 30
+
+    restored = Checkpoints(checkpoints.uri, tmp_path / "elsewhere").restore(30)
+    assert (restored / "state.pt").read_text() == "state at 30"
+    commit = json.loads(store.read_text(store.join(checkpoints.uri, "step-00000030", COMMIT)))
+    assert commit["step"] == 30

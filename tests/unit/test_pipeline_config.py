@@ -1,0 +1,93 @@
+"""The pipeline file: validation with YAML paths, references, ordering."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from jobs.errors import BadInputError
+from pipeline.config import plan
+
+
+def write(tmp_path, pipeline: dict) -> str:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(pipeline))
+    return str(path)
+
+
+def demo(**sft_config):
+    return {
+        "name": "t",
+        "store": "runs",
+        "stages": {
+            "sft": {"config": {"model": "${bootstrap.output}/model", "data": "${data.output}",
+                               **sft_config}},
+            "data": {"config": {"sources": [
+                {"name": "d", "format": "alpaca", "uri": "${bootstrap.output}/data/sft_daily.jsonl"}
+            ]}},
+            "bootstrap": {},
+        },
+    }
+
+
+def test_references_order_the_stages_and_resolve_to_run_outputs(tmp_path):
+    the_plan = plan(write(tmp_path, demo()), store_uri=str(tmp_path / "s"))
+    assert [s.name for s in the_plan.stages] == ["bootstrap", "data", "sft"]
+    sft = the_plan.stages[2]
+    assert sft.needs == ["bootstrap", "data"]
+    assert sft.config.model == f"{tmp_path}/s/t/bootstrap/model"
+    assert sft.config.data == f"{tmp_path}/s/t/data"
+    assert sft.output == f"{tmp_path}/s/t/sft"
+
+
+def test_run_id_and_s3_store(tmp_path):
+    the_plan = plan(write(tmp_path, demo()), run_id="exp-7", store_uri="s3://bucket/team")
+    assert the_plan.run_uri == "s3://bucket/team/exp-7"
+    assert the_plan.stages[0].output == "s3://bucket/team/exp-7/bootstrap"
+
+
+def test_a_bad_field_is_named_by_its_yaml_path(tmp_path):
+    path = write(tmp_path, demo(train={"learning_rate": -1}))
+    with pytest.raises(BadInputError,
+                       match=r"pipeline.yaml: stages.sft.config.train.learning_rate: Input should be"):
+        plan(path)
+
+
+def test_unknown_top_level_key(tmp_path):
+    with pytest.raises(BadInputError, match=r"pipeline.yaml: stagse: Extra inputs are not permitted"):
+        plan(write(tmp_path, {"name": "t", "stagse": {}, "stages": {"bootstrap": {}}}))
+
+
+def test_unknown_stage_type(tmp_path):
+    with pytest.raises(BadInputError, match=r"stages.x.stage: unknown stage 'ppx'"):
+        plan(write(tmp_path, {"name": "t", "stages": {"x": {"stage": "ppx"}}}))
+
+
+def test_reference_to_a_missing_stage(tmp_path):
+    pipeline = demo()
+    del pipeline["stages"]["data"]
+    with pytest.raises(BadInputError, match=r"stages.sft.config.data: \$\{data.output\} names no stage"):
+        plan(write(tmp_path, pipeline))
+
+
+def test_cycles_are_refused(tmp_path):
+    pipeline = {"name": "t", "stages": {
+        "a": {"stage": "data", "config": {"sources": [
+            {"name": "x", "format": "alpaca", "uri": "${b.output}/f.jsonl"}]}},
+        "b": {"stage": "data", "config": {"sources": [
+            {"name": "x", "format": "alpaca", "uri": "${a.output}/f.jsonl"}]}},
+    }}
+    with pytest.raises(BadInputError, match="the references form a cycle: a -> b -> a"):
+        plan(write(tmp_path, pipeline))
+
+
+def test_output_is_set_by_the_run(tmp_path):
+    with pytest.raises(BadInputError, match="stages.bootstrap.config.output: set by the run"):
+        plan(write(tmp_path, {"name": "t", "stages": {"bootstrap": {"config": {"output": "/x"}}}}))
+
+
+def test_invalid_yaml(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("name: t\nstages: {bootstrap: {}\n")
+    with pytest.raises(BadInputError, match=r"p.yaml: line \d+: not valid YAML"):
+        plan(str(path))

@@ -1,0 +1,106 @@
+"""Each reader on files in the real format of the data sets the seeds use."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.data.readers import Message, read_examples, rows_from_file
+from jobs.data.templates import PRESETS, render_prompt
+from jobs.errors import BadInputError
+from tests.conftest import FIXTURES
+
+
+def read(name: str, fmt: str, **options):
+    path = FIXTURES / name
+    return list(read_examples(rows_from_file(path, name), fmt, "src", **options))
+
+
+def test_alpaca_keeps_instruction_input_and_output():
+    examples = read("alpaca.jsonl", "alpaca")
+    assert len(examples) == 3
+    assert examples[0].messages == [Message("user", "Give three tips for staying healthy.")]
+    assert examples[0].context is None
+    assert examples[1].context == "The weather is lovely today."
+    assert examples[1].response.startswith("Il fait très beau")
+
+
+def test_kullm_json_array_with_korean_text():
+    examples = read("kullm.json", "alpaca")
+    assert [e.messages[0].content for e in examples] == [
+        "건강을 유지하기 위한 세 가지 팁을 알려주세요.", "다음 문장을 영어로 번역하세요."]
+    assert examples[1].context == "오늘 날씨가 정말 좋네요."
+
+
+def test_dahoas_pairs_parse_the_dialogue_in_the_prompt():
+    examples = read("dahoas_pairs.jsonl", "pairs")
+    assert examples[0].messages == [Message("user", "What is a good way to learn to cook?")]
+    assert examples[0].chosen.startswith("Start with simple recipes you enjoy")
+    assert examples[0].rejected == "Just order takeout, cooking is a waste of time."
+    assert [m.role for m in examples[1].messages] == ["user", "assistant", "user"]
+
+
+def test_orca_pairs_from_parquet_keep_the_system_prompt(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"system": "You are an AI assistant.", "question": "What is 2+2?",
+             "chosen": "2+2 equals 4.", "rejected": "It is 5."}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "orca.parquet")
+    examples = list(read_examples(rows_from_file(tmp_path / "orca.parquet", "orca.parquet"),
+                                  "pairs", "orca"))
+    assert examples[0].messages == [Message("system", "You are an AI assistant."),
+                                    Message("user", "What is 2+2?")]
+    assert (examples[0].chosen, examples[0].rejected) == ("2+2 equals 4.", "It is 5.")
+
+
+def test_hh_rlhf_splits_the_shared_dialogue_from_the_two_answers():
+    examples = read("hh.jsonl", "hh")
+    first = examples[0]
+    assert [m.role for m in first.messages] == ["user", "assistant", "user"]
+    assert first.messages[2].content == "What if they don't listen?"
+    assert first.chosen.startswith("Then you might contact")
+    assert first.rejected == "Break their speakers while they are out."
+
+
+def test_sharegpt_takes_the_last_answer_and_the_source_label():
+    examples = read("sharegpt.json", "sharegpt", label_field="model")
+    assert [e.label for e in examples] == ["gpt-4", "gpt-3.5-turbo"]
+    second = examples[1]
+    assert [m.role for m in second.messages] == ["system", "user", "assistant", "user"]
+    assert second.response.startswith("The capital of Italy is Rome")
+
+
+def test_kullm_template_is_the_seeds_text():
+    text = render_prompt("kullm", [Message("user", "안녕하세요")])
+    assert text == ("아래는 작업을 설명하는 명령어입니다. 요청을 적절히 완료하는 응답을 작성하세요.\n\n"
+                    "### 명령어:\n안녕하세요\n\n### 응답:\n")
+    assert "### 입력:\n맥락" in render_prompt("kullm", [Message("user", "질문")], context="맥락")
+    assert render_prompt("alpaca", [Message("user", "Hi")]) == PRESETS["alpaca"].plain.format(
+        prompt="Hi")
+
+
+def test_chat_template_comes_from_the_tokenizer(tiny):
+    from jobs.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny / "model"))
+    text = render_prompt("chat", [Message("user", "Hello")], tokenizer=tokenizer)
+    assert text == "### User:\nHello\n\n### Assistant:\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "fmt", "message"),
+    [
+        ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n', "alpaca",
+         r"bad\.jsonl:2: not valid JSON"),
+        ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', "alpaca",
+         r"bad\.jsonl:2: field 'output' is missing or empty"),
+        ('{"prompt": "p", "chosen": "c"}\n', "pairs", r"bad\.jsonl:1: field 'rejected'"),
+        ('{"chosen": "no markers", "rejected": "x"}\n', "hh", r"bad\.jsonl:1: field 'chosen' is not"),
+        ('{"instruction": 3, "output": "b"}\n', "alpaca", r"bad\.jsonl:1: field 'instruction' should be text"),
+    ],
+)
+def test_bad_rows_name_the_file_line_and_field(tmp_path, content, fmt, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(BadInputError, match=message):
+        list(read_examples(rows_from_file(path, "bad.jsonl"), fmt, "s"))

@@ -1,0 +1,100 @@
+"""The artifact store: the same interface over a local folder and S3 over HTTP."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from jobs import store
+from jobs.errors import BadInputError, TransientError
+
+
+def make_model_dir(root):
+    """A model-shaped folder: a multi-megabyte weights file (multipart) and small files."""
+    (root / "model").mkdir(parents=True)
+    (root / "model" / "model.safetensors").write_bytes(os.urandom(6 * 1024 * 1024 + 17))
+    (root / "model" / "config.json").write_text('{"hidden_size": 64}')
+    (root / "model" / "tokenizer.json").write_text('{"version": "1.0"}')
+    return root / "model"
+
+
+@pytest.fixture(params=["local", "s3"])
+def target(request, tmp_path, monkeypatch):
+    if request.param == "local":
+        return str(tmp_path / "store" / "run" / "model")
+    monkeypatch.setenv("KUBERLHF_S3_MULTIPART_MB", "5")  # the smallest part S3 allows
+    bucket = request.getfixturevalue("s3_env")
+    store.reset_clients()
+    return f"{bucket}/run/model"
+
+
+def test_directory_round_trip_keeps_every_byte(tmp_path, target):
+    source = make_model_dir(tmp_path / "src")
+
+    sent = store.upload_dir(source, target)
+    back = store.download_dir(target, tmp_path / "back")
+
+    assert sorted(f.path for f in sent) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert [f.path for f in store.list_files(target)] == sorted(f.path for f in sent)
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert store.sha256_file(back / name) == store.sha256_file(source / name)
+
+
+def test_s3_upload_of_a_large_file_is_multipart(s3_env, tmp_path, monkeypatch):
+    import boto3
+
+    monkeypatch.setenv("KUBERLHF_S3_MULTIPART_MB", "5")
+    store.reset_clients()
+    source = make_model_dir(tmp_path / "src")
+    store.upload_dir(source, f"{s3_env}/m")
+
+    bucket = s3_env.removeprefix("s3://")
+    head = boto3.client("s3").head_object(Bucket=bucket, Key="m/model.safetensors")
+    # S3 ETags of multipart objects end in -<number of parts>.
+    assert head["ETag"].strip('"').endswith("-2")
+
+
+def test_bytes_exist_and_delete(target):
+    uri = store.join(target, "a/b.txt")
+    assert not store.exists(uri)
+    store.write_text(uri, "hello")
+    assert store.exists(uri) and store.read_text(uri) == "hello"
+    store.delete(target)
+    assert store.list_files(target) == []
+
+
+def test_unreachable_endpoint_is_transient_with_a_clear_message(s3_env, monkeypatch):
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("KUBERLHF_S3_MAX_ATTEMPTS", "2")
+    store.reset_clients()
+    with pytest.raises(TransientError, match="cannot reach S3 endpoint http://127.0.0.1"):
+        store.list_files(f"{s3_env}/x")
+
+
+def test_missing_credentials_is_a_user_error(s3_env, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    store.reset_clients()
+    with pytest.raises(BadInputError, match="S3 credentials missing: set AWS_ACCESS_KEY_ID"):
+        store.list_files(f"{s3_env}/x")
+
+
+def test_half_given_credentials_are_refused(s3_env, monkeypatch):
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    store.reset_clients()
+    with pytest.raises(BadInputError, match="set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
+        store.exists(f"{s3_env}/x")
+
+
+def test_missing_bucket_is_a_user_error(s3_env):
+    with pytest.raises(BadInputError, match="NoSuchBucket"):
+        store.list_files("s3://no-such-bucket-here/x")
+
+
+def test_settings_never_show_secrets(s3_env):
+    settings = store.S3Settings()
+    assert "test-secret-key" not in repr(settings)
+    assert "test-secret-key" not in str(settings.model_dump())
