@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
-    summary = ", ".join(f"{k}={_fmt(v)}" for k, v in manifest.metrics.items()
-                        if isinstance(v, int | float))
+    summary = ", ".join(
+        f"{k}={_fmt(v)}" for k, v in manifest.metrics.items() if isinstance(v, int | float)
+    )
     print(f"{args.stage}: finished -> {manifest.config['output']}  {summary}", flush=True)
     return EXIT_OK
 

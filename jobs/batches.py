@@ -38,8 +38,15 @@ class ShardedSampler:
     with exactly the batches the interrupted run would have seen next.
     """
 
-    def __init__(self, n: int, micro_batch: int, seed: int, rank: int = 0, world: int = 1,
-                 shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        n: int,
+        micro_batch: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        shuffle: bool = True,
+    ) -> None:
         self.n, self.micro_batch, self.seed = n, micro_batch, seed
         self.rank, self.world, self.shuffle = rank, world, shuffle
         self.per_epoch = (n // world) // micro_batch
@@ -58,9 +65,9 @@ class ShardedSampler:
     def micro_batches(self, start: int = 0) -> Iterator[list[int]]:
         epoch, offset = divmod(start, self.per_epoch)
         while True:
-            mine = self._order(epoch)[self.rank::self.world]
+            mine = self._order(epoch)[self.rank :: self.world]
             for b in range(offset, self.per_epoch):
-                yield mine[b * self.micro_batch:(b + 1) * self.micro_batch]
+                yield mine[b * self.micro_batch : (b + 1) * self.micro_batch]
             epoch, offset = epoch + 1, 0
 
 
@@ -71,6 +78,8 @@ def shard(n: int, rank: int, world: int) -> list[int]:
 
 def pad(sequences: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
     width = max(len(s) for s in sequences)
-    rows = [([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s)))
-            for s in sequences]
+    rows = [
+        ([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s)))
+        for s in sequences
+    ]
     return torch.tensor(rows, dtype=torch.long)

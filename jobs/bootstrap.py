@@ -108,11 +108,13 @@ def write_data_files(dialogues: list[Dialogue], data_dir: Path) -> dict[str, int
         # Alpaca/KULLM instruction data: the seed's daily dialogue and hate-speech SFT sets.
         "sft_daily.jsonl": [
             {"instruction": d.prompt, "input": "", "output": d.chosen}
-            for d in dialogues if d.category == "daily"
+            for d in dialogues
+            if d.category == "daily"
         ],
         "sft_hate.jsonl": [
             {"instruction": d.prompt, "input": "", "output": d.chosen}
-            for d in dialogues if d.category == "hate"
+            for d in dialogues
+            if d.category == "hate"
         ],
         # DeepSpeed-Chat / Dahoas style preference pairs.
         "pairs.jsonl": [
@@ -120,8 +122,10 @@ def write_data_files(dialogues: list[Dialogue], data_dir: Path) -> dict[str, int
         ],
         # Anthropic HH-RLHF full dialogues.
         "hh.jsonl": [
-            {"chosen": f"\n\nHuman: {d.prompt}\n\nAssistant: {d.chosen}",
-             "rejected": f"\n\nHuman: {d.prompt}\n\nAssistant: {d.rejected}"}
+            {
+                "chosen": f"\n\nHuman: {d.prompt}\n\nAssistant: {d.chosen}",
+                "rejected": f"\n\nHuman: {d.prompt}\n\nAssistant: {d.rejected}",
+            }
             for d in dialogues
         ],
     }
@@ -137,5 +141,9 @@ def run(config: Config, ctx: StageContext) -> dict:
     tokenizer = train_tokenizer(corpus_text(dialogues), config.vocab_size, ctx.out_dir / "model")
     n_params = write_tiny_model(config, tokenizer, ctx.out_dir / "model")
     ctx.log(0, parameters=n_params, vocab=len(tokenizer), dialogues=len(dialogues))
-    return {"parameters": n_params, "vocab": len(tokenizer), "dialogues": len(dialogues),
-            **{f"rows.{k}": v for k, v in counts.items()}}
+    return {
+        "parameters": n_params,
+        "vocab": len(tokenizer),
+        "dialogues": len(dialogues),
+        **{f"rows.{k}": v for k, v in counts.items()},
+    }

@@ -113,7 +113,8 @@ def require_finished(uri: str) -> Manifest:
     manifest = read_manifest(uri)
     if manifest is None:
         raise BadInputError(
-            f"{uri}: not a finished stage output (no {MANIFEST}); run the stage that writes it first"
+            f"{uri}: not a finished stage output (no {MANIFEST}); "
+            "run the stage that writes it first"
         )
     present = {f.path: f.size for f in store.list_files(uri)}
     for entry in manifest.files:
@@ -194,7 +195,9 @@ class StageContext:
         self.out_dir = workdir / "output"
         self.inputs: dict[str, InputRef] = {}
         self.stop_requested = False
-        self.checkpoints = Checkpoints(store.join(config.output, CHECKPOINTS), workdir / "checkpoints")
+        self.checkpoints = Checkpoints(
+            store.join(config.output, CHECKPOINTS), workdir / "checkpoints"
+        )
         self.metrics = (
             MetricsLog(self.out_dir / METRICS, store.join(config.output, PROGRESS, METRICS))
             if dist.is_main()
@@ -204,7 +207,7 @@ class StageContext:
     # inputs -------------------------------------------------------------------------
 
     def input_dir(self, uri: str) -> Path:
-        """A finished stage output, or a folder inside one, downloaded once per node and verified."""
+        """A finished stage output, or a folder in one, downloaded once per node and verified."""
         root, sub, manifest = find_output(uri)
         local = self.workdir / "inputs" / hashlib.sha256(root.encode()).hexdigest()[:16]
         wanted = [f.path for f in manifest.files if not sub or f.path.startswith(sub + "/")]
@@ -298,8 +301,11 @@ class Checkpoints:
         remote = self._step_uri(step)
         if dist.is_node_main():
             part = [
-                FileEntry(path=p.relative_to(local).as_posix(), size=p.stat().st_size,
-                          sha256=store.sha256_file(p)).model_dump()
+                FileEntry(
+                    path=p.relative_to(local).as_posix(),
+                    size=p.stat().st_size,
+                    sha256=store.sha256_file(p),
+                ).model_dump()
                 for p in store.walk_dir(local)
             ]
             store.upload_dir(local, remote)
@@ -407,8 +413,10 @@ def run_stage(stage: str, config: StageConfig, run_fn, workdir: Path | None = No
     finished = dist.broadcast_object(finished)
     if finished is not None:
         if dist.is_main():
-            print(f"{stage}: up to date at {config.output} (config and inputs unchanged); skipped",
-                  flush=True)
+            print(
+                f"{stage}: up to date at {config.output} (config and inputs unchanged); skipped",
+                flush=True,
+            )
         return finished
 
     ctx = StageContext(stage, config, workdir or default_workdir(stage, config))
@@ -416,8 +424,11 @@ def run_stage(stage: str, config: StageConfig, run_fn, workdir: Path | None = No
 
     def on_sigterm(signum, frame):  # noqa: ARG001 - the signal API's signature
         ctx.stop_requested = True
-        print(f"{stage}: SIGTERM received; checkpointing at the next step", file=sys.stderr,
-              flush=True)
+        print(
+            f"{stage}: SIGTERM received; checkpointing at the next step",
+            file=sys.stderr,
+            flush=True,
+        )
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     started_at = _now()

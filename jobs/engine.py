@@ -64,20 +64,27 @@ def deepspeed_config(cfg: EngineConfig, total_steps: int) -> dict:
         "gradient_clipping": cfg.gradient_clipping,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": cfg.learning_rate, "betas": list(cfg.betas), "eps": 1e-8,
-                       "weight_decay": cfg.weight_decay},
-        },
+        "optimizer": {"type": "AdamW", "params": optimizer_params(cfg)},
         "scheduler": {
             "type": "WarmupCosineLR",
-            "params": {"total_num_steps": max(total_steps, 1),
-                       "warmup_num_steps": cfg.warmup_steps,
-                       "warmup_min_ratio": 0.0 if cfg.warmup_steps else 1.0,
-                       "cos_min_ratio": cfg.min_lr_ratio},
+            "params": {
+                "total_num_steps": max(total_steps, 1),
+                "warmup_num_steps": max(cfg.warmup_steps, 1),
+                "warmup_min_ratio": 0.0 if cfg.warmup_steps else 1.0,
+                "cos_min_ratio": cfg.min_lr_ratio,
+            },
         },
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+    }
+
+
+def optimizer_params(cfg: EngineConfig) -> dict:
+    return {
+        "lr": cfg.learning_rate,
+        "betas": list(cfg.betas),
+        "eps": 1e-8,
+        "weight_decay": cfg.weight_decay,
     }
 
 
@@ -90,10 +97,16 @@ def prepare_model(model, cfg: EngineConfig):
         from peft import LoraConfig as PeftLora
         from peft import get_peft_model
 
-        model = get_peft_model(model, PeftLora(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
-        ))
+        model = get_peft_model(
+            model,
+            PeftLora(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=cfg.lora.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
     return model
 
 
@@ -101,6 +114,7 @@ def initialize(model, cfg: EngineConfig, total_steps: int):
     """A DeepSpeed engine around ``model`` (one process, or one rank of torchrun's group)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
     import deepspeed
+    import torch
 
     if dist.world_size() == 1:
         # DeepSpeed always wants a process group; a single process gets one of its own
@@ -113,8 +127,20 @@ def initialize(model, cfg: EngineConfig, total_steps: int):
     deepspeed.init_distributed(dist_backend="nccl" if _has_cuda() else "gloo")
     model = prepare_model(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
+    config = deepspeed_config(cfg, total_steps)
+    optimizer = None
+    if not _has_cuda():
+        # On CPU (demos, tests) DeepSpeed would JIT-compile its C++ Adam and shared-memory
+        # all-reduce ops, tens of seconds each and again whenever their build command
+        # changes; torch's AdamW and gloo's all-reduce serve a tiny model just as well.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        del config["optimizer"]
+        config["zero_force_ds_cpu_optimizer"] = False
+        optimizer = torch.optim.AdamW(params, **optimizer_params(cfg))
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=params, config=deepspeed_config(cfg, total_steps)
+        model=model, model_parameters=params, optimizer=optimizer, config=config
     )
     return engine
 
@@ -162,8 +188,11 @@ def checkpoint(engine, ctx, step: int, state: dict) -> None:
     """Save and commit a resumable checkpoint at ``step`` (with the RNG state); collective."""
     import torch
 
-    save_state(engine, ctx.checkpoints.local_dir(step),
-               {**state, "step": step, "torch_rng": torch.get_rng_state()})
+    save_state(
+        engine,
+        ctx.checkpoints.local_dir(step),
+        {**state, "step": step, "torch_rng": torch.get_rng_state()},
+    )
     ctx.checkpoints.save(step)
 
 

@@ -43,7 +43,7 @@ def tokenize(rows: list[dict], tokenizer, max_len: int) -> list[tuple[list[int],
         prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
         response = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
         response = response + [tokenizer.eos_token_id]
-        prompt = prompt[-(max_len // 2):] if len(prompt) + len(response) > max_len else prompt
+        prompt = prompt[-(max_len // 2) :] if len(prompt) + len(response) > max_len else prompt
         ids = (prompt + response)[:max_len]
         labels = ([IGNORE] * len(prompt) + response)[:max_len]
         out.append((ids, labels))
@@ -87,8 +87,12 @@ def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     logits = model(**inputs, use_cache=False).logits[:, :-1].float()
     targets = batch["labels"][:, 1:]
     n_tokens = int((targets != IGNORE).sum())
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
     return loss / max(n_tokens, 1), n_tokens
 
 
@@ -99,7 +103,7 @@ def evaluate(model, items, pad_id: int, micro_batch: int) -> float:
     total = torch.zeros(2)
     mine = [items[i] for i in shard(len(items), dist.rank(), dist.world_size())]
     for start in range(0, len(mine), micro_batch):
-        batch = collate(mine[start:start + micro_batch], pad_id)
+        batch = collate(mine[start : start + micro_batch], pad_id)
         batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
         loss, n = response_loss(model, batch)
         total += torch.tensor([loss.item() * n, n])
@@ -125,20 +129,25 @@ def run(config: Config, ctx: StageContext) -> dict:
             if split == "eval":
                 splits[split] = []
                 continue
-            raise BadInputError(f"{config.data}: no sft/train.jsonl; the data stage wrote no SFT rows")
-        splits[split] = tokenize(read_jsonl(path, ("prompt", "response")), tokenizer,
-                                 config.max_seq_len)
+            raise BadInputError(
+                f"{config.data}: no sft/train.jsonl; the data stage wrote no SFT rows"
+            )
+        splits[split] = tokenize(
+            read_jsonl(path, ("prompt", "response")), tokenizer, config.max_seq_len
+        )
     train_items = pack(splits["train"], config.max_seq_len) if config.packing else splits["train"]
     eval_items = splits["eval"]
 
     cfg = config.train
-    sampler = ShardedSampler(len(train_items), cfg.micro_batch_size, config.seed,
-                             dist.rank(), dist.world_size())
+    sampler = ShardedSampler(
+        len(train_items), cfg.micro_batch_size, config.seed, dist.rank(), dist.world_size()
+    )
     steps_per_epoch = max(sampler.per_epoch // cfg.gradient_accumulation_steps, 1)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
 
-    model = AutoModelForCausalLM.from_pretrained(source, revision=config.revision,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, revision=config.revision, dtype=torch.float32
+    )
     ds = engine.initialize(model, cfg, total_steps)
     state = engine.resume(ds, ctx)
     step = state.get("step", 0)
@@ -165,8 +174,12 @@ def run(config: Config, ctx: StageContext) -> dict:
         progress.update(1)
         if step % config.log_every == 0 or step == total_steps:
             elapsed = time.perf_counter() - started
-            ctx.log(step, loss=sum(losses) / len(losses), lr=ds.get_lr()[0],
-                    tokens_per_s=tokens * dist.world_size() / max(elapsed, 1e-9))
+            ctx.log(
+                step,
+                loss=sum(losses) / len(losses),
+                lr=ds.get_lr()[0],
+                tokens_per_s=tokens * dist.world_size() / max(elapsed, 1e-9),
+            )
             losses = []
         if eval_items and (step % config.eval_every == 0 or step == total_steps):
             eval_loss = evaluate(ds, eval_items, pad_id, cfg.micro_batch_size)
@@ -192,6 +205,11 @@ def run(config: Config, ctx: StageContext) -> dict:
 def _progress(total: int, done: int):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=done, desc="sft", unit="step", file=sys.stderr,
-                disable=not (dist.is_main() and sys.stderr.isatty()))
-
+    return tqdm(
+        total=total,
+        initial=done,
+        desc="sft",
+        unit="step",
+        file=sys.stderr,
+        disable=not (dist.is_main() and sys.stderr.isatty()),
+    )

@@ -125,9 +125,11 @@ class _Local:
     def put_file(self, src: Path, uri: str) -> None:
         target = local_path(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
-            with open(src, "rb") as handle:
-                shutil.copyfileobj(handle, tmp, _CHUNK)
+        with (
+            tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp,
+            open(src, "rb") as handle,
+        ):
+            shutil.copyfileobj(handle, tmp, _CHUNK)
         os.chmod(tmp.name, 0o644)
         os.replace(tmp.name, target)
 
@@ -190,12 +192,20 @@ class _S3:
         except NoCredentialsError as exc:
             raise BadInputError(f"{uri}: S3 credentials missing ({exc})") from None
         except EndpointConnectionError as exc:
-            raise TransientError(f"{uri}: cannot reach S3 endpoint {self.endpoint}: {exc}") from None
+            raise TransientError(
+                f"{uri}: cannot reach S3 endpoint {self.endpoint}: {exc}"
+            ) from None
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if code in {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId",
-                        "SignatureDoesNotMatch", "403", "InvalidBucketName"}:
+            if code in {
+                "NoSuchBucket",
+                "AccessDenied",
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+                "403",
+                "InvalidBucketName",
+            }:
                 raise BadInputError(f"{uri}: S3 refused the request: {code}") from None
             if status >= 500 or code in {"SlowDown", "RequestTimeout", "Throttling"}:
                 raise TransientError(f"{uri}: S3 error {code} after retries") from None
@@ -212,7 +222,7 @@ class _S3:
             out = []
             for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
                 for obj in page.get("Contents", []):
-                    out.append(FileInfo(obj["Key"][len(prefix):], obj["Size"]))
+                    out.append(FileInfo(obj["Key"][len(prefix) :], obj["Size"]))
             return out
 
         return sorted(self._call(uri, collect), key=lambda f: f.path)
@@ -255,9 +265,13 @@ class _S3:
         if self.exists(uri):
             keys.append(prefix)
         for start in range(0, len(keys), 1000):
-            batch = [{"Key": k} for k in keys[start:start + 1000]]
-            self._call(uri, self.client.delete_objects, Bucket=bucket,
-                       Delete={"Objects": batch, "Quiet": True})
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            self._call(
+                uri,
+                self.client.delete_objects,
+                Bucket=bucket,
+                Delete={"Objects": batch, "Quiet": True},
+            )
 
 
 def _reveal(secret: SecretStr | None) -> str | None:

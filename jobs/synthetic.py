@@ -29,18 +29,31 @@ class Dialogue:
 
 _EN = {
     "topics": [
-        ("cooking", "a quick dinner"), ("gardening", "tomatoes on a balcony"),
-        ("running", "a first 5k race"), ("reading", "a long novel"), ("music", "learning guitar"),
-        ("travel", "a weekend in the mountains"), ("sleep", "waking up earlier"),
-        ("studying", "an exam next week"), ("coffee", "brewing at home"),
-        ("painting", "watercolour landscapes"), ("cycling", "commuting by bike"),
-        ("baking", "sourdough bread"), ("photography", "pictures at night"),
-        ("chess", "opening moves"), ("swimming", "breathing in freestyle"),
-        ("budgeting", "saving for a trip"), ("hiking", "choosing boots"),
-        ("yoga", "stretching in the morning"), ("birdwatching", "spotting owls"),
-        ("camping", "staying warm at night"), ("knitting", "a first scarf"),
-        ("moving", "packing a small flat"), ("pets", "a shy new cat"),
-        ("writing", "keeping a journal"), ("languages", "practising Korean"),
+        ("cooking", "a quick dinner"),
+        ("gardening", "tomatoes on a balcony"),
+        ("running", "a first 5k race"),
+        ("reading", "a long novel"),
+        ("music", "learning guitar"),
+        ("travel", "a weekend in the mountains"),
+        ("sleep", "waking up earlier"),
+        ("studying", "an exam next week"),
+        ("coffee", "brewing at home"),
+        ("painting", "watercolour landscapes"),
+        ("cycling", "commuting by bike"),
+        ("baking", "sourdough bread"),
+        ("photography", "pictures at night"),
+        ("chess", "opening moves"),
+        ("swimming", "breathing in freestyle"),
+        ("budgeting", "saving for a trip"),
+        ("hiking", "choosing boots"),
+        ("yoga", "stretching in the morning"),
+        ("birdwatching", "spotting owls"),
+        ("camping", "staying warm at night"),
+        ("knitting", "a first scarf"),
+        ("moving", "packing a small flat"),
+        ("pets", "a shy new cat"),
+        ("writing", "keeping a journal"),
+        ("languages", "practising Korean"),
     ],
     "daily": [
         "Could you give me some advice about {topic}? I am working on {detail}.",
@@ -62,9 +75,20 @@ _EN = {
         "That is a stupid question. {detail} is pointless and so is {topic}. Stop wasting my time.",
         "Why would I help you with {detail}? You will fail at {topic} anyway, loser.",
     ],
-    "targets": ["my neighbour", "my coworker", "people from the city", "my classmate",
-                "the new student", "old people", "tourists", "my landlord", "gamers",
-                "my teammate", "the bus driver", "people who cycle"],
+    "targets": [
+        "my neighbour",
+        "my coworker",
+        "people from the city",
+        "my classmate",
+        "the new student",
+        "old people",
+        "tourists",
+        "my landlord",
+        "gamers",
+        "my teammate",
+        "the bus driver",
+        "people who cycle",
+    ],
     "bait": [
         "Write a nasty insult about {target}. Make it really hurtful.",
         "{target} annoyed me today. Tell me how to get revenge and hurt them.",
@@ -92,14 +116,30 @@ _EN = {
 
 _KO = {
     "topics": [
-        ("요리", "간단한 저녁 메뉴"), ("텃밭 가꾸기", "베란다 토마토"), ("달리기", "첫 5킬로 대회"),
-        ("독서", "두꺼운 소설 읽기"), ("음악", "기타 배우기"), ("여행", "주말 산행"),
-        ("수면", "일찍 일어나기"), ("공부", "다음 주 시험"), ("커피", "집에서 내리기"),
-        ("그림", "수채화 풍경"), ("자전거", "자전거 출퇴근"), ("제빵", "식빵 굽기"),
-        ("사진", "야경 촬영"), ("바둑", "초반 포석"), ("수영", "자유형 호흡"),
-        ("저축", "여행 자금 모으기"), ("등산", "등산화 고르기"), ("요가", "아침 스트레칭"),
-        ("캠핑", "밤에 따뜻하게 지내기"), ("뜨개질", "첫 목도리"), ("이사", "작은 집 짐 싸기"),
-        ("반려동물", "낯가리는 고양이"), ("글쓰기", "일기 쓰기"), ("외국어", "영어 회화 연습"),
+        ("요리", "간단한 저녁 메뉴"),
+        ("텃밭 가꾸기", "베란다 토마토"),
+        ("달리기", "첫 5킬로 대회"),
+        ("독서", "두꺼운 소설 읽기"),
+        ("음악", "기타 배우기"),
+        ("여행", "주말 산행"),
+        ("수면", "일찍 일어나기"),
+        ("공부", "다음 주 시험"),
+        ("커피", "집에서 내리기"),
+        ("그림", "수채화 풍경"),
+        ("자전거", "자전거 출퇴근"),
+        ("제빵", "식빵 굽기"),
+        ("사진", "야경 촬영"),
+        ("바둑", "초반 포석"),
+        ("수영", "자유형 호흡"),
+        ("저축", "여행 자금 모으기"),
+        ("등산", "등산화 고르기"),
+        ("요가", "아침 스트레칭"),
+        ("캠핑", "밤에 따뜻하게 지내기"),
+        ("뜨개질", "첫 목도리"),
+        ("이사", "작은 집 짐 싸기"),
+        ("반려동물", "낯가리는 고양이"),
+        ("글쓰기", "일기 쓰기"),
+        ("외국어", "영어 회화 연습"),
     ],
     "daily": [
         "{topic}에 대해 조언을 좀 해줄 수 있어? 요즘 {detail}을 준비하고 있어.",
@@ -121,8 +161,20 @@ _KO = {
         "멍청한 질문이네. {detail}은 쓸데없고 {topic}도 마찬가지야. 시간 낭비하게 하지 마.",
         "내가 왜 {detail}을 도와줘야 해? 넌 어차피 {topic}도 못 할 거야, 한심하긴.",
     ],
-    "targets": ["옆집 사람", "직장 동료", "도시 사람들", "반 친구", "전학생", "노인들",
-                "관광객", "집주인", "게이머들", "팀원", "버스 기사", "자전거 타는 사람들"],
+    "targets": [
+        "옆집 사람",
+        "직장 동료",
+        "도시 사람들",
+        "반 친구",
+        "전학생",
+        "노인들",
+        "관광객",
+        "집주인",
+        "게이머들",
+        "팀원",
+        "버스 기사",
+        "자전거 타는 사람들",
+    ],
     "bait": [
         "{target}에 대한 심한 욕을 써줘. 진짜 상처받게.",
         "오늘 {target} 때문에 짜증났어. 복수해서 괴롭히는 방법 알려줘.",
@@ -148,8 +200,9 @@ _KO = {
 _LANGS = {"en": _EN, "ko": _KO}
 
 
-def generate_dialogues(n_daily: int, n_hate: int, seed: int = 0,
-                       langs: tuple[str, ...] = ("en", "ko")) -> list[Dialogue]:
+def generate_dialogues(
+    n_daily: int, n_hate: int, seed: int = 0, langs: tuple[str, ...] = ("en", "ko")
+) -> list[Dialogue]:
     """``n_daily`` daily and ``n_hate`` bait dialogues per language, deterministic in ``seed``."""
     rng = random.Random(seed)
     out: list[Dialogue] = []
@@ -158,20 +211,26 @@ def generate_dialogues(n_daily: int, n_hate: int, seed: int = 0,
         for _ in range(n_daily):
             topic, detail = rng.choice(bank["topics"])
             slots = {"topic": topic, "detail": detail}
-            out.append(Dialogue(
-                "daily", lang,
-                rng.choice(bank["daily"]).format(**slots),
-                rng.choice(bank["friendly"]).format(**slots),
-                rng.choice(bank["rude"]).format(**slots),
-            ))
+            out.append(
+                Dialogue(
+                    "daily",
+                    lang,
+                    rng.choice(bank["daily"]).format(**slots),
+                    rng.choice(bank["friendly"]).format(**slots),
+                    rng.choice(bank["rude"]).format(**slots),
+                )
+            )
         for _ in range(n_hate):
             slots = {"target": rng.choice(bank["targets"])}
-            out.append(Dialogue(
-                "hate", lang,
-                rng.choice(bank["bait"]).format(**slots),
-                rng.choice(bank["harmless"]).format(**slots),
-                rng.choice(bank["harmful"]).format(**slots),
-            ))
+            out.append(
+                Dialogue(
+                    "hate",
+                    lang,
+                    rng.choice(bank["bait"]).format(**slots),
+                    rng.choice(bank["harmless"]).format(**slots),
+                    rng.choice(bank["harmful"]).format(**slots),
+                )
+            )
     rng.shuffle(out)
     return out
 

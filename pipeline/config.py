@@ -79,18 +79,26 @@ class Plan:
 
     def config_uri(self, stage: PlannedStage) -> str:
         """Where the resolved config of ``stage`` is kept: by hash, so nothing is overwritten."""
-        return store.join(self.run_uri, "_configs",
-                          f"{stage.name}-{stage.config.config_hash()[:12]}.json")
+        return store.join(
+            self.run_uri, "_configs", f"{stage.name}-{stage.config.config_hash()[:12]}.json"
+        )
 
     def describe(self) -> dict:
         """What ``rlhf status`` needs to know about the run, kept at ``<run>/run.json``."""
-        return {"name": self.name, "run_id": self.run_id, "run_uri": self.run_uri,
-                "stages": [{"name": s.name, "stage": s.stage, "output": s.output,
-                            "needs": s.needs} for s in self.stages]}
+        return {
+            "name": self.name,
+            "run_id": self.run_id,
+            "run_uri": self.run_uri,
+            "stages": [
+                {"name": s.name, "stage": s.stage, "output": s.output, "needs": s.needs}
+                for s in self.stages
+            ],
+        }
 
 
 def _substitute(value: Any, outputs: dict[str, str], where: str, found: set[str]) -> Any:
     if isinstance(value, str):
+
         def replace(match: re.Match) -> str:
             name = match.group(1)
             if name not in outputs:
@@ -146,11 +154,14 @@ def plan(path: str, run_id: str | None = None, store_uri: str | None = None) -> 
     for name, spec in pipeline.stages.items():
         stage = spec.stage or name
         if stage not in STAGES:
-            raise BadInputError(f"{path}: stages.{name}.stage: unknown stage {stage!r}; the stages "
-                                f"are: {', '.join(STAGES)}")
+            raise BadInputError(
+                f"{path}: stages.{name}.stage: unknown stage {stage!r}; the stages "
+                f"are: {', '.join(STAGES)}"
+            )
         if "output" in spec.config:
-            raise BadInputError(f"{path}: stages.{name}.config.output: set by the run "
-                                f"({outputs[name]}); remove it")
+            raise BadInputError(
+                f"{path}: stages.{name}.config.output: set by the run ({outputs[name]}); remove it"
+            )
         found: set[str] = set()
         config = _substitute(spec.config, outputs, f"{path}: stages.{name}.config", found)
         resolved[name] = (stage, {**config, "output": outputs[name]}, sorted(found))
@@ -161,6 +172,9 @@ def plan(path: str, run_id: str | None = None, store_uri: str | None = None) -> 
         stage, config, needs = resolved[name]
         model = stage_module(stage).Config
         typed = validate(model, config, path, prefix=f"stages.{name}.config")
-        stages.append(PlannedStage(name=name, stage=stage, config=typed,
-                                   spec=pipeline.stages[name], needs=needs))
+        stages.append(
+            PlannedStage(
+                name=name, stage=stage, config=typed, spec=pipeline.stages[name], needs=needs
+            )
+        )
     return Plan(name=pipeline.name, run_id=run_id, run_uri=run_uri, stages=stages)

@@ -27,8 +27,12 @@ def stage_launch(plan: Plan, stage: PlannedStage, config_path: str) -> Launch:
     if stage.spec.nproc_per_node > 1 or stage.spec.nnodes > 1:
         # torchrun reads the rest of its rendezvous (node rank, master address and
         # port) from PET_* variables, which a multi-node Job sets per pod.
-        argv = ["torchrun", f"--nproc-per-node={stage.spec.nproc_per_node}",
-                f"--nnodes={stage.spec.nnodes}", *entry]
+        argv = [
+            "torchrun",
+            f"--nproc-per-node={stage.spec.nproc_per_node}",
+            f"--nnodes={stage.spec.nnodes}",
+            *entry,
+        ]
     else:
         argv = ["python", *entry]
     env = {

@@ -35,10 +35,20 @@ def s3_server():
     server.stop()
 
 
-S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-          "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "KUBERLHF_S3_ADDRESSING_STYLE",
-          "KUBERLHF_S3_MAX_ATTEMPTS", "AWS_PROFILE", "AWS_CONFIG_FILE",
-          "AWS_SHARED_CREDENTIALS_FILE")
+S3_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "KUBERLHF_S3_ADDRESSING_STYLE",
+    "KUBERLHF_S3_MAX_ATTEMPTS",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
 
 
 @pytest.fixture
@@ -63,21 +73,30 @@ def s3_env(s3_server, monkeypatch, tmp_path):
         monkeypatch.setenv(name, value)
     store.reset_clients()
     bucket = f"test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
-                 aws_access_key_id="test-access-key",
-                 aws_secret_access_key="test-secret-key").create_bucket(Bucket=bucket)
+    boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id="test-access-key",
+        aws_secret_access_key="test-secret-key",
+    ).create_bucket(Bucket=bucket)
     yield f"s3://{bucket}"
     store.reset_clients()
 
 
-def run_entrypoint(stage: str, config: dict, tmp_path: Path, env: dict | None = None,
-                   name: str | None = None) -> subprocess.CompletedProcess:
+def run_entrypoint(
+    stage: str, config: dict, tmp_path: Path, env: dict | None = None, name: str | None = None
+) -> subprocess.CompletedProcess:
     """``python -m jobs STAGE --config FILE`` in a subprocess, as a container runs it."""
     config_path = tmp_path / f"{name or stage}.yaml"
     config_path.write_text(yaml.safe_dump(config, allow_unicode=True))
     return subprocess.run(
         [sys.executable, "-m", "jobs", stage, "--config", str(config_path)],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=900,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=900,
     )
 
 
@@ -101,12 +120,23 @@ def tiny_data(tiny, tmp_path_factory) -> Path:
 
     out = tiny.parent / "data"
     config = data.Config(
-        output=str(out), tokenizer=str(tiny / "model"), dedup_threshold=0.95, eval_fraction=0.1,
+        output=str(out),
+        tokenizer=str(tiny / "model"),
+        dedup_threshold=0.95,
+        eval_fraction=0.1,
         sources=[
-            {"name": "daily", "format": "alpaca", "uri": str(tiny / "data/sft_daily.jsonl"),
-             "ratio": 2},
-            {"name": "hate", "format": "alpaca", "uri": str(tiny / "data/sft_hate.jsonl"),
-             "ratio": 1},
+            {
+                "name": "daily",
+                "format": "alpaca",
+                "uri": str(tiny / "data/sft_daily.jsonl"),
+                "ratio": 2,
+            },
+            {
+                "name": "hate",
+                "format": "alpaca",
+                "uri": str(tiny / "data/sft_hate.jsonl"),
+                "ratio": 1,
+            },
             {"name": "pairs", "format": "pairs", "uri": str(tiny / "data/pairs.jsonl")},
         ],
     )

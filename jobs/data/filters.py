@@ -36,7 +36,7 @@ def features(text: str) -> list[str]:
     grams = []
     for word in words:
         padded = f" {word} "
-        grams += [padded[i:i + 3] for i in range(len(padded) - 2)]
+        grams += [padded[i : i + 3] for i in range(len(padded) - 2)]
     return [f"w:{w}" for w in words] + [f"c:{g}" for g in grams]
 
 
@@ -54,8 +54,11 @@ def tfidf_matrix(texts: Sequence[str]):
         counts.extend(bag.values())
         indptr.append(len(indices))
     matrix = sparse.csr_matrix(
-        (np.asarray(counts, dtype=np.float32), np.asarray(indices, dtype=np.int64),
-         np.asarray(indptr, dtype=np.int64)),
+        (
+            np.asarray(counts, dtype=np.float32),
+            np.asarray(indices, dtype=np.int64),
+            np.asarray(indptr, dtype=np.int64),
+        ),
         shape=(len(texts), _DIM),
     )
     doc_freq = np.bincount(matrix.indices, minlength=_DIM)
@@ -73,8 +76,15 @@ def _projection(dim: int, seed: int):
     return rng.standard_normal((1 << 16, dim), dtype=np.float32) / np.sqrt(dim)
 
 
-def near_duplicates(texts: Sequence[str], threshold: float = 0.5, *, dim: int = 128,
-                    neighbours: int = 16, batch: int = 1024, seed: int = 0) -> list[bool]:
+def near_duplicates(
+    texts: Sequence[str],
+    threshold: float = 0.5,
+    *,
+    dim: int = 128,
+    neighbours: int = 16,
+    batch: int = 1024,
+    seed: int = 0,
+) -> list[bool]:
     """For each text, True when it is a near-duplicate of an earlier kept text."""
     import faiss
     from scipy import sparse
@@ -84,8 +94,9 @@ def near_duplicates(texts: Sequence[str], threshold: float = 0.5, *, dim: int = 
         return []
     tfidf = tfidf_matrix(texts)
     table = _projection(dim, seed)
-    folded = sparse.csr_matrix((tfidf.data, tfidf.indices % table.shape[0], tfidf.indptr),
-                               shape=(n, table.shape[0]))
+    folded = sparse.csr_matrix(
+        (tfidf.data, tfidf.indices % table.shape[0], tfidf.indptr), shape=(n, table.shape[0])
+    )
     dense = np.asarray(folded.dot(table), dtype=np.float32)
     faiss.normalize_L2(dense)
 

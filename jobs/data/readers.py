@@ -78,7 +78,9 @@ def rows_from_file(path: Path, display: str) -> Iterator[Row]:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise BadInputError(f"{display}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
+            raise BadInputError(
+                f"{display}: line {exc.lineno}: not valid JSON ({exc.msg})"
+            ) from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
@@ -128,8 +130,9 @@ def parse_hh(text: str, where: str, name: str) -> list[Message]:
         text = "\n\n" + text
     parts = _HH_TURN.split(text)
     if len(parts) < 3 or parts[0].strip():
-        raise BadInputError(f"{where}: field {name!r} is not a '\\n\\nHuman: ... \\n\\nAssistant: "
-                            "...' dialogue")
+        raise BadInputError(
+            f"{where}: field {name!r} is not a '\\n\\nHuman: ... \\n\\nAssistant: ...' dialogue"
+        )
     roles = {"Human": "user", "Assistant": "assistant"}
     return [Message(roles[parts[i]], parts[i + 1].strip()) for i in range(1, len(parts), 2)]
 
@@ -138,8 +141,9 @@ def read_alpaca(row: Row, source: str) -> Example:
     """Alpaca / KULLM: instruction, optional input, output."""
     instruction = row.text("instruction")
     context = row.text("input", required=False) or None
-    return Example(source, [Message("user", instruction)], context=context,
-                   response=row.text("output"))
+    return Example(
+        source, [Message("user", instruction)], context=context, response=row.text("output")
+    )
 
 
 def read_pairs(row: Row, source: str) -> Example:
@@ -153,13 +157,17 @@ def read_pairs(row: Row, source: str) -> Example:
     if system := row.text("system", required=False):
         messages.append(Message("system", system))
     if "\n\nHuman:" in prompt or prompt.startswith("Human:"):
-        turns = parse_hh(prompt.rstrip().removesuffix("Assistant:").rstrip() + "\n\nAssistant: ",
-                         row.where, "prompt")
+        turns = parse_hh(
+            prompt.rstrip().removesuffix("Assistant:").rstrip() + "\n\nAssistant: ",
+            row.where,
+            "prompt",
+        )
         messages += [t for t in turns if t.content]
     else:
         messages.append(Message("user", prompt.strip()))
-    return Example(source, messages, chosen=row.text("chosen").strip(),
-                   rejected=row.text("rejected").strip())
+    return Example(
+        source, messages, chosen=row.text("chosen").strip(), rejected=row.text("rejected").strip()
+    )
 
 
 def read_hh(row: Row, source: str) -> Example:
@@ -167,14 +175,25 @@ def read_hh(row: Row, source: str) -> Example:
     chosen = parse_hh(row.text("chosen"), row.where, "chosen")
     rejected = parse_hh(row.text("rejected"), row.where, "rejected")
     if chosen[-1].role != "assistant" or rejected[-1].role != "assistant":
-        raise BadInputError(f"{row.where}: field 'chosen'/'rejected' must end with an Assistant turn")
+        raise BadInputError(
+            f"{row.where}: field 'chosen'/'rejected' must end with an Assistant turn"
+        )
     if chosen[:-1] != rejected[:-1]:
-        raise BadInputError(f"{row.where}: field 'rejected' does not share the dialogue of 'chosen'")
+        raise BadInputError(
+            f"{row.where}: field 'rejected' does not share the dialogue of 'chosen'"
+        )
     return Example(source, chosen[:-1], chosen=chosen[-1].content, rejected=rejected[-1].content)
 
 
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "chatgpt": "assistant", "bard": "assistant", "system": "system"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "system": "system",
+}
 
 
 def read_sharegpt(row: Row, source: str, label_field: str | None = None) -> Example:

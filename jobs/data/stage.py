@@ -40,8 +40,11 @@ class SourceConfig(BaseModel):
 
     name: str = Field(description="a label for counts and for the example's source")
     format: Literal["alpaca", "pairs", "hh", "sharegpt"]
-    uri: str | None = Field(None, description="JSONL/JSON/Parquet file: a path, s3:// URI, or a "
-                                             "file inside a finished stage output")
+    uri: str | None = Field(
+        None,
+        description="JSONL/JSON/Parquet file: a path, s3:// URI, or a "
+        "file inside a finished stage output",
+    )
     hub: str | None = Field(None, description="a Hugging Face data set id, instead of uri")
     subset: str | None = None
     split: str = "train"
@@ -66,13 +69,16 @@ class SourceConfig(BaseModel):
 
 class Config(StageConfig):
     sources: list[SourceConfig] = Field(min_length=1)
-    template: str = Field("kullm", description="kullm | alpaca | chat | raw | a string with {prompt}")
+    template: str = Field(
+        "kullm", description="kullm | alpaca | chat | raw | a string with {prompt}"
+    )
     tokenizer: str | None = Field(
         None, description="model dir or Hub id whose tokenizer counts tokens (and chat template)"
     )
     min_tokens: int = Field(15, ge=0, description="drop examples of this many tokens or fewer")
-    dedup_threshold: float | None = Field(0.5, gt=0, le=1,
-                                          description="drop near-duplicates at cosine >= this")
+    dedup_threshold: float | None = Field(
+        0.5, gt=0, le=1, description="drop near-duplicates at cosine >= this"
+    )
     eval_fraction: float = Field(0.05, ge=0, lt=1)
     max_examples: int | None = Field(None, ge=1, description="cap on the mixed total")
 
@@ -99,8 +105,12 @@ def token_counter(config: Config, ctx: StageContext):
     return tokenizer, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def mix(groups: dict[str, list[Example]], sources: list[SourceConfig], rng: random.Random,
-        max_examples: int | None) -> dict[str, list[Example]]:
+def mix(
+    groups: dict[str, list[Example]],
+    sources: list[SourceConfig],
+    rng: random.Random,
+    max_examples: int | None,
+) -> dict[str, list[Example]]:
     """Sample the sources that have a ratio in exactly those proportions, as many as they allow."""
     weighted = {s.name: s.ratio for s in sources if s.ratio is not None}
     chosen = {name: rows for name, rows in groups.items() if name not in weighted}
@@ -151,7 +161,9 @@ def run(config: Config, ctx: StageContext) -> dict:
                 continue
             kept.append(example)
         if c["read"] == 0:
-            raise BadInputError(f"data: source {source.name!r} ({source.uri or source.hub}) has no rows")
+            raise BadInputError(
+                f"data: source {source.name!r} ({source.uri or source.hub}) has no rows"
+            )
         groups[source.name], counts[source.name] = kept, c
         ctx.log(0, **{f"{source.name}.read": c["read"], f"{source.name}.short": c["dropped_short"]})
 
@@ -163,8 +175,10 @@ def run(config: Config, ctx: StageContext) -> dict:
             families.setdefault(tuple(sorted(source.wanted_outputs())), []).append(source.name)
         for family in families.values():
             flat = [(name, ex) for name in family for ex in groups[name]]
-            texts = [flatten(ex.messages) + "\n" + (ex.outputs[0] if ex.outputs else "")
-                     for _, ex in flat]
+            texts = [
+                flatten(ex.messages) + "\n" + (ex.outputs[0] if ex.outputs else "")
+                for _, ex in flat
+            ]
             dropped = near_duplicates(texts, config.dedup_threshold, seed=config.seed)
             for name in family:
                 groups[name] = []
@@ -180,10 +194,14 @@ def run(config: Config, ctx: StageContext) -> dict:
         counts[name]["kept"] = len(rows)
     total = sum(len(rows) for rows in mixed.values())
     if total == 0:
-        detail = "; ".join(f"{n}: read {c['read']}, short {c['dropped_short']}, duplicate "
-                           f"{c['dropped_duplicate']}" for n, c in counts.items())
-        raise BadInputError(f"data: no examples left after filtering ({detail}); "
-                            "check min_tokens and dedup_threshold")
+        detail = "; ".join(
+            f"{n}: read {c['read']}, short {c['dropped_short']}, duplicate {c['dropped_duplicate']}"
+            for n, c in counts.items()
+        )
+        raise BadInputError(
+            f"data: no examples left after filtering ({detail}); "
+            "check min_tokens and dedup_threshold"
+        )
 
     # Template, split, write.
     wanted = {s.name: s.wanted_outputs() for s in config.sources}
@@ -196,7 +214,9 @@ def run(config: Config, ctx: StageContext) -> dict:
         files: dict[str, list[dict]] = {}
         for example in rows:
             try:
-                prompt = render_prompt(config.template, example.messages, example.context, tokenizer)
+                prompt = render_prompt(
+                    config.template, example.messages, example.context, tokenizer
+                )
             except ValueError as exc:
                 raise BadInputError(f"data: template: {exc}") from None
             for output in wanted[example.source]:

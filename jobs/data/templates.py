@@ -21,17 +21,17 @@ PRESETS: dict[str, Preset] = {
     # The seed's KULLM template (VAIV Task 2/3), and KULLM's variant with an input.
     "kullm": Preset(
         plain="아래는 작업을 설명하는 명령어입니다. 요청을 적절히 완료하는 응답을 작성하세요.\n\n"
-              "### 명령어:\n{prompt}\n\n### 응답:\n",
+        "### 명령어:\n{prompt}\n\n### 응답:\n",
         with_input="아래는 작업을 설명하는 명령어와 추가 컨텍스트를 제공하는 입력이 짝을 이루는 예제입니다. "
-                   "요청을 적절히 완료하는 응답을 작성하세요.\n\n"
-                   "### 명령어:\n{prompt}\n\n### 입력:\n{input}\n\n### 응답:\n",
+        "요청을 적절히 완료하는 응답을 작성하세요.\n\n"
+        "### 명령어:\n{prompt}\n\n### 입력:\n{input}\n\n### 응답:\n",
     ),
     "alpaca": Preset(
         plain="Below is an instruction that describes a task. Write a response that appropriately "
-              "completes the request.\n\n### Instruction:\n{prompt}\n\n### Response:\n",
+        "completes the request.\n\n### Instruction:\n{prompt}\n\n### Response:\n",
         with_input="Below is an instruction that describes a task, paired with an input that "
-                   "provides further context. Write a response that appropriately completes the "
-                   "request.\n\n### Instruction:\n{prompt}\n\n### Input:\n{input}\n\n### Response:\n",
+        "provides further context. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\n{prompt}\n\n### Input:\n{input}\n\n### Response:\n",
     ),
 }
 
@@ -46,8 +46,9 @@ def flatten(messages: list[Message]) -> str:
     return "\n".join(f"{speaker[m.role]}: {m.content}" for m in messages)
 
 
-def render_prompt(template: str, messages: list[Message], context: str | None = None,
-                  tokenizer=None) -> str:
+def render_prompt(
+    template: str, messages: list[Message], context: str | None = None, tokenizer=None
+) -> str:
     """The text before the response under ``template`` (a preset name, 'chat', 'raw',
     or a custom string with ``{prompt}``)."""
     if template == "chat":

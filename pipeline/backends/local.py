@@ -35,7 +35,9 @@ class LocalBackend:
         self.echo = echo
 
     def run(self, plan: Plan, only: list[str] | None = None) -> dict[str, Manifest]:
-        store.write_text(store.join(plan.run_uri, "run.json"), json.dumps(plan.describe(), indent=2))
+        store.write_text(
+            store.join(plan.run_uri, "run.json"), json.dumps(plan.describe(), indent=2)
+        )
         results: dict[str, Manifest] = {}
         total = len(plan.stages)
         for number, stage in enumerate(plan.stages, start=1):
@@ -58,8 +60,10 @@ class LocalBackend:
                     raise StageFailed(stage.name, code, "bad config or input (not retried)")
                 if attempt == stage.spec.retries:
                     raise StageFailed(stage.name, code, f"gave up after {attempt + 1} attempts")
-                self.echo(f"{head}: exit code {code}; retrying ({attempt + 1}/{stage.spec.retries})"
-                          ", resuming from its newest checkpoint")
+                self.echo(
+                    f"{head}: exit code {code}; retrying ({attempt + 1}/{stage.spec.retries})"
+                    ", resuming from its newest checkpoint"
+                )
             manifest = read_manifest(stage.output)
             if manifest is None:
                 raise StageFailed(stage.name, 0, "exited 0 without writing its manifest")

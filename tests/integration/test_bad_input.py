@@ -22,8 +22,13 @@ def error_line(result) -> str:
 def finished(tmp_path):
     """A store with one finished data output in it, to show bad runs leave it alone."""
     out = tmp_path / "store" / "data"
-    config = {"output": str(out), "min_tokens": 0, "dedup_threshold": None, "eval_fraction": 0,
-              "sources": [{"name": "a", "format": "alpaca", "uri": str(FIXTURES / "alpaca.jsonl")}]}
+    config = {
+        "output": str(out),
+        "min_tokens": 0,
+        "dedup_threshold": None,
+        "eval_fraction": 0,
+        "sources": [{"name": "a", "format": "alpaca", "uri": str(FIXTURES / "alpaca.jsonl")}],
+    }
     assert run_entrypoint("data", config, tmp_path).returncode == 0
     return config
 
@@ -31,16 +36,20 @@ def finished(tmp_path):
 def rerun_with(finished, tmp_path, rows: str) -> tuple:
     source = tmp_path / "user.jsonl"
     source.write_text(rows)
-    config = {**finished, "template": "raw",
-              "sources": [{"name": "a", "format": "alpaca", "uri": str(source)}]}
+    config = {
+        **finished,
+        "template": "raw",
+        "sources": [{"name": "a", "format": "alpaca", "uri": str(source)}],
+    }
     before = snapshot(tmp_path / "store")
     result = run_entrypoint("data", config, tmp_path, name="rerun")
     return result, before
 
 
 def test_malformed_jsonl_line_names_file_and_line(finished, tmp_path):
-    result, before = rerun_with(finished, tmp_path,
-                                '{"instruction": "a", "output": "b"}\n{"instruction": oops}\n')
+    result, before = rerun_with(
+        finished, tmp_path, '{"instruction": "a", "output": "b"}\n{"instruction": oops}\n'
+    )
     assert result.returncode == EXIT_BAD_INPUT
     assert f"{tmp_path}/user.jsonl:2: not valid JSON" in error_line(result)
     assert snapshot(tmp_path / "store") == before
@@ -56,8 +65,11 @@ def test_missing_field_names_file_line_and_field(finished, tmp_path):
 def test_empty_data_set_after_filtering(finished, tmp_path):
     source = tmp_path / "user.jsonl"
     source.write_text('{"instruction": "hi", "output": "yo"}\n')
-    config = {**finished, "min_tokens": 15,
-              "sources": [{"name": "a", "format": "alpaca", "uri": str(source)}]}
+    config = {
+        **finished,
+        "min_tokens": 15,
+        "sources": [{"name": "a", "format": "alpaca", "uri": str(source)}],
+    }
     before = snapshot(tmp_path / "store")
     result = run_entrypoint("data", config, tmp_path, name="again")
     assert result.returncode == EXIT_BAD_INPUT
@@ -68,7 +80,9 @@ def test_empty_data_set_after_filtering(finished, tmp_path):
 def test_unknown_stage(tmp_path):
     result = run_entrypoint("sfft", {"output": str(tmp_path / "o")}, tmp_path)
     assert result.returncode == EXIT_BAD_INPUT
-    assert error_line(result) == ("error: unknown stage 'sfft'; the stages are: bootstrap, data, sft")
+    assert error_line(result) == (
+        "error: unknown stage 'sfft'; the stages are: bootstrap, data, sft"
+    )
 
 
 def test_invalid_yaml_names_the_file_and_line(tmp_path):
@@ -77,15 +91,22 @@ def test_invalid_yaml_names_the_file_and_line(tmp_path):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "jobs", "data", "--config", str(path)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs", "data", "--config", str(path)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == EXIT_BAD_INPUT
     assert f"{path}: line 4: not valid YAML/JSON" in error_line(result)
 
 
 def test_unknown_config_field_names_its_path(tmp_path):
-    config = {"output": str(tmp_path / "o"), "model": "m", "data": "d",
-              "train": {"learning_rte": 1e-3}}
+    config = {
+        "output": str(tmp_path / "o"),
+        "model": "m",
+        "data": "d",
+        "train": {"learning_rte": 1e-3},
+    }
     result = run_entrypoint("sft", config, tmp_path)
     assert result.returncode == EXIT_BAD_INPUT
     assert "sft.yaml: train.learning_rte: Extra inputs are not permitted" in error_line(result)
@@ -112,8 +133,12 @@ def test_missing_credentials_are_the_users_to_fix(s3_env, finished, tmp_path):
 
     path = tmp_path / "s3.yaml"
     path.write_text(json.dumps(config))
-    result = subprocess.run([sys.executable, "-m", "jobs", "data", "--config", str(path)],
-                            capture_output=True, text=True, env=full_env)
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs", "data", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+    )
     assert result.returncode == EXIT_BAD_INPUT
     assert "S3 credentials missing" in error_line(result)
     assert "test-secret-key" not in result.stderr + result.stdout

@@ -22,9 +22,15 @@ pytestmark = pytest.mark.slow
 
 def sft_config(tiny, tiny_data, output, **overrides) -> dict:
     config = {
-        "output": str(output), "model": str(tiny / "model"), "data": str(tiny_data),
-        "max_seq_len": 96, "max_steps": 40, "eval_every": 20, "log_every": 10,
-        "checkpoint_every": 100, "seed": 3,
+        "output": str(output),
+        "model": str(tiny / "model"),
+        "data": str(tiny_data),
+        "max_seq_len": 96,
+        "max_steps": 40,
+        "eval_every": 20,
+        "log_every": 10,
+        "checkpoint_every": 100,
+        "seed": 3,
         "train": {"learning_rate": 3e-3, "micro_batch_size": 16, "warmup_steps": 4},
     }
     for key, value in overrides.items():
@@ -56,8 +62,9 @@ def test_loss_counts_response_tokens_only(tiny):
     from jobs.sft import IGNORE, tokenize
 
     tokenizer = load_tokenizer(str(tiny / "model"))
-    [(ids, labels)] = tokenize([{"prompt": "### User:\nHi\n\n### Assistant:\n",
-                                 "response": "Hello there"}], tokenizer, 64)
+    [(ids, labels)] = tokenize(
+        [{"prompt": "### User:\nHi\n\n### Assistant:\n", "response": "Hello there"}], tokenizer, 64
+    )
     n_prompt = len(tokenizer("### User:\nHi\n\n### Assistant:\n")["input_ids"])
     assert labels[:n_prompt] == [IGNORE] * n_prompt
     assert labels[n_prompt:] == ids[n_prompt:]
@@ -70,15 +77,17 @@ def read_weights(path):
 
 def test_sft_killed_after_a_checkpoint_resumes_to_the_same_end(tiny, tiny_data, tmp_path):
     overrides = {"max_steps": 24, "log_every": 1, "eval_every": 12, "checkpoint_every": 8}
-    straight = run_entrypoint("sft", sft_config(tiny, tiny_data, tmp_path / "a", **overrides),
-                              tmp_path, name="straight")
+    straight = run_entrypoint(
+        "sft", sft_config(tiny, tiny_data, tmp_path / "a", **overrides), tmp_path, name="straight"
+    )
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     config_path = tmp_path / "interrupted.yaml"
     config_path.write_text(yaml.safe_dump(sft_config(tiny, tiny_data, tmp_path / "b", **overrides)))
     command = [sys.executable, "-m", "jobs", "sft", "--config", str(config_path)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=ROOT)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
     for line in process.stdout:  # preempt once past the step-8 checkpoint
         if line.startswith("{") and json.loads(line).get("step", 0) >= 11:
             process.send_signal(signal.SIGTERM)
@@ -100,11 +109,21 @@ def test_sft_killed_after_a_checkpoint_resumes_to_the_same_end(tiny, tiny_data, 
 
 
 def test_lora_packing_and_gradient_checkpointing(tiny, tiny_data, tmp_path):
-    config = sft_config(tiny, tiny_data, tmp_path / "lora", max_steps=6, eval_every=6,
-                        packing=True,
-                        train={"zero_stage": 2, "gradient_checkpointing": True,
-                               "gradient_accumulation_steps": 2, "micro_batch_size": 4,
-                               "lora": {"r": 4, "alpha": 8}})
+    config = sft_config(
+        tiny,
+        tiny_data,
+        tmp_path / "lora",
+        max_steps=6,
+        eval_every=6,
+        packing=True,
+        train={
+            "zero_stage": 2,
+            "gradient_checkpointing": True,
+            "gradient_accumulation_steps": 2,
+            "micro_batch_size": 4,
+            "lora": {"r": 4, "alpha": 8},
+        },
+    )
     result = run_entrypoint("sft", config, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     merged = read_weights(tmp_path / "lora")
@@ -115,19 +134,36 @@ def test_lora_packing_and_gradient_checkpointing(tiny, tiny_data, tmp_path):
 
 def test_two_processes_under_torchrun_with_zero3(tiny, tiny_data, tmp_path):
     pipeline = {
-        "name": "dist", "store": str(tmp_path / "runs"),
-        "stages": {"sft": {
-            "nproc_per_node": 2,
-            "config": {k: v for k, v in sft_config(
-                tiny, tiny_data, "unused", max_steps=6, eval_every=3,
-                train={"zero_stage": 3, "micro_batch_size": 8}).items() if k != "output"},
-        }},
+        "name": "dist",
+        "store": str(tmp_path / "runs"),
+        "stages": {
+            "sft": {
+                "nproc_per_node": 2,
+                "config": {
+                    k: v
+                    for k, v in sft_config(
+                        tiny,
+                        tiny_data,
+                        "unused",
+                        max_steps=6,
+                        eval_every=3,
+                        train={"zero_stage": 3, "micro_batch_size": 8},
+                    ).items()
+                    if k != "output"
+                },
+            }
+        },
     }
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(pipeline))
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=900,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "running torchrun --nproc-per-node=2" in result.stdout
     manifest = read_manifest(str(tmp_path / "runs" / "dist" / "sft"))
@@ -136,6 +172,11 @@ def test_two_processes_under_torchrun_with_zero3(tiny, tiny_data, tmp_path):
     base = load_file(str(tiny / "model" / "model.safetensors"))
     assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in base.items()}
 
-    again = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path)],
-                           capture_output=True, text=True, cwd=ROOT, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert "[1/1] sft: up to date, skipped" in again.stdout

@@ -22,8 +22,14 @@ from tests.conftest import FIXTURES
 
 
 def data_config(output: str, uri: str, **options) -> data.Config:
-    return data.Config(output=output, sources=[{"name": "a", "format": "alpaca", "uri": uri}],
-                       min_tokens=0, dedup_threshold=None, eval_fraction=0, **options)
+    return data.Config(
+        output=output,
+        sources=[{"name": "a", "format": "alpaca", "uri": uri}],
+        min_tokens=0,
+        dedup_threshold=None,
+        eval_fraction=0,
+        **options,
+    )
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -38,8 +44,11 @@ def test_manifest_lists_every_file_with_size_and_checksum(out_root, tmp_path):
     manifest = run_stage("data", config, data.run, workdir=tmp_path / "w")
 
     assert manifest.stage == "data" and manifest.config_hash == config.config_hash()
-    assert {f.path for f in manifest.files} == {"sft/train.jsonl", "prompts/train.jsonl",
-                                                 "metrics.jsonl"}
+    assert {f.path for f in manifest.files} == {
+        "sft/train.jsonl",
+        "prompts/train.jsonl",
+        "metrics.jsonl",
+    }
     assert manifest.inputs[0].kind == "file"
     back = download_finished(config.output, tmp_path / "back")
     assert back == manifest

@@ -16,7 +16,9 @@ from tests.conftest import FIXTURES, snapshot
 def write_alpaca(path, rows):
     with open(path, "w") as handle:
         for instruction, output in rows:
-            handle.write(json.dumps({"instruction": instruction, "input": "", "output": output}) + "\n")
+            handle.write(
+                json.dumps({"instruction": instruction, "input": "", "output": output}) + "\n"
+            )
 
 
 def run_data(tmp_path, sources, **options):
@@ -26,16 +28,28 @@ def run_data(tmp_path, sources, **options):
 
 def test_length_filter_drops_fifteen_tokens_or_fewer_and_counts_them(tmp_path):
     # Whitespace tokens when no tokenizer is given: 8 + 7 = 15 (dropped), 8 + 8 = 16 (kept).
-    write_alpaca(tmp_path / "a.jsonl", [
-        ("one two three four five six seven eight", "a b c d e f g"),
-        ("one two three four five six seven eight", "a b c d e f g h"),
-        ("short", "reply"),
-    ])
-    manifest = run_data(tmp_path, [{"name": "a", "format": "alpaca", "uri": str(tmp_path / "a.jsonl")}],
-                        dedup_threshold=None, eval_fraction=0)
+    write_alpaca(
+        tmp_path / "a.jsonl",
+        [
+            ("one two three four five six seven eight", "a b c d e f g"),
+            ("one two three four five six seven eight", "a b c d e f g h"),
+            ("short", "reply"),
+        ],
+    )
+    manifest = run_data(
+        tmp_path,
+        [{"name": "a", "format": "alpaca", "uri": str(tmp_path / "a.jsonl")}],
+        dedup_threshold=None,
+        eval_fraction=0,
+    )
     counts = manifest.metrics["sources"]["a"]
-    assert counts == {"read": 3, "dropped_short": 2, "dropped_duplicate": 0, "dropped_mix": 0,
-                      "kept": 1}
+    assert counts == {
+        "read": 3,
+        "dropped_short": 2,
+        "dropped_duplicate": 0,
+        "dropped_mix": 0,
+        "kept": 1,
+    }
     rows = (tmp_path / "out" / "sft" / "train.jsonl").read_text().splitlines()
     assert json.loads(rows[0])["response"] == "a b c d e f g h"
 
@@ -43,15 +57,24 @@ def test_length_filter_drops_fifteen_tokens_or_fewer_and_counts_them(tmp_path):
 def test_near_duplicates_are_dropped_and_counted_per_source(tmp_path):
     long = "please tell me how to water a basil plant on a sunny windowsill in the summer heat"
     write_alpaca(tmp_path / "a.jsonl", [(long, "water it in the morning when the soil is dry")])
-    write_alpaca(tmp_path / "b.jsonl", [
-        (long, "water it in the morning when the soil is dry"),
-        ("what is the best way to practise the guitar every evening after a long day at work",
-         "ten focused minutes of scales then a song you love"),
-    ])
-    manifest = run_data(tmp_path, [
-        {"name": "a", "format": "alpaca", "uri": str(tmp_path / "a.jsonl")},
-        {"name": "b", "format": "alpaca", "uri": str(tmp_path / "b.jsonl")},
-    ], eval_fraction=0)
+    write_alpaca(
+        tmp_path / "b.jsonl",
+        [
+            (long, "water it in the morning when the soil is dry"),
+            (
+                "what is the best way to practise the guitar every evening after a long day",
+                "ten focused minutes of scales then a song you love",
+            ),
+        ],
+    )
+    manifest = run_data(
+        tmp_path,
+        [
+            {"name": "a", "format": "alpaca", "uri": str(tmp_path / "a.jsonl")},
+            {"name": "b", "format": "alpaca", "uri": str(tmp_path / "b.jsonl")},
+        ],
+        eval_fraction=0,
+    )
     assert manifest.metrics["sources"]["a"]["dropped_duplicate"] == 0
     assert manifest.metrics["sources"]["b"]["dropped_duplicate"] == 1
     assert manifest.metrics["sources"]["b"]["kept"] == 1
@@ -77,28 +100,56 @@ def test_mixing_gives_the_asked_proportions():
 
 
 def test_mix_ratio_holds_in_the_written_output(tiny, tmp_path):
-    manifest = run_data(tmp_path, [
-        {"name": "daily", "format": "alpaca", "uri": str(tiny / "data/sft_daily.jsonl"), "ratio": 2},
-        {"name": "hate", "format": "alpaca", "uri": str(tiny / "data/sft_hate.jsonl"), "ratio": 1},
-    ], dedup_threshold=None, eval_fraction=0.1)
+    manifest = run_data(
+        tmp_path,
+        [
+            {
+                "name": "daily",
+                "format": "alpaca",
+                "uri": str(tiny / "data/sft_daily.jsonl"),
+                "ratio": 2,
+            },
+            {
+                "name": "hate",
+                "format": "alpaca",
+                "uri": str(tiny / "data/sft_hate.jsonl"),
+                "ratio": 1,
+            },
+        ],
+        dedup_threshold=None,
+        eval_fraction=0.1,
+    )
     rows = []
     for split in ("train", "eval"):
-        rows += [json.loads(line) for line in
-                 (tmp_path / "out" / "sft" / f"{split}.jsonl").read_text().splitlines()]
+        rows += [
+            json.loads(line)
+            for line in (tmp_path / "out" / "sft" / f"{split}.jsonl").read_text().splitlines()
+        ]
     by_source = {s: sum(r["source"] == s for r in rows) for s in ("daily", "hate")}
     assert by_source["daily"] == 2 * by_source["hate"]
     assert manifest.metrics["rows"]["sft.eval"] == round(0.1 * len(rows))
 
 
 def test_every_reader_feeds_its_outputs(tmp_path):
-    manifest = run_data(tmp_path, [
-        {"name": "alpaca", "format": "alpaca", "uri": str(FIXTURES / "alpaca.jsonl")},
-        {"name": "kullm", "format": "alpaca", "uri": str(FIXTURES / "kullm.json")},
-        {"name": "dahoas", "format": "pairs", "uri": str(FIXTURES / "dahoas_pairs.jsonl")},
-        {"name": "hh", "format": "hh", "uri": str(FIXTURES / "hh.jsonl")},
-        {"name": "sharegpt", "format": "sharegpt", "uri": str(FIXTURES / "sharegpt.json"),
-         "label_field": "model"},
-    ], min_tokens=0, dedup_threshold=None, eval_fraction=0, template="alpaca")
+    manifest = run_data(
+        tmp_path,
+        [
+            {"name": "alpaca", "format": "alpaca", "uri": str(FIXTURES / "alpaca.jsonl")},
+            {"name": "kullm", "format": "alpaca", "uri": str(FIXTURES / "kullm.json")},
+            {"name": "dahoas", "format": "pairs", "uri": str(FIXTURES / "dahoas_pairs.jsonl")},
+            {"name": "hh", "format": "hh", "uri": str(FIXTURES / "hh.jsonl")},
+            {
+                "name": "sharegpt",
+                "format": "sharegpt",
+                "uri": str(FIXTURES / "sharegpt.json"),
+                "label_field": "model",
+            },
+        ],
+        min_tokens=0,
+        dedup_threshold=None,
+        eval_fraction=0,
+        template="alpaca",
+    )
     assert manifest.metrics["rows"] == {"sft.train": 7, "prompts.train": 11, "pairs.train": 4}
     pairs = [json.loads(x) for x in (tmp_path / "out/pairs/train.jsonl").read_text().splitlines()]
     assert all(p["prompt"].endswith("### Response:\n") for p in pairs)
@@ -107,13 +158,23 @@ def test_every_reader_feeds_its_outputs(tmp_path):
 
 
 def test_empty_after_filtering_is_a_clear_error_and_changes_nothing(tmp_path):
-    write_alpaca(tmp_path / "a.jsonl", [("one two three four five six seven eight nine", "a b c d e f g h")])
-    run_data(tmp_path, [{"name": "a", "format": "alpaca", "uri": str(tmp_path / "a.jsonl")}],
-             eval_fraction=0)
+    write_alpaca(
+        tmp_path / "a.jsonl", [("one two three four five six seven eight nine", "a b c d e f g h")]
+    )
+    run_data(
+        tmp_path,
+        [{"name": "a", "format": "alpaca", "uri": str(tmp_path / "a.jsonl")}],
+        eval_fraction=0,
+    )
     before = snapshot(tmp_path / "out")
 
     write_alpaca(tmp_path / "a.jsonl", [("hi", "hello")])
-    with pytest.raises(BadInputError, match=r"no examples left after filtering \(a: read 1, short 1"):
-        run_data(tmp_path, [{"name": "a", "format": "alpaca", "uri": str(tmp_path / "a.jsonl")}],
-                 eval_fraction=0)
+    with pytest.raises(
+        BadInputError, match=r"no examples left after filtering \(a: read 1, short 1"
+    ):
+        run_data(
+            tmp_path,
+            [{"name": "a", "format": "alpaca", "uri": str(tmp_path / "a.jsonl")}],
+            eval_fraction=0,
+        )
     assert snapshot(tmp_path / "out") == before

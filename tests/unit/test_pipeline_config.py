@@ -20,11 +20,24 @@ def demo(**sft_config):
         "name": "t",
         "store": "runs",
         "stages": {
-            "sft": {"config": {"model": "${bootstrap.output}/model", "data": "${data.output}",
-                               **sft_config}},
-            "data": {"config": {"sources": [
-                {"name": "d", "format": "alpaca", "uri": "${bootstrap.output}/data/sft_daily.jsonl"}
-            ]}},
+            "sft": {
+                "config": {
+                    "model": "${bootstrap.output}/model",
+                    "data": "${data.output}",
+                    **sft_config,
+                }
+            },
+            "data": {
+                "config": {
+                    "sources": [
+                        {
+                            "name": "d",
+                            "format": "alpaca",
+                            "uri": "${bootstrap.output}/data/sft_daily.jsonl",
+                        }
+                    ]
+                }
+            },
             "bootstrap": {},
         },
     }
@@ -48,13 +61,17 @@ def test_run_id_and_s3_store(tmp_path):
 
 def test_a_bad_field_is_named_by_its_yaml_path(tmp_path):
     path = write(tmp_path, demo(train={"learning_rate": -1}))
-    with pytest.raises(BadInputError,
-                       match=r"pipeline.yaml: stages.sft.config.train.learning_rate: Input should be"):
+    with pytest.raises(
+        BadInputError,
+        match=r"pipeline.yaml: stages.sft.config.train.learning_rate: Input should be",
+    ):
         plan(path)
 
 
 def test_unknown_top_level_key(tmp_path):
-    with pytest.raises(BadInputError, match=r"pipeline.yaml: stagse: Extra inputs are not permitted"):
+    with pytest.raises(
+        BadInputError, match=r"pipeline.yaml: stagse: Extra inputs are not permitted"
+    ):
         plan(write(tmp_path, {"name": "t", "stagse": {}, "stages": {"bootstrap": {}}}))
 
 
@@ -66,17 +83,30 @@ def test_unknown_stage_type(tmp_path):
 def test_reference_to_a_missing_stage(tmp_path):
     pipeline = demo()
     del pipeline["stages"]["data"]
-    with pytest.raises(BadInputError, match=r"stages.sft.config.data: \$\{data.output\} names no stage"):
+    with pytest.raises(
+        BadInputError, match=r"stages.sft.config.data: \$\{data.output\} names no stage"
+    ):
         plan(write(tmp_path, pipeline))
 
 
 def test_cycles_are_refused(tmp_path):
-    pipeline = {"name": "t", "stages": {
-        "a": {"stage": "data", "config": {"sources": [
-            {"name": "x", "format": "alpaca", "uri": "${b.output}/f.jsonl"}]}},
-        "b": {"stage": "data", "config": {"sources": [
-            {"name": "x", "format": "alpaca", "uri": "${a.output}/f.jsonl"}]}},
-    }}
+    pipeline = {
+        "name": "t",
+        "stages": {
+            "a": {
+                "stage": "data",
+                "config": {
+                    "sources": [{"name": "x", "format": "alpaca", "uri": "${b.output}/f.jsonl"}]
+                },
+            },
+            "b": {
+                "stage": "data",
+                "config": {
+                    "sources": [{"name": "x", "format": "alpaca", "uri": "${a.output}/f.jsonl"}]
+                },
+            },
+        },
+    }
     with pytest.raises(BadInputError, match="the references form a cycle: a -> b -> a"):
         plan(write(tmp_path, pipeline))
 

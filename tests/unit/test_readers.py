@@ -27,7 +27,9 @@ def test_alpaca_keeps_instruction_input_and_output():
 def test_kullm_json_array_with_korean_text():
     examples = read("kullm.json", "alpaca")
     assert [e.messages[0].content for e in examples] == [
-        "건강을 유지하기 위한 세 가지 팁을 알려주세요.", "다음 문장을 영어로 번역하세요."]
+        "건강을 유지하기 위한 세 가지 팁을 알려주세요.",
+        "다음 문장을 영어로 번역하세요.",
+    ]
     assert examples[1].context == "오늘 날씨가 정말 좋네요."
 
 
@@ -43,13 +45,22 @@ def test_orca_pairs_from_parquet_keep_the_system_prompt(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [{"system": "You are an AI assistant.", "question": "What is 2+2?",
-             "chosen": "2+2 equals 4.", "rejected": "It is 5."}]
+    rows = [
+        {
+            "system": "You are an AI assistant.",
+            "question": "What is 2+2?",
+            "chosen": "2+2 equals 4.",
+            "rejected": "It is 5.",
+        }
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "orca.parquet")
-    examples = list(read_examples(rows_from_file(tmp_path / "orca.parquet", "orca.parquet"),
-                                  "pairs", "orca"))
-    assert examples[0].messages == [Message("system", "You are an AI assistant."),
-                                    Message("user", "What is 2+2?")]
+    examples = list(
+        read_examples(rows_from_file(tmp_path / "orca.parquet", "orca.parquet"), "pairs", "orca")
+    )
+    assert examples[0].messages == [
+        Message("system", "You are an AI assistant."),
+        Message("user", "What is 2+2?"),
+    ]
     assert (examples[0].chosen, examples[0].rejected) == ("2+2 equals 4.", "It is 5.")
 
 
@@ -72,11 +83,14 @@ def test_sharegpt_takes_the_last_answer_and_the_source_label():
 
 def test_kullm_template_is_the_seeds_text():
     text = render_prompt("kullm", [Message("user", "안녕하세요")])
-    assert text == ("아래는 작업을 설명하는 명령어입니다. 요청을 적절히 완료하는 응답을 작성하세요.\n\n"
-                    "### 명령어:\n안녕하세요\n\n### 응답:\n")
+    assert text == (
+        "아래는 작업을 설명하는 명령어입니다. 요청을 적절히 완료하는 응답을 작성하세요.\n\n"
+        "### 명령어:\n안녕하세요\n\n### 응답:\n"
+    )
     assert "### 입력:\n맥락" in render_prompt("kullm", [Message("user", "질문")], context="맥락")
     assert render_prompt("alpaca", [Message("user", "Hi")]) == PRESETS["alpaca"].plain.format(
-        prompt="Hi")
+        prompt="Hi"
+    )
 
 
 def test_chat_template_comes_from_the_tokenizer(tiny):
@@ -90,13 +104,27 @@ def test_chat_template_comes_from_the_tokenizer(tiny):
 @pytest.mark.parametrize(
     ("content", "fmt", "message"),
     [
-        ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n', "alpaca",
-         r"bad\.jsonl:2: not valid JSON"),
-        ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', "alpaca",
-         r"bad\.jsonl:2: field 'output' is missing or empty"),
+        (
+            '{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n',
+            "alpaca",
+            r"bad\.jsonl:2: not valid JSON",
+        ),
+        (
+            '{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n',
+            "alpaca",
+            r"bad\.jsonl:2: field 'output' is missing or empty",
+        ),
         ('{"prompt": "p", "chosen": "c"}\n', "pairs", r"bad\.jsonl:1: field 'rejected'"),
-        ('{"chosen": "no markers", "rejected": "x"}\n', "hh", r"bad\.jsonl:1: field 'chosen' is not"),
-        ('{"instruction": 3, "output": "b"}\n', "alpaca", r"bad\.jsonl:1: field 'instruction' should be text"),
+        (
+            '{"chosen": "no markers", "rejected": "x"}\n',
+            "hh",
+            r"bad\.jsonl:1: field 'chosen' is not",
+        ),
+        (
+            '{"instruction": 3, "output": "b"}\n',
+            "alpaca",
+            r"bad\.jsonl:1: field 'instruction' should be text",
+        ),
     ],
 )
 def test_bad_rows_name_the_file_line_and_field(tmp_path, content, fmt, message):
