@@ -17,8 +17,11 @@ from jobs.data.filters import near_duplicates
 def synthetic_rows(n: int, seed: int = 0, duplicate_share: float = 0.2) -> list[str]:
     """Sentences over a 20k-word vocabulary; a share of them are lightly edited copies."""
     rng = random.Random(seed)
-    vocabulary = [f"{rng.choice('bcdfghjklmnprstvz')}{rng.choice('aeiou')}"
-                  f"{rng.choice('bcdfghjklmnprstvz')}{rng.choice('aeiou')}{i}" for i in range(20000)]
+    vocabulary = [
+        f"{rng.choice('bcdfghjklmnprstvz')}{rng.choice('aeiou')}"
+        f"{rng.choice('bcdfghjklmnprstvz')}{rng.choice('aeiou')}{i}"
+        for i in range(20000)
+    ]
     rows: list[str] = []
     for _ in range(n):
         if rows and rng.random() < duplicate_share:
@@ -47,8 +50,10 @@ def main() -> None:
         small, large = figures["runs"][0], figures["runs"][-1]
         figures["size_ratio"] = large["rows"] / small["rows"]
         figures["time_ratio"] = round(large["seconds"] / small["seconds"], 2)
-        print(f"time ratio {figures['time_ratio']} for {figures['size_ratio']:.0f}x the rows "
-              f"(linear: {figures['size_ratio']:.0f}, quadratic: {figures['size_ratio'] ** 2:.0f})")
+        print(
+            f"time ratio {figures['time_ratio']} for {figures['size_ratio']:.0f}x the rows "
+            f"(linear: {figures['size_ratio']:.0f}, quadratic: {figures['size_ratio'] ** 2:.0f})"
+        )
     report("dedup", figures)
 
 

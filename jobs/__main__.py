@@ -8,6 +8,7 @@ else is a bug and is retried by the Job's backoffLimit.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from jobs.errors import EXIT_OK, StageError
@@ -18,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", help="the stage to run (bootstrap, data, sft, ...)")
     parser.add_argument("--config", required=True, help="YAML or JSON config: a path or s3:// URI")
     args = parser.parse_args(argv)
+    quiet_libraries()
     try:
         from jobs.config_file import load_mapping, validate
         from jobs.contract import run_stage
@@ -29,11 +31,25 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    from jobs import dist
+
+    if not dist.is_main():
+        return EXIT_OK
     summary = ", ".join(
         f"{k}={_fmt(v)}" for k, v in manifest.metrics.items() if isinstance(v, int | float)
     )
     print(f"{args.stage}: finished -> {manifest.config['output']}  {summary}", flush=True)
     return EXIT_OK
+
+
+def quiet_libraries() -> None:
+    """Keep the log to what the stage says: no progress bars in pod logs, no DeepSpeed guess."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _fmt(value: float) -> str:

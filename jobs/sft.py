@@ -161,8 +161,9 @@ def run(config: Config, ctx: StageContext) -> dict:
     eval_loss = first_eval
     batches = sampler.micro_batches(start=step * cfg.gradient_accumulation_steps)
     progress = _progress(total_steps, step)
-    tokens, started, losses = 0, time.perf_counter(), []
+    tokens, train_seconds, losses = 0, 0.0, []
     while step < total_steps:
+        started = time.perf_counter()
         for _ in range(cfg.gradient_accumulation_steps):
             batch = collate([train_items[i] for i in next(batches)], pad_id)
             tokens += int(batch["attention_mask"].sum())
@@ -170,15 +171,15 @@ def run(config: Config, ctx: StageContext) -> dict:
             ds.backward(loss)
             ds.step()
             losses.append(loss.item())
+        train_seconds += time.perf_counter() - started
         step += 1
         progress.update(1)
         if step % config.log_every == 0 or step == total_steps:
-            elapsed = time.perf_counter() - started
             ctx.log(
                 step,
                 loss=sum(losses) / len(losses),
                 lr=ds.get_lr()[0],
-                tokens_per_s=tokens * dist.world_size() / max(elapsed, 1e-9),
+                tokens_per_s=tokens * dist.world_size() / max(train_seconds, 1e-9),
             )
             losses = []
         if eval_items and (step % config.eval_every == 0 or step == total_steps):
@@ -190,7 +191,6 @@ def run(config: Config, ctx: StageContext) -> dict:
         if stop:
             raise ctx.preempted(step)
     progress.close()
-    elapsed = time.perf_counter() - started
 
     engine.export_hf(ds, tokenizer, ctx.out_dir / "model", cfg)
     return {
@@ -198,7 +198,7 @@ def run(config: Config, ctx: StageContext) -> dict:
         "eval_loss_start": first_eval,
         "eval_loss": eval_loss,
         "train_examples": len(splits["train"]),
-        "tokens_per_s": tokens * dist.world_size() / max(elapsed, 1e-9),
+        "tokens_per_s": tokens * dist.world_size() / max(train_seconds, 1e-9),
     }
 
 
