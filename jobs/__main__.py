@@ -1,4 +1,4 @@
-"""The one container entrypoint: ``python -m jobs <stage> --config <path-or-uri>``.
+"""The one container entrypoint: ``python -m jobs <stage> [--config <path-or-uri>]``.
 
 Exit codes (jobs.errors): 0 done or already up to date; 65 bad config or input,
 do not retry; 75 transient or preempted after a checkpoint, retry; anything
@@ -11,14 +11,21 @@ import argparse
 import os
 import sys
 
-from jobs.errors import EXIT_OK, StageError
+from jobs.errors import EXIT_BAD_INPUT, EXIT_OK, StageError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs", description=__doc__.splitlines()[0])
     parser.add_argument("stage", help="the stage to run (bootstrap, data, sft, ...)")
-    parser.add_argument("--config", required=True, help="YAML or JSON config: a path or s3:// URI")
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("KUBERLHF_CONFIG"),
+        help="YAML or JSON config: a path or s3:// URI (default: $KUBERLHF_CONFIG)",
+    )
     args = parser.parse_args(argv)
+    if not args.config:
+        print("error: give --config or set KUBERLHF_CONFIG", file=sys.stderr)
+        return EXIT_BAD_INPUT
     quiet_libraries()
     try:
         from jobs.config_file import load_mapping, validate

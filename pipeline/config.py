@@ -44,6 +44,18 @@ class StageSpec(BaseModel):
     nproc_per_node: int = Field(1, ge=1, description="processes per node (torchrun when > 1)")
     nnodes: int = Field(1, ge=1, description="nodes (Kubernetes backend)")
     retries: int = Field(2, ge=0, description="re-launches on a retryable exit (preemption)")
+    values: dict[str, Any] = Field(
+        default_factory=dict, description="chart values for this stage (gpus, resources, ...)"
+    )
+
+
+class KubernetesSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    namespace: str = "default"
+    values: dict[str, Any] = Field(
+        default_factory=dict, description="chart values for every stage (image, s3, scheduling)"
+    )
 
 
 class PipelineFile(BaseModel):
@@ -53,6 +65,7 @@ class PipelineFile(BaseModel):
     store: str = "runs"
     run_id: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
     stages: dict[str, StageSpec] = Field(min_length=1)
+    kubernetes: KubernetesSettings = KubernetesSettings()
 
 
 @dataclass
@@ -76,6 +89,8 @@ class Plan:
     run_id: str
     run_uri: str
     stages: list[PlannedStage]  # in an order that respects every reference
+    kubernetes: KubernetesSettings
+    source: str  # the pipeline file, for error messages
 
     def config_uri(self, stage: PlannedStage) -> str:
         """Where the resolved config of ``stage`` is kept: by hash, so nothing is overwritten."""
@@ -177,4 +192,5 @@ def plan(path: str, run_id: str | None = None, store_uri: str | None = None) -> 
                 name=name, stage=stage, config=typed, spec=pipeline.stages[name], needs=needs
             )
         )
-    return Plan(name=pipeline.name, run_id=run_id, run_uri=run_uri, stages=stages)
+    return Plan(name=pipeline.name, run_id=run_id, run_uri=run_uri, stages=stages,
+                kubernetes=pipeline.kubernetes, source=path)

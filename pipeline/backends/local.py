@@ -31,8 +31,8 @@ def _environment(extra: dict[str, str]) -> dict[str, str]:
 
 
 class LocalBackend:
-    def __init__(self, echo: Callable[[str], None] = print) -> None:
-        self.echo = echo
+    def __init__(self, echo: Callable[[str], None] = print, runner=subprocess.run) -> None:
+        self.echo, self.runner = echo, runner
 
     def run(self, plan: Plan, only: list[str] | None = None) -> dict[str, Manifest]:
         store.write_text(
@@ -50,10 +50,12 @@ class LocalBackend:
                 continue
             config_uri = plan.config_uri(stage)
             store.write_text(config_uri, json.dumps(stage.config.model_dump(mode="json"), indent=2))
-            launch = stage_launch(plan, stage, config_uri)
+            launch = stage_launch(plan, stage)
+            # The one local difference: the config comes from the store, not a ConfigMap.
+            env = _environment({**launch.env, "KUBERLHF_CONFIG": config_uri})
             self.echo(f"{head}: running {' '.join(launch.argv)}")
             for attempt in range(stage.spec.retries + 1):
-                code = subprocess.run(launch.argv, env=_environment(launch.env)).returncode
+                code = self.runner(launch.argv, env=env).returncode
                 if code == 0:
                     break
                 if code == EXIT_BAD_INPUT:

@@ -1,0 +1,69 @@
+{{/*
+Names and labels, as `helm create` makes them, plus the run and stage labels that
+`kubectl get jobs -l kuberlhf.io/run=RUN` and `kubectl logs -l ...` select on.
+*/}}
+
+{{- define "kuberlhf-job.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The Job's name: <run>-<stage> when a run is set, else the release name. */}}
+{{- define "kuberlhf-job.fullname" -}}
+{{- if .Values.run }}
+{{- printf "%s-%s" .Values.run .Values.stage | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "kuberlhf-job.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kuberlhf-job.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kuberlhf-job.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+kuberlhf.io/run: {{ .Values.run | default .Release.Name | quote }}
+kuberlhf.io/stage: {{ .Values.stage | quote }}
+{{- end }}
+
+{{- define "kuberlhf-job.labels" -}}
+helm.sh/chart: {{ include "kuberlhf-job.chart" . }}
+{{ include "kuberlhf-job.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kuberlhf
+app.kubernetes.io/component: {{ .Values.stage | quote }}
+{{- end }}
+
+{{- define "kuberlhf-job.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{/* The headless Service that gives each pod of a multi-node Job a stable DNS name. */}}
+{{- define "kuberlhf-job.service" -}}
+{{- include "kuberlhf-job.fullname" . }}
+{{- end }}
+
+{{/*
+How the stage is started: command and environment, as JSON. The container uses it,
+and so does the submitter's local backend (pipeline/launch.py reads it off the rendered
+pod template's kuberlhf.io/launch annotation), so the two cannot drift.
+*/}}
+{{- define "kuberlhf-job.launch" -}}
+{{- $torchrun := or (gt (int .Values.nodes) 1) (gt (int .Values.nprocPerNode) 1) -}}
+{{- $env := dict "KUBERLHF_RUN" (.Values.run | default .Release.Name) "KUBERLHF_STAGE" .Values.stage "PYTHONUNBUFFERED" "1" "TOKENIZERS_PARALLELISM" "false" -}}
+{{- $command := list "python" "-m" "jobs" .Values.stage -}}
+{{- if $torchrun }}
+{{- $command = list "torchrun" "-m" "jobs" .Values.stage -}}
+{{- $_ := set $env "PET_NNODES" (toString .Values.nodes) -}}
+{{- $_ := set $env "PET_NPROC_PER_NODE" (toString .Values.nprocPerNode) -}}
+{{- if gt (int .Values.nodes) 1 }}
+{{- $_ := set $env "PET_MASTER_ADDR" (printf "%s-0.%s.%s.svc" (include "kuberlhf-job.fullname" .) (include "kuberlhf-job.service" .) .Release.Namespace) -}}
+{{- $_ := set $env "PET_MASTER_PORT" (toString .Values.masterPort) -}}
+{{- else }}
+{{- $_ := set $env "PET_STANDALONE" "1" -}}
+{{- end }}
+{{- end }}
+{{- dict "command" $command "env" $env | toJson }}
+{{- end }}

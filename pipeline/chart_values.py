@@ -1,0 +1,149 @@
+"""The values every stage chart takes, as one pydantic model: the source of each chart's
+``values.schema.json`` (closed, so a typo fails at ``helm install``) and what the
+submitter validates before it renders.
+
+Regenerate the schema files after changing this module:
+``python -m pipeline.chart_values`` (a test fails while they are stale).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CHARTS = Path(__file__).resolve().parents[1] / "charts"
+LIBRARY = "kuberlhf-job"
+# Names an env entry may not give a literal value: credentials come from a Secret.
+SECRET_NAME = r"(?i).*(SECRET|PASSWORD|TOKEN|ACCESS_KEY|API_KEY|CREDENTIAL).*"
+
+
+class Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Image(Closed):
+    repository: str = "kuberlhf"
+    tag: str = Field("", description="default: the chart's appVersion")
+    pullPolicy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+
+
+class S3(Closed):
+    existingSecret: str = Field(
+        "", description="Secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; never keys here"
+    )
+    endpoint: str = Field("", description="S3-compatible endpoint URL; empty for AWS")
+    region: str = "us-east-1"
+    addressingStyle: Literal["auto", "path", "virtual"] = "auto"
+
+
+class Kueue(Closed):
+    queueName: str = Field("", description="kueue.x-k8s.io/queue-name; with suspend: true")
+
+
+class Shm(Closed):
+    sizeLimit: str = "8Gi"
+
+
+class Scratch(Closed):
+    sizeLimit: str = "100Gi"
+    storageClassName: str = Field(
+        "", description="set to use a generic ephemeral volume of this class instead of emptyDir"
+    )
+
+
+class Tests(Closed):
+    enabled: bool = True
+
+
+class StageValues(Closed):
+    stage: str = Field(description="fixed by each stage's chart")
+    run: str = Field(
+        "", pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$", max_length=40,
+        description="run id: the kuberlhf.io/run label and part of the Job name",
+    )
+    output: str = Field("", description="the stage output URI, for NOTES and the helm test")
+    config: dict[str, Any] = Field(default_factory=dict, description="the stage config")
+    image: Image = Image()
+    imagePullSecrets: list[dict[str, str]] = []
+    serviceAccountName: str = ""
+    nodes: int = Field(1, ge=1, description="pods of an Indexed Job (multi-node training)")
+    nprocPerNode: int = Field(1, ge=1, description="processes per pod (torchrun when > 1)")
+    masterPort: int = Field(29500, ge=1, le=65535)
+    gpus: int = Field(0, ge=0, description="GPUs per pod")
+    gpuResource: str = "nvidia.com/gpu"
+    resources: dict[str, Any] = Field(default_factory=dict)
+    nodeSelector: dict[str, str] = {}
+    tolerations: list[dict[str, Any]] = []
+    affinity: dict[str, Any] = {}
+    priorityClassName: str = ""
+    podAnnotations: dict[str, str] = {}
+    podLabels: dict[str, str] = {}
+    env: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="extra container env; a credential must use valueFrom, never value",
+        json_schema_extra={"items": {
+            "type": "object",
+            "not": {"properties": {"name": {"pattern": SECRET_NAME}}, "required": ["value"]},
+        }},
+    )
+    s3: S3 = S3()
+    backoffLimit: int = Field(3, ge=0, description="retries of a single-pod stage")
+    activeDeadlineSeconds: int | None = Field(None, ge=1)
+    ttlSecondsAfterFinished: int | None = Field(604800, ge=0)
+    suspend: bool = False
+    kueue: Kueue = Kueue()
+    shm: Shm = Shm()
+    scratch: Scratch = Scratch()
+    readOnlyRootFilesystem: bool = True
+    tests: Tests = Tests()
+
+
+def schema() -> dict:
+    """The JSON schema of a stage chart's values: closed at every level."""
+    out = StageValues.model_json_schema()
+    out["$schema"] = "https://json-schema.org/draft-07/schema#"
+    # Helm adds an empty map per dependency (the library chart) and `global`.
+    out["properties"][LIBRARY] = {"type": "object"}
+    out["properties"]["global"] = {"type": "object"}
+    _tidy(out)
+    return out
+
+
+def _tidy(node: Any) -> None:
+    """Drop pydantic's titles, and let optional integers be null the way draft-07 says it."""
+    if isinstance(node, dict):
+        node.pop("title", None)
+        if "anyOf" in node and {"type": "null"} in node["anyOf"]:
+            types = [n["type"] for n in node["anyOf"] if "type" in n]
+            if len(types) == len(node["anyOf"]):
+                extra = {k: v for n in node.pop("anyOf") for k, v in n.items() if k != "type"}
+                node.update(extra, type=types)
+        for value in node.values():
+            _tidy(value)
+    elif isinstance(node, list):
+        for value in node:
+            _tidy(value)
+
+
+def stage_charts() -> list[Path]:
+    return sorted(p.parent for p in CHARTS.glob("*/Chart.yaml")
+                  if p.parent.name not in {LIBRARY, "minio"})
+
+
+def render_schema() -> str:
+    return json.dumps(schema(), indent=2) + "\n"
+
+
+def main() -> None:
+    text = render_schema()
+    for chart in stage_charts():
+        (chart / "values.schema.json").write_text(text)
+        print(f"wrote {chart / 'values.schema.json'}")
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,87 @@
+"""Rendering the stage charts with Helm's own engine: the single source of what runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from jobs.config_file import describe_validation_error
+from jobs.errors import BadInputError
+from pipeline.chart_values import CHARTS, StageValues
+from pipeline.config import Plan, PlannedStage
+
+
+def charts_dir() -> Path:
+    return Path(os.environ.get("KUBERLHF_CHARTS", CHARTS))
+
+
+@lru_cache(maxsize=None)
+def _load(path: str):
+    import helm_python
+
+    helm_python.disable_logging()
+    return helm_python.Chart.load(path)
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Helm's way: maps merge key by key, everything else is replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def stage_values(plan: Plan, stage: PlannedStage) -> dict[str, Any]:
+    """The chart values of one stage of a run: pipeline-wide values, the stage's own, and
+    what the run decides (run id, stage, config, output, nodes)."""
+    values = merge(plan.kubernetes.values, stage.spec.values)
+    values = merge(values, {
+        "stage": stage.stage,
+        "run": plan.run_id,
+        "output": stage.output,
+        "config": stage.config.model_dump(mode="json"),
+        "nodes": stage.spec.nnodes,
+        "nprocPerNode": stage.spec.nproc_per_node,
+    })
+    try:
+        StageValues.model_validate(values)
+    except ValidationError as exc:
+        where = f"stages.{stage.name}.values (with kubernetes.values)"
+        raise BadInputError(describe_validation_error(exc, plan.source, where)) from None
+    return values
+
+
+def render_stage(plan: Plan, stage: PlannedStage) -> list[dict[str, Any]]:
+    """Every manifest the stage's chart makes for this run, as objects (NOTES left out)."""
+    chart_path = charts_dir() / stage.stage
+    if not (chart_path / "Chart.yaml").is_file():
+        raise BadInputError(f"no chart for stage {stage.stage!r} in {charts_dir()}")
+    rendered = _load(str(chart_path)).render(
+        stage_values(plan, stage), name=f"{plan.run_id}-{stage.name}",
+        namespace=plan.kubernetes.namespace,
+    )
+    manifests = []
+    for name, text in sorted(rendered.items()):
+        if name.endswith("NOTES.txt"):
+            continue
+        manifests += [doc for doc in yaml.safe_load_all(text) if doc]
+    return manifests
+
+
+def pod_template(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    [job] = [m for m in manifests if m["kind"] == "Job"]
+    return job["spec"]["template"]
+
+
+def launch_of(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    """The entrypoint command and environment the chart gives the stage container."""
+    return json.loads(pod_template(manifests)["metadata"]["annotations"]["kuberlhf.io/launch"])
