@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 CHARTS = Path(__file__).resolve().parents[1] / "charts"
 LIBRARY = "kuberlhf-job"
 # Names an env entry may not give a literal value: credentials come from a Secret.
-SECRET_NAME = r"(?i).*(SECRET|PASSWORD|TOKEN|ACCESS_KEY|API_KEY|CREDENTIAL).*"
+SECRET_NAME = r"(^|_)(SECRET|PASSWORD|TOKEN|ACCESS_KEY|API_KEY|CREDENTIALS?)(_|$)"
 
 
 class Closed(BaseModel):

@@ -60,6 +60,7 @@ spec:
       - action: Ignore
         onPodConditions:
           - type: DisruptionTarget
+            status: "True"
   {{- with .Values.activeDeadlineSeconds }}
   activeDeadlineSeconds: {{ . }}
   {{- end }}

@@ -1,0 +1,207 @@
+"""The stage charts, rendered by Helm's own engine and validated strictly against the
+Kubernetes schema, plus the API server's semantic rules our Jobs rely on."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+from pipeline.chart_values import CHARTS, SECRET_NAME, render_schema, stage_charts
+
+helm_python.disable_logging()
+K8S_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
+SCENARIOS = {
+    "defaults": {},
+    "gpu": {"gpus": 8, "resources": {"requests": {"cpu": "32", "memory": "256Gi"},
+                                     "limits": {"memory": "512Gi"}}, "nprocPerNode": 8},
+    "multinode": {"run": "exp1", "nodes": 4, "nprocPerNode": 8, "gpus": 8, "masterPort": 23456},
+    "scheduling": {
+        "run": "exp1",
+        "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}]}]}}},
+        "priorityClassName": "training-high", "serviceAccountName": "trainer",
+        "imagePullSecrets": [{"name": "registry"}], "suspend": True,
+        "kueue": {"queueName": "gpu-queue"}, "activeDeadlineSeconds": 86400,
+        "scratch": {"sizeLimit": "500Gi", "storageClassName": "local-nvme"},
+        "s3": {"existingSecret": "s3-credentials", "endpoint": "http://minio.ml:9000",
+               "addressingStyle": "path"},
+        "env": [{"name": "NCCL_DEBUG", "value": "INFO"},
+                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
+        "podAnnotations": {"example.com/team": "alignment"},
+    },
+}
+CONFIG = {"output": "s3://bucket/runs/exp1/stage", "seed": 0}
+
+
+def render(chart, values: dict, namespace: str = "ml") -> list[dict]:
+    rendered = helm_python.Chart.load(str(chart)).render(
+        {"config": CONFIG, **values}, name="release", namespace=namespace)
+    docs = []
+    for name, text in rendered.items():
+        if not name.endswith("NOTES.txt"):
+            docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def by_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+CHART_IDS = [c.name for c in stage_charts()]
+
+
+@pytest.mark.parametrize("chart", stage_charts(), ids=CHART_IDS)
+def test_every_chart_passes_helm_lint(chart):
+    result = helm_python.lint(str(chart), strict=True)
+    assert result["errors"] == [], result
+    assert all(m["severity"] <= 1 for m in result["messages"]), result  # info only
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("chart", stage_charts(), ids=CHART_IDS)
+def test_rendered_manifests_validate_strictly(chart, scenario, version):
+    for doc in render(chart, SCENARIOS[scenario]):
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_strict_validation_catches_a_misspelt_field():
+    [job] = by_kind(render(CHARTS / "sft", {}), "Job")
+    job["spec"]["template"]["spec"]["restartPolicyy"] = "Never"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, K8S_VERSIONS[0], strict=True)
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("chart", stage_charts(), ids=CHART_IDS)
+def test_jobs_keep_the_api_servers_semantic_rules(chart, scenario):
+    """What a real server enforces on create and the offline schema does not know."""
+    [job] = by_kind(render(chart, SCENARIOS[scenario]), "Job")
+    spec = job["spec"]
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"  # required by podFailurePolicy
+    for rule in spec["podFailurePolicy"]["rules"]:
+        if "onExitCodes" in rule and rule["onExitCodes"]["operator"] == "In":
+            assert 0 not in rule["onExitCodes"]["values"]
+    assert spec["completions"] == spec["parallelism"]
+    if spec["completionMode"] == "Indexed":
+        assert spec["completions"] >= 1
+    containers = {c["name"] for c in spec["template"]["spec"]["containers"]}
+    for rule in spec["podFailurePolicy"]["rules"]:
+        if "onExitCodes" in rule:
+            assert rule["onExitCodes"]["containerName"] in containers
+
+
+def test_failure_policy_fails_at_once_on_bad_input_and_ignores_disruptions():
+    [job] = by_kind(render(CHARTS / "sft", {}), "Job")
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert {"action": "FailJob", "onExitCodes": {"containerName": "stage", "operator": "In",
+                                                  "values": [65]}} in rules
+    assert {"action": "Ignore",
+            "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
+    assert job["spec"]["backoffLimit"] == 3
+
+
+def test_multinode_is_an_indexed_gang_with_rendezvous_env():
+    docs = render(CHARTS / "sft", SCENARIOS["multinode"])
+    [job], [service] = by_kind(docs, "Job"), by_kind(docs, "Service")
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 4, 4)
+    assert spec["backoffLimit"] == 0  # a lost rank fails the whole gang
+    pod = spec["template"]["spec"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert pod["subdomain"] == service["metadata"]["name"]
+    assert set(service["spec"]["selector"].items()) <= set(
+        spec["template"]["metadata"]["labels"].items())
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["PET_NNODES"]["value"] == "4" and env["PET_NPROC_PER_NODE"]["value"] == "8"
+    assert env["PET_MASTER_ADDR"]["value"] == (
+        f"{job['metadata']['name']}-0.{service['metadata']['name']}.ml.svc")
+    assert env["PET_MASTER_PORT"]["value"] == "23456"
+    assert env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']")
+    assert pod["containers"][0]["command"] == ["torchrun", "-m", "jobs", "sft"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+
+
+def test_labels_volumes_and_scheduling():
+    docs = render(CHARTS / "sft", SCENARIOS["scheduling"])
+    [job] = by_kind(docs, "Job")
+    labels = job["metadata"]["labels"]
+    assert labels["kuberlhf.io/run"] == "exp1" and labels["kuberlhf.io/stage"] == "sft"
+    assert labels["app.kubernetes.io/name"] == "sft"
+    assert labels["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert job["spec"]["suspend"] is True and job["spec"]["activeDeadlineSeconds"] == 86400
+    pod = job["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "training-high"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert volumes["scratch"]["ephemeral"]["volumeClaimTemplate"]["spec"]["storageClassName"] == (
+        "local-nvme")
+    [config_map] = by_kind(docs, "ConfigMap")
+    assert json.loads(config_map["data"]["config.json"]) == CONFIG
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts == {"config": "/etc/kuberlhf", "dshm": "/dev/shm", "scratch": "/scratch"}
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_helm_test_hook_verifies_the_output():
+    [pod] = by_kind(render(CHARTS / "data", {}), "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["containers"][0]["command"] == [
+        "python", "-m", "jobs.verify", CONFIG["output"]]
+
+
+@pytest.mark.parametrize("values", [
+    {"s3": {"secretAccessKey": "abc123"}},
+    {"s3": {"accessKeyId": "AKIA0000"}},
+    {"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "abc123"}]},
+    {"env": [{"name": "OPENAI_API_KEY", "value": "sk-123"}]},
+    {"gpu": 8},  # a typo
+])
+def test_schema_refuses_literal_secrets_and_unknown_keys(values):
+    with pytest.raises(helm_python.HelmValuesError):
+        render(CHARTS / "sft", values)
+
+
+def test_no_rendered_manifest_carries_a_credential():
+    envs = []
+    for chart in stage_charts():
+        for doc in render(chart, SCENARIOS["scheduling"]):
+            assert doc["kind"] != "Secret"
+            pod = doc["spec"]["template"]["spec"] if doc["kind"] == "Job" else doc.get("spec", {})
+            for container in pod.get("containers", []):
+                envs += container["env"]
+    credentials = [e for e in envs if re.search(SECRET_NAME, e["name"])]
+    assert {e["name"] for e in credentials} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                 "HF_TOKEN"}
+    assert all("value" not in e and "valueFrom" in e for e in credentials)
+
+
+def test_schema_files_are_generated_from_the_values_model():
+    for chart in stage_charts():
+        assert (chart / "values.schema.json").read_text() == render_schema(), (
+            "run: python -m pipeline.chart_values")
+
+
+def test_every_stage_has_a_chart():
+    from jobs.stages import STAGES
+
+    assert sorted(c.name for c in stage_charts()) == sorted(STAGES)
+
+
+def test_chart_defaults_match_the_values_model():
+    from pipeline.chart_values import StageValues
+
+    for chart in stage_charts():
+        defaults = yaml.safe_load((chart / "values.yaml").read_text())
+        assert StageValues.model_validate(defaults).stage == chart.name
