@@ -116,6 +116,14 @@ def initialize(model, cfg: EngineConfig, total_steps: int):
     import deepspeed
     import torch
 
+    cpu = not _has_cuda()
+    if cpu:
+        # On CPU (demos, tests) DeepSpeed would JIT-compile its C++ Adam and shared-memory
+        # all-reduce ops, tens of seconds each and again whenever their build command
+        # changes; torch's AdamW and gloo's all-reduce serve a tiny model just as well.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if dist.world_size() == 1:
         # DeepSpeed always wants a process group; a single process gets one of its own
         # (otherwise it goes looking for MPI).
@@ -124,18 +132,12 @@ def initialize(model, cfg: EngineConfig, total_steps: int):
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(dist_backend="nccl" if _has_cuda() else "gloo")
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
     model = prepare_model(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     config = deepspeed_config(cfg, total_steps)
     optimizer = None
-    if not _has_cuda():
-        # On CPU (demos, tests) DeepSpeed would JIT-compile its C++ Adam and shared-memory
-        # all-reduce ops, tens of seconds each and again whenever their build command
-        # changes; torch's AdamW and gloo's all-reduce serve a tiny model just as well.
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if cpu:
         del config["optimizer"]
         config["zero_force_ds_cpu_optimizer"] = False
         optimizer = torch.optim.AdamW(params, **optimizer_params(cfg))
