@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from pipeline.chart_values import CHARTS, StageValues
 from pipeline.config import Plan, PlannedStage
 
 
+HOOK = "helm.sh/hook"
+
+
 def charts_dir() -> Path:
     return Path(os.environ.get("KUBERLHF_CHARTS", CHARTS))
 
@@ -25,8 +29,17 @@ def charts_dir() -> Path:
 def _load(path: str):
     import helm_python
 
-    helm_python.disable_logging()
-    return helm_python.Chart.load(path)
+    # Helm's loader notes every linked library chart on the process's stderr (Go's default
+    # logger, not the SDK's log handler); load errors still arrive as exceptions.
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            return helm_python.Chart.load(path)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -60,8 +73,9 @@ def stage_values(plan: Plan, stage: PlannedStage) -> dict[str, Any]:
     return values
 
 
-def render_stage(plan: Plan, stage: PlannedStage) -> list[dict[str, Any]]:
-    """Every manifest the stage's chart makes for this run, as objects (NOTES left out)."""
+def render_stage(plan: Plan, stage: PlannedStage, hooks: bool = False) -> list[dict[str, Any]]:
+    """Every manifest the stage's chart makes for this run, as objects: what a run creates,
+    and with ``hooks`` the `helm test` pod too."""
     chart_path = charts_dir() / stage.stage
     if not (chart_path / "Chart.yaml").is_file():
         raise BadInputError(f"no chart for stage {stage.stage!r} in {charts_dir()}")
@@ -74,6 +88,8 @@ def render_stage(plan: Plan, stage: PlannedStage) -> list[dict[str, Any]]:
         if name.endswith("NOTES.txt"):
             continue
         manifests += [doc for doc in yaml.safe_load_all(text) if doc]
+    if not hooks:
+        manifests = [m for m in manifests if HOOK not in m["metadata"].get("annotations", {})]
     return manifests
 
 

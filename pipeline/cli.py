@@ -13,17 +13,44 @@ DEFAULT_STORE = os.environ.get("KUBERLHF_STORE", "runs")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.backends.local import LocalBackend
+    from pipeline.backends import get_backend
     from pipeline.config import plan
     from pipeline.status import summary
 
     the_plan = plan(args.pipeline, run_id=args.run_id, store_uri=args.store)
-    print(f"run {the_plan.run_id}: {len(the_plan.stages)} stages -> {the_plan.run_uri}")
-    results = LocalBackend().run(the_plan, only=args.only)
+    options = {"context": args.context} if args.backend == "kubernetes" else {}
+    print(f"run {the_plan.run_id}: {len(the_plan.stages)} stages -> {the_plan.run_uri}"
+          f" ({args.backend})")
+    results = get_backend(args.backend, **options).run(the_plan, only=args.only)
     print(f"\nrun {the_plan.run_id} finished:")
     for name, manifest in results.items():
         print(f"  {name:<10} {summary(manifest.metrics)}")
         print(f"  {'':<10} -> {manifest.config['output']}")
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    """Every manifest a kubernetes run would create, as one YAML stream."""
+    import yaml
+
+    from pipeline.charts import render_stage
+    from pipeline.config import plan
+
+    the_plan = plan(args.pipeline, run_id=args.run_id, store_uri=args.store)
+    documents = []
+    for stage in the_plan.stages:
+        documents += render_stage(the_plan, stage)
+    print(yaml.safe_dump_all(documents, sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from pipeline.backends import get_backend
+    from pipeline.config import plan
+
+    the_plan = plan(args.pipeline, run_id=args.run_id, store_uri=args.store)
+    deleted = get_backend("kubernetes", context=args.context).delete(the_plan)
+    print(f"run {the_plan.run_id}: deleted {deleted} Jobs (with their pods)")
     return 0
 
 
@@ -54,17 +81,31 @@ def _root(store_uri: str) -> str:
     return str(Path(store_uri).resolve())
 
 
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pipeline", help="the pipeline file")
+    parser.add_argument("--run-id", help="default: the pipeline's run_id, else its name")
+    parser.add_argument("--store", help="override the pipeline's store (a path or s3:// URI)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a pipeline file (finished stages are skipped)")
-    run.add_argument("pipeline")
-    run.add_argument("--run-id", help="default: the pipeline's run_id, else its name")
-    run.add_argument("--store", help="override the pipeline's store (a path or s3:// URI)")
-    run.add_argument("--backend", choices=["local"], default="local")
+    add_plan_arguments(run)
+    run.add_argument("--backend", choices=["local", "kubernetes"], default="local")
+    run.add_argument("--context", help="kubeconfig context (kubernetes backend)")
     run.add_argument("--only", nargs="+", metavar="STAGE", help="run just these stages")
     run.set_defaults(func=cmd_run)
+
+    render = sub.add_parser("render", help="print every manifest a kubernetes run would create")
+    add_plan_arguments(render)
+    render.set_defaults(func=cmd_render)
+
+    cancel = sub.add_parser("cancel", help="delete a kubernetes run's Jobs, pods and config")
+    add_plan_arguments(cancel)
+    cancel.add_argument("--context", help="kubeconfig context")
+    cancel.set_defaults(func=cmd_cancel)
 
     status = sub.add_parser("status", help="the state and newest metrics of every stage of a run")
     status.add_argument("run", help="the run id")
@@ -72,9 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     status.set_defaults(func=cmd_status)
 
     check = sub.add_parser("validate", help="check a pipeline file and print its stage order")
-    check.add_argument("pipeline")
-    check.add_argument("--run-id")
-    check.add_argument("--store")
+    add_plan_arguments(check)
     check.set_defaults(func=cmd_validate)
 
     args = parser.parse_args(argv)

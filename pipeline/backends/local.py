@@ -71,3 +71,7 @@ class LocalBackend:
                 raise StageFailed(stage.name, 0, "exited 0 without writing its manifest")
             results[stage.name] = manifest
         return results
+
+    def delete(self, plan: Plan) -> int:
+        """Nothing to cancel: local stages run in the foreground and end with ``rlhf run``."""
+        return 0

@@ -1,0 +1,133 @@
+"""What a stage's Job and Pods say: progress, success, and why it failed.
+
+Pure functions over Job and Pod objects as the API returns them (dicts), fed by
+the Kubernetes backend's watch streams; tested on recorded sequences of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobs.errors import EXIT_BAD_INPUT
+
+
+@dataclass
+class PodView:
+    name: str
+    phase: str
+    restarts: int = 0
+    exit_code: int | None = None
+    reason: str = ""
+    disrupted: bool = False
+
+
+@dataclass
+class Outcome:
+    succeeded: bool
+    retryable: bool
+    reason: str  # Kubernetes' word for it: Complete, PodFailurePolicy, DeadlineExceeded, ...
+    message: str
+
+
+@dataclass
+class StageTracker:
+    """The newest state of one stage's Job and its pods."""
+
+    job_name: str
+    job: dict[str, Any] = field(default_factory=dict)
+    pods: dict[str, PodView] = field(default_factory=dict)
+    disruptions: int = 0
+
+    def on_job(self, job: dict[str, Any]) -> None:
+        if job["metadata"]["name"] == self.job_name:
+            self.job = job
+
+    def on_pod(self, pod: dict[str, Any], deleted: bool = False) -> None:
+        view = pod_view(pod)
+        known = self.pods.get(view.name)
+        if view.disrupted and not (known and known.disrupted):
+            self.disruptions += 1
+        if deleted:  # replaced (a disruption) or cleaned up: no longer part of the stage
+            self.pods.pop(view.name, None)
+        else:
+            self.pods[view.name] = view
+
+    def outcome(self) -> Outcome | None:
+        return job_outcome(self.job, list(self.pods.values())) if self.job else None
+
+    def progress(self) -> str:
+        if not self.job:
+            return "waiting for the Job"
+        if self.job.get("spec", {}).get("suspend"):
+            return "suspended (waiting for admission)"
+        status = self.job.get("status", {})
+        pods = ", ".join(
+            f"{p.name.rsplit('-', 1)[-1]}:{p.phase}" + (f" (restarts {p.restarts})" if p.restarts else "")
+            for p in sorted(self.pods.values(), key=lambda p: p.name)
+        )
+        counts = f"active {status.get('active', 0)}, failed {status.get('failed', 0)}"
+        extra = f", {self.disruptions} disrupted" if self.disruptions else ""
+        return f"{counts}{extra}" + (f" | pods {pods}" if pods else "")
+
+
+def pod_view(pod: dict[str, Any]) -> PodView:
+    status = pod.get("status", {})
+    view = PodView(name=pod["metadata"]["name"], phase=status.get("phase", "Pending"))
+    for container in status.get("containerStatuses", []) or []:
+        if container.get("name") != "stage" and len(status["containerStatuses"]) > 1:
+            continue
+        view.restarts = container.get("restartCount", 0)
+        terminated = (container.get("state") or {}).get("terminated") or (
+            container.get("lastState") or {}).get("terminated")
+        if terminated:
+            view.exit_code = terminated.get("exitCode")
+            view.reason = terminated.get("reason", "")
+    for condition in status.get("conditions", []) or []:
+        if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
+            view.disrupted = True
+            view.reason = condition.get("reason", "DisruptionTarget")
+    return view
+
+
+def job_outcome(job: dict[str, Any], pods: list[PodView]) -> Outcome | None:
+    """Success, or a failure said to be worth retrying (by re-creating the Job) or not."""
+    conditions = {c["type"]: c for c in job.get("status", {}).get("conditions", []) or []
+                  if c.get("status") == "True"}
+    if "Complete" in conditions:
+        return Outcome(True, False, "Complete", "finished")
+    failed = conditions.get("Failed") or conditions.get("FailureTarget")
+    if failed is None:
+        return None
+    reason = failed.get("reason", "Failed")
+    message = failed.get("message", "")
+    exit_codes = sorted({p.exit_code for p in pods if p.exit_code not in (None, 0)})
+    if reason == "PodFailurePolicy" or EXIT_BAD_INPUT in exit_codes:
+        return Outcome(False, False, reason,
+                       f"exit code {EXIT_BAD_INPUT}: bad config or input, not retried. {message}")
+    if reason == "DeadlineExceeded":
+        return Outcome(False, False, reason,
+                       f"ran past activeDeadlineSeconds ({job['spec'].get('activeDeadlineSeconds')}"
+                       f" s); raise it or give the stage more resources. {message}")
+    codes = f"exit codes {exit_codes}" if exit_codes else "no exit code"
+    return Outcome(False, True, reason, f"{codes}; {message}".strip("; "))
+
+
+def explain(tracker: StageTracker, outcome: Outcome, events: list[str], logs: dict[str, str],
+            tail: int = 20) -> str:
+    """A failure report a person can act on: what Kubernetes said, the pods' exit codes,
+    their events, and the last lines of their logs."""
+    lines = [f"Job {tracker.job_name} failed ({outcome.reason}): {outcome.message}"]
+    for pod in sorted(tracker.pods.values(), key=lambda p: p.name):
+        code = "" if pod.exit_code is None else f", exit code {pod.exit_code}"
+        reason = f" ({pod.reason})" if pod.reason else ""
+        lines.append(f"  pod {pod.name}: {pod.phase}{code}{reason}")
+    if events:
+        lines.append("  events:")
+        lines += [f"    {event}" for event in events[-10:]]
+    for name, text in sorted(logs.items()):
+        last = text.rstrip().splitlines()[-tail:]
+        if last:
+            lines.append(f"  last log lines of {name}:")
+            lines += [f"    {line}" for line in last]
+    return "\n".join(lines)
