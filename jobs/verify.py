@@ -16,7 +16,9 @@ from jobs.errors import StageError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.verify", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.verify", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("uri")
     parser.add_argument("--checksums", action="store_true", help="download and check every file")
     args = parser.parse_args(argv)
@@ -29,8 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(f"{args.uri}: finished {manifest.stage} output, {len(manifest.files)} files, "
-          f"at {manifest.finished_at}")
+    print(
+        f"{args.uri}: finished {manifest.stage} output, {len(manifest.files)} files, "
+        f"at {manifest.finished_at}"
+    )
     return 0
 
 

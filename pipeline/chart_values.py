@@ -32,7 +32,8 @@ class Image(Closed):
 
 class S3(Closed):
     existingSecret: str = Field(
-        "", description="Secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; never keys here"
+        "",
+        description="Secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; never keys here",
     )
     endpoint: str = Field("", description="S3-compatible endpoint URL; empty for AWS")
     region: str = "us-east-1"
@@ -61,7 +62,9 @@ class Tests(Closed):
 class StageValues(Closed):
     stage: str = Field(description="fixed by each stage's chart")
     run: str = Field(
-        "", pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$", max_length=40,
+        "",
+        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$",
+        max_length=40,
         description="run id: the kuberlhf.io/run label and part of the Job name",
     )
     output: str = Field("", description="the stage output URI, for NOTES and the helm test")
@@ -84,10 +87,12 @@ class StageValues(Closed):
     env: list[dict[str, Any]] = Field(
         default_factory=list,
         description="extra container env; a credential must use valueFrom, never value",
-        json_schema_extra={"items": {
-            "type": "object",
-            "not": {"properties": {"name": {"pattern": SECRET_NAME}}, "required": ["value"]},
-        }},
+        json_schema_extra={
+            "items": {
+                "type": "object",
+                "not": {"properties": {"name": {"pattern": SECRET_NAME}}, "required": ["value"]},
+            }
+        },
     )
     s3: S3 = S3()
     backoffLimit: int = Field(3, ge=0, description="retries of a single-pod stage")
@@ -129,8 +134,9 @@ def _tidy(node: Any) -> None:
 
 
 def stage_charts() -> list[Path]:
-    return sorted(p.parent for p in CHARTS.glob("*/Chart.yaml")
-                  if p.parent.name not in {LIBRARY, "minio"})
+    return sorted(
+        p.parent for p in CHARTS.glob("*/Chart.yaml") if p.parent.name not in {LIBRARY, "minio"}
+    )
 
 
 def render_schema() -> str:
@@ -146,4 +152,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,6 @@ from jobs.errors import BadInputError
 from pipeline.chart_values import CHARTS, StageValues
 from pipeline.config import Plan, PlannedStage
 
-
 HOOK = "helm.sh/hook"
 
 
@@ -25,7 +24,7 @@ def charts_dir() -> Path:
     return Path(os.environ.get("KUBERLHF_CHARTS", CHARTS))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(path: str):
     import helm_python
 
@@ -57,14 +56,17 @@ def stage_values(plan: Plan, stage: PlannedStage) -> dict[str, Any]:
     """The chart values of one stage of a run: pipeline-wide values, the stage's own, and
     what the run decides (run id, stage, config, output, nodes)."""
     values = merge(plan.kubernetes.values, stage.spec.values)
-    values = merge(values, {
-        "stage": stage.stage,
-        "run": plan.run_id,
-        "output": stage.output,
-        "config": stage.config.model_dump(mode="json"),
-        "nodes": stage.spec.nnodes,
-        "nprocPerNode": stage.spec.nproc_per_node,
-    })
+    values = merge(
+        values,
+        {
+            "stage": stage.stage,
+            "run": plan.run_id,
+            "output": stage.output,
+            "config": stage.config.model_dump(mode="json"),
+            "nodes": stage.spec.nnodes,
+            "nprocPerNode": stage.spec.nproc_per_node,
+        },
+    )
     try:
         StageValues.model_validate(values)
     except ValidationError as exc:
@@ -80,7 +82,8 @@ def render_stage(plan: Plan, stage: PlannedStage, hooks: bool = False) -> list[d
     if not (chart_path / "Chart.yaml").is_file():
         raise BadInputError(f"no chart for stage {stage.stage!r} in {charts_dir()}")
     rendered = _load(str(chart_path)).render(
-        stage_values(plan, stage), name=f"{plan.run_id}-{stage.name}",
+        stage_values(plan, stage),
+        name=f"{plan.run_id}-{stage.name}",
         namespace=plan.kubernetes.namespace,
     )
     manifests = []

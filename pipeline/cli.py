@@ -19,8 +19,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     the_plan = plan(args.pipeline, run_id=args.run_id, store_uri=args.store)
     options = {"context": args.context} if args.backend == "kubernetes" else {}
-    print(f"run {the_plan.run_id}: {len(the_plan.stages)} stages -> {the_plan.run_uri}"
-          f" ({args.backend})")
+    print(
+        f"run {the_plan.run_id}: {len(the_plan.stages)} stages -> {the_plan.run_uri}"
+        f" ({args.backend})"
+    )
     results = get_backend(args.backend, **options).run(the_plan, only=args.only)
     print(f"\nrun {the_plan.run_id} finished:")
     for name, manifest in results.items():

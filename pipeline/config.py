@@ -192,5 +192,11 @@ def plan(path: str, run_id: str | None = None, store_uri: str | None = None) -> 
                 name=name, stage=stage, config=typed, spec=pipeline.stages[name], needs=needs
             )
         )
-    return Plan(name=pipeline.name, run_id=run_id, run_uri=run_uri, stages=stages,
-                kubernetes=pipeline.kubernetes, source=path)
+    return Plan(
+        name=pipeline.name,
+        run_id=run_id,
+        run_uri=run_uri,
+        stages=stages,
+        kubernetes=pipeline.kubernetes,
+        source=path,
+    )

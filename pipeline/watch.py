@@ -63,7 +63,8 @@ class StageTracker:
             return "suspended (waiting for admission)"
         status = self.job.get("status", {})
         pods = ", ".join(
-            f"{p.name.rsplit('-', 1)[-1]}:{p.phase}" + (f" (restarts {p.restarts})" if p.restarts else "")
+            f"{p.name.rsplit('-', 1)[-1]}:{p.phase}"
+            + (f" (restarts {p.restarts})" if p.restarts else "")
             for p in sorted(self.pods.values(), key=lambda p: p.name)
         )
         counts = f"active {status.get('active', 0)}, failed {status.get('failed', 0)}"
@@ -79,7 +80,8 @@ def pod_view(pod: dict[str, Any]) -> PodView:
             continue
         view.restarts = container.get("restartCount", 0)
         terminated = (container.get("state") or {}).get("terminated") or (
-            container.get("lastState") or {}).get("terminated")
+            container.get("lastState") or {}
+        ).get("terminated")
         if terminated:
             view.exit_code = terminated.get("exitCode")
             view.reason = terminated.get("reason", "")
@@ -92,8 +94,11 @@ def pod_view(pod: dict[str, Any]) -> PodView:
 
 def job_outcome(job: dict[str, Any], pods: list[PodView]) -> Outcome | None:
     """Success, or a failure said to be worth retrying (by re-creating the Job) or not."""
-    conditions = {c["type"]: c for c in job.get("status", {}).get("conditions", []) or []
-                  if c.get("status") == "True"}
+    conditions = {
+        c["type"]: c
+        for c in job.get("status", {}).get("conditions", []) or []
+        if c.get("status") == "True"
+    }
     if "Complete" in conditions:
         return Outcome(True, False, "Complete", "finished")
     failed = conditions.get("Failed") or conditions.get("FailureTarget")
@@ -103,18 +108,27 @@ def job_outcome(job: dict[str, Any], pods: list[PodView]) -> Outcome | None:
     message = failed.get("message", "")
     exit_codes = sorted({p.exit_code for p in pods if p.exit_code not in (None, 0)})
     if reason == "PodFailurePolicy" or EXIT_BAD_INPUT in exit_codes:
-        return Outcome(False, False, reason,
-                       f"exit code {EXIT_BAD_INPUT}: bad config or input, not retried. {message}")
+        return Outcome(
+            False,
+            False,
+            reason,
+            f"exit code {EXIT_BAD_INPUT}: bad config or input, not retried. {message}",
+        )
     if reason == "DeadlineExceeded":
-        return Outcome(False, False, reason,
-                       f"ran past activeDeadlineSeconds ({job['spec'].get('activeDeadlineSeconds')}"
-                       f" s); raise it or give the stage more resources. {message}")
+        return Outcome(
+            False,
+            False,
+            reason,
+            f"ran past activeDeadlineSeconds ({job['spec'].get('activeDeadlineSeconds')}"
+            f" s); raise it or give the stage more resources. {message}",
+        )
     codes = f"exit codes {exit_codes}" if exit_codes else "no exit code"
     return Outcome(False, True, reason, f"{codes}; {message}".strip("; "))
 
 
-def explain(tracker: StageTracker, outcome: Outcome, events: list[str], logs: dict[str, str],
-            tail: int = 20) -> str:
+def explain(
+    tracker: StageTracker, outcome: Outcome, events: list[str], logs: dict[str, str], tail: int = 20
+) -> str:
     """A failure report a person can act on: what Kubernetes said, the pods' exit codes,
     their events, and the last lines of their logs."""
     lines = [f"Job {tracker.job_name} failed ({outcome.reason}): {outcome.message}"]

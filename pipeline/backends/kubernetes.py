@@ -24,14 +24,16 @@ from pipeline.charts import render_stage
 from pipeline.config import Plan, PlannedStage
 from pipeline.watch import Outcome, StageTracker, explain
 
+
 def run_selector(run_id: str, stage: str | None = None) -> str:
     selector = f"kuberlhf.io/run={run_id}"
     return f"{selector},kuberlhf.io/stage={stage}" if stage else selector
 
 
 class KubernetesBackend:
-    def __init__(self, context: str | None = None, echo: Callable[[str], None] = print,
-                 poll_s: float = 10.0) -> None:
+    def __init__(
+        self, context: str | None = None, echo: Callable[[str], None] = print, poll_s: float = 10.0
+    ) -> None:
         from kubernetes import client, config
 
         if os.environ.get("KUBERNETES_SERVICE_HOST"):
@@ -47,7 +49,9 @@ class KubernetesBackend:
 
     def run(self, plan: Plan, only: list[str] | None = None) -> dict[str, Manifest]:
         """Submit every stage in order and wait for each (a stage needs its inputs done)."""
-        store.write_text(store.join(plan.run_uri, "run.json"), json.dumps(plan.describe(), indent=2))
+        store.write_text(
+            store.join(plan.run_uri, "run.json"), json.dumps(plan.describe(), indent=2)
+        )
         results: dict[str, Manifest] = {}
         for number, stage in enumerate(plan.stages, start=1):
             head = f"[{number}/{len(plan.stages)}] {stage.name}"
@@ -70,12 +74,13 @@ class KubernetesBackend:
             tracker, outcome = self.wait(plan, stage, name, head)
             if outcome.succeeded:
                 break
-            report = explain(tracker, outcome, self.events(plan, tracker),
-                             self.logs(plan, stage))
+            report = explain(tracker, outcome, self.events(plan, tracker), self.logs(plan, stage))
             if not outcome.retryable or attempt == stage.spec.retries:
                 raise StageFailed(stage.name, 1, report)
-            self.echo(f"{report}\n{head}: re-creating the Job ({attempt + 1}/{stage.spec.retries});"
-                      " it resumes from the newest checkpoint")
+            self.echo(
+                f"{report}\n{head}: re-creating the Job ({attempt + 1}/{stage.spec.retries});"
+                " it resumes from the newest checkpoint"
+            )
         manifest = read_manifest(stage.output)
         if manifest is None:
             raise StageFailed(stage.name, 0, f"Job {name} completed without writing its manifest")
@@ -94,24 +99,33 @@ class KubernetesBackend:
             try:
                 utils.create_from_dict(self.api, manifest, namespace=namespace)
             except utils.FailToCreateError as exc:
-                if not all(isinstance(e, ApiException) and e.status == 409 for e in exc.api_exceptions):
+                if not all(
+                    isinstance(e, ApiException) and e.status == 409 for e in exc.api_exceptions
+                ):
                     raise
                 if kind == "ConfigMap":
                     self.core.replace_namespaced_config_map(name, namespace, manifest)
                 elif kind == "Service":
                     self.core.patch_namespaced_service(name, namespace, manifest)
 
-    def wait(self, plan: Plan, stage: PlannedStage, job_name: str,
-             head: str) -> tuple[StageTracker, Outcome]:
+    def wait(
+        self, plan: Plan, stage: PlannedStage, job_name: str, head: str
+    ) -> tuple[StageTracker, Outcome]:
         """Follow the Job and its pods until the Job completes or fails."""
         namespace, selector = plan.kubernetes.namespace, run_selector(plan.run_id, stage.name)
         events: queue.Queue = queue.Queue()
         stop = threading.Event()
         streams = [
-            threading.Thread(target=self._stream, daemon=True,
-                             args=(self.batch.list_namespaced_job, namespace, selector, events, stop)),
-            threading.Thread(target=self._stream, daemon=True,
-                             args=(self.core.list_namespaced_pod, namespace, selector, events, stop)),
+            threading.Thread(
+                target=self._stream,
+                daemon=True,
+                args=(self.batch.list_namespaced_job, namespace, selector, events, stop),
+            ),
+            threading.Thread(
+                target=self._stream,
+                daemon=True,
+                args=(self.core.list_namespaced_pod, namespace, selector, events, stop),
+            ),
         ]
         for thread in streams:
             thread.start()
@@ -140,21 +154,24 @@ class KubernetesBackend:
     def events(self, plan: Plan, tracker: StageTracker) -> list[str]:
         namespace, out = plan.kubernetes.namespace, []
         for name in [tracker.job_name, *sorted(tracker.pods)]:
-            found = self.core.list_namespaced_event(namespace,
-                                                    field_selector=f"involvedObject.name={name}")
+            found = self.core.list_namespaced_event(
+                namespace, field_selector=f"involvedObject.name={name}"
+            )
             for event in sorted(found.items, key=lambda e: str(e.last_timestamp or e.event_time)):
                 out.append(f"{name}: {event.type} {event.reason}: {event.message}")
         return out
 
     def logs(self, plan: Plan, stage: PlannedStage, tail: int = 20) -> dict[str, str]:
         namespace = plan.kubernetes.namespace
-        pods = self.core.list_namespaced_pod(namespace,
-                                             label_selector=run_selector(plan.run_id, stage.name))
+        pods = self.core.list_namespaced_pod(
+            namespace, label_selector=run_selector(plan.run_id, stage.name)
+        )
         out = {}
         for pod in pods.items:
             try:
                 out[pod.metadata.name] = self.core.read_namespaced_pod_log(
-                    pod.metadata.name, namespace, container="stage", tail_lines=tail)
+                    pod.metadata.name, namespace, container="stage", tail_lines=tail
+                )
             except Exception as exc:  # a pod that never started has no log to give
                 out[pod.metadata.name] = f"(no log: {exc})"
         return out
@@ -164,10 +181,12 @@ class KubernetesBackend:
         namespace, selector = plan.kubernetes.namespace, run_selector(plan.run_id)
         jobs = self.batch.list_namespaced_job(namespace, label_selector=selector).items
         for job in jobs:
-            self.batch.delete_namespaced_job(job.metadata.name, namespace,
-                                             propagation_policy="Foreground")
-        for config_map in self.core.list_namespaced_config_map(namespace,
-                                                               label_selector=selector).items:
+            self.batch.delete_namespaced_job(
+                job.metadata.name, namespace, propagation_policy="Foreground"
+            )
+        for config_map in self.core.list_namespaced_config_map(
+            namespace, label_selector=selector
+        ).items:
             self.core.delete_namespaced_config_map(config_map.metadata.name, namespace)
         for service in self.core.list_namespaced_service(namespace, label_selector=selector).items:
             self.core.delete_namespaced_service(service.metadata.name, namespace)
@@ -195,8 +214,9 @@ class KubernetesBackend:
             time.sleep(1)
         raise StageFailed(name, 1, f"the previous Job {name} was not deleted in {timeout_s:.0f} s")
 
-    def _stream(self, list_fn, namespace: str, selector: str, out: queue.Queue,
-                stop: threading.Event) -> None:
+    def _stream(
+        self, list_fn, namespace: str, selector: str, out: queue.Queue, stop: threading.Event
+    ) -> None:
         """List, then watch from that resource version; re-list when it expires (410 Gone)."""
         from kubernetes import watch
         from kubernetes.client.exceptions import ApiException
@@ -210,16 +230,22 @@ class KubernetesBackend:
                     version = listed.metadata.resource_version
                     for item in listed.items:
                         out.put((kind, "ADDED", self.api.sanitize_for_serialization(item)))
-                for event in watch.Watch().stream(list_fn, namespace, label_selector=selector,
-                                                  resource_version=version, timeout_seconds=60):
+                for event in watch.Watch().stream(
+                    list_fn,
+                    namespace,
+                    label_selector=selector,
+                    resource_version=version,
+                    timeout_seconds=60,
+                ):
                     if stop.is_set():
                         return
                     if event["type"] == "ERROR":
                         version = None  # the watch expired: start over from a fresh list
                         break
                     version = event["object"].metadata.resource_version
-                    out.put((kind, event["type"],
-                             self.api.sanitize_for_serialization(event["object"])))
+                    out.put(
+                        (kind, event["type"], self.api.sanitize_for_serialization(event["object"]))
+                    )
             except ApiException as exc:
                 if exc.status == 410:
                     version = None
@@ -240,5 +266,8 @@ def newest_metrics(output: str) -> str:
     if not lines:
         return ""
     record = json.loads(lines[-1])
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in record.items() if k != "time")
+    return ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in record.items()
+        if k != "time"
+    )

@@ -15,12 +15,20 @@ from pipeline.config import plan
 
 def test_container_command_and_env_are_what_the_local_backend_used(tmp_path):
     path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "agree", "store": str(tmp_path / "runs"),
-        "kubernetes": {"namespace": "ml", "values": {"s3": {"existingSecret": "s3"}}},
-        "stages": {"bootstrap": {"config": {"daily_per_lang": 40, "hate_per_lang": 20,
-                                            "vocab_size": 400}}},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "agree",
+                "store": str(tmp_path / "runs"),
+                "kubernetes": {"namespace": "ml", "values": {"s3": {"existingSecret": "s3"}}},
+                "stages": {
+                    "bootstrap": {
+                        "config": {"daily_per_lang": 40, "hate_per_lang": 20, "vocab_size": 400}
+                    }
+                },
+            }
+        )
+    )
     the_plan = plan(str(path))
     [stage] = the_plan.stages
 
@@ -37,31 +45,49 @@ def test_container_command_and_env_are_what_the_local_backend_used(tmp_path):
     LocalBackend(runner=recording_run, echo=lambda _: None).run(the_plan)
     [(argv, env)] = calls
 
-    assert argv == container["command"] + container.get("args", []) == [
-        "python", "-m", "jobs", "bootstrap"]
+    assert (
+        argv
+        == container["command"] + container.get("args", [])
+        == ["python", "-m", "jobs", "bootstrap"]
+    )
     pod_env = {e["name"]: e.get("value") for e in container["env"]}
     launch_env = launch_of(manifests)["env"]
-    assert launch_env and all(env[name] == pod_env[name] == value
-                              for name, value in launch_env.items())
+    assert launch_env and all(
+        env[name] == pod_env[name] == value for name, value in launch_env.items()
+    )
     # The one deliberate difference: the config comes from a ConfigMap in the pod and from
     # the store locally, and it is the same config.
     assert pod_env["KUBERLHF_CONFIG"] == "/etc/kuberlhf/config.json"
     assert json.loads(store.read_text(env["KUBERLHF_CONFIG"])) == json.loads(
-        config_map["data"]["config.json"])
+        config_map["data"]["config.json"]
+    )
     # What else the pod sets is about the pod: paths into its volumes, S3 from the Secret.
     pod_only = set(pod_env) - set(launch_env) - {"KUBERLHF_CONFIG"}
-    assert pod_only == {"KUBERLHF_IMAGE", "HOME", "TMPDIR", "HF_HOME", "KUBERLHF_WORKDIR",
-                        "AWS_REGION", "KUBERLHF_S3_ADDRESSING_STYLE", "AWS_ACCESS_KEY_ID",
-                        "AWS_SECRET_ACCESS_KEY"}
+    assert pod_only == {
+        "KUBERLHF_IMAGE",
+        "HOME",
+        "TMPDIR",
+        "HF_HOME",
+        "KUBERLHF_WORKDIR",
+        "AWS_REGION",
+        "KUBERLHF_S3_ADDRESSING_STYLE",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    }
     assert (tmp_path / "runs" / "agree" / "bootstrap" / "manifest.json").is_file()
 
 
 def test_torchrun_launch_is_the_same_for_both(tmp_path):
     path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "agree", "store": str(tmp_path / "runs"),
-        "stages": {"sft": {"nproc_per_node": 4, "config": {"model": "m", "data": "d"}}},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "agree",
+                "store": str(tmp_path / "runs"),
+                "stages": {"sft": {"nproc_per_node": 4, "config": {"model": "m", "data": "d"}}},
+            }
+        )
+    )
     the_plan = plan(str(path))
     from pipeline.launch import stage_launch
 

@@ -17,24 +17,49 @@ helm_python.disable_logging()
 K8S_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 SCENARIOS = {
     "defaults": {},
-    "gpu": {"gpus": 8, "resources": {"requests": {"cpu": "32", "memory": "256Gi"},
-                                     "limits": {"memory": "512Gi"}}, "nprocPerNode": 8},
+    "gpu": {
+        "gpus": 8,
+        "resources": {"requests": {"cpu": "32", "memory": "256Gi"}, "limits": {"memory": "512Gi"}},
+        "nprocPerNode": 8,
+    },
     "multinode": {"run": "exp1", "nodes": 4, "nprocPerNode": 8, "gpus": 8, "masterPort": 23456},
     "scheduling": {
         "run": "exp1",
         "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-            "nodeSelectorTerms": [{"matchExpressions": [
-                {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}]}]}}},
-        "priorityClassName": "training-high", "serviceAccountName": "trainer",
-        "imagePullSecrets": [{"name": "registry"}], "suspend": True,
-        "kueue": {"queueName": "gpu-queue"}, "activeDeadlineSeconds": 86400,
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {
+                                    "key": "topology.kubernetes.io/zone",
+                                    "operator": "In",
+                                    "values": ["a"],
+                                }
+                            ]
+                        }
+                    ]
+                }
+            }
+        },
+        "priorityClassName": "training-high",
+        "serviceAccountName": "trainer",
+        "imagePullSecrets": [{"name": "registry"}],
+        "suspend": True,
+        "kueue": {"queueName": "gpu-queue"},
+        "activeDeadlineSeconds": 86400,
         "scratch": {"sizeLimit": "500Gi", "storageClassName": "local-nvme"},
-        "s3": {"existingSecret": "s3-credentials", "endpoint": "http://minio.ml:9000",
-               "addressingStyle": "path"},
-        "env": [{"name": "NCCL_DEBUG", "value": "INFO"},
-                {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
+        "s3": {
+            "existingSecret": "s3-credentials",
+            "endpoint": "http://minio.ml:9000",
+            "addressingStyle": "path",
+        },
+        "env": [
+            {"name": "NCCL_DEBUG", "value": "INFO"},
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+        ],
         "podAnnotations": {"example.com/team": "alignment"},
     },
 }
@@ -43,7 +68,8 @@ CONFIG = {"output": "s3://bucket/runs/exp1/stage", "seed": 0}
 
 def render(chart, values: dict, namespace: str = "ml") -> list[dict]:
     rendered = helm_python.Chart.load(str(chart)).render(
-        {"config": CONFIG, **values}, name="release", namespace=namespace)
+        {"config": CONFIG, **values}, name="release", namespace=namespace
+    )
     docs = []
     for name, text in rendered.items():
         if not name.endswith("NOTES.txt"):
@@ -102,10 +128,14 @@ def test_jobs_keep_the_api_servers_semantic_rules(chart, scenario):
 def test_failure_policy_fails_at_once_on_bad_input_and_ignores_disruptions():
     [job] = by_kind(render(CHARTS / "sft", {}), "Job")
     rules = job["spec"]["podFailurePolicy"]["rules"]
-    assert {"action": "FailJob", "onExitCodes": {"containerName": "stage", "operator": "In",
-                                                  "values": [65]}} in rules
-    assert {"action": "Ignore",
-            "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
+    assert {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "stage", "operator": "In", "values": [65]},
+    } in rules
+    assert {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    } in rules
     assert job["spec"]["backoffLimit"] == 3
 
 
@@ -120,14 +150,17 @@ def test_multinode_is_an_indexed_gang_with_rendezvous_env():
     assert service["spec"]["publishNotReadyAddresses"] is True
     assert pod["subdomain"] == service["metadata"]["name"]
     assert set(service["spec"]["selector"].items()) <= set(
-        spec["template"]["metadata"]["labels"].items())
+        spec["template"]["metadata"]["labels"].items()
+    )
     env = {e["name"]: e for e in pod["containers"][0]["env"]}
     assert env["PET_NNODES"]["value"] == "4" and env["PET_NPROC_PER_NODE"]["value"] == "8"
     assert env["PET_MASTER_ADDR"]["value"] == (
-        f"{job['metadata']['name']}-0.{service['metadata']['name']}.ml.svc")
+        f"{job['metadata']['name']}-0.{service['metadata']['name']}.ml.svc"
+    )
     assert env["PET_MASTER_PORT"]["value"] == "23456"
     assert env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
-        "metadata.annotations['batch.kubernetes.io/job-completion-index']")
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
     assert pod["containers"][0]["command"] == ["torchrun", "-m", "jobs", "sft"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
 
@@ -145,7 +178,8 @@ def test_labels_volumes_and_scheduling():
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
     assert volumes["scratch"]["ephemeral"]["volumeClaimTemplate"]["spec"]["storageClassName"] == (
-        "local-nvme")
+        "local-nvme"
+    )
     [config_map] = by_kind(docs, "ConfigMap")
     assert json.loads(config_map["data"]["config.json"]) == CONFIG
     mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
@@ -158,16 +192,23 @@ def test_helm_test_hook_verifies_the_output():
     [pod] = by_kind(render(CHARTS / "data", {}), "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     assert pod["spec"]["containers"][0]["command"] == [
-        "python", "-m", "jobs.verify", CONFIG["output"]]
+        "python",
+        "-m",
+        "jobs.verify",
+        CONFIG["output"],
+    ]
 
 
-@pytest.mark.parametrize("values", [
-    {"s3": {"secretAccessKey": "abc123"}},
-    {"s3": {"accessKeyId": "AKIA0000"}},
-    {"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "abc123"}]},
-    {"env": [{"name": "OPENAI_API_KEY", "value": "sk-123"}]},
-    {"gpu": 8},  # a typo
-])
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"s3": {"secretAccessKey": "abc123"}},
+        {"s3": {"accessKeyId": "AKIA0000"}},
+        {"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "abc123"}]},
+        {"env": [{"name": "OPENAI_API_KEY", "value": "sk-123"}]},
+        {"gpu": 8},  # a typo
+    ],
+)
 def test_schema_refuses_literal_secrets_and_unknown_keys(values):
     with pytest.raises(helm_python.HelmValuesError):
         render(CHARTS / "sft", values)
@@ -182,15 +223,19 @@ def test_no_rendered_manifest_carries_a_credential():
             for container in pod.get("containers", []):
                 envs += container["env"]
     credentials = [e for e in envs if re.search(SECRET_NAME, e["name"])]
-    assert {e["name"] for e in credentials} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                 "HF_TOKEN"}
+    assert {e["name"] for e in credentials} == {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "HF_TOKEN",
+    }
     assert all("value" not in e and "valueFrom" in e for e in credentials)
 
 
 def test_schema_files_are_generated_from_the_values_model():
     for chart in stage_charts():
         assert (chart / "values.schema.json").read_text() == render_schema(), (
-            "run: python -m pipeline.chart_values")
+            "run: python -m pipeline.chart_values"
+        )
 
 
 def test_every_stage_has_a_chart():
@@ -205,3 +250,26 @@ def test_chart_defaults_match_the_values_model():
     for chart in stage_charts():
         defaults = yaml.safe_load((chart / "values.yaml").read_text())
         assert StageValues.model_validate(defaults).stage == chart.name
+
+
+def test_minio_chart_for_development_clusters():
+    chart = CHARTS / "minio"
+    assert helm_python.lint(str(chart), strict=True)["errors"] == []
+    for values in ({}, {"persistence": {"enabled": True}, "buckets": ["a-bucket", "kuberlhf"]}):
+        rendered = helm_python.Chart.load(str(chart)).render(values, name="minio", namespace="ml")
+        docs = [
+            d
+            for name, text in rendered.items()
+            if not name.endswith("NOTES.txt")
+            for d in yaml.safe_load_all(text)
+            if d
+        ]
+        for doc in docs:
+            for version in K8S_VERSIONS:
+                kubernetes_validate.validate(doc, version, strict=True)
+        text = json.dumps(docs)
+        assert "secretKeyRef" in text and '"value": "minio' not in text
+    with pytest.raises(helm_python.HelmValuesError):
+        helm_python.Chart.load(str(chart)).render(
+            {"auth": {"rootPassword": "x"}}, name="m", namespace="ml"
+        )

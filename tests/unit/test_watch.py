@@ -41,9 +41,12 @@ def test_non_retryable_failure_names_the_exit_code():
     outcome = tracker.outcome()
     assert not outcome.succeeded and not outcome.retryable
     assert outcome.reason == "PodFailurePolicy"
-    report = explain(tracker, outcome,
-                     events=["Warning BackOff: Back-off restarting failed container"],
-                     logs={"demo-sft-q9w8e": "loading\nerror: data.yaml: sources.0.format: bad\n"})
+    report = explain(
+        tracker,
+        outcome,
+        events=["Warning BackOff: Back-off restarting failed container"],
+        logs={"demo-sft-q9w8e": "loading\nerror: data.yaml: sources.0.format: bad\n"},
+    )
     assert "exit code 65: bad config or input, not retried" in report
     assert "pod demo-sft-q9w8e: Failed, exit code 65" in report
     assert "error: data.yaml: sources.0.format: bad" in report
