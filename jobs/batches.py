@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from jobs.data.readers import rows_from_file
 from jobs.errors import BadInputError
 
 IGNORE = -100  # label of tokens the loss skips (prompt, padding)
@@ -16,18 +16,11 @@ IGNORE = -100  # label of tokens the loss skips (prompt, padding)
 def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     """Rows of a stage-written JSONL file, each checked for the fields the stage needs."""
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BadInputError(f"{path.name}:{number}: not valid JSON ({exc.msg})") from None
-            for name in required:
-                if not isinstance(row.get(name), str):
-                    raise BadInputError(f"{path.name}:{number}: field {name!r} missing or not text")
-            rows.append(row)
+    for row in rows_from_file(path, path.name):
+        for name in required:
+            if not isinstance(row.data.get(name), str):
+                raise BadInputError(f"{row.where}: field {name!r} missing or not text")
+        rows.append(row.data)
     return rows
 
 

@@ -3,16 +3,52 @@ the stages of a plan in order, skipping finished ones, and can cancel a run."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Protocol
 
-from jobs.contract import Manifest
-from pipeline.config import Plan
+from jobs import store
+from jobs.contract import Manifest, read_manifest, up_to_date
+from jobs.errors import StageError
+from pipeline.config import Plan, PlannedStage
+
+
+class StageFailed(StageError):
+    def __init__(self, stage: str, exit_code: int, why: str) -> None:
+        super().__init__(f"stage {stage!r} failed with exit code {exit_code}: {why}")
+        self.exit_code = exit_code
 
 
 class Backend(Protocol):
     def run(self, plan: Plan, only: list[str] | None = None) -> dict[str, Manifest]: ...
 
     def delete(self, plan: Plan) -> int: ...
+
+
+def run_in_order(
+    plan: Plan,
+    only: list[str] | None,
+    echo: Callable[[str], None],
+    run_stage: Callable[[PlannedStage, str], None],
+) -> dict[str, Manifest]:
+    """What every backend does around its own way of running one stage: record the run,
+    skip stages whose finished output matches, and collect the manifests."""
+    store.write_text(store.join(plan.run_uri, "run.json"), json.dumps(plan.describe(), indent=2))
+    results: dict[str, Manifest] = {}
+    for number, stage in enumerate(plan.stages, start=1):
+        head = f"[{number}/{len(plan.stages)}] {stage.name}"
+        if only and stage.name not in only:
+            continue
+        if (done := up_to_date(stage.stage, stage.config)) is not None:
+            echo(f"{head}: up to date, skipped ({stage.output})")
+            results[stage.name] = done
+            continue
+        run_stage(stage, head)
+        manifest = read_manifest(stage.output)
+        if manifest is None:
+            raise StageFailed(stage.name, 0, "ended without writing its manifest")
+        results[stage.name] = manifest
+    return results
 
 
 def get_backend(name: str, **options) -> Backend:

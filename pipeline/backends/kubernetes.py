@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 from jobs import store
-from jobs.contract import METRICS, PROGRESS, Manifest, read_manifest, up_to_date
-from pipeline.backends.local import StageFailed
+from jobs.contract import METRICS, PROGRESS, Manifest
+from pipeline.backends import StageFailed, run_in_order
 from pipeline.charts import render_stage
 from pipeline.config import Plan, PlannedStage
 from pipeline.watch import Outcome, StageTracker, explain
@@ -49,22 +49,11 @@ class KubernetesBackend:
 
     def run(self, plan: Plan, only: list[str] | None = None) -> dict[str, Manifest]:
         """Submit every stage in order and wait for each (a stage needs its inputs done)."""
-        store.write_text(
-            store.join(plan.run_uri, "run.json"), json.dumps(plan.describe(), indent=2)
+        return run_in_order(
+            plan, only, self.echo, lambda stage, head: self.run_stage(plan, stage, head)
         )
-        results: dict[str, Manifest] = {}
-        for number, stage in enumerate(plan.stages, start=1):
-            head = f"[{number}/{len(plan.stages)}] {stage.name}"
-            if only and stage.name not in only:
-                continue
-            if (done := up_to_date(stage.stage, stage.config)) is not None:
-                self.echo(f"{head}: up to date, skipped ({stage.output})")
-                results[stage.name] = done
-                continue
-            results[stage.name] = self.run_stage(plan, stage, head)
-        return results
 
-    def run_stage(self, plan: Plan, stage: PlannedStage, head: str) -> Manifest:
+    def run_stage(self, plan: Plan, stage: PlannedStage, head: str) -> None:
         manifests = render_stage(plan, stage)
         [job] = [m for m in manifests if m["kind"] == "Job"]
         name = job["metadata"]["name"]
@@ -73,7 +62,7 @@ class KubernetesBackend:
             self.echo(f"{head}: Job {name} in namespace {plan.kubernetes.namespace}")
             tracker, outcome = self.wait(plan, stage, name, head)
             if outcome.succeeded:
-                break
+                return
             report = explain(tracker, outcome, self.events(plan, tracker), self.logs(plan, stage))
             if not outcome.retryable or attempt == stage.spec.retries:
                 raise StageFailed(stage.name, 1, report)
@@ -81,10 +70,6 @@ class KubernetesBackend:
                 f"{report}\n{head}: re-creating the Job ({attempt + 1}/{stage.spec.retries});"
                 " it resumes from the newest checkpoint"
             )
-        manifest = read_manifest(stage.output)
-        if manifest is None:
-            raise StageFailed(stage.name, 0, f"Job {name} completed without writing its manifest")
-        return manifest
 
     def submit(self, plan: Plan, manifests: list[dict[str, Any]]) -> None:
         """Create the stage's objects; a finished or different Job of the same name goes first."""

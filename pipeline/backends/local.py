@@ -10,16 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jobs import store
-from jobs.contract import Manifest, read_manifest, up_to_date
-from jobs.errors import EXIT_BAD_INPUT, StageError
-from pipeline.config import Plan
+from jobs.contract import Manifest
+from jobs.errors import EXIT_BAD_INPUT
+from pipeline.backends import StageFailed, run_in_order
+from pipeline.config import Plan, PlannedStage
 from pipeline.launch import stage_launch
-
-
-class StageFailed(StageError):
-    def __init__(self, stage: str, exit_code: int, why: str) -> None:
-        super().__init__(f"stage {stage!r} failed with exit code {exit_code}: {why}")
-        self.exit_code = exit_code
 
 
 def _environment(extra: dict[str, str]) -> dict[str, str]:
@@ -35,42 +30,29 @@ class LocalBackend:
         self.echo, self.runner = echo, runner
 
     def run(self, plan: Plan, only: list[str] | None = None) -> dict[str, Manifest]:
-        store.write_text(
-            store.join(plan.run_uri, "run.json"), json.dumps(plan.describe(), indent=2)
+        return run_in_order(
+            plan, only, self.echo, lambda stage, head: self.run_stage(plan, stage, head)
         )
-        results: dict[str, Manifest] = {}
-        total = len(plan.stages)
-        for number, stage in enumerate(plan.stages, start=1):
-            head = f"[{number}/{total}] {stage.name}"
-            if only and stage.name not in only:
-                continue
-            if (done := up_to_date(stage.stage, stage.config)) is not None:
-                self.echo(f"{head}: up to date, skipped ({stage.output})")
-                results[stage.name] = done
-                continue
-            config_uri = plan.config_uri(stage)
-            store.write_text(config_uri, json.dumps(stage.config.model_dump(mode="json"), indent=2))
-            launch = stage_launch(plan, stage)
-            # The one local difference: the config comes from the store, not a ConfigMap.
-            env = _environment({**launch.env, "KUBERLHF_CONFIG": config_uri})
-            self.echo(f"{head}: running {' '.join(launch.argv)}")
-            for attempt in range(stage.spec.retries + 1):
-                code = self.runner(launch.argv, env=env).returncode
-                if code == 0:
-                    break
-                if code == EXIT_BAD_INPUT:
-                    raise StageFailed(stage.name, code, "bad config or input (not retried)")
-                if attempt == stage.spec.retries:
-                    raise StageFailed(stage.name, code, f"gave up after {attempt + 1} attempts")
-                self.echo(
-                    f"{head}: exit code {code}; retrying ({attempt + 1}/{stage.spec.retries})"
-                    ", resuming from its newest checkpoint"
-                )
-            manifest = read_manifest(stage.output)
-            if manifest is None:
-                raise StageFailed(stage.name, 0, "exited 0 without writing its manifest")
-            results[stage.name] = manifest
-        return results
+
+    def run_stage(self, plan: Plan, stage: PlannedStage, head: str) -> None:
+        config_uri = plan.config_uri(stage)
+        store.write_text(config_uri, json.dumps(stage.config.model_dump(mode="json"), indent=2))
+        launch = stage_launch(plan, stage)
+        # The one local difference: the config comes from the store, not a ConfigMap.
+        env = _environment({**launch.env, "KUBERLHF_CONFIG": config_uri})
+        self.echo(f"{head}: running {' '.join(launch.argv)}")
+        for attempt in range(stage.spec.retries + 1):
+            code = self.runner(launch.argv, env=env).returncode
+            if code == 0:
+                return
+            if code == EXIT_BAD_INPUT:
+                raise StageFailed(stage.name, code, "bad config or input (not retried)")
+            if attempt == stage.spec.retries:
+                raise StageFailed(stage.name, code, f"gave up after {attempt + 1} attempts")
+            self.echo(
+                f"{head}: exit code {code}; retrying ({attempt + 1}/{stage.spec.retries})"
+                ", resuming from its newest checkpoint"
+            )
 
     def delete(self, plan: Plan) -> int:
         """Nothing to cancel: local stages run in the foreground and end with ``rlhf run``."""
