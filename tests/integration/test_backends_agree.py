@@ -95,3 +95,58 @@ def test_torchrun_launch_is_the_same_for_both(tmp_path):
     container = pod_template(render_stage(the_plan, the_plan.stages[0]))["spec"]["containers"][0]
     assert launch.argv == container["command"] == ["torchrun", "-m", "jobs", "sft"]
     assert launch.env["PET_NPROC_PER_NODE"] == "4" and launch.env["PET_STANDALONE"] == "1"
+
+
+def test_render_prints_every_manifest_a_run_creates_and_they_validate(tmp_path, capsys):
+    import kubernetes_validate
+
+    from pipeline.cli import main
+
+    assert main(["render", "examples/demo-k8s.yaml", "--run-id", "r1"]) == 0
+    docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == [
+        ("ConfigMap", "r1-bootstrap-config"),
+        ("ConfigMap", "r1-data-config"),
+        ("ConfigMap", "r1-sft-config"),
+        ("Job", "r1-bootstrap"),
+        ("Job", "r1-data"),
+        ("Job", "r1-sft"),
+    ]
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.29.0", strict=True)
+
+
+def test_status_reads_the_run_from_the_store(tmp_path, capsys):
+    from pipeline.cli import main
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "st",
+                "store": str(tmp_path / "runs"),
+                "stages": {
+                    "bootstrap": {
+                        "config": {"daily_per_lang": 40, "hate_per_lang": 20, "vocab_size": 400}
+                    },
+                    "data": {
+                        "config": {
+                            "sources": [
+                                {
+                                    "name": "d",
+                                    "format": "alpaca",
+                                    "uri": "${bootstrap.output}/data/sft_daily.jsonl",
+                                }
+                            ]
+                        }
+                    },
+                },
+            }
+        )
+    )
+    assert main(["run", str(path), "--only", "bootstrap"]) == 0
+    capsys.readouterr()
+    assert main(["status", "st", "--store", str(tmp_path / "runs")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["bootstrap", "finished"] and "dialogues=120" in lines[0]
+    assert lines[1].split() == ["data", "pending"]
