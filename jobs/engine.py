@@ -88,7 +88,7 @@ def optimizer_params(cfg: EngineConfig) -> dict:
     }
 
 
-def prepare_model(model, cfg: EngineConfig):
+def prepare_model(model, cfg: EngineConfig, task_type: str = "CAUSAL_LM"):
     """Gradient checkpointing and LoRA, before the engine wraps the model."""
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -104,13 +104,13 @@ def prepare_model(model, cfg: EngineConfig):
                 lora_alpha=cfg.lora.alpha,
                 lora_dropout=cfg.lora.dropout,
                 target_modules=cfg.lora.target_modules,
-                task_type="CAUSAL_LM",
+                task_type=task_type,
             ),
         )
     return model
 
 
-def initialize(model, cfg: EngineConfig, total_steps: int):
+def initialize(model, cfg: EngineConfig, total_steps: int, task_type: str = "CAUSAL_LM"):
     """A DeepSpeed engine around ``model`` (one process, or one rank of torchrun's group)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
     import deepspeed
@@ -133,7 +133,7 @@ def initialize(model, cfg: EngineConfig, total_steps: int):
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
-    model = prepare_model(model, cfg)
+    model = prepare_model(model, cfg, task_type)
     params = [p for p in model.parameters() if p.requires_grad]
     config = deepspeed_config(cfg, total_steps)
     optimizer = None

@@ -15,6 +15,9 @@ STAGES: dict[str, str] = {
     "bootstrap": "jobs.bootstrap",
     "data": "jobs.data.stage",
     "sft": "jobs.sft",
+    "generate": "jobs.generate",
+    "label": "jobs.label",
+    "reward": "jobs.reward",
 }
 
 

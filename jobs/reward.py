@@ -1,0 +1,242 @@
+"""reward: a reward model from a language model (seed: VAIV Task 3, RM v1/v2).
+
+A scalar head on the LM reads the score at the last non-padding token (left or right
+padding alike); the loss is the pairwise ranking loss -log sigmoid(r_chosen - r_rejected)
+of InstructGPT, for one epoch by default (the seed found over-fitting hurts). Reads
+``pairs/{train,eval}.jsonl`` of a data or label stage output; writes ``model/``, a Hugging
+Face sequence-classification checkpoint (``num_labels=1``) any later stage can load.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from jobs import dist, engine
+from jobs.batches import ShardedSampler, pad, read_jsonl, shard
+from jobs.contract import StageConfig, StageContext
+from jobs.engine import EngineConfig
+from jobs.errors import BadInputError
+from jobs.models import load_tokenizer, model_source, quiet_load_report
+
+
+class Config(StageConfig):
+    model: str = Field(description="base LM: a stage output folder (e.g. the SFT model) or Hub id")
+    revision: str | None = None
+    data: str = Field(description="a data or label stage output (reads pairs/{train,eval}.jsonl)")
+    max_seq_len: int = Field(512, ge=8)
+    epochs: int = Field(1, ge=1, description="one by default: reward models over-fit")
+    max_steps: int | None = Field(None, ge=1)
+    eval_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    train: EngineConfig = EngineConfig(learning_rate=1e-5)
+
+
+def encode(tokenizer, prompt: str, response: str, max_len: int) -> list[int]:
+    """prompt + response + EOS, keeping the end when too long (the answer is what is judged)."""
+    ids = tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
+    return (ids + [tokenizer.eos_token_id])[-max_len:]
+
+
+def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One score per row, read at its last non-padding token (left or right padding)."""
+    model = getattr(model, "module", model)  # a DeepSpeed engine: its module
+    if hasattr(model, "get_base_model"):  # a peft model: the model with its LoRA layers
+        model = model.get_base_model()
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    values = model.score(hidden).squeeze(-1).float()
+    last = attention_mask.size(1) - 1 - attention_mask.flip(-1).argmax(-1)
+    return values.gather(1, last[:, None]).squeeze(1)
+
+
+def batch_scores(model, rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    input_ids = pad(rows, pad_id).to(device)
+    mask = pad([[1] * len(r) for r in rows], 0).to(device)
+    return last_token_scores(model, input_ids, mask)
+
+
+@torch.no_grad()
+def score_texts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    responses: list[str],
+    max_len: int = 512,
+    batch_size: int = 16,
+) -> list[float]:
+    """Reward-model scores of (prompt, response) pairs: for labelling and evaluation."""
+    rows = [encode(tokenizer, p, r, max_len) for p, r in zip(prompts, responses, strict=True)]
+    out: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        out += batch_scores(
+            model, rows[start : start + batch_size], tokenizer.pad_token_id
+        ).tolist()
+    return out
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def pair_scores(model, items, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the chosen and the rejected answers of a batch of pairs, in one forward."""
+    scores = batch_scores(model, [i[0] for i in items] + [i[1] for i in items], pad_id)
+    return scores[: len(items)], scores[len(items) :]
+
+
+@torch.no_grad()
+def evaluate(model, items, pad_id: int, micro_batch: int) -> dict[str, float]:
+    """Held-out accuracy, mean margin and the score distributions, over all ranks."""
+    model.eval()
+    mine = [items[i] for i in shard(len(items), dist.rank(), dist.world_size())]
+    chosen, rejected = [], []
+    for start in range(0, len(mine), micro_batch):
+        c, r = pair_scores(model, mine[start : start + micro_batch], pad_id)
+        chosen.append(c.cpu())
+        rejected.append(r.cpu())
+    model.train()
+    chosen_t = torch.cat(chosen) if chosen else torch.zeros(0)
+    rejected_t = torch.cat(rejected) if rejected else torch.zeros(0)
+    if dist.world_size() > 1:
+        import torch.distributed as torch_dist
+
+        gathered: list = [None] * dist.world_size()
+        torch_dist.all_gather_object(gathered, (chosen_t, rejected_t))
+        chosen_t = torch.cat([g[0] for g in gathered])
+        rejected_t = torch.cat([g[1] for g in gathered])
+    margin = chosen_t - rejected_t
+    quantiles = torch.tensor([0.1, 0.5, 0.9])
+    return {
+        "eval_accuracy": float((margin > 0).float().mean()),
+        "eval_margin": float(margin.mean()),
+        "eval_loss": float(-F.logsigmoid(margin).mean()),
+        "chosen_mean": float(chosen_t.mean()),
+        "chosen_std": float(chosen_t.std()),
+        "rejected_mean": float(rejected_t.mean()),
+        "rejected_std": float(rejected_t.std()),
+        **{
+            f"chosen_q{int(q * 100)}": float(v)
+            for q, v in zip(quantiles, torch.quantile(chosen_t, quantiles), strict=True)
+        },
+        **{
+            f"rejected_q{int(q * 100)}": float(v)
+            for q, v in zip(quantiles, torch.quantile(rejected_t, quantiles), strict=True)
+        },
+    }
+
+
+def load_pairs(data_dir, tokenizer, max_len: int, source: str):
+    splits = {}
+    for split in ("train", "eval"):
+        path = data_dir / "pairs" / f"{split}.jsonl"
+        if not path.is_file():
+            if split == "train":
+                raise BadInputError(f"{source}: no pairs/train.jsonl; give a data or label output")
+            splits[split] = []
+            continue
+        rows = read_jsonl(path, ("prompt", "chosen", "rejected"))
+        splits[split] = [
+            (
+                encode(tokenizer, r["prompt"], r["chosen"], max_len),
+                encode(tokenizer, r["prompt"], r["rejected"], max_len),
+            )
+            for r in rows
+        ]
+    return splits
+
+
+def run(config: Config, ctx: StageContext) -> dict:
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(config.seed)
+    source = model_source(ctx, config.model, config.revision)
+    tokenizer = load_tokenizer(source, config.revision)
+    splits = load_pairs(ctx.input_dir(config.data), tokenizer, config.max_seq_len, config.data)
+    train_items, eval_items = splits["train"], splits["eval"]
+
+    cfg = config.train
+    sampler = ShardedSampler(
+        len(train_items), cfg.micro_batch_size, config.seed, dist.rank(), dist.world_size()
+    )
+    steps_per_epoch = max(sampler.per_epoch // cfg.gradient_accumulation_steps, 1)
+    total_steps = config.max_steps or steps_per_epoch * config.epochs
+
+    with quiet_load_report():  # the new score head is "missing" from a causal LM, as intended
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, revision=config.revision, num_labels=1, dtype=torch.float32
+        )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    ds = engine.initialize(model, cfg, total_steps, task_type="SEQ_CLS")
+    state = engine.resume(ds, ctx)
+    step = state.get("step", 0)
+    pad_id = tokenizer.pad_token_id
+
+    summary = state.get("first_eval") or (
+        evaluate(ds.module, eval_items, pad_id, cfg.micro_batch_size) if eval_items else {}
+    )
+    first = dict(summary)
+    if first and step == 0:
+        ctx.log(0, **{k: first[k] for k in ("eval_accuracy", "eval_margin")})
+    batches = sampler.micro_batches(start=step * cfg.gradient_accumulation_steps)
+    progress = _progress(total_steps, step)
+    tokens, train_seconds, losses, correct = 0, 0.0, [], []
+    while step < total_steps:
+        started = time.perf_counter()
+        for _ in range(cfg.gradient_accumulation_steps):
+            items = [train_items[i] for i in next(batches)]
+            tokens += sum(len(c) + len(r) for c, r in items)
+            chosen, rejected = pair_scores(ds, items, pad_id)
+            loss = pairwise_loss(chosen, rejected)
+            ds.backward(loss)
+            ds.step()
+            losses.append(loss.item())
+            correct.append(float((chosen > rejected).float().mean()))
+        train_seconds += time.perf_counter() - started
+        step += 1
+        progress.update(1)
+        if step % config.log_every == 0 or step == total_steps:
+            ctx.log(
+                step,
+                loss=sum(losses) / len(losses),
+                accuracy=sum(correct) / len(correct),
+                lr=ds.get_lr()[0],
+                tokens_per_s=tokens * dist.world_size() / max(train_seconds, 1e-9),
+            )
+            losses, correct = [], []
+        if eval_items and (step % config.eval_every == 0 or step == total_steps):
+            summary = evaluate(ds.module, eval_items, pad_id, cfg.micro_batch_size)
+            ctx.log(step, **summary)
+        stop = ctx.should_stop()
+        if stop or step % config.checkpoint_every == 0:
+            engine.checkpoint(ds, ctx, step, {"first_eval": first})
+        if stop:
+            raise ctx.preempted(step)
+    progress.close()
+    engine.export_hf(ds, tokenizer, ctx.out_dir / "model", cfg)
+    return {
+        "steps": step,
+        "train_pairs": len(train_items),
+        "eval_pairs": len(eval_items),
+        "eval_accuracy_start": first.get("eval_accuracy"),
+        **summary,
+        "tokens_per_s": tokens * dist.world_size() / max(train_seconds, 1e-9),
+    }
+
+
+def _progress(total: int, done: int):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=done,
+        desc="reward",
+        unit="step",
+        file=sys.stderr,
+        disable=not (dist.is_main() and sys.stderr.isatty()),
+    )
