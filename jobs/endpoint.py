@@ -92,7 +92,8 @@ class ChatClient:
             key = os.environ.get(config.api_key_env)
             if not key:
                 raise BadInputError(
-                    f"endpoint {config.url}: set {config.api_key_env} (in Kubernetes, from a Secret)"
+                    f"endpoint {config.url}: set {config.api_key_env} "
+                    "(in Kubernetes, from a Secret)"
                 )
             self.headers["Authorization"] = f"Bearer {key}"
 
