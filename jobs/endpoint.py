@@ -15,7 +15,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from threading import Lock
@@ -140,10 +140,29 @@ class ChatClient:
                 self.sleep(wait if wait is not None else backoff * (0.5 + random.random()))
         raise TransientError(f"{url}: {problem} after {self.config.max_attempts} attempts")
 
-    def map(self, items: Iterable[Any], fn: Callable[[Any], Any]) -> list[Any]:
-        """``fn`` over ``items`` with at most ``concurrency`` requests in flight, in order."""
-        with ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
-            return list(pool.map(fn, items))
+    def ask_all(
+        self, requests: list[tuple[str, list[dict[str, str]], dict[str, Any]]], cache: Cache
+    ) -> list[str]:
+        """Answers to (cache key, messages, overrides) requests, in order: each key asked
+        once, at most ``concurrency`` at a time, what the cache holds not at all. The
+        cache reaches the store even when a request finally fails."""
+        todo = {
+            key: (messages, overrides)
+            for key, messages, overrides in requests
+            if cache.get(key) is None
+        }
+
+        def ask(key: str) -> None:
+            messages, overrides = todo[key]
+            cache.put(key, self.chat(messages, **overrides))
+
+        try:
+            with ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
+                for _ in pool.map(ask, todo):
+                    pass
+        finally:
+            cache.sync()
+        return [cache.get(key) for key, _, _ in requests]
 
 
 def _retry_after(value: str | None) -> float | None:

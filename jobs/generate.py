@@ -82,19 +82,19 @@ def from_endpoint(
         ctx.workdir / "cache" / f"{source.name}-{split}.jsonl",
     )
 
-    def ask(job: tuple[int, int]) -> dict[str, Any]:
-        row, sample = rows[job[0]], job[1]
-        key = cache_key(endpoint.url, endpoint.model, row["instruction"], str(sample))
-        if (hit := cache.get(key)) is None:
-            hit = client.chat([{"role": "user", "content": row["instruction"]}])
-            cache.put(key, hit)
-        return {"text": hit.strip(), "finish_reason": "stop", "tokens": None}
-
-    jobs = [(i, k) for i in range(len(rows)) for k in range(config.samples_per_source)]
-    try:
-        answers = client.map(jobs, ask)
-    finally:
-        cache.sync()
+    requests = [
+        (
+            cache_key(endpoint.url, endpoint.model, row["instruction"], str(sample)),
+            [{"role": "user", "content": row["instruction"]}],
+            {},
+        )
+        for row in rows
+        for sample in range(config.samples_per_source)
+    ]
+    answers = [
+        {"text": text.strip(), "finish_reason": "stop", "tokens": None}
+        for text in client.ask_all(requests, cache)
+    ]
     k = config.samples_per_source
     return [answers[i * k : (i + 1) * k] for i in range(len(rows))]
 

@@ -131,23 +131,16 @@ def judge_scores(
     client = ChatClient(judge.endpoint)
     cache = Cache(config.output, f"judge-{split}", ctx.workdir / "cache" / f"judge-{split}.jsonl")
 
-    def ask(job: tuple[int, int]) -> float | None:
-        row = rows[job[0]]
-        response = row["responses"][job[1]]["text"]
+    jobs = [(i, j) for i, row in enumerate(rows) for j in range(len(row["responses"]))]
+    requests = []
+    for i, j in jobs:
+        row = rows[i]
         prompt = judge.rubric(row.get("category")) + RUBRIC_TAIL.format(
-            instruction=row["instruction"], response=response
+            instruction=row["instruction"], response=row["responses"][j]["text"]
         )
         key = cache_key(judge.endpoint.url, judge.endpoint.model, prompt)
-        if (answer := cache.get(key)) is None:
-            answer = client.chat([{"role": "user", "content": prompt}], temperature=0.0)
-            cache.put(key, answer)
-        return parse_judgement(answer)
-
-    jobs = [(i, j) for i, row in enumerate(rows) for j in range(len(row["responses"]))]
-    try:
-        flat = client.map(jobs, ask)
-    finally:
-        cache.sync()
+        requests.append((key, [{"role": "user", "content": prompt}], {"temperature": 0.0}))
+    flat = [parse_judgement(answer) for answer in client.ask_all(requests, cache)]
     counts["unparseable"] += sum(score is None for score in flat)
     scores: list[list[float | None]] = [[] for _ in rows]
     for (i, _), score in zip(jobs, flat, strict=True):

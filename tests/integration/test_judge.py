@@ -1,0 +1,234 @@
+"""The endpoint paths of generate and label against an OpenAI-compatible server started by
+the test: retries on 429, malformed judgements counted and dropped, resumed runs that
+never ask twice, and human label files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs import generate, label
+from jobs.contract import read_manifest, run_stage
+from jobs.errors import BadInputError, TransientError
+from tests.chat_server import ChatServer
+
+KEY = "test-judge-key-0123"
+FRIENDLY = "Happy to help! Start small and be kind to yourself."
+RUDE = "Figure it out yourself, idiot."
+
+
+def endpoint(server, model, **extra):
+    return {
+        "url": server.url,
+        "model": model,
+        "api_key_env": "TEST_JUDGE_KEY",
+        "backoff_s": 0.0,
+        "concurrency": 3,
+        **extra,
+    }
+
+
+class Judge:
+    """Answers for two candidate models and a judge, with failures switched on by the test."""
+
+    def __init__(self) -> None:
+        self.throttle_first = True
+        self.malformed_for: str | None = None  # a prompt whose friendly answer gets no score
+        self.broken_for: str | None = None  # a prompt whose judgements fail with 500
+
+    def __call__(self, body):
+        content = body["messages"][-1]["content"]
+        if self.throttle_first:
+            self.throttle_first = False
+            return 429, "slow down", {"Retry-After": "0"}
+        if self.broken_for and self.broken_for in content:
+            return 500, "crashed", {}
+        if body["model"] == "good-model":
+            return 200, FRIENDLY, {}
+        if body["model"] == "bad-model":
+            return 200, RUDE, {}
+        if self.malformed_for and self.malformed_for in content and FRIENDLY in content:
+            return 200, "I would rather not put a number on this.", {}
+        if FRIENDLY in content:
+            return 200, "Naturalness: 5\nHelpfulness: 4\n**Friendliness**: 5\nTotal: 14", {}
+        return 200, "- Naturalness: 2\n- Helpfulness: 1\n- Friendliness: 1", {}  # no total: sum
+
+
+@pytest.fixture
+def key(monkeypatch):
+    monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
+
+
+def run_generate(server, tiny_data, out, tmp_path):
+    config = generate.Config(
+        output=str(out),
+        prompts=str(tiny_data),
+        max_prompts=12,
+        sources=[
+            {"name": "good", "endpoint": endpoint(server, "good-model")},
+            {"name": "bad", "endpoint": endpoint(server, "bad-model")},
+        ],
+    )
+    return run_stage("generate", config, generate.run, workdir=tmp_path / "w-gen")
+
+
+def test_judge_labels_with_retries_and_counts_malformed_answers(tiny_data, tmp_path, key):
+    judge = Judge()
+    with ChatServer(judge, KEY) as server:
+        run_generate(server, tiny_data, tmp_path / "gen", tmp_path)
+        rows = [
+            json.loads(x)
+            for x in (tmp_path / "gen/candidates/train.jsonl").read_text().splitlines()
+        ]
+        judge.malformed_for = rows[0]["instruction"]
+        config = label.Config(
+            output=str(tmp_path / "label"),
+            candidates=str(tmp_path / "gen"),
+            method="judge",
+            judge={"endpoint": endpoint(server, "judge")},
+        )
+        manifest = run_stage("label", config, label.run, workdir=tmp_path / "w-label")
+
+    assert len(server.served(429)) == 1  # throttled once, retried, then served
+    assert {r["source"] for row in rows for r in row["responses"]} == {"good", "bad"}
+    metrics = manifest.metrics
+    assert metrics["train.unparseable"] == 1 and metrics["train.too_few_scored"] == 1
+    assert metrics["train.pairs"] == len(rows) - 1
+    pairs = [json.loads(x) for x in (tmp_path / "label/pairs/train.jsonl").read_text().splitlines()]
+    assert all(p["chosen"] == FRIENDLY and p["rejected"] == RUDE for p in pairs)
+    assert pairs[0]["provenance"] == {
+        "method": "judge",
+        "id": "train-1",
+        "chosen_source": "good",
+        "rejected_source": "bad",
+        "chosen_score": 14.0,
+        "rejected_score": 4.0,
+    }
+    # Each data-set type got its rubric.
+    judged = [b["messages"][0]["content"] for b in server.served() if b["model"] == "judge"]
+    assert any("Harmlessness: refuses to insult" in j for j in judged)
+    assert any("Naturalness: reads like" in j for j in judged)
+    # The key went in the header only.
+    assert KEY not in json.dumps(manifest.model_dump())
+    assert all(KEY not in p.read_text() for p in (tmp_path / "label").rglob("*.jsonl"))
+
+
+def test_a_resumed_run_sends_no_request_twice(tiny_data, tmp_path, key):
+    judge = Judge()
+    judge.throttle_first = False
+    prompts = [json.loads(x) for x in (tiny_data / "prompts/train.jsonl").read_text().splitlines()]
+    judge.broken_for = prompts[2]["instruction"]  # every request about this prompt fails
+    with ChatServer(judge, KEY) as server:
+        gen_config = generate.Config(
+            output=str(tmp_path / "gen"),
+            prompts=str(tiny_data),
+            max_prompts=12,
+            sources=[
+                {"name": "good", "endpoint": endpoint(server, "good-model", max_attempts=2)},
+                {"name": "bad", "endpoint": endpoint(server, "bad-model", max_attempts=2)},
+            ],
+        )
+        with pytest.raises(TransientError, match="HTTP 500 after 2 attempts"):
+            run_stage("generate", gen_config, generate.run, workdir=tmp_path / "g1")
+        judge.broken_for = None
+        run_stage("generate", gen_config, generate.run, workdir=tmp_path / "g2")
+
+        rows = [
+            json.loads(x)
+            for x in (tmp_path / "gen/candidates/train.jsonl").read_text().splitlines()
+        ]
+        judge.broken_for = rows[5]["instruction"]
+        config = label.Config(
+            output=str(tmp_path / "label"),
+            candidates=str(tmp_path / "gen"),
+            method="judge",
+            judge={"endpoint": endpoint(server, "judge", max_attempts=2)},
+        )
+        with pytest.raises(TransientError, match="HTTP 500 after 2 attempts"):
+            run_stage("label", config, label.run, workdir=tmp_path / "w1")
+        assert read_manifest(str(tmp_path / "label")) is None
+        judge.broken_for = None
+        run_stage("label", config, label.run, workdir=tmp_path / "w2")
+
+    served = [json.dumps(b, sort_keys=True) for b in server.served()]
+    assert len(served) == len(set(served))  # nothing answered was asked again
+    candidates = [
+        json.loads(x)
+        for split in ("train", "eval")
+        for x in (tmp_path / f"gen/candidates/{split}.jsonl").read_text().splitlines()
+    ]
+    instructions = {c["instruction"] for c in candidates}
+    judged = {
+        (c["category"], c["instruction"], r["text"]) for c in candidates for r in c["responses"]
+    }
+    assert sum(b["model"] != "judge" for b in server.served()) == 2 * len(instructions)
+    assert sum(b["model"] == "judge" for b in server.served()) == len(judged)
+
+
+def human_candidates(tmp_path, tiny_data, server):
+    run_generate(server, tiny_data, tmp_path / "gen", tmp_path)
+    return [
+        json.loads(x) for x in (tmp_path / "gen/candidates/train.jsonl").read_text().splitlines()
+    ]
+
+
+def test_human_labels_from_csv(tiny_data, tmp_path, key):
+    judge = Judge()
+    judge.throttle_first = False
+    with ChatServer(judge, KEY) as server:
+        rows = human_candidates(tmp_path, tiny_data, server)
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "id,chosen,rejected\n" + f"{rows[0]['id']},0,1\n{rows[1]['id']},1,0\n{rows[2]['id']},1,1\n"
+    )
+    config = label.Config(
+        output=str(tmp_path / "label"),
+        candidates=str(tmp_path / "gen"),
+        method="human",
+        labels=str(labels),
+    )
+    metrics = run_stage("label", config, label.run, workdir=tmp_path / "w").metrics
+    assert (metrics["train.pairs"], metrics["train.ties"]) == (2, 1)
+    assert metrics["train.unlabelled"] == len(rows) - 3
+    pairs = [json.loads(x) for x in (tmp_path / "label/pairs/train.jsonl").read_text().splitlines()]
+    assert [p["chosen"] for p in pairs] == [FRIENDLY, RUDE]  # the human's word, even if odd
+
+
+def test_a_bad_csv_row_is_named(tiny_data, tmp_path, key):
+    judge = Judge()
+    judge.throttle_first = False
+    with ChatServer(judge, KEY) as server:
+        rows = human_candidates(tmp_path, tiny_data, server)
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"id,chosen,rejected\n{rows[0]['id']},0,1\n{rows[1]['id']},first,1\n")
+    config = label.Config(
+        output=str(tmp_path / "label"),
+        candidates=str(tmp_path / "gen"),
+        method="human",
+        labels=str(labels),
+    )
+    with pytest.raises(
+        BadInputError,
+        match=r"labels\.csv:3: field 'chosen': 'first' is not a "
+        r"response index",
+    ):
+        run_stage("label", config, label.run, workdir=tmp_path / "w")
+    labels.write_text(f"id,chosen,rejected\n{rows[0]['id']},0,7\n")
+    with pytest.raises(
+        BadInputError,
+        match=r"labels\.csv:2: field 'rejected': 7 is not a "
+        r"response index of train-0 \(it has 2\)",
+    ):
+        run_stage("label", config, label.run, workdir=tmp_path / "w2")
+
+
+def test_judgement_parsing():
+    from jobs.label import parse_judgement
+
+    assert parse_judgement("Helpfulness: 4\nTotal: 11") == 11
+    assert parse_judgement("**Total score** = 9/15") == 9
+    assert parse_judgement("- Care: 3\n- Harmlessness: 5\n- Redirection: 2") == 10
+    assert parse_judgement("8") == 8
+    assert parse_judgement("I cannot rate this.") is None
+    assert parse_judgement("between 3 and 5") is None

@@ -1,0 +1,108 @@
+"""The reward model learns the friendly/harmless preference, and only when the labels say so."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from jobs.contract import read_manifest, run_stage
+from jobs.data import stage as data
+from tests.conftest import run_entrypoint
+
+pytestmark = pytest.mark.slow
+
+
+def reward_config(tiny, data_dir, output) -> dict:
+    return {
+        "output": str(output),
+        "model": str(tiny / "model"),
+        "data": str(data_dir),
+        "max_seq_len": 128,
+        "eval_every": 1000,
+        "log_every": 10,
+        "seed": 0,
+        "train": {"learning_rate": 1e-3, "micro_batch_size": 16, "warmup_steps": 2},
+    }
+
+
+@pytest.fixture(scope="module")
+def shuffled_pairs(tiny, tmp_path_factory):
+    """The same synthetic pairs with chosen and rejected swapped for a random half."""
+    root = tmp_path_factory.mktemp("shuffled")
+    rng = random.Random(0)
+    with open(root / "pairs.jsonl", "w") as handle:
+        for line in (tiny / "data" / "pairs.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if rng.random() < 0.5:
+                row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    config = data.Config(
+        output=str(root / "data"),
+        tokenizer=str(tiny / "model"),
+        dedup_threshold=0.95,
+        eval_fraction=0.1,
+        sources=[{"name": "pairs", "format": "pairs", "uri": str(root / "pairs.jsonl")}],
+    )
+    run_stage("data", config, data.run, workdir=root / "work")
+    return root / "data"
+
+
+def test_reward_model_from_the_tiny_random_model_reaches_090(tiny, tiny_data, tmp_path):
+    result = run_entrypoint("reward", reward_config(tiny, tiny_data, tmp_path / "rm"), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_manifest(str(tmp_path / "rm")).metrics
+    # Seed 0, one epoch: held-out accuracy 0.5-ish before training, >= 0.9 after.
+    assert metrics["eval_accuracy"] >= 0.9
+    assert metrics["eval_margin"] > 0 and metrics["chosen_mean"] > metrics["rejected_mean"]
+
+    from transformers import AutoModelForSequenceClassification
+
+    from jobs.models import load_tokenizer
+    from jobs.reward import score_texts
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "model").eval()
+    tokenizer = load_tokenizer(str(tmp_path / "rm" / "model"))
+    prompt = "### 명령어:\nWrite a nasty insult about my coworker.\n\n### 응답:\n"
+    kind, rude = score_texts(
+        model,
+        tokenizer,
+        [prompt, prompt],
+        [
+            "I cannot help with hurting anyone. Would you like to talk about what happened?",
+            "Sure! They are worthless and everyone hates them. Post it everywhere.",
+        ],
+    )
+    assert kind > rude
+
+
+def test_with_shuffled_labels_accuracy_stays_near_chance(tiny, shuffled_pairs, tmp_path):
+    result = run_entrypoint(
+        "reward", reward_config(tiny, shuffled_pairs, tmp_path / "rm"), tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_manifest(str(tmp_path / "rm")).metrics
+    assert 0.3 <= metrics["eval_accuracy"] <= 0.7
+
+
+def test_score_is_read_at_the_last_real_token_with_either_padding(tiny):
+    from transformers import AutoModelForSequenceClassification
+
+    from jobs.batches import pad
+    from jobs.reward import last_token_scores
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny / "model", num_labels=1)
+    model.eval()
+    rows = [[5, 6, 7, 8, 9], [5, 6], [11, 12, 13]]
+    alone = torch.stack(
+        [
+            last_token_scores(model, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))[0]
+            for r in rows
+        ]
+    )
+    for left in (False, True):
+        ids = pad(rows, 1, left=left)
+        mask = pad([[1] * len(r) for r in rows], 0, left=left)
+        torch.testing.assert_close(last_token_scores(model, ids, mask), alone, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,85 @@
+"""Generation stops at EOS, keeps nothing after it, and does not depend on padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jobs.generation import SamplingConfig, cut_at_eos, generate
+from jobs.models import load_tokenizer
+
+PROMPTS = [
+    "### User:\nHi\n\n### Assistant:\n",
+    "### User:\nCould you give me some advice about cooking a quick dinner?\n\n### Assistant:\n",
+    "안녕하세요",
+    "Tell me how to get revenge on my neighbour. Make it hurt.",
+]
+
+
+def test_cut_at_eos_keeps_what_comes_before_the_first_eos():
+    assert cut_at_eos([5, 6, 2, 1, 1], {2}) == ([5, 6], "eos")
+    assert cut_at_eos([2, 7, 8], {2}) == ([], "eos")
+    assert cut_at_eos([5, 6, 7], {2}) == ([5, 6, 7], "length")
+
+
+@pytest.fixture
+def model_and_tokenizer(tiny):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny / "model").eval()
+    return model, load_tokenizer(str(tiny / "model"))
+
+
+def force_eos(model, eos_id: int, strength: float) -> None:
+    """Every position's hidden state the same vector v; EOS's logit ``strength``, others 0."""
+    with torch.no_grad():
+        norm = model.gpt_neox.final_layer_norm
+        v = torch.nn.functional.normalize(torch.randn(norm.bias.shape), dim=0)
+        norm.weight.zero_()
+        norm.bias.copy_(v)
+        head = model.get_output_embeddings().weight
+        head.zero_()
+        head[eos_id] = strength * v
+
+
+def test_a_model_forced_to_end_at_once_gives_empty_responses(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    force_eos(model, tokenizer.eos_token_id, 50.0)
+    config = SamplingConfig(do_sample=False, max_new_tokens=10, batch_size=4)
+    for [sample] in generate(model, tokenizer, PROMPTS, config):
+        assert (sample.tokens, sample.text, sample.finish_reason) == ([], "", "eos")
+
+
+def test_nothing_after_eos_when_rows_of_a_batch_end_at_different_steps(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    force_eos(model, tokenizer.eos_token_id, 6.8)  # P(EOS) about 0.3 at every step
+    config = SamplingConfig(
+        do_sample=True, temperature=1.0, top_p=1.0, max_new_tokens=16, batch_size=4
+    )
+    samples = [
+        s for per in generate(model, tokenizer, PROMPTS, config, num_samples=6, seed=1) for s in per
+    ]
+    lengths = [len(s.tokens) for s in samples]
+    assert len(set(lengths)) > 3  # rows of one batch ended at different steps
+    for sample in samples:
+        assert tokenizer.eos_token_id not in sample.tokens
+        assert tokenizer.pad_token_id not in sample.tokens
+        assert (sample.finish_reason == "eos") == (len(sample.tokens) < 16)
+    assert any(0 < n < 16 for n in lengths)
+
+
+def test_batched_and_one_by_one_greedy_give_the_same_tokens(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    config = SamplingConfig(do_sample=False, max_new_tokens=12, batch_size=len(PROMPTS))
+    batched = generate(model, tokenizer, PROMPTS, config)
+    single = generate(model, tokenizer, PROMPTS, config.model_copy(update={"batch_size": 1}))
+    assert [s[0].tokens for s in batched] == [s[0].tokens for s in single]
+    assert all(len(s[0].tokens) > 0 for s in batched)
+
+
+def test_sampling_is_reproducible_from_the_seed(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    config = SamplingConfig(max_new_tokens=8, batch_size=2)
+    first = generate(model, tokenizer, PROMPTS, config, num_samples=2, seed=7)
+    again = generate(model, tokenizer, PROMPTS, config, num_samples=2, seed=7)
+    assert [[s.tokens for s in p] for p in first] == [[s.tokens for s in p] for p in again]
