@@ -59,6 +59,7 @@ test: setup lint
 bench: setup
 	$(BIN)/python -m bench.dedup
 	$(BIN)/python -m bench.sft_throughput
+	$(BIN)/python -m bench.reward_throughput
 
 images:
 	$(CONTAINER) build -f images/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) \

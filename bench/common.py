@@ -1,9 +1,13 @@
-"""What every benchmark shares: where results go and how they are printed."""
+"""What every benchmark shares: the tiny model and data, fresh processes per
+implementation, a clock for TRL's trainers, and how results are printed and kept."""
 
 from __future__ import annotations
 
 import json
 import platform
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,3 +32,80 @@ def report(name: str, figures: dict) -> Path:
     print(json.dumps(figures, indent=2))
     print(f"written to {path}")
     return path
+
+
+def prepare(root: Path) -> tuple[Path, Path]:
+    """The tiny model and a data stage output (SFT rows and pairs), made by the stages."""
+    from jobs import bootstrap
+    from jobs.contract import run_stage
+    from jobs.data import stage as data
+
+    boot = root / "bootstrap"
+    run_stage("bootstrap", bootstrap.Config(output=str(boot)), bootstrap.run, root / "w1")
+    out = root / "data"
+    config = data.Config(
+        output=str(out),
+        tokenizer=str(boot / "model"),
+        dedup_threshold=0.95,
+        eval_fraction=0.05,
+        sources=[
+            {"name": "daily", "format": "alpaca", "uri": str(boot / "data/sft_daily.jsonl")},
+            {"name": "hate", "format": "alpaca", "uri": str(boot / "data/sft_hate.jsonl")},
+            {"name": "pairs", "format": "pairs", "uri": str(boot / "data/pairs.jsonl")},
+        ],
+    )
+    run_stage("data", config, data.run, root / "w2")
+    return boot / "model", out
+
+
+def compare(module: str, root: Path, impls: tuple[str, ...] = ("ours", "trl")) -> dict:
+    """Run ``python -m MODULE --impl I --root ROOT`` for each implementation, one after the
+    other in fresh processes; each prints its figures as JSON on its last line."""
+    figures = {}
+    for impl in impls:
+        child = subprocess.run(
+            [sys.executable, "-m", module, "--impl", impl, "--root", str(root)],
+            capture_output=True,
+            text=True,
+        )
+        if child.returncode != 0:
+            raise SystemExit(f"{impl} failed:\n{child.stderr[-3000:]}")
+        figures[impl] = json.loads(child.stdout.strip().splitlines()[-1])
+        print(f"{impl:>5}: {figures[impl]['tokens_per_s']:.0f} tokens/s", flush=True)
+    return figures
+
+
+class TrainerClock:
+    """Training time and non-padding tokens of a transformers Trainer, counted the way our
+    stages count them: time inside optimiser steps, tokens from the batches' attention masks."""
+
+    def __init__(self) -> None:
+        self.seconds, self.tokens, self._started = 0.0, 0, 0.0
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Clock(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                clock._started = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                clock.seconds += time.perf_counter() - clock._started
+
+        return Clock()
+
+    def count(self, trainer) -> None:
+        collate = trainer.data_collator
+
+        def counting(features):
+            batch = collate(features)
+            self.tokens += int(sum(v.sum() for k, v in batch.items() if "attention_mask" in k))
+            return batch
+
+        trainer.data_collator = counting
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds

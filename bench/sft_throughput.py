@@ -1,45 +1,20 @@
 """SFT training throughput: our sft stage (DeepSpeed engine) against TRL's SFTTrainer.
 
-Same tiny model, same data, batch size, sequence length, optimiser and number
-of steps, each in a fresh process, one after the other in one run; figures are
-non-padding training tokens per second of training time. Run:
-``python -m bench.sft_throughput``.
+Same tiny model, same data, batch size, sequence length, optimiser and number of steps,
+each in a fresh process, one after the other in one run; figures are non-padding
+training tokens per second of training time. Run: ``python -m bench.sft_throughput``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
+from bench.common import TrainerClock, compare, prepare, report
+
 STEPS, BATCH, SEQ_LEN, LR = 60, 16, 128, 3e-3
-
-
-def prepare(root: Path) -> tuple[Path, Path]:
-    """The tiny model and the data stage output, made by the project's own stages."""
-    from jobs import bootstrap
-    from jobs.contract import run_stage
-    from jobs.data import stage as data
-
-    boot = root / "bootstrap"
-    run_stage("bootstrap", bootstrap.Config(output=str(boot)), bootstrap.run, root / "w1")
-    out = root / "data"
-    config = data.Config(
-        output=str(out),
-        tokenizer=str(boot / "model"),
-        dedup_threshold=0.95,
-        eval_fraction=0.05,
-        sources=[
-            {"name": "daily", "format": "alpaca", "uri": str(boot / "data/sft_daily.jsonl")},
-            {"name": "hate", "format": "alpaca", "uri": str(boot / "data/sft_hate.jsonl")},
-        ],
-    )
-    run_stage("data", config, data.run, root / "w2")
-    return boot / "model", out
 
 
 def ours(model: Path, data: Path, root: Path) -> dict:
@@ -64,29 +39,14 @@ def ours(model: Path, data: Path, root: Path) -> dict:
 def trl(model_dir: Path, data: Path, root: Path) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     rows = [json.loads(line) for line in (data / "sft/train.jsonl").read_text().splitlines()]
     dataset = Dataset.from_list(
         [{"prompt": r["prompt"], "completion": r["response"]} for r in rows]
     )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-
-    class Clock(TrainerCallback):
-        """Training time and tokens, counted as our stage counts them."""
-
-        def __init__(self) -> None:
-            self.seconds, self.tokens, self.started = 0.0, 0, 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.seconds += time.perf_counter() - self.started
-
-    clock = Clock()
+    clock = TrainerClock()
     args = SFTConfig(
         output_dir=str(root / "trl"),
         per_device_train_batch_size=BATCH,
@@ -105,22 +65,15 @@ def trl(model_dir: Path, data: Path, root: Path) -> dict:
         weight_decay=0.0,
     )
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[clock]
+        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        args=args,
+        train_dataset=dataset,
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        callbacks=[clock.callback()],
     )
-    collate = trainer.data_collator
-
-    def counting_collator(features):
-        batch = collate(features)
-        clock.tokens += (
-            int(batch["attention_mask"].sum())
-            if "attention_mask" in batch
-            else int((batch["input_ids"] != tokenizer.pad_token_id).sum())
-        )
-        return batch
-
-    trainer.data_collator = counting_collator
+    clock.count(trainer)
     trainer.train()
-    return {"tokens_per_s": clock.tokens / clock.seconds}
+    return {"tokens_per_s": clock.tokens_per_s}
 
 
 def main() -> None:
@@ -133,23 +86,14 @@ def main() -> None:
         fn = ours if args.impl == "ours" else trl
         print(json.dumps(fn(root / "bootstrap" / "model", root / "data", root)))
         return
-
-    from bench.common import report
-
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        prepare(root)
-        figures: dict = {"steps": STEPS, "micro_batch_size": BATCH, "max_seq_len": SEQ_LEN}
-        for impl in ("ours", "trl"):
-            child = subprocess.run(
-                [sys.executable, "-m", "bench.sft_throughput", "--impl", impl, "--root", str(root)],
-                capture_output=True,
-                text=True,
-            )
-            if child.returncode != 0:
-                raise SystemExit(f"{impl} failed:\n{child.stderr[-3000:]}")
-            figures[impl] = json.loads(child.stdout.strip().splitlines()[-1])
-            print(f"{impl:>5}: {figures[impl]['tokens_per_s']:.0f} tokens/s", flush=True)
+        prepare(Path(tmp))
+        figures = {
+            "steps": STEPS,
+            "micro_batch_size": BATCH,
+            "max_seq_len": SEQ_LEN,
+            **compare("bench.sft_throughput", Path(tmp)),
+        }
     figures["ratio_ours_over_trl"] = round(
         figures["ours"]["tokens_per_s"] / figures["trl"]["tokens_per_s"], 3
     )
