@@ -3,11 +3,14 @@ implementation, a clock for TRL's trainers, and how results are printed and kept
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -109,3 +112,28 @@ class TrainerClock:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds
+
+
+Impl = Callable[[Path, Path, Path], dict]  # (model dir, data output, scratch) -> figures
+
+
+def ours_against_trl(name: str, module: str, ours: Impl, trl: Impl, setting: dict) -> None:
+    """The command line of a throughput benchmark: as the parent, prepare the model and data,
+    run both implementations and report the ratio; as a child (--impl), run one."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.splitlines()[0])
+    parser.add_argument("--impl", choices=["ours", "trl"])
+    parser.add_argument("--root")
+    args = parser.parse_args()
+    if args.impl:  # a child: one implementation, figures on the last line
+        root = Path(args.root)
+        fn = ours if args.impl == "ours" else trl
+        print(json.dumps(fn(root / "bootstrap" / "model", root / "data", root)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare(Path(tmp))
+        figures = {**setting, **compare(module, Path(tmp))}
+    figures["ratio_ours_over_trl"] = round(
+        figures["ours"]["tokens_per_s"] / figures["trl"]["tokens_per_s"], 3
+    )
+    print(f"ratio ours/TRL: {figures['ratio_ours_over_trl']}")
+    report(name, figures)

@@ -9,12 +9,10 @@ Run: ``python -m bench.reward_throughput``.
 
 from __future__ import annotations
 
-import argparse
 import json
-import tempfile
 from pathlib import Path
 
-from bench.common import TrainerClock, compare, prepare, report
+from bench.common import TrainerClock, ours_against_trl
 
 STEPS, BATCH, SEQ_LEN, LR = 40, 16, 128, 1e-3
 
@@ -82,30 +80,11 @@ def trl(model_dir: Path, data: Path, root: Path) -> dict:
     return {"tokens_per_s": clock.tokens_per_s}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--impl", choices=["ours", "trl"])
-    parser.add_argument("--root")
-    args = parser.parse_args()
-    if args.impl:
-        root = Path(args.root)
-        fn = ours if args.impl == "ours" else trl
-        print(json.dumps(fn(root / "bootstrap" / "model", root / "data", root)))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        prepare(Path(tmp))
-        figures = {
-            "steps": STEPS,
-            "pairs_per_batch": BATCH,
-            "max_seq_len": SEQ_LEN,
-            **compare("bench.reward_throughput", Path(tmp)),
-        }
-    figures["ratio_ours_over_trl"] = round(
-        figures["ours"]["tokens_per_s"] / figures["trl"]["tokens_per_s"], 3
-    )
-    print(f"ratio ours/TRL: {figures['ratio_ours_over_trl']}")
-    report("reward_throughput", figures)
-
-
 if __name__ == "__main__":
-    main()
+    ours_against_trl(
+        "reward_throughput",
+        "bench.reward_throughput",
+        ours,
+        trl,
+        {"steps": STEPS, "pairs_per_batch": BATCH, "max_seq_len": SEQ_LEN},
+    )

@@ -7,12 +7,10 @@ training tokens per second of training time. Run: ``python -m bench.sft_throughp
 
 from __future__ import annotations
 
-import argparse
 import json
-import tempfile
 from pathlib import Path
 
-from bench.common import TrainerClock, compare, prepare, report
+from bench.common import TrainerClock, ours_against_trl
 
 STEPS, BATCH, SEQ_LEN, LR = 60, 16, 128, 3e-3
 
@@ -76,30 +74,11 @@ def trl(model_dir: Path, data: Path, root: Path) -> dict:
     return {"tokens_per_s": clock.tokens_per_s}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--impl", choices=["ours", "trl"])
-    parser.add_argument("--root")
-    args = parser.parse_args()
-    if args.impl:  # a child: one implementation, figures on the last line
-        root = Path(args.root)
-        fn = ours if args.impl == "ours" else trl
-        print(json.dumps(fn(root / "bootstrap" / "model", root / "data", root)))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        prepare(Path(tmp))
-        figures = {
-            "steps": STEPS,
-            "micro_batch_size": BATCH,
-            "max_seq_len": SEQ_LEN,
-            **compare("bench.sft_throughput", Path(tmp)),
-        }
-    figures["ratio_ours_over_trl"] = round(
-        figures["ours"]["tokens_per_s"] / figures["trl"]["tokens_per_s"], 3
-    )
-    print(f"ratio ours/TRL: {figures['ratio_ours_over_trl']}")
-    report("sft_throughput", figures)
-
-
 if __name__ == "__main__":
-    main()
+    ours_against_trl(
+        "sft_throughput",
+        "bench.sft_throughput",
+        ours,
+        trl,
+        {"steps": STEPS, "micro_batch_size": BATCH, "max_seq_len": SEQ_LEN},
+    )

@@ -260,6 +260,19 @@ class StageContext:
         self.metrics.write(record)
         print(json.dumps({"stage": self.stage, **record}, ensure_ascii=False), flush=True)
 
+    def progress(self, total: int, done: int = 0):
+        """A progress bar over optimiser steps, on a terminal and on rank 0 only."""
+        from tqdm import tqdm
+
+        return tqdm(
+            total=total,
+            initial=done,
+            desc=self.stage,
+            unit="step",
+            file=sys.stderr,
+            disable=not (dist.is_main() and sys.stderr.isatty()),
+        )
+
     def should_stop(self) -> bool:
         """True on every rank once any rank has received SIGTERM."""
         return dist.any_rank(self.stop_requested)

@@ -211,3 +211,13 @@ def resume(engine, ctx) -> dict:
     if dist.is_main():
         print(f"{ctx.stage}: resumed from the checkpoint at step {step}", flush=True)
     return state
+
+
+def checkpoint_or_stop(engine, ctx, step: int, every: int, state: dict) -> None:
+    """After an optimiser step: checkpoint every ``every`` steps, and on SIGTERM checkpoint
+    and stop with the retryable exit code; collective."""
+    stop = ctx.should_stop()
+    if stop or step % every == 0:
+        checkpoint(engine, ctx, step, state)
+    if stop:
+        raise ctx.preempted(step)

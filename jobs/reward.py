@@ -9,7 +9,6 @@ Face sequence-classification checkpoint (``num_labels=1``) any later stage can l
 
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
@@ -184,7 +183,7 @@ def run(config: Config, ctx: StageContext) -> dict:
     if first and step == 0:
         ctx.log(0, **{k: first[k] for k in ("eval_accuracy", "eval_margin")})
     batches = sampler.micro_batches(start=step * cfg.gradient_accumulation_steps)
-    progress = _progress(total_steps, step)
+    progress = ctx.progress(total_steps, step)
     tokens, train_seconds, losses, correct = 0, 0.0, [], []
     while step < total_steps:
         started = time.perf_counter()
@@ -212,11 +211,7 @@ def run(config: Config, ctx: StageContext) -> dict:
         if eval_items and (step % config.eval_every == 0 or step == total_steps):
             summary = evaluate(ds.module, eval_items, pad_id, cfg.micro_batch_size)
             ctx.log(step, **summary)
-        stop = ctx.should_stop()
-        if stop or step % config.checkpoint_every == 0:
-            engine.checkpoint(ds, ctx, step, {"first_eval": first})
-        if stop:
-            raise ctx.preempted(step)
+        engine.checkpoint_or_stop(ds, ctx, step, config.checkpoint_every, {"first_eval": first})
     progress.close()
     engine.export_hf(ds, tokenizer, ctx.out_dir / "model", cfg)
     return {
@@ -227,16 +222,3 @@ def run(config: Config, ctx: StageContext) -> dict:
         **summary,
         "tokens_per_s": tokens * dist.world_size() / max(train_seconds, 1e-9),
     }
-
-
-def _progress(total: int, done: int):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        initial=done,
-        desc="reward",
-        unit="step",
-        file=sys.stderr,
-        disable=not (dist.is_main() and sys.stderr.isatty()),
-    )

@@ -7,7 +7,6 @@ and writes ``model/`` in Hugging Face format.
 
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
@@ -160,7 +159,7 @@ def run(config: Config, ctx: StageContext) -> dict:
         ctx.log(step, eval_loss=first_eval)
     eval_loss = first_eval
     batches = sampler.micro_batches(start=step * cfg.gradient_accumulation_steps)
-    progress = _progress(total_steps, step)
+    progress = ctx.progress(total_steps, step)
     tokens, train_seconds, losses = 0, 0.0, []
     while step < total_steps:
         started = time.perf_counter()
@@ -185,11 +184,9 @@ def run(config: Config, ctx: StageContext) -> dict:
         if eval_items and (step % config.eval_every == 0 or step == total_steps):
             eval_loss = evaluate(ds, eval_items, pad_id, cfg.micro_batch_size)
             ctx.log(step, eval_loss=eval_loss)
-        stop = ctx.should_stop()
-        if stop or step % config.checkpoint_every == 0:
-            engine.checkpoint(ds, ctx, step, {"first_eval_loss": first_eval})
-        if stop:
-            raise ctx.preempted(step)
+        engine.checkpoint_or_stop(
+            ds, ctx, step, config.checkpoint_every, {"first_eval_loss": first_eval}
+        )
     progress.close()
 
     engine.export_hf(ds, tokenizer, ctx.out_dir / "model", cfg)
@@ -200,16 +197,3 @@ def run(config: Config, ctx: StageContext) -> dict:
         "train_examples": len(splits["train"]),
         "tokens_per_s": tokens * dist.world_size() / max(train_seconds, 1e-9),
     }
-
-
-def _progress(total: int, done: int):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        initial=done,
-        desc="sft",
-        unit="step",
-        file=sys.stderr,
-        disable=not (dist.is_main() and sys.stderr.isatty()),
-    )
