@@ -186,6 +186,17 @@ class MetricsLog:
         store.upload_file(self.local, self.remote)
         self._last_sync = time.monotonic()
 
+    def continue_from(self, step: int) -> None:
+        """Start from the lines a previous attempt pushed, up to ``step`` (its checkpoint)."""
+        if not store.exists(self.remote):
+            return
+        lines = [
+            line
+            for line in store.read_text(self.remote).splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        self.local.write_text("".join(line + "\n" for line in lines))
+
 
 class StageContext:
     """What a stage's ``run`` is handed: where to write, how to read inputs, log and checkpoint."""
@@ -206,11 +217,14 @@ class StageContext:
 
     # inputs -------------------------------------------------------------------------
 
-    def input_dir(self, uri: str) -> Path:
-        """A finished stage output, or a folder in one, downloaded once per node and verified."""
+    def input_dir(self, uri: str, only: list[str] | None = None) -> Path:
+        """A finished stage output, or a folder in one, downloaded once per node and verified
+        (``only`` these files of it, when given)."""
         root, sub, manifest = find_output(uri)
         local = self.workdir / "inputs" / hashlib.sha256(root.encode()).hexdigest()[:16]
         wanted = [f.path for f in manifest.files if not sub or f.path.startswith(sub + "/")]
+        if only is not None:
+            wanted = [path for path in wanted if path in only]
         if not wanted:
             raise BadInputError(f"{uri}: the output at {root} has no files under {sub!r}")
         if dist.is_node_main():
@@ -272,6 +286,10 @@ class StageContext:
             file=sys.stderr,
             disable=not (dist.is_main() and sys.stderr.isatty()),
         )
+
+    def continue_metrics(self, step: int) -> None:
+        if self.metrics is not None:
+            self.metrics.continue_from(step)
 
     def should_stop(self) -> bool:
         """True on every rank once any rank has received SIGTERM."""

@@ -161,16 +161,6 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def save_state(engine, directory: Path, client_state: dict) -> None:
-    """Model, optimiser and scheduler state (every rank's shard) for resuming; collective."""
-    engine.save_checkpoint(str(directory), tag="state", client_state=client_state)
-
-
-def load_state(engine, directory: Path) -> dict:
-    _, client_state = engine.load_checkpoint(str(directory), tag="state")
-    return client_state or {}
-
-
 def export_hf(engine, tokenizer, out_dir: Path, cfg: EngineConfig) -> None:
     """The trained model in Hugging Face format (safetensors + tokenizer); collective."""
     module = engine.module
@@ -186,38 +176,68 @@ def export_hf(engine, tokenizer, out_dir: Path, cfg: EngineConfig) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def checkpoint(engine, ctx, step: int, state: dict) -> None:
-    """Save and commit a resumable checkpoint at ``step`` (with the RNG state); collective."""
+def _engines(engines) -> dict:
+    """One engine, or several by name (PPO's actor and critic)."""
+    return engines if isinstance(engines, dict) else {"model": engines}
+
+
+def checkpoint(engines, ctx, step: int, state: dict) -> None:
+    """Save and commit a resumable checkpoint at ``step``: every engine's model, optimiser
+    and scheduler state (each rank its shard), ``state`` and the RNG; collective."""
     import torch
 
-    save_state(
-        engine,
-        ctx.checkpoints.local_dir(step),
-        {**state, "step": step, "torch_rng": torch.get_rng_state()},
-    )
+    client = {**state, "step": step, "torch_rng": torch.get_rng_state()}
+    for name, engine in _engines(engines).items():
+        engine.save_checkpoint(
+            str(ctx.checkpoints.local_dir(step) / name), tag="state", client_state=client
+        )
     ctx.checkpoints.save(step)
 
 
-def resume(engine, ctx) -> dict:
-    """Load the newest committed checkpoint, if any: its client state, or {} for a fresh run."""
+def resume(engines, ctx) -> dict:
+    """Load the newest committed checkpoint, if any: its client state, or {} for a fresh
+    run. The metrics logged up to it are kept, so metrics.jsonl reads as one run."""
     import torch
 
     step = ctx.checkpoints.latest()
     if step is None:
         return {}
-    state = load_state(engine, ctx.checkpoints.restore(step))
+    directory = ctx.checkpoints.restore(step)
+    state: dict = {}
+    for name, engine in _engines(engines).items():
+        _, state = engine.load_checkpoint(str(directory / name), tag="state")
     if "torch_rng" in state:
         torch.set_rng_state(state["torch_rng"])
+    ctx.continue_metrics(step)
     if dist.is_main():
         print(f"{ctx.stage}: resumed from the checkpoint at step {step}", flush=True)
     return state
 
 
-def checkpoint_or_stop(engine, ctx, step: int, every: int, state: dict) -> None:
+def checkpoint_or_stop(engines, ctx, step: int, every: int, state: dict) -> None:
     """After an optimiser step: checkpoint every ``every`` steps, and on SIGTERM checkpoint
     and stop with the retryable exit code; collective."""
     stop = ctx.should_stop()
     if stop or step % every == 0:
-        checkpoint(engine, ctx, step, state)
+        checkpoint(engines, ctx, step, state)
     if stop:
         raise ctx.preempted(step)
+
+
+def initialize_frozen(model, zero_stage: int, offload: bool, precision: str):
+    """An inference-only engine (PPO's reference and reward models): no optimiser, and
+    ZeRO-3 partitioning or CPU offload of parameters when memory is short."""
+    import deepspeed
+
+    zero: dict = {"stage": zero_stage}
+    if offload:
+        zero["offload_param"] = {"device": "cpu"}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 1 << 30,
+    }
+    engine, *_ = deepspeed.initialize(model=model.eval(), config=config)
+    engine.eval()
+    return engine

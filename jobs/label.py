@@ -125,11 +125,17 @@ def parse_judgement(text: str) -> float | None:
 
 
 def judge_scores(
-    rows: list[dict], config: Config, ctx: StageContext, split: str, counts: dict[str, int]
+    rows: list[dict],
+    judge: JudgeConfig,
+    output: str,
+    ctx: StageContext,
+    name: str,
+    counts: dict[str, int],
 ) -> list[list[float | None]]:
-    judge = config.judge
+    """The judge's total for every response of every row (None where it gave none); the
+    answers are cached in ``output``'s progress as ``judge-NAME``."""
     client = ChatClient(judge.endpoint)
-    cache = Cache(config.output, f"judge-{split}", ctx.workdir / "cache" / f"judge-{split}.jsonl")
+    cache = Cache(output, f"judge-{name}", ctx.workdir / "cache" / f"judge-{name}.jsonl")
 
     jobs = [(i, j) for i, row in enumerate(rows) for j in range(len(row["responses"]))]
     requests = []
@@ -261,7 +267,7 @@ def run(config: Config, ctx: StageContext) -> dict:
             choices = [c if c is not None and c[0] != c[1] else None for c in choices]
         else:
             if config.method == "judge":
-                scores = judge_scores(rows, config, ctx, split, counts)
+                scores = judge_scores(rows, config.judge, config.output, ctx, split, counts)
             elif config.method == "reward_model":
                 scores = reward_model_scores(rows, config, ctx)
             else:

@@ -26,7 +26,9 @@ from jobs.models import load_tokenizer, model_source, quiet_load_report
 class Config(StageConfig):
     model: str = Field(description="base LM: a stage output folder (e.g. the SFT model) or Hub id")
     revision: str | None = None
-    data: str = Field(description="a data or label stage output (reads pairs/{train,eval}.jsonl)")
+    data: str | list[str] = Field(
+        description="data or label stage outputs (reads pairs/{train,eval}.jsonl of each)"
+    )
     max_seq_len: int = Field(512, ge=8)
     epochs: int = Field(1, ge=1, description="one by default: reward models over-fit")
     max_steps: int | None = Field(None, ge=1)
@@ -130,23 +132,27 @@ def evaluate(model, items, pad_id: int, micro_batch: int) -> dict[str, float]:
     }
 
 
-def load_pairs(data_dir, tokenizer, max_len: int, source: str):
-    splits = {}
-    for split in ("train", "eval"):
-        path = data_dir / "pairs" / f"{split}.jsonl"
-        if not path.is_file():
-            if split == "train":
-                raise BadInputError(f"{source}: no pairs/train.jsonl; give a data or label output")
-            splits[split] = []
-            continue
-        rows = read_jsonl(path, ("prompt", "chosen", "rejected"))
-        splits[split] = [
-            (
-                encode(tokenizer, r["prompt"], r["chosen"], max_len),
-                encode(tokenizer, r["prompt"], r["rejected"], max_len),
-            )
-            for r in rows
-        ]
+def load_pairs(ctx: StageContext, sources: list[str], tokenizer, max_len: int):
+    """Train and eval pairs of every source (StableVicuna mixed three preference sets)."""
+    splits: dict[str, list] = {"train": [], "eval": []}
+    for source in sources:
+        data_dir = ctx.input_dir(source)
+        for split in splits:
+            path = data_dir / "pairs" / f"{split}.jsonl"
+            if not path.is_file():
+                if split == "train":
+                    raise BadInputError(
+                        f"{source}: no pairs/train.jsonl; give a data or label stage output"
+                    )
+                continue
+            rows = read_jsonl(path, ("prompt", "chosen", "rejected"))
+            splits[split] += [
+                (
+                    encode(tokenizer, r["prompt"], r["chosen"], max_len),
+                    encode(tokenizer, r["prompt"], r["rejected"], max_len),
+                )
+                for r in rows
+            ]
     return splits
 
 
@@ -156,7 +162,8 @@ def run(config: Config, ctx: StageContext) -> dict:
     torch.manual_seed(config.seed)
     source = model_source(ctx, config.model, config.revision)
     tokenizer = load_tokenizer(source, config.revision)
-    splits = load_pairs(ctx.input_dir(config.data), tokenizer, config.max_seq_len, config.data)
+    sources = [config.data] if isinstance(config.data, str) else config.data
+    splits = load_pairs(ctx, sources, tokenizer, config.max_seq_len)
     train_items, eval_items = splits["train"], splits["eval"]
 
     cfg = config.train

@@ -18,6 +18,8 @@ STAGES: dict[str, str] = {
     "generate": "jobs.generate",
     "label": "jobs.label",
     "reward": "jobs.reward",
+    "ppo": "jobs.ppo",
+    "evaluate": "jobs.evaluate",
 }
 
 

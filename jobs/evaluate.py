@@ -1,0 +1,184 @@
+"""evaluate: did alignment help? Reward-model scores and win rate of a model against a
+baseline on held-out prompts, optional judge scores, and plots of every stage's curves.
+
+Both models answer ``prompts/eval.jsonl`` of a data stage output with the same sampling
+and seed; the reward model scores every answer; the candidate wins a prompt when its
+answer scores higher (a tie counts half). The win rate comes with a 95% bootstrap
+confidence interval. Writes ``report.json`` and ``plots/<stage>.png`` for each stage
+output named in ``curves`` (loss, accuracy, reward, KL: whatever its metrics hold).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from pydantic import Field
+
+from jobs.batches import read_jsonl
+from jobs.contract import METRICS, StageConfig, StageContext
+from jobs.generation import SamplingConfig, generate
+from jobs.label import JudgeConfig, judge_scores
+from jobs.models import load_tokenizer, model_source
+
+CURVES = (
+    "loss",
+    "eval_loss",
+    "accuracy",
+    "eval_accuracy",
+    "eval_margin",
+    "reward_mean",
+    "kl",
+    "policy_loss",
+    "value_loss",
+    "entropy",
+)
+
+
+class Config(StageConfig):
+    prompts: str = Field(description="a data stage output (reads prompts/eval.jsonl)")
+    candidate: str = Field(description="the model to judge (e.g. the PPO model)")
+    baseline: str = Field(description="the model to beat (e.g. the SFT model)")
+    reward_model: str = Field(description="a reward stage's model folder")
+    max_prompts: int | None = Field(200, ge=1)
+    sampling: SamplingConfig = SamplingConfig(temperature=0.7, max_new_tokens=64)
+    judge: JudgeConfig | None = None
+    curves: dict[str, str] = Field(
+        default_factory=dict, description="plot name -> stage output with metrics.jsonl"
+    )
+
+
+def answers(ref: str, prompts: list[str], config: Config, ctx: StageContext) -> list[str]:
+    from transformers import AutoModelForCausalLM
+
+    path = model_source(ctx, ref)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    samples = generate(model, load_tokenizer(path), prompts, config.sampling, seed=config.seed)
+    return [per_prompt[0].text for per_prompt in samples]
+
+
+def win_rate(
+    candidate: list[float], baseline: list[float], seed: int, resamples: int = 2000
+) -> tuple[float, float, float]:
+    """Share of prompts the candidate wins (ties half), with a 95% bootstrap interval."""
+    outcomes = [
+        1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline, strict=True)
+    ]
+    rate = sum(outcomes) / len(outcomes)
+    rng = random.Random(seed)
+    means = sorted(
+        sum(rng.choices(outcomes, k=len(outcomes))) / len(outcomes) for _ in range(resamples)
+    )
+    return rate, means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
+def plot_curves(name: str, metrics_path: Path, out: Path) -> list[str]:
+    """One PNG with a panel per curve the stage logged; the curves drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[float, float]]] = {}
+    for line in metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        for key in CURVES:
+            if isinstance(record.get(key), int | float):
+                series.setdefault(key, []).append((record["step"], record[key]))
+    drawn = [key for key in CURVES if len(series.get(key, [])) >= 2]
+    if not drawn:
+        return []
+    figure, axes = plt.subplots(1, len(drawn), figsize=(4 * len(drawn), 3), squeeze=False)
+    for axis, key in zip(axes[0], drawn, strict=True):
+        steps, values = zip(*series[key], strict=True)
+        axis.plot(steps, values, marker=".")
+        axis.set_title(f"{name}: {key}")
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=80)
+    plt.close(figure)
+    return drawn
+
+
+def run(config: Config, ctx: StageContext) -> dict:
+    from transformers import AutoModelForSequenceClassification
+
+    from jobs.reward import score_texts
+
+    rows = read_jsonl(
+        ctx.input_dir(config.prompts) / "prompts" / "eval.jsonl", ("prompt", "instruction")
+    )[: config.max_prompts]
+    prompts = [row["prompt"] for row in rows]
+    candidate = answers(config.candidate, prompts, config, ctx)
+    baseline = answers(config.baseline, prompts, config, ctx)
+
+    rm_path = model_source(ctx, config.reward_model)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(rm_path).eval()
+    tokenizer = load_tokenizer(rm_path)
+    candidate_scores = score_texts(reward_model, tokenizer, prompts, candidate)
+    baseline_scores = score_texts(reward_model, tokenizer, prompts, baseline)
+    rate, low, high = win_rate(candidate_scores, baseline_scores, config.seed)
+    report = {
+        "prompts": len(rows),
+        "reward_candidate": sum(candidate_scores) / len(rows),
+        "reward_baseline": sum(baseline_scores) / len(rows),
+        "win_rate": rate,
+        "win_rate_ci95": [low, high],
+    }
+    if config.judge is not None:
+        pairs = [
+            {
+                "instruction": row["instruction"],
+                "category": row.get("source"),
+                "responses": [{"text": c}, {"text": b}],
+            }
+            for row, c, b in zip(rows, candidate, baseline, strict=True)
+        ]
+        counts = {"unparseable": 0}
+        scores = judge_scores(pairs, config.judge, config.output, ctx, "evaluate", counts)
+        judged = [(s[0], s[1]) for s in scores if None not in s]
+        if judged:
+            report["judge_candidate"] = sum(c for c, _ in judged) / len(judged)
+            report["judge_baseline"] = sum(b for _, b in judged) / len(judged)
+            report["judge_win_rate"] = win_rate(
+                [c for c, _ in judged], [b for _, b in judged], config.seed
+            )[0]
+        report["judge_unparseable"] = counts["unparseable"]
+
+    plots = {}
+    for name, uri in config.curves.items():
+        local = ctx.input_dir(uri, only=[METRICS])
+        drawn = plot_curves(name, local / METRICS, ctx.out_dir / "plots" / f"{name}.png")
+        if drawn:
+            plots[name] = {"file": f"plots/{name}.png", "curves": drawn}
+    report["plots"] = plots
+    (ctx.out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    with open(ctx.out_dir / "answers.jsonl", "w", encoding="utf-8") as handle:
+        for row, c, b, cs, bs in zip(
+            rows, candidate, baseline, candidate_scores, baseline_scores, strict=True
+        ):
+            handle.write(
+                json.dumps(
+                    {
+                        "instruction": row["instruction"],
+                        "candidate": c,
+                        "baseline": b,
+                        "candidate_score": cs,
+                        "baseline_score": bs,
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
+    ctx.log(
+        0,
+        win_rate=rate,
+        reward_candidate=report["reward_candidate"],
+        reward_baseline=report["reward_baseline"],
+    )
+    return {k: v for k, v in report.items() if k != "plots"} | {
+        "plots": ", ".join(p["file"] for p in plots.values())
+    }

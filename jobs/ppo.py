@@ -1,0 +1,402 @@
+"""ppo: RLHF in the DeepSpeed-Chat shape (seed: VAIV Task 4, StableVicuna).
+
+Four models, each through the DeepSpeed engine: the actor (from the SFT model) and the
+critic (from the reward model) are trained; the reference (the SFT model) and the reward
+model are frozen, with ZeRO-3 or CPU offload for memory. Each iteration:
+
+1. rollouts: the actor samples answers to a batch of prompts (KV cache, stop at EOS;
+   ranks generate in lockstep under ZeRO-3);
+2. scoring: log-probs of actor and reference, the critic's values, the reward model's
+   score; the per-token reward is -kl_coef * (log pi - log pi_ref), with the (normalised,
+   clipped) score added at the last generated token;
+3. GAE advantages and returns;
+4. several epochs of minibatches of the PPO-clip policy loss (plus an optional
+   pre-training loss on SFT data) and the clipped value loss.
+
+The KL coefficient is fixed or adaptive (Ziegler et al.); the actor can be exported as an
+exponential moving average. Checkpoints hold both engines, the KL coefficient, the reward
+normaliser, the RNG and the prompt position, so a preempted run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from jobs import dist, engine
+from jobs.batches import ShardedSampler, read_jsonl
+from jobs.contract import StageConfig, StageContext
+from jobs.engine import EngineConfig
+from jobs.generation import SamplingConfig, eos_ids_of
+from jobs.models import load_tokenizer, model_source, quiet_load_report
+from jobs.reward import last_token_scores
+
+
+class Config(StageConfig):
+    actor: str = Field(description="the SFT model (a stage output folder or Hub id)")
+    reward_model: str = Field(description="a reward stage's model folder")
+    critic: str | None = Field(None, description="default: the reward model")
+    reference: str | None = Field(None, description="default: the actor's starting point")
+    prompts: str = Field(description="a data stage output: prompts/train.jsonl (and sft/ for ptx)")
+    iterations: int = Field(20, ge=1)
+    rollout_batch_size: int = Field(32, ge=1, description="prompts per iteration and rank")
+    ppo_epochs: int = Field(2, ge=1)
+    minibatch_size: int = Field(8, ge=1)
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=48)
+    kl_coef: float = Field(0.05, ge=0)
+    adaptive_kl: bool = False
+    target_kl: float = Field(6.0, gt=0, description="adaptive KL: the KL per answer aimed at")
+    kl_horizon: int = Field(10000, ge=1)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    gamma: float = 1.0
+    lam: float = 0.95
+    normalize_reward: bool = True
+    reward_clip: float = Field(5.0, gt=0)
+    ptx_coef: float = Field(0.0, ge=0, description="weight of the SFT loss on sft/train.jsonl")
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="export an EMA of the actor")
+    frozen_zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage of reference/reward")
+    frozen_offload: bool = Field(False, description="CPU-offload reference/reward parameters")
+    checkpoint_every: int = Field(10, ge=1, description="iterations")
+    actor_train: EngineConfig = EngineConfig(learning_rate=1e-5)
+    critic_train: EngineConfig = EngineConfig(learning_rate=1e-5)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.rollout_batch_size % self.minibatch_size:
+            raise ValueError("rollout_batch_size must be a multiple of minibatch_size")
+        if self.ema_decay is not None and self.actor_train.zero_stage == 3:
+            raise ValueError("ema_decay needs the actor's full parameters: zero_stage 0-2")
+        return self
+
+
+class RunningMoments:
+    """Mean and std of every reward seen so far (Welford), for normalisation."""
+
+    def __init__(self, count: float = 0.0, mean: float = 0.0, m2: float = 0.0) -> None:
+        self.count, self.mean, self.m2 = count, mean, m2
+
+    def update(self, values: torch.Tensor) -> None:
+        for value in values.tolist():
+            self.count += 1
+            delta = value - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (value - self.mean)
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / max(self.count - 1, 1)) ** 0.5 if self.count > 1 else 1.0
+
+
+def token_logprobs(model, sequences, attention_mask, start: int) -> tuple[torch.Tensor, ...]:
+    """Log-prob and entropy of every token from position ``start`` on."""
+    logits = model(input_ids=sequences, attention_mask=attention_mask, use_cache=False).logits
+    logits = logits[:, start - 1 : -1].float()
+    logp = F.log_softmax(logits, dim=-1)
+    chosen = logp.gather(-1, sequences[:, start:, None]).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return chosen, entropy
+
+
+def token_values(critic, sequences, attention_mask, start: int) -> torch.Tensor:
+    """The critic's value of the state before each token from ``start`` on."""
+    module = getattr(critic, "module", critic)
+    hidden = module.base_model(input_ids=sequences, attention_mask=attention_mask).last_hidden_state
+    return module.score(hidden).squeeze(-1).float()[:, start - 1 : -1]
+
+
+def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the answer tokens; (advantages, returns)."""
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.size(0))
+    for t in reversed(range(rewards.size(1))):
+        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < rewards.size(1) else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, advantages + values
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    return (values - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip: float):
+    ratio = torch.exp(logp - old_logp)
+    losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+    clipped = ((ratio - 1).abs() > clip).float()
+    return masked_mean(losses, mask), masked_mean(clipped, mask)
+
+
+def value_loss(values, old_values, returns, mask, clip: float):
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+class Models:
+    """The four models of PPO and their tokenizer."""
+
+    def __init__(self, config: Config, ctx: StageContext, total_steps: int) -> None:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        actor_path = model_source(ctx, config.actor)
+        reward_path = model_source(ctx, config.reward_model)
+        critic_path = model_source(ctx, config.critic) if config.critic else reward_path
+        reference_path = model_source(ctx, config.reference) if config.reference else actor_path
+        self.tokenizer = load_tokenizer(actor_path)
+        with quiet_load_report():
+            actor = AutoModelForCausalLM.from_pretrained(actor_path, dtype=torch.float32)
+            critic = AutoModelForSequenceClassification.from_pretrained(
+                critic_path, num_labels=1, dtype=torch.float32
+            )
+            reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.float32)
+            reward = AutoModelForSequenceClassification.from_pretrained(
+                reward_path, dtype=torch.float32
+            )
+        critic.config.pad_token_id = reward.config.pad_token_id = self.tokenizer.pad_token_id
+        self.actor = engine.initialize(actor, config.actor_train, total_steps)
+        self.critic = engine.initialize(
+            critic, config.critic_train, total_steps, task_type="SEQ_CLS"
+        )
+        frozen = (config.frozen_zero_stage, config.frozen_offload, config.actor_train.precision)
+        self.reference = engine.initialize_frozen(reference, *frozen)
+        self.reward = engine.initialize_frozen(reward, *frozen)
+        self.eos = eos_ids_of(actor, self.tokenizer)
+        self.zero3 = 3 in (config.actor_train.zero_stage, config.frozen_zero_stage)
+
+
+@torch.no_grad()
+def rollout(models: Models, prompts: list[str], config: Config, seed: int) -> dict:
+    """Sample answers and score them: everything the PPO update needs."""
+    tokenizer, sampling = models.tokenizer, config.sampling
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
+    encoded = tokenizer(
+        prompts,
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=sampling.max_prompt_tokens,
+        add_special_tokens=False,
+    )
+    device = models.actor.device
+    encoded = {k: v.to(device) for k, v in encoded.items()}
+    start = encoded["input_ids"].size(1)
+
+    timer = time.perf_counter()
+    models.actor.module.eval()
+    torch.manual_seed(seed)
+    sequences = models.actor.module.generate(
+        **encoded,
+        max_new_tokens=sampling.max_new_tokens,
+        do_sample=True,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k or None,
+        eos_token_id=sorted(models.eos),
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        # Under ZeRO-3 every rank must run every forward: ranks that finish early keep
+        # stepping until all have, or the parameter all-gathers hang.
+        synced_gpus=models.zero3 and dist.world_size() > 1,
+    )
+    models.actor.module.train()
+    generation_s = time.perf_counter() - timer
+
+    # The answer runs up to and including its first EOS (stopping is an action too).
+    answer = sequences[:, start:]
+    is_eos = torch.zeros_like(answer, dtype=torch.bool)
+    for token in models.eos:
+        is_eos |= answer == token
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    answer_mask = (~after_eos).long()
+    sequences = torch.cat(
+        [encoded["input_ids"], answer.masked_fill(after_eos, tokenizer.pad_token_id)], dim=1
+    )
+    attention = torch.cat([encoded["attention_mask"], answer_mask], dim=1)
+
+    timer = time.perf_counter()
+    old_logp, _ = token_logprobs(models.actor.module, sequences, attention, start)
+    ref_logp, _ = token_logprobs(models.reference.module, sequences, attention, start)
+    values = token_values(models.critic, sequences, attention, start)
+    scores = last_token_scores(models.reward.module, sequences, attention)
+    scoring_s = time.perf_counter() - timer
+    mask = answer_mask.float()
+    return {
+        "sequences": sequences,
+        "attention": attention,
+        "start": start,
+        "mask": mask,
+        "old_logp": old_logp * mask,
+        "ref_logp": ref_logp * mask,
+        "values": values * mask,
+        "scores": scores,
+        "generation_s": generation_s,
+        "scoring_s": scoring_s,
+        "generated_tokens": int(mask.sum()),
+    }
+
+
+def shape_rewards(batch: dict, scores: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """-kl_coef * (log pi - log pi_ref) per token, plus the score at the last answer token."""
+    mask = batch["mask"]
+    rewards = -kl_coef * (batch["old_logp"] - batch["ref_logp"]) * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(rewards.size(0)), last] += scores
+    return rewards
+
+
+def ptx_batches(config: Config, models: Models, data_dir: Path):
+    """Endless micro-batches of the SFT data, for the pre-training loss."""
+    from jobs.sft import collate, tokenize
+
+    rows = read_jsonl(data_dir / "sft" / "train.jsonl", ("prompt", "response"))
+    items = tokenize(rows, models.tokenizer, config.sampling.max_prompt_tokens)
+    sampler = ShardedSampler(
+        len(items), config.minibatch_size, config.seed, dist.rank(), dist.world_size()
+    )
+    for indices in sampler.micro_batches():
+        yield collate([items[i] for i in indices], models.tokenizer.pad_token_id)
+
+
+def train_on(models: Models, batch: dict, config: Config, ptx) -> dict[str, float]:
+    """PPO epochs over the rollout in minibatches; the losses and clip fraction."""
+    mask, start = batch["mask"], batch["start"]
+    stats: dict[str, list[float]] = {
+        "policy_loss": [],
+        "value_loss": [],
+        "clip_fraction": [],
+        "entropy": [],
+        "ptx_loss": [],
+    }
+    n = mask.size(0)
+    generator = torch.Generator().manual_seed(config.seed + int(batch["seed"]))
+    for _ in range(config.ppo_epochs):
+        for idx in torch.randperm(n, generator=generator).split(config.minibatch_size):
+            seqs, attn, m = batch["sequences"][idx], batch["attention"][idx], mask[idx]
+            logp, entropy = token_logprobs(models.actor, seqs, attn, start)
+            pg, clipped = policy_loss(
+                logp, batch["old_logp"][idx], batch["advantages"][idx], m, config.clip_range
+            )
+            loss = pg
+            if ptx is not None:
+                from jobs.sft import response_loss
+
+                ptx_batch = {k: v.to(models.actor.device) for k, v in next(ptx).items()}
+                ptx_loss, _ = response_loss(models.actor, ptx_batch)
+                loss = loss + config.ptx_coef * ptx_loss
+                stats["ptx_loss"].append(ptx_loss.item())
+            models.actor.backward(loss)
+            models.actor.step()
+
+            values = token_values(models.critic, seqs, attn, start)
+            vf = value_loss(
+                values, batch["values"][idx], batch["returns"][idx], m, config.clip_range_value
+            )
+            models.critic.backward(vf)
+            models.critic.step()
+            stats["policy_loss"].append(pg.item())
+            stats["value_loss"].append(vf.item())
+            stats["clip_fraction"].append(clipped.item())
+            stats["entropy"].append(masked_mean(entropy.detach(), m).item())
+    return {k: sum(v) / len(v) for k, v in stats.items() if v}
+
+
+def run(config: Config, ctx: StageContext) -> dict:
+    torch.manual_seed(config.seed)
+    data_dir = ctx.input_dir(config.prompts)
+    prompts = read_jsonl(data_dir / "prompts" / "train.jsonl", ("prompt",))
+    updates = config.ppo_epochs * (config.rollout_batch_size // config.minibatch_size)
+    models = Models(config, ctx, config.iterations * updates)
+    sampler = ShardedSampler(
+        len(prompts), config.rollout_batch_size, config.seed, dist.rank(), dist.world_size()
+    )
+
+    state = engine.resume({"actor": models.actor, "critic": models.critic}, ctx)
+    iteration = state.get("step", 0)
+    kl_coef = state.get("kl_coef", config.kl_coef)
+    moments = RunningMoments(*state.get("moments", (0.0, 0.0, 0.0)))
+    ema = state.get("ema")
+    if config.ema_decay is not None and ema is None:
+        ema = {k: v.detach().clone() for k, v in models.actor.module.state_dict().items()}
+    ptx = ptx_batches(config, models, data_dir) if config.ptx_coef > 0 else None
+    batches = sampler.micro_batches(start=iteration)
+    progress = ctx.progress(config.iterations, iteration)
+    first_reward = state.get("first_reward")
+    summary: dict = {}
+    while iteration < config.iterations:
+        indices = next(batches)
+        seed = config.seed * 100003 + iteration * 1009 + dist.rank()
+        batch = rollout(models, [prompts[i]["prompt"] for i in indices], config, seed)
+        batch["seed"] = seed
+        raw = batch["scores"]
+        scores = raw
+        if config.normalize_reward:
+            moments.update(raw)
+            scores = (raw - moments.mean) / moments.std
+        scores = scores.clamp(-config.reward_clip, config.reward_clip)
+        rewards = shape_rewards(batch, scores, kl_coef)
+        advantages, returns = gae(rewards, batch["values"], batch["mask"], config.gamma, config.lam)
+        batch["advantages"] = whiten(advantages, batch["mask"])
+        batch["returns"] = returns
+
+        timer = time.perf_counter()
+        losses = train_on(models, batch, config, ptx)
+        training_s = time.perf_counter() - timer
+
+        kl = float(((batch["old_logp"] - batch["ref_logp"]) * batch["mask"]).sum(1).mean())
+        if config.adaptive_kl:
+            error = max(min(kl / config.target_kl - 1, 0.2), -0.2)
+            kl_coef *= 1 + error * config.rollout_batch_size / config.kl_horizon
+        if ema is not None:
+            with torch.no_grad():
+                for name, value in models.actor.module.state_dict().items():
+                    ema[name].mul_(config.ema_decay).add_(
+                        value.detach(), alpha=1 - config.ema_decay
+                    )
+        iteration += 1
+        if first_reward is None:
+            first_reward = float(raw.mean())
+        lengths = batch["mask"].sum(1)
+        summary = {
+            "reward_mean": float(raw.mean()),
+            "reward_std": float(raw.std()),
+            "kl": kl,
+            "kl_coef": kl_coef,
+            **losses,
+            "response_length": float(lengths.mean()),
+            "generation_s": batch["generation_s"],
+            "scoring_s": batch["scoring_s"],
+            "training_s": training_s,
+            "generation_tokens_per_s": batch["generated_tokens"] / batch["generation_s"],
+        }
+        ctx.log(iteration, **summary)
+        progress.update(1)
+        engine.checkpoint_or_stop(
+            {"actor": models.actor, "critic": models.critic},
+            ctx,
+            iteration,
+            config.checkpoint_every,
+            {
+                "kl_coef": kl_coef,
+                "moments": (moments.count, moments.mean, moments.m2),
+                "ema": ema,
+                "first_reward": first_reward,
+            },
+        )
+    progress.close()
+
+    if ema is not None and dist.is_main():
+        models.actor.module.load_state_dict(ema)
+    engine.export_hf(models.actor, models.tokenizer, ctx.out_dir / "model", config.actor_train)
+    engine.export_hf(models.critic, models.tokenizer, ctx.out_dir / "critic", config.critic_train)
+    return {"iterations": iteration, "reward_mean_start": first_reward, **summary}
