@@ -192,6 +192,8 @@ def checkpoint(engines, ctx, step: int, state: dict) -> None:
             str(ctx.checkpoints.local_dir(step) / name), tag="state", client_state=client
         )
     ctx.checkpoints.save(step)
+    if ctx.metrics is not None:  # the metrics up to a checkpoint survive a preemption
+        ctx.metrics.sync()
 
 
 def resume(engines, ctx) -> dict:
