@@ -60,6 +60,7 @@ bench: setup
 	$(BIN)/python -m bench.dedup
 	$(BIN)/python -m bench.sft_throughput
 	$(BIN)/python -m bench.reward_throughput
+	$(BIN)/python -m bench.ppo_iteration
 
 images:
 	$(CONTAINER) build -f images/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) \

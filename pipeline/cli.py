@@ -28,6 +28,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name, manifest in results.items():
         print(f"  {name:<10} {summary(manifest.metrics)}")
         print(f"  {'':<10} -> {manifest.config['output']}")
+    for name, manifest in results.items():
+        metrics = manifest.metrics
+        if "win_rate" in metrics:
+            low, high = metrics["win_rate_ci95"]
+            print(f"\n{name}: win rate {metrics['win_rate']:.3f} (95% CI {low:.3f}-{high:.3f}) "
+                  f"of {metrics['prompts']} held-out prompts; report and plots in "
+                  f"{store.join(manifest.config['output'], 'report.json')}, "
+                  f"{store.join(manifest.config['output'], 'plots')}/")
     return 0
 
 
