@@ -32,10 +32,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics = manifest.metrics
         if "win_rate" in metrics:
             low, high = metrics["win_rate_ci95"]
-            print(f"\n{name}: win rate {metrics['win_rate']:.3f} (95% CI {low:.3f}-{high:.3f}) "
-                  f"of {metrics['prompts']} held-out prompts; report and plots in "
-                  f"{store.join(manifest.config['output'], 'report.json')}, "
-                  f"{store.join(manifest.config['output'], 'plots')}/")
+            print(
+                f"\n{name}: win rate {metrics['win_rate']:.3f} (95% CI {low:.3f}-{high:.3f}) "
+                f"of {metrics['prompts']} held-out prompts; report and plots in "
+                f"{store.join(manifest.config['output'], 'report.json')}, "
+                f"{store.join(manifest.config['output'], 'plots')}/"
+            )
     return 0
 
 
