@@ -104,9 +104,7 @@ def plot_curves(name: str, metrics_path: Path, out: Path) -> list[str]:
 
 
 def run(config: Config, ctx: StageContext) -> dict:
-    from transformers import AutoModelForSequenceClassification
-
-    from jobs.reward import score_texts
+    from jobs.reward import load_reward_model, score_texts
 
     rows = read_jsonl(
         ctx.input_dir(config.prompts) / "prompts" / "eval.jsonl", ("prompt", "instruction")
@@ -116,7 +114,7 @@ def run(config: Config, ctx: StageContext) -> dict:
     baseline = answers(config.baseline, prompts, config, ctx)
 
     rm_path = model_source(ctx, config.reward_model)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(rm_path).eval()
+    reward_model = load_reward_model(rm_path)
     tokenizer = load_tokenizer(rm_path)
     candidate_scores = score_texts(reward_model, tokenizer, prompts, candidate)
     baseline_scores = score_texts(reward_model, tokenizer, prompts, baseline)

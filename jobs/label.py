@@ -158,13 +158,10 @@ def judge_scores(
 
 
 def reward_model_scores(rows: list[dict], config: Config, ctx: StageContext):
-    from transformers import AutoModelForSequenceClassification
-
-    from jobs.reward import score_texts
+    from jobs.reward import load_reward_model, score_texts
 
     path = model_source(ctx, config.reward_model)
-    tokenizer = load_tokenizer(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    model, tokenizer = load_reward_model(path), load_tokenizer(path)
     prompts = [row["prompt"] for row in rows for _ in row["responses"]]
     texts = [r["text"] for row in rows for r in row["responses"]]
     flat = iter(score_texts(model, tokenizer, prompts, texts))

@@ -33,7 +33,7 @@ from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.generation import SamplingConfig, eos_ids_of
 from jobs.models import load_tokenizer, model_source, quiet_load_report
-from jobs.reward import last_token_scores
+from jobs.reward import last_token_scores, load_reward_model
 
 
 class Config(StageConfig):
@@ -160,9 +160,7 @@ class Models:
                 critic_path, num_labels=1, dtype=torch.float32
             )
             reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.float32)
-            reward = AutoModelForSequenceClassification.from_pretrained(
-                reward_path, dtype=torch.float32
-            )
+            reward = load_reward_model(reward_path)
         critic.config.pad_token_id = reward.config.pad_token_id = self.tokenizer.pad_token_id
         self.actor = engine.initialize(actor, config.actor_train, total_steps)
         self.critic = engine.initialize(

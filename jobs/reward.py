@@ -81,6 +81,20 @@ def score_texts(
     return out
 
 
+def load_reward_model(path: str):
+    """A reward stage's model: a sequence classifier with one output."""
+    from transformers import AutoModelForSequenceClassification
+
+    with quiet_load_report():
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    if model.config.num_labels != 1:
+        raise BadInputError(
+            f"{path}: not a reward model (it has {model.config.num_labels} outputs, not 1); "
+            "give the model folder of a reward stage's output"
+        )
+    return model.eval()
+
+
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     return -F.logsigmoid(chosen - rejected).mean()
 

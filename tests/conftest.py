@@ -147,3 +147,21 @@ def tiny_data(tiny, tmp_path_factory) -> Path:
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file below ``root`` with its bytes: to show that nothing changed."""
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in store.walk_dir(root)}
+
+
+@pytest.fixture(scope="session")
+def tiny_rm(tiny, tiny_data, tmp_path_factory) -> Path:
+    """A small reward model trained on the synthetic pairs: a finished reward output."""
+    out = tiny.parent / "reward"
+    config = {
+        "output": str(out),
+        "model": str(tiny / "model"),
+        "data": str(tiny_data),
+        "max_seq_len": 96,
+        "max_steps": 10,
+        "eval_every": 1000,
+        "train": {"learning_rate": 1e-3, "micro_batch_size": 16},
+    }
+    result = run_entrypoint("reward", config, tmp_path_factory.mktemp("rm"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

@@ -232,3 +232,27 @@ def test_judgement_parsing():
     assert parse_judgement("8") == 8
     assert parse_judgement("I cannot rate this.") is None
     assert parse_judgement("between 3 and 5") is None
+
+
+def test_evaluate_reports_judge_scores(tiny, tiny_data, tiny_rm, tmp_path, key):
+    from jobs import evaluate
+
+    judge = Judge()
+    judge.throttle_first = False
+    with ChatServer(judge, KEY) as server:
+        config = evaluate.Config(
+            output=str(tmp_path / "eval"),
+            prompts=str(tiny_data),
+            candidate=str(tiny / "model"),
+            baseline=str(tiny / "model"),
+            reward_model=str(tiny_rm / "model"),
+            max_prompts=6,
+            sampling={"max_new_tokens": 8, "do_sample": False},
+            judge={"endpoint": endpoint(server, "judge")},
+        )
+        metrics = run_stage("evaluate", config, evaluate.run, workdir=tmp_path / "w").metrics
+    # One model against itself: every prompt a tie, by the reward model and by the judge.
+    assert metrics["win_rate"] == 0.5 and metrics["judge_win_rate"] == 0.5
+    assert metrics["judge_candidate"] == metrics["judge_baseline"]
+    assert metrics["judge_unparseable"] == 0
+    assert len([b for b in server.served() if b["model"] == "judge"]) == 6  # asked once each

@@ -218,3 +218,30 @@ def test_two_processes_under_zero3_complete_an_iteration(demo, tmp_path):
     manifest = read_manifest(str(tmp_path / "z3"))
     assert manifest.metrics["iterations"] == 1
     assert store.exists(str(tmp_path / "z3" / "model" / "model.safetensors"))
+
+
+def test_ptx_adaptive_kl_and_ema_options(demo, tmp_path):
+    config = ppo_config(
+        demo,
+        tmp_path / "opt",
+        str(demo / "reward" / "model"),
+        iterations=3,
+        rollout_batch_size=8,
+        minibatch_size=4,
+        ptx_coef=0.5,
+        adaptive_kl=True,
+        target_kl=0.01,
+        kl_horizon=100,
+        ema_decay=0.5,
+    )
+    result = run_entrypoint("ppo", config, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = metrics_lines(tmp_path / "opt")
+    assert all(m["ptx_loss"] > 0 for m in lines)
+    assert lines[-1]["kl_coef"] > 0.05  # KL above target: the coefficient grew
+
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "opt" / "model" / "model.safetensors"))
+    start = load_file(str(demo / "sft" / "model" / "model.safetensors"))
+    assert any(not (exported[k] == start[k]).all() for k in start)

@@ -106,3 +106,11 @@ def test_score_is_read_at_the_last_real_token_with_either_padding(tiny):
         ids = pad(rows, 1, left=left)
         mask = pad([[1] * len(r) for r in rows], 0, left=left)
         torch.testing.assert_close(last_token_scores(model, ids, mask), alone, atol=1e-5, rtol=1e-4)
+
+
+def test_a_language_model_given_as_reward_model_is_refused(tiny):
+    from jobs.errors import BadInputError
+    from jobs.reward import load_reward_model
+
+    with pytest.raises(BadInputError, match="not a reward model \\(it has 2 outputs, not 1\\)"):
+        load_reward_model(str(tiny / "model"))
