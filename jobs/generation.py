@@ -48,6 +48,21 @@ def eos_ids_of(model, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+def encode_prompts(tokenizer, prompts: list[str], max_tokens: int, device) -> dict:
+    """Left-padded prompts (an over-long one keeps its end), on ``device``."""
+    tokenizer.padding_side = "left"
+    tokenizer.truncation_side = "left"
+    encoded = tokenizer(
+        prompts,
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=max_tokens,
+        add_special_tokens=False,
+    )
+    return {k: v.to(device) for k, v in encoded.items()}
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -60,20 +75,10 @@ def generate(
     """``num_samples`` samples per prompt, in prompt order; deterministic in ``seed``."""
     device = next(model.parameters()).device
     eos_ids = eos_ids_of(model, tokenizer)
-    tokenizer.padding_side = "left"
-    tokenizer.truncation_side = "left"
     out: list[list[Sample]] = []
     for start in range(0, len(prompts), config.batch_size):
         batch = prompts[start : start + config.batch_size]
-        encoded = tokenizer(
-            batch,
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=config.max_prompt_tokens,
-            add_special_tokens=False,
-        )
-        encoded = {k: v.to(device) for k, v in encoded.items()}
+        encoded = encode_prompts(tokenizer, batch, config.max_prompt_tokens, device)
         torch.manual_seed(seed + start)
         generated = model.generate(
             **encoded,

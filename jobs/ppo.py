@@ -31,7 +31,7 @@ from jobs import dist, engine
 from jobs.batches import ShardedSampler, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
-from jobs.generation import SamplingConfig, eos_ids_of
+from jobs.generation import SamplingConfig, encode_prompts, eos_ids_of
 from jobs.models import load_tokenizer, model_source, quiet_load_report
 from jobs.reward import last_token_scores, load_reward_model
 
@@ -177,17 +177,7 @@ class Models:
 def rollout(models: Models, prompts: list[str], config: Config, seed: int) -> dict:
     """Sample answers and score them: everything the PPO update needs."""
     tokenizer, sampling = models.tokenizer, config.sampling
-    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
-    encoded = tokenizer(
-        prompts,
-        return_tensors="pt",
-        padding=True,
-        truncation=True,
-        max_length=sampling.max_prompt_tokens,
-        add_special_tokens=False,
-    )
-    device = models.actor.device
-    encoded = {k: v.to(device) for k, v in encoded.items()}
+    encoded = encode_prompts(tokenizer, prompts, sampling.max_prompt_tokens, models.actor.device)
     start = encoded["input_ids"].size(1)
 
     timer = time.perf_counter()
