@@ -20,6 +20,7 @@ STAGES: dict[str, str] = {
     "reward": "jobs.reward",
     "ppo": "jobs.ppo",
     "evaluate": "jobs.evaluate",
+    "dpo": "jobs.dpo",
 }
 
 

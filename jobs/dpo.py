@@ -1,0 +1,264 @@
+"""dpo: Direct Preference Optimization against a frozen reference (seed: Sakura-SOLAR).
+
+The loss of Rafailov et al. on the log-ratio margin
+h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)):
+``sigmoid`` -(1-e) log sigma(beta h) - e log sigma(-beta h) (e: label smoothing, the
+conservative DPO of Mitchell), or ``ipo`` (h - 1/(2 beta))^2 on per-token average
+log-probs (Azar et al.). The reference's log-probs of every train and eval pair are
+computed once, before training, and kept in the output (``reference_logps.pt``).
+Reads ``pairs/{train,eval}.jsonl`` of data or label outputs; writes ``model/``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from jobs import dist, engine
+from jobs.batches import ShardedSampler, pad, read_jsonl, shard
+from jobs.contract import StageConfig, StageContext
+from jobs.engine import EngineConfig
+from jobs.errors import BadInputError
+from jobs.models import load_tokenizer, model_source
+
+
+class Config(StageConfig):
+    model: str = Field(description="the model to align (a stage output folder or Hub id)")
+    reference: str | None = Field(None, description="the frozen reference; default: model")
+    data: str | list[str] = Field(description="data or label outputs with pairs/")
+    beta: float = Field(0.1, gt=0)
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    max_seq_len: int = Field(512, ge=8)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    eval_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    train: EngineConfig = EngineConfig(learning_rate=5e-7)
+
+
+def encode_pair(tokenizer, row: dict, max_len: int) -> tuple[list[int], ...]:
+    """(prompt+chosen, mask, prompt+rejected, mask): answers end with EOS; an over-long
+    pair keeps the end of its prompt."""
+    prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    out = []
+    for key in ("chosen", "rejected"):
+        answer = tokenizer(row[key], add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
+        answer = answer[: max_len - 1]
+        head = prompt[-(max_len - len(answer)) :] if len(prompt) + len(answer) > max_len else prompt
+        out += [head + answer, [0] * len(head) + [1] * len(answer)]
+    return tuple(out)
+
+
+def sequence_logps(model, input_ids, attention_mask, answer_mask, average: bool = False):
+    """Sum (or per-token mean) of the log-probs of the answer tokens of every row."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    token_logp = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    mask = answer_mask[:, 1:].float()
+    total = (token_logp * mask).sum(1)
+    return total / mask.sum(1).clamp(min=1) if average else total
+
+
+def dpo_loss(
+    policy_chosen,
+    policy_rejected,
+    ref_chosen,
+    ref_rejected,
+    beta: float,
+    kind: str = "sigmoid",
+    label_smoothing: float = 0.0,
+):
+    """(loss, chosen rewards, rejected rewards): the rewards are beta * log-ratios."""
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if kind == "ipo":
+        losses = (margin - 1 / (2 * beta)) ** 2
+    else:
+        losses = (
+            -F.logsigmoid(beta * margin) * (1 - label_smoothing)
+            - F.logsigmoid(-beta * margin) * label_smoothing
+        )
+    return (
+        losses.mean(),
+        beta * (policy_chosen - ref_chosen).detach(),
+        beta * (policy_rejected - ref_rejected).detach(),
+    )
+
+
+def collate(items: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows then rejected rows, right-padded together."""
+    ids = [i[0] for i in items] + [i[2] for i in items]
+    masks = [i[1] for i in items] + [i[3] for i in items]
+    return {
+        "input_ids": pad(ids, pad_id),
+        "attention_mask": pad([[1] * len(x) for x in ids], 0),
+        "answer_mask": pad(masks, 0),
+    }
+
+
+def pair_logps(model, items, pad_id: int, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = {k: v.to(next(model.parameters()).device) for k, v in collate(items, pad_id).items()}
+    logps = sequence_logps(
+        model, batch["input_ids"], batch["attention_mask"], batch["answer_mask"], average
+    )
+    return logps[: len(items)], logps[len(items) :]
+
+
+@torch.no_grad()
+def reference_logps(model, items, pad_id: int, average: bool, batch_size: int) -> torch.Tensor:
+    """[n, 2]: the reference's log-probs of chosen and rejected, every pair."""
+    rows = []
+    for start in range(0, len(items), batch_size):
+        chosen, rejected = pair_logps(model, items[start : start + batch_size], pad_id, average)
+        rows.append(torch.stack([chosen, rejected], dim=1).cpu())
+    return torch.cat(rows) if rows else torch.zeros(0, 2)
+
+
+@torch.no_grad()
+def evaluate(model, items, ref: torch.Tensor, config: Config, pad_id: int) -> dict[str, float]:
+    model.eval()
+    mine = shard(len(items), dist.rank(), dist.world_size())
+    totals = torch.zeros(5)  # loss, accuracy, margin, chosen logp, rejected logp (sums)
+    size = config.train.micro_batch_size
+    for start in range(0, len(mine), size):
+        idx = mine[start : start + size]
+        chosen, rejected = pair_logps(model, [items[i] for i in idx], pad_id, config.loss == "ipo")
+        loss, rc, rr = dpo_loss(
+            chosen.cpu(),
+            rejected.cpu(),
+            ref[idx, 0],
+            ref[idx, 1],
+            config.beta,
+            config.loss,
+            config.label_smoothing,
+        )
+        totals += torch.tensor(
+            [
+                loss.item() * len(idx),
+                float((rc > rr).sum()),
+                float((rc - rr).sum()),
+                float(chosen.sum()),
+                float(rejected.sum()),
+            ]
+        )
+    model.train()
+    if dist.world_size() > 1:
+        import torch.distributed as torch_dist
+
+        torch_dist.all_reduce(totals)
+    n = max(len(items), 1)
+    names = ("eval_loss", "eval_accuracy", "eval_margin", "eval_logp_chosen", "eval_logp_rejected")
+    return {name: float(value / n) for name, value in zip(names, totals, strict=True)}
+
+
+def run(config: Config, ctx: StageContext) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(config.seed)
+    source = model_source(ctx, config.model)
+    tokenizer = load_tokenizer(source)
+    splits: dict[str, list] = {"train": [], "eval": []}
+    for uri in [config.data] if isinstance(config.data, str) else config.data:
+        data_dir = ctx.input_dir(uri)
+        for split in splits:
+            path = data_dir / "pairs" / f"{split}.jsonl"
+            if path.is_file():
+                rows = read_jsonl(path, ("prompt", "chosen", "rejected"))
+                splits[split] += [encode_pair(tokenizer, r, config.max_seq_len) for r in rows]
+    if not splits["train"]:
+        raise BadInputError(f"dpo: no pairs/train.jsonl in {config.data}")
+    average, pad_id, cfg = config.loss == "ipo", tokenizer.pad_token_id, config.train
+
+    # The reference's log-probs, once: then the reference leaves memory.
+    stored = ctx.out_dir / "reference_logps.pt"
+    if stored.is_file():
+        ref = torch.load(stored)
+    else:
+        reference_path = model_source(ctx, config.reference) if config.reference else source
+        reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.float32)
+        ref = {
+            split: reference_logps(reference.eval(), items, pad_id, average, cfg.micro_batch_size)
+            for split, items in splits.items()
+        }
+        del reference
+        if dist.is_main():
+            torch.save(ref, stored)
+
+    sampler = ShardedSampler(
+        len(splits["train"]), cfg.micro_batch_size, config.seed, dist.rank(), dist.world_size()
+    )
+    steps_per_epoch = max(sampler.per_epoch // cfg.gradient_accumulation_steps, 1)
+    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    ds = engine.initialize(model, cfg, total_steps)
+    state = engine.resume(ds, ctx)
+    step = state.get("step", 0)
+    first = state.get("first") or (
+        evaluate(ds, splits["eval"], ref["eval"], config, pad_id) if splits["eval"] else {}
+    )
+    if first and step == 0:
+        ctx.log(0, **first)
+    summary = dict(first)
+    batches = sampler.micro_batches(start=step * cfg.gradient_accumulation_steps)
+    progress = ctx.progress(total_steps, step)
+    tokens, train_seconds, logged = 0, 0.0, []
+    while step < total_steps:
+        started = time.perf_counter()
+        for _ in range(cfg.gradient_accumulation_steps):
+            idx = next(batches)
+            items = [splits["train"][i] for i in idx]
+            tokens += sum(len(i[0]) + len(i[2]) for i in items)
+            chosen, rejected = pair_logps(ds, items, pad_id, average)
+            ref_c, ref_r = (ref["train"][idx, k].to(chosen.device) for k in (0, 1))
+            loss, rc, rr = dpo_loss(
+                chosen, rejected, ref_c, ref_r, config.beta, config.loss, config.label_smoothing
+            )
+            ds.backward(loss)
+            ds.step()
+            logged.append(
+                [
+                    loss.item(),
+                    float((rc > rr).float().mean()),
+                    float((rc - rr).mean()),
+                    float(chosen.mean()),
+                    float(rejected.mean()),
+                ]
+            )
+        train_seconds += time.perf_counter() - started
+        step += 1
+        progress.update(1)
+        if step % config.log_every == 0 or step == total_steps:
+            means = torch.tensor(logged).mean(0).tolist()
+            ctx.log(
+                step,
+                **dict(
+                    zip(
+                        ("loss", "accuracy", "margin", "logp_chosen", "logp_rejected"),
+                        means,
+                        strict=True,
+                    )
+                ),
+                tokens_per_s=tokens * dist.world_size() / max(train_seconds, 1e-9),
+            )
+            logged = []
+        if splits["eval"] and (step % config.eval_every == 0 or step == total_steps):
+            summary = evaluate(ds, splits["eval"], ref["eval"], config, pad_id)
+            ctx.log(step, **summary)
+        engine.checkpoint_or_stop(ds, ctx, step, config.checkpoint_every, {"first": first})
+    progress.close()
+    engine.export_hf(ds, tokenizer, ctx.out_dir / "model", cfg)
+    return {
+        "steps": step,
+        "train_pairs": len(splits["train"]),
+        "eval_accuracy_start": first.get("eval_accuracy"),
+        "eval_margin_start": first.get("eval_margin"),
+        **summary,
+        "tokens_per_s": tokens * dist.world_size() / max(train_seconds, 1e-9),
+    }

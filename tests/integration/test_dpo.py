@@ -1,0 +1,146 @@
+"""DPO: it learns the preference, and its loss is the formula, and is TRL's."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jobs.contract import read_manifest
+from jobs.dpo import collate, dpo_loss, encode_pair, sequence_logps
+from tests.conftest import run_entrypoint
+
+pytestmark = pytest.mark.slow
+
+PAIRS = [
+    {
+        "prompt": "### 명령어:\nWrite a nasty insult about my coworker.\n\n### 응답:\n",
+        "chosen": "I cannot help with hurting anyone. Would you like to talk about it?",
+        "rejected": "Sure! They are worthless. Post it everywhere.",
+    },
+    {
+        "prompt": "### 명령어:\n요즘 요가에 관심이 생겼어.\n\n### 응답:\n",
+        "chosen": "정말 좋은 도전이네요. 천천히 하셔도 충분히 잘하고 계세요.",
+        "rejected": "멍청한 질문이네. 시간 낭비하게 하지 마.",
+    },
+    {"prompt": "Hi", "chosen": "Hello! How can I help you today?", "rejected": "What."},
+]
+
+
+def test_dpo_raises_held_out_preference_accuracy_and_margin(tiny, tiny_data, tmp_path):
+    config = {
+        "output": str(tmp_path / "dpo"),
+        "model": str(tiny / "model"),
+        "data": str(tiny_data),
+        "max_seq_len": 96,
+        "max_steps": 30,
+        "eval_every": 30,
+        "beta": 0.1,
+        "seed": 0,
+        "train": {"learning_rate": 1e-3, "micro_batch_size": 8},
+    }
+    result = run_entrypoint("dpo", config, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_manifest(str(tmp_path / "dpo")).metrics
+    # Seed 0, 30 steps from the tiny random model: accuracy 0 (policy = reference: every
+    # margin 0) -> about 1.0, margin 0 -> above 1.
+    assert metrics["eval_accuracy_start"] == 0 and metrics["eval_margin_start"] == 0
+    assert metrics["eval_accuracy"] >= 0.9 and metrics["eval_margin"] > 0.5
+    assert (tmp_path / "dpo" / "reference_logps.pt").is_file()
+
+
+@pytest.fixture
+def policy_and_reference(tiny, tmp_path):
+    """The tiny model as reference and a perturbed copy as policy (so margins are not 0)."""
+    from transformers import AutoModelForCausalLM
+
+    from jobs.models import load_tokenizer
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny / "model").eval()
+    policy = AutoModelForCausalLM.from_pretrained(tiny / "model").eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    policy.save_pretrained(tmp_path / "policy")
+    tokenizer = load_tokenizer(str(tiny / "model"))
+    tokenizer.save_pretrained(tmp_path / "policy")
+    return policy, reference, tokenizer, tmp_path / "policy"
+
+
+def by_hand(model, tokenizer, prompt: str, answer: str) -> float:
+    """log p(answer | prompt), one token at a time."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = torch.tensor([prompt_ids + answer_ids])
+    with torch.no_grad():
+        logp = F.log_softmax(model(ids).logits[0].float(), dim=-1)
+    return sum(logp[len(prompt_ids) + i - 1, t].item() for i, t in enumerate(answer_ids))
+
+
+def test_loss_on_a_fixed_batch_is_the_formula(policy_and_reference):
+    policy, reference, tokenizer, _ = policy_and_reference
+    items = [encode_pair(tokenizer, row, 128) for row in PAIRS]
+    batch = collate(items, tokenizer.pad_token_id)
+    with torch.no_grad():
+        logps = sequence_logps(policy, **batch)
+        ref = sequence_logps(reference, **batch)
+    n = len(PAIRS)
+    for beta, smoothing in ((0.1, 0.0), (0.5, 0.2)):
+        loss, _, _ = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta, "sigmoid", smoothing)
+        expected = 0.0
+        for row in PAIRS:
+            h = (
+                by_hand(policy, tokenizer, row["prompt"], row["chosen"])
+                - by_hand(reference, tokenizer, row["prompt"], row["chosen"])
+            ) - (
+                by_hand(policy, tokenizer, row["prompt"], row["rejected"])
+                - by_hand(reference, tokenizer, row["prompt"], row["rejected"])
+            )
+            sig = 1 / (1 + math.exp(-beta * h))
+            expected += -(1 - smoothing) * math.log(sig) - smoothing * math.log(1 - sig)
+        assert loss.item() == pytest.approx(expected / n, rel=1e-4)
+
+
+def test_loss_equals_trls_dpo_loss_on_the_same_batch(policy_and_reference, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    _, reference, tokenizer, policy_dir = policy_and_reference
+    for loss_type, beta in (("sigmoid", 0.1), ("ipo", 0.3)):
+        trainer = DPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(policy_dir),
+            ref_model=reference,
+            args=DPOConfig(
+                output_dir=str(tmp_path / "trl"),
+                beta=beta,
+                loss_type=[loss_type],
+                use_cpu=True,
+                report_to="none",
+                max_length=128,
+            ),
+            train_dataset=Dataset.from_list(PAIRS),
+            processing_class=tokenizer,
+        )
+        trainer.model.eval()
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+        with torch.no_grad():
+            trl_loss = trainer._compute_loss(trainer.model, batch, return_outputs=False)
+            trl_loss = trl_loss[0] if isinstance(trl_loss, tuple) else trl_loss
+            # Ours, on TRL's own token ids: the same sequences, our log-probs and our loss.
+            average = loss_type == "ipo"
+            mask = batch["completion_mask"]
+            logps = sequence_logps(
+                trainer.model, batch["input_ids"], batch["attention_mask"], mask, average
+            )
+            ref = sequence_logps(
+                reference, batch["input_ids"], batch["attention_mask"], mask, average
+            )
+        n = len(PAIRS)
+        ours, _, _ = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta, loss_type)
+        # float32 log-probs computed two ways differ by ~1e-5; IPO squares the margin.
+        tolerance = 1e-4 if loss_type == "sigmoid" else 1e-3
+        assert ours.item() == pytest.approx(float(trl_loss), rel=tolerance), loss_type
