@@ -61,6 +61,7 @@ bench: setup
 	$(BIN)/python -m bench.sft_throughput
 	$(BIN)/python -m bench.reward_throughput
 	$(BIN)/python -m bench.ppo_iteration
+	$(BIN)/python -m bench.dpo_throughput
 
 images:
 	$(CONTAINER) build -f images/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) \

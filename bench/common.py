@@ -91,6 +91,9 @@ class TrainerClock:
         clock = self
 
         class Clock(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                clock.tokens = 0  # batches collated before (precomputing references) do not count
+
             def on_step_begin(self, args, state, control, **kwargs):
                 clock._started = time.perf_counter()
 
