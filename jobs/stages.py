@@ -21,6 +21,7 @@ STAGES: dict[str, str] = {
     "ppo": "jobs.ppo",
     "evaluate": "jobs.evaluate",
     "dpo": "jobs.dpo",
+    "merge": "jobs.merge",
 }
 
 
