@@ -22,6 +22,7 @@ STAGES: dict[str, str] = {
     "evaluate": "jobs.evaluate",
     "dpo": "jobs.dpo",
     "merge": "jobs.merge",
+    "crlft": "jobs.crlft",
 }
 
 

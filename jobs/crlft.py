@@ -1,0 +1,181 @@
+"""crlft: OpenChat's Conditioned-RLFT on mixed-quality data (seed: OpenChat review).
+
+Every data source is a class: its tag conditions the prompt ("GPT4 User: ... GPT4
+Assistant:" for the expert source, "GPT3 User: ..." for the sub-optimal one), a new
+end-of-turn token closes each turn (added to the tokenizer, embeddings resized, and
+made a stop token so generation ends there), and the loss of every example is weighted
+by its source's coarse reward (the paper: 1.0 for GPT-4 data, 0.1 for GPT-3.5 data).
+At inference, prompting with the expert tag asks for expert-quality answers.
+
+Reads ``sft/{train,eval}.jsonl`` of a data stage output whose rows carry a ``label``
+(ShareGPT's model field, or a source's ``label``); use ``template: raw`` there so the
+prompt is the plain conversation. Writes ``model/``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobs import dist, engine
+from jobs.batches import IGNORE, ShardedSampler, read_jsonl
+from jobs.contract import StageConfig, StageContext
+from jobs.engine import EngineConfig
+from jobs.errors import BadInputError
+from jobs.models import load_tokenizer, model_source
+from jobs.sft import collate, tokenize
+
+END_OF_TURN = "<|end_of_turn|>"
+
+
+class ClassConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tag: str = Field(description="conditions the prompt: '<tag> User:' / '<tag> Assistant:'")
+    weight: float = Field(gt=0, description="the coarse reward: the loss weight of its examples")
+
+
+DEFAULT_CLASSES = {
+    "gpt-4": ClassConfig(tag="GPT4", weight=1.0),
+    "gpt-3.5-turbo": ClassConfig(tag="GPT3", weight=0.1),
+}
+
+
+class Config(StageConfig):
+    model: str = Field(description="the base model (a stage output folder or Hub id)")
+    data: str = Field(description="a data stage output whose sft rows have a 'label'")
+    classes: dict[str, ClassConfig] = Field(
+        default_factory=lambda: dict(DEFAULT_CLASSES), description="label -> tag and weight"
+    )
+    end_of_turn: str = END_OF_TURN
+    max_seq_len: int = Field(512, ge=8)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    eval_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    train: EngineConfig = EngineConfig(learning_rate=2e-5)
+
+
+def conditioned(prompt: str, tag: str, end_of_turn: str) -> str:
+    """OpenChat's class-conditioned single-turn prompt."""
+    return f"{tag} User: {prompt}{end_of_turn}{tag} Assistant:"
+
+
+def weighted_loss(model, batch: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Response-token cross-entropy, every example's tokens weighted by its class reward."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+    mask = (targets != IGNORE).float()
+    return (ce * mask * weights[:, None]).sum() / mask.sum().clamp(min=1)
+
+
+def prepare(rows: list[dict], config: Config, tokenizer, where: str):
+    """(ids, labels, weight) per row, its prompt conditioned on its class."""
+    out = []
+    for number, row in enumerate(rows, start=1):
+        label = row.get("label")
+        if label not in config.classes:
+            raise BadInputError(
+                f"{where}:{number}: field 'label': {label!r} is not one of the "
+                f"classes {sorted(config.classes)}"
+            )
+        cls = config.classes[label]
+        text = {
+            "prompt": conditioned(row["prompt"], cls.tag, config.end_of_turn),
+            "response": " " + row["response"] + config.end_of_turn,
+        }
+        [(ids, labels)] = tokenize([text], tokenizer, config.max_seq_len)
+        # The end-of-turn token closes the answer in place of EOS.
+        out.append((ids[:-1], labels[:-1], cls.weight, label))
+    return out
+
+
+def run(config: Config, ctx: StageContext) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(config.seed)
+    source = model_source(ctx, config.model)
+    tokenizer = load_tokenizer(source)
+    tokenizer.add_special_tokens({"additional_special_tokens": [config.end_of_turn]})
+    eot = tokenizer.convert_tokens_to_ids(config.end_of_turn)
+    data_dir = ctx.input_dir(config.data)
+    splits = {}
+    for split in ("train", "eval"):
+        path = data_dir / "sft" / f"{split}.jsonl"
+        rows = read_jsonl(path, ("prompt", "response")) if path.is_file() else []
+        splits[split] = prepare(rows, config, tokenizer, f"{config.data}/sft/{split}.jsonl")
+    if not splits["train"]:
+        raise BadInputError(f"{config.data}: no sft/train.jsonl rows")
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model.resize_token_embeddings(len(tokenizer))
+    eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = sorted({eot, *(eos if isinstance(eos, list) else [eos])})
+
+    cfg = config.train
+    sampler = ShardedSampler(
+        len(splits["train"]), cfg.micro_batch_size, config.seed, dist.rank(), dist.world_size()
+    )
+    total_steps = (
+        config.max_steps
+        or max(sampler.per_epoch // cfg.gradient_accumulation_steps, 1) * config.epochs
+    )
+    ds = engine.initialize(model, cfg, total_steps)
+    state = engine.resume(ds, ctx)
+    step = state.get("step", 0)
+    pad_id = tokenizer.pad_token_id
+
+    def batch_of(items):
+        batch = {k: v.to(ds.device) for k, v in collate([i[:2] for i in items], pad_id).items()}
+        return batch, torch.tensor([i[2] for i in items], device=ds.device)
+
+    @torch.no_grad()
+    def eval_loss() -> float:
+        ds.eval()
+        losses = [
+            weighted_loss(ds, *batch_of(splits["eval"][s : s + cfg.micro_batch_size])).item()
+            for s in range(0, len(splits["eval"]), cfg.micro_batch_size)
+        ]
+        ds.train()
+        return sum(losses) / max(len(losses), 1)
+
+    batches = sampler.micro_batches(start=step * cfg.gradient_accumulation_steps)
+    progress = ctx.progress(total_steps, step)
+    summary: dict = {}
+    tokens, train_seconds, losses = 0, 0.0, []
+    while step < total_steps:
+        started = time.perf_counter()
+        for _ in range(cfg.gradient_accumulation_steps):
+            batch, weights = batch_of([splits["train"][i] for i in next(batches)])
+            tokens += int(batch["attention_mask"].sum())
+            loss = weighted_loss(ds, batch, weights)
+            ds.backward(loss)
+            ds.step()
+            losses.append(loss.item())
+        train_seconds += time.perf_counter() - started
+        step += 1
+        progress.update(1)
+        if step % config.log_every == 0 or step == total_steps:
+            ctx.log(
+                step,
+                loss=sum(losses) / len(losses),
+                tokens_per_s=tokens * dist.world_size() / max(train_seconds, 1e-9),
+            )
+            losses = []
+        if splits["eval"] and (step % config.eval_every == 0 or step == total_steps):
+            summary = {"eval_loss": eval_loss()}
+            ctx.log(step, **summary)
+        engine.checkpoint_or_stop(ds, ctx, step, config.checkpoint_every, {})
+    progress.close()
+    engine.export_hf(ds, tokenizer, ctx.out_dir / "model", cfg)
+    counts = {
+        f"examples.{label}": sum(1 for i in splits["train"] if i[3] == label)
+        for label in config.classes
+    }
+    return {"steps": step, "end_of_turn_id": eot, **counts, **summary}

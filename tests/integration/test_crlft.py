@@ -1,0 +1,103 @@
+"""C-RLFT: the expert tag brings out the expert style, and the end-of-turn token stops."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jobs.contract import read_manifest, run_stage
+from jobs.data import stage as data
+from tests.conftest import run_entrypoint
+
+pytestmark = pytest.mark.slow
+
+
+def test_expert_tag_answers_score_higher_and_end_of_turn_ends_generation(tiny, tiny_rm, tmp_path):
+    # Two sources of one set of prompts: GPT-4 answers kindly, GPT-3.5 rudely.
+    rows = []
+    for line in (tiny / "data" / "dialogues.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        rows.append(
+            {
+                "model": "gpt-4",
+                "conversations": [
+                    {"from": "human", "value": d["prompt"]},
+                    {"from": "gpt", "value": d["chosen"]},
+                ],
+            }
+        )
+        rows.append(
+            {
+                "model": "gpt-3.5-turbo",
+                "conversations": [
+                    {"from": "human", "value": d["prompt"]},
+                    {"from": "gpt", "value": d["rejected"]},
+                ],
+            }
+        )
+    (tmp_path / "sharegpt.json").write_text(json.dumps(rows, ensure_ascii=False))
+    run_stage(
+        "data",
+        data.Config(
+            output=str(tmp_path / "data"),
+            template="raw",
+            dedup_threshold=None,
+            eval_fraction=0.1,
+            sources=[
+                {
+                    "name": "sharegpt",
+                    "format": "sharegpt",
+                    "uri": str(tmp_path / "sharegpt.json"),
+                    "label_field": "model",
+                }
+            ],
+        ),
+        data.run,
+        workdir=tmp_path / "w",
+    )
+
+    config = {
+        "output": str(tmp_path / "crlft"),
+        "model": str(tiny / "model"),
+        "data": str(tmp_path / "data"),
+        "max_seq_len": 128,
+        "max_steps": 120,
+        "eval_every": 1000,
+        "seed": 0,
+        "train": {"learning_rate": 3e-3, "micro_batch_size": 16, "warmup_steps": 5},
+    }
+    result = run_entrypoint("crlft", config, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_manifest(str(tmp_path / "crlft")).metrics
+    assert metrics["examples.gpt-4"] > 0 and metrics["examples.gpt-3.5-turbo"] > 0
+
+    from transformers import AutoModelForCausalLM
+
+    from jobs.crlft import conditioned
+    from jobs.generation import SamplingConfig, generate
+    from jobs.models import load_tokenizer
+    from jobs.reward import load_reward_model, score_texts
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "crlft" / "model").eval()
+    tokenizer = load_tokenizer(str(tmp_path / "crlft" / "model"))
+    eot = metrics["end_of_turn_id"]
+    assert eot in model.generation_config.eos_token_id
+    prompts = [
+        json.loads(x)["prompt"]
+        for x in (tmp_path / "data" / "sft" / "eval.jsonl").read_text().splitlines()
+    ][:24]
+    sampling = SamplingConfig(do_sample=False, max_new_tokens=60)
+    by_tag = {}
+    for tag in ("GPT4", "GPT3"):
+        conditioned_prompts = [conditioned(p, tag, "<|end_of_turn|>") for p in prompts]
+        samples = [s[0] for s in generate(model, tokenizer, conditioned_prompts, sampling)]
+        assert sum(s.finish_reason == "eos" for s in samples) >= 0.8 * len(samples)
+        assert all(eot not in s.tokens for s in samples)
+        by_tag[tag] = [s.text for s in samples]
+
+    reward_model = load_reward_model(str(tiny_rm / "model"))
+    rm_tokenizer = load_tokenizer(str(tiny_rm / "model"))
+    expert = score_texts(reward_model, rm_tokenizer, prompts, by_tag["GPT4"])
+    suboptimal = score_texts(reward_model, rm_tokenizer, prompts, by_tag["GPT3"])
+    assert sum(expert) / len(expert) > sum(suboptimal) / len(suboptimal)
