@@ -5,9 +5,9 @@ architecture with two layers of width 64, randomly initialised, so every
 stage runs on a CPU in seconds. The tokenizer is a byte-level BPE trained on
 the project's own synthetic text (Korean and English), with a chat template.
 
-Outputs: ``model/`` (Hugging Face format), ``data/*.jsonl`` in the real formats
-the data stage reads (Alpaca/KULLM instruction data, prompt/chosen/rejected
-pairs, HH-RLHF dialogues), ``dialogues.jsonl`` (everything, for tests).
+Outputs: ``model/`` (Hugging Face format), ``data/*`` in the real formats the data
+stage reads (Alpaca/KULLM instruction data, prompt/chosen/rejected pairs, HH-RLHF
+dialogues, ShareGPT with two sources), ``dialogues.jsonl`` (everything, for tests).
 """
 
 from __future__ import annotations
@@ -131,8 +131,23 @@ def write_data_files(dialogues: list[Dialogue], data_dir: Path) -> dict[str, int
     }
     for name, rows in files.items():
         write_jsonl(data_dir / name, rows)
+    # ShareGPT with two sources of different quality, for C-RLFT: GPT-4 answers kindly,
+    # GPT-3.5 rudely (the coarse reward of OpenChat's mixed-quality data, made obvious).
+    sharegpt = [
+        {
+            "id": f"{source}-{i}",
+            "model": source,
+            "conversations": [
+                {"from": "human", "value": d.prompt},
+                {"from": "gpt", "value": answer},
+            ],
+        }
+        for i, d in enumerate(dialogues)
+        for source, answer in (("gpt-4", d.chosen), ("gpt-3.5-turbo", d.rejected))
+    ]
+    (data_dir / "sharegpt.json").write_text(json.dumps(sharegpt, ensure_ascii=False))
     write_jsonl(data_dir / "dialogues.jsonl", [d.as_dict() for d in dialogues])
-    return {name: len(rows) for name, rows in files.items()}
+    return {**{name: len(rows) for name, rows in files.items()}, "sharegpt.json": len(sharegpt)}
 
 
 def run(config: Config, ctx: StageContext) -> dict:

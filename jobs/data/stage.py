@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs.contract import StageConfig, StageContext
 from jobs.data.filters import near_duplicates
-from jobs.data.readers import READERS, Example, read_examples, rows_from_file, rows_from_hub
+from jobs.data.readers import READERS, Example, Row, read_examples, rows_from_file, rows_from_hub
 from jobs.data.templates import flatten, render_prompt
 from jobs.errors import BadInputError
 from jobs.models import load_tokenizer, model_source
@@ -53,6 +53,10 @@ class SourceConfig(BaseModel):
     max_rows: int | None = Field(None, ge=1)
     label: str | None = Field(None, description="class of every example (C-RLFT)")
     label_field: str | None = Field(None, description="ShareGPT: the row field naming the class")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="the format's field -> this data set's column, e.g. {output: response}",
+    )
     outputs: list[Output] | None = None
 
     @model_validator(mode="after")
@@ -90,6 +94,17 @@ def read_source(source: SourceConfig, ctx: StageContext) -> Iterator[Example]:
         rows = rows_from_hub(source.hub, source.subset, source.split, source.revision)
     else:
         rows = rows_from_file(ctx.input_file(source.uri), source.uri)
+    if source.columns:
+        rows = (
+            Row(
+                row.where,
+                {
+                    **row.data,
+                    **{ours: row.data.get(theirs) for ours, theirs in source.columns.items()},
+                },
+            )
+            for row in rows
+        )
     for count, example in enumerate(read_examples(rows, source.format, source.name, **options)):
         if source.max_rows is not None and count >= source.max_rows:
             return
