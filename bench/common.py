@@ -117,6 +117,33 @@ class TrainerClock:
         return self.tokens / self.seconds
 
 
+def run_ours(stage: str, model: Path, data: Path, root: Path, **fields) -> dict:
+    """Our stage on the prepared model and data, without evaluation or checkpoints."""
+    from jobs.contract import run_stage
+    from jobs.stages import stage_module
+
+    module = stage_module(stage)
+    config = module.Config(
+        output=str(root / "ours"),
+        model=str(model),
+        data=str(data),
+        eval_every=10**6,
+        log_every=10**6,
+        checkpoint_every=10**6,
+        **fields,
+    )
+    manifest = run_stage(stage, config, module.run, root / "w-ours")
+    return {"tokens_per_s": manifest.metrics["tokens_per_s"]}
+
+
+def pairs_dataset(data: Path):
+    """The data output's training pairs as a datasets.Dataset (prompt, chosen, rejected)."""
+    from datasets import Dataset
+
+    rows = [json.loads(line) for line in (data / "pairs/train.jsonl").read_text().splitlines()]
+    return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+
+
 Impl = Callable[[Path, Path, Path], dict]  # (model dir, data output, scratch) -> figures
 
 

@@ -9,42 +9,32 @@ Run: ``python -m bench.dpo_throughput``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from bench.common import TrainerClock, ours_against_trl
+from bench.common import TrainerClock, ours_against_trl, pairs_dataset, run_ours
 
 STEPS, BATCH, SEQ_LEN, LR, BETA = 40, 8, 128, 1e-4, 0.1
 
 
 def ours(model: Path, data: Path, root: Path) -> dict:
-    from jobs import dpo
-    from jobs.contract import run_stage
-
-    config = dpo.Config(
-        output=str(root / "ours"),
-        model=str(model),
-        data=str(data),
+    return run_ours(
+        "dpo",
+        model,
+        data,
+        root,
         max_seq_len=SEQ_LEN,
         max_steps=STEPS,
         beta=BETA,
-        eval_every=10**6,
-        log_every=10**6,
-        checkpoint_every=10**6,
         train={"micro_batch_size": BATCH, "learning_rate": LR},
     )
-    manifest = run_stage("dpo", config, dpo.run, root / "w-ours")
-    return {"tokens_per_s": manifest.metrics["tokens_per_s"]}
 
 
 def trl(model_dir: Path, data: Path, root: Path) -> dict:
     import torch
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    rows = [json.loads(line) for line in (data / "pairs/train.jsonl").read_text().splitlines()]
-    dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    dataset = pairs_dataset(data)
     clock = TrainerClock()
     args = DPOConfig(
         output_dir=str(root / "trl"),

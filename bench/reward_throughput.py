@@ -9,43 +9,31 @@ Run: ``python -m bench.reward_throughput``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from bench.common import TrainerClock, ours_against_trl
+from bench.common import TrainerClock, ours_against_trl, pairs_dataset, run_ours
 
 STEPS, BATCH, SEQ_LEN, LR = 40, 16, 128, 1e-3
 
 
 def ours(model: Path, data: Path, root: Path) -> dict:
-    from jobs import reward
-    from jobs.contract import run_stage
-
-    config = reward.Config(
-        output=str(root / "ours"),
-        model=str(model),
-        data=str(data),
+    return run_ours(
+        "reward",
+        model,
+        data,
+        root,
         max_seq_len=SEQ_LEN,
         max_steps=STEPS,
-        eval_every=10**6,
-        log_every=10**6,
-        checkpoint_every=10**6,
         train={"micro_batch_size": BATCH, "learning_rate": LR},
     )
-    manifest = run_stage("reward", config, reward.run, root / "w-ours")
-    return {"tokens_per_s": manifest.metrics["tokens_per_s"]}
 
 
 def trl(model_dir: Path, data: Path, root: Path) -> dict:
     import torch
-    from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    rows = [json.loads(line) for line in (data / "pairs/train.jsonl").read_text().splitlines()]
-    dataset = Dataset.from_list(
-        [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
-    )
+    dataset = pairs_dataset(data)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(
         model_dir, num_labels=1, dtype=torch.float32

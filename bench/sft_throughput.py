@@ -10,28 +10,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.common import TrainerClock, ours_against_trl
+from bench.common import TrainerClock, ours_against_trl, run_ours
 
 STEPS, BATCH, SEQ_LEN, LR = 60, 16, 128, 3e-3
 
 
 def ours(model: Path, data: Path, root: Path) -> dict:
-    from jobs import sft
-    from jobs.contract import run_stage
-
-    config = sft.Config(
-        output=str(root / "ours"),
-        model=str(model),
-        data=str(data),
+    return run_ours(
+        "sft",
+        model,
+        data,
+        root,
         max_seq_len=SEQ_LEN,
         max_steps=STEPS,
-        eval_every=10**6,
-        log_every=10**6,
-        checkpoint_every=10**6,
         train={"micro_batch_size": BATCH, "learning_rate": LR},
     )
-    manifest = run_stage("sft", config, sft.run, root / "w-ours")
-    return {"tokens_per_s": manifest.metrics["tokens_per_s"]}
 
 
 def trl(model_dir: Path, data: Path, root: Path) -> dict:
