@@ -116,6 +116,34 @@ class TrainerClock:
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds
 
+    def train(self, trainer_class, **kwargs) -> dict:
+        """Build a TRL trainer with this clock attached, train it, give its throughput."""
+        trainer = trainer_class(callbacks=[self.callback()], **kwargs)
+        self.count(trainer)
+        trainer.train()
+        return {"tokens_per_s": self.tokens_per_s}
+
+
+def trl_arguments(root: Path, batch: int, steps: int, max_length: int, lr: float) -> dict:
+    """TRL training arguments that match our stages' runs: batch, steps, length, AdamW
+    betas (0.9, 0.95), no weight decay, cosine schedule, CPU, no logging or saving."""
+    return {
+        "output_dir": str(root / "trl"),
+        "per_device_train_batch_size": batch,
+        "max_steps": steps,
+        "max_length": max_length,
+        "learning_rate": lr,
+        "lr_scheduler_type": "cosine",
+        "logging_steps": 10**6,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "seed": 0,
+        "dataloader_drop_last": True,
+        "adam_beta2": 0.95,
+        "weight_decay": 0.0,
+    }
+
 
 def run_ours(stage: str, model: Path, data: Path, root: Path, **fields) -> dict:
     """Our stage on the prepared model and data, without evaluation or checkpoints."""

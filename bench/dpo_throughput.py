@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.common import TrainerClock, ours_against_trl, pairs_dataset, run_ours
+from bench.common import TrainerClock, ours_against_trl, pairs_dataset, run_ours, trl_arguments
 
 STEPS, BATCH, SEQ_LEN, LR, BETA = 40, 8, 128, 1e-4, 0.1
 
@@ -35,36 +35,17 @@ def trl(model_dir: Path, data: Path, root: Path) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     dataset = pairs_dataset(data)
-    clock = TrainerClock()
     args = DPOConfig(
-        output_dir=str(root / "trl"),
-        per_device_train_batch_size=BATCH,
-        max_steps=STEPS,
-        max_length=SEQ_LEN,
-        learning_rate=LR,
-        beta=BETA,
-        lr_scheduler_type="cosine",
-        logging_steps=10**6,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        dataloader_drop_last=True,
-        adam_beta2=0.95,
-        weight_decay=0.0,
-        precompute_ref_log_probs=True,
+        **trl_arguments(root, BATCH, STEPS, SEQ_LEN, LR), beta=BETA, precompute_ref_log_probs=True
     )
-    trainer = DPOTrainer(
+    return TrainerClock().train(
+        DPOTrainer,
         model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
         ref_model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
         args=args,
         train_dataset=dataset,
         processing_class=AutoTokenizer.from_pretrained(model_dir),
-        callbacks=[clock.callback()],
     )
-    clock.count(trainer)
-    trainer.train()
-    return {"tokens_per_s": clock.tokens_per_s}
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.common import TrainerClock, ours_against_trl, pairs_dataset, run_ours
+from bench.common import TrainerClock, ours_against_trl, pairs_dataset, run_ours, trl_arguments
 
 STEPS, BATCH, SEQ_LEN, LR = 40, 16, 128, 1e-3
 
@@ -39,33 +39,14 @@ def trl(model_dir: Path, data: Path, root: Path) -> dict:
         model_dir, num_labels=1, dtype=torch.float32
     )
     model.config.pad_token_id = tokenizer.pad_token_id
-    clock = TrainerClock()
-    args = RewardConfig(
-        output_dir=str(root / "trl"),
-        per_device_train_batch_size=BATCH,
-        max_steps=STEPS,
-        max_length=SEQ_LEN,
-        learning_rate=LR,
-        lr_scheduler_type="cosine",
-        logging_steps=10**6,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        dataloader_drop_last=True,
-        adam_beta2=0.95,
-        weight_decay=0.0,
-    )
-    trainer = RewardTrainer(
+    args = RewardConfig(**trl_arguments(root, BATCH, STEPS, SEQ_LEN, LR))
+    return TrainerClock().train(
+        RewardTrainer,
         model=model,
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=[clock.callback()],
     )
-    clock.count(trainer)
-    trainer.train()
-    return {"tokens_per_s": clock.tokens_per_s}
 
 
 if __name__ == "__main__":

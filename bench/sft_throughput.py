@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.common import TrainerClock, ours_against_trl, run_ours
+from bench.common import TrainerClock, ours_against_trl, run_ours, trl_arguments
 
 STEPS, BATCH, SEQ_LEN, LR = 60, 16, 128, 3e-3
 
@@ -37,34 +37,14 @@ def trl(model_dir: Path, data: Path, root: Path) -> dict:
     dataset = Dataset.from_list(
         [{"prompt": r["prompt"], "completion": r["response"]} for r in rows]
     )
-    clock = TrainerClock()
-    args = SFTConfig(
-        output_dir=str(root / "trl"),
-        per_device_train_batch_size=BATCH,
-        max_steps=STEPS,
-        max_length=SEQ_LEN,
-        learning_rate=LR,
-        lr_scheduler_type="cosine",
-        logging_steps=10**6,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        packing=False,
-        seed=0,
-        dataloader_drop_last=True,
-        adam_beta2=0.95,
-        weight_decay=0.0,
-    )
-    trainer = SFTTrainer(
+    args = SFTConfig(**trl_arguments(root, BATCH, STEPS, SEQ_LEN, LR), packing=False)
+    return TrainerClock().train(
+        SFTTrainer,
         model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
         args=args,
         train_dataset=dataset,
         processing_class=AutoTokenizer.from_pretrained(model_dir),
-        callbacks=[clock.callback()],
     )
-    clock.count(trainer)
-    trainer.train()
-    return {"tokens_per_s": clock.tokens_per_s}
 
 
 if __name__ == "__main__":
