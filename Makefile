@@ -3,6 +3,8 @@
 #   make test   - the whole test suite (and ruff)
 #   make bench  - the benchmarks in bench/, figures printed and written to bench/results/
 #   make images - the job image (docker or podman, whichever is here)
+#   make images-local - the job image where no registry is reachable (CI): a debootstrapped
+#                Debian base, podman with storage of its own under .containers/
 #   make e2e-kind - the tiny pipeline on a kind cluster through `rlhf run --backend kubernetes`
 
 PYTHON ?= python3.11
@@ -23,17 +25,25 @@ TORCH_INDEX_URL ?=
 IMAGE_TORCH_SPEC ?=
 CONTAINER ?= $(shell command -v docker >/dev/null 2>&1 && echo docker || echo podman)
 
-.PHONY: setup system-deps demo test lint bench images e2e-kind clean
+.PHONY: setup system-deps demo test lint bench images images-local e2e-kind clean
 
 setup: system-deps $(STAMP)
 
 # Debian packages the suite needs: a C++ toolchain for DeepSpeed's JIT ops on GPU machines
-# and for the packages pip builds from source.
+# and for the packages pip builds from source; podman, runc and debootstrap to build the
+# job image and run stages from it (tests/integration/test_container_backend.py).
+DEBIAN_PACKAGES := g++ make podman runc debootstrap
+
 system-deps:
-	@if ! command -v g++ >/dev/null 2>&1; then \
-	  if command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ make; \
-	  else echo "install a C++ compiler (g++)"; exit 1; fi; \
+	@missing=""; for tool in g++ podman runc debootstrap; do \
+	  command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing$$missing (apt)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; \
+	  elif ! command -v g++ >/dev/null 2>&1; then echo "install a C++ compiler (g++)"; exit 1; \
+	  else echo "without$$missing the container tests are skipped"; fi; \
 	fi
 
 $(STAMP): pyproject.toml
@@ -54,6 +64,7 @@ lint: setup
 	$(BIN)/ruff format --check jobs pipeline tests bench images
 
 test: setup lint
+	$(BIN)/python -m images.localbuild --if-possible
 	$(BIN)/python -m pytest -q
 
 bench: setup
@@ -68,6 +79,9 @@ images:
 	  --build-arg TORCH_SPEC=$(IMAGE_TORCH_SPEC) --build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) \
 	  --build-arg VERSION=$(VERSION) -t $(IMAGE) .
 
+images-local: setup
+	$(BIN)/python -m images.localbuild
+
 # Needs docker and kind (a developer's laptop); creates the cluster kuberlhf-e2e, builds a
 # CPU image, loads it, installs MinIO and runs examples/demo-k8s.yaml. The same test module
 # is skipped with the reason in `make test` where docker or kind is missing.
@@ -75,4 +89,4 @@ e2e-kind: setup
 	KUBERLHF_E2E_KIND=1 $(BIN)/python -m pytest -v -rs tests/e2e
 
 clean:
-	rm -rf $(VENV) runs bench/results .pytest_cache
+	rm -rf $(VENV) runs bench/results .pytest_cache .containers

@@ -18,7 +18,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.status import summary
 
     the_plan = plan(args.pipeline, run_id=args.run_id, store_uri=args.store)
-    options = {"context": args.context} if args.backend == "kubernetes" else {}
+    options = backend_options(args)
     print(
         f"run {the_plan.run_id}: {len(the_plan.stages)} stages -> {the_plan.run_uri}"
         f" ({args.backend})"
@@ -41,6 +41,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def backend_options(args: argparse.Namespace) -> dict:
+    if args.backend == "kubernetes":
+        return {"context": args.context}
+    if args.backend == "container":
+        return {"engine": args.engine}
+    return {}
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     """Every manifest a kubernetes run would create, as one YAML stream."""
     import yaml
@@ -61,8 +69,9 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from pipeline.config import plan
 
     the_plan = plan(args.pipeline, run_id=args.run_id, store_uri=args.store)
-    deleted = get_backend("kubernetes", context=args.context).delete(the_plan)
-    print(f"run {the_plan.run_id}: deleted {deleted} Jobs (with their pods)")
+    deleted = get_backend(args.backend, **backend_options(args)).delete(the_plan)
+    what = "Jobs (with their pods)" if args.backend == "kubernetes" else "containers"
+    print(f"run {the_plan.run_id}: deleted {deleted} {what}")
     return 0
 
 
@@ -105,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
 
     run = sub.add_parser("run", help="run a pipeline file (finished stages are skipped)")
     add_plan_arguments(run)
-    run.add_argument("--backend", choices=["local", "kubernetes"], default="local")
+    run.add_argument("--backend", choices=["local", "container", "kubernetes"], default="local")
     run.add_argument("--context", help="kubeconfig context (kubernetes backend)")
+    run.add_argument("--engine", help="podman or docker (container backend; default: found)")
     run.add_argument("--only", nargs="+", metavar="STAGE", help="run just these stages")
     run.set_defaults(func=cmd_run)
 
@@ -114,9 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     add_plan_arguments(render)
     render.set_defaults(func=cmd_render)
 
-    cancel = sub.add_parser("cancel", help="delete a kubernetes run's Jobs, pods and config")
+    cancel = sub.add_parser("cancel", help="delete a run's Jobs and pods (or containers)")
     add_plan_arguments(cancel)
+    cancel.add_argument("--backend", choices=["container", "kubernetes"], default="kubernetes")
     cancel.add_argument("--context", help="kubeconfig context")
+    cancel.add_argument("--engine", help="podman or docker (container backend)")
     cancel.set_defaults(func=cmd_cancel)
 
     status = sub.add_parser("status", help="the state and newest metrics of every stage of a run")

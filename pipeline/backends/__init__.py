@@ -9,7 +9,7 @@ from typing import Protocol
 
 from jobs import store
 from jobs.contract import Manifest, read_manifest, up_to_date
-from jobs.errors import StageError
+from jobs.errors import EXIT_BAD_INPUT, StageError
 from pipeline.config import Plan, PlannedStage
 
 
@@ -51,6 +51,26 @@ def run_in_order(
     return results
 
 
+def run_with_retries(
+    stage: PlannedStage, head: str, echo: Callable[[str], None], attempt: Callable[[], int]
+) -> None:
+    """One stage as one process (a subprocess, a container), started again on a retryable
+    exit code up to the stage's ``retries``, as a Job's backoffLimit and podFailurePolicy
+    would: a bad config or input (exit 65) is never retried."""
+    for number in range(stage.spec.retries + 1):
+        code = attempt()
+        if code == 0:
+            return
+        if code == EXIT_BAD_INPUT:
+            raise StageFailed(stage.name, code, "bad config or input (not retried)")
+        if number == stage.spec.retries:
+            raise StageFailed(stage.name, code, f"gave up after {number + 1} attempts")
+        echo(
+            f"{head}: exit code {code}; retrying ({number + 1}/{stage.spec.retries})"
+            ", resuming from its newest checkpoint"
+        )
+
+
 def get_backend(name: str, **options) -> Backend:
     if name == "local":
         from pipeline.backends.local import LocalBackend
@@ -60,4 +80,8 @@ def get_backend(name: str, **options) -> Backend:
         from pipeline.backends.kubernetes import KubernetesBackend
 
         return KubernetesBackend(**options)
+    if name == "container":
+        from pipeline.backends.container import ContainerBackend
+
+        return ContainerBackend(**options)
     raise ValueError(f"unknown backend {name!r}")

@@ -11,8 +11,7 @@ from pathlib import Path
 
 from jobs import store
 from jobs.contract import Manifest
-from jobs.errors import EXIT_BAD_INPUT
-from pipeline.backends import StageFailed, run_in_order
+from pipeline.backends import run_in_order, run_with_retries
 from pipeline.config import Plan, PlannedStage
 from pipeline.launch import stage_launch
 
@@ -41,18 +40,9 @@ class LocalBackend:
         # The one local difference: the config comes from the store, not a ConfigMap.
         env = _environment({**launch.env, "KUBERLHF_CONFIG": config_uri})
         self.echo(f"{head}: running {' '.join(launch.argv)}")
-        for attempt in range(stage.spec.retries + 1):
-            code = self.runner(launch.argv, env=env).returncode
-            if code == 0:
-                return
-            if code == EXIT_BAD_INPUT:
-                raise StageFailed(stage.name, code, "bad config or input (not retried)")
-            if attempt == stage.spec.retries:
-                raise StageFailed(stage.name, code, f"gave up after {attempt + 1} attempts")
-            self.echo(
-                f"{head}: exit code {code}; retrying ({attempt + 1}/{stage.spec.retries})"
-                ", resuming from its newest checkpoint"
-            )
+        run_with_retries(
+            stage, head, self.echo, lambda: self.runner(launch.argv, env=env).returncode
+        )
 
     def delete(self, plan: Plan) -> int:
         """Nothing to cancel: local stages run in the foreground and end with ``rlhf run``."""

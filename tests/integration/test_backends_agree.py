@@ -114,6 +114,8 @@ def test_render_prints_every_manifest_a_run_creates_and_they_validate(tmp_path, 
     ]
     for doc in docs:
         kubernetes_validate.validate(doc, "1.29.0", strict=True)
+    # The demo is for CPU nodes (kind): no pod may wait for a GPU there.
+    assert "nvidia.com/gpu" not in yaml.safe_dump_all(docs)
 
 
 def test_status_reads_the_run_from_the_store(tmp_path, capsys):

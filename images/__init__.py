@@ -1,0 +1,1 @@
+"""The job image: its Dockerfile, pinned requirements and the registry-free local build."""

@@ -1,0 +1,309 @@
+"""Build the job image where no registry can be reached (CI): a minimal Debian with
+Python made by debootstrap becomes the base image, and images/Dockerfile is built on it
+through the same ``BASE_IMAGE`` argument users set to a CUDA image.
+
+podman runs with storage of its own under ``.containers/`` (vfs, runc, cgroupfs: what
+works without a container daemon or systemd), pointed at by ``CONTAINERS_CONF`` and
+``CONTAINERS_STORAGE_CONF``, so nothing in /etc changes and ``podman`` commands given
+those two variables (``env()``) see the image. What pip needs from this machine (its CA
+bundle, wheel folder, mirror) is handed to the build as read-only mounts and pip's own
+build arguments; the Dockerfile knows nothing of this machine.
+
+    python -m images.localbuild    # builds, prints build time and image size, writes JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+ROOT = Path(__file__).resolve().parents[1]
+STATE = Path(os.environ.get("KUBERLHF_CONTAINERS", ROOT / ".containers"))
+BASE = "localhost/kuberlhf-base:bookworm"
+IMAGE = "localhost/kuberlhf:ci"
+TOOLS = ("podman", "debootstrap")
+MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
+# pip's settings that name things on this machine, as build arguments and mounts.
+PIP_SETTINGS = ("index-url", "extra-index-url", "find-links", "cert")
+BUILD_MOUNTS = "/run/kuberlhf-build"
+CONTEXT_LABEL = "io.kuberlhf.context"
+
+
+def missing() -> list[str]:
+    """What this machine lacks for a local build (root is needed for debootstrap)."""
+    lacking = [tool for tool in TOOLS if shutil.which(tool) is None]
+    return lacking + (["root"] if os.geteuid() != 0 else [])
+
+
+def storage_driver() -> str:
+    """overlay where the kernel mounts it here (containers start at once), else vfs, which
+    works everywhere but copies the whole image for every layer and container."""
+    if chosen := os.environ.get("KUBERLHF_STORAGE_DRIVER"):
+        return chosen
+    STATE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=STATE) as folder:
+        parts = [Path(folder) / part for part in ("lower", "upper", "work", "merged")]
+        for part in parts:
+            part.mkdir()
+        lower, upper, work, merged = parts
+        options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+        mounted = subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", options, str(merged)],
+            capture_output=True,
+            check=False,
+        )
+        if mounted.returncode != 0:
+            return "vfs"
+        subprocess.run(["umount", str(merged)], check=False)
+        return "overlay"
+
+
+def env() -> dict[str, str]:
+    """The variables that point podman at the private storage and its settings."""
+    STATE.mkdir(parents=True, exist_ok=True)
+    containers, storage = STATE / "containers.conf", STATE / "storage.conf"
+    # The sandbox refuses the rlimits podman sets by default; crun fails on hybrid
+    # cgroups, runc does not; without systemd, events go to a file.
+    containers.write_text(
+        "[containers]\ndefault_ulimits = []\n\n"
+        '[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
+    )
+    if not storage.exists():  # the driver of existing storage cannot change
+        storage.write_text(
+            f'[storage]\ndriver = "{storage_driver()}"\ngraphroot = "{STATE / "storage"}"\n'
+            f'runroot = "{STATE / "run"}"\n'
+        )
+    return {"CONTAINERS_CONF": str(containers), "CONTAINERS_STORAGE_CONF": str(storage)}
+
+
+def podman(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["podman", *args],
+        env={**os.environ, **env()},
+        check=True,
+        text=True,
+        capture_output=capture,
+    )
+
+
+def exists(image: str) -> bool:
+    return (
+        subprocess.run(
+            ["podman", "image", "exists", image], env={**os.environ, **env()}, check=False
+        ).returncode
+        == 0
+    )
+
+
+def base_image() -> float:
+    """Make the Debian base (bookworm: Python 3.11) unless it is there; seconds taken."""
+    if exists(BASE):
+        return 0.0
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=STATE) as folder:
+        rootfs = Path(folder) / "rootfs"
+        subprocess.run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=python3,python3-venv,ca-certificates",
+                "bookworm",
+                str(rootfs),
+                MIRROR,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        # Debian's own Python refuses pip installs (PEP 668): a venv on the PATH makes the
+        # base behave as python:3.11-slim does, `python` and `pip` included.
+        subprocess.run(["chroot", str(rootfs), "python3", "-m", "venv", "/opt/python"], check=True)
+        for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for item in (rootfs / cache).glob("*"):
+                if item.is_file():
+                    item.unlink()
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        subprocess.run(
+            [
+                "podman",
+                "import",
+                "--change",
+                "ENV PATH=/opt/python/bin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "--change",
+                'CMD ["python"]',
+                "-",
+                BASE,
+            ],
+            stdin=tar.stdout,
+            env={**os.environ, **env()},
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        tar.wait()
+    return time.perf_counter() - start
+
+
+def pip_passthrough() -> list[str]:
+    """Build arguments and read-only mounts carrying this machine's pip settings (from
+    PIP_* variables, else pip's config) into the build. The mounts go under /run, which is
+    a tmpfs during build steps, so not even their empty mount points stay in the image."""
+    listed = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True
+    ).stdout
+    found: dict[str, str] = {}
+    for line in listed.splitlines():
+        key, _, value = line.partition("=")
+        setting = key.rsplit(".", 1)[-1]
+        if setting in PIP_SETTINGS:
+            found.setdefault(setting, value.strip().strip("'\""))
+    for setting in PIP_SETTINGS:
+        if variable := os.environ.get("PIP_" + setting.upper().replace("-", "_")):
+            found[setting] = variable
+    args, mounts = [], {}
+    for setting, value in found.items():
+        items = []
+        for item in value.split():
+            url = item.startswith("file:")
+            path = urlparse(item).path if url else item
+            if not (path.startswith("/") and Path(path).exists()):
+                items.append(item)
+                continue
+            # An index's pages link to the files beside it: mount its parent.
+            root = str(Path(path).parent) if url and Path(path).name == "simple" else path
+            mounts[root] = f"{BUILD_MOUNTS}{root}"
+            inside = f"{BUILD_MOUNTS}{path}"
+            items.append(f"file://{inside}" if url else inside)
+        args += ["--build-arg", f"PIP_{setting.upper().replace('-', '_')}={' '.join(items)}"]
+    for host, inside in sorted(mounts.items()):
+        args += ["--volume", f"{host}:{inside}:ro"]
+    return args
+
+
+@dataclass
+class Built:
+    image: str
+    base_s: float
+    build_s: float
+    size_bytes: int
+    base_size_bytes: int
+    fresh: bool = True
+
+    def figures(self) -> dict:
+        return {
+            "image": self.image,
+            "base_image_s": round(self.base_s, 1),
+            "build_s": round(self.build_s, 1),
+            "image_size_gb": round(self.size_bytes / 1e9, 2),
+            "base_size_gb": round(self.base_size_bytes / 1e9, 2),
+        }
+
+
+def size(image: str) -> int:
+    out = podman("image", "inspect", "--format", "{{.Size}}", image, capture=True).stdout
+    return int(out.strip())
+
+
+def context_digest(torch_spec: str) -> str:
+    """What the image is built from: the Dockerfile, what .dockerignore lets into the build
+    context, the base and torch."""
+    digest = hashlib.sha256(f"{BASE} {torch_spec}".encode())
+    allowed = [
+        line[1:].strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    ]
+    paths = [ROOT / "images" / "Dockerfile"]
+    for name in allowed:
+        top = ROOT / name
+        paths += (
+            sorted(p for p in top.rglob("*") if "__pycache__" not in p.parts)
+            if top.is_dir()
+            else [top]
+        )
+    for path in paths:
+        digest.update(path.relative_to(ROOT).as_posix().encode())
+        if path.is_symlink():
+            digest.update(os.readlink(path).encode())
+        elif path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def label(image: str, key: str) -> str | None:
+    if not exists(image):
+        return None
+    template = '{{index .Labels "' + key + '"}}'
+    return podman("image", "inspect", "--format", template, image, capture=True).stdout.strip()
+
+
+def build(image: str = IMAGE, torch_spec: str = "torch==2.13.0") -> Built:
+    """The base if needed, then the Dockerfile, unless the image was built from exactly this
+    context (a label records its digest); podman's layer cache keeps the dependency layer
+    when only code changed."""
+    digest = context_digest(torch_spec)
+    if label(image, CONTEXT_LABEL) == digest:
+        return Built(image, 0.0, 0.0, size(image), size(BASE), fresh=False)
+    base_s = base_image()
+    start = time.perf_counter()
+    podman(
+        "build",
+        "--isolation",
+        "chroot",
+        "--file",
+        str(ROOT / "images" / "Dockerfile"),
+        "--build-arg",
+        f"BASE_IMAGE={BASE}",
+        "--build-arg",
+        f"TORCH_SPEC={torch_spec}",
+        *pip_passthrough(),
+        "--label",
+        f"{CONTEXT_LABEL}={digest}",
+        "--tag",
+        image,
+        str(ROOT),
+    )
+    return Built(image, base_s, time.perf_counter() - start, size(image), size(BASE))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image", default=IMAGE)
+    parser.add_argument(
+        "--if-possible",
+        action="store_true",
+        help="say what is missing and exit 0 where podman or root is lacking",
+    )
+    args = parser.parse_args(argv)
+    if lacking := missing():
+        print(
+            f"local image build: not possible here, missing {', '.join(lacking)}"
+            " (the container tests skip)"
+        )
+        return 0 if args.if_possible else 1
+    built = build(args.image)
+    figures = built.figures()
+    if not built.fresh:
+        print(f"local image build: {built.image} is up to date ({figures['image_size_gb']} GB)")
+        return 0
+    print(
+        f"local image build: {built.image} built in {figures['build_s']} s "
+        f"(base image {figures['base_image_s']} s), {figures['image_size_gb']} GB "
+        f"(base {figures['base_size_gb']} GB)"
+    )
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "image_build.json").write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
