@@ -20,7 +20,7 @@ VERSION := 0.1.0
 IMAGE ?= kuberlhf:$(VERSION)
 # A CUDA PyTorch image for GPU nodes; `make images BASE_IMAGE=python:3.11-slim
 # TORCH_SPEC=torch==2.13.0 TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu` for CPU.
-BASE_IMAGE ?= pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
+BASE_IMAGE ?= pytorch/pytorch:2.7.1-cuda12.8-cudnn9-devel
 TORCH_INDEX_URL ?=
 IMAGE_TORCH_SPEC ?=
 CONTAINER ?= $(shell command -v docker >/dev/null 2>&1 && echo docker || echo podman)
