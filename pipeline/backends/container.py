@@ -242,10 +242,11 @@ class ContainerBackend:
             run_with_retries(stage, head, self.echo, attempt)
 
     def delete(self, plan: Plan) -> int:
-        """Remove the run's containers (running ones are stopped first)."""
-        return self._remove(["--filter", f"label=kuberlhf.io/run={plan.run_id}"])
+        """Stop the run's containers as a pod is stopped (SIGTERM: a training stage saves a
+        checkpoint; SIGKILL after the same 30 s grace), then remove them."""
+        return self._remove(["--filter", f"label=kuberlhf.io/run={plan.run_id}"], grace_s=30)
 
-    def _remove(self, filters: list[str]) -> int:
+    def _remove(self, filters: list[str], grace_s: int | None = None) -> int:
         listed = subprocess.run(
             [self.engine, "ps", "--all", "--quiet", *filters],
             capture_output=True,
@@ -253,6 +254,8 @@ class ContainerBackend:
             check=False,
         )
         ids = listed.stdout.split()
+        if ids and grace_s is not None:
+            subprocess.run([self.engine, "stop", "-t", str(grace_s), *ids], capture_output=True)
         if ids:
             subprocess.run([self.engine, "rm", "--force", *ids], capture_output=True, check=False)
         return len(ids)

@@ -10,14 +10,16 @@ here: a stage exits non-zero or writes no manifest.
 from __future__ import annotations
 
 import subprocess
+import time
 
 import pytest
 import yaml
 
 from images import localbuild
-from jobs.contract import download_finished
-from pipeline.backends.container import ContainerBackend, container_command
+from jobs.contract import download_finished, read_manifest
+from pipeline.backends.container import container_command
 from pipeline.charts import pod_template, render_stage
+from pipeline.cli import main
 from pipeline.config import plan
 
 pytestmark = pytest.mark.skipif(
@@ -96,14 +98,15 @@ def pipeline_file(tmp_path, s3_env: str, endpoint: str, image: str):
     return plan(str(path))
 
 
-def test_stages_run_as_containers_from_the_image(job_image, s3_env, s3_server, tmp_path):
+def test_stages_run_as_containers_from_the_image(job_image, s3_env, s3_server, tmp_path, capsys):
     the_plan = pipeline_file(tmp_path, s3_env, s3_server, job_image)
-    lines: list[str] = []
+    command = ["run", the_plan.source, "--backend", "container", "--engine", "podman"]
 
-    results = ContainerBackend(engine="podman", echo=lines.append).run(the_plan)
+    assert main(command) == 0
 
-    assert list(results) == ["bootstrap", "data", "sft"]
-    assert any(f"podman container boxed-sft from {job_image}" in line for line in lines)
+    printed = capsys.readouterr().out
+    assert f"[3/3] sft: podman container boxed-sft from {job_image}" in printed
+    results = {stage.name: read_manifest(stage.output) for stage in the_plan.stages}
     for name, manifest in results.items():
         # Written from inside the image (the chart's KUBERLHF_IMAGE), complete and intact:
         # every file is downloaded and checked against its sha256.
@@ -116,9 +119,8 @@ def test_stages_run_as_containers_from_the_image(job_image, s3_env, s3_server, t
     assert sft["steps"] == 12 and sft["eval_loss"] < sft["eval_loss_start"]
 
     # Again: every stage's output matches its config and inputs, so nothing runs.
-    again: list[str] = []
-    ContainerBackend(engine="podman", echo=again.append).run(the_plan)
-    assert all("up to date, skipped" in line for line in again)
+    assert main(command) == 0
+    assert capsys.readouterr().out.count("up to date, skipped") == 3
 
 
 def test_the_container_is_non_root_and_writes_only_to_its_volumes(
@@ -156,4 +158,37 @@ for path in ("/opt/kuberlhf/probe", "/tmp/probe", "/probe"):
         pass
 else:
     print("root=read-only")
+"""
+
+
+def test_cancel_removes_the_runs_running_containers(job_image, s3_env, s3_server, tmp_path, capsys):
+    the_plan = pipeline_file(tmp_path, s3_env, s3_server, job_image)
+    manifests = render_stage(the_plan, the_plan.stages[0])
+    # A stage's way with SIGTERM: checkpoint, then exit 75.
+    pod_template(manifests)["spec"]["containers"][0]["command"] = ["python", "-c", STAGE_LIKE]
+    folder = tmp_path / "mounts"
+    folder.mkdir()
+    running = subprocess.Popen(container_command("podman", manifests, folder))
+    try:
+        listed = ["podman", "ps", "--quiet", "--filter", "label=kuberlhf.io/run=boxed"]
+        for _ in range(120):
+            if subprocess.run(listed, capture_output=True, text=True).stdout.strip():
+                break
+            time.sleep(0.5)
+
+        assert (
+            main(["cancel", the_plan.source, "--backend", "container", "--engine", "podman"]) == 0
+        )
+
+        assert "run boxed: deleted 1 containers" in capsys.readouterr().out
+        assert running.wait(timeout=60) == 75  # stopped with SIGTERM, not killed
+        assert not subprocess.run(listed, capture_output=True, text=True).stdout.strip()
+    finally:
+        running.kill()
+
+
+STAGE_LIKE = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
+time.sleep(600)
 """

@@ -117,3 +117,12 @@ def test_a_local_store_is_refused(tmp_path):
 )
 def test_kubernetes_quantities(text, value):
     assert quantity(text) == value
+
+
+def test_a_missing_engine_is_a_clear_error(tmp_path, capsys):
+    from pipeline.cli import main
+
+    the_plan, _ = stage_plan(tmp_path)
+    command = ["run", the_plan.source, "--backend", "container", "--engine", "no-such-engine"]
+    assert main(command) == 65
+    assert "needs no-such-engine, and it is not on the PATH" in capsys.readouterr().err
