@@ -86,23 +86,21 @@ def env() -> dict[str, str]:
     return {"CONTAINERS_CONF": str(containers), "CONTAINERS_STORAGE_CONF": str(storage)}
 
 
-def podman(*args: str, capture: bool = False) -> subprocess.CompletedProcess:
+def podman(
+    *args: str, capture: bool = False, check: bool = True, **run
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["podman", *args],
         env={**os.environ, **env()},
-        check=True,
+        check=check,
         text=True,
         capture_output=capture,
+        **run,
     )
 
 
 def exists(image: str) -> bool:
-    return (
-        subprocess.run(
-            ["podman", "image", "exists", image], env={**os.environ, **env()}, check=False
-        ).returncode
-        == 0
-    )
+    return podman("image", "exists", image, check=False).returncode == 0
 
 
 def base_image() -> float:
@@ -132,20 +130,15 @@ def base_image() -> float:
                 if item.is_file():
                     item.unlink()
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        subprocess.run(
-            [
-                "podman",
-                "import",
-                "--change",
-                "ENV PATH=/opt/python/bin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                "--change",
-                'CMD ["python"]',
-                "-",
-                BASE,
-            ],
+        podman(
+            "import",
+            "--change",
+            "ENV PATH=/opt/python/bin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "--change",
+            'CMD ["python"]',
+            "-",
+            BASE,
             stdin=tar.stdout,
-            env={**os.environ, **env()},
-            check=True,
             stdout=subprocess.DEVNULL,
         )
         tar.wait()
