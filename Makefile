@@ -25,25 +25,29 @@ TORCH_INDEX_URL ?=
 IMAGE_TORCH_SPEC ?=
 CONTAINER ?= $(shell command -v docker >/dev/null 2>&1 && echo docker || echo podman)
 
-.PHONY: setup system-deps demo test lint bench images images-local e2e-kind clean
+.PHONY: setup system-deps container-deps demo test lint bench images images-local e2e-kind clean
 
 setup: system-deps $(STAMP)
 
-# Debian packages the suite needs: a C++ toolchain for DeepSpeed's JIT ops on GPU machines
-# and for the packages pip builds from source; podman, runc and debootstrap to build the
-# job image and run stages from it (tests/integration/test_container_backend.py).
-DEBIAN_PACKAGES := g++ make podman runc debootstrap
-
+# Debian packages: a C++ toolchain for DeepSpeed's JIT ops on GPU machines and for the
+# packages pip builds from source (every target); podman, runc and debootstrap to build the
+# job image and run stages from it (`make test`, `make images-local`).
 system-deps:
-	@missing=""; for tool in g++ podman runc debootstrap; do \
+	@if ! command -v g++ >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ make; \
+	  else echo "install a C++ compiler (g++)"; exit 1; fi; \
+	fi
+
+container-deps:
+	@missing=""; for tool in podman runc debootstrap; do \
 	  command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	    echo "installing$$missing (apt)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	      apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; \
-	  elif ! command -v g++ >/dev/null 2>&1; then echo "install a C++ compiler (g++)"; exit 1; \
-	  else echo "without$$missing the container tests are skipped"; fi; \
+	      apt-get install -y -qq podman runc debootstrap >/dev/null; \
+	  else echo "without$$missing (Debian, as root) the container tests are skipped"; fi; \
 	fi
 
 $(STAMP): pyproject.toml
@@ -63,7 +67,7 @@ lint: setup
 	$(BIN)/ruff check jobs pipeline tests bench images
 	$(BIN)/ruff format --check jobs pipeline tests bench images
 
-test: setup lint
+test: setup container-deps lint
 	$(BIN)/python -m images.localbuild --if-possible
 	$(BIN)/python -m pytest -q
 
@@ -79,7 +83,7 @@ images:
 	  --build-arg TORCH_SPEC=$(IMAGE_TORCH_SPEC) --build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL) \
 	  --build-arg VERSION=$(VERSION) -t $(IMAGE) .
 
-images-local: setup
+images-local: setup container-deps
 	$(BIN)/python -m images.localbuild
 
 # Needs docker and kind (a developer's laptop); creates the cluster kuberlhf-e2e, builds a
