@@ -2,8 +2,9 @@
 Python made by debootstrap becomes the base image, and images/Dockerfile is built on it
 through the same ``BASE_IMAGE`` argument users set to a CUDA image.
 
-podman runs with storage of its own under ``.containers/`` (vfs, runc, cgroupfs: what
-works without a container daemon or systemd), pointed at by ``CONTAINERS_CONF`` and
+podman runs with storage of its own under ``.containers/`` (overlay where the kernel
+mounts it, else vfs; runc and cgroupfs: what works without a container daemon or
+systemd), pointed at by ``CONTAINERS_CONF`` and
 ``CONTAINERS_STORAGE_CONF``, so nothing in /etc changes and ``podman`` commands given
 those two variables (``env()``) see the image. What pip needs from this machine (its CA
 bundle, wheel folder, mirror) is handed to the build as read-only mounts and pip's own
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -68,8 +70,10 @@ def storage_driver() -> str:
         return "overlay"
 
 
+@cache
 def env() -> dict[str, str]:
-    """The variables that point podman at the private storage and its settings."""
+    """The variables that point podman at the private storage and its settings (written
+    once per process)."""
     STATE.mkdir(parents=True, exist_ok=True)
     containers, storage = STATE / "containers.conf", STATE / "storage.conf"
     # The sandbox refuses the rlimits podman sets by default; crun fails on hybrid
@@ -145,6 +149,10 @@ def base_image() -> float:
     return time.perf_counter() - start
 
 
+def _pip_variable(setting: str) -> str:
+    return "PIP_" + setting.upper().replace("-", "_")
+
+
 def pip_passthrough() -> list[str]:
     """Build arguments and read-only mounts carrying this machine's pip settings (from
     PIP_* variables, else pip's config) into the build. The mounts go under /run, which is
@@ -152,17 +160,17 @@ def pip_passthrough() -> list[str]:
     listed = subprocess.run(
         [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True
     ).stdout
-    found: dict[str, str] = {}
+    found: dict[str, str] = {}  # PIP_* variable -> value
     for line in listed.splitlines():
         key, _, value = line.partition("=")
         setting = key.rsplit(".", 1)[-1]
         if setting in PIP_SETTINGS:
-            found.setdefault(setting, value.strip().strip("'\""))
-    for setting in PIP_SETTINGS:
-        if variable := os.environ.get("PIP_" + setting.upper().replace("-", "_")):
-            found[setting] = variable
+            found.setdefault(_pip_variable(setting), value.strip().strip("'\""))
+    for variable in map(_pip_variable, PIP_SETTINGS):
+        if variable in os.environ:
+            found[variable] = os.environ[variable]
     args, mounts = [], {}
-    for setting, value in found.items():
+    for variable, value in found.items():
         items = []
         for item in value.split():
             url = item.startswith("file:")
@@ -175,7 +183,7 @@ def pip_passthrough() -> list[str]:
             mounts[root] = f"{BUILD_MOUNTS}{root}"
             inside = f"{BUILD_MOUNTS}{path}"
             items.append(f"file://{inside}" if url else inside)
-        args += ["--build-arg", f"PIP_{setting.upper().replace('-', '_')}={' '.join(items)}"]
+        args += ["--build-arg", f"{variable}={' '.join(items)}"]
     for host, inside in sorted(mounts.items()):
         args += ["--volume", f"{host}:{inside}:ro"]
     return args
@@ -232,10 +240,10 @@ def context_digest(torch_spec: str) -> str:
 
 
 def label(image: str, key: str) -> str | None:
-    if not exists(image):
-        return None
+    """The image's label, None where there is no such image."""
     template = '{{index .Labels "' + key + '"}}'
-    return podman("image", "inspect", "--format", template, image, capture=True).stdout.strip()
+    inspected = podman("image", "inspect", "--format", template, image, capture=True, check=False)
+    return inspected.stdout.strip() if inspected.returncode == 0 else None
 
 
 def build(image: str = IMAGE, torch_spec: str = "torch==2.13.0") -> Built:

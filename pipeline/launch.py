@@ -19,11 +19,16 @@ class Launch:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def stage_launch(plan: Plan, stage: PlannedStage) -> Launch:
+def one_machine(plan: Plan, stage: PlannedStage) -> None:
+    """Refuse a multi-node stage where there is one machine (local, container backends)."""
     if stage.spec.nnodes > 1:
         raise BadInputError(
             f"{plan.source}: stages.{stage.name}.nnodes: {stage.spec.nnodes} nodes need the "
-            "kubernetes backend; locally use nproc_per_node"
+            "kubernetes backend; on one machine use nproc_per_node"
         )
+
+
+def stage_launch(plan: Plan, stage: PlannedStage) -> Launch:
+    one_machine(plan, stage)
     launch = launch_of(render_stage(plan, stage))
     return Launch(argv=list(launch["command"]), env=dict(launch["env"]))

@@ -26,6 +26,7 @@ from jobs.errors import BadInputError
 from pipeline.backends import StageFailed, run_in_order, run_with_retries
 from pipeline.charts import pod_template, render_stage
 from pipeline.config import Plan, PlannedStage
+from pipeline.launch import one_machine
 
 ENGINES = ("podman", "docker")
 # docker's and podman's own exit codes: the engine failed, or the command cannot run.
@@ -119,7 +120,7 @@ def _volumes(
     mounts: list[dict],
     folder: Path,
 ) -> list[str]:
-    volumes = {volume["name"]: volume for volume in pod.get("spec", {}).get("volumes", [])}
+    volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
     config_maps = {m["metadata"]["name"]: m for m in manifests if m["kind"] == "ConfigMap"}
     args = []
     for mount in mounts:
@@ -180,7 +181,7 @@ def container_command(
         argv += ["--label", f"{key}={labels[key]}"] if key in labels else []
     argv += _user(pod, container) + _hardening(engine, container)
     argv += _environment(stage, container)
-    argv += _volumes(stage, manifests, template, container.get("volumeMounts", []), folder)
+    argv += _volumes(stage, manifests, pod, container.get("volumeMounts", []), folder)
     argv += _resources(engine, container)
     if "workingDir" in container:
         argv += ["--workdir", container["workingDir"]]
@@ -214,11 +215,7 @@ class ContainerBackend:
         )
 
     def run_stage(self, plan: Plan, stage: PlannedStage, head: str) -> None:
-        if stage.spec.nnodes > 1:
-            raise BadInputError(
-                f"{plan.source}: stages.{stage.name}.nnodes: {stage.spec.nnodes} nodes need the "
-                "kubernetes backend; in one container use nproc_per_node"
-            )
+        one_machine(plan, stage)
         manifests = render_stage(plan, stage)
         with tempfile.TemporaryDirectory(prefix="kuberlhf-") as folder:
             Path(folder).chmod(0o755)
