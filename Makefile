@@ -2,6 +2,10 @@
 #   make demo   - the tiny end-to-end pipeline on CPU (local backend)
 #   make test   - the whole test suite (and ruff)
 #   make bench  - the benchmarks in bench/, figures printed and written to bench/results/
+#   make test-gpu  - the GPU suite (tests marked gpu) on one NVIDIA GPU
+#   make bench-gpu - the GPU benchmarks (1.33B model) on one NVIDIA GPU
+#                SETUP=none for both: use the python3 already there (a GPU machine whose
+#                CUDA PyTorch and job requirements were installed by other means, offline)
 #   make images - the job image (docker or podman, whichever is here)
 #   make images-local - the job image where no registry is reachable (CI): a debootstrapped
 #                Debian base, podman with storage of its own under .containers/
@@ -15,6 +19,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed
+SETUP ?= venv
+GPU_PYTHON := $(if $(filter none,$(SETUP)),python3,$(BIN)/python)
+GPU_SETUP := $(if $(filter none,$(SETUP)),,setup)
 
 VERSION := 0.1.0
 IMAGE ?= kuberlhf:$(VERSION)
@@ -25,7 +32,8 @@ TORCH_INDEX_URL ?=
 IMAGE_TORCH_SPEC ?=
 CONTAINER ?= $(shell command -v docker >/dev/null 2>&1 && echo docker || echo podman)
 
-.PHONY: setup system-deps container-deps demo test lint bench images images-local e2e-kind clean
+.PHONY: setup system-deps container-deps demo test test-gpu lint bench bench-gpu images \
+	images-local e2e-kind clean
 
 setup: system-deps $(STAMP)
 
@@ -70,6 +78,13 @@ lint: setup
 test: setup container-deps lint
 	$(BIN)/python -m images.localbuild --if-possible
 	$(BIN)/python -m pytest -q
+
+# CPU-only machines skip every gpu test with the reason; `make test` runs them skipped.
+test-gpu: $(GPU_SETUP)
+	$(GPU_PYTHON) -m pytest -q -rs -m gpu tests/gpu
+
+bench-gpu: $(GPU_SETUP)
+	$(GPU_PYTHON) -m bench.gpu
 
 bench: setup
 	$(BIN)/python -m bench.dedup

@@ -82,8 +82,10 @@ class TrainerClock:
     """Training time and non-padding tokens of a transformers Trainer, counted the way our
     stages count them: time inside optimiser steps, tokens from the batches' attention masks."""
 
-    def __init__(self) -> None:
+    def __init__(self, skip_steps: int = 0) -> None:
+        """``skip_steps``: the first steps (kernel builds, warm-up) are not counted."""
         self.seconds, self.tokens, self._started = 0.0, 0, 0.0
+        self.skip_steps, self._steps = skip_steps, 0
 
     def callback(self):
         from transformers import TrainerCallback
@@ -98,6 +100,11 @@ class TrainerClock:
                 clock._started = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
+                clock._steps += 1
+                if clock._steps <= clock.skip_steps:
+                    return
+                if torch.cuda.is_available():  # the step's kernels, not only their launch
+                    torch.cuda.synchronize()
                 clock.seconds += time.perf_counter() - clock._started
 
         return Clock()
@@ -114,7 +121,10 @@ class TrainerClock:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds
+        # Batches are collated ahead of their step (prefetch), so the skipped steps' share
+        # of the tokens is taken as the average step's.
+        timed = self._steps - min(self.skip_steps, self._steps)
+        return self.tokens / max(self._steps, 1) * timed / self.seconds
 
     def train(self, trainer_class, **kwargs) -> dict:
         """Build a TRL trainer with this clock attached, train it, give its throughput."""

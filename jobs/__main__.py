@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.config:
         print("error: give --config or set KUBERLHF_CONFIG", file=sys.stderr)
         return EXIT_BAD_INPUT
+    configure_cuda_allocator()
     quiet_libraries()
     try:
         from jobs.config_file import load_mapping, validate
@@ -47,6 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"{args.stage}: finished -> {manifest.config['output']}  {summary}", flush=True)
     return EXIT_OK
+
+
+def configure_cuda_allocator() -> None:
+    """Expandable segments, unless the pod says otherwise: rollouts, KV caches and
+    full-vocabulary log-softmax allocate blocks of ever-changing sizes, which fragment the
+    default caching allocator. Measured on one H100 (PPO, 1.33B actor, rollout batch 64):
+    77.8 of 79.2 GiB reserved for 41 GiB live and 11.7-12.1 s an iteration by default;
+    46.8 GiB reserved and 7.2 s with expandable segments. Read when CUDA starts, so it is
+    set before any stage code runs."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def quiet_libraries() -> None:

@@ -65,8 +65,18 @@ class ShardedSampler:
 
 
 def shard(n: int, rank: int, world: int) -> list[int]:
-    """This rank's share of 0..n-1 for evaluation (every example seen once across ranks)."""
+    """This rank's share of 0..n-1 (every example seen once across ranks)."""
     return list(range(rank, n, world))
+
+
+def padded_shard(n: int, rank: int, world: int) -> tuple[list[int], list[bool]]:
+    """This rank's share of 0..n-1, padded to the same length on every rank, and which of
+    its entries are real. Under ZeRO-3 every forward is a collective (parameters are
+    gathered layer by layer), so every rank must run as many batches as the others; the
+    padding repeats example 0 and is masked out of the metrics."""
+    mine = shard(n, rank, world)
+    length = -(-n // world)
+    return mine + [0] * (length - len(mine)), [True] * len(mine) + [False] * (length - len(mine))
 
 
 def pad(sequences: list[list[int]], value: int, left: bool = False) -> torch.Tensor:

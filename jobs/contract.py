@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -348,6 +349,17 @@ class Checkpoints:
             for old in self.committed()[: -self.keep]:
                 store.delete(self._step_uri(old))
         dist.barrier()
+        self.prune_local(keep=step)
+
+    def prune_local(self, keep: int) -> None:
+        """Remove this node's local checkpoint folders but ``keep``'s: once a checkpoint is
+        committed in the store, scratch need not hold older ones (a large model's checkpoint
+        is several times its weights)."""
+        if not dist.is_node_main() or not self.local_root.is_dir():
+            return
+        for folder in self.local_root.glob("step-*"):
+            if folder != self.local_dir(keep):
+                shutil.rmtree(folder, ignore_errors=True)
 
     def restore(self, step: int) -> Path:
         """Download checkpoint ``step`` into ``local_dir(step)`` and verify it; collective."""
@@ -410,6 +422,16 @@ def default_workdir(stage: str, config: StageConfig) -> Path:
     return root / f"{stage}-{config.config_hash()[:12]}"
 
 
+def accelerator_metrics() -> dict[str, Any]:
+    """What this rank's GPU did for the stage: its name and peak memory allocated. A stage
+    whose models stayed on the CPU reports 0 GiB, which is how the GPU tests tell."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return {}
+    used = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_initialized() else 0.0
+    return {"cuda_device": torch.cuda.get_device_name(), "cuda_peak_memory_gib": round(used, 3)}
+
+
 def publish(ctx: StageContext, metrics: dict[str, Any], started_at: str) -> Manifest:
     """Replace whatever was at the output with what the stage made; the manifest goes last."""
     output = ctx.config.output
@@ -467,6 +489,7 @@ def run_stage(stage: str, config: StageConfig, run_fn, workdir: Path | None = No
         metrics = run_fn(config, ctx)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    metrics = {**metrics, **accelerator_metrics()}
     dist.barrier()
     manifest = publish(ctx, metrics, started_at) if dist.is_main() else None
     dist.barrier()

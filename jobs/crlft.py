@@ -113,12 +113,15 @@ def run(config: Config, ctx: StageContext) -> dict:
     if not splits["train"]:
         raise BadInputError(f"{config.data}: no sft/train.jsonl rows")
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    model.resize_token_embeddings(len(tokenizer))
+    cfg = config.train
+    with engine.zero3_init(engine.deepspeed_config(cfg, 1)):  # resized partitioned too
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=engine.training_dtype(cfg.precision)
+        )
+        model.resize_token_embeddings(len(tokenizer))
     eos = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = sorted({eot, *(eos if isinstance(eos, list) else [eos])})
 
-    cfg = config.train
     sampler = ShardedSampler(
         len(splits["train"]), cfg.micro_batch_size, config.seed, dist.rank(), dist.world_size()
     )

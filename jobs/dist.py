@@ -1,4 +1,10 @@
-"""The few facts about the process group that every stage needs, valid with or without torchrun."""
+"""The process group, as every stage needs it, valid with or without torchrun.
+
+Every collective a stage runs goes through this module: NCCL accepts only CUDA tensors and
+gloo only CPU ones, so the tensor is moved to the device the group's backend takes and
+back. A stage that called ``torch.distributed`` directly with a CPU tensor died at its
+first evaluation on GPUs ("No backend type associated with device type cpu").
+"""
 
 from __future__ import annotations
 
@@ -25,6 +31,15 @@ def is_node_main() -> bool:
     return local_rank() == 0
 
 
+def device():
+    """The device this process computes on: its GPU under torchrun, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
 def init() -> None:
     """Join the process group torchrun describes (gloo on CPU, nccl on GPUs)."""
     if world_size() == 1:
@@ -40,38 +55,66 @@ def init() -> None:
     torch_dist.init_process_group(backend=backend)
 
 
-def barrier() -> None:
+def _group():
+    """torch.distributed when a group of more than one process is up, else None."""
     if world_size() == 1:
-        return
+        return None
     import torch.distributed as torch_dist
 
-    if torch_dist.is_initialized():
-        torch_dist.barrier()
+    return torch_dist if torch_dist.is_initialized() else None
+
+
+def _collective_device(torch_dist):
+    import torch
+
+    if torch_dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    group = _group()
+    if group is not None:
+        group.barrier()
+
+
+def all_reduce_sum(tensor):
+    """The sum of ``tensor`` over all ranks, on ``tensor``'s own device and dtype."""
+    group = _group()
+    if group is None:
+        return tensor
+    moved = tensor.detach().to(_collective_device(group), dtype=tensor.dtype, copy=True)
+    group.all_reduce(moved)
+    return moved.to(tensor.device)
 
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any rank (a SIGTERM reaches ranks unevenly)."""
-    if world_size() == 1:
-        return flag
     import torch
-    import torch.distributed as torch_dist
 
-    if not torch_dist.is_initialized():
-        return flag
-    device = torch.device("cuda", local_rank()) if torch.cuda.is_available() else None
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    return bool(all_reduce_sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)
+
+
+def all_ranks(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on every rank."""
+    return not any_rank(not flag)
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order (tensors inside are best on the CPU)."""
+    group = _group()
+    if group is None:
+        return [obj]
+    gathered: list = [None] * world_size()
+    group.all_gather_object(gathered, obj)
+    return gathered
 
 
 def broadcast_object(obj):
     """Rank 0's ``obj`` on every rank."""
-    if world_size() == 1:
-        return obj
-    import torch.distributed as torch_dist
-
-    if not torch_dist.is_initialized():
+    group = _group()
+    if group is None:
         return obj
     box = [obj]
-    torch_dist.broadcast_object_list(box, src=0)
+    group.broadcast_object_list(box, src=0)
     return box[0]

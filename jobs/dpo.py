@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from jobs import dist, engine
-from jobs.batches import ShardedSampler, pad, read_jsonl, shard
+from jobs.batches import ShardedSampler, pad, padded_shard, read_jsonl, shard
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
-from jobs.models import load_tokenizer, model_source
+from jobs.models import free_memory, load_tokenizer, model_source
 
 
 class Config(StageConfig):
@@ -67,7 +67,7 @@ def sequence_logps(model, input_ids, attention_mask, answer_mask, average: bool 
     return total / mask.sum(1).clamp(min=1) if average else total
 
 
-def dpo_loss(
+def dpo_losses(
     policy_chosen,
     policy_rejected,
     ref_chosen,
@@ -76,7 +76,7 @@ def dpo_loss(
     kind: str = "sigmoid",
     label_smoothing: float = 0.0,
 ):
-    """(loss, chosen rewards, rejected rewards): the rewards are beta * log-ratios."""
+    """(loss per pair, chosen rewards, rejected rewards): the rewards are beta * log-ratios."""
     margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     if kind == "ipo":
         losses = (margin - 1 / (2 * beta)) ** 2
@@ -86,10 +86,16 @@ def dpo_loss(
             - F.logsigmoid(-beta * margin) * label_smoothing
         )
     return (
-        losses.mean(),
+        losses,
         beta * (policy_chosen - ref_chosen).detach(),
         beta * (policy_rejected - ref_rejected).detach(),
     )
+
+
+def dpo_loss(*args, **kwargs):
+    """(mean loss, chosen rewards, rejected rewards) of a batch."""
+    losses, chosen, rejected = dpo_losses(*args, **kwargs)
+    return losses.mean(), chosen, rejected
 
 
 def collate(items: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
@@ -113,49 +119,48 @@ def pair_logps(model, items, pad_id: int, average: bool) -> tuple[torch.Tensor, 
 
 @torch.no_grad()
 def reference_logps(model, items, pad_id: int, average: bool, batch_size: int) -> torch.Tensor:
-    """[n, 2]: the reference's log-probs of chosen and rejected, every pair."""
+    """[n, 2]: the reference's log-probs of chosen and rejected of every pair; each rank
+    computes its share and every rank gets all of them."""
+    indices = shard(len(items), dist.rank(), dist.world_size())
     rows = []
-    for start in range(0, len(items), batch_size):
-        chosen, rejected = pair_logps(model, items[start : start + batch_size], pad_id, average)
-        rows.append(torch.stack([chosen, rejected], dim=1).cpu())
-    return torch.cat(rows) if rows else torch.zeros(0, 2)
+    for start in range(0, len(indices), batch_size):
+        chunk = [items[i] for i in indices[start : start + batch_size]]
+        chosen, rejected = pair_logps(model, chunk, pad_id, average)
+        rows.append(torch.stack([chosen, rejected], dim=1).float().cpu())
+    mine = torch.cat(rows) if rows else torch.zeros(0, 2)
+    out = torch.zeros(len(items), 2)
+    for rank, part in enumerate(dist.all_gather_object(mine)):
+        out[shard(len(items), rank, dist.world_size())] = part
+    return out
 
 
 @torch.no_grad()
 def evaluate(model, items, ref: torch.Tensor, config: Config, pad_id: int) -> dict[str, float]:
     model.eval()
-    mine = shard(len(items), dist.rank(), dist.world_size())
-    totals = torch.zeros(5)  # loss, accuracy, margin, chosen logp, rejected logp (sums)
+    indices, real = padded_shard(len(items), dist.rank(), dist.world_size())
+    device = next(model.parameters()).device
+    totals = torch.zeros(5, device=device)  # loss, accuracy, margin, chosen, rejected (sums)
     size = config.train.micro_batch_size
-    for start in range(0, len(mine), size):
-        idx = mine[start : start + size]
+    for start in range(0, len(indices), size):
+        idx = indices[start : start + size]
+        keep = torch.tensor(real[start : start + size], device=device).float()
         chosen, rejected = pair_logps(model, [items[i] for i in idx], pad_id, config.loss == "ipo")
-        loss, rc, rr = dpo_loss(
-            chosen.cpu(),
-            rejected.cpu(),
-            ref[idx, 0],
-            ref[idx, 1],
+        losses, rc, rr = dpo_losses(
+            chosen,
+            rejected,
+            ref[idx, 0].to(device),
+            ref[idx, 1].to(device),
             config.beta,
             config.loss,
             config.label_smoothing,
         )
-        totals += torch.tensor(
-            [
-                loss.item() * len(idx),
-                float((rc > rr).sum()),
-                float((rc - rr).sum()),
-                float(chosen.sum()),
-                float(rejected.sum()),
-            ]
-        )
+        rows = torch.stack([losses, (rc > rr).float(), rc - rr, chosen, rejected])
+        totals += (rows.float() * keep).sum(1)
     model.train()
-    if dist.world_size() > 1:
-        import torch.distributed as torch_dist
-
-        torch_dist.all_reduce(totals)
+    totals = dist.all_reduce_sum(totals)
     n = max(len(items), 1)
     names = ("eval_loss", "eval_accuracy", "eval_margin", "eval_logp_chosen", "eval_logp_rejected")
-    return {name: float(value / n) for name, value in zip(names, totals, strict=True)}
+    return {name: float(value / n) for name, value in zip(names, totals.tolist(), strict=True)}
 
 
 def run(config: Config, ctx: StageContext) -> dict:
@@ -176,18 +181,23 @@ def run(config: Config, ctx: StageContext) -> dict:
         raise BadInputError(f"dpo: no pairs/train.jsonl in {config.data}")
     average, pad_id, cfg = config.loss == "ipo", tokenizer.pad_token_id, config.train
 
-    # The reference's log-probs, once: then the reference leaves memory.
+    # The reference's log-probs, once, on the accelerator in the policy's precision, each
+    # rank its share: then the reference leaves memory. Every rank decides alike (another
+    # node's scratch may lack the stored file), or the gathers would not pair up.
     stored = ctx.out_dir / "reference_logps.pt"
-    if stored.is_file():
-        ref = torch.load(stored)
+    if dist.all_ranks(stored.is_file()):
+        ref = torch.load(stored, weights_only=True)
     else:
         reference_path = model_source(ctx, config.reference) if config.reference else source
-        reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.float32)
+        reference = AutoModelForCausalLM.from_pretrained(
+            reference_path, dtype=engine.training_dtype(cfg.precision)
+        ).to(dist.device())
         ref = {
             split: reference_logps(reference.eval(), items, pad_id, average, cfg.micro_batch_size)
             for split, items in splits.items()
         }
         del reference
+        free_memory()
         if dist.is_main():
             torch.save(ref, stored)
 
@@ -196,7 +206,7 @@ def run(config: Config, ctx: StageContext) -> dict:
     )
     steps_per_epoch = max(sampler.per_epoch // cfg.gradient_accumulation_steps, 1)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model = engine.load_model(AutoModelForCausalLM, source, cfg)
     ds = engine.initialize(model, cfg, total_steps)
     state = engine.resume(ds, ctx)
     step = state.get("step", 0)
@@ -208,7 +218,9 @@ def run(config: Config, ctx: StageContext) -> dict:
     summary = dict(first)
     batches = sampler.micro_batches(start=step * cfg.gradient_accumulation_steps)
     progress = ctx.progress(total_steps, step)
-    tokens, train_seconds, logged = 0, 0.0, []
+    tokens, train_seconds = 0, 0.0
+    logged = (0, 0.0)  # tokens and seconds at the last log: the logged rate is a window's
+    sums, count = torch.zeros(5, device=ds.device), 0  # read when logged, not every step
     while step < total_steps:
         started = time.perf_counter()
         for _ in range(cfg.gradient_accumulation_steps):
@@ -222,32 +234,34 @@ def run(config: Config, ctx: StageContext) -> dict:
             )
             ds.backward(loss)
             ds.step()
-            logged.append(
+            sums += torch.stack(
                 [
-                    loss.item(),
-                    float((rc > rr).float().mean()),
-                    float((rc - rr).mean()),
-                    float(chosen.mean()),
-                    float(rejected.mean()),
+                    loss.detach(),
+                    (rc > rr).float().mean(),
+                    (rc - rr).mean(),
+                    chosen.detach().mean(),
+                    rejected.detach().mean(),
                 ]
-            )
-        train_seconds += time.perf_counter() - started
+            ).float()
+            count += 1
         step += 1
+        log_now = step % config.log_every == 0 or step == total_steps
+        if log_now:  # waits for the GPU, inside the timed span
+            means = (sums / count).tolist()
+            sums.zero_()
+            count = 0
+        train_seconds += time.perf_counter() - started
         progress.update(1)
-        if step % config.log_every == 0 or step == total_steps:
-            means = torch.tensor(logged).mean(0).tolist()
+        if log_now:
+            names = ("loss", "accuracy", "margin", "logp_chosen", "logp_rejected")
             ctx.log(
                 step,
-                **dict(
-                    zip(
-                        ("loss", "accuracy", "margin", "logp_chosen", "logp_rejected"),
-                        means,
-                        strict=True,
-                    )
-                ),
-                tokens_per_s=tokens * dist.world_size() / max(train_seconds, 1e-9),
+                **dict(zip(names, means, strict=True)),
+                tokens_per_s=(tokens - logged[0])
+                * dist.world_size()
+                / max(train_seconds - logged[1], 1e-9),
             )
-            logged = []
+            logged = (tokens, train_seconds)
         if splits["eval"] and (step % config.eval_every == 0 or step == total_steps):
             summary = evaluate(ds, splits["eval"], ref["eval"], config, pad_id)
             ctx.log(step, **summary)

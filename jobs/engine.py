@@ -7,6 +7,7 @@ their loss (DeepSpeed-Chat re-implements this per step; we do not).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -110,11 +111,10 @@ def prepare_model(model, cfg: EngineConfig, task_type: str = "CAUSAL_LM"):
     return model
 
 
-def initialize(model, cfg: EngineConfig, total_steps: int, task_type: str = "CAUSAL_LM"):
-    """A DeepSpeed engine around ``model`` (one process, or one rank of torchrun's group)."""
+def init_distributed() -> None:
+    """DeepSpeed's process group (one process, or one rank of torchrun's group)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
     import deepspeed
-    import torch
 
     cpu = not _has_cuda()
     if cpu:
@@ -133,6 +133,47 @@ def initialize(model, cfg: EngineConfig, total_steps: int, task_type: str = "CAU
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
+
+
+def training_dtype(precision: str):
+    import torch
+
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+@contextmanager
+def zero3_init(config: dict):
+    """While open, transformers builds models partitioned over the ranks (ZeRO-3's
+    ``zero.Init``): no rank ever holds a full copy, in host or GPU memory. A no-op for other
+    stages. Closed at once after loading: it applies to every model built while open."""
+    if config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    init_distributed()
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    hf_config = HfDeepSpeedConfig(config)
+    try:
+        yield
+    finally:
+        del hf_config
+        unset_hf_deepspeed_config()
+
+
+def load_model(model_class, source: str, cfg: EngineConfig, **kwargs):
+    """A model to train with ``cfg``: loaded in its training precision (not a float32 copy
+    first), and under ZeRO-3 built partitioned."""
+    with zero3_init(deepspeed_config(cfg, 1)):
+        return model_class.from_pretrained(source, dtype=training_dtype(cfg.precision), **kwargs)
+
+
+def initialize(model, cfg: EngineConfig, total_steps: int, task_type: str = "CAUSAL_LM"):
+    """A DeepSpeed engine around ``model`` (one process, or one rank of torchrun's group)."""
+    import deepspeed
+    import torch
+
+    init_distributed()
+    cpu = not _has_cuda()
     model = prepare_model(model, cfg, task_type)
     params = [p for p in model.parameters() if p.requires_grad]
     config = deepspeed_config(cfg, total_steps)
@@ -187,6 +228,8 @@ def checkpoint(engines, ctx, step: int, state: dict) -> None:
     import torch
 
     client = {**state, "step": step, "torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():  # sampling in rollouts draws from the GPU's generator
+        client["cuda_rng"] = torch.cuda.get_rng_state()
     for name, engine in _engines(engines).items():
         engine.save_checkpoint(
             str(ctx.checkpoints.local_dir(step) / name), tag="state", client_state=client
@@ -210,6 +253,8 @@ def resume(engines, ctx) -> dict:
         _, state = engine.load_checkpoint(str(directory / name), tag="state")
     if "torch_rng" in state:
         torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu())
     ctx.continue_metrics(step)
     if dist.is_main():
         print(f"{ctx.stage}: resumed from the checkpoint at step {step}", flush=True)
@@ -226,20 +271,38 @@ def checkpoint_or_stop(engines, ctx, step: int, every: int, state: dict) -> None
         raise ctx.preempted(step)
 
 
-def initialize_frozen(model, zero_stage: int, offload: bool, precision: str):
-    """An inference-only engine (PPO's reference and reward models): no optimiser, and
-    ZeRO-3 partitioning or CPU offload of parameters when memory is short."""
-    import deepspeed
-
+def frozen_config(zero_stage: int, offload: bool, precision: str) -> dict:
+    """DeepSpeed's config of an inference-only engine (PPO's reference and reward models)."""
+    if zero_stage not in (0, 3) or (offload and zero_stage != 3):
+        # Stages 1 and 2 partition optimiser state and gradients, which a frozen model has
+        # none of; DeepSpeed offloads parameters only under ZeRO-3.
+        raise ValueError(
+            f"frozen models: zero_stage {zero_stage} with offload {offload} is not supported; "
+            "use zero_stage 0, or zero_stage 3 (with or without offload)"
+        )
     zero: dict = {"stage": zero_stage}
     if offload:
         zero["offload_param"] = {"device": "cpu"}
-    config = {
+    return {
         "train_micro_batch_size_per_gpu": 1,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "steps_per_print": 1 << 30,
     }
+
+
+def load_frozen(model_class, source: str, config: dict, precision: str, **kwargs):
+    """A frozen model in ``precision``, built partitioned when ``config`` is ZeRO-3."""
+    with zero3_init(config):
+        return model_class.from_pretrained(source, dtype=training_dtype(precision), **kwargs)
+
+
+def initialize_frozen(model, config: dict):
+    """An inference-only engine: no optimiser, ZeRO-3 partitioning or CPU offload of
+    parameters when memory is short."""
+    import deepspeed
+
+    init_distributed()
     engine, *_ = deepspeed.initialize(model=model.eval(), config=config)
     engine.eval()
     return engine

@@ -20,7 +20,7 @@ from jobs.batches import read_jsonl
 from jobs.contract import METRICS, StageConfig, StageContext
 from jobs.generation import SamplingConfig, generate
 from jobs.label import JudgeConfig, judge_scores
-from jobs.models import load_tokenizer, model_source
+from jobs.models import InferenceConfig, free_memory, load_causal_lm, load_tokenizer, model_source
 
 CURVES = (
     "loss",
@@ -44,17 +44,18 @@ class Config(StageConfig):
     max_prompts: int | None = Field(200, ge=1)
     sampling: SamplingConfig = SamplingConfig(temperature=0.7, max_new_tokens=64)
     judge: JudgeConfig | None = None
+    inference: InferenceConfig = InferenceConfig()
     curves: dict[str, str] = Field(
         default_factory=dict, description="plot name -> stage output with metrics.jsonl"
     )
 
 
 def answers(ref: str, prompts: list[str], config: Config, ctx: StageContext) -> list[str]:
-    from transformers import AutoModelForCausalLM
-
     path = model_source(ctx, ref)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model = load_causal_lm(path, config.inference)
     samples = generate(model, load_tokenizer(path), prompts, config.sampling, seed=config.seed)
+    del model
+    free_memory()
     return [per_prompt[0].text for per_prompt in samples]
 
 
@@ -114,10 +115,13 @@ def run(config: Config, ctx: StageContext) -> dict:
     baseline = answers(config.baseline, prompts, config, ctx)
 
     rm_path = model_source(ctx, config.reward_model)
-    reward_model = load_reward_model(rm_path)
+    reward_model = load_reward_model(rm_path, config.inference)
     tokenizer = load_tokenizer(rm_path)
-    candidate_scores = score_texts(reward_model, tokenizer, prompts, candidate)
-    baseline_scores = score_texts(reward_model, tokenizer, prompts, baseline)
+    size = config.sampling.batch_size
+    candidate_scores = score_texts(reward_model, tokenizer, prompts, candidate, batch_size=size)
+    baseline_scores = score_texts(reward_model, tokenizer, prompts, baseline, batch_size=size)
+    del reward_model
+    free_memory()
     rate, low, high = win_rate(candidate_scores, baseline_scores, config.seed)
     report = {
         "prompts": len(rows),

@@ -20,7 +20,13 @@ from jobs.contract import StageConfig, StageContext
 from jobs.endpoint import Cache, ChatClient, EndpointConfig, cache_key
 from jobs.errors import BadInputError
 from jobs.generation import SamplingConfig, generate
-from jobs.models import load_tokenizer, model_source
+from jobs.models import (
+    InferenceConfig,
+    free_memory,
+    load_causal_lm,
+    load_tokenizer,
+    model_source,
+)
 
 SPLITS = ("train", "eval")
 
@@ -46,14 +52,13 @@ class Config(StageConfig):
     samples_per_source: int = Field(1, ge=1, description="K responses per prompt and source")
     max_prompts: int | None = Field(None, ge=1, description="per split")
     sampling: SamplingConfig = SamplingConfig()
+    inference: InferenceConfig = InferenceConfig()
 
 
 def from_model(source: SourceConfig, rows: list[dict], config: Config, ctx: StageContext):
-    from transformers import AutoModelForCausalLM
-
     path = model_source(ctx, source.model, source.revision)
     tokenizer = load_tokenizer(path, source.revision)
-    model = AutoModelForCausalLM.from_pretrained(path, revision=source.revision).eval()
+    model = load_causal_lm(path, config.inference, source.revision)
     samples = generate(
         model,
         tokenizer,
@@ -62,6 +67,8 @@ def from_model(source: SourceConfig, rows: list[dict], config: Config, ctx: Stag
         num_samples=config.samples_per_source,
         seed=config.seed,
     )
+    del model
+    free_memory()
     return [
         [
             {"text": s.text, "finish_reason": s.finish_reason, "tokens": len(s.tokens)}

@@ -28,7 +28,7 @@ from jobs.batches import read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.endpoint import Cache, ChatClient, EndpointConfig, cache_key
 from jobs.errors import BadInputError
-from jobs.models import load_tokenizer, model_source
+from jobs.models import InferenceConfig, free_memory, load_tokenizer, model_source
 
 SPLITS = ("train", "eval")
 
@@ -80,6 +80,8 @@ class Config(StageConfig):
     prefer: list[str] | None = Field(None, description="source_rule: sources, best first")
     labels: str | None = Field(None, description="human: a JSONL or CSV label file")
     tie_margin: float = Field(0.0, ge=0, description="score differences up to this are ties")
+    inference: InferenceConfig = InferenceConfig()
+    batch_size: int = Field(16, ge=1, description="reward_model: responses scored at once")
 
     @model_validator(mode="after")
     def _method_has_its_input(self) -> Config:
@@ -161,10 +163,12 @@ def reward_model_scores(rows: list[dict], config: Config, ctx: StageContext):
     from jobs.reward import load_reward_model, score_texts
 
     path = model_source(ctx, config.reward_model)
-    model, tokenizer = load_reward_model(path), load_tokenizer(path)
+    model, tokenizer = load_reward_model(path, config.inference), load_tokenizer(path)
     prompts = [row["prompt"] for row in rows for _ in row["responses"]]
     texts = [r["text"] for row in rows for r in row["responses"]]
-    flat = iter(score_texts(model, tokenizer, prompts, texts))
+    flat = iter(score_texts(model, tokenizer, prompts, texts, batch_size=config.batch_size))
+    del model
+    free_memory()
     return [[next(flat) for _ in row["responses"]] for row in rows]
 
 

@@ -6,9 +6,13 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
-from jobs import store
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobs import dist, store
 from jobs.contract import StageContext
+from jobs.errors import BadInputError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -45,3 +49,54 @@ def quiet_load_report() -> Iterator[None]:
         yield
     finally:
         logging.set_verbosity(level)
+
+
+class InferenceConfig(BaseModel):
+    """Where a stage runs the models it only samples from or scores."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto: this process's GPU where there is one, else the CPU"
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 on a GPU, fp32 on the CPU"
+    )
+
+    def torch_device(self):
+        import torch
+
+        if self.device == "cpu":
+            return torch.device("cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise BadInputError("inference.device: cuda asked for, but this node has no GPU")
+        return dist.device()
+
+    def torch_dtype(self, device):
+        import torch
+
+        if self.precision == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+
+def load_causal_lm(path: str, settings: InferenceConfig, revision: str | None = None):
+    """A causal LM for sampling, in the configured precision on the configured device."""
+    from transformers import AutoModelForCausalLM
+
+    device = settings.torch_device()
+    model = AutoModelForCausalLM.from_pretrained(
+        path, revision=revision, dtype=settings.torch_dtype(device)
+    )
+    return model.to(device).eval()
+
+
+def free_memory() -> None:
+    """Give a model's memory back once the caller has dropped it (the next model needs it)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

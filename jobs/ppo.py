@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.generation import SamplingConfig, encode_prompts, eos_ids_of
 from jobs.models import load_tokenizer, model_source, quiet_load_report
-from jobs.reward import last_token_scores, load_reward_model
+from jobs.reward import head_values, last_token_scores, require_reward_model
 
 
 class Config(StageConfig):
@@ -59,8 +60,13 @@ class Config(StageConfig):
     reward_clip: float = Field(5.0, gt=0)
     ptx_coef: float = Field(0.0, ge=0, description="weight of the SFT loss on sft/train.jsonl")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="export an EMA of the actor")
-    frozen_zero_stage: int = Field(0, ge=0, le=3, description="ZeRO stage of reference/reward")
-    frozen_offload: bool = Field(False, description="CPU-offload reference/reward parameters")
+    frozen_zero_stage: Literal[0, 3] = Field(0, description="ZeRO stage of reference/reward")
+    frozen_offload: bool = Field(
+        False, description="CPU-offload reference/reward parameters (needs frozen_zero_stage 3)"
+    )
+    scoring_batch_size: int | None = Field(
+        None, ge=1, description="rollout rows scored per forward; default: minibatch_size"
+    )
     checkpoint_every: int = Field(10, ge=1, description="iterations")
     actor_train: EngineConfig = EngineConfig(learning_rate=1e-5)
     critic_train: EngineConfig = EngineConfig(learning_rate=1e-5)
@@ -71,6 +77,7 @@ class Config(StageConfig):
             raise ValueError("rollout_batch_size must be a multiple of minibatch_size")
         if self.ema_decay is not None and self.actor_train.zero_stage == 3:
             raise ValueError("ema_decay needs the actor's full parameters: zero_stage 0-2")
+        engine.frozen_config(self.frozen_zero_stage, self.frozen_offload, "fp32")
         return self
 
 
@@ -92,27 +99,53 @@ class RunningMoments:
         return (self.m2 / max(self.count - 1, 1)) ** 0.5 if self.count > 1 else 1.0
 
 
+class ExponentialAverage:
+    """An exponential moving average of a model's weights (Polyak), exported in place of
+    the last weights. Kept in float32 whatever the training precision (a bf16 average
+    stops moving once decay * step falls under bf16's resolution) on one fixed device, to
+    which a resumed run brings it back."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], decay: float, device) -> None:
+        self.decay, self.device = decay, torch.device(device)
+        self.weights = {
+            name: value.detach().to(
+                self.device, torch.float32 if value.is_floating_point() else value.dtype, copy=True
+            )
+            for name, value in weights.items()
+        }
+
+    def update(self, module) -> None:
+        with torch.no_grad():
+            for name, value in module.state_dict().items():
+                average = self.weights[name]
+                value = value.detach().to(self.device, average.dtype)
+                if average.is_floating_point():
+                    average.mul_(self.decay).add_(value, alpha=1 - self.decay)
+                else:
+                    average.copy_(value)
+
+
 def token_logprobs(model, sequences, attention_mask, start: int) -> tuple[torch.Tensor, ...]:
-    """Log-prob and entropy of every token from position ``start`` on."""
+    """Log-prob of every token from position ``start`` on, and the policy's entropy there
+    (a metric: computed without a graph, which would hold a vocabulary-wide tensor)."""
     logits = model(input_ids=sequences, attention_mask=attention_mask, use_cache=False).logits
     logits = logits[:, start - 1 : -1].float()
     logp = F.log_softmax(logits, dim=-1)
     chosen = logp.gather(-1, sequences[:, start:, None]).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
     return chosen, entropy
 
 
 def token_values(critic, sequences, attention_mask, start: int) -> torch.Tensor:
     """The critic's value of the state before each token from ``start`` on."""
-    module = getattr(critic, "module", critic)
-    hidden = module.base_model(input_ids=sequences, attention_mask=attention_mask).last_hidden_state
-    return module.score(hidden).squeeze(-1).float()[:, start - 1 : -1]
+    return head_values(critic, sequences, attention_mask)[:, start - 1 : -1]
 
 
 def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over the answer tokens; (advantages, returns)."""
     advantages = torch.zeros_like(rewards)
-    running = torch.zeros(rewards.size(0))
+    running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.size(1))):
         next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < rewards.size(1) else 0.0
         delta = rewards[:, t] + gamma * next_value - values[:, t]
@@ -153,22 +186,26 @@ class Models:
         reward_path = model_source(ctx, config.reward_model)
         critic_path = model_source(ctx, config.critic) if config.critic else reward_path
         reference_path = model_source(ctx, config.reference) if config.reference else actor_path
+        require_reward_model(reward_path)
         self.tokenizer = load_tokenizer(actor_path)
+        precision = config.actor_train.precision
+        frozen = engine.frozen_config(config.frozen_zero_stage, config.frozen_offload, precision)
         with quiet_load_report():
-            actor = AutoModelForCausalLM.from_pretrained(actor_path, dtype=torch.float32)
-            critic = AutoModelForSequenceClassification.from_pretrained(
-                critic_path, num_labels=1, dtype=torch.float32
+            actor = engine.load_model(AutoModelForCausalLM, actor_path, config.actor_train)
+            critic = engine.load_model(
+                AutoModelForSequenceClassification, critic_path, config.critic_train, num_labels=1
             )
-            reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.float32)
-            reward = load_reward_model(reward_path)
+            reference = engine.load_frozen(AutoModelForCausalLM, reference_path, frozen, precision)
+            reward = engine.load_frozen(
+                AutoModelForSequenceClassification, reward_path, frozen, precision
+            )
         critic.config.pad_token_id = reward.config.pad_token_id = self.tokenizer.pad_token_id
         self.actor = engine.initialize(actor, config.actor_train, total_steps)
         self.critic = engine.initialize(
             critic, config.critic_train, total_steps, task_type="SEQ_CLS"
         )
-        frozen = (config.frozen_zero_stage, config.frozen_offload, config.actor_train.precision)
-        self.reference = engine.initialize_frozen(reference, *frozen)
-        self.reward = engine.initialize_frozen(reward, *frozen)
+        self.reference = engine.initialize_frozen(reference, frozen)
+        self.reward = engine.initialize_frozen(reward, frozen)
         self.eos = eos_ids_of(actor, self.tokenizer)
         self.zero3 = 3 in (config.actor_train.zero_stage, config.frozen_zero_stage)
 
@@ -180,58 +217,79 @@ def rollout(models: Models, prompts: list[str], config: Config, seed: int) -> di
     encoded = encode_prompts(tokenizer, prompts, sampling.max_prompt_tokens, models.actor.device)
     start = encoded["input_ids"].size(1)
 
-    timer = time.perf_counter()
-    models.actor.module.eval()
-    torch.manual_seed(seed)
-    sequences = models.actor.module.generate(
-        **encoded,
-        max_new_tokens=sampling.max_new_tokens,
-        do_sample=True,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k or None,
-        eos_token_id=sorted(models.eos),
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-        # Under ZeRO-3 every rank must run every forward: ranks that finish early keep
-        # stepping until all have, or the parameter all-gathers hang.
-        synced_gpus=models.zero3 and dist.world_size() > 1,
-    )
-    models.actor.module.train()
-    generation_s = time.perf_counter() - timer
+    # Dropout off while sampling and scoring (DeepSpeed-Chat and TRL do the same): the
+    # old log-probs and values must be those of the policy the update compares against.
+    trained = (models.actor.module, models.critic.module)
+    for module in trained:
+        module.eval()
+    try:
+        timer = time.perf_counter()
+        torch.manual_seed(seed)
+        sequences = models.actor.module.generate(
+            **encoded,
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=True,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k or None,
+            eos_token_id=sorted(models.eos),
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+            # Under ZeRO-3 every rank must run every forward: ranks that finish early keep
+            # stepping until all have, or the parameter all-gathers hang.
+            synced_gpus=models.zero3 and dist.world_size() > 1,
+        )
+        generation_s = time.perf_counter() - timer
 
-    # The answer runs up to and including its first EOS (stopping is an action too).
-    answer = sequences[:, start:]
-    is_eos = torch.zeros_like(answer, dtype=torch.bool)
-    for token in models.eos:
-        is_eos |= answer == token
-    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-    answer_mask = (~after_eos).long()
-    sequences = torch.cat(
-        [encoded["input_ids"], answer.masked_fill(after_eos, tokenizer.pad_token_id)], dim=1
-    )
-    attention = torch.cat([encoded["attention_mask"], answer_mask], dim=1)
+        # The answer runs up to and including its first EOS (stopping is an action too).
+        answer = sequences[:, start:]
+        is_eos = torch.zeros_like(answer, dtype=torch.bool)
+        for token in models.eos:
+            is_eos |= answer == token
+        after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+        answer_mask = (~after_eos).long()
+        sequences = torch.cat(
+            [encoded["input_ids"], answer.masked_fill(after_eos, tokenizer.pad_token_id)], dim=1
+        )
+        attention = torch.cat([encoded["attention_mask"], answer_mask], dim=1)
 
-    timer = time.perf_counter()
-    old_logp, _ = token_logprobs(models.actor.module, sequences, attention, start)
-    ref_logp, _ = token_logprobs(models.reference.module, sequences, attention, start)
-    values = token_values(models.critic, sequences, attention, start)
-    scores = last_token_scores(models.reward.module, sequences, attention)
-    scoring_s = time.perf_counter() - timer
+        timer = time.perf_counter()
+        size = config.scoring_batch_size or config.minibatch_size
+        scored = score(models, sequences, attention, start, size)
+        scoring_s = time.perf_counter() - timer
+    finally:
+        for module in trained:
+            module.train()
     mask = answer_mask.float()
     return {
         "sequences": sequences,
         "attention": attention,
         "start": start,
         "mask": mask,
-        "old_logp": old_logp * mask,
-        "ref_logp": ref_logp * mask,
-        "values": values * mask,
-        "scores": scores,
+        "old_logp": scored["old_logp"] * mask,
+        "ref_logp": scored["ref_logp"] * mask,
+        "values": scored["values"] * mask,
+        "scores": scored["scores"],
         "generation_s": generation_s,
         "scoring_s": scoring_s,
         "generated_tokens": int(mask.sum()),
     }
+
+
+@torch.no_grad()
+def score(models: Models, sequences, attention, start: int, batch_size: int) -> dict:
+    """Log-probs of actor and reference, the critic's values and the reward model's score,
+    ``batch_size`` rows per forward (a whole rollout's logits would not fit a GPU)."""
+    names = ("old_logp", "ref_logp", "values", "scores")
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for first in range(0, sequences.size(0), batch_size):
+        rows = slice(first, first + batch_size)
+        seqs, attn = sequences[rows], attention[rows]
+        parts["old_logp"].append(token_logprobs(models.actor.module, seqs, attn, start)[0])
+        parts["ref_logp"].append(token_logprobs(models.reference.module, seqs, attn, start)[0])
+        parts["values"].append(token_values(models.critic, seqs, attn, start))
+        parts["scores"].append(last_token_scores(models.reward.module, seqs, attn))
+    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def shape_rewards(batch: dict, scores: torch.Tensor, kl_coef: float) -> torch.Tensor:
@@ -239,7 +297,7 @@ def shape_rewards(batch: dict, scores: torch.Tensor, kl_coef: float) -> torch.Te
     mask = batch["mask"]
     rewards = -kl_coef * (batch["old_logp"] - batch["ref_logp"]) * mask
     last = (mask.sum(1).long() - 1).clamp(min=0)
-    rewards[torch.arange(rewards.size(0)), last] += scores
+    rewards[torch.arange(rewards.size(0), device=rewards.device), last] += scores
     return rewards
 
 
@@ -313,9 +371,10 @@ def run(config: Config, ctx: StageContext) -> dict:
     iteration = state.get("step", 0)
     kl_coef = state.get("kl_coef", config.kl_coef)
     moments = RunningMoments(*state.get("moments", (0.0, 0.0, 0.0)))
-    ema = state.get("ema")
-    if config.ema_decay is not None and ema is None:
-        ema = {k: v.detach().clone() for k, v in models.actor.module.state_dict().items()}
+    ema = None
+    if config.ema_decay is not None:  # on the actor's device, back there after a resume
+        weights = state.get("ema") or models.actor.module.state_dict()
+        ema = ExponentialAverage(weights, config.ema_decay, models.actor.device)
     ptx = ptx_batches(config, models, data_dir) if config.ptx_coef > 0 else None
     batches = sampler.micro_batches(start=iteration)
     progress = ctx.progress(config.iterations, iteration)
@@ -346,11 +405,7 @@ def run(config: Config, ctx: StageContext) -> dict:
             error = max(min(kl / config.target_kl - 1, 0.2), -0.2)
             kl_coef *= 1 + error * config.rollout_batch_size / config.kl_horizon
         if ema is not None:
-            with torch.no_grad():
-                for name, value in models.actor.module.state_dict().items():
-                    ema[name].mul_(config.ema_decay).add_(
-                        value.detach(), alpha=1 - config.ema_decay
-                    )
+            ema.update(models.actor.module)
         iteration += 1
         if first_reward is None:
             first_reward = float(raw.mean())
@@ -377,14 +432,14 @@ def run(config: Config, ctx: StageContext) -> dict:
             {
                 "kl_coef": kl_coef,
                 "moments": (moments.count, moments.mean, moments.m2),
-                "ema": ema,
+                "ema": ema.weights if ema is not None else None,
                 "first_reward": first_reward,
             },
         )
     progress.close()
 
     if ema is not None and dist.is_main():
-        models.actor.module.load_state_dict(ema)
+        models.actor.module.load_state_dict(ema.weights)
     engine.export_hf(models.actor, models.tokenizer, ctx.out_dir / "model", config.actor_train)
     engine.export_hf(models.critic, models.tokenizer, ctx.out_dir / "critic", config.critic_train)
     return {"iterations": iteration, "reward_mean_start": first_reward, **summary}

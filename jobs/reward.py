@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from jobs import dist, engine
-from jobs.batches import ShardedSampler, pad, read_jsonl, shard
+from jobs.batches import ShardedSampler, pad, padded_shard, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
-from jobs.models import load_tokenizer, model_source, quiet_load_report
+from jobs.models import InferenceConfig, load_tokenizer, model_source, quiet_load_report
 
 
 class Config(StageConfig):
@@ -44,13 +44,19 @@ def encode(tokenizer, prompt: str, response: str, max_len: int) -> list[int]:
     return (ids + [tokenizer.eos_token_id])[-max_len:]
 
 
-def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """One score per row, read at its last non-padding token (left or right padding)."""
+def head_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The scalar head's value at every position [batch, len]: a reward model's score, a
+    PPO critic's value. Any of a plain model, a DeepSpeed engine or a LoRA (peft) model."""
     model = getattr(model, "module", model)  # a DeepSpeed engine: its module
     if hasattr(model, "get_base_model"):  # a peft model: the model with its LoRA layers
         model = model.get_base_model()
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    values = model.score(hidden).squeeze(-1).float()
+    return model.score(hidden).squeeze(-1).float()
+
+
+def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One score per row, read at its last non-padding token (left or right padding)."""
+    values = head_values(model, input_ids, attention_mask)
     last = attention_mask.size(1) - 1 - attention_mask.flip(-1).argmax(-1)
     return values.gather(1, last[:, None]).squeeze(1)
 
@@ -81,18 +87,31 @@ def score_texts(
     return out
 
 
-def load_reward_model(path: str):
-    """A reward stage's model: a sequence classifier with one output."""
-    from transformers import AutoModelForSequenceClassification
+def require_reward_model(path: str) -> None:
+    """Refuse, before loading any weights, a model that is not a reward model."""
+    from transformers import AutoConfig
 
-    with quiet_load_report():
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
-    if model.config.num_labels != 1:
+    labels = AutoConfig.from_pretrained(path).num_labels
+    if labels != 1:
         raise BadInputError(
-            f"{path}: not a reward model (it has {model.config.num_labels} outputs, not 1); "
+            f"{path}: not a reward model (it has {labels} outputs, not 1); "
             "give the model folder of a reward stage's output"
         )
-    return model.eval()
+
+
+def load_reward_model(path: str, settings: InferenceConfig | None = None):
+    """A reward stage's model (a sequence classifier with one output), for scoring on the
+    configured device in the configured precision."""
+    from transformers import AutoModelForSequenceClassification
+
+    require_reward_model(path)
+    settings = settings or InferenceConfig()
+    device = settings.torch_device()
+    with quiet_load_report():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=settings.torch_dtype(device)
+        )
+    return model.to(device).eval()
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -109,22 +128,18 @@ def pair_scores(model, items, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
 def evaluate(model, items, pad_id: int, micro_batch: int) -> dict[str, float]:
     """Held-out accuracy, mean margin and the score distributions, over all ranks."""
     model.eval()
-    mine = [items[i] for i in shard(len(items), dist.rank(), dist.world_size())]
+    indices, real = padded_shard(len(items), dist.rank(), dist.world_size())
     chosen, rejected = [], []
-    for start in range(0, len(mine), micro_batch):
-        c, r = pair_scores(model, mine[start : start + micro_batch], pad_id)
+    for start in range(0, len(indices), micro_batch):
+        c, r = pair_scores(model, [items[i] for i in indices[start : start + micro_batch]], pad_id)
         chosen.append(c.cpu())
         rejected.append(r.cpu())
     model.train()
-    chosen_t = torch.cat(chosen) if chosen else torch.zeros(0)
-    rejected_t = torch.cat(rejected) if rejected else torch.zeros(0)
-    if dist.world_size() > 1:
-        import torch.distributed as torch_dist
-
-        gathered: list = [None] * dist.world_size()
-        torch_dist.all_gather_object(gathered, (chosen_t, rejected_t))
-        chosen_t = torch.cat([g[0] for g in gathered])
-        rejected_t = torch.cat([g[1] for g in gathered])
+    keep = torch.tensor(real, dtype=torch.bool)
+    mine = (torch.cat(chosen)[keep], torch.cat(rejected)[keep]) if chosen else (None, None)
+    gathered = [g for g in dist.all_gather_object(mine) if g[0] is not None]
+    chosen_t = torch.cat([g[0] for g in gathered]) if gathered else torch.zeros(0)
+    rejected_t = torch.cat([g[1] for g in gathered]) if gathered else torch.zeros(0)
     margin = chosen_t - rejected_t
     quantiles = torch.tensor([0.1, 0.5, 0.9])
     return {
@@ -188,8 +203,8 @@ def run(config: Config, ctx: StageContext) -> dict:
     total_steps = config.max_steps or steps_per_epoch * config.epochs
 
     with quiet_load_report():  # the new score head is "missing" from a causal LM, as intended
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, revision=config.revision, num_labels=1, dtype=torch.float32
+        model = engine.load_model(
+            AutoModelForSequenceClassification, source, cfg, revision=config.revision, num_labels=1
         )
     model.config.pad_token_id = tokenizer.pad_token_id
     ds = engine.initialize(model, cfg, total_steps, task_type="SEQ_CLS")
@@ -205,7 +220,9 @@ def run(config: Config, ctx: StageContext) -> dict:
         ctx.log(0, **{k: first[k] for k in ("eval_accuracy", "eval_margin")})
     batches = sampler.micro_batches(start=step * cfg.gradient_accumulation_steps)
     progress = ctx.progress(total_steps, step)
-    tokens, train_seconds, losses, correct = 0, 0.0, [], []
+    tokens, train_seconds = 0, 0.0
+    logged = (0, 0.0)  # tokens and seconds at the last log: the logged rate is a window's
+    sums, count = torch.zeros(2, device=ds.device), 0  # loss, accuracy: read when logged
     while step < total_steps:
         started = time.perf_counter()
         for _ in range(cfg.gradient_accumulation_steps):
@@ -215,20 +232,27 @@ def run(config: Config, ctx: StageContext) -> dict:
             loss = pairwise_loss(chosen, rejected)
             ds.backward(loss)
             ds.step()
-            losses.append(loss.item())
-            correct.append(float((chosen > rejected).float().mean()))
-        train_seconds += time.perf_counter() - started
+            sums += torch.stack([loss.detach(), (chosen > rejected).float().mean()])
+            count += 1
         step += 1
+        log_now = step % config.log_every == 0 or step == total_steps
+        if log_now:  # waits for the GPU, inside the timed span
+            means = (sums / count).tolist()
+            sums.zero_()
+            count = 0
+        train_seconds += time.perf_counter() - started
         progress.update(1)
-        if step % config.log_every == 0 or step == total_steps:
+        if log_now:
             ctx.log(
                 step,
-                loss=sum(losses) / len(losses),
-                accuracy=sum(correct) / len(correct),
+                loss=means[0],
+                accuracy=means[1],
                 lr=ds.get_lr()[0],
-                tokens_per_s=tokens * dist.world_size() / max(train_seconds, 1e-9),
+                tokens_per_s=(tokens - logged[0])
+                * dist.world_size()
+                / max(train_seconds - logged[1], 1e-9),
             )
-            losses, correct = [], []
+            logged = (tokens, train_seconds)
         if eval_items and (step % config.eval_every == 0 or step == total_steps):
             summary = evaluate(ds.module, eval_items, pad_id, cfg.micro_batch_size)
             ctx.log(step, **summary)

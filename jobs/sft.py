@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from jobs import dist, engine
-from jobs.batches import IGNORE, ShardedSampler, pad, read_jsonl, shard
+from jobs.batches import IGNORE, ShardedSampler, pad, padded_shard, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
@@ -80,38 +80,39 @@ def collate(items, pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over response tokens, and how many there were."""
+def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy of every position [batch, len-1] and the response mask."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, use_cache=False).logits[:, :-1].float()
     targets = batch["labels"][:, 1:]
-    n_tokens = int((targets != IGNORE).sum())
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)),
-        targets.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
-    )
-    return loss / max(n_tokens, 1), n_tokens
+    losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+    return losses, targets != IGNORE
+
+
+def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token cross-entropy over response tokens, and how many there were (both on
+    the model's device: reading them on the host would wait for the GPU every step)."""
+    losses, mask = token_losses(model, batch)
+    n_tokens = mask.sum()
+    return losses.sum() / n_tokens.clamp(min=1), n_tokens
 
 
 @torch.no_grad()
 def evaluate(model, items, pad_id: int, micro_batch: int) -> float:
-    """Token-weighted mean loss over this rank's share of ``items``, reduced over ranks."""
+    """Token-weighted mean loss over all of ``items``, each rank scoring its share."""
     model.eval()
-    total = torch.zeros(2)
-    mine = [items[i] for i in shard(len(items), dist.rank(), dist.world_size())]
-    for start in range(0, len(mine), micro_batch):
-        batch = collate(mine[start : start + micro_batch], pad_id)
-        batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
-        loss, n = response_loss(model, batch)
-        total += torch.tensor([loss.item() * n, n])
+    device = next(model.parameters()).device
+    total = torch.zeros(2, device=device)  # loss sum, token count
+    indices, real = padded_shard(len(items), dist.rank(), dist.world_size())
+    for start in range(0, len(indices), micro_batch):
+        batch = collate([items[i] for i in indices[start : start + micro_batch]], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        losses, mask = token_losses(model, batch)
+        keep = torch.tensor(real[start : start + micro_batch], device=device)[:, None] & mask
+        total += torch.stack([(losses * keep).sum(), keep.sum().float()])
     model.train()
-    if dist.world_size() > 1:
-        import torch.distributed as torch_dist
-
-        torch_dist.all_reduce(total)
-    return float(total[0] / max(total[1], 1))
+    total = dist.all_reduce_sum(total)
+    return float(total[0] / total[1].clamp(min=1))
 
 
 def run(config: Config, ctx: StageContext) -> dict:
@@ -144,9 +145,7 @@ def run(config: Config, ctx: StageContext) -> dict:
     steps_per_epoch = max(sampler.per_epoch // cfg.gradient_accumulation_steps, 1)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
 
-    model = AutoModelForCausalLM.from_pretrained(
-        source, revision=config.revision, dtype=torch.float32
-    )
+    model = engine.load_model(AutoModelForCausalLM, source, cfg, revision=config.revision)
     ds = engine.initialize(model, cfg, total_steps)
     state = engine.resume(ds, ctx)
     step = state.get("step", 0)
@@ -160,7 +159,11 @@ def run(config: Config, ctx: StageContext) -> dict:
     eval_loss = first_eval
     batches = sampler.micro_batches(start=step * cfg.gradient_accumulation_steps)
     progress = ctx.progress(total_steps, step)
-    tokens, train_seconds, losses = 0, 0.0, []
+    tokens, train_seconds = 0, 0.0
+    logged = (0, 0.0)  # tokens and seconds at the last log: the logged rate is a window's
+    # Losses add up on the device and are read at logging time: a read per step would make
+    # the host wait for the GPU and leave it idle while the next batch is prepared.
+    loss_sum, loss_count = torch.zeros((), device=device), 0
     while step < total_steps:
         started = time.perf_counter()
         for _ in range(cfg.gradient_accumulation_steps):
@@ -169,18 +172,26 @@ def run(config: Config, ctx: StageContext) -> dict:
             loss, _ = response_loss(ds, {k: v.to(device) for k, v in batch.items()})
             ds.backward(loss)
             ds.step()
-            losses.append(loss.item())
-        train_seconds += time.perf_counter() - started
+            loss_sum += loss.detach()
+            loss_count += 1
         step += 1
+        log_now = step % config.log_every == 0 or step == total_steps
+        if log_now:  # waits for the GPU, inside the timed span
+            mean_loss = float(loss_sum) / loss_count
+            loss_sum.zero_()
+            loss_count = 0
+        train_seconds += time.perf_counter() - started
         progress.update(1)
-        if step % config.log_every == 0 or step == total_steps:
+        if log_now:
             ctx.log(
                 step,
-                loss=sum(losses) / len(losses),
+                loss=mean_loss,
                 lr=ds.get_lr()[0],
-                tokens_per_s=tokens * dist.world_size() / max(train_seconds, 1e-9),
+                tokens_per_s=(tokens - logged[0])
+                * dist.world_size()
+                / max(train_seconds - logged[1], 1e-9),
             )
-            losses = []
+            logged = (tokens, train_seconds)
         if eval_items and (step % config.eval_every == 0 or step == total_steps):
             eval_loss = evaluate(ds, eval_items, pad_id, cfg.micro_batch_size)
             ctx.log(step, eval_loss=eval_loss)

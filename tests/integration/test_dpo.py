@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from jobs.contract import read_manifest
 from jobs.dpo import collate, dpo_loss, encode_pair, sequence_logps
-from tests.conftest import run_entrypoint
+from tests.conftest import ROOT, run_entrypoint
 
 pytestmark = pytest.mark.slow
 
@@ -144,3 +150,77 @@ def test_loss_equals_trls_dpo_loss_on_the_same_batch(policy_and_reference, tmp_p
         # float32 log-probs computed two ways differ by ~1e-5; IPO squares the margin.
         tolerance = 1e-4 if loss_type == "sigmoid" else 1e-3
         assert ours.item() == pytest.approx(float(trl_loss), rel=tolerance), loss_type
+
+
+def pairs_output(source: Path, out: Path, n_train: int, n_eval: int) -> Path:
+    """A finished output with ``n_train`` and ``n_eval`` pairs taken from ``source``."""
+    from jobs.contract import StageConfig, run_stage
+
+    rows = (source / "pairs" / "train.jsonl").read_text().splitlines()
+    assert len(rows) >= n_train + n_eval
+
+    def write(config, ctx):
+        (ctx.out_dir / "pairs").mkdir(parents=True)
+        (ctx.out_dir / "pairs" / "train.jsonl").write_text("\n".join(rows[:n_train]) + "\n")
+        (ctx.out_dir / "pairs" / "eval.jsonl").write_text("\n".join(rows[-n_eval:]) + "\n")
+        return {}
+
+    run_stage("pairs", StageConfig(output=str(out)), write, workdir=out.parent / f"w-{out.name}")
+    return out
+
+
+def test_two_processes_under_zero3_evaluate_uneven_shards_as_one(
+    policy_and_reference, tiny, tiny_data, tmp_path
+):
+    """17 held-out pairs over 2 ranks in micro-batches of 4: rank 0 has 3 batches, rank 1
+    has 2. Under ZeRO-3 every forward is a collective, so unpadded shards hang; padded ones
+    must give the single process's metrics, and the reference log-probs each rank computes
+    for its share, gathered, must be the single process's."""
+    from jobs.contract import StageConfig, run_stage
+
+    data = pairs_output(tiny_data, tmp_path / "pairs", n_train=40, n_eval=17)
+    policy, _, tokenizer, _ = policy_and_reference
+
+    def save_policy(config, ctx):
+        policy.save_pretrained(ctx.out_dir / "model")
+        tokenizer.save_pretrained(ctx.out_dir / "model")
+        return {}
+
+    run_stage("policy", StageConfig(output=str(tmp_path / "p")), save_policy, tmp_path / "w-p")
+    config = {
+        "model": str(tmp_path / "p" / "model"),
+        "reference": str(tiny / "model"),
+        "data": str(data),
+        "max_seq_len": 96,
+        "max_steps": 1,
+        "eval_every": 1000,
+        "train": {"learning_rate": 1e-4, "micro_batch_size": 4},
+    }
+    one = run_entrypoint("dpo", {**config, "output": str(tmp_path / "one")}, tmp_path, name="one")
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    two = {**config, "output": str(tmp_path / "two")}
+    two["train"] = {**config["train"], "zero_stage": 3}
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(two))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PET_NPROC_PER_NODE": "2", "PET_NNODES": "1"}
+    result = subprocess.run(
+        ["torchrun", "--standalone", "-m", "jobs", "dpo", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    first = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    second = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert first[0]["step"] == second[0]["step"] == 0
+    for key in ("eval_loss", "eval_accuracy", "eval_margin", "eval_logp_chosen"):
+        assert second[0][key] == pytest.approx(first[0][key], rel=1e-4, abs=1e-5), key
+    assert 0 < first[0]["eval_accuracy"] < 1  # a policy unlike its reference: margins not 0
+    ref_one = torch.load(tmp_path / "one" / "reference_logps.pt", weights_only=True)
+    ref_two = torch.load(tmp_path / "two" / "reference_logps.pt", weights_only=True)
+    for split in ("train", "eval"):
+        torch.testing.assert_close(ref_two[split], ref_one[split], atol=1e-4, rtol=1e-4)

@@ -220,7 +220,7 @@ def test_two_processes_under_zero3_complete_an_iteration(demo, tmp_path):
     assert store.exists(str(tmp_path / "z3" / "model" / "model.safetensors"))
 
 
-def test_ptx_adaptive_kl_and_ema_options(demo, tmp_path):
+def test_ptx_adaptive_kl_ema_and_a_lora_critic(demo, tmp_path):
     config = ppo_config(
         demo,
         tmp_path / "opt",
@@ -233,6 +233,7 @@ def test_ptx_adaptive_kl_and_ema_options(demo, tmp_path):
         target_kl=0.01,
         kl_horizon=100,
         ema_decay=0.5,
+        critic_train={"learning_rate": 2e-4, "lora": {"r": 4}},
     )
     result = run_entrypoint("ppo", config, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

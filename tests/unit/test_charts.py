@@ -273,3 +273,11 @@ def test_minio_chart_for_development_clusters():
         helm_python.Chart.load(str(chart)).render(
             {"auth": {"rootPassword": "x"}}, name="m", namespace="ml"
         )
+
+
+@pytest.mark.parametrize("chart", stage_charts(), ids=lambda c: c.name)
+def test_the_grace_period_leaves_time_for_a_checkpoint_and_is_a_value(chart):
+    [job] = by_kind(render(chart, {}), "Job")
+    assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 600
+    [job] = by_kind(render(chart, {"terminationGracePeriodSeconds": 1800}), "Job")
+    assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 1800

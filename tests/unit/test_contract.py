@@ -140,3 +140,14 @@ def test_checkpoints_without_commit_marker_are_ignored(out_root, tmp_path):
     assert (restored / "state.pt").read_text() == "state at 30"
     commit = json.loads(store.read_text(store.join(checkpoints.uri, "step-00000030", COMMIT)))
     assert commit["step"] == 30
+
+
+def test_scratch_holds_only_the_newest_committed_checkpoint(tmp_path):
+    checkpoints = Checkpoints(str(tmp_path / "store" / "_checkpoints"), tmp_path / "local")
+    for step in (10, 20, 30):
+        local = checkpoints.local_dir(step)
+        local.mkdir(parents=True)
+        (local / "state.pt").write_bytes(b"x" * 1000)
+        checkpoints.save(step)
+        assert sorted(p.name for p in (tmp_path / "local").iterdir()) == [f"step-{step:08d}"]
+    assert checkpoints.committed() == [20, 30]  # the store keeps two, scratch one

@@ -81,6 +81,7 @@ spec:
         {{- end }}
     spec:
       restartPolicy: Never
+      terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
       {{- if $multinode }}
       subdomain: {{ include "kuberlhf-job.service" . }}
       {{- end }}

@@ -1,0 +1,475 @@
+"""GPU benchmarks at the shape of polyglot-ko-1.3b (GPT-NeoX, hidden 2048, 24 layers, 16 heads,
+vocab 30080; 1.33B parameters), one NVIDIA GPU, bf16, in one run:
+
+- sft: our stage against a plain PyTorch loop (pure bf16 weights, fused AdamW) and TRL's
+  SFTTrainer, at sequence 1024 and 2048;
+- reward and dpo: our stages against TRL's RewardTrainer and DPOTrainer;
+- ppo: a 1.33B actor with a 350M reward model and critic (prompts up to 256 tokens, 256
+  new tokens, rollout batch 64): seconds per iteration split into generation, scoring and
+  training, generation tokens/s, and the share of the decode floor reached (the actor's
+  weights and KV cache read once per decode step at the GPU's memory bandwidth).
+
+Figures are steady-state non-padding training tokens per second (the first steps, which
+compile kernels and warm the allocator, left out), MFU (6 x parameters FLOPs per token, the
+convention of the figures in the issue, against the GPU's dense bf16 peak), and peak GPU
+memory. Each implementation runs in a fresh process on the same random-initialised model
+and the same data. Run: ``make bench-gpu`` or ``python -m bench.gpu [--only sft,ppo]
+[--seq 1024 2048]``; ``--tiny`` runs the same code at a tiny shape (a check of the benchmark
+on a CPU machine: its figures say nothing about GPUs). Writes bench/results/gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import TrainerClock, report
+
+SHAPES = {
+    "1.3b": {"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16},
+    "350m": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16},
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+}
+VOCAB = 30080
+# Dense bf16 peak and memory bandwidth by device name (datasheets; SXM parts).
+GPUS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
+CASES = ("sft", "reward", "dpo", "ppo")
+
+
+def gpu_limits() -> tuple[float | None, float | None]:
+    if not torch.cuda.is_available():
+        return None, None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in GPUS.items() if k in name), (None, None))
+
+
+# --- inputs: models of the benchmark's shapes and data of the benchmark's lengths -----------
+
+
+def make_model(kind: str, shape: str, tokenizer_dir: Path, out: Path) -> Path:
+    """A random-initialised GPT-NeoX of ``shape`` as a finished stage output (``model/``)."""
+    from transformers import (
+        AutoTokenizer,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        GPTNeoXForSequenceClassification,
+    )
+
+    from jobs.contract import StageConfig, run_stage
+
+    def build(config, ctx):
+        dims = SHAPES[shape]
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        model_config = GPTNeoXConfig(
+            **dims,
+            intermediate_size=4 * dims["hidden_size"],
+            vocab_size=VOCAB,
+            max_position_embeddings=2048,
+            num_labels=1,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.eos_token_id,
+        )
+        cls = GPTNeoXForCausalLM if kind == "lm" else GPTNeoXForSequenceClassification
+        torch.manual_seed(0)
+        cls(model_config).to(torch.bfloat16).save_pretrained(ctx.out_dir / "model")
+        tokenizer.save_pretrained(ctx.out_dir / "model")
+        return {}
+
+    run_stage(f"{kind}-{shape}", StageConfig(output=str(out)), build, out.parent / f"w-{out.name}")
+    return out / "model"
+
+
+def make_data(tokenizer_dir: Path, texts: list[str], seq: int, rows: int, out: Path) -> Path:
+    """A finished data output whose SFT rows, pairs and prompts fill ``seq`` tokens: prompts
+    of a quarter of it, answers of the rest (prompts for PPO: up to 256 tokens)."""
+    from transformers import AutoTokenizer
+
+    from jobs.contract import StageConfig, run_stage
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    stream = [t for text in texts for t in tokenizer(text + "\n")["input_ids"]]
+
+    def piece(start: int, length: int) -> str:
+        ids = [stream[(start + i) % len(stream)] for i in range(length)]
+        return tokenizer.decode(ids)
+
+    def build(config, ctx):
+        prompt_len, answer_len = seq // 4, seq - seq // 4 - 8
+        sft, pairs, prompts = [], [], []
+        for i in range(rows):
+            at = i * 7919
+            prompt = piece(at, prompt_len)
+            sft.append({"prompt": prompt, "response": piece(at + prompt_len, answer_len)})
+            pairs.append(
+                {
+                    "prompt": piece(at, prompt_len // 2),
+                    "chosen": piece(at + seq, answer_len // 2),
+                    "rejected": piece(at + 2 * seq, answer_len // 2),
+                }
+            )
+            prompts.append({"prompt": piece(at, min(256, prompt_len)), "instruction": "-"})
+        for folder, items in (("sft", sft), ("pairs", pairs), ("prompts", prompts)):
+            (ctx.out_dir / folder).mkdir(parents=True)
+            with open(ctx.out_dir / folder / "train.jsonl", "w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in items)
+        return {}
+
+    run_stage("data", StageConfig(output=str(out)), build, out.parent / f"w-{out.name}")
+    return out
+
+
+def prepare(root: Path, tiny: bool, seqs: list[int], rows: int) -> None:
+    from jobs import bootstrap
+    from jobs.contract import run_stage
+
+    boot = root / "bootstrap"
+    run_stage("bootstrap", bootstrap.Config(output=str(boot)), bootstrap.run, root / "w-boot")
+    texts = [
+        json.loads(line)["chosen"]
+        for line in (boot / "data" / "dialogues.jsonl").read_text().splitlines()
+    ]
+    big, small = ("tiny", "tiny") if tiny else ("1.3b", "350m")
+    make_model("lm", big, boot / "model", root / "actor")
+    make_model("rm", small, boot / "model", root / "rm")
+    for seq in seqs:
+        make_data(boot / "model", texts, seq, rows, root / f"data-{seq}")
+
+
+# --- one implementation, in a child process ------------------------------------------------
+
+
+def steady_rate(lines: list[dict]) -> float:
+    """Median tokens/s of the logged windows after the first (kernel builds, warm-up)."""
+    rates = [m["tokens_per_s"] for m in lines if "tokens_per_s" in m]
+    return statistics.median(rates[1:] if len(rates) > 1 else rates)
+
+
+def figures(rate: float, params: int, peak_gib: float) -> dict:
+    peak_flops, _ = gpu_limits()
+    out = {"tokens_per_s": round(rate, 1), "peak_memory_gib": round(peak_gib, 2)}
+    if peak_flops:
+        out["mfu"] = round(rate * 6 * params / peak_flops, 4)
+    return out
+
+
+def parameter_count(model_dir: Path) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+def ours(case: str, root: Path, seq: int, args) -> dict:
+    from jobs.contract import read_manifest, run_stage
+    from jobs.stages import stage_module
+
+    module = stage_module(case)
+    train = {
+        "precision": "bf16",
+        "zero_stage": 2,
+        "micro_batch_size": args.batch,
+        "learning_rate": 1e-5,
+    }
+    config = module.Config(
+        output=str(root / f"ours-{case}-{seq}"),
+        model=str(root / "actor" / "model"),
+        data=str(root / f"data-{seq}"),
+        max_seq_len=seq,
+        max_steps=args.steps,
+        eval_every=10**6,
+        log_every=args.log_every,
+        checkpoint_every=10**6,
+        train=train,
+    )
+    run_stage(case, config, module.run, root / f"w-ours-{case}-{seq}")
+    output = Path(config.output)
+    lines = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
+    peak = read_manifest(str(output)).metrics.get("cuda_peak_memory_gib", 0.0)
+    return figures(steady_rate(lines), parameter_count(root / "actor" / "model"), peak)
+
+
+def plain(case: str, root: Path, seq: int, args) -> dict:
+    """The reference loop: the model in bf16, torch's fused AdamW, the same batches."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jobs.batches import ShardedSampler, read_jsonl
+    from jobs.sft import collate, response_loss, tokenize
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model_dir = root / "actor" / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    items = tokenize(read_jsonl(root / f"data-{seq}" / "sft" / "train.jsonl", ()), tokenizer, seq)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=1e-5, betas=(0.9, 0.95), fused=device.type == "cuda"
+    )
+    batches = ShardedSampler(len(items), args.batch, 0).micro_batches()
+    rates, tokens, started = [], 0, time.perf_counter()
+    for step in range(1, args.steps + 1):
+        batch = collate([items[i] for i in next(batches)], tokenizer.pad_token_id)
+        tokens += int(batch["attention_mask"].sum())
+        loss, _ = response_loss(model, {k: v.to(device) for k, v in batch.items()})
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % args.log_every == 0:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rates.append({"tokens_per_s": tokens / (time.perf_counter() - started)})
+            tokens, started = 0, time.perf_counter()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    return figures(steady_rate(rates), parameter_count(model_dir), peak)
+
+
+def trl(case: str, root: Path, seq: int, args) -> dict:
+    from datasets import Dataset
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    model_dir = root / "actor" / "model"
+    data = root / f"data-{seq}"
+    cuda = torch.cuda.is_available()
+    common = {
+        "output_dir": str(root / f"trl-{case}-{seq}"),
+        "per_device_train_batch_size": args.batch,
+        "max_steps": args.steps,
+        "max_length": seq,
+        "learning_rate": 1e-5,
+        "adam_beta2": 0.95,
+        "lr_scheduler_type": "cosine",
+        "logging_steps": 10**6,
+        "save_strategy": "no",
+        "report_to": "none",
+        "bf16": cuda,
+        "use_cpu": not cuda,
+        "optim": "adamw_torch_fused" if cuda else "adamw_torch",
+        "dataloader_drop_last": True,
+        "seed": 0,
+    }
+    rows = [
+        json.loads(x)
+        for x in (data / ("sft" if case == "sft" else "pairs"))
+        .joinpath("train.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    clock = TrainerClock(skip_steps=args.log_every)
+    if case == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        dataset = Dataset.from_list(
+            [{"prompt": r["prompt"], "completion": r["response"]} for r in rows]
+        )
+        clock.train(
+            SFTTrainer,
+            model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+            args=SFTConfig(**common, packing=False),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+    elif case == "reward":
+        from trl import RewardConfig, RewardTrainer
+
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=1, dtype=torch.float32
+        )
+        model.config.pad_token_id = tokenizer.pad_token_id
+        clock.train(
+            RewardTrainer,
+            model=model,
+            args=RewardConfig(**common),
+            train_dataset=Dataset.from_list(
+                [
+                    {"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
+                    for r in rows
+                ]
+            ),
+            processing_class=tokenizer,
+        )
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        clock.train(
+            DPOTrainer,
+            model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+            ref_model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+            args=DPOConfig(**common, beta=0.1, precompute_ref_log_probs=True),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    return figures(clock.tokens_per_s, parameter_count(model_dir), peak)
+
+
+def ppo(root: Path, args) -> dict:
+    from jobs import ppo as stage
+    from jobs.contract import read_manifest, run_stage
+
+    new_tokens = 16 if args.tiny else 256
+    train = {"precision": "bf16", "zero_stage": 2, "learning_rate": 1e-6}
+    config = stage.Config(
+        output=str(root / "ours-ppo"),
+        actor=str(root / "actor" / "model"),
+        reward_model=str(root / "rm" / "model"),
+        prompts=str(root / f"data-{args.seq[0]}"),
+        iterations=args.ppo_iterations,
+        rollout_batch_size=args.rollout,
+        minibatch_size=args.rollout // 4,
+        ppo_epochs=1,
+        checkpoint_every=10**6,
+        sampling={
+            "max_new_tokens": new_tokens,
+            "max_prompt_tokens": 256,
+            "temperature": 1.0,
+            "top_p": 1.0,
+        },
+        actor_train=train,
+        critic_train=train,
+    )
+    run_stage("ppo", config, stage.run, root / "w-ppo")
+    output = Path(config.output)
+    lines = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
+    steady = [m for m in lines if m.get("step", 0) > 1 and "generation_s" in m] or lines
+    split = {
+        k: statistics.mean(m[k] for m in steady)
+        for k in ("generation_s", "scoring_s", "training_s", "response_length")
+    }
+    iteration_s = split["generation_s"] + split["scoring_s"] + split["training_s"]
+    generated = split["response_length"] * args.rollout
+    out = {
+        **{k: round(v, 3) for k, v in split.items()},
+        "iteration_s": round(iteration_s, 3),
+        "generation_share": round(split["generation_s"] / iteration_s, 3),
+        "generation_tokens_per_s": round(generated / split["generation_s"], 1),
+        "peak_memory_gib": read_manifest(str(output)).metrics.get("cuda_peak_memory_gib", 0.0),
+    }
+    _, bandwidth = gpu_limits()
+    if bandwidth:
+        # One decode step reads the actor's bf16 weights and, per row, the KV cache so far
+        # (keys and values of every layer, bf16); a step averages half the answer.
+        from transformers import AutoConfig
+
+        model = AutoConfig.from_pretrained(root / "actor" / "model")
+        weights = 2 * parameter_count(root / "actor" / "model")
+        context = 256 + new_tokens / 2
+        kv = 2 * model.num_hidden_layers * model.hidden_size * 2 * context * args.rollout
+        floor_s = (weights + kv) / bandwidth
+        steps_s = split["generation_s"] / new_tokens
+        out["decode_floor_ms"] = round(floor_s * 1e3, 3)
+        out["decode_step_ms"] = round(steps_s * 1e3, 3)
+        out["decode_floor_share"] = round(floor_s / steps_s, 3)
+    return out
+
+
+def child(args) -> dict:
+    root = Path(args.root)
+    if args.case == "ppo":
+        return ppo(root, args)
+    fn = {"ours": ours, "plain": plain, "trl": trl}[args.impl]
+    return fn(args.case, root, args.seq[0], args)
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only", default=",".join(CASES), help="comma-separated: " + ", ".join(CASES)
+    )
+    parser.add_argument("--seq", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--batch", type=int, default=None, help="micro-batch at sequence 1024")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--log-every", type=int, default=5)
+    parser.add_argument("--rollout", type=int, default=64)
+    parser.add_argument("--ppo-iterations", type=int, default=4)
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes: checks the bench on CPU")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:  # a child: one implementation, figures on the last line
+        print(json.dumps(child(args)))
+        return
+    cases = [c for c in args.only.split(",") if c]
+    if args.tiny:
+        args.seq, args.steps, args.log_every, args.rollout = [64], 6, 2, 8
+        args.ppo_iterations = 2
+    results: dict = {"shape": "tiny" if args.tiny else "1.3b", "cases": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        prepare(root, args.tiny, args.seq, rows=max(256, args.steps * 16))
+        for case in cases:
+            seqs = args.seq[:1] if case in ("ppo", "reward", "dpo") else args.seq
+            for seq in seqs:
+                batch = args.batch or (8 if args.tiny else max(1, 8 * 1024 // seq))
+                if case == "dpo":
+                    batch = max(1, batch // 2)  # a pair is two sequences
+                impls = ("ppo",) if case == "ppo" else ("ours", "plain", "trl")
+                if case in ("reward", "dpo"):
+                    impls = ("ours", "trl")
+                key = case if case == "ppo" else f"{case}@{seq}"
+                results["cases"][key] = {"micro_batch": batch, "seq": seq}
+                for impl in impls:
+                    command = [
+                        sys.executable,
+                        "-m",
+                        "bench.gpu",
+                        "--case",
+                        case,
+                        "--impl",
+                        impl,
+                        "--root",
+                        str(root),
+                        "--seq",
+                        str(seq),
+                        "--batch",
+                        str(batch),
+                        "--steps",
+                        str(args.steps),
+                        "--log-every",
+                        str(args.log_every),
+                        "--rollout",
+                        str(args.rollout),
+                        "--ppo-iterations",
+                        str(args.ppo_iterations),
+                    ]
+                    if args.tiny:
+                        command.append("--tiny")
+                    run = subprocess.run(command, capture_output=True, text=True)
+                    if run.returncode != 0:
+                        raise SystemExit(f"{key} {impl} failed:\n{run.stderr[-4000:]}")
+                    found = json.loads(run.stdout.strip().splitlines()[-1])
+                    results["cases"][key][impl] = found
+                    print(f"{key:>10} {impl:>5}: {json.dumps(found)}", flush=True)
+                entry = results["cases"][key]
+                if "trl" in entry:
+                    entry["ours_over_trl"] = round(
+                        entry["ours"]["tokens_per_s"] / entry["trl"]["tokens_per_s"], 3
+                    )
+                if "plain" in entry:
+                    entry["ours_over_plain"] = round(
+                        entry["ours"]["tokens_per_s"] / entry["plain"]["tokens_per_s"], 3
+                    )
+    if torch.cuda.is_available():
+        results["gpu"] = torch.cuda.get_device_name()
+    report("gpu_tiny_check" if args.tiny else "gpu", results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""Every stage on one NVIDIA GPU in bf16 (`make test-gpu`): the model really ran there (the
+stage's manifest reports the GPU's peak memory), and the learning claims of the CPU suite
+hold there too. Stages run through `python -m jobs` on the local store, as in a pod, so the
+suite needs only what the job image has (no Helm binding, no S3 test server).
+
+KUBERLHF_GPU_SUITE_ON_CPU=1 runs the same tests on a CPU machine (slowly), to check the
+suite itself where no GPU is at hand; the GPU placement checks are then left out."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from jobs.contract import Manifest, read_manifest
+from jobs.errors import EXIT_RETRY
+from tests.conftest import ROOT, run_entrypoint
+
+ON_CPU = os.environ.get("KUBERLHF_GPU_SUITE_ON_CPU") == "1"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() and not ON_CPU,
+        reason="needs an NVIDIA GPU with CUDA PyTorch: `make test-gpu` on a GPU machine",
+    ),
+]
+BF16 = {"precision": "bf16", "warmup_steps": 4}
+
+
+def finished(output: Path, result: subprocess.CompletedProcess) -> Manifest:
+    """The stage's manifest, once it finished and its models ran on the GPU."""
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    manifest = read_manifest(str(output))
+    assert manifest is not None
+    if not ON_CPU:
+        assert manifest.metrics["cuda_peak_memory_gib"] > 0.01, "the stage left the GPU idle"
+        assert manifest.metrics["cuda_device"] == torch.cuda.get_device_name()
+    return manifest
+
+
+def stage(name: str, config: dict, tmp_path: Path, tag: str | None = None) -> Manifest:
+    return finished(Path(config["output"]), run_entrypoint(name, config, tmp_path, name=tag))
+
+
+def metrics_lines(output: Path) -> list[dict]:
+    return [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+@pytest.fixture(scope="module")
+def sft_model(tiny, tiny_data, tmp_path_factory) -> Path:
+    """The tiny model after SFT in bf16 on the GPU: PPO's actor."""
+    root = tmp_path_factory.mktemp("gpu-sft")
+    config = sft_config(tiny, tiny_data, root / "sft", zero_stage=2)
+    stage("sft", config, root)
+    return root / "sft"
+
+
+def sft_config(tiny, tiny_data, output: Path, zero_stage: int) -> dict:
+    return {
+        "output": str(output),
+        "model": str(tiny / "model"),
+        "data": str(tiny_data),
+        "max_seq_len": 96,
+        "max_steps": 40,
+        "eval_every": 20,
+        "seed": 3,
+        "train": {
+            **BF16,
+            "zero_stage": zero_stage,
+            "learning_rate": 3e-3,
+            "micro_batch_size": 16,
+        },
+    }
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_sft_lowers_held_out_loss_on_the_gpu(tiny, tiny_data, tmp_path, zero_stage):
+    manifest = stage("sft", sft_config(tiny, tiny_data, tmp_path / "sft", zero_stage), tmp_path)
+    assert manifest.metrics["eval_loss"] < 0.5 * manifest.metrics["eval_loss_start"]
+
+
+def test_reward_model_accuracy_rises_on_the_gpu(tiny, tiny_data, tmp_path):
+    config = {
+        "output": str(tmp_path / "rm"),
+        "model": str(tiny / "model"),
+        "data": str(tiny_data),
+        "max_seq_len": 96,
+        "eval_every": 1000,
+        "seed": 0,
+        "train": {**BF16, "zero_stage": 2, "learning_rate": 1e-3, "micro_batch_size": 16},
+    }
+    metrics = stage("reward", config, tmp_path).metrics
+    assert metrics["eval_accuracy_start"] < 0.75
+    assert metrics["eval_accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_dpo_raises_preference_accuracy_on_the_gpu(tiny, tiny_data, tmp_path, zero_stage):
+    config = {
+        "output": str(tmp_path / "dpo"),
+        "model": str(tiny / "model"),
+        "data": str(tiny_data),
+        "max_seq_len": 96,
+        "max_steps": 30,
+        "eval_every": 30,
+        "seed": 0,
+        "train": {**BF16, "zero_stage": zero_stage, "learning_rate": 1e-3, "micro_batch_size": 8},
+    }
+    metrics = stage("dpo", config, tmp_path).metrics
+    assert metrics["eval_accuracy_start"] == 0
+    assert metrics["eval_accuracy"] >= 0.9 and metrics["eval_margin"] > 0.5
+
+
+def test_crlft_trains_on_the_gpu(tiny, tmp_path):
+    rows = []
+    for line in (tiny / "data" / "dialogues.jsonl").read_text().splitlines():
+        d = json.loads(line)
+        for source, answer in (("gpt-4", d["chosen"]), ("gpt-3.5-turbo", d["rejected"])):
+            turns = [{"from": "human", "value": d["prompt"]}, {"from": "gpt", "value": answer}]
+            rows.append({"model": source, "conversations": turns})
+    (tmp_path / "sharegpt.json").write_text(json.dumps(rows, ensure_ascii=False))
+    data = {
+        "output": str(tmp_path / "data"),
+        "template": "raw",
+        "dedup_threshold": None,
+        "eval_fraction": 0.1,
+        "sources": [
+            {
+                "name": "sharegpt",
+                "format": "sharegpt",
+                "uri": str(tmp_path / "sharegpt.json"),
+                "label_field": "model",
+            }
+        ],
+    }
+    assert run_entrypoint("data", data, tmp_path).returncode == 0
+    config = {
+        "output": str(tmp_path / "crlft"),
+        "model": str(tiny / "model"),
+        "data": str(tmp_path / "data"),
+        "max_seq_len": 128,
+        "max_steps": 40,
+        "eval_every": 20,
+        "seed": 0,
+        "train": {**BF16, "zero_stage": 2, "learning_rate": 3e-3, "micro_batch_size": 16},
+    }
+    stage("crlft", config, tmp_path)
+    evals = [m["eval_loss"] for m in metrics_lines(tmp_path / "crlft") if "eval_loss" in m]
+    assert evals[-1] < evals[0]
+
+
+def test_generate_label_and_evaluate_run_their_models_on_the_gpu(
+    sft_model, tiny, tiny_data, tiny_rm, tmp_path
+):
+    generate = {
+        "output": str(tmp_path / "candidates"),
+        "prompts": str(tiny_data),
+        "sources": [{"name": "sft", "model": str(sft_model / "model")}],
+        "samples_per_source": 2,
+        "max_prompts": 32,
+        "sampling": {"max_new_tokens": 24, "batch_size": 16},
+    }
+    metrics = stage("generate", generate, tmp_path).metrics
+    assert metrics["train.prompts"] == 32
+    label = {
+        "output": str(tmp_path / "pairs"),
+        "candidates": str(tmp_path / "candidates"),
+        "method": "reward_model",
+        "reward_model": str(tiny_rm / "model"),
+    }
+    stage("label", label, tmp_path)
+    assert (tmp_path / "pairs" / "pairs" / "train.jsonl").stat().st_size > 0
+    evaluate = {
+        "output": str(tmp_path / "eval"),
+        "prompts": str(tiny_data),
+        "candidate": str(sft_model / "model"),
+        "baseline": str(tiny / "model"),
+        "reward_model": str(tiny_rm / "model"),
+        "max_prompts": 48,
+        "sampling": {"max_new_tokens": 32, "batch_size": 16},
+    }
+    stage("evaluate", evaluate, tmp_path)
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    low, high = report["win_rate_ci95"]
+    assert low <= report["win_rate"] <= high
+
+
+def ppo_config(sft_model, tiny_data, tiny_rm, output: Path, **overrides) -> dict:
+    config = {
+        "output": str(output),
+        "actor": str(sft_model / "model"),
+        "reward_model": str(tiny_rm / "model"),
+        "prompts": str(tiny_data),
+        "iterations": 30,
+        "rollout_batch_size": 32,
+        "minibatch_size": 16,
+        "checkpoint_every": 100,
+        "sampling": {"max_new_tokens": 40, "temperature": 1.0, "top_p": 1.0},
+        "actor_train": {**BF16, "zero_stage": 2, "learning_rate": 2e-4},
+        "critic_train": {**BF16, "zero_stage": 2, "learning_rate": 2e-4},
+    }
+    return {**config, **overrides}
+
+
+def test_ppo_raises_the_reward_with_bounded_kl_on_the_gpu(sft_model, tiny_data, tiny_rm, tmp_path):
+    config = ppo_config(sft_model, tiny_data, tiny_rm, tmp_path / "ppo")
+    stage("ppo", config, tmp_path)
+    lines = [m for m in metrics_lines(tmp_path / "ppo") if "reward_mean" in m]
+    first = mean(m["reward_mean"] for m in lines[:5])
+    last = mean(m["reward_mean"] for m in lines[-5:])
+    assert last - first > 0.3
+    assert max(m["kl"] for m in lines) < 8.0
+
+
+def test_ppo_under_zero3_with_frozen_models_partitioned(sft_model, tiny_data, tiny_rm, tmp_path):
+    config = ppo_config(
+        sft_model,
+        tiny_data,
+        tiny_rm,
+        tmp_path / "z3",
+        iterations=2,
+        frozen_zero_stage=3,
+        ema_decay=0.9,
+        actor_train={**BF16, "zero_stage": 2, "learning_rate": 2e-4},
+        critic_train={**BF16, "zero_stage": 3, "learning_rate": 2e-4},
+    )
+    assert stage("ppo", config, tmp_path).metrics["iterations"] == 2
+
+
+def test_ppo_preempted_on_the_gpu_resumes_to_the_same_metrics(
+    sft_model, tiny_data, tiny_rm, tmp_path
+):
+    overrides = {"iterations": 6, "checkpoint_every": 3, "rollout_batch_size": 16, "seed": 5}
+    overrides["ema_decay"] = 0.9  # the EMA is part of the resumed state too
+    # Same kernels on the same shapes give the same numbers; cuBLAS needs a fixed workspace.
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    a = ppo_config(sft_model, tiny_data, tiny_rm, tmp_path / "a", **overrides)
+    finished(tmp_path / "a", run_entrypoint("ppo", a, tmp_path, env=env, name="a"))
+
+    path = tmp_path / "b.yaml"
+    path.write_text(
+        yaml.safe_dump(ppo_config(sft_model, tiny_data, tiny_rm, tmp_path / "b", **overrides))
+    )
+    command = [sys.executable, "-m", "jobs", "ppo", "--config", str(path)]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **env},
+    )
+    for line in process.stdout:  # preempt once past the iteration-3 checkpoint
+        if line.startswith("{") and json.loads(line).get("step", 0) >= 4:
+            process.send_signal(signal.SIGTERM)
+            break
+    process.communicate(timeout=600)
+    assert process.returncode == EXIT_RETRY
+    resumed = subprocess.run(
+        command, capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, **env}
+    )
+    finished(tmp_path / "b", resumed)
+    assert "resumed from the checkpoint at step 3" in resumed.stdout
+
+    first, second = metrics_lines(tmp_path / "a"), metrics_lines(tmp_path / "b")
+    assert [m["step"] for m in second] == [m["step"] for m in first] == list(range(1, 7))
+    for x, y in zip(first, second, strict=True):
+        for key in ("reward_mean", "kl", "policy_loss", "value_loss"):
+            assert y[key] == pytest.approx(x[key], rel=1e-2, abs=1e-3), (x["step"], key)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (NCCL, one per rank)")
+@pytest.mark.parametrize("name", ["sft", "dpo"])
+def test_two_gpus_evaluate_across_ranks(name, tiny, tiny_data, tmp_path):
+    """Evaluation all-reduces over NCCL (it died there on CPU tensors)."""
+    config = sft_config(tiny, tiny_data, tmp_path / name, zero_stage=3)
+    config.update({"max_steps": 4, "eval_every": 2})
+    if name == "dpo":
+        config["train"]["learning_rate"] = 1e-4
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [
+            "torchrun",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "jobs",
+            name,
+            "--config",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+    )
+    finished(tmp_path / name, result)
+    assert any("eval_loss" in m for m in metrics_lines(tmp_path / name))

@@ -1,0 +1,188 @@
+"""Device and precision mistakes caught on a CPU machine: PyTorch's meta device raises where
+a function makes a tensor on the CPU and mixes it with the model's, as CUDA would; models
+for sampling and scoring go where and in what precision the config says; PPO's scoring runs
+without dropout, in micro-batches, and its EMA stays float32 on one device."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from jobs import dist, engine, ppo
+from jobs.errors import BadInputError
+from jobs.models import InferenceConfig, load_causal_lm
+
+META = torch.device("meta")
+
+
+def test_gae_and_reward_shaping_stay_on_the_device_of_their_inputs():
+    rewards, values = torch.randn(3, 5), torch.randn(3, 5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).float()
+    advantages, returns = ppo.gae(rewards.to(META), values.to(META), mask.to(META), 1.0, 0.95)
+    assert advantages.device == returns.device == META
+    batch = {"mask": mask.to(META), "old_logp": values.to(META), "ref_logp": values.to(META)}
+    assert ppo.shape_rewards(batch, torch.ones(3, device=META), 0.1).device == META
+
+    # and on the CPU the numbers are GAE's: the last real token's advantage is r - V
+    advantages, _ = ppo.gae(rewards, values, mask, 1.0, 0.95)
+    assert advantages[0, 2] == pytest.approx(float(rewards[0, 2] - values[0, 2]))
+    assert (advantages[0, 3:] == 0).all()
+
+
+def test_entropy_is_a_metric_without_a_graph(tiny):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny / "model"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    logp, entropy = ppo.token_logprobs(model, ids, torch.ones_like(ids), 4)
+    assert logp.requires_grad and not entropy.requires_grad
+    assert logp.shape == entropy.shape == (2, 8)
+
+
+def test_the_ema_is_float32_on_its_device_and_returns_there_after_a_resume():
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    ema = ppo.ExponentialAverage(model.state_dict(), 0.999, "cpu")
+    assert {v.dtype for v in ema.weights.values()} == {torch.float32}
+    before = ema.weights["weight"].clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    for _ in range(3):  # in bf16 an average with decay 0.999 would not move by 0.003
+        ema.update(model)
+    assert torch.allclose(
+        ema.weights["weight"] - before, torch.full_like(before, 0.002997), atol=2e-5
+    )
+
+    # A checkpoint's client state comes back on the CPU (or wherever it was saved).
+    resumed = ppo.ExponentialAverage(ema.weights, 0.999, META)
+    assert {v.device for v in resumed.weights.values()} == {META}
+    resumed.update(model.to(META))  # the actor lives on that device: no device mix
+
+
+def test_frozen_models_accept_only_what_deepspeed_supports(tiny):
+    base = {"output": "o", "actor": "a", "reward_model": "r", "prompts": "p"}
+    ppo.Config(**base, frozen_zero_stage=3, frozen_offload=True)
+    ppo.Config(**base, frozen_zero_stage=0)
+    with pytest.raises(ValidationError, match="frozen_zero_stage"):
+        ppo.Config(**base, frozen_zero_stage=2)
+    with pytest.raises(ValidationError, match="zero_stage 0 with offload True is not supported"):
+        ppo.Config(**base, frozen_offload=True)
+
+
+def test_a_lora_critic_gives_values(tiny):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    critic = AutoModelForSequenceClassification.from_pretrained(str(tiny / "model"), num_labels=1)
+    plain_values = ppo.token_values(critic, torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4), 1)
+    lora = get_peft_model(critic, LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS"))
+    values = ppo.token_values(lora, torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4), 1)
+    assert values.shape == (1, 3)
+    torch.testing.assert_close(values, plain_values)  # LoRA's B starts at zero
+
+
+def test_inference_models_go_where_the_config_says(tiny, monkeypatch):
+    assert InferenceConfig().torch_device() == torch.device("cpu")  # no GPU here
+    assert InferenceConfig().torch_dtype(torch.device("cpu")) == torch.float32
+    assert InferenceConfig().torch_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    with pytest.raises(BadInputError, match="cuda asked for, but this node has no GPU"):
+        InferenceConfig(device="cuda").torch_device()
+
+    model = load_causal_lm(str(tiny / "model"), InferenceConfig(precision="bf16"))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and not model.training
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert InferenceConfig().torch_device() == torch.device("cuda", 1) == dist.device()
+    assert InferenceConfig(device="cpu").torch_device() == torch.device("cpu")
+
+
+def test_training_models_load_in_their_precision_and_partitioned_under_zero3(tiny):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = str(tiny / "model")
+    full = engine.load_model(AutoModelForCausalLM, path, engine.EngineConfig(precision="bf16"))
+    assert {p.dtype for p in full.parameters()} == {torch.bfloat16}
+
+    cfg = engine.EngineConfig(zero_stage=3, precision="bf16")
+    partitioned = engine.load_model(AutoModelForCausalLM, path, cfg)
+    params = list(partitioned.parameters())
+    # zero.Init: every parameter is a partition (one rank: all of it lives in ds_tensor)
+    assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in params)
+    assert sum(p.ds_numel for p in params) == sum(p.numel() for p in full.parameters())
+
+    # Closed after loading: the next model (a frozen one under ZeRO-0) is whole.
+    frozen = engine.load_frozen(
+        AutoModelForSequenceClassification, path, engine.frozen_config(0, False, "bf16"), "bf16"
+    )
+    assert not any(hasattr(p, "ds_id") for p in frozen.parameters())
+
+
+def test_the_entrypoint_configures_the_cuda_allocator(monkeypatch, tmp_path):
+    from jobs.__main__ import main
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    (tmp_path / "c.yaml").write_text("output: o\n")
+    assert main(["no-such-stage", "--config", str(tmp_path / "c.yaml")]) == 65
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")  # a pod's own wins
+    main(["no-such-stage", "--config", str(tmp_path / "c.yaml")])
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+
+
+def tiny_models(tiny, dropout: float) -> SimpleNamespace:
+    """PPO's four models as plain modules, each with dropout, in the shape rollout reads."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from jobs.generation import eos_ids_of
+    from jobs.models import load_tokenizer
+
+    path = str(tiny / "model")
+    options = {"attention_dropout": dropout, "hidden_dropout": dropout}
+    tokenizer = load_tokenizer(path)
+    actor = AutoModelForCausalLM.from_pretrained(path, **options).train()
+    critic = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **options)
+    reward = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
+    reference = AutoModelForCausalLM.from_pretrained(path).eval()
+    for model in (critic, reward):
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return SimpleNamespace(
+        actor=SimpleNamespace(module=actor, device=torch.device("cpu")),
+        critic=SimpleNamespace(module=critic.train()),
+        reference=SimpleNamespace(module=reference),
+        reward=SimpleNamespace(module=reward),
+        tokenizer=tokenizer,
+        eos=eos_ids_of(actor, tokenizer),
+        zero3=False,
+    )
+
+
+def test_rollouts_are_scored_without_dropout_in_micro_batches(tiny):
+    models = tiny_models(tiny, dropout=0.5)
+    prompts = [f"### User:\nhello {i}\n\n### Assistant:\n" for i in range(6)]
+    config = ppo.Config(
+        output="o",
+        actor="a",
+        reward_model="r",
+        prompts="p",
+        rollout_batch_size=6,
+        minibatch_size=6,
+        sampling={"max_new_tokens": 8},
+    )
+    whole = ppo.rollout(models, prompts, config, seed=3)
+    in_pairs = ppo.rollout(
+        models, prompts, config.model_copy(update={"scoring_batch_size": 2}), seed=3
+    )
+    assert models.actor.module.training and models.critic.module.training  # restored
+    torch.testing.assert_close(whole["sequences"], in_pairs["sequences"])
+    for key in ("old_logp", "values", "ref_logp", "scores"):  # no dropout: the same numbers
+        torch.testing.assert_close(whole[key], in_pairs[key], atol=1e-5, rtol=1e-4)
+
+    # and they are the policy's without dropout
+    actor = models.actor.module.eval()
+    expected, _ = ppo.token_logprobs(actor, whole["sequences"], whole["attention"], whole["start"])
+    torch.testing.assert_close(whole["old_logp"], expected * whole["mask"], atol=1e-5, rtol=1e-4)
