@@ -33,7 +33,7 @@ IMAGE_TORCH_SPEC ?=
 CONTAINER ?= $(shell command -v docker >/dev/null 2>&1 && echo docker || echo podman)
 
 .PHONY: setup system-deps container-deps demo test test-gpu lint bench bench-gpu images \
-	images-local e2e-kind clean
+	images-local e2e e2e-kind clean
 
 setup: system-deps $(STAMP)
 
@@ -106,6 +106,11 @@ images-local: setup container-deps
 # is skipped with the reason in `make test` where docker or kind is missing.
 e2e-kind: setup
 	KUBERLHF_E2E_KIND=1 $(BIN)/python -m pytest -v -rs tests/e2e
+
+# The same tests on the cluster KUBECONFIG names (see tests/e2e/test_cluster.py for the
+# variables: KUBERLHF_E2E_IMAGE, and S3).
+e2e: setup
+	$(BIN)/python -m pytest -v -rs tests/e2e
 
 clean:
 	rm -rf $(VENV) runs bench/results .pytest_cache .containers

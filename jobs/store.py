@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -180,38 +181,50 @@ class _S3:
         self.transfer = TransferConfig(multipart_threshold=threshold, multipart_chunksize=threshold)
 
     def _call(self, uri: str, fn, *args, **kwargs):
-        from botocore.exceptions import (
-            BotoCoreError,
-            ClientError,
-            EndpointConnectionError,
-            NoCredentialsError,
-        )
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return fn(*args, **kwargs)
-        except NoCredentialsError as exc:
-            raise BadInputError(f"{uri}: S3 credentials missing ({exc})") from None
-        except EndpointConnectionError as exc:
-            raise TransientError(
-                f"{uri}: cannot reach S3 endpoint {self.endpoint}: {exc}"
-            ) from None
-        except ClientError as exc:
+        except S3UploadFailedError as exc:
+            # upload_file wraps the service's answer in an error of its own: judge the answer.
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, BotoCoreError | ClientError):
+                raise self._translated(uri, cause) from None
+            code = re.search(r"\((\w+)\)", str(exc))
+            raise self._judged(uri, code.group(1) if code else "", 0, None) from None
+        except (BotoCoreError, ClientError) as exc:
+            raise self._translated(uri, exc) from None
+
+    def _translated(self, uri: str, exc: Exception) -> Exception:
+        """An S3 error as the stage's exit code needs it: the user's to fix (65) or worth a
+        retry (75); an unknown answer of the service as it came."""
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        if isinstance(exc, NoCredentialsError):
+            return BadInputError(f"{uri}: S3 credentials missing ({exc})")
+        if isinstance(exc, EndpointConnectionError):
+            return TransientError(f"{uri}: cannot reach S3 endpoint {self.endpoint}: {exc}")
+        if isinstance(exc, ClientError):
             code = exc.response.get("Error", {}).get("Code", "")
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if code in {
-                "NoSuchBucket",
-                "AccessDenied",
-                "InvalidAccessKeyId",
-                "SignatureDoesNotMatch",
-                "403",
-                "InvalidBucketName",
-            }:
-                raise BadInputError(f"{uri}: S3 refused the request: {code}") from None
-            if status >= 500 or code in {"SlowDown", "RequestTimeout", "Throttling"}:
-                raise TransientError(f"{uri}: S3 error {code} after retries") from None
-            raise
-        except BotoCoreError as exc:
-            raise TransientError(f"{uri}: S3 transport error: {exc}") from None
+            return self._judged(uri, code, status, exc)
+        return TransientError(f"{uri}: S3 transport error: {exc}")
+
+    @staticmethod
+    def _judged(uri: str, code: str, status: int, exc: Exception | None) -> Exception:
+        if code in {
+            "NoSuchBucket",
+            "AccessDenied",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "403",
+            "InvalidBucketName",
+        }:
+            return BadInputError(f"{uri}: S3 refused the request: {code}")
+        if exc is None or status >= 500 or code in {"SlowDown", "RequestTimeout", "Throttling"}:
+            return TransientError(f"{uri}: S3 error {code or 'on upload'} after retries")
+        return exc
 
     def list(self, uri: str) -> list[FileInfo]:
         bucket, prefix = _split_s3(uri)

@@ -97,6 +97,9 @@ class StageValues(Closed):
     s3: S3 = S3()
     backoffLimit: int = Field(3, ge=0, description="retries of a single-pod stage")
     activeDeadlineSeconds: int | None = Field(None, ge=1)
+    automountServiceAccountToken: bool = Field(
+        False, description="mount the service account's API token (the stages need none)"
+    )
     terminationGracePeriodSeconds: int = Field(
         600, ge=0, description="SIGTERM to SIGKILL: time to finish a step and save a checkpoint"
     )

@@ -104,3 +104,23 @@ def pod_template(manifests: list[dict[str, Any]]) -> dict[str, Any]:
 def launch_of(manifests: list[dict[str, Any]]) -> dict[str, Any]:
     """The entrypoint command and environment the chart gives the stage container."""
     return json.loads(pod_template(manifests)["metadata"]["annotations"]["kuberlhf.io/launch"])
+
+
+def client_model(manifest: dict[str, Any]):
+    """``manifest`` as the Kubernetes Python client's own request model (V1Job, V1Pod, ...),
+    which validates it the way the client does before it sends anything: stricter than the
+    API server in places (resource quantities must be strings)."""
+    import kubernetes.client as k8s
+    from pydantic import ValidationError as ClientValidationError
+
+    model = getattr(k8s, f"V1{manifest['kind']}")
+    try:
+        return model.model_validate(manifest)
+    except ClientValidationError as exc:
+        raise BadInputError(
+            f"{manifest['kind']} {manifest['metadata']['name']}: the Kubernetes client refuses it: "
+            + "; ".join(
+                f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"
+                for error in exc.errors()
+            )
+        ) from None

@@ -56,6 +56,9 @@ class KubernetesSettings(BaseModel):
     values: dict[str, Any] = Field(
         default_factory=dict, description="chart values for every stage (image, s3, scheduling)"
     )
+    stall_timeout_s: float = Field(
+        900, gt=0, description="fail a stage none of whose pods has run in this long"
+    )
 
 
 class PipelineFile(BaseModel):

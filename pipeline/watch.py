@@ -7,9 +7,26 @@ the Kubernetes backend's watch streams; tested on recorded sequences of them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from jobs.errors import EXIT_BAD_INPUT
+
+EXIT_CANCELLED = 130  # as a shell reports a run stopped by its user
+BAD_INPUT = "bad config or input (not retried)"  # the same words on every backend
+# Warning events that say the Job cannot make pods or the pods cannot run.
+BLOCKING = {
+    "FailedCreate",
+    "FailedScheduling",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "Failed",
+    "FailedMount",
+    "FailedAttachVolume",
+    "InspectFailed",
+    "ErrImageNeverPull",
+    "CreateContainerConfigError",
+}
 
 
 @dataclass
@@ -28,6 +45,7 @@ class Outcome:
     retryable: bool
     reason: str  # Kubernetes' word for it: Complete, PodFailurePolicy, DeadlineExceeded, ...
     message: str
+    exit_code: int = 0  # what `rlhf run` exits with: the stage's own code where it gave one
 
 
 @dataclass
@@ -38,22 +56,40 @@ class StageTracker:
     job: dict[str, Any] = field(default_factory=dict)
     pods: dict[str, PodView] = field(default_factory=dict)
     disruptions: int = 0
+    deleted: bool = False
+    started: bool = False  # a pod of the Job has run
 
-    def on_job(self, job: dict[str, Any]) -> None:
-        if job["metadata"]["name"] == self.job_name:
-            self.job = job
+    def on_job(self, job: dict[str, Any], deleted: bool = False) -> None:
+        if job["metadata"]["name"] != self.job_name:
+            return
+        self.job = job
+        # Deleted (rlhf cancel, kubectl delete): with foreground propagation the Job first
+        # gets a deletion timestamp, then goes; it never completes or fails.
+        if deleted or job["metadata"].get("deletionTimestamp"):
+            self.deleted = True
 
     def on_pod(self, pod: dict[str, Any], deleted: bool = False) -> None:
         view = pod_view(pod)
         known = self.pods.get(view.name)
         if view.disrupted and not (known and known.disrupted):
             self.disruptions += 1
+        if view.phase not in ("Pending", "Unknown"):
+            self.started = True
         if deleted:  # replaced (a disruption) or cleaned up: no longer part of the stage
             self.pods.pop(view.name, None)
         else:
             self.pods[view.name] = view
 
     def outcome(self) -> Outcome | None:
+        if self.deleted:
+            return Outcome(
+                False,
+                False,
+                "Deleted",
+                f"the Job {self.job_name} was deleted (rlhf cancel or kubectl delete); "
+                "the run stops here",
+                EXIT_CANCELLED,
+            )
         return job_outcome(self.job, list(self.pods.values())) if self.job else None
 
     def progress(self) -> str:
@@ -85,6 +121,8 @@ def pod_view(pod: dict[str, Any]) -> PodView:
         if terminated:
             view.exit_code = terminated.get("exitCode")
             view.reason = terminated.get("reason", "")
+        if (container.get("state") or {}).get("terminated") and view.phase == "Running":
+            view.phase = "Terminated"  # the pod's phase lags its container's end
     for condition in status.get("conditions", []) or []:
         if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
             view.disrupted = True
@@ -100,7 +138,7 @@ def job_outcome(job: dict[str, Any], pods: list[PodView]) -> Outcome | None:
         if c.get("status") == "True"
     }
     if "Complete" in conditions:
-        return Outcome(True, False, "Complete", "finished")
+        return Outcome(True, False, "Complete", "finished", 0)
     failed = conditions.get("Failed") or conditions.get("FailureTarget")
     if failed is None:
         return None
@@ -112,7 +150,8 @@ def job_outcome(job: dict[str, Any], pods: list[PodView]) -> Outcome | None:
             False,
             False,
             reason,
-            f"exit code {EXIT_BAD_INPUT}: bad config or input, not retried. {message}",
+            f"exit code {EXIT_BAD_INPUT}: {BAD_INPUT}. {message}".strip(),
+            EXIT_BAD_INPUT,
         )
     if reason == "DeadlineExceeded":
         return Outcome(
@@ -121,9 +160,65 @@ def job_outcome(job: dict[str, Any], pods: list[PodView]) -> Outcome | None:
             reason,
             f"ran past activeDeadlineSeconds ({job['spec'].get('activeDeadlineSeconds')}"
             f" s); raise it or give the stage more resources. {message}",
+            1,
         )
     codes = f"exit codes {exit_codes}" if exit_codes else "no exit code"
-    return Outcome(False, True, reason, f"{codes}; {message}".strip("; "))
+    return Outcome(
+        False, True, reason, f"{codes}; {message}".strip("; "), exit_codes[0] if exit_codes else 1
+    )
+
+
+def stalled(tracker: StageTracker, waited_s: float, limit_s: float, warnings: list[str]):
+    """An outcome when no pod of the Job has run for ``limit_s`` seconds (pods that cannot be
+    created or scheduled, an image that cannot be pulled), else None."""
+    if tracker.started or waited_s < limit_s:
+        return None
+    why = "; ".join(warnings[-3:]) or "no warning events"
+    return Outcome(
+        False,
+        False,
+        "NoProgress",
+        f"no pod of the Job ran in {waited_s:.0f} s (kubernetes.stall_timeout_s): {why}",
+        1,
+    )
+
+
+def event_time(event: dict[str, Any]) -> datetime:
+    """When an event happened, whichever of its time fields the server filled (their
+    precisions differ: compared as times, not as strings)."""
+    for key in ("eventTime", "lastTimestamp", "firstTimestamp"):
+        value = event.get(key)
+        if value:
+            return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+    created = (event.get("metadata") or {}).get("creationTimestamp")
+    if created:
+        return created if isinstance(created, datetime) else datetime.fromisoformat(created)
+    return datetime.min.replace(tzinfo=UTC)
+
+
+def event_lines(events: list[dict[str, Any]]) -> list[str]:
+    """Events (as the API returns them) in the order they happened, one line each."""
+    return [
+        f"{(e.get('involvedObject') or {}).get('name', '?')}: {e.get('type')} "
+        f"{e.get('reason')}: {e.get('message')}"
+        for e in sorted(events, key=event_time)
+    ]
+
+
+def warnings_to_show(events: list[dict[str, Any]], seen: set[str]) -> list[str]:
+    """The Warning events not shown yet that say pods cannot be made or cannot run."""
+    out = []
+    for event in sorted(events, key=event_time):
+        uid = (event.get("metadata") or {}).get("uid") or str(event_time(event))
+        key = f"{uid}/{event.get('count')}"
+        if event.get("type") != "Warning" or key in seen:
+            continue
+        if event.get("reason") not in BLOCKING and "quota" not in str(event.get("message")):
+            continue
+        seen.add(key)
+        name = (event.get("involvedObject") or {}).get("name", "?")
+        out.append(f"{name}: Warning {event.get('reason')}: {event.get('message')}")
+    return out
 
 
 def explain(

@@ -11,6 +11,7 @@ from jobs import store
 from jobs.contract import Manifest, read_manifest, up_to_date
 from jobs.errors import EXIT_BAD_INPUT, StageError
 from pipeline.config import Plan, PlannedStage
+from pipeline.watch import BAD_INPUT
 
 
 class StageFailed(StageError):
@@ -62,7 +63,7 @@ def run_with_retries(
         if code == 0:
             return
         if code == EXIT_BAD_INPUT:
-            raise StageFailed(stage.name, code, "bad config or input (not retried)")
+            raise StageFailed(stage.name, code, BAD_INPUT)
         if number == stage.spec.retries:
             raise StageFailed(stage.name, code, f"gave up after {number + 1} attempts")
         echo(

@@ -19,15 +19,41 @@ from typing import Any
 
 from jobs import store
 from jobs.contract import METRICS, PROGRESS, Manifest
+from jobs.errors import EXIT_BAD_INPUT
 from pipeline.backends import StageFailed, run_in_order
-from pipeline.charts import render_stage
+from pipeline.charts import client_model, render_stage
 from pipeline.config import Plan, PlannedStage
-from pipeline.watch import Outcome, StageTracker, explain
+from pipeline.watch import (
+    BAD_INPUT,
+    Outcome,
+    StageTracker,
+    event_lines,
+    explain,
+    stalled,
+    warnings_to_show,
+)
 
 
-def run_selector(run_id: str, stage: str | None = None) -> str:
+def run_selector(run_id: str, stage: str | None = None, pods: bool = False) -> str:
+    """The label selector of a run's (or a stage's) Jobs, or of the pods that run stages
+    (not the `helm test` pod)."""
     selector = f"kuberlhf.io/run={run_id}"
-    return f"{selector},kuberlhf.io/stage={stage}" if stage else selector
+    selector = f"{selector},kuberlhf.io/stage={stage}" if stage else selector
+    return f"{selector},kuberlhf.io/role=stage" if pods else selector
+
+
+def job_finished(job: dict[str, Any]) -> bool:
+    """Complete, failed or being deleted: nothing to follow any more."""
+    conditions = job.get("status", {}).get("conditions") or []
+    done = {c.get("type") for c in conditions if c.get("status") == "True"}
+    return bool(done & {"Complete", "Failed"}) or bool(job["metadata"].get("deletionTimestamp"))
+
+
+def same_config(existing: dict[str, Any], rendered: dict[str, Any]) -> bool:
+    """Whether a Job in the cluster runs the config the chart renders now (its hash)."""
+    key = "kuberlhf.io/config-sha256"
+    ours = (rendered["metadata"].get("annotations") or {}).get(key)
+    return ours is not None and (existing["metadata"].get("annotations") or {}).get(key) == ours
 
 
 class KubernetesBackend:
@@ -56,20 +82,41 @@ class KubernetesBackend:
     def run_stage(self, plan: Plan, stage: PlannedStage, head: str) -> None:
         manifests = render_stage(plan, stage)
         [job] = [m for m in manifests if m["kind"] == "Job"]
-        name = job["metadata"]["name"]
+        name, namespace = job["metadata"]["name"], plan.kubernetes.namespace
         for attempt in range(stage.spec.retries + 1):
-            self.submit(plan, manifests)
-            self.echo(f"{head}: Job {name} in namespace {plan.kubernetes.namespace}")
+            running = self.running_job(namespace, name) if attempt == 0 else None
+            if running is not None and same_config(running, job):
+                # `rlhf run` again while the stage runs: follow it, do not restart it.
+                self.echo(f"{head}: Job {name} is running; following it")
+            else:
+                self.submit(plan, manifests)
+                self.echo(f"{head}: Job {name} in namespace {namespace}")
             tracker, outcome = self.wait(plan, stage, name, head)
             if outcome.succeeded:
                 return
             report = explain(tracker, outcome, self.events(plan, tracker), self.logs(plan, stage))
+            if outcome.exit_code == EXIT_BAD_INPUT:
+                report = f"{BAD_INPUT}\n{report}"
             if not outcome.retryable or attempt == stage.spec.retries:
-                raise StageFailed(stage.name, 1, report)
+                raise StageFailed(stage.name, outcome.exit_code, report)
             self.echo(
                 f"{report}\n{head}: re-creating the Job ({attempt + 1}/{stage.spec.retries});"
                 " it resumes from the newest checkpoint"
             )
+
+    def running_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Job of that name, when it exists and has not finished or been deleted."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            found = self.api.sanitize_for_serialization(
+                self.batch.read_namespaced_job(name, namespace)
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return None if job_finished(found) else found
 
     def submit(self, plan: Plan, manifests: list[dict[str, Any]]) -> None:
         """Create the stage's objects; a finished or different Job of the same name goes first."""
@@ -77,6 +124,8 @@ class KubernetesBackend:
         from kubernetes.client.exceptions import ApiException
 
         namespace = plan.kubernetes.namespace
+        for manifest in manifests:  # all checked before any is created: nothing left behind
+            client_model(manifest)
         for manifest in manifests:
             kind, name = manifest["kind"], manifest["metadata"]["name"]
             if kind == "Job":
@@ -98,6 +147,7 @@ class KubernetesBackend:
     ) -> tuple[StageTracker, Outcome]:
         """Follow the Job and its pods until the Job completes or fails."""
         namespace, selector = plan.kubernetes.namespace, run_selector(plan.run_id, stage.name)
+        pod_selector = run_selector(plan.run_id, stage.name, pods=True)
         events: queue.Queue = queue.Queue()
         stop = threading.Event()
         streams = [
@@ -109,12 +159,13 @@ class KubernetesBackend:
             threading.Thread(
                 target=self._stream,
                 daemon=True,
-                args=(self.core.list_namespaced_pod, namespace, selector, events, stop),
+                args=(self.core.list_namespaced_pod, namespace, pod_selector, events, stop),
             ),
         ]
         for thread in streams:
             thread.start()
         tracker, last_line, last_metrics = StageTracker(job_name), "", ""
+        started, next_check, seen, warnings = time.monotonic(), 0.0, set(), []
         try:
             while (outcome := tracker.outcome()) is None:
                 try:
@@ -122,11 +173,20 @@ class KubernetesBackend:
                     if isinstance(obj, Exception):
                         raise obj
                     if kind == "Job":
-                        tracker.on_job(obj)
+                        tracker.on_job(obj, deleted=event_type == "DELETED")
                     else:
                         tracker.on_pod(obj, deleted=event_type == "DELETED")
                 except queue.Empty:
                     pass
+                if time.monotonic() >= next_check:  # what keeps pods from being made or run
+                    next_check = time.monotonic() + self.poll_s
+                    for line in warnings_to_show(self.raw_events(plan, tracker), seen):
+                        warnings.append(line)
+                        self.echo(f"{head}: {line}")
+                    waited = time.monotonic() - started
+                    limit = plan.kubernetes.stall_timeout_s
+                    if (outcome := stalled(tracker, waited, limit, warnings)) is not None:
+                        break
                 line = tracker.progress()
                 metrics = newest_metrics(stage.output)
                 if line != last_line or metrics != last_metrics:
@@ -136,20 +196,23 @@ class KubernetesBackend:
             stop.set()
         return tracker, outcome
 
-    def events(self, plan: Plan, tracker: StageTracker) -> list[str]:
-        namespace, out = plan.kubernetes.namespace, []
+    def raw_events(self, plan: Plan, tracker: StageTracker) -> list[dict[str, Any]]:
+        """The events of the Job and its pods, as the API returns them."""
+        out = []
         for name in [tracker.job_name, *sorted(tracker.pods)]:
             found = self.core.list_namespaced_event(
-                namespace, field_selector=f"involvedObject.name={name}"
+                plan.kubernetes.namespace, field_selector=f"involvedObject.name={name}"
             )
-            for event in sorted(found.items, key=lambda e: str(e.last_timestamp or e.event_time)):
-                out.append(f"{name}: {event.type} {event.reason}: {event.message}")
+            out += [self.api.sanitize_for_serialization(e) for e in found.items]
         return out
+
+    def events(self, plan: Plan, tracker: StageTracker) -> list[str]:
+        return event_lines(self.raw_events(plan, tracker))
 
     def logs(self, plan: Plan, stage: PlannedStage, tail: int = 20) -> dict[str, str]:
         namespace = plan.kubernetes.namespace
         pods = self.core.list_namespaced_pod(
-            namespace, label_selector=run_selector(plan.run_id, stage.name)
+            namespace, label_selector=run_selector(plan.run_id, stage.name, pods=True)
         )
         out = {}
         for pod in pods.items:

@@ -93,7 +93,7 @@ def test_torchrun_launch_is_the_same_for_both(tmp_path):
 
     launch = stage_launch(the_plan, the_plan.stages[0])
     container = pod_template(render_stage(the_plan, the_plan.stages[0]))["spec"]["containers"][0]
-    assert launch.argv == container["command"] == ["torchrun", "-m", "jobs", "sft"]
+    assert launch.argv == container["command"] == ["python", "-m", "jobs.launch", "sft"]
     assert launch.env["PET_NPROC_PER_NODE"] == "4" and launch.env["PET_STANDALONE"] == "1"
 
 

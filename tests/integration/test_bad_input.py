@@ -143,3 +143,46 @@ def test_missing_credentials_are_the_users_to_fix(s3_env, finished, tmp_path):
     assert "S3 credentials missing" in error_line(result)
     assert "test-secret-key" not in result.stderr + result.stdout
     assert store.read_text(f"{s3_env}/data/keep.txt") == "already here"
+
+
+def test_bad_input_under_torchrun_exits_65_and_is_not_retried(finished, tmp_path):
+    """torchrun exits 1 whatever its worker's code; the launcher passes 65 on, so the
+    podFailurePolicy (and the local backend) do not retry a bad input."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    pipeline = {
+        "name": "bad",
+        "store": str(tmp_path / "runs"),
+        "stages": {
+            "sft": {
+                "nproc_per_node": 2,
+                "retries": 2,
+                "config": {"model": str(tmp_path / "no-model"), "data": finished["output"]},
+            }
+        },
+    }
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(pipeline))
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(tmp_path / "bad.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == EXIT_BAD_INPUT, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "running python -m jobs.launch sft" in result.stdout
+    assert "failed with exit code 65: bad config or input (not retried)" in result.stderr
+    assert "retrying" not in result.stdout + result.stderr
+    assert "no-model: not inside a finished stage output" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("codes", "expected"), [([0, 65], 65), ([75, 1], 75), ([1, 65, 75], 65), ([0, 0], 0), ([-9], 1)]
+)
+def test_the_launcher_passes_the_workers_exit_code_on(codes, expected):
+    from jobs.launch import exit_code_of
+
+    assert exit_code_of(codes) == expected

@@ -165,7 +165,7 @@ def test_two_processes_under_torchrun_with_zero3(tiny, tiny_data, tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "running torchrun -m jobs sft" in result.stdout
+    assert "running python -m jobs.launch sft" in result.stdout
     manifest = read_manifest(str(tmp_path / "runs" / "dist" / "sft"))
     assert manifest.metrics["steps"] == 6
     weights = read_weights(tmp_path / "runs" / "dist" / "sft")

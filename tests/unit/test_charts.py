@@ -161,8 +161,8 @@ def test_multinode_is_an_indexed_gang_with_rendezvous_env():
     assert env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == (
         "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     )
-    assert pod["containers"][0]["command"] == ["torchrun", "-m", "jobs", "sft"]
-    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert pod["containers"][0]["command"] == ["python", "-m", "jobs.launch", "sft"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
 
 
 def test_labels_volumes_and_scheduling():
@@ -281,3 +281,120 @@ def test_the_grace_period_leaves_time_for_a_checkpoint_and_is_a_value(chart):
     assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 600
     [job] = by_kind(render(chart, {"terminationGracePeriodSeconds": 1800}), "Job")
     assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 1800
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("chart", stage_charts(), ids=CHART_IDS)
+def test_the_kubernetes_client_accepts_every_rendered_manifest(chart, scenario):
+    """The client validates request bodies with its own models before sending, more
+    strictly than the JSON schema (it refused an integer GPU limit)."""
+    from pipeline.charts import client_model
+
+    for doc in render(chart, SCENARIOS[scenario]):
+        client_model(doc)
+
+
+def test_quantities_given_as_numbers_reach_the_client_as_strings():
+    from pipeline.charts import client_model
+
+    values = {"gpus": 2, "resources": {"requests": {"cpu": 8, "memory": "64Gi"}}}
+    [job] = by_kind(render(CHARTS / "sft", values), "Job")
+    resources = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert resources == {
+        "requests": {"cpu": "8", "memory": "64Gi"},
+        "limits": {"nvidia.com/gpu": "2"},
+    }
+    client_model(job)
+    resources["limits"]["nvidia.com/gpu"] = 2  # what the chart rendered before
+    with pytest.raises(Exception, match="nvidia.com/gpu.*valid string"):
+        client_model(job)
+
+
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What breaks Pod Security Standards' "restricted" profile (v1.29+ rules), as the
+    admission controller checks it."""
+    out, context = [], pod.get("securityContext") or {}
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            out.append(key)
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            out.append(f"volume {volume['name']}: {kinds}")
+    for container in pod.get("containers", []) + pod.get("initContainers", []):
+        own, name = container.get("securityContext") or {}, container["name"]
+        if own.get("privileged"):
+            out.append(f"{name}: privileged")
+        if own.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{name}: allowPrivilegeEscalation must be false")
+        caps = own.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            out.append(f"{name}: capabilities must drop ALL")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            out.append(f"{name}: adds capabilities")
+        if not own.get("runAsNonRoot", context.get("runAsNonRoot")):
+            out.append(f"{name}: runAsNonRoot")
+        if own.get("runAsUser", context.get("runAsUser")) == 0:
+            out.append(f"{name}: runAsUser 0")
+        seccomp = (own.get("seccompProfile") or context.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{name}: seccompProfile must be RuntimeDefault or Localhost")
+        for port in container.get("ports", []):
+            if port.get("hostPort"):
+                out.append(f"{name}: hostPort")
+    return out
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("chart", stage_charts(), ids=CHART_IDS)
+def test_every_pod_meets_pod_security_restricted(chart, scenario):
+    docs = render(chart, SCENARIOS[scenario])
+    pods = [d["spec"]["template"]["spec"] for d in by_kind(docs, "Job")]
+    pods += [d["spec"] for d in by_kind(docs, "Pod")]
+    assert len(pods) == 2  # the stage's and the helm test's
+    for pod in pods:
+        assert restricted_violations(pod) == []
+        assert pod["automountServiceAccountToken"] is False
+
+
+def test_the_restricted_check_catches_what_the_namespace_refused():
+    [job] = by_kind(render(CHARTS / "sft", {}), "Job")
+    pod = job["spec"]["template"]["spec"]
+    del pod["securityContext"]["seccompProfile"]
+    assert restricted_violations(pod) == [
+        "stage: seccompProfile must be RuntimeDefault or Localhost"
+    ]
+
+
+def test_the_service_account_token_is_mounted_only_when_asked_for():
+    [job] = by_kind(render(CHARTS / "sft", {"automountServiceAccountToken": True}), "Job")
+    assert job["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+
+
+def test_the_rendezvous_service_selects_the_stage_pods_and_not_the_test_pod():
+    docs = render(CHARTS / "sft", SCENARIOS["multinode"])
+    [service], [job], [test] = by_kind(docs, "Service"), by_kind(docs, "Job"), by_kind(docs, "Pod")
+    selector = set(service["spec"]["selector"].items())
+    assert selector <= set(job["spec"]["template"]["metadata"]["labels"].items())
+    assert not selector <= set(test["metadata"]["labels"].items())
+
+
+def test_the_job_carries_the_hash_of_its_config():
+    [first] = by_kind(render(CHARTS / "sft", {}), "Job")
+    [same] = by_kind(render(CHARTS / "sft", {"gpus": 2}), "Job")
+    [changed] = by_kind(render(CHARTS / "sft", {"config": {**CONFIG, "seed": 1}}), "Job")
+    key = "kuberlhf.io/config-sha256"
+    assert first["metadata"]["annotations"][key] == same["metadata"]["annotations"][key]
+    assert first["metadata"]["annotations"][key] != changed["metadata"]["annotations"][key]

@@ -29,16 +29,17 @@ COLLECTIVES = {
 
 
 def distributed_uses(path: Path) -> list[str]:
-    """Where a module imports torch.distributed or calls a collective on any object."""
+    """Where a module imports torch.distributed (the collectives' module; its launcher
+    submodules, torchrun's, are not collectives) or calls a collective on any object."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch.distributed"):
+        if isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
             found.append(f"{path.name}:{node.lineno} from {node.module} import")
         if isinstance(node, ast.Import):
             found += [
                 f"{path.name}:{node.lineno} import {a.name}"
                 for a in node.names
-                if a.name.startswith("torch.distributed")
+                if a.name == "torch.distributed"
             ]
         if (
             isinstance(node, ast.Call)

@@ -98,3 +98,16 @@ def test_settings_never_show_secrets(s3_env):
     settings = store.S3Settings()
     assert "test-secret-key" not in repr(settings)
     assert "test-secret-key" not in str(settings.model_dump())
+
+
+def test_an_upload_s3_refuses_is_a_bad_input_not_a_traceback(s3_env, tmp_path):
+    """upload_file wraps the service's answer in S3UploadFailedError; a missing bucket is
+    the user's to fix (exit 65), like every other S3 call's."""
+    from jobs.errors import BadInputError
+
+    source = tmp_path / "f.bin"
+    source.write_bytes(b"x" * 100)
+    with pytest.raises(BadInputError, match="S3 refused the request: NoSuchBucket"):
+        store.upload_file(source, "s3://no-such-bucket-for-kuberlhf/run/f.bin")
+    store.upload_file(source, f"{s3_env}/run/f.bin")  # the same call into a real bucket
+    assert store.read_bytes(f"{s3_env}/run/f.bin") == b"x" * 100

@@ -3,9 +3,19 @@ place where Kubernetes responses are stood in for."""
 
 from __future__ import annotations
 
+import copy
+
 import yaml
 
-from pipeline.watch import StageTracker, explain
+from pipeline.backends.kubernetes import job_finished, same_config
+from pipeline.watch import (
+    EXIT_CANCELLED,
+    StageTracker,
+    event_lines,
+    explain,
+    stalled,
+    warnings_to_show,
+)
 from tests.conftest import FIXTURES
 
 
@@ -14,7 +24,7 @@ def replay(name: str) -> tuple[StageTracker, list[str]]:
     for event in yaml.safe_load((FIXTURES / "k8s" / f"{name}.yaml").read_text()):
         obj = event["object"]
         if obj["kind"] == "Job":
-            tracker.on_job(obj)
+            tracker.on_job(obj, deleted=event["type"] == "DELETED")
         else:
             tracker.on_pod(obj, deleted=event["type"] == "DELETED")
         progress.append(tracker.progress())
@@ -47,7 +57,8 @@ def test_non_retryable_failure_names_the_exit_code():
         events=["Warning BackOff: Back-off restarting failed container"],
         logs={"demo-sft-q9w8e": "loading\nerror: data.yaml: sources.0.format: bad\n"},
     )
-    assert "exit code 65: bad config or input, not retried" in report
+    assert "exit code 65: bad config or input (not retried)" in report
+    assert outcome.exit_code == 65
     assert "pod demo-sft-q9w8e: Failed, exit code 65" in report
     assert "error: data.yaml: sources.0.format: bad" in report
     assert "Back-off restarting failed container" in report
@@ -73,3 +84,80 @@ def test_failure_target_counts_before_failed_is_set():
     tracker, _ = replay("bad_input")
     tracker.job["status"]["conditions"] = tracker.job["status"]["conditions"][:1]
     assert tracker.outcome().reason == "PodFailurePolicy"
+
+
+def test_a_cancelled_run_ends_at_once_and_is_not_retried():
+    tracker, progress = replay("cancelled")
+    assert tracker.outcome() is not None and progress  # already at the deletion timestamp
+    outcome = tracker.outcome()
+    assert not outcome.succeeded and not outcome.retryable
+    assert outcome.exit_code == EXIT_CANCELLED
+    assert "was deleted (rlhf cancel or kubectl delete); the run stops here" in outcome.message
+
+    # The DELETED event alone says so too (a watch that missed the MODIFIED one).
+    events = yaml.safe_load((FIXTURES / "k8s" / "cancelled.yaml").read_text())
+    alone = StageTracker("demo-sft")
+    alone.on_job(events[0]["object"])
+    assert alone.outcome() is None
+    gone = copy.deepcopy(events[0]["object"])
+    alone.on_job(gone, deleted=True)
+    assert alone.outcome().reason == "Deleted"
+
+
+def test_a_gang_given_a_bad_input_fails_with_65_and_its_ended_pods_say_so():
+    tracker, _ = replay("gang_bad_input")
+    outcome = tracker.outcome()
+    assert not outcome.retryable and outcome.exit_code == 65
+    report = explain(tracker, outcome, events=[], logs={})
+    assert "pod demo-sft-0-abcde: Failed, exit code 65" in report
+    # the pod's phase lags: its container has ended, so it is not shown as running
+    assert "pod demo-sft-1-fghij: Terminated, exit code 137" in report
+
+
+def test_pods_that_cannot_be_created_are_shown_and_end_the_wait():
+    recorded = yaml.safe_load((FIXTURES / "k8s" / "failed_create.yaml").read_text())
+    tracker = StageTracker("demo-sft")
+    tracker.on_job(recorded["job"])
+    seen: set[str] = set()
+    shown = warnings_to_show(recorded["events"], seen)
+    assert len(shown) == 2 and all("Warning FailedCreate" in line for line in shown)
+    assert "violates PodSecurity" in shown[0] and "exceeded quota" in shown[1]
+    assert warnings_to_show(recorded["events"], seen) == []  # each shown once
+
+    assert stalled(tracker, 60, 900, shown) is None
+    outcome = stalled(tracker, 901, 900, shown)
+    assert not outcome.retryable and outcome.reason == "NoProgress"
+    assert (
+        "no pod of the Job ran in 901 s" in outcome.message and "exceeded quota" in outcome.message
+    )
+
+    running, _ = replay("success")  # a pod that ran: never stalled, however long it takes
+    assert stalled(running, 10**6, 900, []) is None
+
+
+def test_events_are_reported_in_the_order_they_happened():
+    recorded = yaml.safe_load((FIXTURES / "k8s" / "failed_create.yaml").read_text())
+    lines = event_lines(recorded["events"])
+    # eventTime with microseconds (10:00:00.51) before lastTimestamp of seconds (10:00:01)
+    assert [line.split(": ")[1] for line in lines] == [
+        "Normal Created",
+        "Warning FailedCreate",
+        "Warning FailedCreate",
+    ]
+    assert "PodSecurity" in lines[1] and "quota" in lines[2]
+
+
+def test_a_second_run_follows_a_running_job_of_the_same_config_only():
+    recorded = yaml.safe_load((FIXTURES / "k8s" / "failed_create.yaml").read_text())
+    running = recorded["job"]
+    rendered = copy.deepcopy(running)
+    assert not job_finished(running) and same_config(running, rendered)
+
+    changed = copy.deepcopy(running)
+    changed["metadata"]["annotations"]["kuberlhf.io/config-sha256"] = "bbbb"
+    assert not same_config(changed, rendered)
+
+    tracker, _ = replay("bad_input")  # finished and failed: replaced, not followed
+    assert job_finished(tracker.job)
+    cancelled, _ = replay("cancelled")
+    assert job_finished(cancelled.job)

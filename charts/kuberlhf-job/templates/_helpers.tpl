@@ -55,7 +55,8 @@ pod template's kuberlhf.io/launch annotation), so the two cannot drift.
 {{- $env := dict "KUBERLHF_RUN" (.Values.run | default .Release.Name) "KUBERLHF_STAGE" .Values.stage "PYTHONUNBUFFERED" "1" "TOKENIZERS_PARALLELISM" "false" -}}
 {{- $command := list "python" "-m" "jobs" .Values.stage -}}
 {{- if $torchrun }}
-{{- $command = list "torchrun" "-m" "jobs" .Values.stage -}}
+{{- /* torchrun through jobs.launch, which passes a worker's exit code (65, 75) on: torchrun exits 1 */}}
+{{- $command = list "python" "-m" "jobs.launch" .Values.stage -}}
 {{- $_ := set $env "PET_NNODES" (toString .Values.nodes) -}}
 {{- $_ := set $env "PET_NPROC_PER_NODE" (toString .Values.nprocPerNode) -}}
 {{- if gt (int .Values.nodes) 1 }}

@@ -28,6 +28,7 @@ spec:
   publishNotReadyAddresses: true
   selector:
     {{- include "kuberlhf-job.selectorLabels" . | nindent 4 }}
+    kuberlhf.io/role: stage
   ports:
     - name: rendezvous
       port: {{ .Values.masterPort }}
@@ -43,6 +44,9 @@ metadata:
     {{- with .Values.kueue.queueName }}
     kueue.x-k8s.io/queue-name: {{ . | quote }}
     {{- end }}
+  annotations:
+    {{- /* A second `rlhf run` follows a running Job whose config is the same */}}
+    kuberlhf.io/config-sha256: {{ .Values.config | toJson | sha256sum | quote }}
 spec:
   suspend: {{ .Values.suspend }}
   completionMode: {{ ternary "Indexed" "NonIndexed" $multinode }}
@@ -71,6 +75,7 @@ spec:
     metadata:
       labels:
         {{- include "kuberlhf-job.selectorLabels" . | nindent 8 }}
+        kuberlhf.io/role: stage
         {{- with .Values.podLabels }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -88,6 +93,7 @@ spec:
       {{- with .Values.serviceAccountName }}
       serviceAccountName: {{ . }}
       {{- end }}
+      automountServiceAccountToken: {{ .Values.automountServiceAccountToken }}
       {{- with .Values.imagePullSecrets }}
       imagePullSecrets:
         {{- toYaml . | nindent 8 }}
@@ -112,6 +118,8 @@ spec:
         runAsUser: 1000
         runAsGroup: 1000
         fsGroup: 1000
+        seccompProfile:
+          type: RuntimeDefault
       containers:
         - name: stage
           image: {{ include "kuberlhf-job.image" . }}
@@ -141,6 +149,12 @@ spec:
             {{- $limits := get $resources "limits" | default dict }}
             {{- $_ := set $limits .Values.gpuResource .Values.gpus }}
             {{- $_ := set $resources "limits" $limits }}
+            {{- end }}
+            {{- /* Quantities as strings: the API server takes 1 or "1", the Python client only "1" */}}
+            {{- range $kind, $quantities := $resources }}
+            {{- range $name, $quantity := $quantities }}
+            {{- $_ := set $quantities $name (toString $quantity) }}
+            {{- end }}
             {{- end }}
             {{- toYaml $resources | nindent 12 }}
           {{- end }}
@@ -187,6 +201,7 @@ metadata:
   name: {{ $fullname }}-test
   labels:
     {{- include "kuberlhf-job.labels" . | nindent 4 }}
+    kuberlhf.io/role: test
   annotations:
     helm.sh/hook: test
     helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
@@ -195,6 +210,7 @@ spec:
   {{- with .Values.serviceAccountName }}
   serviceAccountName: {{ . }}
   {{- end }}
+  automountServiceAccountToken: {{ .Values.automountServiceAccountToken }}
   {{- with .Values.imagePullSecrets }}
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}
@@ -203,6 +219,8 @@ spec:
     runAsNonRoot: true
     runAsUser: 1000
     runAsGroup: 1000
+    seccompProfile:
+      type: RuntimeDefault
   containers:
     - name: verify
       image: {{ include "kuberlhf-job.image" . }}
