@@ -5,9 +5,11 @@ vocab 30080; 1.33B parameters), one NVIDIA GPU, bf16, in one run:
   SFTTrainer, at sequence 1024 and 2048;
 - reward and dpo: our stages against TRL's RewardTrainer and DPOTrainer;
 - ppo: a 1.33B actor with a 350M reward model and critic (prompts up to 256 tokens, 256
-  new tokens, rollout batch 64): seconds per iteration split into generation, scoring and
-  training, generation tokens/s, and the share of the decode floor reached (the actor's
-  weights and KV cache read once per decode step at the GPU's memory bandwidth).
+  new tokens, rollout batch 64), with transformers' dynamic KV cache and with the static
+  one (which lets it compile the decode step): seconds per iteration split into
+  generation, scoring and training, generation tokens/s, and the share of the decode floor
+  reached (the actor's weights and KV cache read once per decode step at the GPU's memory
+  bandwidth).
 
 Figures are steady-state non-padding training tokens per second (the first steps, which
 compile kernels and warm the allocator, left out), MFU (6 x parameters FLOPs per token, the
@@ -316,14 +318,14 @@ def trl(case: str, root: Path, seq: int, args) -> dict:
     return figures(clock.tokens_per_s, parameter_count(model_dir), peak)
 
 
-def ppo(root: Path, args) -> dict:
+def ppo(root: Path, args, cache: str) -> dict:
     from jobs import ppo as stage
     from jobs.contract import read_manifest, run_stage
 
     new_tokens = 16 if args.tiny else 256
     train = {"precision": "bf16", "zero_stage": 2, "learning_rate": 1e-6}
     config = stage.Config(
-        output=str(root / "ours-ppo"),
+        output=str(root / f"ours-ppo-{cache}"),
         actor=str(root / "actor" / "model"),
         reward_model=str(root / "rm" / "model"),
         prompts=str(root / f"data-{args.seq[0]}"),
@@ -337,11 +339,12 @@ def ppo(root: Path, args) -> dict:
             "max_prompt_tokens": 256,
             "temperature": 1.0,
             "top_p": 1.0,
+            "cache": cache,
         },
         actor_train=train,
         critic_train=train,
     )
-    run_stage("ppo", config, stage.run, root / "w-ppo")
+    run_stage("ppo", config, stage.run, root / f"w-ppo-{cache}")
     output = Path(config.output)
     lines = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
     steady = [m for m in lines if m.get("step", 0) > 1 and "generation_s" in m] or lines
@@ -379,7 +382,7 @@ def ppo(root: Path, args) -> dict:
 def child(args) -> dict:
     root = Path(args.root)
     if args.case == "ppo":
-        return ppo(root, args)
+        return ppo(root, args, args.impl)
     fn = {"ours": ours, "plain": plain, "trl": trl}[args.impl]
     return fn(args.case, root, args.seq[0], args)
 
@@ -420,7 +423,8 @@ def main() -> None:
                 batch = args.batch or (8 if args.tiny else max(1, 8 * 1024 // seq))
                 if case == "dpo":
                     batch = max(1, batch // 2)  # a pair is two sequences
-                impls = ("ppo",) if case == "ppo" else ("ours", "plain", "trl")
+                # PPO with the dynamic KV cache and with the static one (a compiled decode)
+                impls = ("dynamic", "static") if case == "ppo" else ("ours", "plain", "trl")
                 if case in ("reward", "dpo"):
                     impls = ("ours", "trl")
                 key = case if case == "ppo" else f"{case}@{seq}"
@@ -461,6 +465,12 @@ def main() -> None:
                 if "trl" in entry:
                     entry["ours_over_trl"] = round(
                         entry["ours"]["tokens_per_s"] / entry["trl"]["tokens_per_s"], 3
+                    )
+                if "static" in entry:
+                    entry["static_over_dynamic_generation"] = round(
+                        entry["static"]["generation_tokens_per_s"]
+                        / entry["dynamic"]["generation_tokens_per_s"],
+                        3,
                     )
                 if "plain" in entry:
                     entry["ours_over_plain"] = round(

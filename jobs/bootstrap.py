@@ -7,7 +7,8 @@ the project's own synthetic text (Korean and English), with a chat template.
 
 Outputs: ``model/`` (Hugging Face format), ``data/*`` in the real formats the data
 stage reads (Alpaca/KULLM instruction data, prompt/chosen/rejected pairs, HH-RLHF
-dialogues, ShareGPT with two sources), ``dialogues.jsonl`` (everything, for tests).
+dialogues, ShareGPT with two sources), ``dialogues.jsonl`` (everything, for tests), and
+``tasks/copy/`` (a task whose answers a program checks, for grpo).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Config(StageConfig):
     num_layers: int = 2
     num_heads: int = 4
     max_positions: int = 512
+    task_examples: int = Field(2000, ge=10, description="rows of the verifiable copy task")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
@@ -150,15 +152,47 @@ def write_data_files(dialogues: list[Dialogue], data_dir: Path) -> dict[str, int
     return {**{name: len(rows) for name, rows in files.items()}, "sharegpt.json": len(sharegpt)}
 
 
+def write_copy_task(examples: int, seed: int, out_dir: Path) -> dict[str, int]:
+    """A task whose answers a program checks, for the critic-free RL stage (grpo): copy a
+    number of 3 to 5 digits. ``sft/`` has the answers (to warm a model up), ``prompts/`` the
+    prompts with their ``answer`` (for a reward function); eval numbers never occur in train."""
+    import random
+
+    rng = random.Random(seed)
+    numbers: list[str] = []
+    seen: set[str] = set()
+    while len(numbers) < examples:
+        number = str(rng.randrange(100, 100000))
+        if number not in seen:
+            seen.add(number)
+            numbers.append(number)
+    held_out = max(examples // 10, 1)
+    counts = {}
+    for split, part in (("train", numbers[held_out:]), ("eval", numbers[:held_out])):
+        prompts = [f"Copy the number {n}.\nAnswer:" for n in part]
+        write_jsonl(
+            out_dir / "sft" / f"{split}.jsonl",
+            [{"prompt": p, "response": f" {n}"} for p, n in zip(prompts, part, strict=True)],
+        )
+        write_jsonl(
+            out_dir / "prompts" / f"{split}.jsonl",
+            [{"prompt": p, "answer": n} for p, n in zip(prompts, part, strict=True)],
+        )
+        counts[f"rows.task.{split}"] = len(part)
+    return counts
+
+
 def run(config: Config, ctx: StageContext) -> dict:
     dialogues = generate_dialogues(config.daily_per_lang, config.hate_per_lang, seed=config.seed)
     counts = write_data_files(dialogues, ctx.out_dir / "data")
     tokenizer = train_tokenizer(corpus_text(dialogues), config.vocab_size, ctx.out_dir / "model")
     n_params = write_tiny_model(config, tokenizer, ctx.out_dir / "model")
+    task = write_copy_task(config.task_examples, config.seed, ctx.out_dir / "tasks" / "copy")
     ctx.log(0, parameters=n_params, vocab=len(tokenizer), dialogues=len(dialogues))
     return {
         "parameters": n_params,
         "vocab": len(tokenizer),
         "dialogues": len(dialogues),
         **{f"rows.{k}": v for k, v in counts.items()},
+        **task,
     }

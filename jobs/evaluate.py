@@ -105,7 +105,7 @@ def plot_curves(name: str, metrics_path: Path, out: Path) -> list[str]:
 
 
 def run(config: Config, ctx: StageContext) -> dict:
-    from jobs.reward import load_reward_model, score_texts
+    from jobs.scoring import load_reward_model, score_texts
 
     rows = read_jsonl(
         ctx.input_dir(config.prompts) / "prompts" / "eval.jsonl", ("prompt", "instruction")

@@ -160,7 +160,7 @@ def judge_scores(
 
 
 def reward_model_scores(rows: list[dict], config: Config, ctx: StageContext):
-    from jobs.reward import load_reward_model, score_texts
+    from jobs.scoring import load_reward_model, score_texts
 
     path = model_source(ctx, config.reward_model)
     model, tokenizer = load_reward_model(path, config.inference), load_tokenizer(path)

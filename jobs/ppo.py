@@ -25,16 +25,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from jobs import dist, engine
 from jobs.batches import ShardedSampler, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
-from jobs.generation import SamplingConfig, encode_prompts, eos_ids_of
+from jobs.generation import SamplingConfig, eos_ids_of
 from jobs.models import load_tokenizer, model_source, quiet_load_report
-from jobs.reward import head_values, last_token_scores, require_reward_model
+from jobs.rollout import masked_mean, policy_loss, sample, token_logprobs, whiten
+from jobs.scoring import head_values, last_token_scores, require_reward_model
 
 
 class Config(StageConfig):
@@ -125,18 +125,6 @@ class ExponentialAverage:
                     average.copy_(value)
 
 
-def token_logprobs(model, sequences, attention_mask, start: int) -> tuple[torch.Tensor, ...]:
-    """Log-prob of every token from position ``start`` on, and the policy's entropy there
-    (a metric: computed without a graph, which would hold a vocabulary-wide tensor)."""
-    logits = model(input_ids=sequences, attention_mask=attention_mask, use_cache=False).logits
-    logits = logits[:, start - 1 : -1].float()
-    logp = F.log_softmax(logits, dim=-1)
-    chosen = logp.gather(-1, sequences[:, start:, None]).squeeze(-1)
-    with torch.no_grad():
-        entropy = -(logp.exp() * logp).sum(-1)
-    return chosen, entropy
-
-
 def token_values(critic, sequences, attention_mask, start: int) -> torch.Tensor:
     """The critic's value of the state before each token from ``start`` on."""
     return head_values(critic, sequences, attention_mask)[:, start - 1 : -1]
@@ -152,23 +140,6 @@ def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, 
         running = (delta + gamma * lam * running) * mask[:, t]
         advantages[:, t] = running
     return advantages, advantages + values
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
-def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
-    return (values - mean) * torch.rsqrt(var + 1e-8) * mask
-
-
-def policy_loss(logp, old_logp, advantages, mask, clip: float):
-    ratio = torch.exp(logp - old_logp)
-    losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
-    clipped = ((ratio - 1).abs() > clip).float()
-    return masked_mean(losses, mask), masked_mean(clipped, mask)
 
 
 def value_loss(values, old_values, returns, mask, clip: float):
@@ -213,64 +184,39 @@ class Models:
 @torch.no_grad()
 def rollout(models: Models, prompts: list[str], config: Config, seed: int) -> dict:
     """Sample answers and score them: everything the PPO update needs."""
-    tokenizer, sampling = models.tokenizer, config.sampling
-    encoded = encode_prompts(tokenizer, prompts, sampling.max_prompt_tokens, models.actor.device)
-    start = encoded["input_ids"].size(1)
-
-    # Dropout off while sampling and scoring (DeepSpeed-Chat and TRL do the same): the
-    # old log-probs and values must be those of the policy the update compares against.
+    samples = sample(
+        models.actor.module,
+        models.tokenizer,
+        prompts,
+        config.sampling,
+        models.eos,
+        seed,
+        synced_gpus=models.zero3,
+    )
+    # Dropout off while scoring too (DeepSpeed-Chat and TRL do the same): the old log-probs
+    # and values must be those of the policy the update compares against.
     trained = (models.actor.module, models.critic.module)
     for module in trained:
         module.eval()
     try:
         timer = time.perf_counter()
-        torch.manual_seed(seed)
-        sequences = models.actor.module.generate(
-            **encoded,
-            max_new_tokens=sampling.max_new_tokens,
-            do_sample=True,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k or None,
-            eos_token_id=sorted(models.eos),
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
-            # Under ZeRO-3 every rank must run every forward: ranks that finish early keep
-            # stepping until all have, or the parameter all-gathers hang.
-            synced_gpus=models.zero3 and dist.world_size() > 1,
-        )
-        generation_s = time.perf_counter() - timer
-
-        # The answer runs up to and including its first EOS (stopping is an action too).
-        answer = sequences[:, start:]
-        is_eos = torch.zeros_like(answer, dtype=torch.bool)
-        for token in models.eos:
-            is_eos |= answer == token
-        after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-        answer_mask = (~after_eos).long()
-        sequences = torch.cat(
-            [encoded["input_ids"], answer.masked_fill(after_eos, tokenizer.pad_token_id)], dim=1
-        )
-        attention = torch.cat([encoded["attention_mask"], answer_mask], dim=1)
-
-        timer = time.perf_counter()
         size = config.scoring_batch_size or config.minibatch_size
-        scored = score(models, sequences, attention, start, size)
+        scored = score(models, samples.sequences, samples.attention, samples.start, size)
         scoring_s = time.perf_counter() - timer
     finally:
         for module in trained:
             module.train()
-    mask = answer_mask.float()
+    mask = samples.mask
     return {
-        "sequences": sequences,
-        "attention": attention,
-        "start": start,
+        "sequences": samples.sequences,
+        "attention": samples.attention,
+        "start": samples.start,
         "mask": mask,
         "old_logp": scored["old_logp"] * mask,
         "ref_logp": scored["ref_logp"] * mask,
         "values": scored["values"] * mask,
         "scores": scored["scores"],
-        "generation_s": generation_s,
+        "generation_s": samples.seconds,
         "scoring_s": scoring_s,
         "generated_tokens": int(mask.sum()),
     }

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from jobs import dist, engine
-from jobs.batches import ShardedSampler, pad, padded_shard, read_jsonl
+from jobs.batches import ShardedSampler, padded_shard, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
-from jobs.models import InferenceConfig, load_tokenizer, model_source, quiet_load_report
+from jobs.models import load_tokenizer, model_source, quiet_load_report
+from jobs.scoring import batch_scores, encode
 
 
 class Config(StageConfig):
@@ -36,82 +37,6 @@ class Config(StageConfig):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(200, ge=1)
     train: EngineConfig = EngineConfig(learning_rate=1e-5)
-
-
-def encode(tokenizer, prompt: str, response: str, max_len: int) -> list[int]:
-    """prompt + response + EOS, keeping the end when too long (the answer is what is judged)."""
-    ids = tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
-    return (ids + [tokenizer.eos_token_id])[-max_len:]
-
-
-def head_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The scalar head's value at every position [batch, len]: a reward model's score, a
-    PPO critic's value. Any of a plain model, a DeepSpeed engine or a LoRA (peft) model."""
-    model = getattr(model, "module", model)  # a DeepSpeed engine: its module
-    if hasattr(model, "get_base_model"):  # a peft model: the model with its LoRA layers
-        model = model.get_base_model()
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return model.score(hidden).squeeze(-1).float()
-
-
-def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """One score per row, read at its last non-padding token (left or right padding)."""
-    values = head_values(model, input_ids, attention_mask)
-    last = attention_mask.size(1) - 1 - attention_mask.flip(-1).argmax(-1)
-    return values.gather(1, last[:, None]).squeeze(1)
-
-
-def batch_scores(model, rows: list[list[int]], pad_id: int) -> torch.Tensor:
-    device = next(model.parameters()).device
-    input_ids = pad(rows, pad_id).to(device)
-    mask = pad([[1] * len(r) for r in rows], 0).to(device)
-    return last_token_scores(model, input_ids, mask)
-
-
-@torch.no_grad()
-def score_texts(
-    model,
-    tokenizer,
-    prompts: list[str],
-    responses: list[str],
-    max_len: int = 512,
-    batch_size: int = 16,
-) -> list[float]:
-    """Reward-model scores of (prompt, response) pairs: for labelling and evaluation."""
-    rows = [encode(tokenizer, p, r, max_len) for p, r in zip(prompts, responses, strict=True)]
-    out: list[float] = []
-    for start in range(0, len(rows), batch_size):
-        out += batch_scores(
-            model, rows[start : start + batch_size], tokenizer.pad_token_id
-        ).tolist()
-    return out
-
-
-def require_reward_model(path: str) -> None:
-    """Refuse, before loading any weights, a model that is not a reward model."""
-    from transformers import AutoConfig
-
-    labels = AutoConfig.from_pretrained(path).num_labels
-    if labels != 1:
-        raise BadInputError(
-            f"{path}: not a reward model (it has {labels} outputs, not 1); "
-            "give the model folder of a reward stage's output"
-        )
-
-
-def load_reward_model(path: str, settings: InferenceConfig | None = None):
-    """A reward stage's model (a sequence classifier with one output), for scoring on the
-    configured device in the configured precision."""
-    from transformers import AutoModelForSequenceClassification
-
-    require_reward_model(path)
-    settings = settings or InferenceConfig()
-    device = settings.torch_device()
-    with quiet_load_report():
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=settings.torch_dtype(device)
-        )
-    return model.to(device).eval()
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:

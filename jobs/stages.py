@@ -23,6 +23,7 @@ STAGES: dict[str, str] = {
     "dpo": "jobs.dpo",
     "merge": "jobs.merge",
     "crlft": "jobs.crlft",
+    "grpo": "jobs.grpo",
 }
 
 

@@ -5,7 +5,8 @@ apply the prompt template, split train/eval, and write:
 
 - ``sft/{train,eval}.jsonl``: prompt (templated) and response, for SFT;
 - ``pairs/{train,eval}.jsonl``: prompt, chosen and rejected, for reward models and DPO;
-- ``prompts/{train,eval}.jsonl``: prompts alone, for PPO rollouts and evaluation.
+- ``prompts/{train,eval}.jsonl``: prompts, for PPO and GRPO rollouts and evaluation (with
+  the reference ``answer`` where the source has one, for verifiable rewards).
 
 The manifest counts, per source, what was read, kept and dropped by each filter.
 """
@@ -153,6 +154,8 @@ def record(example: Example, output: Output, prompt: str) -> dict | None:
         if example.chosen is None or example.rejected is None:
             return None
         return {**base, "chosen": example.chosen, "rejected": example.rejected}
+    if example.response is not None:  # the reference answer, for verifiable rewards (grpo)
+        base["answer"] = example.response
     return {**base, "instruction": flatten(example.messages)}
 
 

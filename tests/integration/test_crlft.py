@@ -77,7 +77,7 @@ def test_expert_tag_answers_score_higher_and_end_of_turn_ends_generation(tiny, t
     from jobs.crlft import conditioned
     from jobs.generation import SamplingConfig, generate
     from jobs.models import load_tokenizer
-    from jobs.reward import load_reward_model, score_texts
+    from jobs.scoring import load_reward_model, score_texts
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "crlft" / "model").eval()
     tokenizer = load_tokenizer(str(tmp_path / "crlft" / "model"))

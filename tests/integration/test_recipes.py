@@ -19,6 +19,7 @@ RECIPES = {
     "stablevicuna": ["data", "sft", "reward", "ppo"],
     "sakura-solar": ["merge", "data", "dpo"],
     "openchat": ["data", "crlft"],
+    "grpo-gsm8k": ["data", "grpo"],
 }
 
 

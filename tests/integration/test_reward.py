@@ -61,7 +61,7 @@ def test_reward_model_from_the_tiny_random_model_reaches_090(tiny, tiny_data, tm
     from transformers import AutoModelForSequenceClassification
 
     from jobs.models import load_tokenizer
-    from jobs.reward import score_texts
+    from jobs.scoring import score_texts
 
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "model").eval()
     tokenizer = load_tokenizer(str(tmp_path / "rm" / "model"))
@@ -91,7 +91,7 @@ def test_score_is_read_at_the_last_real_token_with_either_padding(tiny):
     from transformers import AutoModelForSequenceClassification
 
     from jobs.batches import pad
-    from jobs.reward import last_token_scores
+    from jobs.scoring import last_token_scores
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny / "model", num_labels=1)
     model.eval()
@@ -110,7 +110,7 @@ def test_score_is_read_at_the_last_real_token_with_either_padding(tiny):
 
 def test_a_language_model_given_as_reward_model_is_refused(tiny):
     from jobs.errors import BadInputError
-    from jobs.reward import load_reward_model
+    from jobs.scoring import load_reward_model
 
     with pytest.raises(BadInputError, match="not a reward model \\(it has 2 outputs, not 1\\)"):
         load_reward_model(str(tiny / "model"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from jobs import dist, engine, ppo
+from jobs import dist, engine, ppo, rollout
 from jobs.errors import BadInputError
 from jobs.models import InferenceConfig, load_causal_lm
 
@@ -38,7 +38,7 @@ def test_entropy_is_a_metric_without_a_graph(tiny):
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny / "model"))
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
-    logp, entropy = ppo.token_logprobs(model, ids, torch.ones_like(ids), 4)
+    logp, entropy = rollout.token_logprobs(model, ids, torch.ones_like(ids), 4)
     assert logp.requires_grad and not entropy.requires_grad
     assert logp.shape == entropy.shape == (2, 8)
 
@@ -184,5 +184,7 @@ def test_rollouts_are_scored_without_dropout_in_micro_batches(tiny):
 
     # and they are the policy's without dropout
     actor = models.actor.module.eval()
-    expected, _ = ppo.token_logprobs(actor, whole["sequences"], whole["attention"], whole["start"])
+    expected, _ = rollout.token_logprobs(
+        actor, whole["sequences"], whole["attention"], whole["start"]
+    )
     torch.testing.assert_close(whole["old_logp"], expected * whole["mask"], atol=1e-5, rtol=1e-4)

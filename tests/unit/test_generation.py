@@ -83,3 +83,19 @@ def test_sampling_is_reproducible_from_the_seed(model_and_tokenizer):
     first = generate(model, tokenizer, PROMPTS, config, num_samples=2, seed=7)
     again = generate(model, tokenizer, PROMPTS, config, num_samples=2, seed=7)
     assert [[s.tokens for s in p] for p in first] == [[s.tokens for s in p] for p in again]
+
+
+def test_a_static_cache_gives_the_dynamic_caches_tokens(model_and_tokenizer):
+    """The static cache (which lets transformers compile the decode step on GPUs) changes
+    where keys and values live, not which tokens come out: greedy and seeded sampling."""
+    model, tokenizer = model_and_tokenizer
+    for do_sample in (False, True):
+        runs = {}
+        for cache in ("dynamic", "static"):
+            config = SamplingConfig(
+                do_sample=do_sample, max_new_tokens=12, batch_size=4, cache=cache
+            )
+            samples = generate(model, tokenizer, PROMPTS, config, seed=11)
+            runs[cache] = [s[0].tokens for s in samples]
+        assert runs["static"] == runs["dynamic"]
+        assert any(runs["dynamic"])  # tokens came out

@@ -1,0 +1,326 @@
+"""grpo: critic-free RL with several answers per prompt: GRPO, RLOO or REINFORCE++, on
+rewards a program checks (verifiable rewards), a reward model, or a weighted sum of both.
+
+Each iteration samples G answers for each of a batch of prompts, scores them with the
+configured rewards, and turns the scores into advantages without a critic:
+
+- ``grpo`` (Shao et al., DeepSeekMath): (r - mean of its group) / (std of its group + eps);
+- ``rloo`` (Ahmadian et al.): r minus the mean of the other G-1 answers to its prompt;
+- ``reinforce_pp`` (Hu, REINFORCE++): the return (r, minus the per-token KL penalty when the
+  KL is a reward term) whitened over the whole batch.
+
+The update is the token-level PPO-clip loss (averaged over every answer token of a
+minibatch), plus ``kl_coef`` times an estimate of KL(pi || pi_ref) per token when the KL is
+a loss term (k1: log-ratio; k3: the low-variance estimator of Schulman) or as a penalty in
+the reward; ``reference_free`` drops the reference model. The formulas follow verl's
+``trainer/ppo/core_algos.py`` (compute_grpo_outcome_advantage, compute_rloo_outcome_advantage,
+compute_reinforce_plus_plus_outcome_advantage, kl_penalty) and TRL's GRPOTrainer.
+
+Reads ``prompts/{train,eval}.jsonl`` of a stage output folder (each row a prompt and the
+fields its rewards read, e.g. ``answer``); logs per-function rewards, the groups' reward
+spread, KL, clip fraction, answer length and the time split; evaluates greedy answers to
+held-out prompts every ``eval_every`` iterations; resumes exactly from its checkpoints;
+writes ``model/``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from jobs import dist, engine
+from jobs.batches import ShardedSampler, padded_shard, read_jsonl
+from jobs.contract import StageConfig, StageContext
+from jobs.engine import EngineConfig
+from jobs.errors import BadInputError
+from jobs.generation import SamplingConfig, eos_ids_of
+from jobs.models import InferenceConfig, free_memory, load_tokenizer, model_source
+from jobs.rewards import RewardFunction, Rewards
+from jobs.rollout import masked_mean, policy_loss, sample, token_logprobs, whiten
+
+
+class Config(StageConfig):
+    actor: str = Field(description="the model to train (an SFT model folder or Hub id)")
+    reference: str | None = Field(None, description="the KL reference; default: the actor")
+    prompts: str = Field(description="a stage output folder with prompts/{train,eval}.jsonl")
+    algorithm: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"
+    group_size: int = Field(8, ge=2, description="answers sampled per prompt")
+    prompts_per_iteration: int = Field(16, ge=1, description="per process")
+    iterations: int = Field(100, ge=1)
+    epochs: int = Field(1, ge=1, description="passes over each rollout")
+    minibatch_size: int = Field(32, ge=1, description="answers per optimiser step")
+    clip_range: float = Field(0.2, gt=0)
+    kl_coef: float = Field(0.04, ge=0)
+    kl_estimator: Literal["k1", "k3"] = "k3"
+    kl_in: Literal["loss", "reward"] = "loss"
+    reference_free: bool = Field(False, description="no reference model and no KL term")
+    rewards: list[RewardFunction] = Field(min_length=1)
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=64)
+    eval_every: int = Field(10, ge=1)
+    eval_prompts: int = Field(200, ge=1)
+    checkpoint_every: int = Field(10, ge=1)
+    scorer: InferenceConfig = Field(
+        InferenceConfig(), description="where reward models score (the actor's device)"
+    )
+    train: EngineConfig = EngineConfig(learning_rate=1e-6)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        rollout = self.prompts_per_iteration * self.group_size
+        if rollout % self.minibatch_size:
+            raise ValueError(
+                f"prompts_per_iteration * group_size ({rollout}) must be a multiple of "
+                f"minibatch_size ({self.minibatch_size})"
+            )
+        return self
+
+
+def group_advantages(rewards: torch.Tensor, group: int, algorithm: str) -> torch.Tensor:
+    """One advantage per answer from its reward and its group's (answers to one prompt are
+    next to each other): GRPO's group-normalised reward or RLOO's leave-one-out baseline."""
+    grouped = rewards.view(-1, group)
+    mean = grouped.mean(1, keepdim=True)
+    if algorithm == "rloo":
+        return ((grouped - mean) * group / (group - 1)).view(-1)
+    return ((grouped - mean) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the sampled tokens' log-probs."""
+    if estimator == "k1":
+        return logp - ref_logp
+    log_ratio = (ref_logp - logp).clamp(-20, 20)
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def token_advantages(
+    rewards: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, config: Config
+) -> torch.Tensor:
+    """Advantages of every answer token [answers, len] from the answers' rewards and the
+    per-token KL to the reference (used here when the KL is part of the reward)."""
+    penalty = config.kl_coef * kl * mask if config.kl_in == "reward" else torch.zeros_like(kl)
+    if config.algorithm == "reinforce_pp":
+        token_rewards = -penalty
+        last = (mask.sum(1).long() - 1).clamp(min=0)
+        token_rewards[torch.arange(len(rewards), device=rewards.device), last] += rewards
+        returns = token_rewards.flip(1).cumsum(1).flip(1)  # gamma 1
+        return whiten(returns, mask)
+    shaped = rewards - penalty.sum(1)
+    return group_advantages(shaped, config.group_size, config.algorithm)[:, None] * mask
+
+
+def decode(tokenizer, answers: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """The answers as text, up to (not including) their EOS."""
+    texts = []
+    for row, keep in zip(answers.tolist(), mask.tolist(), strict=True):
+        tokens = [t for t, k in zip(row, keep, strict=True) if k][: int(sum(keep))]
+        texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
+    return texts
+
+
+class RewardModels:
+    """Reward models of ``reward_model`` rewards, loaded once on first use."""
+
+    def __init__(self, ctx: StageContext, settings: InferenceConfig) -> None:
+        self.ctx, self.settings, self.loaded = ctx, settings, {}
+
+    def __call__(self, spec: RewardFunction, prompts: list[str], completions: list[str]):
+        from jobs.scoring import load_reward_model, score_texts
+
+        if spec.model not in self.loaded:
+            path = model_source(self.ctx, spec.model)
+            self.loaded[spec.model] = (
+                load_reward_model(path, self.settings),
+                load_tokenizer(path),
+            )
+        model, tokenizer = self.loaded[spec.model]
+        return score_texts(model, tokenizer, prompts, completions)
+
+
+@torch.no_grad()
+def logprobs_of(model, samples, size: int, temperature: float) -> torch.Tensor:
+    """Log-probs of the sampled answers, ``size`` rows per forward, without dropout (those
+    of the policy that sampled)."""
+    was_training = model.training
+    model.eval()
+    rows = range(0, samples.sequences.size(0), size)
+    try:
+        return torch.cat(
+            [
+                token_logprobs(
+                    model,
+                    samples.sequences[i : i + size],
+                    samples.attention[i : i + size],
+                    samples.start,
+                    temperature,
+                )[0]
+                for i in rows
+            ]
+        )
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate(ds, tokenizer, eos, rows, where, rewards: Rewards, config: Config, zero3: bool):
+    """Mean reward of greedy answers to held-out prompts, per function, over all ranks."""
+    greedy = config.sampling.model_copy(update={"do_sample": False})
+    indices, real = padded_shard(len(rows), dist.rank(), dist.world_size())
+    totals = {"eval_reward": 0.0, **{f"eval_{s.label}": 0.0 for s in rewards.specs}}
+    size = config.prompts_per_iteration * config.group_size
+    for first in range(0, len(indices), size):
+        chunk, keep = indices[first : first + size], real[first : first + size]
+        prompts = [rows[i]["prompt"] for i in chunk]
+        answers = sample(ds.module, tokenizer, prompts, greedy, eos, 0, synced_gpus=zero3)
+        texts = decode(tokenizer, answers.answers, answers.mask)
+        total, each = rewards(prompts, texts, [rows[i] for i in chunk], [where[i] for i in chunk])
+        totals["eval_reward"] += sum(v for v, k in zip(total, keep, strict=True) if k)
+        for label, values in each.items():
+            totals[f"eval_{label}"] += sum(v for v, k in zip(values, keep, strict=True) if k)
+    summed = dist.all_reduce_sum(torch.tensor(list(totals.values()), dtype=torch.float64))
+    return {k: float(v) / len(rows) for k, v in zip(totals, summed.tolist(), strict=True)}
+
+
+def run(config: Config, ctx: StageContext) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(config.seed)
+    data_dir = ctx.input_dir(config.prompts)
+    splits = {}
+    for split in ("train", "eval"):
+        path = data_dir / "prompts" / f"{split}.jsonl"
+        if path.is_file():
+            rows = read_jsonl(path, ("prompt",))
+            splits[split] = (
+                rows,
+                [f"{config.prompts}/prompts/{split}.jsonl:{i + 1}" for i in range(len(rows))],
+            )
+    if "train" not in splits:
+        raise BadInputError(f"{config.prompts}: no prompts/train.jsonl")
+    train_rows, train_where = splits["train"]
+    eval_rows, eval_where = splits.get("eval", ([], []))
+    eval_rows, eval_where = eval_rows[: config.eval_prompts], eval_where[: config.eval_prompts]
+
+    actor_path = model_source(ctx, config.actor)
+    tokenizer = load_tokenizer(actor_path)
+    cfg = config.train
+    rollout_size = config.prompts_per_iteration * config.group_size
+    total_steps = config.iterations * config.epochs * (rollout_size // config.minibatch_size)
+    ds = engine.initialize(
+        engine.load_model(AutoModelForCausalLM, actor_path, cfg), cfg, total_steps
+    )
+    zero3 = cfg.zero_stage == 3
+    reference = None
+    if not config.reference_free:
+        reference_path = model_source(ctx, config.reference) if config.reference else actor_path
+        frozen = engine.frozen_config(3 if zero3 else 0, False, cfg.precision)
+        reference = engine.initialize_frozen(
+            engine.load_frozen(AutoModelForCausalLM, reference_path, frozen, cfg.precision),
+            frozen,
+        )
+    eos = eos_ids_of(ds.module, tokenizer)
+    rewards = Rewards(config.rewards, RewardModels(ctx, config.scorer))
+    sampler = ShardedSampler(
+        len(train_rows), config.prompts_per_iteration, config.seed, dist.rank(), dist.world_size()
+    )
+
+    state = engine.resume(ds, ctx)
+    iteration = state.get("step", 0)
+    first_eval = state.get("first_eval")
+    if first_eval is None and eval_rows:
+        first_eval = evaluate(ds, tokenizer, eos, eval_rows, eval_where, rewards, config, zero3)
+        ctx.log(0, **first_eval)
+    last_eval = first_eval or {}
+    batches = sampler.micro_batches(start=iteration)
+    progress = ctx.progress(config.iterations, iteration)
+    summary: dict = {}
+    while iteration < config.iterations:
+        indices = next(batches)
+        seed = config.seed * 100003 + iteration * 1009 + dist.rank()
+        prompts = [train_rows[i]["prompt"] for i in indices]
+        samples = sample(
+            ds.module, tokenizer, prompts, config.sampling, eos, seed, config.group_size, zero3
+        )
+        mask, start = samples.mask, samples.start
+        texts = decode(tokenizer, samples.answers, mask)
+        repeat = [i for i in indices for _ in range(config.group_size)]
+        total, each = rewards(
+            [train_rows[i]["prompt"] for i in repeat],
+            texts,
+            [train_rows[i] for i in repeat],
+            [train_where[i] for i in repeat],
+        )
+        scores = torch.tensor(total, device=mask.device)
+
+        timer = time.perf_counter()
+        size = config.minibatch_size
+        temperature = config.sampling.temperature
+        old_logp = logprobs_of(ds.module, samples, size, temperature)
+        ref_logp = (
+            logprobs_of(reference.module, samples, size, temperature)
+            if reference is not None
+            else old_logp
+        )
+        kl = kl_estimate(old_logp, ref_logp, config.kl_estimator) * mask
+        advantages = token_advantages(scores, kl, mask, config)
+        scoring_s = time.perf_counter() - timer
+
+        timer = time.perf_counter()
+        stats = {"loss": [], "clip_fraction": [], "entropy": [], "kl_loss": []}
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(config.epochs):
+            for idx in torch.randperm(rollout_size, generator=generator).split(size):
+                idx = idx.to(mask.device)
+                seqs, attn, m = samples.sequences[idx], samples.attention[idx], mask[idx]
+                logp, entropy = token_logprobs(ds, seqs, attn, start, temperature)
+                loss, clipped = policy_loss(
+                    logp, old_logp[idx], advantages[idx], m, config.clip_range
+                )
+                if config.kl_in == "loss" and reference is not None and config.kl_coef > 0:
+                    kl_loss = masked_mean(kl_estimate(logp, ref_logp[idx], config.kl_estimator), m)
+                    loss = loss + config.kl_coef * kl_loss
+                    stats["kl_loss"].append(kl_loss.detach())
+                ds.backward(loss)
+                ds.step()
+                stats["loss"].append(loss.detach())
+                stats["clip_fraction"].append(clipped.detach())
+                stats["entropy"].append(masked_mean(entropy, m))
+        training_s = time.perf_counter() - timer
+        iteration += 1
+
+        grouped = scores.view(-1, config.group_size)
+        spread = grouped.std(1)
+        summary = {
+            "reward_mean": float(scores.mean()),
+            "reward_std": float(scores.std()),
+            **{f"reward.{label}": sum(v) / len(v) for label, v in each.items()},
+            "group_reward_std": float(spread.mean()),
+            "zero_variance_groups": float((spread < 1e-6).float().mean()),
+            "kl": float(((old_logp - ref_logp) * mask).sum(1).mean()),
+            **{k: float(torch.stack(v).mean()) for k, v in stats.items() if v},
+            "response_length": float(mask.sum(1).mean()),
+            "generation_s": samples.seconds,
+            "scoring_s": scoring_s,
+            "training_s": training_s,
+        }
+        ctx.log(iteration, **summary)
+        if eval_rows and (iteration % config.eval_every == 0 or iteration == config.iterations):
+            last_eval = evaluate(ds, tokenizer, eos, eval_rows, eval_where, rewards, config, zero3)
+            ctx.log(iteration, **last_eval)
+        progress.update(1)
+        engine.checkpoint_or_stop(
+            ds, ctx, iteration, config.checkpoint_every, {"first_eval": first_eval}
+        )
+    progress.close()
+    del reference
+    free_memory()
+    engine.export_hf(ds, tokenizer, ctx.out_dir / "model", cfg)
+    return {
+        "iterations": iteration,
+        **{f"{k}_start": v for k, v in (first_eval or {}).items()},
+        **last_eval,
+        **{k: v for k, v in summary.items() if not k.endswith("_s")},
+    }

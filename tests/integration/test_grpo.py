@@ -1,0 +1,217 @@
+"""Critic-free RL on a verifiable task: GRPO, RLOO and REINFORCE++ each raise the held-out
+accuracy of the tiny model on the bootstrap's copy task (checked by a program, not by a model
+the policy optimised); with the reward negated the accuracy falls; a preempted run resumes
+to the same metrics; a bad reward function is named with the example it failed on."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.contract import read_manifest
+from jobs.errors import EXIT_BAD_INPUT, EXIT_RETRY
+from tests.conftest import ROOT, run_entrypoint
+
+pytestmark = pytest.mark.slow
+
+CHECK = {"kind": "numeric_match", "name": "correct"}
+
+
+@pytest.fixture(scope="module")
+def warm(tiny, tmp_path_factory) -> Path:
+    """The tiny model after a short SFT on the copy task: right now and then, not always."""
+    root = tmp_path_factory.mktemp("grpo-sft")
+    config = {
+        "output": str(root / "sft"),
+        "model": str(tiny / "model"),
+        "data": str(tiny / "tasks" / "copy"),
+        "max_seq_len": 32,
+        "max_steps": 100,
+        "eval_every": 1000,
+        "seed": 0,
+        "train": {"learning_rate": 3e-3, "micro_batch_size": 32, "warmup_steps": 3},
+    }
+    result = run_entrypoint("sft", config, root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "sft"
+
+
+def grpo_config(warm, tiny, output: Path, **overrides) -> dict:
+    config = {
+        "output": str(output),
+        "actor": str(warm / "model"),
+        "prompts": str(tiny / "tasks" / "copy"),
+        "group_size": 8,
+        "prompts_per_iteration": 8,
+        "minibatch_size": 16,
+        "iterations": 40,
+        "eval_every": 40,
+        "eval_prompts": 100,
+        "checkpoint_every": 100,
+        "kl_coef": 0.01,
+        "rewards": [CHECK],
+        # At temperature 1 the tiny model almost never copies all five digits: no signal.
+        "sampling": {"max_new_tokens": 8, "temperature": 0.5, "top_p": 1.0},
+        "train": {"learning_rate": 5e-4},
+        "seed": 1,
+    }
+    return {**config, **overrides}
+
+
+def metrics_lines(output: Path) -> list[dict]:
+    return [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "reinforce_pp"])
+def test_held_out_accuracy_rises(warm, tiny, tmp_path, algorithm):
+    config = grpo_config(warm, tiny, tmp_path / algorithm, algorithm=algorithm)
+    if algorithm == "reinforce_pp":
+        config["kl_in"] = "reward"
+    result = run_entrypoint("grpo", config, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_manifest(str(tmp_path / algorithm)).metrics
+    start, end = metrics["eval_correct_start"], metrics["eval_correct"]
+    # Seeds fixed, 100 held-out numbers, greedy answers: 0.77 before; after 40 iterations
+    # 0.89 (grpo), 0.86 (rloo), 0.90 (reinforce_pp) on the 2-core development machine.
+    assert 0.3 < start < 0.85  # right often, not always: room and a signal to learn from
+    assert end >= start + 0.07, (start, end)
+    lines = [m for m in metrics_lines(tmp_path / algorithm) if "reward_mean" in m]
+    for key in (
+        "reward.correct",
+        "group_reward_std",
+        "zero_variance_groups",
+        "kl",
+        "clip_fraction",
+        "response_length",
+        "generation_s",
+        "scoring_s",
+        "training_s",
+    ):
+        assert key in lines[-1], key
+
+
+def test_with_the_reward_negated_the_accuracy_falls(warm, tiny, tmp_path):
+    config = grpo_config(warm, tiny, tmp_path / "neg", rewards=[{**CHECK, "weight": -1.0}])
+    result = run_entrypoint("grpo", config, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_manifest(str(tmp_path / "neg")).metrics
+    # 0.77 -> 0.33 with the same seeds: the update follows the reward's sign.
+    assert metrics["eval_correct"] < metrics["eval_correct_start"] - 0.2
+
+
+def test_a_preempted_run_resumes_to_the_same_metrics(warm, tiny, tmp_path):
+    overrides = {"iterations": 8, "checkpoint_every": 3, "eval_every": 4, "eval_prompts": 20}
+    straight = run_entrypoint(
+        "grpo", grpo_config(warm, tiny, tmp_path / "a", **overrides), tmp_path, name="a"
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump(grpo_config(warm, tiny, tmp_path / "b", **overrides)))
+    command = [sys.executable, "-m", "jobs", "grpo", "--config", str(path)]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    for line in process.stdout:  # preempt once past the iteration-3 checkpoint
+        if line.startswith("{") and json.loads(line).get("step", 0) >= 4:
+            process.send_signal(signal.SIGTERM)
+            break
+    process.communicate(timeout=600)
+    assert process.returncode == EXIT_RETRY
+    resumed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from the checkpoint at step" in resumed.stdout
+
+    a, b = metrics_lines(tmp_path / "a"), metrics_lines(tmp_path / "b")
+    assert [m["step"] for m in b] == [m["step"] for m in a]
+    for x, y in zip(a, b, strict=True):
+        for key in ("reward_mean", "kl", "loss", "eval_correct"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-3, abs=1e-4), (x["step"], key)
+
+
+USER_FUNCTION = {"kind": "function", "function": "user_rewards:score"}
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (None, "reward function 'no_such_module:score': cannot import it"),
+        ("raise ValueError('bad')", "reward 'user_rewards:score' raised ValueError: bad"),
+        ("return 'yes'", "reward 'user_rewards:score' returned 'yes', not a finite number"),
+        ("return float('nan')", "reward 'user_rewards:score' returned nan, not a finite number"),
+    ],
+)
+def test_a_bad_reward_function_is_named_with_its_example(warm, tiny, tmp_path, body, message):
+    reward = {"kind": "function", "function": "no_such_module:score"}
+    if body is not None:
+        (tmp_path / "user_rewards.py").write_text(
+            f"def score(prompt, completion, example):\n    {body}\n"
+        )
+        reward = USER_FUNCTION
+    config = grpo_config(
+        warm, tiny, tmp_path / "bad", rewards=[reward], iterations=1, eval_prompts=8
+    )
+    result = run_entrypoint("grpo", config, tmp_path, env={"PYTHONPATH": f"{ROOT}:{tmp_path}"})
+    assert result.returncode == EXIT_BAD_INPUT, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    if body is not None:  # the example it failed on: file and row
+        assert "/tasks/copy/prompts/eval.jsonl:1: reward" in errors[0]
+
+
+def test_verifiable_rewards_check_answers():
+    from jobs.rewards import RewardFunction, Rewards
+
+    rewards = Rewards(
+        [
+            RewardFunction(kind="numeric_match"),
+            RewardFunction(kind="answer_match", extract=r"Answer:\s*(\S+)"),
+            RewardFunction(kind="format", pattern=r"\d+"),
+            RewardFunction(kind="json", weight=0.5),
+        ]
+    )
+    completions = ["42", "Answer: 42", "41.99", '{"a": 1}']
+    examples = [{"answer": "42"}] * 4
+    totals, each = rewards(["p"] * 4, completions, examples, ["f:1", "f:2", "f:3", "f:4"])
+    assert each["numeric_match"] == [1.0, 1.0, 0.0, 0.0]
+    assert each["answer_match"] == [0.0, 1.0, 0.0, 0.0]
+    assert each["format"] == [1.0, 0.0, 0.0, 0.0]
+    assert each["json"] == [1.0, 0.0, 1.0, 1.0]  # a bare number is JSON too
+    assert totals == [2.5, 2.0, 0.5, 0.5]
+
+
+def test_advantages_follow_the_papers():
+    import torch
+
+    from jobs.grpo import group_advantages, kl_estimate
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    grpo = group_advantages(rewards, 3, "grpo")
+    assert torch.allclose(grpo[:3], (rewards[:3] - 1 / 3) / (rewards[:3].std() + 1e-4))
+    assert torch.allclose(grpo[3:], torch.zeros(3))  # a group without spread teaches nothing
+    rloo = group_advantages(rewards, 3, "rloo")
+    assert torch.allclose(rloo[:3], torch.tensor([1.0, -0.5, -0.5]))  # r - mean of the others
+
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    assert torch.allclose(kl_estimate(logp, ref, "k1"), logp - ref)
+    k3 = kl_estimate(logp, ref, "k3")
+    assert torch.allclose(k3, torch.exp(ref - logp) - (ref - logp) - 1) and (k3 >= 0).all()
+
+
+def test_gsm8k_answers_are_read_after_their_marker():
+    from jobs.rewards import RewardFunction, Rewards
+
+    gsm8k = RewardFunction(
+        kind="numeric_match", extract=r"Answer:\s*(-?[\d,\.]+)", answer_extract=r"####\s*(.+)"
+    )
+    example = {"answer": "She sells 16 - 3 - 4 = 9 eggs.\n#### 1,234"}
+    completions = ["9 eggs, so\nAnswer: 1234", "Answer: 1,234", "Answer: 9", "1234"]
+    totals, _ = Rewards([gsm8k])(["q"] * 4, completions, [example] * 4, ["f:1"] * 4)
+    assert totals == [1.0, 1.0, 0.0, 0.0]
