@@ -205,7 +205,7 @@ def plain(case: str, root: Path, seq: int, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from jobs.batches import ShardedSampler, read_jsonl
-    from jobs.sft import collate, response_loss, tokenize
+    from jobs.supervised import collate, response_loss, tokenize
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model_dir = root / "actor" / "model"

@@ -26,7 +26,7 @@ from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
 from jobs.models import load_tokenizer, model_source
-from jobs.sft import collate, tokenize
+from jobs.supervised import collate, tokenize
 
 END_OF_TURN = "<|end_of_turn|>"
 

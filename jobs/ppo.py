@@ -249,7 +249,7 @@ def shape_rewards(batch: dict, scores: torch.Tensor, kl_coef: float) -> torch.Te
 
 def ptx_batches(config: Config, models: Models, data_dir: Path):
     """Endless micro-batches of the SFT data, for the pre-training loss."""
-    from jobs.sft import collate, tokenize
+    from jobs.supervised import collate, tokenize
 
     rows = read_jsonl(data_dir / "sft" / "train.jsonl", ("prompt", "response"))
     items = tokenize(rows, models.tokenizer, config.sampling.max_prompt_tokens)
@@ -281,7 +281,7 @@ def train_on(models: Models, batch: dict, config: Config, ptx) -> dict[str, floa
             )
             loss = pg
             if ptx is not None:
-                from jobs.sft import response_loss
+                from jobs.supervised import response_loss
 
                 ptx_batch = {k: v.to(models.actor.device) for k, v in next(ptx).items()}
                 ptx_loss, _ = response_loss(models.actor, ptx_batch)

@@ -165,3 +165,37 @@ def tiny_rm(tiny, tiny_data, tmp_path_factory) -> Path:
     result = run_entrypoint("reward", config, tmp_path_factory.mktemp("rm"))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+def preempt_and_resume(
+    stage: str, config: dict, tmp_path: Path, after_step: int, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run a stage through the entrypoint, send it SIGTERM once it logs a step past
+    ``after_step`` (as a pod being preempted), check it stopped with the retryable code and
+    left no finished output, then run it again: the resumed run's result."""
+    import json
+    import signal
+
+    from jobs.contract import read_manifest
+    from jobs.errors import EXIT_RETRY
+
+    path = tmp_path / f"{stage}-preempted.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True))
+    command = [sys.executable, "-m", "jobs", stage, "--config", str(path)]
+    full_env = {**os.environ, **(env or {})}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=full_env
+    )
+    for line in process.stdout:
+        if line.startswith("{") and json.loads(line).get("step", 0) > after_step:
+            process.send_signal(signal.SIGTERM)
+            break
+    process.communicate(timeout=600)
+    assert process.returncode == EXIT_RETRY
+    assert read_manifest(config["output"]) is None
+    resumed = subprocess.run(
+        command, capture_output=True, text=True, cwd=ROOT, timeout=900, env=full_env
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from the checkpoint at step" in resumed.stdout
+    return resumed

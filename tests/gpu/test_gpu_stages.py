@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +19,7 @@ import torch
 import yaml
 
 from jobs.contract import Manifest, read_manifest
-from jobs.errors import EXIT_RETRY
-from tests.conftest import ROOT, run_entrypoint
+from tests.conftest import ROOT, preempt_and_resume, run_entrypoint
 
 ON_CPU = os.environ.get("KUBERLHF_GPU_SUITE_ON_CPU") == "1"
 pytestmark = [
@@ -228,28 +226,10 @@ def test_ppo_preempted_on_the_gpu_resumes_to_the_same_metrics(demo, tmp_path):
     a = ppo_config(demo, tmp_path / "a", **overrides)
     finished(tmp_path / "a", run_entrypoint("ppo", a, tmp_path, env=env, name="a"))
 
-    path = tmp_path / "b.yaml"
-    path.write_text(yaml.safe_dump(ppo_config(demo, tmp_path / "b", **overrides)))
-    command = [sys.executable, "-m", "jobs", "ppo", "--config", str(path)]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, **env},
-    )
-    for line in process.stdout:  # preempt once past the iteration-3 checkpoint
-        if line.startswith("{") and json.loads(line).get("step", 0) >= 4:
-            process.send_signal(signal.SIGTERM)
-            break
-    process.communicate(timeout=600)
-    assert process.returncode == EXIT_RETRY
-    resumed = subprocess.run(
-        command, capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, **env}
+    resumed = preempt_and_resume(
+        "ppo", ppo_config(demo, tmp_path / "b", **overrides), tmp_path, after_step=3, env=env
     )
     finished(tmp_path / "b", resumed)
-    assert "resumed from the checkpoint at step" in resumed.stdout
 
     first, second = metrics_lines(tmp_path / "a"), metrics_lines(tmp_path / "b")
     assert [m["step"] for m in second] == [m["step"] for m in first] == list(range(1, 7))

@@ -6,17 +6,13 @@ to the same metrics; a bad reward function is named with the example it failed o
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from jobs.contract import read_manifest
-from jobs.errors import EXIT_BAD_INPUT, EXIT_RETRY
-from tests.conftest import ROOT, run_entrypoint
+from jobs.errors import EXIT_BAD_INPUT
+from tests.conftest import ROOT, preempt_and_resume, run_entrypoint
 
 pytestmark = pytest.mark.slow
 
@@ -112,21 +108,8 @@ def test_a_preempted_run_resumes_to_the_same_metrics(warm, tiny, tmp_path):
     )
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    path = tmp_path / "b.yaml"
-    path.write_text(yaml.safe_dump(grpo_config(warm, tiny, tmp_path / "b", **overrides)))
-    command = [sys.executable, "-m", "jobs", "grpo", "--config", str(path)]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
-    )
-    for line in process.stdout:  # preempt once past the iteration-3 checkpoint
-        if line.startswith("{") and json.loads(line).get("step", 0) >= 4:
-            process.send_signal(signal.SIGTERM)
-            break
-    process.communicate(timeout=600)
-    assert process.returncode == EXIT_RETRY
-    resumed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from the checkpoint at step" in resumed.stdout
+    config = grpo_config(warm, tiny, tmp_path / "b", **overrides)
+    preempt_and_resume("grpo", config, tmp_path, after_step=3)  # past the iteration-3 one
 
     a, b = metrics_lines(tmp_path / "a"), metrics_lines(tmp_path / "b")
     assert [m["step"] for m in b] == [m["step"] for m in a]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +15,7 @@ import yaml
 
 from jobs import store
 from jobs.contract import read_manifest, run_stage
-from jobs.errors import EXIT_RETRY
-from tests.conftest import ROOT, run_entrypoint
+from tests.conftest import ROOT, preempt_and_resume, run_entrypoint
 
 pytestmark = pytest.mark.slow
 
@@ -159,23 +157,8 @@ def test_a_preempted_run_resumes_with_continuous_metrics(demo, tmp_path):
     )
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    config_path = tmp_path / "b.yaml"
-    config_path.write_text(
-        yaml.safe_dump(ppo_config(demo, tmp_path / "b", reward_model, **overrides))
-    )
-    command = [sys.executable, "-m", "jobs", "ppo", "--config", str(config_path)]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
-    )
-    for line in process.stdout:  # preempt once past the iteration-3 checkpoint
-        if line.startswith("{") and json.loads(line).get("step", 0) >= 4:
-            process.send_signal(signal.SIGTERM)
-            break
-    process.communicate(timeout=600)
-    assert process.returncode == EXIT_RETRY
-    resumed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from the checkpoint at step" in resumed.stdout
+    config = ppo_config(demo, tmp_path / "b", reward_model, **overrides)
+    preempt_and_resume("ppo", config, tmp_path, after_step=3)  # past the iteration-3 one
 
     a, b = metrics_lines(tmp_path / "a"), metrics_lines(tmp_path / "b")
     assert [m["step"] for m in b] == [m["step"] for m in a] == list(range(1, 9))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -14,8 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from jobs.contract import read_manifest
-from jobs.errors import EXIT_RETRY
-from tests.conftest import ROOT, run_entrypoint
+from tests.conftest import ROOT, preempt_and_resume, run_entrypoint
 
 pytestmark = pytest.mark.slow
 
@@ -58,8 +55,9 @@ def test_sft_lowers_held_out_loss(tiny, tiny_data, tmp_path):
 
 
 def test_loss_counts_response_tokens_only(tiny):
+    from jobs.batches import IGNORE
     from jobs.models import load_tokenizer
-    from jobs.sft import IGNORE, tokenize
+    from jobs.supervised import tokenize
 
     tokenizer = load_tokenizer(str(tiny / "model"))
     [(ids, labels)] = tokenize(
@@ -82,23 +80,8 @@ def test_sft_killed_after_a_checkpoint_resumes_to_the_same_end(tiny, tiny_data, 
     )
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    config_path = tmp_path / "interrupted.yaml"
-    config_path.write_text(yaml.safe_dump(sft_config(tiny, tiny_data, tmp_path / "b", **overrides)))
-    command = [sys.executable, "-m", "jobs", "sft", "--config", str(config_path)]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
-    )
-    for line in process.stdout:  # preempt once past the step-8 checkpoint
-        if line.startswith("{") and json.loads(line).get("step", 0) >= 11:
-            process.send_signal(signal.SIGTERM)
-            break
-    process.communicate(timeout=300)
-    assert process.returncode == EXIT_RETRY
-    assert read_manifest(str(tmp_path / "b")) is None
-
-    resumed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from the checkpoint at step" in resumed.stdout
+    config = sft_config(tiny, tiny_data, tmp_path / "b", **overrides)
+    preempt_and_resume("sft", config, tmp_path, after_step=10)  # past the step-8 checkpoint
 
     a, b = read_manifest(str(tmp_path / "a")), read_manifest(str(tmp_path / "b"))
     assert a.metrics["steps"] == b.metrics["steps"] == 24
