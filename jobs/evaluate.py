@@ -19,7 +19,7 @@ from pydantic import Field
 from jobs.batches import read_jsonl
 from jobs.contract import METRICS, StageConfig, StageContext
 from jobs.generation import SamplingConfig, generate
-from jobs.label import JudgeConfig, judge_scores
+from jobs.judge import JudgeConfig, judge_scores
 from jobs.models import InferenceConfig, free_memory, load_causal_lm, load_tokenizer, model_source
 
 CURVES = (

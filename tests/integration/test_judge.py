@@ -224,7 +224,7 @@ def test_a_bad_csv_row_is_named(tiny_data, tmp_path, key):
 
 
 def test_judgement_parsing():
-    from jobs.label import parse_judgement
+    from jobs.judge import parse_judgement
 
     assert parse_judgement("Helpfulness: 4\nTotal: 11") == 11
     assert parse_judgement("**Total score** = 9/15") == 9
