@@ -180,6 +180,8 @@ def container_command(
     for key in ("kuberlhf.io/run", "kuberlhf.io/stage"):
         argv += ["--label", f"{key}={labels[key]}"] if key in labels else []
     argv += _user(pod, container) + _hardening(engine, container)
+    # SIGTERM, then SIGKILL after the pod's grace period: time to save a checkpoint.
+    argv += ["--stop-timeout", str(pod.get("terminationGracePeriodSeconds", 30))]
     argv += _environment(stage, container)
     argv += _volumes(stage, manifests, pod, container.get("volumeMounts", []), folder)
     argv += _resources(engine, container)
@@ -240,10 +242,11 @@ class ContainerBackend:
 
     def delete(self, plan: Plan) -> int:
         """Stop the run's containers as a pod is stopped (SIGTERM: a training stage saves a
-        checkpoint; SIGKILL after the same 30 s grace), then remove them."""
-        return self._remove(["--filter", f"label=kuberlhf.io/run={plan.run_id}"], grace_s=30)
+        checkpoint; SIGKILL after the pod's grace period, each container's stop timeout),
+        then remove them."""
+        return self._remove(["--filter", f"label=kuberlhf.io/run={plan.run_id}"], stop=True)
 
-    def _remove(self, filters: list[str], grace_s: int | None = None) -> int:
+    def _remove(self, filters: list[str], stop: bool = False) -> int:
         listed = subprocess.run(
             [self.engine, "ps", "--all", "--quiet", *filters],
             capture_output=True,
@@ -251,8 +254,8 @@ class ContainerBackend:
             check=False,
         )
         ids = listed.stdout.split()
-        if ids and grace_s is not None:
-            subprocess.run([self.engine, "stop", "-t", str(grace_s), *ids], capture_output=True)
+        if ids and stop:
+            subprocess.run([self.engine, "stop", *ids], capture_output=True)
         if ids:
             subprocess.run([self.engine, "rm", "--force", *ids], capture_output=True, check=False)
         return len(ids)

@@ -66,6 +66,8 @@ def test_the_command_is_the_rendered_pod(tmp_path, monkeypatch):
     assert "--read-only" in argv and "--read-only-tmpfs=false" in argv
     assert argv[argv.index("--cap-drop") + 1] == "ALL"
     assert "no-new-privileges" in argv
+    # SIGKILL only after the pod's grace period (a checkpoint's time).
+    assert argv[argv.index("--stop-timeout") + 1] == "600"
     # The ConfigMap as a read-only folder at the chart's path, the same config.
     [config_map] = [m for m in manifests if m["kind"] == "ConfigMap"]
     [config_mount] = [a for a in argv if a.endswith(":/etc/kuberlhf:ro")]
