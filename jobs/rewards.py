@@ -62,7 +62,7 @@ class RewardFunction(BaseModel):
 
     @property
     def label(self) -> str:
-        return self.name or self.kind
+        return self.name or self.function or self.kind
 
 
 def extracted(completion: str, extract: str | None, default: str | None) -> str | None:
@@ -188,13 +188,11 @@ class Rewards:
                     ) from None
                 except Exception as exc:
                     raise BadInputError(
-                        f"{place}: reward {spec.function or spec.label!r} raised "
-                        f"{type(exc).__name__}: {exc}"
+                        f"{place}: reward {spec.label!r} raised {type(exc).__name__}: {exc}"
                     ) from None
                 if not isinstance(value, int | float) or not math.isfinite(value):
                     raise BadInputError(
-                        f"{place}: reward {spec.function or spec.label!r} returned {value!r}, "
-                        "not a finite number"
+                        f"{place}: reward {spec.label!r} returned {value!r}, not a finite number"
                     )
                 values.append(float(value))
             each[spec.label] = values
