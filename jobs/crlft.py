@@ -151,26 +151,22 @@ def run(config: Config, ctx: StageContext) -> dict:
     batches = sampler.micro_batches(start=step * cfg.gradient_accumulation_steps)
     progress = ctx.progress(total_steps, step)
     summary: dict = {}
-    tokens, train_seconds, losses = 0, 0.0, []
+    meter = engine.StepMeter(("loss",), ds.device)
     while step < total_steps:
         started = time.perf_counter()
         for _ in range(cfg.gradient_accumulation_steps):
             batch, weights = batch_of([splits["train"][i] for i in next(batches)])
-            tokens += int(batch["attention_mask"].sum())
             loss = weighted_loss(ds, batch, weights)
             ds.backward(loss)
             ds.step()
-            losses.append(loss.item())
-        train_seconds += time.perf_counter() - started
+            meter.add(int(batch["attention_mask"].sum()), loss)
         step += 1
+        log_now = step % config.log_every == 0 or step == total_steps
+        means = meter.means() if log_now else {}  # waits for the GPU, inside the timed span
+        meter.seconds += time.perf_counter() - started
         progress.update(1)
-        if step % config.log_every == 0 or step == total_steps:
-            ctx.log(
-                step,
-                loss=sum(losses) / len(losses),
-                tokens_per_s=tokens * dist.world_size() / max(train_seconds, 1e-9),
-            )
-            losses = []
+        if log_now:
+            ctx.log(step, **means, tokens_per_s=meter.window_rate())
         if splits["eval"] and (step % config.eval_every == 0 or step == total_steps):
             summary = {"eval_loss": eval_loss()}
             ctx.log(step, **summary)

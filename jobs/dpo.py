@@ -218,15 +218,13 @@ def run(config: Config, ctx: StageContext) -> dict:
     summary = dict(first)
     batches = sampler.micro_batches(start=step * cfg.gradient_accumulation_steps)
     progress = ctx.progress(total_steps, step)
-    tokens, train_seconds = 0, 0.0
-    logged = (0, 0.0)  # tokens and seconds at the last log: the logged rate is a window's
-    sums, count = torch.zeros(5, device=ds.device), 0  # read when logged, not every step
+    names = ("loss", "accuracy", "margin", "logp_chosen", "logp_rejected")
+    meter = engine.StepMeter(names, ds.device)
     while step < total_steps:
         started = time.perf_counter()
         for _ in range(cfg.gradient_accumulation_steps):
             idx = next(batches)
             items = [splits["train"][i] for i in idx]
-            tokens += sum(len(i[0]) + len(i[2]) for i in items)
             chosen, rejected = pair_logps(ds, items, pad_id, average)
             ref_c, ref_r = (ref["train"][idx, k].to(chosen.device) for k in (0, 1))
             loss, rc, rr = dpo_loss(
@@ -234,34 +232,21 @@ def run(config: Config, ctx: StageContext) -> dict:
             )
             ds.backward(loss)
             ds.step()
-            sums += torch.stack(
-                [
-                    loss.detach(),
-                    (rc > rr).float().mean(),
-                    (rc - rr).mean(),
-                    chosen.detach().mean(),
-                    rejected.detach().mean(),
-                ]
-            ).float()
-            count += 1
+            meter.add(
+                sum(len(i[0]) + len(i[2]) for i in items),
+                loss,
+                (rc > rr).float().mean(),
+                (rc - rr).mean(),
+                chosen.mean(),
+                rejected.mean(),
+            )
         step += 1
         log_now = step % config.log_every == 0 or step == total_steps
-        if log_now:  # waits for the GPU, inside the timed span
-            means = (sums / count).tolist()
-            sums.zero_()
-            count = 0
-        train_seconds += time.perf_counter() - started
+        means = meter.means() if log_now else {}  # waits for the GPU, inside the timed span
+        meter.seconds += time.perf_counter() - started
         progress.update(1)
         if log_now:
-            names = ("loss", "accuracy", "margin", "logp_chosen", "logp_rejected")
-            ctx.log(
-                step,
-                **dict(zip(names, means, strict=True)),
-                tokens_per_s=(tokens - logged[0])
-                * dist.world_size()
-                / max(train_seconds - logged[1], 1e-9),
-            )
-            logged = (tokens, train_seconds)
+            ctx.log(step, **means, tokens_per_s=meter.window_rate())
         if splits["eval"] and (step % config.eval_every == 0 or step == total_steps):
             summary = evaluate(ds, splits["eval"], ref["eval"], config, pad_id)
             ctx.log(step, **summary)
@@ -274,5 +259,5 @@ def run(config: Config, ctx: StageContext) -> dict:
         "eval_accuracy_start": first.get("eval_accuracy"),
         "eval_margin_start": first.get("eval_margin"),
         **summary,
-        "tokens_per_s": tokens * dist.world_size() / max(train_seconds, 1e-9),
+        "tokens_per_s": meter.rate,
     }

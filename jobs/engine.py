@@ -306,3 +306,41 @@ def initialize_frozen(model, config: dict):
     engine, *_ = deepspeed.initialize(model=model.eval(), config=config)
     engine.eval()
     return engine
+
+
+class StepMeter:
+    """A training loop's figures between two logs: metric sums kept on the device (read when
+    logged: a read every step would make the host wait for the GPU), and the tokens and
+    seconds behind the throughput of the window and of the run (all ranks)."""
+
+    def __init__(self, names: tuple[str, ...], device) -> None:
+        import torch
+
+        self.names = names
+        self.sums = torch.zeros(len(names), device=device)
+        self.count, self.tokens, self.seconds = 0, 0, 0.0
+        self._at_log = (0, 0.0)
+
+    def add(self, tokens: int, *values) -> None:
+        import torch
+
+        self.sums += torch.stack([v.detach().float() for v in values])
+        self.count, self.tokens = self.count + 1, self.tokens + tokens
+
+    def means(self) -> dict[str, float]:
+        """The metrics' means since the last call (waits for the device)."""
+        means = (self.sums / max(self.count, 1)).tolist()
+        self.sums.zero_()
+        self.count = 0
+        return dict(zip(self.names, means, strict=True))
+
+    def window_rate(self) -> float:
+        """Tokens per second since the last call, over all ranks."""
+        tokens, seconds = self.tokens - self._at_log[0], self.seconds - self._at_log[1]
+        self._at_log = (self.tokens, self.seconds)
+        return tokens * dist.world_size() / max(seconds, 1e-9)
+
+    @property
+    def rate(self) -> float:
+        """Tokens per second of the whole run, over all ranks."""
+        return self.tokens * dist.world_size() / max(self.seconds, 1e-9)

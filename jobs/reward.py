@@ -145,39 +145,24 @@ def run(config: Config, ctx: StageContext) -> dict:
         ctx.log(0, **{k: first[k] for k in ("eval_accuracy", "eval_margin")})
     batches = sampler.micro_batches(start=step * cfg.gradient_accumulation_steps)
     progress = ctx.progress(total_steps, step)
-    tokens, train_seconds = 0, 0.0
-    logged = (0, 0.0)  # tokens and seconds at the last log: the logged rate is a window's
-    sums, count = torch.zeros(2, device=ds.device), 0  # loss, accuracy: read when logged
+    meter = engine.StepMeter(("loss", "accuracy"), ds.device)
     while step < total_steps:
         started = time.perf_counter()
         for _ in range(cfg.gradient_accumulation_steps):
             items = [train_items[i] for i in next(batches)]
-            tokens += sum(len(c) + len(r) for c, r in items)
             chosen, rejected = pair_scores(ds, items, pad_id)
             loss = pairwise_loss(chosen, rejected)
             ds.backward(loss)
             ds.step()
-            sums += torch.stack([loss.detach(), (chosen > rejected).float().mean()])
-            count += 1
+            tokens = sum(len(c) + len(r) for c, r in items)
+            meter.add(tokens, loss, (chosen > rejected).float().mean())
         step += 1
         log_now = step % config.log_every == 0 or step == total_steps
-        if log_now:  # waits for the GPU, inside the timed span
-            means = (sums / count).tolist()
-            sums.zero_()
-            count = 0
-        train_seconds += time.perf_counter() - started
+        means = meter.means() if log_now else {}  # waits for the GPU, inside the timed span
+        meter.seconds += time.perf_counter() - started
         progress.update(1)
         if log_now:
-            ctx.log(
-                step,
-                loss=means[0],
-                accuracy=means[1],
-                lr=ds.get_lr()[0],
-                tokens_per_s=(tokens - logged[0])
-                * dist.world_size()
-                / max(train_seconds - logged[1], 1e-9),
-            )
-            logged = (tokens, train_seconds)
+            ctx.log(step, **means, lr=ds.get_lr()[0], tokens_per_s=meter.window_rate())
         if eval_items and (step % config.eval_every == 0 or step == total_steps):
             summary = evaluate(ds.module, eval_items, pad_id, cfg.micro_batch_size)
             ctx.log(step, **summary)
@@ -190,5 +175,5 @@ def run(config: Config, ctx: StageContext) -> dict:
         "eval_pairs": len(eval_items),
         "eval_accuracy_start": first.get("eval_accuracy"),
         **summary,
-        "tokens_per_s": tokens * dist.world_size() / max(train_seconds, 1e-9),
+        "tokens_per_s": meter.rate,
     }

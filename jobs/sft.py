@@ -97,39 +97,22 @@ def run(config: Config, ctx: StageContext) -> dict:
     eval_loss = first_eval
     batches = sampler.micro_batches(start=step * cfg.gradient_accumulation_steps)
     progress = ctx.progress(total_steps, step)
-    tokens, train_seconds = 0, 0.0
-    logged = (0, 0.0)  # tokens and seconds at the last log: the logged rate is a window's
-    # Losses add up on the device and are read at logging time: a read per step would make
-    # the host wait for the GPU and leave it idle while the next batch is prepared.
-    loss_sum, loss_count = torch.zeros((), device=device), 0
+    meter = engine.StepMeter(("loss",), device)
     while step < total_steps:
         started = time.perf_counter()
         for _ in range(cfg.gradient_accumulation_steps):
             batch = collate([train_items[i] for i in next(batches)], pad_id)
-            tokens += int(batch["attention_mask"].sum())
             loss, _ = response_loss(ds, {k: v.to(device) for k, v in batch.items()})
             ds.backward(loss)
             ds.step()
-            loss_sum += loss.detach()
-            loss_count += 1
+            meter.add(int(batch["attention_mask"].sum()), loss)
         step += 1
         log_now = step % config.log_every == 0 or step == total_steps
-        if log_now:  # waits for the GPU, inside the timed span
-            mean_loss = float(loss_sum) / loss_count
-            loss_sum.zero_()
-            loss_count = 0
-        train_seconds += time.perf_counter() - started
+        means = meter.means() if log_now else {}  # waits for the GPU, inside the timed span
+        meter.seconds += time.perf_counter() - started
         progress.update(1)
         if log_now:
-            ctx.log(
-                step,
-                loss=mean_loss,
-                lr=ds.get_lr()[0],
-                tokens_per_s=(tokens - logged[0])
-                * dist.world_size()
-                / max(train_seconds - logged[1], 1e-9),
-            )
-            logged = (tokens, train_seconds)
+            ctx.log(step, **means, lr=ds.get_lr()[0], tokens_per_s=meter.window_rate())
         if eval_items and (step % config.eval_every == 0 or step == total_steps):
             eval_loss = evaluate(ds, eval_items, pad_id, cfg.micro_batch_size)
             ctx.log(step, eval_loss=eval_loss)
@@ -144,5 +127,5 @@ def run(config: Config, ctx: StageContext) -> dict:
         "eval_loss_start": first_eval,
         "eval_loss": eval_loss,
         "train_examples": len(splits["train"]),
-        "tokens_per_s": tokens * dist.world_size() / max(train_seconds, 1e-9),
+        "tokens_per_s": meter.rate,
     }
