@@ -100,8 +100,17 @@ def test_inference_models_go_where_the_config_says(tiny, monkeypatch):
     assert InferenceConfig(device="cpu").torch_device() == torch.device("cpu")
 
 
-def test_training_models_load_in_their_precision_and_partitioned_under_zero3(tiny):
+def test_training_models_load_in_their_precision_and_partitioned_under_zero3(tiny, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tests.conftest import free_port
+
+    # ZeRO-3 joins a process group here; its variables go when the test ends, or stages run
+    # later as subprocesses would inherit this process's (busy) rendezvous port.
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
 
     path = str(tiny / "model")
     full = engine.load_model(AutoModelForCausalLM, path, engine.EngineConfig(precision="bf16"))
