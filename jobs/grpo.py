@@ -36,10 +36,10 @@ from jobs.batches import ShardedSampler, padded_shard, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
-from jobs.generation import SamplingConfig, eos_ids_of
+from jobs.generation import SamplingConfig, eos_ids_of, sample
 from jobs.models import InferenceConfig, free_memory, load_tokenizer, model_source
 from jobs.rewards import RewardFunction, Rewards
-from jobs.rollout import masked_mean, policy_loss, sample, token_logprobs, whiten
+from jobs.rollout import masked_mean, policy_loss, token_logprobs, whiten
 
 
 class Config(StageConfig):

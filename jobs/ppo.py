@@ -31,9 +31,9 @@ from jobs import dist, engine
 from jobs.batches import ShardedSampler, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
-from jobs.generation import SamplingConfig, eos_ids_of
+from jobs.generation import SamplingConfig, eos_ids_of, sample
 from jobs.models import load_tokenizer, model_source, quiet_load_report
-from jobs.rollout import masked_mean, policy_loss, sample, token_logprobs, whiten
+from jobs.rollout import masked_mean, policy_loss, token_logprobs, whiten
 from jobs.scoring import head_values, last_token_scores, require_reward_model
 
 
