@@ -11,7 +11,8 @@
 #                Debian base, podman with storage of its own under .containers/
 #   make e2e-kind - the tiny pipeline on a kind cluster through `rlhf run --backend kubernetes`
 
-PYTHON ?= python3.11
+# The first supported Python found (3.11 to 3.13); `make test PYTHON=python3.12` picks one.
+PYTHON ?= $(firstword $(foreach v,3.11 3.12 3.13,$(shell command -v python$(v) 2>/dev/null)) python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build on CPU machines; a GPU machine sets e.g. TORCH_SPEC="torch==2.13.0" and

@@ -1,15 +1,17 @@
 """crlft: OpenChat's Conditioned-RLFT on mixed-quality data (seed: OpenChat review).
 
-Every data source is a class: its tag conditions the prompt ("GPT4 User: ... GPT4
-Assistant:" for the expert source, "GPT3 User: ..." for the sub-optimal one), a new
+Every data source is a class: its tag conditions every turn ("GPT4 User: ... GPT4
+Assistant: ..." for the expert source, "GPT3 User: ..." for the sub-optimal one), a new
 end-of-turn token closes each turn (added to the tokenizer, embeddings resized, and
-made a stop token so generation ends there), and the loss of every example is weighted
-by its source's coarse reward (the paper: 1.0 for GPT-4 data, 0.1 for GPT-3.5 data).
-At inference, prompting with the expert tag asks for expert-quality answers.
+made a stop token so generation ends there), BOS goes first where the tokenizer expects
+one, every assistant turn is trained, and the loss is the mean of the answer tokens'
+losses weighted by their source's coarse reward (the paper: 1.0 for GPT-4 data, 0.1 for
+GPT-3.5 data), normalised by the sum of the weights as OpenChat's trainer does. At
+inference, prompting with the expert tag asks for expert-quality answers.
 
 Reads ``sft/{train,eval}.jsonl`` of a data stage output whose rows carry a ``label``
-(ShareGPT's model field, or a source's ``label``); use ``template: raw`` there so the
-prompt is the plain conversation. Writes ``model/``.
+(ShareGPT's model field, or a source's ``label``) and the conversation in ``messages``
+(the data stage writes it whatever its template). Writes ``model/``.
 """
 
 from __future__ import annotations
@@ -17,16 +19,15 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs import dist, engine
-from jobs.batches import IGNORE, ShardedSampler, read_jsonl
+from jobs.batches import ShardedSampler, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
 from jobs.models import load_tokenizer, model_source
-from jobs.supervised import collate, tokenize
+from jobs.supervised import collate, encode_segments, token_losses
 
 END_OF_TURN = "<|end_of_turn|>"
 
@@ -61,22 +62,38 @@ class Config(StageConfig):
 
 
 def conditioned(prompt: str, tag: str, end_of_turn: str) -> str:
-    """OpenChat's class-conditioned single-turn prompt."""
+    """OpenChat's class-conditioned single-turn prompt, as asked at inference."""
     return f"{tag} User: {prompt}{end_of_turn}{tag} Assistant:"
 
 
+def layout(turns: list[dict], tag: str, end_of_turn: str) -> list[tuple[str, bool]]:
+    """A conversation as OpenChat lays it out (``ochat/config/conversation_template.py``):
+    a system text closed by the end-of-turn token, then every turn as ``"{tag} User:"`` /
+    ``"{tag} Assistant:"``, a space, its text and the end-of-turn token; each assistant
+    turn, its end-of-turn included, is trained (OpenChat gives user turns weight 0)."""
+    roles = {"user": "User", "assistant": "Assistant"}
+    pieces: list[tuple[str, bool]] = []
+    for turn in turns:
+        if turn["role"] == "system":
+            pieces.append((turn["content"] + end_of_turn, False))
+            continue
+        pieces.append((f"{tag} {roles[turn['role']]}:", False))
+        pieces.append((f" {turn['content']}{end_of_turn}", turn["role"] == "assistant"))
+    return pieces
+
+
 def weighted_loss(model, batch: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """Response-token cross-entropy, every example's tokens weighted by its class reward."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-    targets = batch["labels"][:, 1:]
-    ce = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
-    mask = (targets != IGNORE).float()
-    return (ce * mask * weights[:, None]).sum() / mask.sum().clamp(min=1)
+    """OpenChat's weighted mean: every answer token's cross-entropy weighted by its class
+    reward, divided by the sum of those weights (not by the token count, which would scale
+    a batch of sub-optimal data down instead of only its share of a mixed batch)."""
+    losses, mask = token_losses(model, batch)
+    token_weights = mask.float() * weights[:, None]
+    return (losses * token_weights).sum() / token_weights.sum().clamp(min=1e-8)
 
 
 def prepare(rows: list[dict], config: Config, tokenizer, where: str):
-    """(ids, labels, weight) per row, its prompt conditioned on its class."""
+    """(ids, labels, weight, label) per row: its conversation (``messages``, or the prompt
+    and response of a row without them) laid out under its class's tag, answers trained."""
     out = []
     for number, row in enumerate(rows, start=1):
         label = row.get("label")
@@ -86,13 +103,23 @@ def prepare(rows: list[dict], config: Config, tokenizer, where: str):
                 f"classes {sorted(config.classes)}"
             )
         cls = config.classes[label]
-        text = {
-            "prompt": conditioned(row["prompt"], cls.tag, config.end_of_turn),
-            "response": " " + row["response"] + config.end_of_turn,
-        }
-        [(ids, labels)] = tokenize([text], tokenizer, config.max_seq_len)
-        # The end-of-turn token closes the answer in place of EOS.
-        out.append((ids[:-1], labels[:-1], cls.weight, label))
+        turns = row.get("messages") or [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row["response"]},
+        ]
+        if not all(
+            isinstance(t, dict)
+            and t.get("role") in ("system", "user", "assistant")
+            and isinstance(t.get("content"), str)
+            for t in turns
+        ):
+            raise BadInputError(
+                f"{where}:{number}: field 'messages' needs turns with a role "
+                "(system/user/assistant) and text 'content'"
+            )
+        pieces = layout(turns, cls.tag, config.end_of_turn)
+        ids, labels = encode_segments(pieces, tokenizer, config.max_seq_len, end=[])
+        out.append((ids, labels, cls.weight, label))
     return out
 
 

@@ -24,6 +24,7 @@ from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
 from jobs.models import free_memory, load_tokenizer, model_source
+from jobs.tokens import encode, keep_end, positions
 
 
 class Config(StageConfig):
@@ -45,21 +46,24 @@ class Config(StageConfig):
 def encode_pair(tokenizer, row: dict, max_len: int) -> tuple[list[int], ...]:
     """(prompt+chosen, mask, prompt+rejected, mask): answers end with EOS; an over-long
     pair keeps the end of its prompt."""
-    prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    prompt = encode(tokenizer, row["prompt"])
     out = []
     for key in ("chosen", "rejected"):
-        answer = tokenizer(row[key], add_special_tokens=False)["input_ids"] + [
-            tokenizer.eos_token_id
-        ]
+        answer = encode(tokenizer, row[key], bos=False) + [tokenizer.eos_token_id]
         answer = answer[: max_len - 1]
-        head = prompt[-(max_len - len(answer)) :] if len(prompt) + len(answer) > max_len else prompt
+        head = keep_end(prompt, max_len - len(answer), tokenizer)
         out += [head + answer, [0] * len(head) + [1] * len(answer)]
     return tuple(out)
 
 
 def sequence_logps(model, input_ids, attention_mask, answer_mask, average: bool = False):
     """Sum (or per-token mean) of the log-probs of the answer tokens of every row."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions(attention_mask),
+        use_cache=False,
+    ).logits
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     token_logp = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     mask = answer_mask[:, 1:].float()

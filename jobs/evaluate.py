@@ -1,11 +1,16 @@
-"""evaluate: did alignment help? Reward-model scores and win rate of a model against a
-baseline on held-out prompts, optional judge scores, and plots of every stage's curves.
+"""evaluate: did alignment help? Win rate of a model against a baseline on held-out prompts,
+judged by a judge the model was not optimised against, beside the proxy it was; and plots
+of every stage's curves.
 
 Both models answer ``prompts/eval.jsonl`` of a data stage output with the same sampling
-and seed; the reward model scores every answer; the candidate wins a prompt when its
-answer scores higher (a tie counts half). The win rate comes with a 95% bootstrap
-confidence interval. Writes ``report.json`` and ``plots/<stage>.png`` for each stage
-output named in ``curves`` (loss, accuracy, reward, KL: whatever its metrics hold).
+and seed. The held-out judge (``judge_model``: a reward model trained on the data stage's
+``pairs/judge.jsonl``, prompts that neither the policy's reward model nor the policy saw;
+or ``judge``: an OpenAI-compatible endpoint) decides the headline win rate; the proxy
+(``reward_model``: the one PPO optimised) is reported beside it, so that a policy that
+games its reward model shows as a proxy win and a held-out loss. The candidate wins a
+prompt when its answer scores higher (a tie counts half); each win rate comes with a 95%
+bootstrap confidence interval. Writes ``report.json``, ``answers.jsonl`` and
+``plots/<stage>.png`` for each stage output named in ``curves``.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ import json
 import random
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from jobs.batches import read_jsonl
 from jobs.contract import METRICS, StageConfig, StageContext
+from jobs.errors import BadInputError
 from jobs.generation import SamplingConfig, generate
 from jobs.judge import JudgeConfig, judge_scores
 from jobs.models import InferenceConfig, free_memory, load_causal_lm, load_tokenizer, model_source
@@ -40,7 +46,16 @@ class Config(StageConfig):
     prompts: str = Field(description="a data stage output (reads prompts/eval.jsonl)")
     candidate: str = Field(description="the model to judge (e.g. the PPO model)")
     baseline: str = Field(description="the model to beat (e.g. the SFT model)")
-    reward_model: str = Field(description="a reward stage's model folder")
+    reward_model: str | None = Field(
+        None,
+        description="the proxy: the reward model the candidate was optimised against "
+        "(reported beside the held-out judge, never the headline: reward hacking passes it)",
+    )
+    judge_model: str | None = Field(
+        None,
+        description="the held-out judge: a reward model trained on other pairs (a reward stage "
+        "with train_split: judge); decides the win rate",
+    )
     max_prompts: int | None = Field(200, ge=1)
     sampling: SamplingConfig = SamplingConfig(temperature=0.7, max_new_tokens=64)
     judge: JudgeConfig | None = None
@@ -48,6 +63,12 @@ class Config(StageConfig):
     curves: dict[str, str] = Field(
         default_factory=dict, description="plot name -> stage output with metrics.jsonl"
     )
+
+    @model_validator(mode="after")
+    def _someone_judges(self) -> Config:
+        if self.reward_model is None and self.judge_model is None and self.judge is None:
+            raise ValueError("give judge_model (a held-out reward model), judge, or reward_model")
+        return self
 
 
 def answers(ref: str, prompts: list[str], config: Config, ctx: StageContext) -> list[str]:
@@ -114,22 +135,28 @@ def run(config: Config, ctx: StageContext) -> dict:
     candidate = answers(config.candidate, prompts, config, ctx)
     baseline = answers(config.baseline, prompts, config, ctx)
 
-    rm_path = model_source(ctx, config.reward_model)
-    reward_model = load_reward_model(rm_path, config.inference)
-    tokenizer = load_tokenizer(rm_path)
-    size = config.sampling.batch_size
-    candidate_scores = score_texts(reward_model, tokenizer, prompts, candidate, batch_size=size)
-    baseline_scores = score_texts(reward_model, tokenizer, prompts, baseline, batch_size=size)
-    del reward_model
-    free_memory()
-    rate, low, high = win_rate(candidate_scores, baseline_scores, config.seed)
-    report = {
-        "prompts": len(rows),
-        "reward_candidate": sum(candidate_scores) / len(rows),
-        "reward_baseline": sum(baseline_scores) / len(rows),
-        "win_rate": rate,
-        "win_rate_ci95": [low, high],
-    }
+    report: dict = {"prompts": len(rows)}
+    scores: dict[str, tuple[list[float], list[float]]] = {}
+    for name, ref in (("held_out", config.judge_model), ("proxy", config.reward_model)):
+        if ref is None:
+            continue
+        rm_path = model_source(ctx, ref)
+        reward_model = load_reward_model(rm_path, config.inference)
+        tokenizer = load_tokenizer(rm_path)
+        size = config.sampling.batch_size
+        scores[name] = (
+            score_texts(reward_model, tokenizer, prompts, candidate, batch_size=size),
+            score_texts(reward_model, tokenizer, prompts, baseline, batch_size=size),
+        )
+        del reward_model
+        free_memory()
+        rate, low, high = win_rate(*scores[name], config.seed)
+        report[name] = {
+            "reward_candidate": sum(scores[name][0]) / len(rows),
+            "reward_baseline": sum(scores[name][1]) / len(rows),
+            "win_rate": rate,
+            "win_rate_ci95": [low, high],
+        }
     if config.judge is not None:
         pairs = [
             {
@@ -140,15 +167,24 @@ def run(config: Config, ctx: StageContext) -> dict:
             for row, c, b in zip(rows, candidate, baseline, strict=True)
         ]
         counts = {"unparseable": 0}
-        scores = judge_scores(pairs, config.judge, config.output, ctx, "evaluate", counts)
-        judged = [(s[0], s[1]) for s in scores if None not in s]
+        judged_scores = judge_scores(pairs, config.judge, config.output, ctx, "evaluate", counts)
+        judged = [(s[0], s[1]) for s in judged_scores if None not in s]
         if judged:
-            report["judge_candidate"] = sum(c for c, _ in judged) / len(judged)
-            report["judge_baseline"] = sum(b for _, b in judged) / len(judged)
-            report["judge_win_rate"] = win_rate(
-                [c for c, _ in judged], [b for _, b in judged], config.seed
-            )[0]
+            rate, low, high = win_rate([c for c, _ in judged], [b for _, b in judged], config.seed)
+            report["judge"] = {
+                "reward_candidate": sum(c for c, _ in judged) / len(judged),
+                "reward_baseline": sum(b for _, b in judged) / len(judged),
+                "win_rate": rate,
+                "win_rate_ci95": [low, high],
+            }
         report["judge_unparseable"] = counts["unparseable"]
+    # The headline: a judge the candidate was not optimised against, where there is one.
+    judged_by = next((n for n in ("held_out", "judge", "proxy") if n in report), None)
+    if judged_by is None:
+        raise BadInputError("evaluate: the judge scored none of the answers (all unparseable)")
+    report["judged_by"] = judged_by
+    report["win_rate"] = report[judged_by]["win_rate"]
+    report["win_rate_ci95"] = report[judged_by]["win_rate_ci95"]
 
     plots = {}
     for name, uri in config.curves.items():
@@ -159,28 +195,23 @@ def run(config: Config, ctx: StageContext) -> dict:
     report["plots"] = plots
     (ctx.out_dir / "report.json").write_text(json.dumps(report, indent=2))
     with open(ctx.out_dir / "answers.jsonl", "w", encoding="utf-8") as handle:
-        for row, c, b, cs, bs in zip(
-            rows, candidate, baseline, candidate_scores, baseline_scores, strict=True
-        ):
-            handle.write(
-                json.dumps(
-                    {
-                        "instruction": row["instruction"],
-                        "candidate": c,
-                        "baseline": b,
-                        "candidate_score": cs,
-                        "baseline_score": bs,
-                    },
-                    ensure_ascii=False,
-                )
-                + "\n"
-            )
-    ctx.log(
-        0,
-        win_rate=rate,
-        reward_candidate=report["reward_candidate"],
-        reward_baseline=report["reward_baseline"],
-    )
-    return {k: v for k, v in report.items() if k != "plots"} | {
-        "plots": ", ".join(p["file"] for p in plots.values())
+        for index, (row, c, b) in enumerate(zip(rows, candidate, baseline, strict=True)):
+            record = {"instruction": row["instruction"], "candidate": c, "baseline": b}
+            for name, (cs, bs) in scores.items():
+                record[f"{name}_candidate_score"] = cs[index]
+                record[f"{name}_baseline_score"] = bs[index]
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    flat = {
+        f"{name}_{key}": value
+        for name in ("held_out", "judge", "proxy")
+        for key, value in report.get(name, {}).items()
+    }
+    ctx.log(0, win_rate=report["win_rate"], **{k: v for k, v in flat.items() if "ci95" not in k})
+    return {
+        "prompts": len(rows),
+        "judged_by": judged_by,
+        "win_rate": report["win_rate"],
+        "win_rate_ci95": report["win_rate_ci95"],
+        **flat,
+        "plots": ", ".join(p["file"] for p in plots.values()),
     }

@@ -15,6 +15,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs import dist
+from jobs.batches import pad
+from jobs.tokens import encode, keep_end
 
 
 class SamplingConfig(BaseModel):
@@ -63,18 +65,13 @@ def cache_implementation(config: SamplingConfig) -> str | None:
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_tokens: int, device) -> dict:
-    """Left-padded prompts (an over-long one keeps its end), on ``device``."""
-    tokenizer.padding_side = "left"
-    tokenizer.truncation_side = "left"
-    encoded = tokenizer(
-        prompts,
-        return_tensors="pt",
-        padding=True,
-        truncation=True,
-        max_length=max_tokens,
-        add_special_tokens=False,
-    )
-    return {k: v.to(device) for k, v in encoded.items()}
+    """Left-padded prompts (BOS where the tokenizer expects one; an over-long prompt keeps
+    its end), on ``device``."""
+    rows = [keep_end(encode(tokenizer, p), max_tokens, tokenizer) for p in prompts]
+    return {
+        "input_ids": pad(rows, tokenizer.pad_token_id, left=True).to(device),
+        "attention_mask": pad([[1] * len(r) for r in rows], 0, left=True).to(device),
+    }
 
 
 @dataclass
@@ -82,6 +79,7 @@ class Samples:
     sequences: torch.Tensor  # prompt (left-padded) + answer (padding after its EOS)
     attention: torch.Tensor
     mask: torch.Tensor  # float, 1 on answer tokens up to and including the first EOS
+    ended: torch.Tensor  # bool per row: the answer has its EOS (not cut at max_new_tokens)
     start: int  # where answers begin
     seconds: float
 
@@ -142,7 +140,7 @@ def sample(
     answer_mask = (~after_eos).long()
     sequences = torch.cat([prompt_ids, answer.masked_fill(after_eos, tokenizer.pad_token_id)], 1)
     attention = torch.cat([prompt_mask, answer_mask], dim=1)
-    return Samples(sequences, attention, answer_mask.float(), start, seconds)
+    return Samples(sequences, attention, answer_mask.float(), is_eos.any(1), start, seconds)
 
 
 def _device(model):

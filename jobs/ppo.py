@@ -59,6 +59,12 @@ class Config(StageConfig):
     normalize_reward: bool = True
     reward_clip: float = Field(5.0, gt=0)
     ptx_coef: float = Field(0.0, ge=0, description="weight of the SFT loss on sft/train.jsonl")
+    missing_eos_penalty: float | None = Field(
+        None,
+        ge=0,
+        description="subtracted from the (normalised, clipped) score of an answer cut at "
+        "max_new_tokens without EOS (TRL's missing_eos_penalty)",
+    )
     ema_decay: float | None = Field(None, gt=0, lt=1, description="export an EMA of the actor")
     frozen_zero_stage: Literal[0, 3] = Field(0, description="ZeRO stage of reference/reward")
     frozen_offload: bool = Field(
@@ -216,6 +222,7 @@ def rollout(models: Models, prompts: list[str], config: Config, seed: int) -> di
         "ref_logp": scored["ref_logp"] * mask,
         "values": scored["values"] * mask,
         "scores": scored["scores"],
+        "ended": samples.ended,
         "generation_s": samples.seconds,
         "scoring_s": scoring_s,
         "generated_tokens": int(mask.sum()),
@@ -337,6 +344,10 @@ def run(config: Config, ctx: StageContext) -> dict:
             moments.update(raw)
             scores = (raw - moments.mean) / moments.std
         scores = scores.clamp(-config.reward_clip, config.reward_clip)
+        if config.missing_eos_penalty is not None:
+            # After normalising, so the penalty is in the units of the reward's spread
+            # whatever the reward model's scale, and after clipping, so it always bites.
+            scores = scores - config.missing_eos_penalty * (~batch["ended"]).float()
         rewards = shape_rewards(batch, scores, kl_coef)
         advantages, returns = gae(rewards, batch["values"], batch["mask"], config.gamma, config.lam)
         batch["advantages"] = whiten(advantages, batch["mask"])
@@ -363,6 +374,7 @@ def run(config: Config, ctx: StageContext) -> dict:
             "kl_coef": kl_coef,
             **losses,
             "response_length": float(lengths.mean()),
+            "eos_fraction": float(batch["ended"].float().mean()),
             "generation_s": batch["generation_s"],
             "scoring_s": batch["scoring_s"],
             "training_s": training_s,

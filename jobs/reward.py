@@ -10,6 +10,7 @@ Face sequence-classification checkpoint (``num_labels=1``) any later stage can l
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,12 @@ class Config(StageConfig):
     revision: str | None = None
     data: str | list[str] = Field(
         description="data or label stage outputs (reads pairs/{train,eval}.jsonl of each)"
+    )
+    train_split: Literal["train", "judge"] = Field(
+        "train",
+        description="the pairs file to train on: judge trains a held-out judge for evaluate "
+        "on pairs/judge.jsonl, prompts that neither the policy's reward model nor its "
+        "training saw",
     )
     max_seq_len: int = Field(512, ge=8)
     epochs: int = Field(1, ge=1, description="one by default: reward models over-fit")
@@ -86,18 +93,24 @@ def evaluate(model, items, pad_id: int, micro_batch: int) -> dict[str, float]:
     }
 
 
-def load_pairs(ctx: StageContext, sources: list[str], tokenizer, max_len: int):
+def load_pairs(
+    ctx: StageContext, sources: list[str], tokenizer, max_len: int, train_split: str = "train"
+):
     """Train and eval pairs of every source (StableVicuna mixed three preference sets)."""
     splits: dict[str, list] = {"train": [], "eval": []}
     for source in sources:
         data_dir = ctx.input_dir(source)
         for split in splits:
-            path = data_dir / "pairs" / f"{split}.jsonl"
+            name = train_split if split == "train" else split
+            path = data_dir / "pairs" / f"{name}.jsonl"
             if not path.is_file():
                 if split == "train":
-                    raise BadInputError(
-                        f"{source}: no pairs/train.jsonl; give a data or label stage output"
+                    hint = (
+                        "set the data stage's judge_fraction"
+                        if name == "judge"
+                        else "give a data or label stage output"
                     )
+                    raise BadInputError(f"{source}: no pairs/{name}.jsonl; {hint}")
                 continue
             rows = read_jsonl(path, ("prompt", "chosen", "rejected"))
             splits[split] += [
@@ -117,7 +130,7 @@ def run(config: Config, ctx: StageContext) -> dict:
     source = model_source(ctx, config.model, config.revision)
     tokenizer = load_tokenizer(source, config.revision)
     sources = [config.data] if isinstance(config.data, str) else config.data
-    splits = load_pairs(ctx, sources, tokenizer, config.max_seq_len)
+    splits = load_pairs(ctx, sources, tokenizer, config.max_seq_len, config.train_split)
     train_items, eval_items = splits["train"], splits["eval"]
 
     cfg = config.train

@@ -11,12 +11,16 @@ import torch
 from jobs.batches import pad
 from jobs.errors import BadInputError
 from jobs.models import InferenceConfig, quiet_load_report
+from jobs.tokens import encode as encode_text
+from jobs.tokens import keep_end, positions
 
 
 def encode(tokenizer, prompt: str, response: str, max_len: int) -> list[int]:
-    """prompt + response + EOS, keeping the end when too long (the answer is what is judged)."""
-    ids = tokenizer(prompt + response, add_special_tokens=False)["input_ids"]
-    return (ids + [tokenizer.eos_token_id])[-max_len:]
+    """BOS (where expected) + prompt + response + EOS, keeping the end when too long (the
+    answer is what is judged)."""
+    return keep_end(
+        encode_text(tokenizer, prompt + response) + [tokenizer.eos_token_id], max_len, tokenizer
+    )
 
 
 def head_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -25,7 +29,9 @@ def head_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
     model = getattr(model, "module", model)  # a DeepSpeed engine: its module
     if hasattr(model, "get_base_model"):  # a peft model: the model with its LoRA layers
         model = model.get_base_model()
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)
+    ).last_hidden_state
     return model.score(hidden).squeeze(-1).float()
 
 

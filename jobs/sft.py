@@ -1,8 +1,11 @@
 """sft: instruction tuning with the loss on response tokens only (seed: VAIV Task 2).
 
-Reads ``sft/{train,eval}.jsonl`` from a data stage output (prompt already
-templated, response without EOS), trains through the shared DeepSpeed engine,
-and writes ``model/`` in Hugging Face format.
+Reads ``sft/{train,eval}.jsonl`` from a data stage output: a templated prompt and its
+response (trained, closed with EOS), or, for conversations under the tokenizer's chat
+template, the whole conversation in ``segments`` with every assistant turn trained (closed
+by the template's end-of-turn). BOS goes first where the tokenizer expects one. With
+``packing``, examples share rows but never attend to each other. Trains through the
+shared DeepSpeed engine and writes ``model/`` in Hugging Face format.
 """
 
 from __future__ import annotations
@@ -71,7 +74,10 @@ def run(config: Config, ctx: StageContext) -> dict:
                 f"{config.data}: no sft/train.jsonl; the data stage wrote no SFT rows"
             )
         splits[split] = tokenize(
-            read_jsonl(path, ("prompt", "response")), tokenizer, config.max_seq_len
+            read_jsonl(path, ("prompt", "response")),
+            tokenizer,
+            config.max_seq_len,
+            f"{config.data}/sft/{split}.jsonl",
         )
     train_items = pack(splits["train"], config.max_seq_len) if config.packing else splits["train"]
     eval_items = splits["eval"]
@@ -101,11 +107,13 @@ def run(config: Config, ctx: StageContext) -> dict:
     while step < total_steps:
         started = time.perf_counter()
         for _ in range(cfg.gradient_accumulation_steps):
-            batch = collate([train_items[i] for i in next(batches)], pad_id)
-            loss, _ = response_loss(ds, {k: v.to(device) for k, v in batch.items()})
+            items = [train_items[i] for i in next(batches)]
+            loss, _ = response_loss(
+                ds, {k: v.to(device) for k, v in collate(items, pad_id).items()}
+            )
             ds.backward(loss)
             ds.step()
-            meter.add(int(batch["attention_mask"].sum()), loss)
+            meter.add(sum(len(item[0]) for item in items), loss)
         step += 1
         log_now = step % config.log_every == 0 or step == total_steps
         means = meter.means() if log_now else {}  # waits for the GPU, inside the timed span

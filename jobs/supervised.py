@@ -1,5 +1,6 @@
 """Supervised examples, as sft, crlft and ppo's pre-training term use them: prompt/response
-pairs tokenised with labels on the response only, packing, collation, and the loss."""
+pairs or whole conversations tokenised with labels on the answers only, packing without
+leakage between examples, collation, and the loss."""
 
 from __future__ import annotations
 
@@ -7,29 +8,77 @@ import torch
 import torch.nn.functional as F
 
 from jobs.batches import IGNORE, pad
+from jobs.errors import BadInputError
+from jobs.tokens import bos_prefix, encode
 
 
-def tokenize(rows: list[dict], tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
-    """(input ids, labels) per example; labels are IGNORE on the prompt."""
+def segments_of(row: dict, where: str) -> list[tuple[str, bool]]:
+    """A row's text as (piece, trained) in order. A data stage writes ``segments`` for a
+    conversation under the tokenizer's chat template (every assistant turn trained, its
+    end-of-turn included); other rows are one prompt and one response."""
+    if "segments" not in row:
+        return [(row["prompt"], False), (row["response"], True)]
+    segments = row["segments"]
+    if not isinstance(segments, list) or not segments:
+        raise BadInputError(f"{where}: field 'segments' should be a non-empty list")
     out = []
-    for row in rows:
-        prompt = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        response = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
-        response = response + [tokenizer.eos_token_id]
-        prompt = prompt[-(max_len // 2) :] if len(prompt) + len(response) > max_len else prompt
-        ids = (prompt + response)[:max_len]
-        labels = ([IGNORE] * len(prompt) + response)[:max_len]
-        out.append((ids, labels))
+    for index, piece in enumerate(segments):
+        if (
+            not isinstance(piece, dict)
+            or not isinstance(piece.get("text"), str)
+            or not isinstance(piece.get("train"), bool)
+        ):
+            raise BadInputError(
+                f"{where}: field 'segments[{index}]' needs text 'text' and true/false 'train'"
+            )
+        out.append((piece["text"], piece["train"]))
+    return out
+
+
+def encode_segments(
+    segments: list[tuple[str, bool]], tokenizer, max_len: int, end: list[int]
+) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one example: BOS where the tokenizer expects it, the pieces in
+    order with labels on the trained ones, then ``end`` (trained). Pieces are encoded one by
+    one, so a label boundary is a token boundary (as OpenChat and DeepSpeed-Chat encode
+    turns). An over-long example keeps at most half its length before its first trained
+    token (the end of that context), then is cut at ``max_len``."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for index, (text, trained) in enumerate(segments):
+        piece = encode(tokenizer, text, bos=index == 0)
+        ids += piece
+        labels += piece if trained else [IGNORE] * len(piece)
+        if index == 0 and piece[:1] == bos_prefix(tokenizer):
+            labels[0] = IGNORE  # BOS is context, even before a trained first piece
+    ids, labels = ids + end, labels + end
+    first = next((i for i, label in enumerate(labels) if label != IGNORE), len(labels))
+    if len(ids) > max_len and first > max_len // 2:
+        keep = len(bos_prefix(tokenizer)) if ids[:1] == bos_prefix(tokenizer) else 0
+        cut = first - max_len // 2
+        ids, labels = ids[:keep] + ids[keep + cut :], labels[:keep] + labels[keep + cut :]
+    return ids[:max_len], labels[:max_len]
+
+
+def tokenize(
+    rows: list[dict], tokenizer, max_len: int, where: str = "sft"
+) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per row; labels are IGNORE outside the trained pieces. A plain
+    response ends with the tokenizer's EOS; a templated conversation with what its
+    template closes each turn with (already in its segments)."""
+    out = []
+    for number, row in enumerate(rows, start=1):
+        end = [] if "segments" in row else [tokenizer.eos_token_id]
+        out.append(encode_segments(segments_of(row, f"{where}:{number}"), tokenizer, max_len, end))
     return out
 
 
 def pack(examples: list[tuple[list[int], list[int]]], max_len: int):
-    """Greedy packing into rows of at most ``max_len`` tokens, positions restarting per example.
-
-    With eager/SDPA attention a token may attend to an earlier example of its
-    row (as TRL's packing does); flash-attention kernels read the restarted
-    position ids and keep the examples apart.
-    """
+    """Greedy packing into rows of at most ``max_len`` tokens, positions restarting per
+    example. The collated batch carries these position ids and no attention mask, which
+    transformers reads as packed sequences (``masking_utils.find_packed_sequence_indices``):
+    SDPA and eager attention get a block-diagonal causal mask, flash-attention its
+    variable-length kernel, so no example attends to another."""
     rows, ids, labels, positions = [], [], [], []
     for example_ids, example_labels in examples:
         if ids and len(ids) + len(example_ids) > max_len:
@@ -44,13 +93,17 @@ def pack(examples: list[tuple[list[int], list[int]]], max_len: int):
 
 
 def collate(items, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded rows; packed rows (with their positions) without an attention mask
+    (see :func:`pack`; the padding after the last example is never attended to by a real
+    token, being later in the row, and carries no labels)."""
     batch = {
         "input_ids": pad([i[0] for i in items], pad_id),
         "labels": pad([i[1] for i in items], IGNORE),
-        "attention_mask": pad([[1] * len(i[0]) for i in items], 0),
     }
     if len(items[0]) == 3:
         batch["position_ids"] = pad([i[2] for i in items], 0)
+    else:
+        batch["attention_mask"] = pad([[1] * len(i[0]) for i in items], 0)
     return batch
 
 

@@ -32,9 +32,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics = manifest.metrics
         if "win_rate" in metrics:
             low, high = metrics["win_rate_ci95"]
+            judge = {"held_out": "the held-out judge", "judge": "the judge endpoint"}.get(
+                metrics.get("judged_by"), "the proxy reward model"
+            )
+            proxy = (
+                f" (by the reward model it was optimised against: {metrics['proxy_win_rate']:.3f})"
+                if metrics.get("judged_by") != "proxy" and "proxy_win_rate" in metrics
+                else ""
+            )
             print(
                 f"\n{name}: win rate {metrics['win_rate']:.3f} (95% CI {low:.3f}-{high:.3f}) "
-                f"of {metrics['prompts']} held-out prompts; report and plots in "
+                f"by {judge}{proxy} "
+                f"on {metrics['prompts']} held-out prompts; report and plots in "
                 f"{store.join(manifest.config['output'], 'report.json')}, "
                 f"{store.join(manifest.config['output'], 'plots')}/"
             )

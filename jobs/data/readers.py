@@ -197,20 +197,29 @@ _SHAREGPT_ROLES = {
 
 
 def read_sharegpt(row: Row, source: str, label_field: str | None = None) -> Example:
-    """ShareGPT conversations; the last assistant turn is the response, the rest the prompt."""
-    turns = row.data.get("conversations") or row.data.get("items")
+    """ShareGPT conversations (``conversations`` of from/value turns) or OpenAI messages
+    (``messages`` of role/content turns); the last assistant turn is the response, the
+    turns before it the prompt (every assistant turn among them is trained under a chat
+    template)."""
+    name = next(
+        (n for n in ("conversations", "items", "messages") if n in row.data), "conversations"
+    )
+    turns = row.data.get(name)
     if not isinstance(turns, list) or not turns:
-        raise BadInputError(f"{row.where}: field 'conversations' is missing or empty")
+        raise BadInputError(
+            f"{row.where}: field 'conversations' (or 'messages') is missing or empty"
+        )
+    speaker, text = ("role", "content") if name == "messages" else ("from", "value")
     messages = []
     for index, turn in enumerate(turns):
-        who = turn.get("from") if isinstance(turn, dict) else None
+        who = turn.get(speaker) if isinstance(turn, dict) else None
         role = _SHAREGPT_ROLES.get(str(who).lower())
-        if role is None or not isinstance(turn.get("value"), str):
+        if role is None or not isinstance(turn.get(text), str):
             raise BadInputError(
-                f"{row.where}: field 'conversations[{index}]' needs 'from' (human/gpt/system) "
-                "and text 'value'"
+                f"{row.where}: field '{name}[{index}]' needs '{speaker}' "
+                f"(user/assistant/system) and text '{text}'"
             )
-        messages.append(Message(role, turn["value"].strip()))
+        messages.append(Message(role, turn[text].strip()))
     while messages and messages[-1].role != "assistant":
         messages.pop()
     if len(messages) < 2:

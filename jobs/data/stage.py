@@ -1,14 +1,20 @@
 """data: build the stage-specific data sets (seed: VAIV Task 1).
 
 Read every source, drop short examples and near-duplicates, mix by ratio,
-apply the prompt template, split train/eval, and write:
+apply the prompt template, split train/eval by prompt (all examples of one prompt, from
+any source, on one side; optionally a third, ``judge`` share for a held-out judge), and
+write:
 
-- ``sft/{train,eval}.jsonl``: prompt (templated) and response, for SFT;
+- ``sft/{train,eval}.jsonl``: prompt (templated) and response, the whole conversation as
+  ``messages``, and under the ``chat`` template its ``segments`` (every assistant turn
+  trained), for SFT and C-RLFT;
 - ``pairs/{train,eval}.jsonl``: prompt, chosen and rejected, for reward models and DPO;
-- ``prompts/{train,eval}.jsonl``: prompts, for PPO and GRPO rollouts and evaluation (with
-  the reference ``answer`` where the source has one, for verifiable rewards).
+- ``prompts/{train,eval}.jsonl``: each distinct prompt once, for PPO and GRPO rollouts and
+  evaluation (with the reference ``answer`` where the source has one, for verifiable
+  rewards).
 
-The manifest counts, per source, what was read, kept and dropped by each filter.
+The manifest counts, per source, what was read, kept and dropped by each filter, and the
+prompts shared between sources (``cross_source_prompts``; each source's ``shared_prompts``).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from jobs.contract import StageConfig, StageContext
 from jobs.data.filters import near_duplicates
 from jobs.data.readers import READERS, Example, Row, read_examples, rows_from_file, rows_from_hub
-from jobs.data.templates import flatten, render_prompt
+from jobs.data.templates import chat_segments, conversation, flatten, render_prompt
 from jobs.errors import BadInputError
 from jobs.models import load_tokenizer, model_source
 
@@ -85,6 +91,13 @@ class Config(StageConfig):
         0.5, gt=0, le=1, description="drop near-duplicates at cosine >= this"
     )
     eval_fraction: float = Field(0.05, ge=0, lt=1)
+    judge_fraction: float = Field(
+        0,
+        ge=0,
+        lt=1,
+        description="share of prompts held out of train and eval, written as */judge.jsonl: "
+        "the pairs on which a judge reward model is trained (evaluate's held-out judge)",
+    )
     max_examples: int | None = Field(None, ge=1, description="cap on the mixed total")
 
 
@@ -143,13 +156,19 @@ def mix(
     return chosen
 
 
-def record(example: Example, output: Output, prompt: str) -> dict | None:
+def record(example: Example, output: Output, prompt: str, tokenizer, chat: bool) -> dict | None:
     base = {"prompt": prompt, "source": example.source}
     if example.label is not None:
         base["label"] = example.label
     if output == "sft":
         response = example.response if example.response is not None else example.chosen
-        return None if response is None else {**base, "response": response}
+        if response is None:
+            return None
+        turns = conversation(example.messages, response, example.context)
+        row = {**base, "response": response, "messages": turns}
+        if chat:
+            row["segments"] = chat_segments(tokenizer, turns)
+        return row
     if output == "pairs":
         if example.chosen is None or example.rejected is None:
             return None
@@ -157,6 +176,13 @@ def record(example: Example, output: Output, prompt: str) -> dict | None:
     if example.response is not None:  # the reference answer, for verifiable rewards (grpo)
         base["answer"] = example.response
     return {**base, "instruction": flatten(example.messages)}
+
+
+def prompt_key(example: Example) -> str:
+    """What makes two examples the same prompt: the conversation before the answer, and
+    the input, compared without case and spacing differences."""
+    text = flatten(example.messages) + "\n" + (example.context or "")
+    return " ".join(text.casefold().split())
 
 
 def run(config: Config, ctx: StageContext) -> dict:
@@ -221,15 +247,37 @@ def run(config: Config, ctx: StageContext) -> dict:
             "check min_tokens and dedup_threshold"
         )
 
-    # Template, split, write.
+    # Split by prompt: every example of one prompt, from whichever source (an SFT answer
+    # and a preference pair often share theirs), lands on the same side, so no evaluation
+    # prompt was trained on by an earlier stage.
     wanted = {s.name: s.wanted_outputs() for s in config.sources}
     examples = [ex for name in names for ex in mixed[name]]
     rng.shuffle(examples)
-    n_eval = int(round(len(examples) * config.eval_fraction))
-    splits = {"eval": examples[:n_eval], "train": examples[n_eval:]}
+    by_prompt: dict[str, list[Example]] = {}
+    for example in examples:
+        by_prompt.setdefault(prompt_key(example), []).append(example)
+    keys = list(by_prompt)
+    n_eval = int(round(len(keys) * config.eval_fraction))
+    n_judge = int(round(len(keys) * config.judge_fraction))
+    if n_eval + n_judge >= len(keys):
+        raise BadInputError(
+            f"data: eval_fraction {config.eval_fraction} and judge_fraction "
+            f"{config.judge_fraction} leave none of the {len(keys)} prompts for training"
+        )
+    splits = {
+        "eval": [ex for key in keys[:n_eval] for ex in by_prompt[key]],
+        "judge": [ex for key in keys[n_eval : n_eval + n_judge] for ex in by_prompt[key]],
+        "train": [ex for key in keys[n_eval + n_judge :] for ex in by_prompt[key]],
+    }
+    shared = [group for group in by_prompt.values() if len({ex.source for ex in group}) > 1]
+    for name in names:
+        counts[name]["shared_prompts"] = sum(
+            1 for group in shared if any(ex.source == name for ex in group)
+        )
     written: dict[str, int] = {}
     for split, rows in splits.items():
         files: dict[str, list[dict]] = {}
+        asked: set[str] = set()  # a prompt is asked once per split, whatever its sources
         for example in rows:
             try:
                 prompt = render_prompt(
@@ -238,7 +286,15 @@ def run(config: Config, ctx: StageContext) -> dict:
             except ValueError as exc:
                 raise BadInputError(f"data: template: {exc}") from None
             for output in wanted[example.source]:
-                if (row := record(example, output, prompt)) is not None:
+                if output == "prompts":
+                    if prompt_key(example) in asked:
+                        continue
+                    asked.add(prompt_key(example))
+                try:
+                    row = record(example, output, prompt, tokenizer, config.template == "chat")
+                except ValueError as exc:
+                    raise BadInputError(f"data: template: {exc}") from None
+                if row is not None:
                     files.setdefault(output, []).append(row)
         for output, out_rows in files.items():
             path = ctx.out_dir / output / f"{split}.jsonl"
@@ -248,7 +304,14 @@ def run(config: Config, ctx: StageContext) -> dict:
                     handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             written[f"{output}.{split}"] = len(out_rows)
     ctx.log(1, kept=total, **written)
-    return {"kept": total, "rows": written, "sources": counts}
+    return {
+        "kept": total,
+        "rows": written,
+        "sources": counts,
+        "cross_source_prompts": len(shared),
+        "eval_prompts": n_eval,
+        "judge_prompts": n_judge,
+    }
 
 
 __all__ = ["Config", "run", "READERS"]

@@ -1,7 +1,9 @@
 """Prompt templates: the seed's KULLM preset, the Alpaca preset, and the tokenizer's own.
 
 A template turns a prompt conversation into the exact text the model sees
-before its response; the response follows it directly and ends with EOS.
+before its response; the response follows it directly and ends with EOS. Under the
+tokenizer's own chat template a whole conversation is also written as pieces
+(:func:`chat_segments`), so that SFT trains every assistant turn.
 """
 
 from __future__ import annotations
@@ -68,3 +70,55 @@ def render_prompt(
         return preset.plain.format(prompt=prompt)
     text = template.replace("{prompt}", prompt)
     return text.replace("{input}", context or "")
+
+
+def _as_turns(messages: list[Message], context: str | None) -> list[dict[str, str]]:
+    turns = [{"role": m.role, "content": m.content} for m in messages]
+    if context:  # an Alpaca/KULLM input joins the instruction it belongs to
+        last_user = max(i for i, t in enumerate(turns) if t["role"] == "user")
+        turns[last_user] = {
+            **turns[last_user],
+            "content": f"{turns[last_user]['content']}\n\n{context}",
+        }
+    return turns
+
+
+def conversation(messages: list[Message], response: str, context: str | None = None) -> list[dict]:
+    """The whole conversation as role/content turns, the response last (for the stages that
+    lay turns out themselves, such as crlft)."""
+    return [*_as_turns(messages, context), {"role": "assistant", "content": response}]
+
+
+def chat_segments(tokenizer, turns: list[dict[str, str]]) -> list[dict]:
+    """The conversation under the tokenizer's chat template as pieces of text in order, each
+    assistant turn (with whatever the template closes it with: ``<|im_end|>``,
+    ``<|eot_id|>``, ``</s>``) marked trained and everything else not.
+
+    Found by rendering each prefix of the conversation: the text before an assistant turn
+    is the prefix rendered with the generation prompt, the turn is what the next prefix
+    adds (the approach of templates without ``{% generation %}`` markers). A template whose
+    renders are not prefixes of each other (one that rewrites earlier turns) is refused.
+    """
+    segments: list[dict] = []
+    done = ""
+    for index, turn in enumerate(turns):
+        if turn["role"] != "assistant":
+            continue
+        try:
+            before = tokenizer.apply_chat_template(
+                turns[:index], tokenize=False, add_generation_prompt=True
+            )
+            after = tokenizer.apply_chat_template(turns[: index + 1], tokenize=False)
+        except Exception as exc:  # jinja raises its own types from inside a template
+            raise ValueError(f"the chat template cannot render this conversation ({exc})") from None
+        if not before.startswith(done) or not after.startswith(before):
+            raise ValueError(
+                "the chat template renders earlier turns differently as the conversation "
+                "grows, so its assistant turns cannot be told apart; use a single-turn template"
+            )
+        segments += [
+            {"text": before[len(done) :], "train": False},
+            {"text": after[len(before) :], "train": True},
+        ]
+        done = after
+    return segments

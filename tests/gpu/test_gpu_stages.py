@@ -187,7 +187,8 @@ def test_the_demo_samples_labels_trains_and_evaluates_on_the_gpu(demo):
     assert last - first > 0.5
     assert max(m["kl"] for m in lines) < 8.0
     report = json.loads((demo["evaluate"] / "report.json").read_text())
-    assert report["win_rate"] > 0.5 and report["reward_candidate"] > report["reward_baseline"]
+    assert report["judged_by"] == "held_out"
+    assert report["held_out"]["win_rate"] > 0.5 and report["proxy"]["win_rate"] > 0.5
 
 
 def ppo_config(demo, output: Path, **overrides) -> dict:

@@ -251,8 +251,10 @@ def test_evaluate_reports_judge_scores(tiny, tiny_data, tiny_rm, tmp_path, key):
             judge={"endpoint": endpoint(server, "judge")},
         )
         metrics = run_stage("evaluate", config, evaluate.run, workdir=tmp_path / "w").metrics
-    # One model against itself: every prompt a tie, by the reward model and by the judge.
-    assert metrics["win_rate"] == 0.5 and metrics["judge_win_rate"] == 0.5
-    assert metrics["judge_candidate"] == metrics["judge_baseline"]
+    # One model against itself: every prompt a tie, by the reward model and by the judge;
+    # the judge, which the candidate was not optimised against, decides the headline.
+    assert metrics["judged_by"] == "judge"
+    assert metrics["proxy_win_rate"] == 0.5 and metrics["judge_win_rate"] == 0.5
+    assert metrics["judge_reward_candidate"] == metrics["judge_reward_baseline"]
     assert metrics["judge_unparseable"] == 0
     assert len([b for b in server.served() if b["model"] == "judge"]) == 6  # asked once each

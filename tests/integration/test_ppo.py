@@ -68,12 +68,17 @@ def test_ppo_raises_the_reward_and_keeps_kl_bounded(demo):
         assert key in lines[-1]
 
 
-def test_the_ppo_model_wins_over_the_sft_model_on_held_out_prompts(demo):
+def test_the_ppo_model_wins_over_the_sft_model_by_a_held_out_judge(demo):
     report = json.loads((demo / "evaluate" / "report.json").read_text())
-    assert report["win_rate"] > 0.5
-    low, high = report["win_rate_ci95"]
-    assert low <= report["win_rate"] <= high
-    assert report["reward_candidate"] > report["reward_baseline"]
+    # Judged by a reward model trained on pairs of prompts that neither PPO nor its reward
+    # model saw, not by the reward model PPO optimised (that one is the proxy, beside it).
+    assert report["judged_by"] == "held_out"
+    held_out = report["held_out"]
+    assert report["win_rate"] == held_out["win_rate"] > 0.5
+    low, high = held_out["win_rate_ci95"]
+    assert low <= held_out["win_rate"] <= high
+    assert held_out["reward_candidate"] > held_out["reward_baseline"]
+    assert report["proxy"]["win_rate"] > 0.5
     assert set(report["plots"]) == {"sft", "reward", "ppo"}
     assert "reward_mean" in report["plots"]["ppo"]["curves"]
     assert (demo / "evaluate" / "plots" / "ppo.png").stat().st_size > 1000
@@ -119,7 +124,10 @@ def flipped_reward_model(source: Path, output: Path) -> str:
     return str(output / "model")
 
 
-def test_with_the_sign_flipped_the_flipped_reward_rises_and_the_true_one_falls(demo, tmp_path):
+def test_a_policy_that_games_its_reward_model_wins_by_the_proxy_and_loses_by_the_judge(
+    demo, tmp_path
+):
+    # PPO against the reward model with its sign flipped: the reward it optimises rises.
     flipped = flipped_reward_model(demo / "reward" / "model", tmp_path / "flipped")
     result = run_entrypoint("ppo", ppo_config(demo, tmp_path / "ppo", flipped), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -131,13 +139,18 @@ def test_with_the_sign_flipped_the_flipped_reward_rises_and_the_true_one_falls(d
         "prompts": str(demo / "data"),
         "candidate": str(tmp_path / "ppo" / "model"),
         "baseline": str(demo / "sft" / "model"),
-        "reward_model": str(demo / "reward" / "model"),
+        "reward_model": flipped,  # the proxy: what this PPO run optimised
+        "judge_model": str(demo / "judge" / "model"),
     }
     result = run_entrypoint("evaluate", evaluation, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert report["reward_candidate"] < report["reward_baseline"]  # the true reward fell
-    assert report["win_rate"] < 0.5
+    # Judged by its own reward model the run looks like a success; the held-out judge,
+    # which decides the win rate, sees it for what it is.
+    assert report["proxy"]["win_rate"] > 0.5
+    assert report["judged_by"] == "held_out"
+    assert report["win_rate"] == report["held_out"]["win_rate"] < 0.5
+    assert report["held_out"]["reward_candidate"] < report["held_out"]["reward_baseline"]
 
 
 def test_a_preempted_run_resumes_with_continuous_metrics(demo, tmp_path):
@@ -229,3 +242,27 @@ def test_ptx_adaptive_kl_ema_and_a_lora_critic(demo, tmp_path):
     exported = load_file(str(tmp_path / "opt" / "model" / "model.safetensors"))
     start = load_file(str(demo / "sft" / "model" / "model.safetensors"))
     assert any(not (exported[k] == start[k]).all() for k in start)
+
+
+def test_the_missing_eos_penalty_teaches_the_policy_to_finish_its_answers(demo, tmp_path):
+    # Answers cut at 12 new tokens often lack their EOS; with TRL's missing_eos_penalty the
+    # policy learns to end them, against the same run (same seed) without the penalty.
+    overrides = {
+        "iterations": 10,
+        "rollout_batch_size": 16,
+        "minibatch_size": 8,
+        "seed": 3,
+        "sampling": {"max_new_tokens": 12, "temperature": 1.0, "top_p": 1.0},
+    }
+    reward_model = str(demo / "reward" / "model")
+    ended = {}
+    for name, penalty in (("control", None), ("penalised", 3.0)):
+        config = ppo_config(
+            demo, tmp_path / name, reward_model, missing_eos_penalty=penalty, **overrides
+        )
+        result = run_entrypoint("ppo", config, tmp_path, name=name)
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = [m for m in metrics_lines(tmp_path / name) if "eos_fraction" in m]
+        ended[name] = [m["eos_fraction"] for m in lines]
+    assert ended["penalised"][0] == ended["control"][0]  # the same first rollout
+    assert mean(ended["penalised"][-3:]) > mean(ended["control"][-3:]) + 0.15

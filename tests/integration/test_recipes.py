@@ -15,7 +15,7 @@ from pipeline.config import plan
 from tests.conftest import ROOT
 
 RECIPES = {
-    "vaiv-korean": ["data", "sft", "reward", "ppo", "evaluate"],
+    "vaiv-korean": ["data", "sft", "reward", "ppo", "judge", "evaluate"],
     "stablevicuna": ["data", "sft", "reward", "ppo"],
     "sakura-solar": ["merge", "data", "dpo"],
     "openchat": ["data", "crlft"],

@@ -49,6 +49,7 @@ def test_length_filter_drops_fifteen_tokens_or_fewer_and_counts_them(tmp_path):
         "dropped_duplicate": 0,
         "dropped_mix": 0,
         "kept": 1,
+        "shared_prompts": 0,
     }
     rows = (tmp_path / "out" / "sft" / "train.jsonl").read_text().splitlines()
     assert json.loads(rows[0])["response"] == "a b c d e f g h"
@@ -127,7 +128,8 @@ def test_mix_ratio_holds_in_the_written_output(tiny, tmp_path):
         ]
     by_source = {s: sum(r["source"] == s for r in rows) for s in ("daily", "hate")}
     assert by_source["daily"] == 2 * by_source["hate"]
-    assert manifest.metrics["rows"]["sft.eval"] == round(0.1 * len(rows))
+    # The eval share is counted in distinct prompts (each prompt on one side only).
+    assert manifest.metrics["eval_prompts"] == round(0.1 * len({r["prompt"] for r in rows}))
 
 
 def test_every_reader_feeds_its_outputs(tmp_path):
@@ -178,3 +180,44 @@ def test_empty_after_filtering_is_a_clear_error_and_changes_nothing(tmp_path):
             eval_fraction=0,
         )
     assert snapshot(tmp_path / "out") == before
+
+
+def test_a_prompt_shared_by_sources_lands_on_one_side_of_the_split_only(tmp_path):
+    # 40 instructions with SFT answers; 20 of them also as preference pairs (as an SFT set
+    # and a preference set of one origin share prompts), one of them twice in the SFT set.
+    prompts = [f"Question number {n} about topic {n * 7 % 13} please" for n in range(40)]
+    write_alpaca(
+        tmp_path / "sft.jsonl",
+        [(p, f"answer {n} in words") for n, p in enumerate(prompts)]
+        + [(prompts[3].upper(), "the same question shouted")],
+    )
+    with open(tmp_path / "pairs.jsonl", "w") as handle:
+        for n, p in enumerate(prompts[:20]):
+            row = {"prompt": p, "chosen": f"good {n} answer", "rejected": f"bad {n} answer"}
+            handle.write(json.dumps(row) + "\n")
+    manifest = run_data(
+        tmp_path,
+        [
+            {"name": "sft", "format": "alpaca", "uri": str(tmp_path / "sft.jsonl")},
+            {"name": "pairs", "format": "pairs", "uri": str(tmp_path / "pairs.jsonl")},
+        ],
+        template="raw",
+        min_tokens=0,
+        dedup_threshold=None,
+        eval_fraction=0.25,
+        judge_fraction=0.25,
+    )
+    sides: dict[str, set[str]] = {}
+    for split in ("train", "eval", "judge"):
+        for output in ("sft", "pairs", "prompts"):
+            path = tmp_path / "out" / output / f"{split}.jsonl"
+            for line in path.read_text().splitlines() if path.is_file() else []:
+                sides.setdefault(split, set()).add(json.loads(line)["prompt"].casefold())
+    assert sides["train"] and sides["eval"] and sides["judge"]
+    assert not sides["train"] & sides["eval"]
+    assert not sides["train"] & sides["judge"]
+    assert not sides["eval"] & sides["judge"]
+    assert manifest.metrics["cross_source_prompts"] == 20
+    assert manifest.metrics["sources"]["sft"]["shared_prompts"] == 20
+    assert manifest.metrics["sources"]["pairs"]["shared_prompts"] == 20
+    assert (manifest.metrics["eval_prompts"], manifest.metrics["judge_prompts"]) == (10, 10)

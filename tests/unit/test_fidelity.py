@@ -1,0 +1,326 @@
+"""What a model trains on is what the reference code trains on: packed examples see only
+themselves, left padding changes no model's numbers, every assistant turn of a conversation
+is trained with its template's end-of-turn, BOS is where the tokenizer wants it, and
+C-RLFT lays out and weights conversations as OpenChat does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs.batches import IGNORE, pad
+from jobs.contract import StageConfig, run_stage
+from jobs.data import stage as data
+from jobs.supervised import collate, pack, response_loss, token_losses, tokenize
+
+FAMILIES = ("gpt_neox", "llama", "gpt2", "opt")
+
+
+def tiny_lm(family: str, classifier: bool = False):
+    """A randomly initialised two-layer model of ``family``; GPT-2 and OPT learn absolute
+    positions, GPT-NeoX and Llama rotate."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        OPTConfig,
+    )
+
+    size = {"vocab_size": 64, "pad_token_id": 0}
+    config = {
+        "gpt2": lambda: GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4, **size),
+        "opt": lambda: OPTConfig(
+            max_position_embeddings=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=64,
+            word_embed_proj_dim=32,
+            **size,
+        ),
+        "gpt_neox": lambda: GPTNeoXConfig(
+            max_position_embeddings=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            **size,
+        ),
+        "llama": lambda: LlamaConfig(
+            max_position_embeddings=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            **size,
+        ),
+    }[family]()
+    torch.manual_seed(0)
+    if classifier:
+        config.num_labels = 1
+        return AutoModelForSequenceClassification.from_config(config).eval()
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def logits_alone(model, ids: list[int]) -> torch.Tensor:
+    return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+# --- packing ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama", "gpt2"])
+def test_packed_examples_give_the_logits_and_loss_of_each_example_alone(family):
+    model = tiny_lm(family)
+    lengths = [5, 7, 3, 4]
+    examples = []
+    for n, length in enumerate(lengths):
+        ids = [(7 * n + 3 * i) % 60 + 2 for i in range(length)]
+        examples.append((ids, [IGNORE] * 2 + ids[2:]))
+    rows = pack(examples, max_len=16)
+    assert [len(r[0]) for r in rows] == [15, 4]  # three examples share the first row
+    batch = collate(rows, pad_id=0)
+    with torch.no_grad():
+        # As the training loop calls it (no KV cache: with one, transformers builds no
+        # packed-sequence mask).
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        packed = model(**inputs, use_cache=False).logits
+        offset, row = 0, 0
+        for ids, _ in examples:
+            if offset + len(ids) > len(rows[row][0]):
+                offset, row = 0, row + 1
+            torch.testing.assert_close(
+                packed[row, offset : offset + len(ids)],
+                logits_alone(model, ids),
+                atol=2e-5,
+                rtol=1e-4,
+            )
+            offset += len(ids)
+        # The loss trained on is the token-weighted mean of the examples' own losses.
+        total = sum(token_losses(model, collate([e], 0))[0].sum() for e in examples) / sum(
+            len(ids) - 2 for ids, _ in examples
+        )
+        loss, count = response_loss(model, batch)
+    assert int(count) == sum(len(ids) - 2 for ids, _ in examples)
+    torch.testing.assert_close(loss, total, atol=1e-5, rtol=1e-5)
+
+
+# --- position ids on left padding ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_rows_give_the_numbers_of_the_row_alone(family):
+    from jobs.dpo import sequence_logps
+    from jobs.rollout import token_logprobs
+    from jobs.scoring import last_token_scores
+
+    lm, rm = tiny_lm(family), tiny_lm(family, classifier=True)
+    rows = [[5, 6, 7, 8, 9, 10, 11, 12], [7, 8, 9], [20, 21, 22, 23, 24]]
+    ids = pad(rows, 0, left=True)
+    mask = pad([[1] * len(r) for r in rows], 0, left=True)
+    answer = pad([[0] * (len(r) - 2) + [1, 1] for r in rows], 0, left=True)
+    with torch.no_grad():
+        logp, _ = token_logprobs(lm, ids, mask, ids.size(1) - 2)
+        scores = last_token_scores(rm, ids, mask)
+        sums = sequence_logps(lm, ids, mask, answer)
+        for i, r in enumerate(rows):
+            one, ones = torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)
+            torch.testing.assert_close(
+                logp[i], token_logprobs(lm, one, ones, len(r) - 2)[0][0], atol=1e-5, rtol=1e-4
+            )
+            torch.testing.assert_close(
+                scores[i], last_token_scores(rm, one, ones)[0], atol=1e-5, rtol=1e-4
+            )
+            alone = sequence_logps(lm, one, ones, torch.tensor([[0] * (len(r) - 2) + [1, 1]]))
+            torch.testing.assert_close(sums[i], alone[0], atol=1e-5, rtol=1e-4)
+
+
+# --- conversations under a Llama-3-style chat template ------------------------------------
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' "
+    "+ message['content'] + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>"]
+
+
+@pytest.fixture(scope="module")
+def llama_style_tokenizer(tmp_path_factory) -> Path:
+    """A byte-level BPE that, like Llama's, adds BOS to what it encodes, with a Llama-3 chat
+    template whose turns end with <|eot_id|> (not EOS, which is <|end_of_text|>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=[*SPECIALS, "<|eot_id|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = "Hello there. How are you today? Fine, thanks. What is the capital of France? Paris."
+    tok.train_from_iterator([text] * 20, trainer=trainer)
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>",
+        pad_token="<|end_of_text|>",
+    )
+    fast.chat_template = LLAMA3_TEMPLATE
+    root = tmp_path_factory.mktemp("llama-style")
+
+    def write(config, ctx):  # a finished stage output, as the data stage reads models
+        fast.save_pretrained(ctx.out_dir / "model")
+        return {}
+
+    run_stage("tokenizer", StageConfig(output=str(root / "out")), write, workdir=root / "w")
+    return root / "out" / "model"
+
+
+def trained_spans(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
+    spans, current = [], []
+    for token, label in zip(ids, labels, strict=True):
+        if label != IGNORE:
+            assert label == token
+            current.append(token)
+        elif current:
+            spans.append(tokenizer.decode(current)), current.clear()
+    if current:
+        spans.append(tokenizer.decode(current))
+    return spans
+
+
+def test_every_assistant_turn_is_trained_with_its_end_of_turn_and_bos_once(
+    llama_style_tokenizer, tmp_path
+):
+    from transformers import AutoTokenizer
+
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello there."},
+        {"role": "assistant", "content": "Fine, thanks."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+    ]
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": conversation}) + "\n")
+    run_stage(
+        "data",
+        data.Config(
+            output=str(tmp_path / "out"),
+            template="chat",
+            tokenizer=str(llama_style_tokenizer),
+            min_tokens=0,
+            dedup_threshold=None,
+            eval_fraction=0,
+            sources=[{"name": "chats", "format": "sharegpt", "uri": str(tmp_path / "chats.jsonl")}],
+        ),
+        data.run,
+        workdir=tmp_path / "w",
+    )
+    rows = [json.loads(x) for x in (tmp_path / "out/sft/train.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(llama_style_tokenizer)
+    [(ids, labels)] = tokenize(rows, tokenizer, max_len=256)
+
+    bos, eot = tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert ids[0] == bos and ids.count(bos) == 1
+    assert trained_spans(tokenizer, ids, labels) == ["Fine, thanks.<|eot_id|>", "Paris.<|eot_id|>"]
+    assert [t for t, label in zip(ids, labels, strict=True) if label != IGNORE].count(eot) == 2
+    assert tokenizer.eos_token_id not in ids  # the template's end-of-turn, not EOS
+    # Everything the model reads is the template's rendering of the whole conversation.
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(conversation, tokenize=False)
+
+
+def test_a_plain_prompt_and_response_start_with_bos_where_the_tokenizer_expects_it(
+    llama_style_tokenizer, tiny
+):
+    from transformers import AutoTokenizer
+
+    row = {"prompt": "Hello there. ", "response": "Fine, thanks."}
+    llama = AutoTokenizer.from_pretrained(llama_style_tokenizer)
+    [(ids, labels)] = tokenize([row], llama, max_len=64)
+    assert ids[0] == llama.bos_token_id and ids[-1] == llama.eos_token_id
+    assert trained_spans(llama, ids, labels) == ["Fine, thanks.<|end_of_text|>"]
+    # GPT-NeoX's tokenizer adds no BOS, so none is added.
+    neox = AutoTokenizer.from_pretrained(tiny / "model")
+    [(ids, _)] = tokenize([row], neox, max_len=64)
+    pieces = neox([row["prompt"], row["response"]])["input_ids"]  # as it encodes by default
+    assert ids == pieces[0] + pieces[1] + [neox.eos_token_id]
+
+
+# --- C-RLFT as OpenChat ---------------------------------------------------------------------
+
+
+def test_crlft_lays_out_every_turn_under_its_class_and_trains_every_answer(
+    llama_style_tokenizer,
+):
+    from transformers import AutoTokenizer
+
+    from jobs import crlft
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_style_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": [crlft.END_OF_TURN]})
+    config = crlft.Config(output="o", model="m", data="d")
+    row = {
+        "label": "gpt-4",
+        "prompt": "ignored when messages are there",
+        "response": "Paris.",
+        "messages": [
+            {"role": "user", "content": "Hello there."},
+            {"role": "assistant", "content": "Fine, thanks."},
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+        ],
+    }
+    [(ids, labels, weight, label)] = crlft.prepare([row], config, tokenizer, "sft/train.jsonl")
+    assert (weight, label) == (1.0, "gpt-4")
+    eot = "<|end_of_turn|>"
+    assert tokenizer.decode(ids) == (
+        f"<|begin_of_text|>GPT4 User: Hello there.{eot}GPT4 Assistant: Fine, thanks.{eot}"
+        f"GPT4 User: What is the capital of France?{eot}GPT4 Assistant: Paris.{eot}"
+    )
+    assert trained_spans(tokenizer, ids, labels) == [f" Fine, thanks.{eot}", f" Paris.{eot}"]
+    # The prompt asked at inference is the same layout up to the answer.
+    asked = tokenizer.decode(
+        tokenizer(crlft.conditioned("Hello there.", "GPT4", eot), add_special_tokens=False)[
+            "input_ids"
+        ]
+    )
+    assert tokenizer.decode(ids).startswith("<|begin_of_text|>" + asked)
+
+
+def test_crlft_loss_is_the_mean_weighted_by_class_reward_over_the_sum_of_weights(tiny):
+    from transformers import AutoModelForCausalLM
+
+    from jobs.crlft import weighted_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny / "model").eval()
+    examples = [
+        ([5, 6, 7, 8, 9, 10], [IGNORE] * 3 + [8, 9, 10]),
+        ([11, 12, 13, 14], [IGNORE] + [12, 13, 14]),
+    ]
+    batch = collate(examples, pad_id=0)
+    with torch.no_grad():
+        losses, mask = token_losses(model, batch)
+        per_example = (losses * mask).sum(1)
+        # Only sub-optimal data in a batch: the weighted mean is the plain mean (OpenChat
+        # normalises by the weights, so a batch's loss is not scaled down by its class).
+        alone = weighted_loss(model, batch, torch.tensor([0.1, 0.1]))
+        torch.testing.assert_close(alone, per_example.sum() / mask.sum())
+        # Mixed: each class's tokens count by its weight, in numerator and denominator.
+        mixed = weighted_loss(model, batch, torch.tensor([1.0, 0.1]))
+        expected = (per_example[0] + 0.1 * per_example[1]) / (mask[0].sum() + 0.1 * mask[1].sum())
+        torch.testing.assert_close(mixed, expected)
