@@ -213,5 +213,6 @@ def run(config: Config, ctx: StageContext) -> dict:
         "win_rate": report["win_rate"],
         "win_rate_ci95": report["win_rate_ci95"],
         **flat,
+        **({"judge_unparseable": report["judge_unparseable"]} if config.judge else {}),
         "plots": ", ".join(p["file"] for p in plots.values()),
     }
