@@ -119,6 +119,7 @@ def require_finished(uri: str) -> Manifest:
         )
     present = {f.path: f.size for f in store.list_files(uri)}
     for entry in manifest.files:
+        relative(entry.path, store.join(uri, MANIFEST))
         if present.get(entry.path) != entry.size:
             raise BadInputError(
                 f"{uri}/{entry.path}: missing or of the wrong size "
@@ -126,6 +127,27 @@ def require_finished(uri: str) -> Manifest:
                 "the output is incomplete"
             )
     return manifest
+
+
+def relative(path: str, where: str) -> str:
+    """A file path read from the store (a manifest's or a checkpoint part's list), checked:
+    the store is a trust boundary, and a path that is absolute or climbs out with ``..``
+    would make a stage write, then load, a file outside its folder."""
+    parts = path.replace("\\", "/").split("/")
+    if not path or path.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+        raise BadInputError(
+            f"{where}: file path {path!r} is not a relative path inside its folder; refused"
+        )
+    return path
+
+
+def inside(folder: Path, path: str, where: str) -> Path:
+    """``folder / path`` for a checked ``path`` that also resolves inside ``folder`` (a
+    symbolic link planted in the folder cannot lead out of it)."""
+    target = folder / relative(path, where)
+    if not target.resolve().is_relative_to(folder.resolve()):
+        raise BadInputError(f"{where}: file path {path!r} resolves outside its folder; refused")
+    return target
 
 
 def download_finished(uri: str, local_dir: Path, only: list[str] | None = None) -> Manifest:
@@ -136,7 +158,7 @@ def download_finished(uri: str, local_dir: Path, only: list[str] | None = None) 
         missing = sorted(set(only) - {f.path for f in entries})
         raise BadInputError(f"{uri}: the output has no file {missing[0]}")
     for entry in entries:
-        target = local_dir / entry.path
+        target = inside(local_dir, entry.path, store.join(uri, MANIFEST))
         if not (target.is_file() and store.sha256_file(target) == entry.sha256):
             store.download_file(store.join(uri, entry.path), target)
             if store.sha256_file(target) != entry.sha256:
@@ -366,13 +388,15 @@ class Checkpoints:
         local = self.local_dir(step)
         remote = self._step_uri(step)
         if dist.is_node_main():
-            entries: list[FileEntry] = []
+            entries: list[tuple[FileEntry, str]] = []
             for info in store.list_files(remote):
                 if info.path.startswith("PART-"):
                     part = json.loads(store.read_text(store.join(remote, info.path)))
-                    entries += [FileEntry.model_validate(e) for e in part]
-            for entry in entries:
-                target = local / entry.path
+                    entries += [
+                        (FileEntry.model_validate(e), store.join(remote, info.path)) for e in part
+                    ]
+            for entry, where in entries:
+                target = inside(local, entry.path, where)
                 if not (target.is_file() and store.sha256_file(target) == entry.sha256):
                     store.download_file(store.join(remote, entry.path), target)
                 if store.sha256_file(target) != entry.sha256:
@@ -417,9 +441,55 @@ def current_input_hash(ref: InputRef) -> str | None:
     return store.sha256_file(path) if path.is_file() else None
 
 
+def input_hashes(config: StageConfig) -> list[str]:
+    """The manifest hashes of the finished outputs the config names (any text value that is
+    a local path or S3 URI inside one), sorted: what, besides the config, a stage's
+    results depend on. Hub ids and plain files are not outputs and count by the config."""
+    found: set[str] = set()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, list):
+            for item in value:
+                visit(item)
+        elif isinstance(value, str) and (store.is_s3(value) or os.path.exists(value)):
+            try:
+                root, _, _ = find_output(value)
+            except BadInputError:
+                return
+            if digest := manifest_hash(root):
+                found.add(digest)
+
+    visit(config.model_dump(mode="json", exclude={"output"}))
+    return sorted(found)
+
+
+def work_root() -> Path:
+    """This user's scratch root, ``kuberlhf-<uid>`` (mode 0700) under ``KUBERLHF_WORKDIR`` or
+    the temporary folder: another user of the node can neither read a stage's inputs and
+    checkpoints there nor plant files for it to load."""
+    base = Path(os.environ.get("KUBERLHF_WORKDIR") or tempfile.gettempdir())
+    root = base / f"kuberlhf-{os.getuid()}"
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = root.stat()
+    if info.st_uid != os.getuid():
+        raise BadInputError(
+            f"{root}: the work folder belongs to another user; set KUBERLHF_WORKDIR"
+        )
+    if info.st_mode & 0o077:
+        root.chmod(0o700)
+    return root
+
+
 def default_workdir(stage: str, config: StageConfig) -> Path:
-    root = Path(os.environ.get("KUBERLHF_WORKDIR", Path(tempfile.gettempdir()) / "kuberlhf"))
-    return root / f"{stage}-{config.config_hash()[:12]}"
+    """The stage's local work folder, keyed by its config and its inputs' manifests: a re-run
+    on changed inputs starts from an empty folder, never from files of the old inputs."""
+    key = hashlib.sha256(
+        json.dumps([config.config_hash(), input_hashes(config)]).encode()
+    ).hexdigest()
+    return work_root() / f"{stage}-{key[:16]}"
 
 
 def accelerator_metrics() -> dict[str, Any]:

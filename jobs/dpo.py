@@ -11,6 +11,8 @@ Reads ``pairs/{train,eval}.jsonl`` of data or label outputs; writes ``model/``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from typing import Literal
 
@@ -189,8 +191,13 @@ def run(config: Config, ctx: StageContext) -> dict:
     # rank its share: then the reference leaves memory. Every rank decides alike (another
     # node's scratch may lack the stored file), or the gathers would not pair up.
     stored = ctx.out_dir / "reference_logps.pt"
-    if dist.all_ranks(stored.is_file()):
-        ref = torch.load(stored, weights_only=True)
+    fingerprint = hashlib.sha256(
+        json.dumps({split: items for split, items in splits.items()}).encode()
+    ).hexdigest()
+    kept = torch.load(stored, weights_only=True) if stored.is_file() else {}
+    # Reused only for these very pairs (a resumed run), never for other inputs'.
+    if dist.all_ranks(kept.get("fingerprint") == fingerprint):
+        ref = {split: kept[split] for split in splits}
     else:
         reference_path = model_source(ctx, config.reference) if config.reference else source
         reference = AutoModelForCausalLM.from_pretrained(
@@ -203,7 +210,7 @@ def run(config: Config, ctx: StageContext) -> dict:
         del reference
         free_memory()
         if dist.is_main():
-            torch.save(ref, stored)
+            torch.save({**ref, "fingerprint": fingerprint}, stored)
 
     sampler = ShardedSampler(
         len(splits["train"]), cfg.micro_batch_size, config.seed, dist.rank(), dist.world_size()

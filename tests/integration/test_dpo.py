@@ -224,3 +224,39 @@ def test_two_processes_under_zero3_evaluate_uneven_shards_as_one(
     ref_two = torch.load(tmp_path / "two" / "reference_logps.pt", weights_only=True)
     for split in ("train", "eval"):
         torch.testing.assert_close(ref_two[split], ref_one[split], atol=1e-4, rtol=1e-4)
+
+
+def test_a_rerun_on_changed_pairs_computes_the_reference_afresh(tiny, tmp_path):
+    """The same config, run again after its data output was re-made with fewer pairs: the
+    stage runs again (its input changed) and the reference log-probs are those of the new
+    pairs, not a stale file of the old ones left in the work folder."""
+    pairs = (tiny / "data" / "pairs.jsonl").read_text().splitlines()
+    source = tmp_path / "pairs.jsonl"
+    data_config = {
+        "output": str(tmp_path / "data"),
+        "sources": [{"name": "pairs", "format": "pairs", "uri": str(source)}],
+        "dedup_threshold": None,
+        "eval_fraction": 0.1,
+    }
+    config = {
+        "output": str(tmp_path / "dpo"),
+        "model": str(tiny / "model"),
+        "data": str(tmp_path / "data"),
+        "max_seq_len": 64,
+        "max_steps": 1,
+        "seed": 0,
+        "train": {"micro_batch_size": 8},
+    }
+    env = {"KUBERLHF_WORKDIR": str(tmp_path / "scratch")}
+    counts = []
+    for rows in (pairs[:120], pairs[:60]):
+        source.write_text("\n".join(rows) + "\n")
+        assert run_entrypoint("data", data_config, tmp_path, env=env).returncode == 0
+        result = run_entrypoint("dpo", config, tmp_path, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        train = (tmp_path / "data" / "pairs" / "train.jsonl").read_text().splitlines()
+        reference = torch.load(tmp_path / "dpo" / "reference_logps.pt", weights_only=True)
+        assert read_manifest(str(tmp_path / "dpo")).metrics["train_pairs"] == len(train)
+        assert reference["train"].shape == (len(train), 2)
+        counts.append(len(train))
+    assert counts[1] < counts[0]

@@ -81,6 +81,31 @@ def test_changed_config_or_input_is_not_skipped(tmp_path):
     assert third.metrics["kept"] == 1
 
 
+def test_the_work_folder_is_this_users_and_changes_with_the_inputs(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from jobs.contract import default_workdir
+
+    monkeypatch.setenv("KUBERLHF_WORKDIR", str(tmp_path / "scratch"))
+    source = tmp_path / "a.jsonl"
+    source.write_text((FIXTURES / "alpaca.jsonl").read_text())
+    run_stage("data", data_config(str(tmp_path / "data"), str(source)), data.run)
+    # A later stage's config names the data output; the same config after the data output
+    # was re-made from other rows must not get the same work folder (its files would be
+    # the old inputs' results).
+    downstream = data_config(str(tmp_path / "out"), str(tmp_path / "data" / "sft" / "train.jsonl"))
+    before = default_workdir("data", downstream)
+    assert default_workdir("data", downstream) == before  # stable for the same inputs
+    source.write_text(source.read_text().splitlines()[0] + "\n")
+    run_stage("data", data_config(str(tmp_path / "data"), str(source)), data.run)
+    after = default_workdir("data", downstream)
+    assert after != before and after.parent == before.parent
+    root = after.parent
+    assert root.name == f"kuberlhf-{os.getuid()}" and root.parent == tmp_path / "scratch"
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+
+
 def test_a_stage_killed_mid_upload_leaves_no_manifest(out_root, tmp_path, monkeypatch):
     config = data_config(store.join(out_root, "data"), str(FIXTURES / "alpaca.jsonl"))
     run_stage("data", config, data.run, workdir=tmp_path / "w1")  # a finished earlier output
@@ -112,6 +137,34 @@ def test_an_output_whose_checksum_does_not_match_is_never_read(tmp_path):
 
     with pytest.raises(BadInputError, match="sft/train.jsonl: checksum does not match"):
         download_finished(config.output, tmp_path / "read")
+
+
+@pytest.mark.parametrize("path", ["../../escaped.jsonl", "/tmp/escaped.jsonl", "sft/../../x"])
+def test_a_manifest_path_outside_its_output_is_refused(tmp_path, path):
+    config = data_config(str(tmp_path / "out"), str(FIXTURES / "alpaca.jsonl"))
+    run_stage("data", config, data.run, workdir=tmp_path / "w")
+    manifest_path = tmp_path / "out" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"][0]["path"] = path  # a tampered (or hostile) manifest
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(BadInputError, match="manifest.json: file path .* is not a relative path"):
+        download_finished(config.output, tmp_path / "read" / "here")
+    assert not (tmp_path / "escaped.jsonl").exists() and not (tmp_path / "read").exists()
+
+
+def test_a_checkpoint_part_path_outside_its_folder_is_refused(tmp_path):
+    checkpoints = Checkpoints(str(tmp_path / "store" / "_checkpoints"), tmp_path / "local")
+    local = checkpoints.local_dir(10)
+    local.mkdir(parents=True)
+    (local / "state.pt").write_text("state")
+    checkpoints.save(10)
+    [part] = (tmp_path / "store" / "_checkpoints" / "step-00000010").glob("PART-*")
+    entries = json.loads(part.read_text())
+    entries[0]["path"] = "../../../planted.pt"
+    part.write_text(json.dumps(entries))
+    with pytest.raises(BadInputError, match="PART-.*: file path '../../../planted.pt' is not"):
+        Checkpoints(checkpoints.uri, tmp_path / "elsewhere" / "a").restore(10)
+    assert not (tmp_path / "planted.pt").exists()
 
 
 def test_a_downstream_stage_refuses_an_unfinished_input(tmp_path):
