@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -473,10 +474,10 @@ def work_root() -> Path:
     base = Path(os.environ.get("KUBERLHF_WORKDIR") or tempfile.gettempdir())
     root = base / f"kuberlhf-{os.getuid()}"
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = root.stat()
-    if info.st_uid != os.getuid():
+    info = root.lstat()  # a symbolic link planted there is refused, not followed
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
         raise BadInputError(
-            f"{root}: the work folder belongs to another user; set KUBERLHF_WORKDIR"
+            f"{root}: the work folder is not a folder of this user's; set KUBERLHF_WORKDIR"
         )
     if info.st_mode & 0o077:
         root.chmod(0o700)

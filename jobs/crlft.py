@@ -6,7 +6,8 @@ end-of-turn token closes each turn (added to the tokenizer, embeddings resized, 
 made a stop token so generation ends there), BOS goes first where the tokenizer expects
 one, every assistant turn is trained, and the loss is the mean of the answer tokens'
 losses weighted by their source's coarse reward (the paper: 1.0 for GPT-4 data, 0.1 for
-GPT-3.5 data), normalised by the sum of the weights as OpenChat's trainer does. At
+GPT-3.5 data), normalised by the sum of the weights over the optimiser step (all
+micro-batches and ranks) as OpenChat's trainer does. At
 inference, prompting with the expert tag asks for expert-quality answers.
 
 Reads ``sft/{train,eval}.jsonl`` of a data stage output whose rows carry a ``label``
@@ -22,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs import dist, engine
-from jobs.batches import ShardedSampler, read_jsonl
+from jobs.batches import IGNORE, ShardedSampler, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
@@ -82,13 +83,27 @@ def layout(turns: list[dict], tag: str, end_of_turn: str) -> list[tuple[str, boo
     return pieces
 
 
-def weighted_loss(model, batch: dict[str, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """OpenChat's weighted mean: every answer token's cross-entropy weighted by its class
-    reward, divided by the sum of those weights (not by the token count, which would scale
-    a batch of sub-optimal data down instead of only its share of a mixed batch)."""
+def weighted_loss(
+    model, batch: dict[str, torch.Tensor], weights: torch.Tensor, total_weight=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """OpenChat's weighted loss: every answer token's cross-entropy weighted by its class
+    reward, divided by ``total_weight``: the sum of those weights over the whole optimiser
+    step (every micro-batch, every rank), as OpenChat's trainer divides by the step's total
+    (``ochat/training_deepspeed/train.py``). Dividing by a micro-batch's own sum would
+    cancel the weights in a micro-batch of one class (and entirely at micro-batch size 1).
+    Also returns the micro-batch's own weighted mean, for logging."""
     losses, mask = token_losses(model, batch)
     token_weights = mask.float() * weights[:, None]
-    return (losses * token_weights).sum() / token_weights.sum().clamp(min=1e-8)
+    weighted = (losses * token_weights).sum()
+    own = weighted.detach() / token_weights.sum().clamp(min=1e-8)
+    if total_weight is None:
+        return own, own
+    return weighted / total_weight, own
+
+
+def answer_weight(items) -> float:
+    """The sum of the class weights of the answer tokens (those with a next-token label)."""
+    return sum(weight * sum(1 for x in labels[1:] if x != IGNORE) for _, labels, weight, _ in items)
 
 
 def prepare(rows: list[dict], config: Config, tokenizer, where: str):
@@ -169,7 +184,7 @@ def run(config: Config, ctx: StageContext) -> dict:
     def eval_loss() -> float:
         ds.eval()
         losses = [
-            weighted_loss(ds, *batch_of(splits["eval"][s : s + cfg.micro_batch_size])).item()
+            weighted_loss(ds, *batch_of(splits["eval"][s : s + cfg.micro_batch_size]))[1].item()
             for s in range(0, len(splits["eval"]), cfg.micro_batch_size)
         ]
         ds.train()
@@ -181,12 +196,23 @@ def run(config: Config, ctx: StageContext) -> dict:
     meter = engine.StepMeter(("loss",), ds.device)
     while step < total_steps:
         started = time.perf_counter()
-        for _ in range(cfg.gradient_accumulation_steps):
-            batch, weights = batch_of([splits["train"][i] for i in next(batches)])
-            loss = weighted_loss(ds, batch, weights)
+        window = [
+            [splits["train"][i] for i in next(batches)]
+            for _ in range(cfg.gradient_accumulation_steps)
+        ]
+        # DeepSpeed divides each micro-batch's loss by the accumulation steps and averages
+        # gradients over ranks; scaling by both makes the step's gradient that of
+        # sum(w * ce) / sum(w) over all its answer tokens.
+        total = dist.all_reduce_sum(
+            torch.tensor(float(sum(answer_weight(items) for items in window)), device=ds.device)
+        )
+        scale = cfg.gradient_accumulation_steps * dist.world_size()
+        for items in window:
+            batch, weights = batch_of(items)
+            loss, own = weighted_loss(ds, batch, weights, total.clamp(min=1e-8) / scale)
             ds.backward(loss)
             ds.step()
-            meter.add(int(batch["attention_mask"].sum()), loss)
+            meter.add(int(batch["attention_mask"].sum()), own)
         step += 1
         log_now = step % config.log_every == 0 or step == total_steps
         means = meter.means() if log_now else {}  # waits for the GPU, inside the timed span

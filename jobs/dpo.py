@@ -191,9 +191,12 @@ def run(config: Config, ctx: StageContext) -> dict:
     # rank its share: then the reference leaves memory. Every rank decides alike (another
     # node's scratch may lack the stored file), or the gathers would not pair up.
     stored = ctx.out_dir / "reference_logps.pt"
-    fingerprint = hashlib.sha256(
-        json.dumps({split: items for split, items in splits.items()}).encode()
-    ).hexdigest()
+    digest = hashlib.sha256()
+    for split, items in splits.items():
+        digest.update(split.encode())
+        for item in items:
+            digest.update(json.dumps(item).encode())
+    fingerprint = digest.hexdigest()
     kept = torch.load(stored, weights_only=True) if stored.is_file() else {}
     # Reused only for these very pairs (a resumed run), never for other inputs'.
     if dist.all_ranks(kept.get("fingerprint") == fingerprint):

@@ -21,7 +21,15 @@ from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
 from jobs.models import load_tokenizer, model_source
-from jobs.supervised import collate, pack, response_loss, token_losses, tokenize
+from jobs.supervised import (
+    check_packing_isolates,
+    collate,
+    end_of_turn_ids,
+    pack,
+    response_loss,
+    token_losses,
+    tokenize,
+)
 
 
 class Config(StageConfig):
@@ -91,6 +99,8 @@ def run(config: Config, ctx: StageContext) -> dict:
 
     model = engine.load_model(AutoModelForCausalLM, source, cfg, revision=config.revision)
     ds = engine.initialize(model, cfg, total_steps)
+    if config.packing:
+        check_packing_isolates(ds.module, ds.device)
     state = engine.resume(ds, ctx)
     step = state.get("step", 0)
     device = ds.device
@@ -129,6 +139,13 @@ def run(config: Config, ctx: StageContext) -> dict:
         )
     progress.close()
 
+    # A chat template's end-of-turn token ends answers as EOS does: generation stops there.
+    stops = end_of_turn_ids(splits["train"], tokenizer)
+    if stops:
+        base = getattr(ds.module, "get_base_model", lambda: ds.module)()  # a LoRA's base too
+        configured = base.generation_config.eos_token_id
+        known = configured if isinstance(configured, list) else [configured]
+        base.generation_config.eos_token_id = sorted({*stops, *(t for t in known if t is not None)})
     engine.export_hf(ds, tokenizer, ctx.out_dir / "model", cfg)
     return {
         "steps": step,

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from jobs.batches import IGNORE, pad
 from jobs.errors import BadInputError
-from jobs.tokens import bos_prefix, encode
+from jobs.tokens import bos_prefix
 
 
 def segments_of(row: dict, where: str) -> list[tuple[str, bool]]:
@@ -38,26 +38,84 @@ def segments_of(row: dict, where: str) -> list[tuple[str, bool]]:
 def encode_segments(
     segments: list[tuple[str, bool]], tokenizer, max_len: int, end: list[int]
 ) -> tuple[list[int], list[int]]:
-    """(input ids, labels) of one example: BOS where the tokenizer expects it, the pieces in
-    order with labels on the trained ones, then ``end`` (trained). Pieces are encoded one by
-    one, so a label boundary is a token boundary (as OpenChat and DeepSpeed-Chat encode
-    turns). An over-long example keeps at most half its length before its first trained
-    token (the end of that context), then is cut at ``max_len``."""
-    ids: list[int] = []
-    labels: list[int] = []
-    for index, (text, trained) in enumerate(segments):
-        piece = encode(tokenizer, text, bos=index == 0)
-        ids += piece
-        labels += piece if trained else [IGNORE] * len(piece)
-        if index == 0 and piece[:1] == bos_prefix(tokenizer):
-            labels[0] = IGNORE  # BOS is context, even before a trained first piece
+    """(input ids, labels) of one example: BOS where the tokenizer expects it, the pieces'
+    text encoded as one string (the tokens the model meets at inference: SentencePiece-style
+    tokenizers encode a piece alone differently), each token labelled when its last
+    character lies in a trained piece (TRL's assistant masks work from character spans the
+    same way), then ``end`` (trained). An over-long example keeps at most half its length
+    before its first trained token (the end of that context), then is cut at ``max_len``."""
+    text = "".join(piece for piece, _ in segments)
+    trained_chars = [False] * len(text)
+    at = 0
+    for piece, trained in segments:
+        trained_chars[at : at + len(piece)] = [trained] * len(piece)
+        at += len(piece)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    labels = [
+        token if stop > start and trained_chars[stop - 1] else IGNORE
+        for token, (start, stop) in zip(ids, encoded["offset_mapping"], strict=True)
+    ]
+    prefix = bos_prefix(tokenizer)
+    if prefix and ids[:1] != prefix:
+        ids, labels = prefix + ids, [IGNORE] + labels
+    elif prefix:
+        labels[0] = IGNORE  # BOS is context, even before a trained first piece
     ids, labels = ids + end, labels + end
     first = next((i for i, label in enumerate(labels) if label != IGNORE), len(labels))
     if len(ids) > max_len and first > max_len // 2:
-        keep = len(bos_prefix(tokenizer)) if ids[:1] == bos_prefix(tokenizer) else 0
+        keep = len(prefix) if prefix and ids[:1] == prefix else 0
         cut = first - max_len // 2
         ids, labels = ids[:keep] + ids[keep + cut :], labels[:keep] + labels[keep + cut :]
     return ids[:max_len], labels[:max_len]
+
+
+def end_of_turn_ids(items: list[tuple[list[int], list[int]]], tokenizer) -> set[int]:
+    """The special tokens that close trained answers (a chat template's ``<|eot_id|>`` or
+    ``<|im_end|>``): generation must stop at them too, not only at EOS."""
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    found = set()
+    for _, labels in items:
+        for index, label in enumerate(labels):
+            closes = index + 1 == len(labels) or labels[index + 1] == IGNORE
+            if label != IGNORE and closes:
+                # The last special token of the trained span (ChatML's "\n" follows it).
+                span_start = index
+                while span_start > 0 and labels[span_start - 1] != IGNORE:
+                    span_start -= 1
+                specials = [t for t in labels[span_start : index + 1] if t in special]
+                if specials:
+                    found.add(specials[-1])
+    return found
+
+
+def check_packing_isolates(model, device) -> None:
+    """Refuse packing where this model's attention would let packed examples see each
+    other: transformers isolates them only where the model hands its position ids to the
+    mask builder (not OPT, BLOOM, Falcon in transformers 5) and, under flash-attention,
+    only for a batch of one row. A two-row packed batch is compared with its second
+    example alone and with the leaky (plain causal) reading of the same rows."""
+    was_training = model.training
+    model.eval()  # no dropout in the comparison
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().num_embeddings
+    first, second = torch.randint(3, vocab, (2, 6), generator=generator).tolist()
+    ids = torch.tensor([first + second] * 2, device=device)
+    positions = torch.tensor([list(range(6)) * 2] * 2, device=device)
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        leaky = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        alone = model(input_ids=ids[:, 6:], use_cache=False).logits
+    model.train(was_training)
+    isolated = (packed[:, 6:] - alone).abs().max().item()
+    leaked = (leaky[:, 6:] - alone).abs().max().item()
+    if isolated > 0.1 * leaked:
+        raise BadInputError(
+            f"packing: this model's attention ({model.config.model_type}, "
+            f"{model.config._attn_implementation}) does not keep packed examples apart "
+            f"(logit difference {isolated:.3g}, {leaked:.3g} without isolation); set "
+            "packing: false"
+        )
 
 
 def tokenize(

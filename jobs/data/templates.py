@@ -74,8 +74,9 @@ def render_prompt(
 
 def _as_turns(messages: list[Message], context: str | None) -> list[dict[str, str]]:
     turns = [{"role": m.role, "content": m.content} for m in messages]
-    if context:  # an Alpaca/KULLM input joins the instruction it belongs to
-        last_user = max(i for i, t in enumerate(turns) if t["role"] == "user")
+    users = [i for i, t in enumerate(turns) if t["role"] == "user"]
+    if context and users:  # an Alpaca/KULLM input joins the instruction it belongs to
+        last_user = users[-1]
         turns[last_user] = {
             **turns[last_user],
             "content": f"{turns[last_user]['content']}\n\n{context}",

@@ -14,7 +14,15 @@ import torch
 from jobs.batches import IGNORE, pad
 from jobs.contract import StageConfig, run_stage
 from jobs.data import stage as data
-from jobs.supervised import collate, pack, response_loss, token_losses, tokenize
+from jobs.supervised import (
+    collate,
+    encode_segments,
+    end_of_turn_ids,
+    pack,
+    response_loss,
+    token_losses,
+    tokenize,
+)
 
 FAMILIES = ("gpt_neox", "llama", "gpt2", "opt")
 
@@ -108,6 +116,19 @@ def test_packed_examples_give_the_logits_and_loss_of_each_example_alone(family):
         loss, count = response_loss(model, batch)
     assert int(count) == sum(len(ids) - 2 for ids, _ in examples)
     torch.testing.assert_close(loss, total, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packing_is_refused_where_the_model_would_not_isolate_examples(family):
+    from jobs.errors import BadInputError
+    from jobs.supervised import check_packing_isolates
+
+    model = tiny_lm(family)
+    if family == "opt":  # transformers 5's OPT builds its mask without the position ids
+        with pytest.raises(BadInputError, match="does not keep packed examples apart"):
+            check_packing_isolates(model, "cpu")
+    else:
+        check_packing_isolates(model, "cpu")
 
 
 # --- position ids on left padding ---------------------------------------------------------
@@ -240,6 +261,8 @@ def test_every_assistant_turn_is_trained_with_its_end_of_turn_and_bos_once(
     assert trained_spans(tokenizer, ids, labels) == ["Fine, thanks.<|eot_id|>", "Paris.<|eot_id|>"]
     assert [t for t, label in zip(ids, labels, strict=True) if label != IGNORE].count(eot) == 2
     assert tokenizer.eos_token_id not in ids  # the template's end-of-turn, not EOS
+    # ... at which generation must stop too (sft adds it to the generation config).
+    assert end_of_turn_ids([(ids, labels)], tokenizer) == {eot}
     # Everything the model reads is the template's rendering of the whole conversation.
     assert tokenizer.decode(ids) == tokenizer.apply_chat_template(conversation, tokenize=False)
 
@@ -249,7 +272,7 @@ def test_a_plain_prompt_and_response_start_with_bos_where_the_tokenizer_expects_
 ):
     from transformers import AutoTokenizer
 
-    row = {"prompt": "Hello there. ", "response": "Fine, thanks."}
+    row = {"prompt": "Hello there.\n", "response": "Fine, thanks."}
     llama = AutoTokenizer.from_pretrained(llama_style_tokenizer)
     [(ids, labels)] = tokenize([row], llama, max_len=64)
     assert ids[0] == llama.bos_token_id and ids[-1] == llama.eos_token_id
@@ -257,8 +280,35 @@ def test_a_plain_prompt_and_response_start_with_bos_where_the_tokenizer_expects_
     # GPT-NeoX's tokenizer adds no BOS, so none is added.
     neox = AutoTokenizer.from_pretrained(tiny / "model")
     [(ids, _)] = tokenize([row], neox, max_len=64)
-    pieces = neox([row["prompt"], row["response"]])["input_ids"]  # as it encodes by default
-    assert ids == pieces[0] + pieces[1] + [neox.eos_token_id]
+    assert ids == neox(row["prompt"] + row["response"])["input_ids"] + [neox.eos_token_id]
+
+
+def test_pieces_are_encoded_as_the_whole_text_is_for_sentencepiece_style_tokenizers():
+    """A Metaspace tokenizer (Llama-2's, Mistral's pre-tokenizer) encodes a piece alone
+    with a word-start marker it does not have inside the whole text: the trained ids must
+    be those of the whole text, as the model meets it at inference."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=120, special_tokens=["<unk>", "<|assistant|>"], show_progress=False
+    )
+    tok.train_from_iterator(["User: Hello there.\nFine thanks, and you?"] * 10, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    pieces = [("User: Hello there.\n<|assistant|>\n", False), ("Fine thanks.", True)]
+    text = "".join(p for p, _ in pieces)
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    one_by_one = sum((tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in pieces), [])
+    assert one_by_one != whole  # the hazard is real for this tokenizer
+    ids, labels = encode_segments(pieces, tokenizer, max_len=64, end=[])
+    assert ids == whole
+    # The answer's tokens (from the one that holds its first character) are trained, as one
+    # span at the end; the prompt's are not.
+    trained = [i for i, label in enumerate(labels) if label != IGNORE]
+    assert trained == list(range(trained[0], len(ids))) and trained[0] >= 5
+    assert [labels[i] for i in trained] == ids[trained[0] :]
 
 
 # --- C-RLFT as OpenChat ---------------------------------------------------------------------
@@ -302,25 +352,29 @@ def test_crlft_lays_out_every_turn_under_its_class_and_trains_every_answer(
     assert tokenizer.decode(ids).startswith("<|begin_of_text|>" + asked)
 
 
-def test_crlft_loss_is_the_mean_weighted_by_class_reward_over_the_sum_of_weights(tiny):
+def test_crlft_loss_is_weighted_by_class_reward_over_the_steps_total_weight(tiny):
     from transformers import AutoModelForCausalLM
 
-    from jobs.crlft import weighted_loss
+    from jobs.crlft import answer_weight, weighted_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny / "model").eval()
-    examples = [
-        ([5, 6, 7, 8, 9, 10], [IGNORE] * 3 + [8, 9, 10]),
-        ([11, 12, 13, 14], [IGNORE] + [12, 13, 14]),
-    ]
-    batch = collate(examples, pad_id=0)
+    expert = ([5, 6, 7, 8, 9, 10], [IGNORE] * 3 + [8, 9, 10], 1.0, "gpt-4")
+    suboptimal = ([11, 12, 13, 14], [IGNORE] + [12, 13, 14], 0.1, "gpt-3.5-turbo")
     with torch.no_grad():
-        losses, mask = token_losses(model, batch)
-        per_example = (losses * mask).sum(1)
-        # Only sub-optimal data in a batch: the weighted mean is the plain mean (OpenChat
-        # normalises by the weights, so a batch's loss is not scaled down by its class).
-        alone = weighted_loss(model, batch, torch.tensor([0.1, 0.1]))
-        torch.testing.assert_close(alone, per_example.sum() / mask.sum())
-        # Mixed: each class's tokens count by its weight, in numerator and denominator.
-        mixed = weighted_loss(model, batch, torch.tensor([1.0, 0.1]))
-        expected = (per_example[0] + 0.1 * per_example[1]) / (mask[0].sum() + 0.1 * mask[1].sum())
-        torch.testing.assert_close(mixed, expected)
+        sums = [
+            (
+                token_losses(model, collate([i[:2]], 0))[0]
+                * token_losses(model, collate([i[:2]], 0))[1]
+            ).sum()
+            for i in (expert, suboptimal)
+        ]
+        # Micro-batches of one example each (one optimiser step of two): their losses add
+        # up to OpenChat's weighted mean over the step; a micro-batch's own normalisation
+        # would have given each class's plain mean, the weights cancelled.
+        total = answer_weight([expert, suboptimal])
+        assert total == pytest.approx(1.0 * 3 + 0.1 * 3)
+        step = sum(
+            weighted_loss(model, collate([i[:2]], 0), torch.tensor([i[2]]), total)[0]
+            for i in (expert, suboptimal)
+        )
+        torch.testing.assert_close(step, (1.0 * sums[0] + 0.1 * sums[1]) / total)
