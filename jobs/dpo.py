@@ -26,7 +26,7 @@ from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
 from jobs.models import free_memory, load_tokenizer, model_source
-from jobs.tokens import encode, keep_end, positions
+from jobs.tokens import encode, keep_end, padded_logits
 
 
 class Config(StageConfig):
@@ -60,12 +60,7 @@ def encode_pair(tokenizer, row: dict, max_len: int) -> tuple[list[int], ...]:
 
 def sequence_logps(model, input_ids, attention_mask, answer_mask, average: bool = False):
     """Sum (or per-token mean) of the log-probs of the answer tokens of every row."""
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions(attention_mask),
-        use_cache=False,
-    ).logits
+    logits = padded_logits(model, input_ids, attention_mask)
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
     token_logp = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     mask = answer_mask[:, 1:].float()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from jobs.tokens import positions
+from jobs.tokens import padded_logits
 
 
 def token_logprobs(
@@ -18,12 +18,7 @@ def token_logprobs(
     (the distribution the tokens were drawn from, as TRL and verl compute it), and the
     policy's entropy there (a metric: computed without a graph, which would hold a
     vocabulary-wide tensor)."""
-    logits = model(
-        input_ids=sequences,
-        attention_mask=attention_mask,
-        position_ids=positions(attention_mask),
-        use_cache=False,
-    ).logits
+    logits = padded_logits(model, sequences, attention_mask)
     logits = logits[:, start - 1 : -1].float() / temperature
     logp = F.log_softmax(logits, dim=-1)
     chosen = logp.gather(-1, sequences[:, start:, None]).squeeze(-1)

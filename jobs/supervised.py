@@ -76,16 +76,14 @@ def end_of_turn_ids(items: list[tuple[list[int], list[int]]], tokenizer) -> set[
     special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
     found = set()
     for _, labels in items:
-        for index, label in enumerate(labels):
-            closes = index + 1 == len(labels) or labels[index + 1] == IGNORE
-            if label != IGNORE and closes:
-                # The last special token of the trained span (ChatML's "\n" follows it).
-                span_start = index
-                while span_start > 0 and labels[span_start - 1] != IGNORE:
-                    span_start -= 1
-                specials = [t for t in labels[span_start : index + 1] if t in special]
-                if specials:
-                    found.add(specials[-1])
+        last_special = None  # of the trained span being read (ChatML's "\n" follows it)
+        for label in [*labels, IGNORE]:
+            if label == IGNORE:
+                if last_special is not None:
+                    found.add(last_special)
+                last_special = None
+            elif label in special:
+                last_special = label
     return found
 
 

@@ -3,7 +3,11 @@ tokenises: BOS where the tokenizer puts one, and position ids that ignore paddin
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+
+_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def bos_prefix(tokenizer) -> list[int]:
@@ -11,11 +15,11 @@ def bos_prefix(tokenizer) -> list[int]:
     else ``[]`` (GPT-2, GPT-NeoX, Qwen). Every stage encodes pieces of text without special
     tokens, so that a prompt and its answer join without a BOS between them; the start of
     a sequence then needs the BOS the model saw in pre-training, added here once."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return []
-    probe = tokenizer("a")["input_ids"]
-    return [bos] if probe and probe[0] == bos else []
+    if tokenizer not in _BOS:  # probed once per tokenizer: this runs for every row
+        bos = tokenizer.bos_token_id
+        probe = tokenizer("a")["input_ids"] if bos is not None else []
+        _BOS[tokenizer] = [bos] if probe and probe[0] == bos else []
+    return list(_BOS[tokenizer])
 
 
 def encode(tokenizer, text: str, bos: bool = True) -> list[int]:
@@ -44,3 +48,13 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     on left-padded rows without them; rotary models are shift-invariant either way.
     (transformers' ``generate`` derives them the same way.)"""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def padded_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A causal LM's logits over a padded batch (left or right), with :func:`positions`."""
+    return model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions(attention_mask),
+        use_cache=False,
+    ).logits

@@ -40,33 +40,19 @@ def tiny_lm(family: str, classifier: bool = False):
     )
 
     size = {"vocab_size": 64, "pad_token_id": 0}
+    # The names GPT-NeoX, Llama and OPT share (OPT's feed-forward width has its own name).
+    shared = {
+        "max_position_embeddings": 64,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        **size,
+    }
     config = {
         "gpt2": lambda: GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4, **size),
-        "opt": lambda: OPTConfig(
-            max_position_embeddings=64,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            ffn_dim=64,
-            word_embed_proj_dim=32,
-            **size,
-        ),
-        "gpt_neox": lambda: GPTNeoXConfig(
-            max_position_embeddings=64,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            **size,
-        ),
-        "llama": lambda: LlamaConfig(
-            max_position_embeddings=64,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            **size,
-        ),
+        "opt": lambda: OPTConfig(ffn_dim=64, word_embed_proj_dim=32, **shared),
+        "gpt_neox": lambda: GPTNeoXConfig(intermediate_size=64, **shared),
+        "llama": lambda: LlamaConfig(intermediate_size=64, **shared),
     }[family]()
     torch.manual_seed(0)
     if classifier:
