@@ -8,10 +8,11 @@ else is a bug and is retried by the Job's backoffLimit.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
-from jobs.errors import EXIT_BAD_INPUT, EXIT_OK, StageError
+from jobs.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRY, StageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A full disk is the node's, not the config's: another pod may have room.
+        print(f"error: no space left on the disk: {exc}", file=sys.stderr, flush=True)
+        return EXIT_RETRY
     from jobs import dist
 
     if not dist.is_main():

@@ -9,6 +9,7 @@ re-run never disturbs a finished output until it is ready to replace it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -18,6 +19,8 @@ import stat
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs import dist, store
-from jobs.errors import BadInputError, Preempted
+from jobs.errors import BadInputError, Preempted, TransientError
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
@@ -349,6 +352,27 @@ class Checkpoints:
     def local_dir(self, step: int) -> Path:
         return self.local_root / f"step-{step:08d}"
 
+    @contextmanager
+    def writing(self, step: int) -> Iterator[Path]:
+        """``local_dir(step)`` to write a checkpoint into. A full scratch disk stops the stage
+        with the retryable error and a message that says so (torch reports it as an
+        unexplained RuntimeError); the half-written folder goes, the checkpoint before it
+        stays as it was, locally and in the store."""
+        local = self.local_dir(step)
+        try:
+            yield local
+        except (OSError, RuntimeError) as exc:
+            if not scratch_full(exc, self.local_root):
+                raise
+            free = shutil.disk_usage(self.local_root).free
+            shutil.rmtree(local, ignore_errors=True)
+            raise TransientError(
+                f"the scratch disk at {self.local_root} is full ({free // 2**20} MiB free) "
+                f"while writing the checkpoint at step {step}: it was not saved, the one "
+                "before it is intact; give the pod more ephemeral storage "
+                "(or point KUBERLHF_WORKDIR at a larger volume)"
+            ) from None
+
     def save(self, step: int) -> None:
         """Push ``local_dir(step)`` (written by every rank) and commit it; collective."""
         local = self.local_dir(step)
@@ -467,6 +491,17 @@ def input_hashes(config: StageConfig) -> list[str]:
     return sorted(found)
 
 
+def scratch_full(exc: BaseException, path: Path) -> bool:
+    """Whether ``exc``, met while writing below ``path``, is a full disk: the errno says so,
+    or (torch's writer keeps no errno) less than 64 MiB is left there."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(path).free < 64 * 2**20
+    except OSError:
+        return False
+
+
 def work_root() -> Path:
     """This user's scratch root, ``kuberlhf-<uid>`` (mode 0700) under ``KUBERLHF_WORKDIR`` or
     the temporary folder: another user of the node can neither read a stage's inputs and
@@ -537,6 +572,8 @@ def run_stage(stage: str, config: StageConfig, run_fn, workdir: Path | None = No
     finished = dist.broadcast_object(finished)
     if finished is not None:
         if dist.is_main():
+            # a run killed after its manifest landed left its checkpoints behind
+            store.delete(store.join(config.output, CHECKPOINTS))
             print(
                 f"{stage}: up to date at {config.output} (config and inputs unchanged); skipped",
                 flush=True,

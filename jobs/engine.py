@@ -230,13 +230,14 @@ def checkpoint(engines, ctx, step: int, state: dict) -> None:
     client = {**state, "step": step, "torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():  # sampling in rollouts draws from the GPU's generator
         client["cuda_rng"] = torch.cuda.get_rng_state()
-    for name, engine in _engines(engines).items():
-        engine.save_checkpoint(
-            str(ctx.checkpoints.local_dir(step) / name), tag="state", client_state=client
-        )
-    ctx.checkpoints.save(step)
-    if ctx.metrics is not None:  # the metrics up to a checkpoint survive a preemption
+    with ctx.checkpoints.writing(step) as local:
+        for name, engine in _engines(engines).items():
+            engine.save_checkpoint(str(local / name), tag="state", client_state=client)
+    # The metrics up to the checkpoint reach the store before it commits: a kill between
+    # the two must not lose the lines a resumed run continues from.
+    if ctx.metrics is not None:
         ctx.metrics.sync()
+    ctx.checkpoints.save(step)
 
 
 def resume(engines, ctx) -> dict:

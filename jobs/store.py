@@ -47,6 +47,8 @@ class S3Settings(BaseSettings):
     session_token: SecretStr | None = Field(None, validation_alias="AWS_SESSION_TOKEN")
     max_attempts: int = Field(5, validation_alias="KUBERLHF_S3_MAX_ATTEMPTS", ge=1)
     connect_timeout_s: float = Field(5.0, validation_alias="KUBERLHF_S3_CONNECT_TIMEOUT")
+    # A stalled answer is abandoned and retried after this long.
+    read_timeout_s: float = Field(60.0, validation_alias="KUBERLHF_S3_READ_TIMEOUT", gt=0)
     multipart_threshold_mb: int = Field(16, validation_alias="KUBERLHF_S3_MULTIPART_MB", ge=5)
     # Self-hosted S3 (MinIO, Ceph, the test server) wants path-style addressing.
     addressing_style: str = Field("auto", validation_alias="KUBERLHF_S3_ADDRESSING_STYLE")
@@ -157,6 +159,7 @@ class _S3:
                 "S3 credentials: set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither"
             )
         self.endpoint = settings.endpoint_url or f"AWS S3 ({settings.region})"
+        self.max_attempts = settings.max_attempts
         session = boto3.session.Session(
             aws_access_key_id=_reveal(settings.access_key_id),
             aws_secret_access_key=_reveal(settings.secret_access_key),
@@ -174,6 +177,7 @@ class _S3:
             config=Config(
                 retries={"max_attempts": settings.max_attempts, "mode": "standard"},
                 connect_timeout=settings.connect_timeout_s,
+                read_timeout=settings.read_timeout_s,
                 s3={"addressing_style": settings.addressing_style},
             ),
         )
@@ -181,11 +185,14 @@ class _S3:
         self.transfer = TransferConfig(multipart_threshold=threshold, multipart_chunksize=threshold)
 
     def _call(self, uri: str, fn, *args, **kwargs):
-        from boto3.exceptions import S3UploadFailedError
+        from boto3.exceptions import RetriesExceededError, S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return fn(*args, **kwargs)
+        except RetriesExceededError as exc:
+            # download_file read a body cut short (or stalled) on every attempt it makes
+            raise TransientError(f"{uri}: S3 download failed after retries: {exc}") from None
         except S3UploadFailedError as exc:
             # upload_file wraps the service's answer in an error of its own: judge the answer.
             cause = exc.__cause__ or exc.__context__
@@ -253,9 +260,24 @@ class _S3:
             raise
 
     def read_bytes(self, uri: str) -> bytes:
+        from botocore.exceptions import BotoCoreError
+
         bucket, key = _split_s3(uri)
-        response = self._call(uri, self.client.get_object, Bucket=bucket, Key=key)
-        return response["Body"].read()
+
+        def fetch() -> bytes:
+            # botocore retries the request, not the reading of its body: a connection cut
+            # mid-body (a truncated answer) is retried here, as s3transfer does for files.
+            attempt = 1
+            while True:
+                response = self.client.get_object(Bucket=bucket, Key=key)
+                try:
+                    return response["Body"].read()
+                except BotoCoreError:
+                    if attempt >= self.max_attempts:
+                        raise
+                    attempt += 1
+
+        return self._call(uri, fetch)
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         bucket, key = _split_s3(uri)

@@ -14,7 +14,7 @@ import pytest
 
 from jobs.contract import read_manifest
 from jobs.errors import EXIT_BAD_INPUT
-from tests.conftest import ROOT, preempt_and_resume, run_entrypoint
+from tests.conftest import ROOT, run_entrypoint
 
 pytestmark = pytest.mark.slow
 
@@ -103,24 +103,6 @@ def test_with_the_reward_negated_the_accuracy_falls(warm, tiny, tmp_path):
     metrics = read_manifest(str(tmp_path / "neg")).metrics
     # 0.77 -> 0.31 after 20 iterations with the same seeds: the update follows the sign.
     assert metrics["eval_correct"] < metrics["eval_correct_start"] - 0.2
-
-
-def test_a_preempted_run_resumes_to_the_same_metrics(warm, tiny, tmp_path):
-    overrides = {"iterations": 8, "checkpoint_every": 3, "eval_every": 4, "eval_prompts": 20}
-    straight = run_entrypoint(
-        "grpo", grpo_config(warm, tiny, tmp_path / "a", **overrides), tmp_path, name="a"
-    )
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
-    config = grpo_config(warm, tiny, tmp_path / "b", **overrides)
-    preempt_and_resume("grpo", config, tmp_path, after_step=3)  # past the iteration-3 one
-
-    a, b = metrics_lines(tmp_path / "a"), metrics_lines(tmp_path / "b")
-    assert [m["step"] for m in b] == [m["step"] for m in a]
-    for x, y in zip(a, b, strict=True):
-        for key in ("reward_mean", "kl", "loss", "eval_correct"):
-            if key in x:
-                assert y[key] == pytest.approx(x[key], rel=1e-3, abs=1e-4), (x["step"], key)
 
 
 def test_a_failing_reward_function_stops_the_stage_naming_it_and_the_example(warm, tiny, tmp_path):

@@ -15,7 +15,7 @@ import yaml
 
 from jobs import store
 from jobs.contract import read_manifest, run_stage
-from tests.conftest import ROOT, preempt_and_resume, run_entrypoint
+from tests.conftest import ROOT, run_entrypoint
 
 pytestmark = pytest.mark.slow
 
@@ -151,34 +151,6 @@ def test_a_policy_that_games_its_reward_model_wins_by_the_proxy_and_loses_by_the
     assert report["judged_by"] == "held_out"
     assert report["win_rate"] == report["held_out"]["win_rate"] < 0.5
     assert report["held_out"]["reward_candidate"] < report["held_out"]["reward_baseline"]
-
-
-def test_a_preempted_run_resumes_with_continuous_metrics(demo, tmp_path):
-    reward_model = str(demo / "reward" / "model")
-    overrides = {
-        "iterations": 8,
-        "checkpoint_every": 3,
-        "rollout_batch_size": 16,
-        "minibatch_size": 8,
-        "seed": 5,
-    }
-    straight = run_entrypoint(
-        "ppo",
-        ppo_config(demo, tmp_path / "a", reward_model, **overrides),
-        tmp_path,
-        name="straight",
-    )
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
-    config = ppo_config(demo, tmp_path / "b", reward_model, **overrides)
-    preempt_and_resume("ppo", config, tmp_path, after_step=3)  # past the iteration-3 one
-
-    a, b = metrics_lines(tmp_path / "a"), metrics_lines(tmp_path / "b")
-    assert [m["step"] for m in b] == [m["step"] for m in a] == list(range(1, 9))
-    for x, y in zip(a, b, strict=True):
-        for key in ("reward_mean", "kl", "policy_loss", "value_loss"):
-            assert y[key] == pytest.approx(x[key], rel=1e-3, abs=1e-4), (x["step"], key)
-    assert read_manifest(str(tmp_path / "b")).metrics["iterations"] == 8
 
 
 def test_two_processes_under_zero3_complete_an_iteration(demo, tmp_path):
