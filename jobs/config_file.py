@@ -14,7 +14,7 @@ from jobs.errors import BadInputError
 def load_mapping(uri: str) -> dict:
     """A YAML or JSON mapping from a local path or store URI."""
     try:
-        text = store.read_text(uri)
+        text = store.read_text(uri).removeprefix("\ufeff")  # a byte-order mark (Windows)
     except FileNotFoundError:
         raise BadInputError(f"{uri}: no such config file") from None
     try:

@@ -88,6 +88,20 @@ def all_reduce_sum(tensor):
     return moved.to(tensor.device)
 
 
+def all_gather_cat(tensor):
+    """Every rank's ``tensor`` (one shape on all), concatenated along dim 0 in rank order,
+    on ``tensor``'s own device: statistics that must be the batch's, not a rank's."""
+    group = _group()
+    if group is None:
+        return tensor
+    import torch
+
+    moved = tensor.detach().to(_collective_device(group), copy=True).contiguous()
+    parts = [torch.empty_like(moved) for _ in range(world_size())]
+    group.all_gather(parts, moved)
+    return torch.cat(parts).to(tensor.device)
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any rank (a SIGTERM reaches ranks unevenly)."""
     import torch

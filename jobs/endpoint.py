@@ -21,11 +21,12 @@ from pathlib import Path
 from threading import Lock
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jobs import store
 from jobs.contract import PROGRESS
 from jobs.errors import BadInputError, TransientError
+from jobs.secrets import check_url
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -33,7 +34,7 @@ RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 class EndpointConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(description="base URL, e.g. https://api.openai.com/v1")
+    url: str = Field(description="base URL, e.g. https://api.openai.com/v1 (no key in it)")
     model: str = Field(description="the model name the endpoint serves")
     api_key_env: str | None = Field(
         "OPENAI_API_KEY", description="environment variable holding the key (None: no key)"
@@ -44,6 +45,8 @@ class EndpointConfig(BaseModel):
     timeout_s: float = Field(120, gt=0)
     temperature: float = 0.7
     max_tokens: int = 512
+
+    _url = field_validator("url")(check_url)
 
 
 class Cache:

@@ -227,12 +227,16 @@ def checkpoint(engines, ctx, step: int, state: dict) -> None:
     and scheduler state (each rank its shard), ``state`` and the RNG; collective."""
     import torch
 
-    client = {**state, "step": step, "torch_rng": torch.get_rng_state()}
+    # ``state`` is the run's (the same on every rank: stages all-reduce what goes in it) and
+    # DeepSpeed keeps rank 0's; each rank's own generators go in a file of the rank's.
+    client = {**state, "step": step}
+    generators = {"torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():  # sampling in rollouts draws from the GPU's generator
-        client["cuda_rng"] = torch.cuda.get_rng_state()
+        generators["cuda_rng"] = torch.cuda.get_rng_state()
     with ctx.checkpoints.writing(step) as local:
         for name, engine in _engines(engines).items():
             engine.save_checkpoint(str(local / name), tag="state", client_state=client)
+        torch.save(generators, local / _rank_file())
     # The metrics up to the checkpoint reach the store before it commits: a kill between
     # the two must not lose the lines a resumed run continues from.
     if ctx.metrics is not None:
@@ -251,15 +255,23 @@ def resume(engines, ctx) -> dict:
     directory = ctx.checkpoints.restore(step)
     state: dict = {}
     for name, engine in _engines(engines).items():
+        # DeepSpeed loads its files with pickle (weights_only=False, no option to change
+        # it): Checkpoints.restore verified each against its sha256 first.
         _, state = engine.load_checkpoint(str(directory / name), tag="state")
-    if "torch_rng" in state:
-        torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_rng"].cpu())
+    mine = directory / _rank_file()
+    if mine.is_file():  # absent when the world size changed: the generators start afresh
+        generators = torch.load(mine, weights_only=True)
+        torch.set_rng_state(generators["torch_rng"])
+        if "cuda_rng" in generators and torch.cuda.is_available():
+            torch.cuda.set_rng_state(generators["cuda_rng"].cpu())
     ctx.continue_metrics(step)
     if dist.is_main():
         print(f"{ctx.stage}: resumed from the checkpoint at step {step}", flush=True)
     return state
+
+
+def _rank_file() -> str:
+    return f"generators-rank{dist.rank():05d}.pt"
 
 
 def checkpoint_or_stop(engines, ctx, step: int, every: int, state: dict) -> None:

@@ -20,6 +20,7 @@ normaliser, the RNG and the prompt position, so a preempted run resumes exactly.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Literal
@@ -254,8 +255,9 @@ def shape_rewards(batch: dict, scores: torch.Tensor, kl_coef: float) -> torch.Te
     return rewards
 
 
-def ptx_batches(config: Config, models: Models, data_dir: Path):
-    """Endless micro-batches of the SFT data, for the pre-training loss."""
+def ptx_batches(config: Config, models: Models, data_dir: Path, start: int = 0):
+    """Endless micro-batches of the SFT data, for the pre-training loss, from the
+    ``start``-th on."""
     from jobs.supervised import collate, tokenize
 
     rows = read_jsonl(data_dir / "sft" / "train.jsonl", ("prompt", "response"))
@@ -263,7 +265,7 @@ def ptx_batches(config: Config, models: Models, data_dir: Path):
     sampler = ShardedSampler(
         len(items), config.minibatch_size, config.seed, dist.rank(), dist.world_size()
     )
-    for indices in sampler.micro_batches():
+    for indices in sampler.micro_batches(start=start):
         yield collate([items[i] for i in indices], models.tokenizer.pad_token_id)
 
 
@@ -328,7 +330,10 @@ def run(config: Config, ctx: StageContext) -> dict:
     if config.ema_decay is not None:  # on the actor's device, back there after a resume
         weights = state.get("ema") or models.actor.module.state_dict()
         ema = ExponentialAverage(weights, config.ema_decay, models.actor.device)
-    ptx = ptx_batches(config, models, data_dir) if config.ptx_coef > 0 else None
+    # where a resumed run's SFT batches go on from: one per minibatch update so far
+    minibatches = math.ceil(config.rollout_batch_size / config.minibatch_size)
+    ptx_start = iteration * config.ppo_epochs * minibatches
+    ptx = ptx_batches(config, models, data_dir, ptx_start) if config.ptx_coef > 0 else None
     batches = sampler.micro_batches(start=iteration)
     progress = ctx.progress(config.iterations, iteration)
     first_reward = state.get("first_reward")
@@ -339,9 +344,12 @@ def run(config: Config, ctx: StageContext) -> dict:
         batch = rollout(models, [prompts[i]["prompt"] for i in indices], config, seed)
         batch["seed"] = seed
         raw = batch["scores"]
+        # The whole batch's rewards, every rank's: the normalising moments are the run's,
+        # the same on every rank, so rank 0's checkpoint restores them on all.
+        everyone = dist.all_gather_cat(raw.float())
         scores = raw
         if config.normalize_reward:
-            moments.update(raw)
+            moments.update(everyone)
             scores = (raw - moments.mean) / moments.std
         scores = scores.clamp(-config.reward_clip, config.reward_clip)
         if config.missing_eos_penalty is not None:
@@ -357,7 +365,8 @@ def run(config: Config, ctx: StageContext) -> dict:
         losses = train_on(models, batch, config, ptx)
         training_s = time.perf_counter() - timer
 
-        kl = float(((batch["old_logp"] - batch["ref_logp"]) * batch["mask"]).sum(1).mean())
+        kl_rows = ((batch["old_logp"] - batch["ref_logp"]) * batch["mask"]).sum(1)
+        kl = float(dist.all_gather_cat(kl_rows.float()).mean())  # one KL coefficient for all
         if config.adaptive_kl:
             error = max(min(kl / config.target_kl - 1, 0.2), -0.2)
             kl_coef *= 1 + error * config.rollout_batch_size / config.kl_horizon
@@ -365,11 +374,11 @@ def run(config: Config, ctx: StageContext) -> dict:
             ema.update(models.actor.module)
         iteration += 1
         if first_reward is None:
-            first_reward = float(raw.mean())
+            first_reward = float(everyone.mean())
         lengths = batch["mask"].sum(1)
         summary = {
-            "reward_mean": float(raw.mean()),
-            "reward_std": float(raw.std()),
+            "reward_mean": float(everyone.mean()),
+            "reward_std": float(everyone.std()),
             "kl": kl,
             "kl_coef": kl_coef,
             **losses,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from jobs import dist
 from jobs.tokens import padded_logits
 
 
@@ -32,8 +33,12 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
+    """Zero mean, unit variance over the answer tokens of the whole batch, every rank's:
+    a rank's own statistics would give each rank its own baseline (and a resumed rank
+    could not rebuild them)."""
+    count = dist.all_reduce_sum(mask.sum()).clamp(min=1)
+    mean = dist.all_reduce_sum((values * mask).sum()) / count
+    var = dist.all_reduce_sum((((values - mean) ** 2) * mask).sum()) / count
     return (values - mean) * torch.rsqrt(var + 1e-8) * mask
 
 

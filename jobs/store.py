@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jobs.errors import BadInputError, TransientError
+from jobs.secrets import check_url
 
 _CHUNK = 1 << 20
 
@@ -52,6 +53,14 @@ class S3Settings(BaseSettings):
     multipart_threshold_mb: int = Field(16, validation_alias="KUBERLHF_S3_MULTIPART_MB", ge=5)
     # Self-hosted S3 (MinIO, Ceph, the test server) wants path-style addressing.
     addressing_style: str = Field("auto", validation_alias="KUBERLHF_S3_ADDRESSING_STYLE")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials_in_url(cls, url: str | None) -> str | None:
+        try:
+            return url and check_url(url)
+        except ValueError as exc:  # said without the URL, which would print the credential
+            raise BadInputError(f"AWS_ENDPOINT_URL: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,20 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from jobs.secrets import (
+    PLAIN,
+    SECRET_NAME,
+    URL_WITH_KEY,
+    URL_WITH_USER,
+    check_url,
+    key_env_names,
+    secret_name,
+)
 
 CHARTS = Path(__file__).resolve().parents[1] / "charts"
 LIBRARY = "kuberlhf-job"
-# Names an env entry may not give a literal value: credentials come from a Secret.
-SECRET_NAME = r"(^|_)(SECRET|PASSWORD|TOKEN|ACCESS_KEY|API_KEY|CREDENTIALS?)(_|$)"
 
 
 class Closed(BaseModel):
@@ -35,9 +43,17 @@ class S3(Closed):
         "",
         description="Secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; never keys here",
     )
-    endpoint: str = Field("", description="S3-compatible endpoint URL; empty for AWS")
+    endpoint: str = Field(
+        "",
+        description="S3-compatible endpoint URL; empty for AWS (no credentials in it)",
+        json_schema_extra={
+            "not": {"anyOf": [{"pattern": URL_WITH_USER}, {"pattern": URL_WITH_KEY}]}
+        },
+    )
     region: str = "us-east-1"
     addressingStyle: Literal["auto", "path", "virtual"] = "auto"
+
+    _endpoint = field_validator("endpoint")(check_url)
 
 
 class Kueue(Closed):
@@ -52,6 +68,22 @@ class Scratch(Closed):
     sizeLimit: str = "100Gi"
     storageClassName: str = Field(
         "", description="set to use a generic ephemeral volume of this class instead of emptyDir"
+    )
+
+
+class NetworkPolicy(Closed):
+    enabled: bool | None = Field(
+        None, description="a NetworkPolicy for the stage's pods; default: on for nodes > 1"
+    )
+    s3: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="NetworkPolicyPeers of the S3 endpoint (ipBlock, namespaceSelector...); "
+        "when given, egress is limited to them, DNS and the gang's own pods",
+    )
+    s3Ports: list[int] = Field(default_factory=lambda: [443], description="the S3 endpoint's ports")
+    dnsNamespace: str = Field("kube-system", description="where the cluster DNS runs")
+    extraEgress: list[dict[str, Any]] = Field(
+        default_factory=list, description="more NetworkPolicyEgressRules (a judge endpoint)"
     )
 
 
@@ -90,7 +122,12 @@ class StageValues(Closed):
         json_schema_extra={
             "items": {
                 "type": "object",
-                "not": {"properties": {"name": {"pattern": SECRET_NAME}}, "required": ["value"]},
+                # a name with a credential's word and a literal value (the chart's template
+                # refuses the names the config's *_env fields give, whatever they are)
+                "not": {
+                    "properties": {"name": {"pattern": SECRET_NAME, "not": {"enum": list(PLAIN)}}},
+                    "required": ["name", "value"],
+                },
             }
         },
     )
@@ -109,7 +146,20 @@ class StageValues(Closed):
     shm: Shm = Shm()
     scratch: Scratch = Scratch()
     readOnlyRootFilesystem: bool = True
+    networkPolicy: NetworkPolicy = NetworkPolicy()
     tests: Tests = Tests()
+
+    @model_validator(mode="after")
+    def _no_literal_credentials(self) -> StageValues:
+        keys = key_env_names(self.config)
+        for entry in self.env:
+            name = entry.get("name", "")
+            if "value" in entry and (secret_name(name) or name in keys):
+                why = "the stage config names it as a key" if name in keys else "a credential"
+                raise ValueError(
+                    f"env {name}: {why}; give it with valueFrom (a Secret), never a value"
+                )
+        return self
 
 
 def schema() -> dict:

@@ -23,9 +23,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from jobs import store
 from jobs.config_file import describe_validation_error, load_mapping, validate
@@ -61,13 +61,19 @@ class KubernetesSettings(BaseModel):
     )
 
 
+# A run id or stage name: part of every output's path and of its Job's name, so a DNS label
+# (no path separator, no '..'), short enough for <run>-<stage> to make a Job name.
+NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+Name = Annotated[str, StringConstraints(pattern=NAME, max_length=40)]
+
+
 class PipelineFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
+    name: Name
     store: str = "runs"
-    run_id: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
-    stages: dict[str, StageSpec] = Field(min_length=1)
+    run_id: Name | None = None
+    stages: dict[Name, StageSpec] = Field(min_length=1)
     kubernetes: KubernetesSettings = KubernetesSettings()
 
 
@@ -161,6 +167,11 @@ def plan(path: str, run_id: str | None = None, store_uri: str | None = None) -> 
         pipeline = PipelineFile.model_validate(raw)
     except ValidationError as exc:
         raise BadInputError(describe_validation_error(exc, path)) from None
+    if run_id is not None and not (re.fullmatch(NAME, run_id) and len(run_id) <= 40):
+        raise BadInputError(
+            f"--run-id {run_id!r}: a run id is lowercase letters, digits and '-' (a DNS "
+            "label), at most 40 characters"
+        )
     run_id = run_id or pipeline.run_id or pipeline.name
     root = store_uri or pipeline.store
     if not store.is_s3(root):

@@ -7,6 +7,7 @@ number, or row index for JSON arrays, Parquet and Hub data sets) and the field.
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -63,7 +64,9 @@ class Row:
 
 
 def rows_from_file(path: Path, display: str) -> Iterator[Row]:
-    """Rows of a JSONL, JSON (array of objects) or Parquet file."""
+    """Rows of a JSONL, JSON (array of objects), CSV (a header row) or Parquet file. Text
+    files may start with a UTF-8 byte-order mark and end lines with CRLF, as Windows tools
+    and spreadsheet exports write them ("utf-8-sig" drops the mark)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -74,9 +77,19 @@ def rows_from_file(path: Path, display: str) -> Iterator[Row]:
             raise BadInputError(f"{display}: not a readable Parquet file ({exc})") from None
         for index, data in enumerate(table.to_pylist()):
             yield Row(f"{display}: row {index}", data)
+    elif suffix == ".csv":
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            reader = csv.DictReader(handle)
+            for item in reader:
+                if None in item or None in item.values():
+                    raise BadInputError(
+                        f"{display}:{reader.line_num}: {len(reader.fieldnames or [])} columns "
+                        "in the header and a different number in this row"
+                    )
+                yield Row(f"{display}:{reader.line_num}", item)
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as exc:
             raise BadInputError(
                 f"{display}: line {exc.lineno}: not valid JSON ({exc.msg})"
@@ -88,7 +101,7 @@ def rows_from_file(path: Path, display: str) -> Iterator[Row]:
         for index, item in enumerate(data):
             yield _as_row(f"{display}: row {index}", item)
     else:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
@@ -126,6 +139,7 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 def parse_hh(text: str, where: str, name: str) -> list[Message]:
     """Split an Anthropic HH-RLHF dialogue ("\\n\\nHuman: ... \\n\\nAssistant: ...") into turns."""
+    text = text.replace("\r\n", "\n")  # a dialogue exported on Windows
     if not text.startswith("\n\nHuman:") and text.startswith("Human:"):
         text = "\n\n" + text
     parts = _HH_TURN.split(text)

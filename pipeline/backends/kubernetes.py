@@ -69,6 +69,7 @@ class KubernetesBackend:
         self.api = client.ApiClient()
         self.batch = client.BatchV1Api(self.api)
         self.core = client.CoreV1Api(self.api)
+        self.networking = client.NetworkingV1Api(self.api)
         self.echo, self.poll_s = echo, poll_s
 
     # --- the client interface -------------------------------------------------------
@@ -141,6 +142,8 @@ class KubernetesBackend:
                     self.core.replace_namespaced_config_map(name, namespace, manifest)
                 elif kind == "Service":
                     self.core.patch_namespaced_service(name, namespace, manifest)
+                elif kind == "NetworkPolicy":
+                    self.networking.replace_namespaced_network_policy(name, namespace, manifest)
 
     def wait(
         self, plan: Plan, stage: PlannedStage, job_name: str, head: str
@@ -225,7 +228,7 @@ class KubernetesBackend:
         return out
 
     def delete(self, plan: Plan) -> int:
-        """Cancel a run: its Jobs (and their pods), ConfigMaps and Services."""
+        """Cancel a run: its Jobs (and their pods), ConfigMaps, Services and NetworkPolicies."""
         namespace, selector = plan.kubernetes.namespace, run_selector(plan.run_id)
         jobs = self.batch.list_namespaced_job(namespace, label_selector=selector).items
         for job in jobs:
@@ -238,6 +241,10 @@ class KubernetesBackend:
             self.core.delete_namespaced_config_map(config_map.metadata.name, namespace)
         for service in self.core.list_namespaced_service(namespace, label_selector=selector).items:
             self.core.delete_namespaced_service(service.metadata.name, namespace)
+        networking = self.networking
+        policies = networking.list_namespaced_network_policy(namespace, label_selector=selector)
+        for policy in policies.items:
+            self.networking.delete_namespaced_network_policy(policy.metadata.name, namespace)
         return len(jobs)
 
     # --- internals ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ from pipeline.backends.container import container_command
 from pipeline.charts import pod_template, render_stage
 from pipeline.cli import main
 from pipeline.config import plan
+from tests.integration.test_secrets import bucket_objects, canaries, leaks
 
 pytestmark = pytest.mark.skipif(
     bool(localbuild.missing()),
@@ -98,13 +99,18 @@ def pipeline_file(tmp_path, s3_env: str, endpoint: str, image: str):
     return plan(str(path))
 
 
-def test_stages_run_as_containers_from_the_image(job_image, s3_env, s3_server, tmp_path, capsys):
+def test_stages_run_as_containers_from_the_image(
+    job_image, s3_env, s3_server, tmp_path, capsys, monkeypatch
+):
+    markers = canaries(monkeypatch)  # the Secret's values the containers get: never seen
     the_plan = pipeline_file(tmp_path, s3_env, s3_server, job_image)
     command = ["run", the_plan.source, "--backend", "container", "--engine", "podman"]
 
     assert main(command) == 0
 
     printed = capsys.readouterr().out
+    objects = bucket_objects(s3_server, s3_env.removeprefix("s3://"))
+    assert leaks(markers, {"rlhf run output": printed, **objects}) == []
     assert f"[3/3] sft: podman container boxed-sft from {job_image}" in printed
     results = {stage.name: read_manifest(stage.output) for stage in the_plan.stages}
     for name, manifest in results.items():

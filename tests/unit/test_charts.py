@@ -4,14 +4,14 @@ Kubernetes schema, plus the API server's semantic rules our Jobs rely on."""
 from __future__ import annotations
 
 import json
-import re
 
 import helm_python
 import kubernetes_validate
 import pytest
 import yaml
 
-from pipeline.chart_values import CHARTS, SECRET_NAME, render_schema, stage_charts
+from jobs.secrets import secret_name
+from pipeline.chart_values import CHARTS, render_schema, stage_charts
 
 helm_python.disable_logging()
 K8S_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
@@ -61,6 +61,14 @@ SCENARIOS = {
             {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
         ],
         "podAnnotations": {"example.com/team": "alignment"},
+        "networkPolicy": {
+            "enabled": True,
+            "s3": [{"ipBlock": {"cidr": "10.0.5.0/24"}}],
+            "s3Ports": [9000],
+            "extraEgress": [
+                {"to": [{"ipBlock": {"cidr": "10.0.9.7/32"}}], "ports": [{"port": 443}]}
+            ],
+        },
     },
 }
 CONFIG = {"output": "s3://bucket/runs/exp1/stage", "seed": 0}
@@ -222,7 +230,7 @@ def test_no_rendered_manifest_carries_a_credential():
             pod = doc["spec"]["template"]["spec"] if doc["kind"] == "Job" else doc.get("spec", {})
             for container in pod.get("containers", []):
                 envs += container["env"]
-    credentials = [e for e in envs if re.search(SECRET_NAME, e["name"])]
+    credentials = [e for e in envs if secret_name(e["name"])]
     assert {e["name"] for e in credentials} == {
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
@@ -398,3 +406,50 @@ def test_the_job_carries_the_hash_of_its_config():
     key = "kuberlhf.io/config-sha256"
     assert first["metadata"]["annotations"][key] == same["metadata"]["annotations"][key]
     assert first["metadata"]["annotations"][key] != changed["metadata"]["annotations"][key]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+def test_a_gangs_pods_are_reachable_from_its_own_pods_only():
+    docs = render(CHARTS / "sft", SCENARIOS["multinode"])
+    [policy] = by_kind(docs, "NetworkPolicy")
+    gang = by_kind(docs, "Job")[0]["spec"]["template"]["metadata"]["labels"]
+    spec = policy["spec"]
+    assert selects(spec["podSelector"], gang)
+    [rule] = spec["ingress"]  # one rule: from the gang, nothing else
+    [peer] = rule["from"]
+    assert set(peer) == {"podSelector"} and selects(peer["podSelector"], gang)
+    # another run's pod of the same stage, and this run's other stage, are not let in
+    assert not selects(peer["podSelector"], {**gang, "kuberlhf.io/run": "someone-else"})
+    assert not selects(peer["podSelector"], {**gang, "kuberlhf.io/stage": "dpo"})
+    test_pods = [d for d in render(CHARTS / "sft", SCENARIOS["multinode"]) if d["kind"] == "Pod"]
+    assert all(not selects(peer["podSelector"], p["metadata"]["labels"]) for p in test_pods)
+    assert spec["policyTypes"] == ["Ingress"]  # egress open until the user names S3
+
+
+def test_the_network_policy_is_on_for_gangs_and_where_asked():
+    def policies(values):
+        return by_kind(render(CHARTS / "sft", values), "NetworkPolicy")
+
+    assert policies({}) == []  # one pod: nothing to rendezvous with
+    assert len(policies({"networkPolicy": {"enabled": True}})) == 1
+    assert policies({**SCENARIOS["multinode"], "networkPolicy": {"enabled": False}}) == []
+
+
+def test_naming_s3_limits_egress_to_s3_dns_and_the_gang():
+    [policy] = by_kind(render(CHARTS / "sft", SCENARIOS["scheduling"]), "NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    to_gang, to_s3, to_dns, extra = spec["egress"]
+    assert selects(to_gang["to"][0]["podSelector"], {**spec["podSelector"]["matchLabels"]})
+    assert to_s3 == {
+        "to": [{"ipBlock": {"cidr": "10.0.5.0/24"}}],
+        "ports": [{"protocol": "TCP", "port": 9000}],
+    }
+    assert to_dns["to"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}
+    ]
+    assert {p["port"] for p in to_dns["ports"]} == {53}
+    assert extra["to"] == [{"ipBlock": {"cidr": "10.0.9.7/32"}}]

@@ -121,3 +121,22 @@ def test_invalid_yaml(tmp_path):
     path.write_text("name: t\nstages: {bootstrap: {}\n")
     with pytest.raises(BadInputError, match=r"p.yaml: line \d+: not valid YAML"):
         plan(str(path))
+
+
+@pytest.mark.parametrize("run_id", ["../other-team", "a/b", "Exp_1", "x" * 41])
+def test_a_run_id_from_the_command_line_is_a_dns_label(run_id, tmp_path):
+    with pytest.raises(BadInputError, match="--run-id"):
+        plan(write(tmp_path, demo()), run_id=run_id)
+
+
+@pytest.mark.parametrize("name", ["../sft", "sft/x", "SFT", "sft_2"])
+def test_a_stage_name_is_a_dns_label(name, tmp_path):
+    pipeline = {"name": "t", "stages": {name: {"stage": "bootstrap"}}}
+    with pytest.raises(BadInputError, match="stages"):
+        plan(write(tmp_path, pipeline))
+
+
+def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"name": "t", "stages": {"bootstrap": {}}}')
+    assert [s.name for s in plan(str(path)).stages] == ["bootstrap"]

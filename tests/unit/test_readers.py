@@ -132,3 +132,48 @@ def test_bad_rows_name_the_file_line_and_field(tmp_path, content, fmt, message):
     path.write_text(content)
     with pytest.raises(BadInputError, match=message):
         list(read_examples(rows_from_file(path, "bad.jsonl"), fmt, "s"))
+
+
+ALPACA = [
+    {"instruction": "Say hi.", "input": "", "output": "Hi!"},
+    {"instruction": "Count to two.", "input": "", "output": "One, two."},
+]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_byte_order_mark_and_crlf_line_ends_read_as_plain_utf8(suffix, tmp_path):
+    import csv
+    import io
+    import json
+
+    if suffix == ".jsonl":
+        text = "\r\n".join(json.dumps(row) for row in ALPACA) + "\r\n"
+    elif suffix == ".json":
+        text = json.dumps(ALPACA, indent=1).replace("\n", "\r\n")
+    else:  # as a spreadsheet exports it: excel dialect, CRLF
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(ALPACA[0]))
+        writer.writeheader()
+        writer.writerows(ALPACA)
+        text = buffer.getvalue()
+    assert "\r\n" in text
+    path = tmp_path / f"export{suffix}"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+
+    examples = list(read_examples(rows_from_file(path, path.name), "alpaca", "src"))
+    assert [e.messages[0].content for e in examples] == ["Say hi.", "Count to two."]
+    assert [e.response for e in examples] == ["Hi!", "One, two."]
+
+
+def test_a_csv_row_with_a_missing_column_is_named(tmp_path):
+    path = tmp_path / "short.csv"
+    path.write_text("instruction,input,output\nSay hi.,,Hi!\nCount to two.,One\n")
+    with pytest.raises(BadInputError, match=r"short\.csv:3: 3 columns"):
+        list(rows_from_file(path, "short.csv"))
+
+
+def test_an_hh_dialogue_with_crlf_splits_into_turns():
+    from jobs.data.readers import parse_hh
+
+    turns = parse_hh("\r\n\r\nHuman: Hi\r\n\r\nAssistant: Hello", "x.jsonl:1", "chosen")
+    assert [(t.role, t.content) for t in turns] == [("user", "Hi"), ("assistant", "Hello")]

@@ -68,3 +68,22 @@ pod template's kuberlhf.io/launch annotation), so the two cannot drift.
 {{- end }}
 {{- dict "command" $command "env" $env | toJson }}
 {{- end }}
+
+{{/*
+The variables the stage config names as holding a key (the values of its *_env fields, at
+any depth, e.g. judge.endpoint.api_key_env), one per line: an env entry by such a name
+must come from a Secret, whatever the name looks like.
+*/}}
+{{- define "kuberlhf-job.keyEnvNames" -}}
+{{- range $field, $value := . }}
+{{- if kindIs "map" $value }}
+{{ include "kuberlhf-job.keyEnvNames" $value }}
+{{- else if kindIs "slice" $value }}
+{{- range $value }}{{ if kindIs "map" . }}
+{{ include "kuberlhf-job.keyEnvNames" . }}
+{{- end }}{{ end }}
+{{- else if and (hasSuffix "_env" $field) (kindIs "string" $value) }}
+{{ $value }}
+{{- end }}
+{{- end }}
+{{- end }}

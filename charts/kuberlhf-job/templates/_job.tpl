@@ -34,6 +34,57 @@ spec:
       port: {{ .Values.masterPort }}
       targetPort: {{ .Values.masterPort }}
 {{- end }}
+{{- $policy := $multinode }}
+{{- if kindIs "bool" .Values.networkPolicy.enabled }}{{ $policy = .Values.networkPolicy.enabled }}{{ end }}
+{{- if $policy }}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: {{ $fullname }}
+  labels:
+    {{- include "kuberlhf-job.labels" . | nindent 4 }}
+spec:
+  podSelector:
+    matchLabels:
+      {{- include "kuberlhf-job.selectorLabels" . | nindent 6 }}
+      kuberlhf.io/role: stage
+  policyTypes: ["Ingress"{{ if .Values.networkPolicy.s3 }}, "Egress"{{ end }}]
+  ingress:
+    {{- /* Only the gang's own pods: the rendezvous port and the ports NCCL and gloo open. */}}
+    - from:
+        - podSelector:
+            matchLabels:
+              {{- include "kuberlhf-job.selectorLabels" . | nindent 14 }}
+              kuberlhf.io/role: stage
+  {{- with .Values.networkPolicy.s3 }}
+  egress:
+    - to:
+        - podSelector:
+            matchLabels:
+              {{- include "kuberlhf-job.selectorLabels" $ | nindent 14 }}
+              kuberlhf.io/role: stage
+    - to:
+        {{- toYaml . | nindent 8 }}
+      ports:
+        {{- range $.Values.networkPolicy.s3Ports }}
+        - protocol: TCP
+          port: {{ . }}
+        {{- end }}
+    - to:
+        - namespaceSelector:
+            matchLabels:
+              kubernetes.io/metadata.name: {{ $.Values.networkPolicy.dnsNamespace | quote }}
+      ports:
+        - protocol: UDP
+          port: 53
+        - protocol: TCP
+          port: 53
+    {{- with $.Values.networkPolicy.extraEgress }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- end }}
+{{- end }}
 ---
 apiVersion: batch/v1
 kind: Job
@@ -272,6 +323,12 @@ spec:
     secretKeyRef:
       name: {{ . }}
       key: AWS_SECRET_ACCESS_KEY
+{{- end }}
+{{- $keys := splitList "\n" (include "kuberlhf-job.keyEnvNames" .Values.config) }}
+{{- range .Values.env }}
+{{- if and (hasKey . "value") (has .name $keys) }}
+{{- fail (printf "env %s: the stage config names it as a key; give it with valueFrom (a Secret), never a value" .name) }}
+{{- end }}
 {{- end }}
 {{- with .Values.env }}
 {{ toYaml . }}
