@@ -365,7 +365,8 @@ class Checkpoints:
             if not scratch_full(exc, self.local_root):
                 raise
             free = shutil.disk_usage(self.local_root).free
-            shutil.rmtree(local, ignore_errors=True)
+            if dist.is_node_main():  # the node's ranks share the folder
+                shutil.rmtree(local, ignore_errors=True)
             raise TransientError(
                 f"the scratch disk at {self.local_root} is full ({free // 2**20} MiB free) "
                 f"while writing the checkpoint at step {step}: it was not saved, the one "

@@ -100,6 +100,12 @@ class ChatClient:
                 )
             self.headers["Authorization"] = f"Bearer {key}"
 
+    def _redacted(self, text: str) -> str:
+        """An answer's text as it may be printed: a gateway that echoes the request's
+        headers would otherwise put the key in the log."""
+        key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        return (text.replace(key, "***") if key else text)[:200]
+
     def chat(self, messages: list[dict[str, str]], **overrides: Any) -> str:
         """The assistant's answer; retried on transient failures."""
         import requests
@@ -134,7 +140,7 @@ class ChatClient:
                     )
                 if response.status_code not in RETRY_STATUS:
                     raise BadInputError(
-                        f"{url}: HTTP {response.status_code}: {response.text[:200]}"
+                        f"{url}: HTTP {response.status_code}: {self._redacted(response.text)}"
                     )
                 problem = f"HTTP {response.status_code}"
                 wait = _retry_after(response.headers.get("Retry-After"))

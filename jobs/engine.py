@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs import dist
+from jobs.errors import TransientError
 
 
 class LoraConfig(BaseModel):
@@ -233,10 +234,21 @@ def checkpoint(engines, ctx, step: int, state: dict) -> None:
     generators = {"torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():  # sampling in rollouts draws from the GPU's generator
         generators["cuda_rng"] = torch.cuda.get_rng_state()
-    with ctx.checkpoints.writing(step) as local:
-        for name, engine in _engines(engines).items():
-            engine.save_checkpoint(str(local / name), tag="state", client_state=client)
-        torch.save(generators, local / _rank_file())
+    failed: TransientError | None = None
+    try:
+        with ctx.checkpoints.writing(step) as local:
+            for name, engine in _engines(engines).items():
+                engine.save_checkpoint(str(local / name), tag="state", client_state=client)
+            torch.save(generators, local / _rank_file())
+    except TransientError as exc:  # a full scratch disk
+        failed = exc
+    # Every rank stops when one could not write (the others would wait for it at the upload's
+    # barrier); a failure inside DeepSpeed's own collectives can still only time out.
+    if dist.any_rank(failed is not None):
+        raise failed or TransientError(
+            f"{ctx.stage}: another rank could not write the checkpoint at step {step} "
+            "(its scratch disk is full); the one before it is intact"
+        )
     # The metrics up to the checkpoint reach the store before it commits: a kill between
     # the two must not lose the lines a resumed run continues from.
     if ctx.metrics is not None:
@@ -259,11 +271,15 @@ def resume(engines, ctx) -> dict:
         # it): Checkpoints.restore verified each against its sha256 first.
         _, state = engine.load_checkpoint(str(directory / name), tag="state")
     mine = directory / _rank_file()
-    if mine.is_file():  # absent when the world size changed: the generators start afresh
-        generators = torch.load(mine, weights_only=True)
+    # Absent for a rank the checkpoint's run did not have, or a checkpoint from before the
+    # per-rank files: then the generators rank 0 saved in the client state, if any.
+    generators = torch.load(mine, weights_only=True) if mine.is_file() else state
+    if "torch_rng" in generators:
         torch.set_rng_state(generators["torch_rng"])
         if "cuda_rng" in generators and torch.cuda.is_available():
             torch.cuda.set_rng_state(generators["cuda_rng"].cpu())
+    elif dist.is_main():
+        print(f"{ctx.stage}: the checkpoint holds no generator state for this rank", flush=True)
     ctx.continue_metrics(step)
     if dist.is_main():
         print(f"{ctx.stage}: resumed from the checkpoint at step {step}", flush=True)

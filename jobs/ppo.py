@@ -369,13 +369,16 @@ def run(config: Config, ctx: StageContext) -> dict:
         kl = float(dist.all_gather_cat(kl_rows.float()).mean())  # one KL coefficient for all
         if config.adaptive_kl:
             error = max(min(kl / config.target_kl - 1, 0.2), -0.2)
-            kl_coef *= 1 + error * config.rollout_batch_size / config.kl_horizon
+            # the horizon counts the whole batch's samples, as OpenRLHF's AdaptiveKLController
+            batch_size = config.rollout_batch_size * dist.world_size()
+            kl_coef *= 1 + error * batch_size / config.kl_horizon
         if ema is not None:
             ema.update(models.actor.module)
         iteration += 1
         if first_reward is None:
             first_reward = float(everyone.mean())
-        lengths = batch["mask"].sum(1)
+        lengths = dist.all_gather_cat(batch["mask"].sum(1).float())
+        ended = dist.all_gather_cat(batch["ended"].float())
         summary = {
             "reward_mean": float(everyone.mean()),
             "reward_std": float(everyone.std()),
@@ -383,7 +386,7 @@ def run(config: Config, ctx: StageContext) -> dict:
             "kl_coef": kl_coef,
             **losses,
             "response_length": float(lengths.mean()),
-            "eos_fraction": float(batch["ended"].float().mean()),
+            "eos_fraction": float(ended.mean()),
             "generation_s": batch["generation_s"],
             "scoring_s": batch["scoring_s"],
             "training_s": training_s,

@@ -13,6 +13,8 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 WORDS = ("key", "token", "secret", "passw", "auth", "credential", "private")
+# Query parameters that carry a credential without saying so (Azure SAS, Functions).
+QUERY_WORDS = ("sig", "signature", "code", "pwd")
 # Well-known settings that contain such a word and hold none.
 PLAIN = ("TOKENIZERS_PARALLELISM",)
 
@@ -52,13 +54,15 @@ def check_url(url: str) -> str:
     """``url`` unchanged, or ValueError when it carries a credential: user information
     (``https://user:pass@host``) or a key-like query parameter (``?api_key=...``)."""
     parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("the URL must be http:// or https:// with a host")
     if parts.username is not None or parts.password is not None:
         raise ValueError(
             "the URL carries user information (user:password@); give the credential "
             "through the environment (a Secret) instead"
         )
-    for name, _ in parse_qsl(parts.query, keep_blank_values=True):
-        if secret_name(name):
+    for name, _ in parse_qsl(parts.query, keep_blank_values=True) + parse_qsl(parts.fragment):
+        if secret_name(name) or name.lower() in QUERY_WORDS:
             raise ValueError(
                 f"the URL's query parameter {name!r} looks like a credential; give it "
                 "through the environment (a Secret) instead"
@@ -68,4 +72,11 @@ def check_url(url: str) -> str:
 
 # The same two rules as patterns, for the charts' schema.
 URL_WITH_USER = "^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@"
-URL_WITH_KEY = "[?&][^=&#]*" + SECRET_NAME + "[^=&#]*="
+URL_WITH_KEY = (
+    "[?&#]([^=&#]*"
+    + SECRET_NAME
+    + "[^=&#]*|"
+    + "|".join(_any_case(word) for word in QUERY_WORDS)
+    + ")="
+)
+URL_HTTP = "^([Hh][Tt][Tt][Pp][Ss]?://.+)?$"  # or empty

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from jobs.secrets import (
     PLAIN,
     SECRET_NAME,
+    URL_HTTP,
     URL_WITH_KEY,
     URL_WITH_USER,
     check_url,
@@ -47,13 +48,17 @@ class S3(Closed):
         "",
         description="S3-compatible endpoint URL; empty for AWS (no credentials in it)",
         json_schema_extra={
-            "not": {"anyOf": [{"pattern": URL_WITH_USER}, {"pattern": URL_WITH_KEY}]}
+            "pattern": URL_HTTP,
+            "not": {"anyOf": [{"pattern": URL_WITH_USER}, {"pattern": URL_WITH_KEY}]},
         },
     )
     region: str = "us-east-1"
     addressingStyle: Literal["auto", "path", "virtual"] = "auto"
 
-    _endpoint = field_validator("endpoint")(check_url)
+    @field_validator("endpoint")
+    @classmethod
+    def _no_credentials_in_url(cls, url: str) -> str:
+        return url and check_url(url)
 
 
 class Kueue(Closed):
@@ -124,9 +129,13 @@ class StageValues(Closed):
                 "type": "object",
                 # a name with a credential's word and a literal value (the chart's template
                 # refuses the names the config's *_env fields give, whatever they are)
-                "not": {
+                "if": {
                     "properties": {"name": {"pattern": SECRET_NAME, "not": {"enum": list(PLAIN)}}},
-                    "required": ["name", "value"],
+                    "required": ["name"],
+                },
+                "then": {
+                    "required": ["valueFrom"],
+                    "properties": {"valueFrom": {"required": ["secretKeyRef"]}},
                 },
             }
         },
@@ -154,10 +163,11 @@ class StageValues(Closed):
         keys = key_env_names(self.config)
         for entry in self.env:
             name = entry.get("name", "")
-            if "value" in entry and (secret_name(name) or name in keys):
+            from_secret = "secretKeyRef" in (entry.get("valueFrom") or {})
+            if not from_secret and (secret_name(name) or name in keys):
                 why = "the stage config names it as a key" if name in keys else "a credential"
                 raise ValueError(
-                    f"env {name}: {why}; give it with valueFrom (a Secret), never a value"
+                    f"env {name}: {why}; give it with valueFrom.secretKeyRef (a Secret)"
                 )
         return self
 

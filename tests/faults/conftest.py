@@ -37,24 +37,35 @@ def record(fault: str, where: str, outcome: str) -> None:
         handle.write(json.dumps({"fault": fault, "where": where, "outcome": outcome}) + "\n")
 
 
+_this_run = False  # whether this session ran fault tests (and so wrote the record afresh)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def fresh_record():
     """The table is of this run's faults only."""
+    global _this_run
     RECORD.parent.mkdir(parents=True, exist_ok=True)
     RECORD.unlink(missing_ok=True)
+    _this_run = True
+
+
+# A stall outlasts the client's read timeout. The store's own tests keep both short; the
+# stage runs (two busy cores, the server in the test's process) leave more room.
+READ_TIMEOUT_S, STALL_S = 2.0, 3.0
 
 
 @pytest.fixture
 def proxy(s3_server, s3_env, monkeypatch):
     """A fault proxy in front of the test's S3 server, and the stage's environment pointed at
-    it with a short read timeout (a stalled answer is abandoned after 0.5 s; the server
-    answers within milliseconds, and a slow answer is retried anyway)."""
-    with FaultProxy(s3_server, seed=SEED, stall_s=0.8) as fault_proxy:
+    it with a short read timeout (a stalled answer is abandoned after READ_TIMEOUT_S; the
+    server answers within milliseconds, and a slow answer is retried anyway)."""
+    with FaultProxy(s3_server, seed=SEED, stall_s=STALL_S) as fault_proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.url)
-        monkeypatch.setenv("KUBERLHF_S3_READ_TIMEOUT", "0.5")
+        monkeypatch.setenv("KUBERLHF_S3_READ_TIMEOUT", str(READ_TIMEOUT_S))
         store.reset_clients()
         yield fault_proxy
     store.reset_clients()
+    assert fault_proxy.errors == [], f"the proxy itself failed: {fault_proxy.errors[:3]}"
 
 
 STEPS = 8  # optimiser steps or iterations of every stage below; a checkpoint every 2
@@ -171,15 +182,18 @@ class Attempt:
         path.write_text(yaml.safe_dump(config))
         workdir = workdir or tmp_path / f"pod-{name}"  # a new pod's empty scratch by default
         env = {**os.environ, "KUBERLHF_WORKDIR": str(workdir), **(env or {})}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "jobs", stage, "--config", str(path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
-            env=env,
-            start_new_session=True,
-        )
+        # stderr to a file: a pipe nobody reads while stdout is followed could fill and stall
+        self.stderr_path = tmp_path / f"{name}.stderr"
+        with open(self.stderr_path, "w") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "jobs", stage, "--config", str(path)],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                cwd=ROOT,
+                env=env,
+                start_new_session=True,
+            )
         self.stdout = ""
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -196,6 +210,15 @@ class Attempt:
                 return
 
     def finish(self) -> tuple[int, str]:
-        out, err = self.process.communicate(timeout=600)
+        out, _ = self.process.communicate(timeout=600)
         self.stdout += out
-        return self.process.returncode, err
+        return self.process.returncode, self.stderr_path.read_text()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The table of faults tried, at the end of any run that tried some."""
+    if _this_run and RECORD.is_file() and RECORD.stat().st_size:
+        from tests.faults.report import rows, table
+
+        terminalreporter.section("faults tried (python -m tests.faults.report)")
+        terminalreporter.write_line(table(rows()))

@@ -16,6 +16,7 @@ import random
 import re
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +24,19 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-KINDS = ("500", "503", "slowdown", "reset", "stall", "truncate", "kill", "kill-after", "act")
+KINDS = (
+    "500",
+    "503",
+    "slowdown",
+    "reset",
+    "stall",
+    "truncate",
+    "500-after",  # the store did it, the answer says it failed: the retry replays it
+    "reset-after",  # the store did it, the answer is lost
+    "kill",
+    "kill-after",
+    "act",
+)
 
 _ERRORS = {
     "500": (500, "InternalError", "We encountered an internal error. Please try again."),
@@ -83,8 +96,8 @@ class FaultProxy:
         self.action: Callable[[], None] | None = None  # what "kill" and "act" do
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        # a client that gives up on a stalled answer resets its connection: not news
-        self._server.handle_error = lambda request, address: None
+        self.errors: list[str] = []  # the proxy's own failures, which a test must not see
+        self._server.handle_error = self._handle_error
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
@@ -95,6 +108,12 @@ class FaultProxy:
     def __exit__(self, *exc) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def _handle_error(self, request, address) -> None:  # noqa: ARG002 - socketserver's
+        error = sys.exc_info()[1]
+        # a client that gives up on a stalled answer resets its connection: not news
+        if not isinstance(error, ConnectionError | TimeoutError):
+            self.errors.append(f"{type(error).__name__}: {error}")
 
     def set_rules(self, *rules: Rule, action: Callable[[], None] | None = None) -> None:
         with self._lock:
@@ -143,6 +162,19 @@ class FaultProxy:
                 )
                 self.close_connection = True
 
+            def _error(self, kind: str) -> None:
+                status, code, message = _ERRORS[kind]
+                xml = (
+                    f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+                    f"<Message>{message}</Message></Error>"
+                ).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(xml)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(xml)
+
             def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
                 upstream = http.client.HTTPConnection(
                     proxy.upstream.hostname, proxy.upstream.port, timeout=60
@@ -162,17 +194,7 @@ class FaultProxy:
                 body = self._body()
                 kind = proxy._choose(self.command, urlsplit(self.path).path)
                 if kind in _ERRORS:
-                    status, code, message = _ERRORS[kind]
-                    xml = (
-                        f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
-                        f"<Message>{message}</Message></Error>"
-                    ).encode()
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(xml)))
-                    self.end_headers()
-                    self.wfile.write(xml)
-                    return
+                    return self._error(kind)
                 if kind == "reset":
                     return self._reset()
                 if kind == "stall":
@@ -187,6 +209,10 @@ class FaultProxy:
                 if kind == "kill-after":  # the store has done it; the stage never hears so
                     proxy.action()
                     return self._reset()
+                if kind == "reset-after":
+                    return self._reset()
+                if kind == "500-after":
+                    return self._error("500")
                 self.send_response(status)
                 if kind == "truncate" and len(data) < 2:
                     return self._reset()  # nothing to cut short: the connection drops

@@ -16,7 +16,7 @@ from jobs.errors import TransientError
 from tests.faults.conftest import record
 from tests.faults.proxy import Rule
 
-STORE_FAULTS = ("500", "503", "slowdown", "reset", "stall", "truncate")
+STORE_FAULTS = ("500", "503", "slowdown", "reset", "stall", "truncate", "500-after", "reset-after")
 
 
 @pytest.fixture
@@ -26,6 +26,8 @@ def objects(proxy, s3_server, s3_env, tmp_path, monkeypatch):
     what landed."""
     monkeypatch.setenv("KUBERLHF_S3_MULTIPART_MB", "5")
     monkeypatch.setenv("KUBERLHF_S3_MAX_ATTEMPTS", "3")
+    monkeypatch.setenv("KUBERLHF_S3_READ_TIMEOUT", "0.5")  # no training beside: short stalls
+    proxy.stall_s = 0.8
     store.reset_clients()
     big, small = tmp_path / "big.bin", tmp_path / "small.bin"
     big.write_bytes(os.urandom(11 * 2**20))

@@ -100,7 +100,7 @@ def pipeline_file(tmp_path, s3_env: str, endpoint: str, image: str):
 
 
 def test_stages_run_as_containers_from_the_image(
-    job_image, s3_env, s3_server, tmp_path, capsys, monkeypatch
+    job_image, s3_env, s3_server, tmp_path, capfd, monkeypatch
 ):
     markers = canaries(monkeypatch)  # the Secret's values the containers get: never seen
     the_plan = pipeline_file(tmp_path, s3_env, s3_server, job_image)
@@ -108,9 +108,12 @@ def test_stages_run_as_containers_from_the_image(
 
     assert main(command) == 0
 
-    printed = capsys.readouterr().out
+    captured = capfd.readouterr()  # the containers' logs too: podman writes to these fds
+    printed = captured.out
+    assert '"stage": "sft"' in printed
     objects = bucket_objects(s3_server, s3_env.removeprefix("s3://"))
-    assert leaks(markers, {"rlhf run output": printed, **objects}) == []
+    places = {"rlhf run output": printed + captured.err, **objects}
+    assert leaks(markers, places) == []
     assert f"[3/3] sft: podman container boxed-sft from {job_image}" in printed
     results = {stage.name: read_manifest(stage.output) for stage in the_plan.stages}
     for name, manifest in results.items():
@@ -126,7 +129,7 @@ def test_stages_run_as_containers_from_the_image(
 
     # Again: every stage's output matches its config and inputs, so nothing runs.
     assert main(command) == 0
-    assert capsys.readouterr().out.count("up to date, skipped") == 3
+    assert capfd.readouterr().out.count("up to date, skipped") == 3
 
 
 def test_the_container_is_non_root_and_writes_only_to_its_volumes(

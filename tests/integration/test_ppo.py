@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import yaml
 
 from jobs import store
-from jobs.contract import run_stage
+from jobs.contract import read_manifest, run_stage
 from tests.conftest import ROOT, run_entrypoint
 
 pytestmark = pytest.mark.slow
@@ -155,11 +156,50 @@ def test_a_policy_that_games_its_reward_model_wins_by_the_proxy_and_loses_by_the
     assert report["held_out"]["reward_candidate"] < report["held_out"]["reward_baseline"]
 
 
-def test_two_processes_under_zero3_preempted_resume_to_the_same_metrics(demo, tmp_path):
-    """Two ranks, ZeRO-3, reward normalisation, adaptive KL and the SFT loss (ptx): the
-    statistics are the batch's (all ranks'), each rank keeps its own generators, and a run
-    preempted and resumed logs what an uninterrupted one logs. With per-rank statistics a
-    resumed rank 1 took rank 0's from the checkpoint and the runs drifted apart."""
+def test_two_processes_under_zero3_complete_an_iteration(demo, tmp_path):
+    config = ppo_config(
+        demo,
+        tmp_path / "z3",
+        str(demo / "reward" / "model"),
+        iterations=1,
+        rollout_batch_size=8,
+        minibatch_size=4,
+        frozen_zero_stage=3,
+        actor_train={"zero_stage": 3, "learning_rate": 1e-4},
+        critic_train={"zero_stage": 3, "learning_rate": 1e-4},
+    )
+    path = tmp_path / "z3.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.launch", "ppo", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=TWO_PROCESSES,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = read_manifest(str(tmp_path / "z3"))
+    assert manifest.metrics["iterations"] == 1
+    assert store.exists(str(tmp_path / "z3" / "model" / "model.safetensors"))
+
+
+TWO_PROCESSES = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "PET_NPROC_PER_NODE": "2",
+    "PET_STANDALONE": "1",
+    "PET_NNODES": "1",
+    "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+}
+
+
+def test_two_processes_preempted_resume_to_the_same_metrics(demo, tmp_path):
+    """Two ranks, reward normalisation, adaptive KL and the SFT loss (ptx): the statistics
+    are the batch's (all ranks'), each rank keeps its own generators, and a run preempted
+    and resumed logs what an uninterrupted one logs. ZeRO-2, where DeepSpeed keeps rank 0's
+    client state only: with per-rank statistics a resumed rank 1 took rank 0's and the
+    runs drifted apart (under ZeRO-3 each rank's file holds its own)."""
     config = ppo_config(
         demo,
         tmp_path / "a",
@@ -173,26 +213,22 @@ def test_two_processes_under_zero3_preempted_resume_to_the_same_metrics(demo, tm
         kl_horizon=100,
         ptx_coef=0.5,
         sampling={"max_new_tokens": 16, "max_prompt_tokens": 64},
-        frozen_zero_stage=3,
-        actor_train={"zero_stage": 3, "learning_rate": 1e-4},
-        critic_train={"zero_stage": 3, "learning_rate": 1e-4},
+        actor_train={"zero_stage": 2, "learning_rate": 1e-4},
+        critic_train={"zero_stage": 2, "learning_rate": 1e-4},
         seed=3,
     )
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PET_NPROC_PER_NODE": "2",
-        "PET_STANDALONE": "1",
-        "PET_NNODES": "1",
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
 
     def launch(output: Path, name: str) -> subprocess.Popen:
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump({**config, "output": str(output)}))
         command = [sys.executable, "-m", "jobs.launch", "ppo", "--config", str(path)]
         return subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=TWO_PROCESSES,
         )
 
     straight = launch(tmp_path / "a", "a")
@@ -206,10 +242,11 @@ def test_two_processes_under_zero3_preempted_resume_to_the_same_metrics(demo, tm
             break
     out, err = preempted.communicate(timeout=600)
     assert preempted.returncode == 75, err[-3000:]
+    saved = re.search(r"checkpoint saved at step (\d+)", err).group(1)  # the workers stopped
     resumed = launch(tmp_path / "b", "b")
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
-    assert "resumed from the checkpoint at step 2" in out
+    assert f"resumed from the checkpoint at step {saved}" in out
 
     a, b = metrics_lines(tmp_path / "a"), metrics_lines(tmp_path / "b")
     assert [m["step"] for m in b] == [m["step"] for m in a] == [1, 2, 3, 4]

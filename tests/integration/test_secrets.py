@@ -69,9 +69,11 @@ def answer(body):
 
 
 def test_no_secret_reaches_a_log_manifest_metric_or_rendered_manifest(
-    s3_env, s3_server, tmp_path, capsys, monkeypatch
+    s3_env, s3_server, tmp_path, capfd, monkeypatch
 ):
     markers = canaries(monkeypatch)
+    # the stages' scratch (inputs, caches, checkpoints) is searched too
+    monkeypatch.setenv("KUBERLHF_WORKDIR", str(tmp_path / "scratch"))
     with ChatServer(answer, markers[KEY_ENV]) as server:
         endpoint = {"url": server.url, "api_key_env": KEY_ENV, "backoff_s": 0.0}
         pipeline = tmp_path / "pipeline.yaml"
@@ -128,11 +130,12 @@ def test_no_secret_reaches_a_log_manifest_metric_or_rendered_manifest(
                 }
             )
         )
-        assert main(["run", str(pipeline)]) == 0, capsys.readouterr().err[-3000:]
-        ran = capsys.readouterr()
+        assert main(["run", str(pipeline)]) == 0, capfd.readouterr().err[-3000:]
+        ran = capfd.readouterr()  # the stages' own output too: they write to these fds
+        assert '"stage": "label"' in ran.out
         assert server.served(), "the endpoint was never asked: its key was never used"
         assert main(["render", str(pipeline)]) == 0
-        rendered = capsys.readouterr()
+        rendered = capfd.readouterr()
 
     objects = bucket_objects(s3_server, s3_env.removeprefix("s3://"))
     assert any(key.endswith("label/manifest.json") for key in objects)
@@ -179,14 +182,21 @@ SECRET_REF = {"secretKeyRef": {"name": "judge", "key": "k"}}
             "config": {"output": "s3://b/x", "rewards": [{"api_key_env": "GRADER"}]},
             "env": [{"name": "GRADER", "value": "x"}],
         },
+        {  # from a ConfigMap is in plain text too
+            "env": [
+                {"name": "HF_TOKEN", "valueFrom": {"configMapKeyRef": {"name": "a", "key": "b"}}}
+            ]
+        },
         {"s3": {"endpoint": "http://user:pw@minio:9000"}},
+        {"s3": {"endpoint": "user:pw@minio:9000"}},  # no scheme: Python would read 'user' as one
         {"s3": {"endpoint": "http://minio:9000/?X-Amz-Security-Token=abc"}},
+        {"s3": {"endpoint": "https://acct.blob.example.net/c?sig=abc"}},
     ],
 )
 def test_helm_and_the_submitter_refuse_a_literal_credential(values):
     with pytest.raises((helm_python.HelmValuesError, helm_python.HelmError)):
         render(CHARTS / "sft", values)
-    with pytest.raises(ValueError, match="valueFrom|URL"):
+    with pytest.raises(ValueError, match="secretKeyRef|URL"):
         StageValues.model_validate({"stage": "sft", **values})
 
 

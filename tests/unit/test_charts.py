@@ -291,6 +291,17 @@ def test_the_grace_period_leaves_time_for_a_checkpoint_and_is_a_value(chart):
     assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 1800
 
 
+def test_torchrun_gives_its_workers_the_grace_period_to_checkpoint():
+    # torchrun SIGKILLs its workers 30 s after passing SIGTERM on, unless told otherwise
+    from pipeline.charts import launch_of
+
+    values = {**SCENARIOS["multinode"], "terminationGracePeriodSeconds": 1800}
+    env = launch_of(render(CHARTS / "sft", values))["env"]
+    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "1770"
+    env = launch_of(render(CHARTS / "sft", SCENARIOS["multinode"]))["env"]
+    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "570"
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS)
 @pytest.mark.parametrize("chart", stage_charts(), ids=CHART_IDS)
 def test_the_kubernetes_client_accepts_every_rendered_manifest(chart, scenario):

@@ -59,6 +59,9 @@ pod template's kuberlhf.io/launch annotation), so the two cannot drift.
 {{- $command = list "python" "-m" "jobs.launch" .Values.stage -}}
 {{- $_ := set $env "PET_NNODES" (toString .Values.nodes) -}}
 {{- $_ := set $env "PET_NPROC_PER_NODE" (toString .Values.nprocPerNode) -}}
+{{- /* On SIGTERM torchrun gives its workers this long to checkpoint before SIGKILL (30 s by
+default): the pod's grace period, less a margin for the upload's last steps. */}}
+{{- $_ := set $env "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" (toString (max 10 (sub (int .Values.terminationGracePeriodSeconds) 30))) -}}
 {{- if gt (int .Values.nodes) 1 }}
 {{- $_ := set $env "PET_MASTER_ADDR" (printf "%s-0.%s.%s.svc" (include "kuberlhf-job.fullname" .) (include "kuberlhf-job.service" .) .Release.Namespace) -}}
 {{- $_ := set $env "PET_MASTER_PORT" (toString .Values.masterPort) -}}

@@ -326,8 +326,8 @@ spec:
 {{- end }}
 {{- $keys := splitList "\n" (include "kuberlhf-job.keyEnvNames" .Values.config) }}
 {{- range .Values.env }}
-{{- if and (hasKey . "value") (has .name $keys) }}
-{{- fail (printf "env %s: the stage config names it as a key; give it with valueFrom (a Secret), never a value" .name) }}
+{{- if and (has .name $keys) (not (hasKey (.valueFrom | default dict) "secretKeyRef")) }}
+{{- fail (printf "env %s: the stage config names it as a key; give it with valueFrom.secretKeyRef (a Secret)" .name) }}
 {{- end }}
 {{- end }}
 {{- with .Values.env }}
