@@ -68,7 +68,7 @@ def proxy(s3_server, s3_env, monkeypatch):
     assert fault_proxy.errors == [], f"the proxy itself failed: {fault_proxy.errors[:3]}"
 
 
-STEPS = 8  # optimiser steps or iterations of every stage below; a checkpoint every 2
+STEPS = 6  # optimiser steps or iterations of every stage below; a checkpoint every 2
 
 
 def configs(inputs: str) -> dict[str, dict]:

@@ -35,8 +35,14 @@ def test_recipe_resolves_and_renders_valid_manifests(name):
                 kubernetes_validate.validate(doc, version, strict=True)
 
 
+# StableVicuna's graph (data, sft, reward, ppo) is part of VAIV's, which runs; its own
+# pieces (ShareGPT and HH readers, the chat template, packing, adaptive KL) have tests of
+# their own. Left out of the end-to-end runs for the suite's time; rendered above.
+END_TO_END = [name for name in RECIPES if name != "stablevicuna"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.parametrize("name", END_TO_END)
 def test_tiny_variant_runs_end_to_end(name, tmp_path):
     result = subprocess.run(
         [
