@@ -78,7 +78,9 @@ lint: setup
 
 test: setup container-deps lint
 	$(BIN)/python -m images.localbuild --if-possible
-	$(BIN)/python -m pytest -q
+	@# one worker per core; a module's tests stay on one worker, so a module's fixtures (the
+	@# demo pipeline, the job image) are made once
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # CPU-only machines skip every gpu test with the reason; `make test` runs them skipped.
 test-gpu: $(GPU_SETUP)

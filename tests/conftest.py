@@ -17,6 +17,26 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+def pytest_sessionstart(session) -> None:
+    """Once per run (the controller of a parallel run, or the only process): the fault
+    suite's table starts empty, so it shows this run's faults only."""
+    if not hasattr(session.config, "workerinput"):
+        from tests.faults.conftest import RECORD
+
+        RECORD.unlink(missing_ok=True)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The table of the faults this run tried, at its end (on the controller)."""
+    from tests.faults.conftest import RECORD
+
+    if RECORD.is_file() and RECORD.stat().st_size:
+        from tests.faults.report import rows, table
+
+        terminalreporter.section("faults tried (python -m tests.faults.report)")
+        terminalreporter.write_line(table(rows()))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -32,21 +32,12 @@ SEED = int(os.environ.get("KUBERLHF_FAULT_SEED", "0"))
 
 
 def record(fault: str, where: str, outcome: str) -> None:
-    """Add a row to the suite's table of faults tried and what became of them."""
+    """Add a row to the suite's table of faults tried and what became of them (the session
+    emptied it at its start, tests/conftest.py; one short append per row, so the workers of
+    a parallel run can share it)."""
+    RECORD.parent.mkdir(parents=True, exist_ok=True)
     with open(RECORD, "a") as handle:
         handle.write(json.dumps({"fault": fault, "where": where, "outcome": outcome}) + "\n")
-
-
-_this_run = False  # whether this session ran fault tests (and so wrote the record afresh)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def fresh_record():
-    """The table is of this run's faults only."""
-    global _this_run
-    RECORD.parent.mkdir(parents=True, exist_ok=True)
-    RECORD.unlink(missing_ok=True)
-    _this_run = True
 
 
 # A stall outlasts the client's read timeout. The store's own tests keep both short; the
@@ -213,12 +204,3 @@ class Attempt:
         out, _ = self.process.communicate(timeout=600)
         self.stdout += out
         return self.process.returncode, self.stderr_path.read_text()
-
-
-def pytest_terminal_summary(terminalreporter) -> None:
-    """The table of faults tried, at the end of any run that tried some."""
-    if _this_run and RECORD.is_file() and RECORD.stat().st_size:
-        from tests.faults.report import rows, table
-
-        terminalreporter.section("faults tried (python -m tests.faults.report)")
-        terminalreporter.write_line(table(rows()))
