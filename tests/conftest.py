@@ -55,6 +55,20 @@ def s3_server():
     server.stop()
 
 
+def direct_client(s3_server: str):
+    """A boto3 client straight to the test's S3 server: what the server holds, asked past
+    any fault proxy and past the store module under test."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id="test-access-key",
+        aws_secret_access_key="test-secret-key",
+    )
+
+
 S3_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
@@ -76,8 +90,6 @@ def s3_env(s3_server, monkeypatch, tmp_path):
     """The environment a pod gets from its Secret, pointing at the test server; a fresh bucket."""
     import uuid
 
-    import boto3
-
     for name in S3_ENV:
         monkeypatch.delenv(name, raising=False)
     env = {
@@ -93,13 +105,7 @@ def s3_env(s3_server, monkeypatch, tmp_path):
         monkeypatch.setenv(name, value)
     store.reset_clients()
     bucket = f"test-{uuid.uuid4().hex[:12]}"
-    boto3.client(
-        "s3",
-        endpoint_url=s3_server,
-        region_name="us-east-1",
-        aws_access_key_id="test-access-key",
-        aws_secret_access_key="test-secret-key",
-    ).create_bucket(Bucket=bucket)
+    direct_client(s3_server).create_bucket(Bucket=bucket)
     yield f"s3://{bucket}"
     store.reset_clients()
 

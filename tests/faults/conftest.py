@@ -13,12 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import boto3
 import pytest
 import yaml
 
 from jobs import store
-from tests.conftest import ROOT
+from tests.conftest import ROOT, direct_client
 from tests.faults.proxy import FaultProxy, Rule
 
 # One line per fault tried: written by the tests, read by the report (and the README).
@@ -133,13 +132,7 @@ def inputs(proxy, s3_env, tiny, tiny_data, tiny_rm) -> str:
 def server_files(s3_server: str, uri: str) -> dict[str, str]:
     """Every object below ``uri`` with its ETag, asked of the server behind the proxy."""
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server,
-        region_name="us-east-1",
-        aws_access_key_id="test-access-key",
-        aws_secret_access_key="test-secret-key",
-    )
+    client = direct_client(s3_server)
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
 

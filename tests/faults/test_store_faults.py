@@ -8,11 +8,11 @@ from __future__ import annotations
 import hashlib
 import os
 
-import boto3
 import pytest
 
 from jobs import store
 from jobs.errors import TransientError
+from tests.conftest import direct_client
 from tests.faults.conftest import record
 from tests.faults.proxy import Rule
 
@@ -35,13 +35,7 @@ def objects(proxy, s3_server, s3_env, tmp_path, monkeypatch):
     small.write_bytes(os.urandom(3000))
     store.upload_file(small, f"{s3_env}/in/small")
     store.upload_file(big, f"{s3_env}/in/big")
-    direct = boto3.client(
-        "s3",
-        endpoint_url=s3_server,
-        region_name="us-east-1",
-        aws_access_key_id="test-access-key",
-        aws_secret_access_key="test-secret-key",
-    )
+    direct = direct_client(s3_server)
     return {"root": s3_env, "big": big, "small": small, "direct": direct, "tmp": tmp_path}
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import uuid
 
-import boto3
 import helm_python
 import pytest
 import yaml
@@ -24,6 +23,7 @@ from jobs.secrets import secret_name
 from pipeline.chart_values import CHARTS, StageValues
 from pipeline.cli import main
 from tests.chat_server import ChatServer
+from tests.conftest import direct_client
 from tests.unit.test_charts import render
 
 SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN")
@@ -39,13 +39,7 @@ def canaries(monkeypatch) -> dict[str, str]:
 
 
 def bucket_objects(s3_server: str, bucket: str) -> dict[str, bytes]:
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server,
-        region_name="us-east-1",
-        aws_access_key_id="reader",
-        aws_secret_access_key="reader",
-    )
+    client = direct_client(s3_server)
     out = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         for obj in page.get("Contents", []):
