@@ -33,7 +33,7 @@ TORCH_INDEX_URL ?=
 IMAGE_TORCH_SPEC ?=
 CONTAINER ?= $(shell command -v docker >/dev/null 2>&1 && echo docker || echo podman)
 
-.PHONY: setup system-deps container-deps demo test test-gpu lint bench bench-gpu images \
+.PHONY: setup system-deps container-deps browser-deps demo test test-gpu lint bench bench-gpu images \
 	images-local e2e e2e-kind clean
 
 setup: system-deps $(STAMP)
@@ -59,6 +59,17 @@ container-deps:
 	  else echo "without$$missing (Debian, as root) the container tests are skipped"; fi; \
 	fi
 
+# Debian's Chromium, the real browser the report page is opened in by the tests.
+browser-deps:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing chromium (apt)"; \
+	    apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else echo "without chromium (Debian, as root) the report page test is skipped"; fi; \
+	fi
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -69,6 +80,7 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/rlhf run examples/demo.yaml
+	$(BIN)/rlhf report demo --store runs
 	@echo
 	@echo "Outputs, metrics and manifests are under runs/demo/. Again: 'make demo' (every stage is skipped)."
 
@@ -76,7 +88,7 @@ lint: setup
 	$(BIN)/ruff check jobs pipeline tests bench images
 	$(BIN)/ruff format --check jobs pipeline tests bench images
 
-test: setup container-deps lint
+test: setup container-deps browser-deps lint
 	$(BIN)/python -m images.localbuild --if-possible
 	@# one worker per core; a module's tests stay on one worker, so a module's fixtures (the
 	@# demo pipeline, the job image) are made once

@@ -29,9 +29,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jobs import dist, store
 from jobs.errors import BadInputError, Preempted, TransientError
+from jobs.secrets import redact
+from jobs.sinks import TENSORBOARD, TensorBoardSink, numbers, open_sinks, samples_markdown
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
+SAMPLES = "samples.jsonl"  # sample answers of an RL stage's policy as it trains
+STATUS = "status.json"  # under _progress: the newest step, the total, the times
 PROGRESS = "_progress"
 CHECKPOINTS = "_checkpoints"
 COMMIT = "COMMIT"
@@ -193,36 +197,143 @@ def find_output(uri: str, depth: int = 4) -> tuple[str, str, Manifest]:
 # --- the run of one stage ----------------------------------------------------------------
 
 
-class MetricsLog:
-    """metrics.jsonl written as the stage goes, pushed to the store every ``sync_s`` seconds."""
+class RecordLog:
+    """A JSON-lines file of the output (metrics.jsonl, samples.jsonl) written as the stage
+    goes; its copy under ``_progress`` is what a resumed attempt continues from."""
 
-    def __init__(self, local: Path, remote: str, sync_s: float = 15.0) -> None:
-        self.local, self.remote, self.sync_s = local, remote, sync_s
+    def __init__(self, local: Path, remote: str, create: bool = True) -> None:
+        self.local, self.remote = local, remote
         self.local.parent.mkdir(parents=True, exist_ok=True)
-        self.local.write_text("")
-        # The first push waits sync_s: a stage that fails at once leaves the store untouched.
-        self._last_sync = time.monotonic()
+        self.local.unlink(missing_ok=True)  # a previous attempt's, on this node
+        if create:
+            self.local.write_text("")
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.local, "a") as handle:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def push(self) -> None:
+        if self.local.is_file():
+            store.upload_file(self.local, self.remote)
+
+    def continue_from(self, step: int) -> list[dict[str, Any]]:
+        """Start from the records a previous attempt pushed, up to ``step`` (its checkpoint)."""
+        if not store.exists(self.remote):
+            return []
+        kept = [
+            record
+            for line in store.read_text(self.remote).splitlines()
+            if line.strip() and (record := json.loads(line)).get("step", 0) <= step
+        ]
+        self.local.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+        return kept
+
+
+class ProgressLog:
+    """Rank 0's record of the stage as it goes: metrics.jsonl, samples.jsonl and the sinks
+    (TensorBoard always; MLflow, W&B where configured), pushed to ``<output>/_progress``
+    every ``sync_s`` seconds with ``status.json`` (step, total, times) for ``rlhf status``
+    and the submitter."""
+
+    def __init__(self, stage: str, config: StageConfig, out_dir: Path, sync_s: float = 15.0):
+        self.stage, self.out_dir, self.sync_s = stage, out_dir, sync_s
+        self.remote = store.join(config.output, PROGRESS)
+        self.metrics = RecordLog(out_dir / METRICS, store.join(self.remote, METRICS))
+        self.samples = RecordLog(out_dir / SAMPLES, store.join(self.remote, SAMPLES), create=False)
+        name = config.output.rstrip("/").rsplit("/", 1)[-1] or stage
+        self.sinks = open_sinks(out_dir, name, config.model_dump(mode="json"), config.config_hash())
+        self.total: int | None = None
+        self.started = time.time()
+        self.resumed_from = 0
+        self.first: tuple[int, float] | None = None  # this attempt's first step and its time
+        self.last: dict[str, Any] = {}
+        # The first push waits sync_s: a stage that fails at once leaves the store untouched.
+        self._last_sync = time.monotonic()
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+        step = record.get("step", 0)
+        self._each("scalars", step, numbers(record))
+        if self.first is None and step > self.resumed_from:
+            self.first = (step, record["time"])
+        self.last = record
+        self._maybe_sync()
+
+    def sample(self, step: int, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self.samples.write({"step": step, **row})
+        self._each("text", step, "samples", samples_markdown(rows))
+        self._maybe_sync()
+
+    def _maybe_sync(self) -> None:
         if time.monotonic() - self._last_sync > self.sync_s:
             self.sync()
 
     def sync(self) -> None:
-        store.upload_file(self.local, self.remote)
+        self.metrics.push()
+        self.samples.push()
+        self._each("flush")
+        events = self.out_dir / TENSORBOARD
+        if events.is_dir():
+            store.upload_dir(events, store.join(self.remote, TENSORBOARD))
+        status = {
+            "stage": self.stage,
+            "step": self.last.get("step", self.resumed_from),
+            "total": self.total,
+            "started": round(self.started, 3),
+            "resumed_from": self.resumed_from,
+            "first": self.first,
+            "time": self.last.get("time", round(time.time(), 3)),  # of the newest step
+            "metrics": self.last,
+        }
+        store.write_text(store.join(self.remote, STATUS), json.dumps(status))
         self._last_sync = time.monotonic()
 
     def continue_from(self, step: int) -> None:
-        """Start from the lines a previous attempt pushed, up to ``step`` (its checkpoint)."""
-        if not store.exists(self.remote):
-            return
-        lines = [
-            line
-            for line in store.read_text(self.remote).splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        self.local.write_text("".join(line + "\n" for line in lines))
+        """A resumed attempt: the records up to ``step`` again, in every sink that keeps
+        its own files (the servers have them already)."""
+        self.resumed_from, self.first = step, None
+        metrics = self.metrics.continue_from(step)
+        samples = self.samples.continue_from(step)
+        self.last = metrics[-1] if metrics else {}
+        for sink in self.sinks:
+            if isinstance(sink, TensorBoardSink):
+                sink.restart()
+                for record in metrics:
+                    sink.scalars(record.get("step", 0), numbers(record))
+                for at in sorted({s["step"] for s in samples}):
+                    sink.text(
+                        at, "samples", samples_markdown([s for s in samples if s["step"] == at])
+                    )
+
+    def close_files(self) -> None:
+        """Finish the files the sinks write into the output, before it is published."""
+        for sink in self.sinks:
+            if isinstance(sink, TensorBoardSink):
+                sink.finish(None, "FINISHED")
+
+    def finish(self, manifest: Path | None, status: str) -> None:
+        self._each("finish", manifest, status)
+
+    def _each(self, method: str, *args: Any) -> None:
+        """Call every sink; a tracking server that fails is dropped with a warning and the
+        stage goes on (a dashboard never costs a GPU run). The event files are the output's
+        and fail like any other file."""
+        for sink in list(self.sinks):
+            if isinstance(sink, TensorBoardSink):
+                getattr(sink, method)(*args)
+                continue
+            try:
+                getattr(sink, method)(*args)
+            except Exception as exc:  # noqa: BLE001 - whatever the client raises
+                self.sinks.remove(sink)
+                print(
+                    f"{self.stage}: warning: {type(sink).__name__} stopped "
+                    f"({type(exc).__name__}: {redact(str(exc))[:300]}); "
+                    f"the metrics are still in {METRICS} and {TENSORBOARD}/",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
 
 class StageContext:
@@ -236,11 +347,7 @@ class StageContext:
         self.checkpoints = Checkpoints(
             store.join(config.output, CHECKPOINTS), workdir / "checkpoints"
         )
-        self.metrics = (
-            MetricsLog(self.out_dir / METRICS, store.join(config.output, PROGRESS, METRICS))
-            if dist.is_main()
-            else None
-        )
+        self.metrics = ProgressLog(stage, config, self.out_dir) if dist.is_main() else None
 
     # inputs -------------------------------------------------------------------------
 
@@ -298,12 +405,22 @@ class StageContext:
         if self.metrics is None:
             return
         record = {"step": step, "time": round(time.time(), 3), **values}
-        self.metrics.write(record)
+        self.metrics.log(record)
         print(json.dumps({"stage": self.stage, **record}, ensure_ascii=False), flush=True)
 
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Sample answers of the policy at ``step`` (prompt, answer, reward, kl, ...): to
+        samples.jsonl and the sinks, so drift and reward hacking can be read as it trains."""
+        if self.metrics is not None:
+            self.metrics.sample(step, rows)
+
     def progress(self, total: int, done: int = 0):
-        """A progress bar over optimiser steps, on a terminal and on rank 0 only."""
+        """A progress bar over optimiser steps, on a terminal and on rank 0 only; the total
+        also goes to ``_progress/status.json``, for the remaining-time estimate."""
         from tqdm import tqdm
+
+        if self.metrics is not None:
+            self.metrics.total = total
 
         return tqdm(
             total=total,
@@ -544,6 +661,7 @@ def publish(ctx: StageContext, metrics: dict[str, Any], started_at: str) -> Mani
     output = ctx.config.output
     if ctx.metrics is not None:
         ctx.metrics.sync()
+        ctx.metrics.close_files()
     store.delete(store.join(output, MANIFEST))  # from here on the output reads as unfinished
     files = []
     for path in store.walk_dir(ctx.out_dir):
@@ -562,7 +680,9 @@ def publish(ctx: StageContext, metrics: dict[str, Any], started_at: str) -> Mani
         started_at=started_at,
         finished_at=_now(),
     )
-    store.write_text(store.join(output, MANIFEST), manifest.model_dump_json(indent=2))
+    text = manifest.model_dump_json(indent=2)
+    (ctx.workdir / MANIFEST).write_text(text)  # for the sinks that keep it as an artifact
+    store.write_text(store.join(output, MANIFEST), text)
     return manifest
 
 
@@ -575,6 +695,7 @@ def run_stage(stage: str, config: StageConfig, run_fn, workdir: Path | None = No
         if dist.is_main():
             # a run killed after its manifest landed left its checkpoints behind
             store.delete(store.join(config.output, CHECKPOINTS))
+            store.delete(store.join(config.output, PROGRESS))
             print(
                 f"{stage}: up to date at {config.output} (config and inputs unchanged); skipped",
                 flush=True,
@@ -596,6 +717,11 @@ def run_stage(stage: str, config: StageConfig, run_fn, workdir: Path | None = No
     started_at = _now()
     try:
         metrics = run_fn(config, ctx)
+    except BaseException as exc:
+        if ctx.metrics is not None:
+            retried = isinstance(exc, Preempted | TransientError | KeyboardInterrupt)
+            ctx.metrics.finish(None, "KILLED" if retried else "FAILED")
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
     metrics = {**metrics, **accelerator_metrics()}
@@ -603,4 +729,8 @@ def run_stage(stage: str, config: StageConfig, run_fn, workdir: Path | None = No
     manifest = publish(ctx, metrics, started_at) if dist.is_main() else None
     dist.barrier()
     ctx.checkpoints.clear()
+    if ctx.metrics is not None:
+        ctx.metrics.finish(ctx.workdir / MANIFEST, "FINISHED")
+        # the live copy of metrics, samples and event files: the output has them now
+        store.delete(store.join(config.output, PROGRESS))
     return dist.broadcast_object(manifest)

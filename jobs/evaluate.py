@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 from pydantic import Field, model_validator
 
@@ -27,6 +26,7 @@ from jobs.errors import BadInputError
 from jobs.generation import SamplingConfig, generate
 from jobs.judge import JudgeConfig, judge_scores
 from jobs.models import InferenceConfig, free_memory, load_causal_lm, load_tokenizer, model_source
+from jobs.plots import draw_curves
 
 CURVES = (
     "loss",
@@ -95,36 +95,6 @@ def win_rate(
     return rate, means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
-def plot_curves(name: str, metrics_path: Path, out: Path) -> list[str]:
-    """One PNG with a panel per curve the stage logged; the curves drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series: dict[str, list[tuple[float, float]]] = {}
-    for line in metrics_path.read_text().splitlines():
-        record = json.loads(line)
-        for key in CURVES:
-            if isinstance(record.get(key), int | float):
-                series.setdefault(key, []).append((record["step"], record[key]))
-    drawn = [key for key in CURVES if len(series.get(key, [])) >= 2]
-    if not drawn:
-        return []
-    figure, axes = plt.subplots(1, len(drawn), figsize=(4 * len(drawn), 3), squeeze=False)
-    for axis, key in zip(axes[0], drawn, strict=True):
-        steps, values = zip(*series[key], strict=True)
-        axis.plot(steps, values, marker=".")
-        axis.set_title(f"{name}: {key}")
-        axis.set_xlabel("step")
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=80)
-    plt.close(figure)
-    return drawn
-
-
 def run(config: Config, ctx: StageContext) -> dict:
     from jobs.scoring import load_reward_model, score_texts
 
@@ -189,7 +159,8 @@ def run(config: Config, ctx: StageContext) -> dict:
     plots = {}
     for name, uri in config.curves.items():
         local = ctx.input_dir(uri, only=[METRICS])
-        drawn = plot_curves(name, local / METRICS, ctx.out_dir / "plots" / f"{name}.png")
+        records = [json.loads(line) for line in (local / METRICS).read_text().splitlines()]
+        drawn, _ = draw_curves(name, records, ctx.out_dir / "plots" / f"{name}.png", CURVES)
         if drawn:
             plots[name] = {"file": f"plots/{name}.png", "curves": drawn}
     report["plots"] = plots

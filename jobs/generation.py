@@ -143,6 +143,15 @@ def sample(
     return Samples(sequences, attention, answer_mask.float(), is_eos.any(1), start, seconds)
 
 
+def decode(tokenizer, answers: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """The answers as text, up to (not including) their EOS."""
+    texts = []
+    for row, keep in zip(answers.tolist(), mask.tolist(), strict=True):
+        tokens = [t for t, k in zip(row, keep, strict=True) if k][: int(sum(keep))]
+        texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
+    return texts
+
+
 def _device(model):
     return next(model.parameters()).device
 

@@ -36,13 +36,21 @@ from jobs.batches import ShardedSampler, padded_shard, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
-from jobs.generation import SamplingConfig, eos_ids_of, sample
+from jobs.generation import SamplingConfig, decode, eos_ids_of, sample
 from jobs.models import InferenceConfig, free_memory, load_tokenizer, model_source
 from jobs.rewards import RewardFunction, Rewards
-from jobs.rollout import masked_mean, policy_loss, token_logprobs, whiten
+from jobs.rollout import (
+    SampleLog,
+    masked_mean,
+    policy_loss,
+    sample_rows,
+    token_logprobs,
+    untouched_generators,
+    whiten,
+)
 
 
-class Config(StageConfig):
+class Config(StageConfig, SampleLog):
     actor: str = Field(description="the model to train (an SFT model folder or Hub id)")
     reference: str | None = Field(None, description="the KL reference; default: the actor")
     prompts: str = Field(description="a stage output folder with prompts/{train,eval}.jsonl")
@@ -112,15 +120,6 @@ def token_advantages(
     return group_advantages(shaped, config.group_size, config.algorithm)[:, None] * mask
 
 
-def decode(tokenizer, answers: torch.Tensor, mask: torch.Tensor) -> list[str]:
-    """The answers as text, up to (not including) their EOS."""
-    texts = []
-    for row, keep in zip(answers.tolist(), mask.tolist(), strict=True):
-        tokens = [t for t, k in zip(row, keep, strict=True) if k][: int(sum(keep))]
-        texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
-    return texts
-
-
 class RewardModels:
     """Reward models of ``reward_model`` rewards, loaded once on first use."""
 
@@ -184,6 +183,24 @@ def evaluate(ds, tokenizer, eos, rows, where, rewards: Rewards, config: Config, 
     return {k: float(v) / len(rows) for k, v in zip(totals, summed.tolist(), strict=True)}
 
 
+@torch.no_grad()
+def policy_samples(ds, reference, tokenizer, eos, rows, where, rewards, config, zero3):
+    """The policy's greedy answers to the sample prompts, with their reward (every reward
+    function's sum) and KL to the reference."""
+    greedy = config.sampling.model_copy(update={"do_sample": False})
+    prompts = [row["prompt"] for row in rows]
+    with untouched_generators():
+        answers = sample(ds.module, tokenizer, prompts, greedy, eos, 0, synced_gpus=zero3)
+    texts = decode(tokenizer, answers.answers, answers.mask)
+    total, _ = rewards(prompts, texts, rows, where)
+    size, temperature = config.minibatch_size, config.sampling.temperature
+    logp = logprobs_of(ds.module, answers, size, temperature)
+    ref = (
+        logprobs_of(reference.module, answers, size, temperature) if reference is not None else logp
+    )
+    return sample_rows(prompts, texts, total, logp, ref, answers.mask)
+
+
 def run(config: Config, ctx: StageContext) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -203,6 +220,11 @@ def run(config: Config, ctx: StageContext) -> dict:
     train_rows, train_where = splits["train"]
     eval_rows, eval_where = splits.get("eval", ([], []))
     eval_rows, eval_where = eval_rows[: config.eval_prompts], eval_where[: config.eval_prompts]
+    held_out, held_out_where = splits.get("eval", splits["train"])
+    held_out, held_out_where = (
+        held_out[: config.sample_prompts],
+        held_out_where[: config.sample_prompts],
+    )
 
     actor_path = model_source(ctx, config.actor)
     tokenizer = load_tokenizer(actor_path)
@@ -310,6 +332,13 @@ def run(config: Config, ctx: StageContext) -> dict:
         if eval_rows and (iteration % config.eval_every == 0 or iteration == config.iterations):
             last_eval = evaluate(ds, tokenizer, eos, eval_rows, eval_where, rewards, config, zero3)
             ctx.log(iteration, **last_eval)
+        if config.due(iteration, config.iterations):
+            ctx.samples(
+                iteration,
+                policy_samples(
+                    ds, reference, tokenizer, eos, held_out, held_out_where, rewards, config, zero3
+                ),
+            )
         progress.update(1)
         engine.checkpoint_or_stop(
             ds, ctx, iteration, config.checkpoint_every, {"first_eval": first_eval}

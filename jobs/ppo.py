@@ -32,13 +32,22 @@ from jobs import dist, engine
 from jobs.batches import ShardedSampler, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
-from jobs.generation import SamplingConfig, eos_ids_of, sample
+from jobs.generation import SamplingConfig, decode, eos_ids_of, sample
 from jobs.models import load_tokenizer, model_source, quiet_load_report
-from jobs.rollout import masked_mean, policy_loss, token_logprobs, whiten
+from jobs.rollout import (
+    SampleLog,
+    masked_mean,
+    policy_loss,
+    sample_prompts,
+    sample_rows,
+    token_logprobs,
+    untouched_generators,
+    whiten,
+)
 from jobs.scoring import head_values, last_token_scores, require_reward_model
 
 
-class Config(StageConfig):
+class Config(StageConfig, SampleLog):
     actor: str = Field(description="the SFT model (a stage output folder or Hub id)")
     reward_model: str = Field(description="a reward stage's model folder")
     critic: str | None = Field(None, description="default: the reward model")
@@ -255,6 +264,23 @@ def shape_rewards(batch: dict, scores: torch.Tensor, kl_coef: float) -> torch.Te
     return rewards
 
 
+def policy_samples(models: Models, prompts: list[str], config: Config) -> list[dict]:
+    """The policy's greedy answers to the sample prompts, with their reward model score
+    (raw) and KL to the reference."""
+    greedy = config.sampling.model_copy(update={"do_sample": False})
+    with untouched_generators():
+        batch = rollout(models, prompts, config.model_copy(update={"sampling": greedy}), 0)
+    answers = decode(models.tokenizer, batch["sequences"][:, batch["start"] :], batch["mask"])
+    return sample_rows(
+        prompts,
+        answers,
+        batch["scores"].tolist(),
+        batch["old_logp"],
+        batch["ref_logp"],
+        batch["mask"],
+    )
+
+
 def ptx_batches(config: Config, models: Models, data_dir: Path, start: int = 0):
     """Endless micro-batches of the SFT data, for the pre-training loss, from the
     ``start``-th on."""
@@ -336,6 +362,7 @@ def run(config: Config, ctx: StageContext) -> dict:
     ptx = ptx_batches(config, models, data_dir, ptx_start) if config.ptx_coef > 0 else None
     batches = sampler.micro_batches(start=iteration)
     progress = ctx.progress(config.iterations, iteration)
+    held_out = sample_prompts(data_dir, config.sample_prompts) if config.sample_every else []
     first_reward = state.get("first_reward")
     summary: dict = {}
     while iteration < config.iterations:
@@ -393,6 +420,8 @@ def run(config: Config, ctx: StageContext) -> dict:
             "generation_tokens_per_s": batch["generated_tokens"] / batch["generation_s"],
         }
         ctx.log(iteration, **summary)
+        if held_out and config.due(iteration, config.iterations):
+            ctx.samples(iteration, policy_samples(models, held_out, config))
         progress.update(1)
         engine.checkpoint_or_stop(
             {"actor": models.actor, "critic": models.critic},

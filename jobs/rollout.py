@@ -5,11 +5,65 @@ log-probs and the clipped policy loss, as DeepSpeed-Chat's step 3 and verl's
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, Field
 
 from jobs import dist
+from jobs.batches import read_jsonl
 from jobs.tokens import padded_logits
+
+
+class SampleLog(BaseModel):
+    """How often an RL stage writes its policy's answers to a few held-out prompts."""
+
+    sample_every: int = Field(
+        10, ge=0, description="iterations between sample answers in samples.jsonl (0: none)"
+    )
+    sample_prompts: int = Field(
+        4, ge=1, description="how many: the first prompts of prompts/eval.jsonl (else train)"
+    )
+
+    def due(self, iteration: int, last: int) -> bool:
+        return self.sample_every > 0 and (iteration % self.sample_every == 0 or iteration == last)
+
+
+def sample_prompts(data_dir: Path, count: int) -> list[str]:
+    """The fixed prompts of the sample answers: held out where the data has an eval split,
+    the same at every iteration so that answers read side by side over time."""
+    for split in ("eval", "train"):
+        path = data_dir / "prompts" / f"{split}.jsonl"
+        if path.is_file():
+            return [row["prompt"] for row in read_jsonl(path, ("prompt",))[:count]]
+    return []
+
+
+def sample_rows(
+    prompts: list[str], answers: list[str], rewards, policy_logp, reference_logp, mask
+) -> list[dict]:
+    """One samples.jsonl row per answer: its reward and its KL to the reference (the sum
+    over its tokens of log pi - log pi_ref, the per-answer KL the stages report)."""
+    kl = ((policy_logp - reference_logp) * mask).sum(1).tolist()
+    lengths = mask.sum(1).tolist()
+    return [
+        {
+            "prompt": p,
+            "answer": a,
+            "reward": round(float(r), 4),
+            "kl": round(k, 4),
+            "tokens": int(n),
+        }
+        for p, a, r, k, n in zip(prompts, answers, rewards, kl, lengths, strict=True)
+    ]
+
+
+def untouched_generators():
+    """The RNG of CPU and GPU as they were after the block: sample answers for the log
+    draw no numbers from the stream training goes on with."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    return torch.random.fork_rng(devices=devices)
 
 
 def token_logprobs(

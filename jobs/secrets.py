@@ -8,6 +8,7 @@ any variable a stage config names as holding a key (``api_key_env``), whatever i
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -80,3 +81,12 @@ URL_WITH_KEY = (
     + ")="
 )
 URL_HTTP = "^([Hh][Tt][Tt][Pp][Ss]?://.+)?$"  # or empty
+
+
+def redact(text: str) -> str:
+    """``text`` (a client's error message) as it may be printed: the values of this
+    process's secret-named variables and a URL's user information replaced by ***."""
+    for name, value in os.environ.items():
+        if len(value) >= 4 and secret_name(name):
+            text = text.replace(value, "***")
+    return re.sub(r"(://)[^/?#\s@]*@", r"\1***@", text)

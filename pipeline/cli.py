@@ -85,11 +85,28 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.status import run_status, summary
+    from pipeline.status import run_status
 
     run_uri = store.join(_root(args.store), args.run)
     for stage in run_status(run_uri):
-        print(f"{stage.name:<10} {stage.state:<9} {summary(stage.metrics)}")
+        print(f"{stage.name:<10} {stage.state:<9} {stage.line()}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.report import write_report
+
+    run_uri = store.join(_root(args.store), args.run)
+    if args.out:
+        page = Path(args.out)
+    elif store.is_s3(run_uri):
+        page = Path(f"{args.run}-report.html")
+    else:
+        page = store.local_path(store.join(run_uri, "report.html"))
+    write_report(run_uri, page)
+    print(f"report of run {args.run}: {page.resolve()}")
     return 0
 
 
@@ -144,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("run", help="the run id")
     status.add_argument("--store", default=DEFAULT_STORE, help=f"default: {DEFAULT_STORE}")
     status.set_defaults(func=cmd_status)
+
+    report = sub.add_parser("report", help="write one self-contained HTML page about a run")
+    report.add_argument("run", help="the run id")
+    report.add_argument("--store", default=DEFAULT_STORE, help=f"default: {DEFAULT_STORE}")
+    report.add_argument(
+        "--out", help="the page to write (default: report.html in a local run's folder)"
+    )
+    report.set_defaults(func=cmd_report)
 
     check = sub.add_parser("validate", help="check a pipeline file and print its stage order")
     add_plan_arguments(check)

@@ -3,12 +3,47 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from jobs import store
-from jobs.contract import METRICS, PROGRESS, read_manifest
+from jobs.contract import METRICS, PROGRESS, STATUS, Manifest, read_manifest
 from jobs.errors import BadInputError
+
+
+@dataclass
+class Progress:
+    """A running stage as its ``_progress/status.json`` says (pushed every sync)."""
+
+    step: int
+    total: int | None
+    elapsed_s: float
+    remaining_s: float | None  # None until two steps of this attempt were timed
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        """``step 40/300 (13%), 2m10s elapsed, about 6m05s left``."""
+        of = f"/{self.total} ({100 * self.step / self.total:.0f}%)" if self.total else ""
+        left = f", about {duration(self.remaining_s)} left" if self.remaining_s is not None else ""
+        return f"step {self.step}{of}, {duration(self.elapsed_s)} elapsed{left}"
+
+
+def read_progress(output: str, now: float | None = None) -> Progress | None:
+    """The progress of the stage writing ``output``; None before its first sync."""
+    uri = store.join(output, PROGRESS, STATUS)
+    if not store.exists(uri):
+        return None
+    status = json.loads(store.read_text(uri))
+    now = time.time() if now is None else now
+    step, total, first = status["step"], status.get("total"), status.get("first")
+    remaining = None
+    if total and first and step > first[0]:
+        per_step = (status["time"] - first[1]) / (step - first[0])
+        # the time since the newest sync is spent on the steps after it
+        remaining = max((total - step) * per_step - (now - status["time"]), 0.0)
+    return Progress(step, total, now - status["started"], remaining, status.get("metrics") or {})
 
 
 @dataclass
@@ -17,25 +52,46 @@ class StageStatus:
     state: str  # "finished" | "started" | "pending"
     output: str
     metrics: dict[str, Any]
+    manifest: Manifest | None = None
+    progress: Progress | None = None
+
+    def line(self) -> str:
+        """What ``rlhf status`` prints after the name and state."""
+        if self.manifest is not None:
+            took = seconds_between(self.manifest.started_at, self.manifest.finished_at)
+            return f"in {duration(took)}; {summary(self.metrics)}"
+        if self.progress is not None:
+            return f"{self.progress.line()}; {summary(self.metrics)}"
+        return summary(self.metrics)
 
 
-def run_status(run_uri: str) -> list[StageStatus]:
+def run_stages(run_uri: str) -> list[dict[str, Any]]:
+    """The stages of a run, as ``run.json`` describes them."""
     described = store.join(run_uri, "run.json")
     if not store.exists(described):
         raise BadInputError(f"{run_uri}: no run there (no run.json); check the run id and --store")
+    return json.loads(store.read_text(described))["stages"]
+
+
+def run_status(run_uri: str) -> list[StageStatus]:
     out = []
-    for stage in json.loads(store.read_text(described))["stages"]:
-        manifest = read_manifest(stage["output"])
+    for stage in run_stages(run_uri):
+        name, output = stage["name"], stage["output"]
+        manifest = read_manifest(output)
         if manifest is not None:
-            out.append(StageStatus(stage["name"], "finished", stage["output"], manifest.metrics))
+            out.append(StageStatus(name, "finished", output, manifest.metrics, manifest))
             continue
-        progress = store.join(stage["output"], PROGRESS, METRICS)
-        if store.exists(progress):
-            lines = store.read_text(progress).strip().splitlines()
+        progress = read_progress(output)
+        if progress is not None:
+            out.append(StageStatus(name, "started", output, progress.metrics, progress=progress))
+            continue
+        metrics_uri = store.join(output, PROGRESS, METRICS)
+        if store.exists(metrics_uri):
+            lines = store.read_text(metrics_uri).strip().splitlines()
             last = json.loads(lines[-1]) if lines else {}
-            out.append(StageStatus(stage["name"], "started", stage["output"], last))
+            out.append(StageStatus(name, "started", output, last))
         else:
-            out.append(StageStatus(stage["name"], "pending", stage["output"], {}))
+            out.append(StageStatus(name, "pending", output, {}))
     return out
 
 
@@ -43,7 +99,21 @@ def summary(metrics: dict[str, Any], limit: int = 6) -> str:
     """The scalar metrics of a stage, one short line."""
     parts = []
     for key, value in metrics.items():
-        if key in {"time"} or not isinstance(value, int | float) or isinstance(value, bool):
+        if key in {"time", "step"} or not isinstance(value, int | float) or isinstance(value, bool):
             continue
         parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
     return ", ".join(parts[:limit])
+
+
+def duration(seconds: float) -> str:
+    """``45s``, ``2m05s``, ``1h02m``."""
+    seconds = max(int(round(seconds)), 0)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def seconds_between(start: str, end: str) -> float:
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()

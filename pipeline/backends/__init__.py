@@ -36,20 +36,37 @@ def run_in_order(
     skip stages whose finished output matches, and collect the manifests."""
     store.write_text(store.join(plan.run_uri, "run.json"), json.dumps(plan.describe(), indent=2))
     results: dict[str, Manifest] = {}
-    for number, stage in enumerate(plan.stages, start=1):
-        head = f"[{number}/{len(plan.stages)}] {stage.name}"
-        if only and stage.name not in only:
-            continue
-        if (done := up_to_date(stage.stage, stage.config)) is not None:
-            echo(f"{head}: up to date, skipped ({stage.output})")
-            results[stage.name] = done
-            continue
-        run_stage(stage, head)
-        manifest = read_manifest(stage.output)
-        if manifest is None:
-            raise StageFailed(stage.name, 0, "ended without writing its manifest")
-        results[stage.name] = manifest
+    try:
+        for number, stage in enumerate(plan.stages, start=1):
+            head = f"[{number}/{len(plan.stages)}] {stage.name}"
+            if only and stage.name not in only:
+                continue
+            if (done := up_to_date(stage.stage, stage.config)) is not None:
+                echo(f"{head}: up to date, skipped ({stage.output})")
+                results[stage.name] = done
+                continue
+            run_stage(stage, head)
+            manifest = read_manifest(stage.output)
+            if manifest is None:
+                raise StageFailed(stage.name, 0, "ended without writing its manifest")
+            results[stage.name] = manifest
+    except BaseException:
+        end_tracking(plan, False, echo)
+        raise
+    end_tracking(plan, True, echo)
     return results
+
+
+def end_tracking(plan: Plan, succeeded: bool, echo: Callable[[str], None]) -> None:
+    """Close the run's MLflow run (each stage closes its own nested one); a tracking server
+    that cannot be reached costs a warning, not the run."""
+    from jobs.secrets import redact
+    from jobs.sinks import end_pipeline_run
+
+    try:
+        end_pipeline_run(plan.run_id, succeeded)
+    except Exception as exc:  # noqa: BLE001 - whatever the client raises
+        echo(f"warning: MLflow run of {plan.run_id} not closed: {redact(str(exc))[:300]}")
 
 
 def run_with_retries(

@@ -9,7 +9,6 @@ its newest checkpoint; stages whose manifests are complete in the store are skip
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
@@ -17,12 +16,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from jobs import store
-from jobs.contract import METRICS, PROGRESS, Manifest
+from jobs.contract import Manifest
 from jobs.errors import EXIT_BAD_INPUT
 from pipeline.backends import StageFailed, run_in_order
 from pipeline.charts import client_model, render_stage
 from pipeline.config import Plan, PlannedStage
+from pipeline.status import read_progress, summary
 from pipeline.watch import (
     BAD_INPUT,
     Outcome,
@@ -191,13 +190,27 @@ class KubernetesBackend:
                     if (outcome := stalled(tracker, waited, limit, warnings)) is not None:
                         break
                 line = tracker.progress()
-                metrics = newest_metrics(stage.output)
+                metrics = progress_text(stage.output)
                 if line != last_line or metrics != last_metrics:
                     self.echo(f"{head}: {line}" + (f" | {metrics}" if metrics else ""))
+                    if metrics != last_metrics:
+                        self.annotate(namespace, job_name, metrics)
                     last_line, last_metrics = line, metrics
         finally:
             stop.set()
         return tracker, outcome
+
+    def annotate(self, namespace: str, job_name: str, progress: str) -> None:
+        """The progress on the Job itself, for `kubectl get jobs` with a custom column
+        (the README has the command); best effort, like the line it repeats."""
+        from kubernetes.client.rest import ApiException
+
+        body = {"metadata": {"annotations": {PROGRESS_ANNOTATION: progress}}}
+        try:
+            self.batch.patch_namespaced_job(job_name, namespace, body)
+        except ApiException as exc:
+            if exc.status not in (403, 404, 409):  # not allowed, or the Job is gone
+                raise
 
     def raw_events(self, plan: Plan, tracker: StageTracker) -> list[dict[str, Any]]:
         """The events of the Job and its pods, as the API returns them."""
@@ -316,20 +329,16 @@ class KubernetesBackend:
                 return
 
 
-def newest_metrics(output: str) -> str:
-    """The newest line of the stage's metrics so far, shortened."""
-    uri = store.join(output, PROGRESS, METRICS)
+PROGRESS_ANNOTATION = "kuberlhf.io/progress"
+
+
+def progress_text(output: str) -> str:
+    """The stage's newest step, times and metrics, shortened: the line the submitter
+    prints and the Job's progress annotation."""
     try:
-        if not store.exists(uri):
-            return ""
-        lines = store.read_text(uri).strip().splitlines()
+        progress = read_progress(output)
     except Exception:  # progress is best effort; the Job's state is what decides
         return ""
-    if not lines:
+    if progress is None:
         return ""
-    record = json.loads(lines[-1])
-    return ", ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-        for k, v in record.items()
-        if k != "time"
-    )
+    return f"{progress.line()} | {summary(progress.metrics, limit=4)}"[:250]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -376,6 +377,14 @@ def test_a_deleted_pod_checkpoints_and_the_stage_resumes(site, tmp_path, monkeyp
     process = site.rlhf("run", str(path), "--run-id", run_id, background=True)
     [pod] = wait_running(site, run_id)
     time.sleep(60)  # past a checkpoint or two
+    # the submitter put the stage's progress on its Job: `kubectl get jobs` shows it
+    [job] = [
+        j
+        for j in site.cluster.jobs(site.namespace, run_id)
+        if j.metadata.labels.get("kuberlhf.io/stage") == "sft"
+    ]
+    progress = (job.metadata.annotations or {}).get("kuberlhf.io/progress", "")
+    assert re.match(r"step \d+/200 \(\d+%\), ", progress), progress
     site.cluster.core.delete_namespaced_pod(pod.metadata.name, site.namespace)
     out, err = process.communicate(timeout=3600)
     assert process.returncode == 0, out[-4000:] + err[-4000:]
@@ -430,7 +439,11 @@ def test_a_gpu_stage_is_created_and_the_schedulers_reason_is_reported(site, tmp_
     path = site.pipeline(tmp_path, stages, gpus=1, stall_timeout_s=90)
     result = site.rlhf("run", str(path), "--run-id", run_id, timeout=600)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
-    [job] = site.cluster.jobs(site.namespace, run_id)  # created: the client took the GPU limit
+    [job] = [
+        j
+        for j in site.cluster.jobs(site.namespace, run_id)
+        if j.metadata.labels.get("kuberlhf.io/stage") == "sft"
+    ]  # created: the client took the GPU limit
     limits = job.spec.template.spec.containers[0].resources.limits
     assert limits["nvidia.com/gpu"] == "1"
     assert "FailedScheduling" in result.stdout and "nvidia.com/gpu" in result.stdout

@@ -101,6 +101,8 @@ def configs(inputs: str) -> dict[str, dict]:
             "minibatch_size": 8,
             "ppo_epochs": 1,
             "sampling": {"max_new_tokens": 12},
+            "sample_every": 2,
+            "sample_prompts": 2,
             "actor_train": {"learning_rate": 1e-3},
             "critic_train": {"learning_rate": 1e-3},
         },
@@ -116,6 +118,8 @@ def configs(inputs: str) -> dict[str, dict]:
             "eval_every": 4,
             "eval_prompts": 8,
             "sampling": {"max_new_tokens": 12},
+            "sample_every": 2,
+            "sample_prompts": 2,
             "train": {"learning_rate": 1e-3},
         },
     }

@@ -31,7 +31,8 @@ pytestmark = pytest.mark.slow
 
 
 def outputs_equal(baseline: Path, resumed: Path, stage: str) -> None:
-    """Weights and metrics of two finished outputs, equal up to float noise."""
+    """Weights, metrics, sample answers and TensorBoard curves of two finished outputs,
+    equal up to float noise."""
     weights = sorted(p.relative_to(baseline) for p in baseline.rglob("*.safetensors"))
     assert weights, f"{stage}: no weights in the output"
     assert weights == sorted(p.relative_to(resumed) for p in resumed.rglob("*.safetensors"))
@@ -41,11 +42,21 @@ def outputs_equal(baseline: Path, resumed: Path, stage: str) -> None:
         for name in a:
             torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
 
-    def lines(root: Path) -> list[dict]:
-        return [json.loads(x) for x in (root / "metrics.jsonl").read_text().splitlines()]
+    def lines(root: Path, name: str) -> list[dict]:
+        path = root / name
+        return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
 
-    a, b = lines(baseline), lines(resumed)
+    a, b = lines(baseline, "metrics.jsonl"), lines(resumed, "metrics.jsonl")
     assert [m["step"] for m in b] == [m["step"] for m in a], f"{stage}: metrics' steps differ"
+    if stage in ("ppo", "grpo"):  # every second iteration, kept across the restarts
+        samples = lines(baseline, "samples.jsonl")
+        assert [s["step"] for s in samples] == [2, 2, 4, 4, 6, 6]
+        a, b = a + samples, b + lines(resumed, "samples.jsonl")
+    # TensorBoard's own reader: each step once, as in metrics.jsonl, after any restart
+    curves, again = scalars(baseline), scalars(resumed)
+    assert curves.keys() == again.keys()
+    for tag, values in curves.items():
+        assert again[tag] == pytest.approx(values, rel=1e-3, abs=1e-4), (stage, tag)
     for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys()
         for key, value in x.items():
@@ -55,6 +66,25 @@ def outputs_equal(baseline: Path, resumed: Path, stage: str) -> None:
                 assert y[key] == pytest.approx(value, rel=1e-3, abs=1e-4), (stage, x["step"], key)
             else:
                 assert y[key] == value, (stage, x["step"], key)
+
+
+def scalars(output: Path) -> dict[str, list[float]]:
+    """The curves of the output's event files as TensorBoard reads them, timings left out;
+    the steps of each tag are checked to be those of metrics.jsonl, each once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    metrics = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
+    curves = {}
+    for tag in events.Tags()["scalars"]:
+        if timing(tag):
+            continue
+        points = events.Scalars(tag)
+        assert [p.step for p in points] == [m["step"] for m in metrics if tag in m], tag
+        curves[tag] = [p.value for p in points]
+    assert curves, f"{output}: no curves in its event files"
+    return curves
 
 
 def timing(key: str) -> bool:

@@ -221,7 +221,7 @@ def test_ppo_under_zero3_with_frozen_models_partitioned(demo, tmp_path):
 
 
 def test_ppo_preempted_on_the_gpu_resumes_to_the_same_metrics(demo, tmp_path):
-    overrides = {"checkpoint_every": 3, "seed": 5, "ema_decay": 0.9}
+    overrides = {"checkpoint_every": 3, "seed": 5, "ema_decay": 0.9, "sample_every": 2}
     # Same kernels on the same shapes give the same numbers; cuBLAS needs a fixed workspace.
     env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
     a = ppo_config(demo, tmp_path / "a", **overrides)
@@ -237,6 +237,12 @@ def test_ppo_preempted_on_the_gpu_resumes_to_the_same_metrics(demo, tmp_path):
     for x, y in zip(first, second, strict=True):
         for key in ("reward_mean", "kl", "policy_loss", "value_loss"):
             assert y[key] == pytest.approx(x[key], rel=1e-2, abs=1e-3), (x["step"], key)
+    # the sample answers (greedy, on the GPU, outside the training's CUDA random stream)
+    # are kept across the restart: the resumed run has the same ones
+    samples = [json.loads(x) for x in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
+    again = [json.loads(x) for x in (tmp_path / "b" / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2] * 4 + [4] * 4 + [6] * 4
+    assert [s["answer"] for s in again] == [s["answer"] for s in samples]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (NCCL, one per rank)")

@@ -1,7 +1,11 @@
 """RLHF with PPO on the tiny demo: the reward it optimises rises, the KL stays bounded, the
 learning follows the reward model's sign, two processes under ZeRO-3 generate without
 hanging and resume exactly, and the PPO model beats the SFT model by a held-out judge. The
-single-process kills and resumes are in tests/faults."""
+single-process kills and resumes are in tests/faults.
+
+The demo runs with a real MLflow tracking server on localhost, so the same run shows what
+a user watches: MLflow runs, TensorBoard event files, PPO's sample answers, and the run's
+report page in a real headless browser."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,23 +23,78 @@ import yaml
 
 from jobs import store
 from jobs.contract import read_manifest, run_stage
-from tests.conftest import ROOT, run_entrypoint
+from tests.conftest import ROOT, free_port, run_entrypoint
 
 pytestmark = pytest.mark.slow
 
 
+# A secret's value in the environment of the run: no sink may carry it anywhere.
+CANARY = "canary-5e1f0c9a2b7d"
+EXPERIMENT = "demo-test"
+
+
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
+def tracking(tmp_path_factory) -> tuple[str, Path]:
+    """A real MLflow tracking server on localhost (SQLite store, artifacts it serves)."""
+    import requests
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    url = f"http://127.0.0.1:{free_port()}"
+    log = open(folder / "server.log", "w")  # noqa: SIM115 - the server's, until it stops
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder}/mlflow.db",
+            "--artifacts-destination",
+            str(folder / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            url.rsplit(":", 1)[1],
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                break
+        except requests.RequestException:
+            pass
+        assert server.poll() is None, (folder / "server.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the MLflow server did not start in 5 minutes"
+        time.sleep(1)
+    yield url, folder
+    server.terminate()
+    server.wait(30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, tracking) -> Path:
     """The whole demo pipeline (examples/demo.yaml) run once: bootstrap to evaluate."""
     runs = tmp_path_factory.mktemp("runs")
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking[0],
+        "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
+        "KUBERLHF_TEST_TOKEN": CANARY,
+    }
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "run", "examples/demo.yaml", "--store", str(runs)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=1200,
+        env=env,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "MLflowSink" not in result.stderr, result.stderr[-3000:]  # no stage dropped it
     return runs / "demo"
 
 
@@ -131,8 +191,10 @@ def test_a_policy_that_games_its_reward_model_wins_by_the_proxy_and_loses_by_the
     demo, tmp_path
 ):
     # PPO against the reward model with its sign flipped: the reward it optimises rises.
+    # (10 iterations: at 8 the proxy already says 0.69 and the judge 0.19, at 12 0.91/0.06)
     flipped = flipped_reward_model(demo / "reward" / "model", tmp_path / "flipped")
-    result = run_entrypoint("ppo", ppo_config(demo, tmp_path / "ppo", flipped), tmp_path)
+    config = ppo_config(demo, tmp_path / "ppo", flipped, iterations=10)
+    result = run_entrypoint("ppo", config, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [m for m in metrics_lines(tmp_path / "ppo") if "reward_mean" in m]
     assert mean(m["reward_mean"] for m in lines[-5:]) > mean(m["reward_mean"] for m in lines[:5])
@@ -313,3 +375,146 @@ def test_the_missing_eos_penalty_teaches_the_policy_to_finish_its_answers(demo, 
         ended[name] = [m["eos_fraction"] for m in lines]
     assert ended["penalised"][0] == ended["control"][0]  # the same first rollout
     assert mean(ended["penalised"][-3:]) > mean(ended["control"][-3:]) + 0.15
+
+
+# --- what a run shows: MLflow, TensorBoard, sample answers, the report page -------------
+
+STAGES = [
+    "bootstrap",
+    "data",
+    "sft",
+    "reward-v1",
+    "generate",
+    "label",
+    "reward",
+    "ppo",
+    "judge",
+    "evaluate",
+]
+
+
+def test_mlflow_has_a_run_per_pipeline_run_and_a_nested_run_per_stage(demo, tracking):
+    from mlflow.tracking import MlflowClient
+
+    url, folder = tracking
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    [parent] = [r for r in runs if r.data.tags.get("kuberlhf.kind") == "pipeline"]
+    assert parent.data.tags["kuberlhf.run"] == "demo"
+    assert parent.info.status == "FINISHED"  # closed by `rlhf run` at its end
+    stages = {r.info.run_name: r for r in runs if r is not parent}
+    assert sorted(stages) == sorted(STAGES)
+    for name, run in stages.items():
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id, name
+        assert run.info.status == "FINISHED", name
+        # the manifest as an artifact, byte for byte the stage's
+        local = client.download_artifacts(run.info.run_id, "manifest.json", str(folder / name))
+        assert Path(local).read_bytes() == (demo / name / "manifest.json").read_bytes(), name
+
+    ppo = stages["ppo"]
+    assert ppo.data.params["actor_train.learning_rate"] == "0.0002"
+    assert ppo.data.params["sampling.max_new_tokens"] == "40"
+    assert (
+        ppo.data.tags["kuberlhf.config_hash"]
+        == json.loads((demo / "ppo" / "manifest.json").read_text())["config_hash"]
+    )
+    history = client.get_metric_history(ppo.info.run_id, "reward_mean")
+    logged = [m for m in metrics_lines(demo / "ppo") if "reward_mean" in m]
+    assert [h.step for h in sorted(history, key=lambda h: h.step)] == list(range(1, 31))
+    assert sorted((h.step, h.value) for h in history) == pytest.approx(
+        [(m["step"], m["reward_mean"]) for m in logged]
+    )
+    sft = client.get_metric_history(stages["sft"].info.run_id, "eval_loss")
+    assert len(sft) >= 2 and min(h.value for h in sft) < max(h.value for h in sft)
+
+    # nothing of the environment's secrets reached the server's store or its artifacts
+    for path in folder.rglob("*"):
+        if path.is_file():
+            assert CANARY.encode() not in path.read_bytes(), path
+
+
+def test_tensorboard_reads_every_stage_of_the_run_as_one_experiment(demo):
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    # what `tensorboard --logdir runs/demo` loads
+    experiment = EventMultiplexer(size_guidance={"scalars": 0, "tensors": 0})
+    experiment.AddRunsFromDirectory(str(demo))
+    experiment.Reload()
+    assert sorted(experiment.Runs()) == sorted(f"{name}/tensorboard" for name in STAGES)
+    logged = [m for m in metrics_lines(demo / "ppo") if "kl" in m]
+    points = experiment.Scalars("ppo/tensorboard", "kl")
+    assert [(p.step, p.value) for p in points] == pytest.approx(
+        [(m["step"], m["kl"]) for m in logged], rel=1e-6
+    )
+    sft = experiment.Scalars("sft/tensorboard", "eval_loss")
+    assert sft[-1].value < sft[0].value
+    # the sample answers, as a text summary at each sampled step
+    texts = experiment.Tensors("ppo/tensorboard", "samples/text_summary")
+    assert [t.step for t in texts] == [10, 20, 30]
+    first = texts[0].tensor_proto.string_val[0].decode()
+    assert (
+        json.loads((demo / "ppo" / "samples.jsonl").read_text().splitlines()[0])["prompt"][:20]
+        in first
+    )
+
+
+def test_ppo_writes_sample_answers_to_held_out_prompts_as_it_trains(demo):
+    samples = [json.loads(x) for x in (demo / "ppo" / "samples.jsonl").read_text().splitlines()]
+    held_out = [
+        json.loads(x)["prompt"]
+        for x in (demo / "data" / "prompts" / "eval.jsonl").read_text().splitlines()[:4]
+    ]
+    assert [s["step"] for s in samples] == [10] * 4 + [20] * 4 + [30] * 4
+    assert [s["prompt"] for s in samples] == held_out * 3
+    for row in samples:
+        assert row["answer"].strip() and row["tokens"] >= 1
+        assert isinstance(row["reward"], float) and isinstance(row["kl"], float)
+    # the policy moves: its answers at the end are not those of iteration 10
+    assert [s["answer"] for s in samples[:4]] != [s["answer"] for s in samples[-4:]]
+    assert any(abs(s["kl"]) > 1e-3 for s in samples)  # against the reference, not itself
+    listed = json.loads((demo / "ppo" / "manifest.json").read_text())["files"]
+    assert "samples.jsonl" in [f["path"] for f in listed]
+
+
+def colour_pixels(image, rgb: tuple[int, int, int], tolerance: int = 12) -> int:
+    return sum(
+        count
+        for count, pixel in image.getcolors(maxcolors=1 << 24)
+        if all(abs(a - b) <= tolerance for a, b in zip(pixel[:3], rgb, strict=True))
+    )
+
+
+def test_the_report_page_opens_in_a_browser_and_shows_every_stage(demo, tmp_path):
+    from PIL import Image
+
+    from tests.browser import open_page
+
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "report", "demo", "--store", str(demo.parent)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    page = demo / "report.html"
+    assert str(page) in result.stdout
+    opened = open_page(page, tmp_path / "report.png")
+    assert opened.console == []  # no script error, nothing the page complained of
+    # self-contained: everything it loads is inline (links to outputs are only links)
+    loads = re.findall(r"<(?:img|script|link|iframe)[^>]*?(?:src|href)=\"([^\"]*)\"", opened.dom)
+    assert loads and all(uri.startswith("data:") for uri in loads), loads
+    # every stage of the run is in the graph, finished
+    stages = re.findall(r'<g class="stage (\w+)">.*?<text[^>]*>([^<]+)</text>', opened.dom)
+    assert sorted(stages) == sorted(("finished", name) for name in STAGES)
+    assert "95% CI" in opened.dom and "step 30" in opened.dom  # evaluation, samples
+    # the browser drew it: the finished stages' green boxes and matplotlib's blue curves
+    image = Image.open(opened.screenshot).convert("RGB")
+    assert colour_pixels(image, (46, 125, 50)) > len(STAGES) * 3000
+    assert colour_pixels(image, (31, 119, 180)) > 2000
+
+    # the console check sees a broken page (the control)
+    broken = tmp_path / "broken.html"
+    broken.write_text("<!DOCTYPE html><p>x</p><script>notDefined();</script>")
+    assert any("notDefined" in line for line in open_page(broken, tmp_path / "b.png").console)

@@ -1,0 +1,265 @@
+"""Where a stage's metrics and sample answers go besides its JSON lines: TensorBoard event
+files in the stage's output (always), an MLflow tracking server when
+``MLFLOW_TRACKING_URI`` is set, Weights & Biases when ``WANDB_PROJECT`` is set.
+
+Every stage logs through ``StageContext.log`` and ``StageContext.samples``; they reach
+each sink here. The sinks are told only metric names and numbers, sample text, the stage's
+config (which the secrets rules keep free of credentials), the run and stage names and the
+manifest: never the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from jobs.secrets import redact, secret_name
+
+TENSORBOARD = "tensorboard"  # the folder of event files in a stage's output
+
+
+class Sink(Protocol):
+    def scalars(self, step: int, values: dict[str, float]) -> None: ...
+
+    def text(self, step: int, tag: str, text: str) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def finish(self, manifest: Path | None, status: str) -> None:
+        """The stage ended: FINISHED with its manifest, KILLED (stopped to be resumed: a
+        retryable exit) or FAILED without."""
+
+
+def numbers(values: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics of a record (its step and time are the axes, not metrics)."""
+    return {
+        key: float(value)
+        for key, value in values.items()
+        if key not in ("step", "time")
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
+    }
+
+
+def samples_markdown(rows: list[dict[str, Any]]) -> str:
+    """Sample answers as a Markdown table (TensorBoard's text tab renders it)."""
+
+    def cell(value: Any) -> str:
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|").replace("\n", "<br>")
+
+    keys = list(dict.fromkeys(k for row in rows for k in row if k != "step"))
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(row.get(k, "")) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A stage config as MLflow/W&B parameters, ``train.learning_rate`` style; a key that
+    reads like a credential's is left out whatever its value (the config rules refuse one
+    with a value already: this is the second lock)."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if secret_name(key):
+            continue
+        if isinstance(value, dict):
+            out.update(flat_params(value, name + "."))
+        else:
+            out[name] = str(value)[:500]
+    return out
+
+
+class TensorBoardSink:
+    """Event files under ``<output>/tensorboard``, written by PyTorch's own SummaryWriter.
+    ``tensorboard --logdir`` on a run folder shows each stage as a run of one experiment."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        shutil.rmtree(log_dir, ignore_errors=True)  # a previous attempt's, on this node
+        self._open()
+
+    def _open(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), flush_secs=30)
+
+    def restart(self) -> None:
+        """An empty log again: a resumed attempt replays the records it keeps, so the
+        event files hold each step once, like metrics.jsonl."""
+        self.writer.close()
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+        self._open()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        self.writer.add_text(tag, text, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def finish(self, manifest: Path | None, status: str) -> None:  # noqa: ARG002
+        self.writer.close()  # the event files are part of the output
+
+
+class MLflowSink:
+    """One MLflow run per pipeline run (found by its tag, made by the first stage that
+    needs it) and a nested run per stage, in the experiment ``MLFLOW_EXPERIMENT_NAME``
+    (default ``kuberlhf``). A retried stage goes on in its nested run. Metrics are sent in
+    batches when the stage syncs its progress, so a slow server slows no step."""
+
+    def __init__(self, stage: str, run: str, config: dict[str, Any], config_hash: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient()
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "kuberlhf"
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = (
+            experiment.experiment_id if experiment else self.client.create_experiment(name)
+        )
+        self.parent = pipeline_run(self.client, experiment_id, run, create=True)
+        found = self.client.search_runs(
+            [experiment_id],
+            filter_string=(
+                f"tags.`kuberlhf.run` = '{run}' and tags.`kuberlhf.stage` = '{stage}' "
+                f"and tags.`kuberlhf.config_hash` = '{config_hash}'"
+            ),
+            max_results=1,
+        )
+        if found:
+            self.run_id = found[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            self.run_id = self.client.create_run(
+                experiment_id,
+                run_name=stage,
+                tags={
+                    "mlflow.parentRunId": self.parent,
+                    "kuberlhf.run": run,
+                    "kuberlhf.stage": stage,
+                    "kuberlhf.config_hash": config_hash,
+                },
+            ).info.run_id
+            params = sorted(flat_params(config).items())
+            from mlflow.entities import Param
+
+            for first in range(0, len(params), 100):  # the server's limit per batch
+                self.client.log_batch(
+                    self.run_id, params=[Param(k, v) for k, v in params[first : first + 100]]
+                )
+        self.pending: list[Any] = []
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(key, value, now, step) for key, value in values.items()]
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        self.flush()
+        self.client.log_text(self.run_id, text, f"{tag}/step-{step:08d}.md")
+
+    def flush(self) -> None:
+        for first in range(0, len(self.pending), 1000):
+            self.client.log_batch(self.run_id, metrics=self.pending[first : first + 1000])
+        self.pending = []
+
+    def finish(self, manifest: Path | None, status: str) -> None:
+        self.flush()
+        if manifest is not None:
+            self.client.log_artifact(self.run_id, str(manifest))
+        self.client.set_terminated(self.run_id, status)
+
+
+def pipeline_run(client, experiment_id: str, run: str, create: bool) -> str | None:
+    """The id of the MLflow run of pipeline run ``run``."""
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`kuberlhf.run` = '{run}' and tags.`kuberlhf.kind` = 'pipeline'",
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    if not create:
+        return None
+    return client.create_run(
+        experiment_id, run_name=run, tags={"kuberlhf.run": run, "kuberlhf.kind": "pipeline"}
+    ).info.run_id
+
+
+def end_pipeline_run(run: str, succeeded: bool) -> None:
+    """Close the pipeline's MLflow run when ``rlhf run`` ends (the stages leave it open)."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(
+        os.environ.get("MLFLOW_EXPERIMENT_NAME") or "kuberlhf"
+    )
+    if experiment is None:
+        return
+    if parent := pipeline_run(client, experiment.experiment_id, run, create=False):
+        client.set_terminated(parent, "FINISHED" if succeeded else "FAILED")
+
+
+class WandbSink:
+    """A W&B run per stage, grouped by the pipeline run; ``WANDB_MODE=offline`` writes it
+    under ``WANDB_DIR`` for a later ``wandb sync``."""
+
+    def __init__(self, stage: str, run: str, config: dict[str, Any], config_hash: str) -> None:
+        import wandb
+
+        self.run = wandb.init(
+            project=os.environ["WANDB_PROJECT"],
+            group=run,
+            job_type=stage,
+            name=f"{run}-{stage}",
+            id=f"{run}-{stage}-{config_hash[:8]}",  # a retried stage goes on in its run
+            resume="allow",
+            # the pods' root file system is read-only; the scratch volume is TMPDIR
+            dir=os.environ.get("WANDB_DIR") or tempfile.gettempdir(),
+            config=flat_params(config),
+            settings=wandb.Settings(console="off", x_disable_stats=True),
+        )
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(values, step=step)
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        self.run.log({tag: text}, step=step)
+
+    def flush(self) -> None:
+        pass  # the W&B service process sends as it goes
+
+    def finish(self, manifest: Path | None, status: str) -> None:
+        if manifest is not None:
+            self.run.save(str(manifest), base_path=str(manifest.parent), policy="now")
+        self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+
+
+def open_sinks(out_dir: Path, stage: str, config: dict[str, Any], config_hash: str) -> list[Sink]:
+    """The sinks a stage logs to: TensorBoard always, the others where configured."""
+    run = os.environ.get("KUBERLHF_RUN") or "run"
+    sinks: list[Sink] = [TensorBoardSink(out_dir / TENSORBOARD)]
+    for variable, kind in (("MLFLOW_TRACKING_URI", MLflowSink), ("WANDB_PROJECT", WandbSink)):
+        if not os.environ.get(variable):
+            continue
+        try:
+            sinks.append(kind(stage, run, config, config_hash))
+        except Exception as exc:  # noqa: BLE001 - a tracking server never fails a stage
+            print(
+                f"{stage}: warning: {variable} is set but {kind.__name__} could not start "
+                f"({type(exc).__name__}: {redact(str(exc))[:300]}); logging without it",
+                file=sys.stderr,
+                flush=True,
+            )
+    return sinks

@@ -1,0 +1,124 @@
+"""The sinks every stage logs through, on the real contract: W&B's offline run read back
+from its own transaction log, a tracking server that is down or refuses costing a warning
+(without its credentials) and not the stage, and the progress `rlhf status` and the
+submitter show for a running stage."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from jobs.contract import PROGRESS, STATUS, ProgressLog, StageConfig, run_stage
+from pipeline.status import StageStatus, read_progress
+
+CANARY = "canary-0b7c41d2e9"
+
+
+def logging_stage(config, ctx) -> dict:
+    """A stage body that logs five steps and one set of sample answers."""
+    ctx.progress(5)
+    for step in range(1, 6):
+        ctx.log(step, loss=1.0 / step)
+    ctx.samples(5, [{"prompt": "2+2?", "answer": "4", "reward": 1.0, "kl": 0.25}])
+    return {"steps": 5}
+
+
+def wandb_records(path: Path):
+    """The records of a W&B run file (LevelDB's log format of W&B protobuf records: the
+    SDK has no reader any more, `wandb sync` reads it in its Go core)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block, position, chunks = path.read_bytes(), 32768, 7, b""
+    assert data[:4] == b":W&B"
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header: padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if kind == 0 and length == 0:
+            break
+        chunks += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = pb.Record()
+            record.ParseFromString(chunks)
+            chunks = b""
+            yield record
+
+
+def test_wandb_offline_run_holds_the_stage_metrics_config_and_samples(tmp_path, monkeypatch):
+    for name, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_PROJECT": "kuberlhf-test",
+        "WANDB_SILENT": "true",
+        "KUBERLHF_RUN": "r1",
+        "KUBERLHF_TEST_TOKEN": CANARY,
+    }.items():
+        monkeypatch.setenv(name, value)
+    run_stage(
+        "sft", StageConfig(output=str(tmp_path / "r1" / "sft")), logging_stage, tmp_path / "w"
+    )
+    [path] = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    assert CANARY.encode() not in path.read_bytes()
+    history, config, run = {}, {}, None
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            items = {
+                i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                for i in record.history.item
+            }
+            history[items["_step"]] = items
+        elif kind == "run":
+            run = record.run
+            config = {
+                i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                for i in record.run.config.update
+            }
+    assert run.run_id.startswith("r1-sft-") and run.run_group == "r1" and run.job_type == "sft"
+    assert config["output"] == str(tmp_path / "r1" / "sft") and config["seed"] == "0"
+    assert [history[s]["loss"] for s in range(1, 6)] == [1.0, 0.5, 1 / 3, 0.25, 0.2]
+    assert "| 2+2? | 4 | 1 | 0.25 |" in history[5]["samples"]
+
+
+def test_a_tracking_server_that_is_down_costs_a_warning_not_the_stage(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://someone:hunter2-secret@127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    manifest = run_stage(
+        "sft", StageConfig(output=str(tmp_path / "out")), logging_stage, tmp_path / "w"
+    )
+    assert manifest.metrics["steps"] == 5
+    err = capfd.readouterr().err
+    assert "MLFLOW_TRACKING_URI is set but MLflowSink could not start" in err
+    assert "hunter2-secret" not in err
+    # the event files are there all the same, in the manifest
+    assert any(f.path.startswith("tensorboard/events.out.tfevents.") for f in manifest.files)
+
+
+def test_status_shows_the_step_the_time_elapsed_and_an_estimate_of_the_time_left(tmp_path):
+    output = str(tmp_path / "run" / "sft")
+    log = ProgressLog("sft", StageConfig(output=output), tmp_path / "out", sync_s=1e9)
+    log.total, log.started = 100, 1000.0
+    for step, at in ((10, 1100.0), (20, 1120.0), (30, 1140.0)):  # 2 s a step after the first
+        log.log({"step": step, "time": at, "loss": 1.0 / step})
+    log.sync()
+    status = json.loads((tmp_path / "run" / "sft" / PROGRESS / STATUS).read_text())
+    assert status["step"] == 30 and status["total"] == 100
+
+    progress = read_progress(output, now=1150.0)
+    assert progress.step == 30 and progress.elapsed_s == 150.0
+    assert progress.remaining_s == 70 * 2.0 - 10  # 70 steps to go, 10 s of them spent
+    line = StageStatus("sft", "started", output, progress.metrics, progress=progress).line()
+    assert line.startswith("step 30/100 (30%), 2m30s elapsed, about 2m10s left; loss=0.03333")
+    # a resumed attempt times its own steps only (the restart's loading is not a step)
+    log.continue_from(20)
+    log.started = 2000.0
+    log.log({"step": 21, "time": 2060.0, "loss": 0.05})
+    log.log({"step": 25, "time": 2068.0, "loss": 0.04})
+    log.sync()
+    again = read_progress(output, now=2068.0)
+    assert again.step == 25 and again.remaining_s == 75 * 2.0
+    assert read_progress(str(tmp_path / "run" / "other")) is None
