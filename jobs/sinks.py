@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from jobs.secrets import redact, secret_name
+from jobs.secrets import redact
 
 TENSORBOARD = "tensorboard"  # the folder of event files in a stage's output
 
@@ -60,18 +60,16 @@ def samples_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """A stage config as MLflow/W&B parameters, ``train.learning_rate`` style; a key that
-    reads like a credential's is left out whatever its value (the config rules refuse one
-    with a value already: this is the second lock)."""
+    """A stage config as MLflow/W&B parameters, ``train.learning_rate`` style. The config
+    rules refuse a credential in a config; as a second lock, the value of any secret-named
+    variable of this environment, or a URL's user information, is masked."""
     out: dict[str, str] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
-        if secret_name(key):
-            continue
         if isinstance(value, dict):
             out.update(flat_params(value, name + "."))
         else:
-            out[name] = str(value)[:500]
+            out[name] = redact(str(value))[:500]
     return out
 
 

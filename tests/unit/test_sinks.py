@@ -57,9 +57,9 @@ def test_wandb_offline_run_holds_the_stage_metrics_config_and_samples(tmp_path, 
         "KUBERLHF_TEST_TOKEN": CANARY,
     }.items():
         monkeypatch.setenv(name, value)
-    run_stage(
-        "sft", StageConfig(output=str(tmp_path / "r1" / "sft")), logging_stage, tmp_path / "w"
-    )
+    # a secret's value in a config (the config rules refuse the usual ways in) is masked
+    output = str(tmp_path / "r1" / CANARY / "sft")
+    run_stage("sft", StageConfig(output=output), logging_stage, tmp_path / "w")
     [path] = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     assert CANARY.encode() not in path.read_bytes()
     history, config, run = {}, {}, None
@@ -78,7 +78,7 @@ def test_wandb_offline_run_holds_the_stage_metrics_config_and_samples(tmp_path, 
                 for i in record.run.config.update
             }
     assert run.run_id.startswith("r1-sft-") and run.run_group == "r1" and run.job_type == "sft"
-    assert config["output"] == str(tmp_path / "r1" / "sft") and config["seed"] == "0"
+    assert config["output"] == output.replace(CANARY, "***") and config["seed"] == "0"
     assert [history[s]["loss"] for s in range(1, 6)] == [1.0, 0.5, 1 / 3, 0.25, 0.2]
     assert "| 2+2? | 4 | 1 | 0.25 |" in history[5]["samples"]
 
