@@ -213,6 +213,12 @@ def test_killed_at_random_moments_the_stage_ends_as_if_never_interrupted(
         assert f"resumed from the checkpoint at step {max(committed)}" in run.stdout
     assert not store.list_files(f"{out}/_checkpoints"), "checkpoints left behind"
     outputs_equal(fetch(baseline["output"], tmp_path / "a"), fetch(out, tmp_path / "b"), stage)
-    record("restart after the kills", stage, "same weights and metrics as uninterrupted")
+    record(
+        "restart after the kills",
+        stage,
+        "same weights, metrics"
+        + (", sample answers" if stage in ("ppo", "grpo") else "")
+        + " and TensorBoard curves as uninterrupted",
+    )
     faults = ", ".join(f"{n} {kind}" for kind, n in sorted(noisy.items()))
     record(f"random S3 faults in every attempt ({faults})", stage, "retried: same end result")

@@ -421,10 +421,9 @@ def test_mlflow_has_a_run_per_pipeline_run_and_a_nested_run_per_stage(demo, trac
     )
     history = client.get_metric_history(ppo.info.run_id, "reward_mean")
     logged = [m for m in metrics_lines(demo / "ppo") if "reward_mean" in m]
-    assert [h.step for h in sorted(history, key=lambda h: h.step)] == list(range(1, 31))
-    assert sorted((h.step, h.value) for h in history) == pytest.approx(
-        [(m["step"], m["reward_mean"]) for m in logged]
-    )
+    history = sorted(history, key=lambda h: h.step)
+    assert [h.step for h in history] == [m["step"] for m in logged] == list(range(1, 31))
+    assert [h.value for h in history] == pytest.approx([m["reward_mean"] for m in logged])
     sft = client.get_metric_history(stages["sft"].info.run_id, "eval_loss")
     assert len(sft) >= 2 and min(h.value for h in sft) < max(h.value for h in sft)
 
@@ -444,9 +443,8 @@ def test_tensorboard_reads_every_stage_of_the_run_as_one_experiment(demo):
     assert sorted(experiment.Runs()) == sorted(f"{name}/tensorboard" for name in STAGES)
     logged = [m for m in metrics_lines(demo / "ppo") if "kl" in m]
     points = experiment.Scalars("ppo/tensorboard", "kl")
-    assert [(p.step, p.value) for p in points] == pytest.approx(
-        [(m["step"], m["kl"]) for m in logged], rel=1e-6
-    )
+    assert [p.step for p in points] == [m["step"] for m in logged]
+    assert [p.value for p in points] == pytest.approx([m["kl"] for m in logged], rel=1e-6)
     sft = experiment.Scalars("sft/tensorboard", "eval_loss")
     assert sft[-1].value < sft[0].value
     # the sample answers, as a text summary at each sampled step
