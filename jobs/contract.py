@@ -275,7 +275,9 @@ class ProgressLog:
         self._each("flush")
         events = self.out_dir / TENSORBOARD
         if events.is_dir():
-            store.upload_dir(events, store.join(self.remote, TENSORBOARD))
+            remote = store.join(self.remote, TENSORBOARD)
+            sent = store.upload_dir(events, remote)
+            store.prune(remote, {f.path for f in sent})  # an earlier attempt's event files
         status = {
             "stage": self.stage,
             "step": self.last.get("step", self.resumed_from),
@@ -663,6 +665,10 @@ def publish(ctx: StageContext, metrics: dict[str, Any], started_at: str) -> Mani
         ctx.metrics.sync()
         ctx.metrics.close_files()
     store.delete(store.join(output, MANIFEST))  # from here on the output reads as unfinished
+    # A previous run's files that this one does not make (event files are named by host,
+    # process and time) would sit beside the new ones: TensorBoard would read both.
+    made = {path.relative_to(ctx.out_dir).as_posix() for path in store.walk_dir(ctx.out_dir)}
+    store.prune(output, made, skip=(PROGRESS + "/", CHECKPOINTS + "/"))
     files = []
     for path in store.walk_dir(ctx.out_dir):
         rel = path.relative_to(ctx.out_dir).as_posix()

@@ -378,6 +378,14 @@ def delete(uri: str) -> None:
     _backend(uri).delete(uri)
 
 
+def prune(uri: str, keep: set[str], skip: tuple[str, ...] = ()) -> None:
+    """Delete the files below ``uri`` but those in ``keep`` and those under ``skip``
+    (relative paths): what a folder's previous writer left that this one does not make."""
+    for info in list_files(uri):
+        if info.path not in keep and not info.path.startswith(skip):
+            delete(join(uri, info.path))
+
+
 def walk_dir(local_dir: Path) -> Iterator[Path]:
     yield from sorted(p for p in local_dir.rglob("*") if p.is_file())
 
