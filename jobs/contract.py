@@ -241,7 +241,12 @@ class ProgressLog:
         self.metrics = RecordLog(out_dir / METRICS, store.join(self.remote, METRICS))
         self.samples = RecordLog(out_dir / SAMPLES, store.join(self.remote, SAMPLES), create=False)
         name = config.output.rstrip("/").rsplit("/", 1)[-1] or stage
-        self.sinks = open_sinks(out_dir, name, config.model_dump(mode="json"), config.config_hash())
+        # A tracking run is this config on these inputs: a re-run on changed inputs (the
+        # config, holding their URIs, hashes the same) gets a run of its own.
+        key = sha256_json([config.config_hash(), input_hashes(config)])
+        self.sinks = open_sinks(
+            out_dir, name, config.model_dump(mode="json"), config.config_hash(), key
+        )
         self.total: int | None = None
         self.started = time.time()
         self.resumed_from = 0
@@ -701,7 +706,7 @@ def run_stage(stage: str, config: StageConfig, run_fn, workdir: Path | None = No
         if dist.is_main():
             # a run killed after its manifest landed left its checkpoints behind
             store.delete(store.join(config.output, CHECKPOINTS))
-            store.delete(store.join(config.output, PROGRESS))
+            clear_progress(config.output)
             print(
                 f"{stage}: up to date at {config.output} (config and inputs unchanged); skipped",
                 flush=True,
@@ -731,12 +736,24 @@ def run_stage(stage: str, config: StageConfig, run_fn, workdir: Path | None = No
     finally:
         signal.signal(signal.SIGTERM, previous)
     metrics = {**metrics, **accelerator_metrics()}
-    dist.barrier()
-    manifest = publish(ctx, metrics, started_at) if dist.is_main() else None
-    dist.barrier()
-    ctx.checkpoints.clear()
+    try:
+        dist.barrier()
+        manifest = publish(ctx, metrics, started_at) if dist.is_main() else None
+        dist.barrier()
+        ctx.checkpoints.clear()
+    except BaseException:
+        if ctx.metrics is not None:
+            ctx.metrics.finish(None, "FAILED")
+        raise
     if ctx.metrics is not None:
         ctx.metrics.finish(ctx.workdir / MANIFEST, "FINISHED")
-        # the live copy of metrics, samples and event files: the output has them now
-        store.delete(store.join(config.output, PROGRESS))
+        clear_progress(config.output)  # the output has them now
     return dist.broadcast_object(manifest)
+
+
+def clear_progress(output: str) -> None:
+    """Remove the live copy of metrics, samples, status and event files. (The rest of
+    ``_progress`` stays: an endpoint's answers cached there are what a re-run with another
+    config would otherwise pay for again.)"""
+    for name in (METRICS, SAMPLES, STATUS, TENSORBOARD):
+        store.delete(store.join(output, PROGRESS, name))

@@ -220,7 +220,10 @@ def run(config: Config, ctx: StageContext) -> dict:
     train_rows, train_where = splits["train"]
     eval_rows, eval_where = splits.get("eval", ([], []))
     eval_rows, eval_where = eval_rows[: config.eval_prompts], eval_where[: config.eval_prompts]
-    held_out, held_out_where = splits.get("eval", splits["train"])
+    # the held-out prompts where the data has some, else the first training prompts
+    held_out, held_out_where = next(
+        (rows for rows in (splits.get("eval"), splits["train"]) if rows and rows[0]), ([], [])
+    )
     held_out, held_out_where = (
         held_out[: config.sample_prompts],
         held_out_where[: config.sample_prompts],
@@ -332,7 +335,7 @@ def run(config: Config, ctx: StageContext) -> dict:
         if eval_rows and (iteration % config.eval_every == 0 or iteration == config.iterations):
             last_eval = evaluate(ds, tokenizer, eos, eval_rows, eval_where, rewards, config, zero3)
             ctx.log(iteration, **last_eval)
-        if config.due(iteration, config.iterations):
+        if held_out and config.due(iteration, config.iterations):
             ctx.samples(
                 iteration,
                 policy_samples(

@@ -60,8 +60,8 @@ def sample_rows(
 
 
 def untouched_generators():
-    """The RNG of CPU and GPU as they were after the block: sample answers for the log
-    draw no numbers from the stream training goes on with."""
+    """The RNG of CPU and GPU restored, after the block, to what they were before it:
+    sample answers for the log draw no numbers from the stream training goes on with."""
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     return torch.random.fork_rng(devices=devices)
 

@@ -87,6 +87,6 @@ def redact(text: str) -> str:
     """``text`` (a client's error message) as it may be printed: the values of this
     process's secret-named variables and a URL's user information replaced by ***."""
     for name, value in os.environ.items():
-        if len(value) >= 4 and secret_name(name):
+        if len(value) >= 8 and secret_name(name):  # shorter ones are words, not keys
             text = text.replace(value, "***")
     return re.sub(r"(://)[^/?#\s@]*@", r"\1***@", text)

@@ -59,17 +59,26 @@ def samples_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def masked(config: Any) -> Any:
+    """The config as the sinks get it. The config rules refuse a credential in a config;
+    as a second lock, the value of any secret-named variable of this environment, or a
+    URL's user information, is masked in its text values."""
+    if isinstance(config, dict):
+        return {key: masked(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [masked(value) for value in config]
+    return redact(config) if isinstance(config, str) else config
+
+
 def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """A stage config as MLflow/W&B parameters, ``train.learning_rate`` style. The config
-    rules refuse a credential in a config; as a second lock, the value of any secret-named
-    variable of this environment, or a URL's user information, is masked."""
+    """A (masked) stage config as MLflow parameters, ``train.learning_rate`` style."""
     out: dict[str, str] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flat_params(value, name + "."))
         else:
-            out[name] = redact(str(value))[:500]
+            out[name] = str(value)[:500]
     return out
 
 
@@ -114,9 +123,15 @@ class MLflowSink:
     (default ``kuberlhf``). A retried stage goes on in its nested run. Metrics are sent in
     batches when the stage syncs its progress, so a slow server slows no step."""
 
-    def __init__(self, stage: str, run: str, config: dict[str, Any], config_hash: str) -> None:
+    def __init__(
+        self, stage: str, run: str, config: dict[str, Any], config_hash: str, key: str
+    ) -> None:
         from mlflow.tracking import MlflowClient
 
+        # MLflow's own defaults (7 retries with back-off, 120 s) would hold a training step
+        # for minutes while a server is down; a user's settings win.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.client = MlflowClient()
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "kuberlhf"
         experiment = self.client.get_experiment_by_name(name)
@@ -128,12 +143,15 @@ class MLflowSink:
             [experiment_id],
             filter_string=(
                 f"tags.`kuberlhf.run` = '{run}' and tags.`kuberlhf.stage` = '{stage}' "
-                f"and tags.`kuberlhf.config_hash` = '{config_hash}'"
+                f"and tags.`kuberlhf.key` = '{key}'"
             ),
             max_results=1,
         )
+        # The steps a killed attempt sent after its checkpoint come again, the same: sent once.
+        self.sent = -1
         if found:
             self.run_id = found[0].info.run_id
+            self.sent = int(found[0].data.tags.get("kuberlhf.sent_step", -1))
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             self.run_id = self.client.create_run(
@@ -144,9 +162,10 @@ class MLflowSink:
                     "kuberlhf.run": run,
                     "kuberlhf.stage": stage,
                     "kuberlhf.config_hash": config_hash,
+                    "kuberlhf.key": key,  # config and inputs
                 },
             ).info.run_id
-            params = sorted(flat_params(config).items())
+            params = sorted(flat_params(masked(config)).items())
             from mlflow.entities import Param
 
             for first in range(0, len(params), 100):  # the server's limit per batch
@@ -158,6 +177,8 @@ class MLflowSink:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
+        if step <= self.sent and step > 0:
+            return
         now = int(time.time() * 1000)
         self.pending += [Metric(key, value, now, step) for key, value in values.items()]
 
@@ -166,8 +187,12 @@ class MLflowSink:
         self.client.log_text(self.run_id, text, f"{tag}/step-{step:08d}.md")
 
     def flush(self) -> None:
+        if not self.pending:
+            return
         for first in range(0, len(self.pending), 1000):
             self.client.log_batch(self.run_id, metrics=self.pending[first : first + 1000])
+        self.sent = max(self.sent, max(m.step for m in self.pending))
+        self.client.set_tag(self.run_id, "kuberlhf.sent_step", str(self.sent))
         self.pending = []
 
     def finish(self, manifest: Path | None, status: str) -> None:
@@ -213,7 +238,9 @@ class WandbSink:
     """A W&B run per stage, grouped by the pipeline run; ``WANDB_MODE=offline`` writes it
     under ``WANDB_DIR`` for a later ``wandb sync``."""
 
-    def __init__(self, stage: str, run: str, config: dict[str, Any], config_hash: str) -> None:
+    def __init__(
+        self, stage: str, run: str, config: dict[str, Any], config_hash: str, key: str
+    ) -> None:
         import wandb
 
         self.run = wandb.init(
@@ -221,11 +248,11 @@ class WandbSink:
             group=run,
             job_type=stage,
             name=f"{run}-{stage}",
-            id=f"{run}-{stage}-{config_hash[:8]}",  # a retried stage goes on in its run
+            id=f"{run}-{stage}-{key[:8]}",  # a retried stage goes on in its run
             resume="allow",
             # the pods' root file system is read-only; the scratch volume is TMPDIR
             dir=os.environ.get("WANDB_DIR") or tempfile.gettempdir(),
-            config=flat_params(config),
+            config=masked(config),
             settings=wandb.Settings(console="off", x_disable_stats=True),
         )
 
@@ -244,7 +271,9 @@ class WandbSink:
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
 
 
-def open_sinks(out_dir: Path, stage: str, config: dict[str, Any], config_hash: str) -> list[Sink]:
+def open_sinks(
+    out_dir: Path, stage: str, config: dict[str, Any], config_hash: str, key: str
+) -> list[Sink]:
     """The sinks a stage logs to: TensorBoard always, the others where configured."""
     run = os.environ.get("KUBERLHF_RUN") or "run"
     sinks: list[Sink] = [TensorBoardSink(out_dir / TENSORBOARD)]
@@ -252,7 +281,7 @@ def open_sinks(out_dir: Path, stage: str, config: dict[str, Any], config_hash: s
         if not os.environ.get(variable):
             continue
         try:
-            sinks.append(kind(stage, run, config, config_hash))
+            sinks.append(kind(stage, run, config, config_hash, key))
         except Exception as exc:  # noqa: BLE001 - a tracking server never fails a stage
             print(
                 f"{stage}: warning: {variable} is set but {kind.__name__} could not start "

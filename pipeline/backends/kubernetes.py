@@ -70,6 +70,7 @@ class KubernetesBackend:
         self.core = client.CoreV1Api(self.api)
         self.networking = client.NetworkingV1Api(self.api)
         self.echo, self.poll_s = echo, poll_s
+        self.annotate_warned = False
 
     # --- the client interface -------------------------------------------------------
 
@@ -166,7 +167,7 @@ class KubernetesBackend:
         ]
         for thread in streams:
             thread.start()
-        tracker, last_line, last_metrics = StageTracker(job_name), "", ""
+        tracker, last_line, last_metrics = StageTracker(job_name), "", ()
         started, next_check, seen, warnings = time.monotonic(), 0.0, set(), []
         try:
             while (outcome := tracker.outcome()) is None:
@@ -190,12 +191,14 @@ class KubernetesBackend:
                     if (outcome := stalled(tracker, waited, limit, warnings)) is not None:
                         break
                 line = tracker.progress()
-                metrics = progress_text(stage.output)
-                if line != last_line or metrics != last_metrics:
+                # a new line when the Job or the stage's newest synced step changes (not
+                # for the elapsed time alone, which changes at every poll)
+                step, metrics = progress_text(stage.output)
+                if line != last_line or step != last_metrics:
                     self.echo(f"{head}: {line}" + (f" | {metrics}" if metrics else ""))
-                    if metrics != last_metrics:
+                    if step != last_metrics and metrics:
                         self.annotate(namespace, job_name, metrics)
-                    last_line, last_metrics = line, metrics
+                    last_line, last_metrics = line, step
         finally:
             stop.set()
         return tracker, outcome
@@ -203,14 +206,13 @@ class KubernetesBackend:
     def annotate(self, namespace: str, job_name: str, progress: str) -> None:
         """The progress on the Job itself, for `kubectl get jobs` with a custom column
         (the README has the command); best effort, like the line it repeats."""
-        from kubernetes.client.rest import ApiException
-
         body = {"metadata": {"annotations": {PROGRESS_ANNOTATION: progress}}}
         try:
             self.batch.patch_namespaced_job(job_name, namespace, body)
-        except ApiException as exc:
-            if exc.status not in (403, 404, 409):  # not allowed, or the Job is gone
-                raise
+        except Exception as exc:  # noqa: BLE001 - not allowed, the Job gone, the API away
+            if not self.annotate_warned:
+                self.annotate_warned = True
+                self.echo(f"warning: no progress annotation on {job_name}: {str(exc)[:200]}")
 
     def raw_events(self, plan: Plan, tracker: StageTracker) -> list[dict[str, Any]]:
         """The events of the Job and its pods, as the API returns them."""
@@ -332,13 +334,14 @@ class KubernetesBackend:
 PROGRESS_ANNOTATION = "kuberlhf.io/progress"
 
 
-def progress_text(output: str) -> str:
-    """The stage's newest step, times and metrics, shortened: the line the submitter
-    prints and the Job's progress annotation."""
+def progress_text(output: str) -> tuple[tuple, str]:
+    """The stage's newest synced step (and its time), and the line about it the submitter
+    prints and puts on the Job: step, times and metrics, shortened."""
     try:
         progress = read_progress(output)
     except Exception:  # progress is best effort; the Job's state is what decides
-        return ""
+        return (), ""
     if progress is None:
-        return ""
-    return f"{progress.line()} | {summary(progress.metrics, limit=4)}"[:250]
+        return (), ""
+    step = (progress.step, progress.metrics.get("time"))
+    return step, f"{progress.line()} | {summary(progress.metrics, limit=4)}"[:250]

@@ -6,6 +6,7 @@ submitter show for a running stage."""
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def test_wandb_offline_run_holds_the_stage_metrics_config_and_samples(tmp_path, 
                 for i in record.run.config.update
             }
     assert run.run_id.startswith("r1-sft-") and run.run_group == "r1" and run.job_type == "sft"
-    assert config["output"] == output.replace(CANARY, "***") and config["seed"] == "0"
+    assert config["output"] == output.replace(CANARY, "***") and config["seed"] == 0
     assert [history[s]["loss"] for s in range(1, 6)] == [1.0, 0.5, 1 / 3, 0.25, 0.2]
     assert "| 2+2? | 4 | 1 | 0.25 |" in history[5]["samples"]
 
@@ -122,3 +123,40 @@ def test_status_shows_the_step_the_time_elapsed_and_an_estimate_of_the_time_left
     again = read_progress(output, now=2068.0)
     assert again.step == 25 and again.remaining_s == 75 * 2.0
     assert read_progress(str(tmp_path / "run" / "other")) is None
+
+
+def test_the_report_of_a_run_in_progress_shows_each_stage_as_it_stands(tmp_path):
+    from pipeline.report import write_report
+
+    run = tmp_path / "runs" / "r2"
+    stages = [
+        {"name": "sft", "stage": "sft", "output": str(run / "sft"), "needs": []},
+        {"name": "ppo", "stage": "ppo", "output": str(run / "ppo"), "needs": ["sft"]},
+        {
+            "name": "evaluate",
+            "stage": "evaluate",
+            "output": str(run / "evaluate"),
+            "needs": ["ppo"],
+        },
+    ]
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(
+        json.dumps({"name": "p", "run_id": "r2", "run_uri": str(run), "stages": stages})
+    )
+    run_stage("sft", StageConfig(output=str(run / "sft")), logging_stage, tmp_path / "w")
+    live = ProgressLog("ppo", StageConfig(output=str(run / "ppo")), tmp_path / "out", sync_s=1e9)
+    live.total = 30
+    for step in (1, 2, 3):
+        live.log({"step": step, "time": 1000.0 + step, "reward_mean": 0.1 * step})
+    live.sample(3, [{"prompt": "p?", "answer": "<b>a</b>", "reward": 0.3, "kl": 0.1}])
+    live.sync()
+
+    page = write_report(str(run), tmp_path / "page.html").read_text()
+    states = dict(
+        (name, state)
+        for state, name in re.findall(r'<g class="stage (\w+)">.*?<text[^>]*>([^<]+)</text>', page)
+    )
+    assert states == {"sft": "finished", "ppo": "started", "evaluate": "pending"}
+    assert "step 3/30 (10%)" in page  # the running stage's progress, in graph and table
+    assert "&lt;b&gt;a&lt;/b&gt;" in page and "<b>a</b>" not in page  # answers are escaped
+    assert page.count("<svg") >= 3  # the graph and the curves of sft and of ppo so far
