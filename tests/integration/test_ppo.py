@@ -510,7 +510,7 @@ def test_the_report_page_opens_in_a_browser_and_shows_every_stage(demo, tmp_path
     # the browser drew it: the finished stages' green boxes and matplotlib's blue curves
     image = Image.open(opened.screenshot).convert("RGB")
     assert colour_pixels(image, (46, 125, 50)) > len(STAGES) * 3000
-    assert colour_pixels(image, (31, 119, 180)) > 2000
+    assert colour_pixels(image, (31, 119, 180)) > 500  # a blank panel has none
 
     # the console check sees a broken page (the control)
     broken = tmp_path / "broken.html"
