@@ -235,7 +235,14 @@ class ProgressLog:
     every ``sync_s`` seconds with ``status.json`` (step, total, times) for ``rlhf status``
     and the submitter."""
 
-    def __init__(self, stage: str, config: StageConfig, out_dir: Path, sync_s: float = 15.0):
+    def __init__(
+        self,
+        stage: str,
+        config: StageConfig,
+        out_dir: Path,
+        sync_s: float = 15.0,
+        key: str | None = None,
+    ):
         self.stage, self.out_dir, self.sync_s = stage, out_dir, sync_s
         self.remote = store.join(config.output, PROGRESS)
         self.metrics = RecordLog(out_dir / METRICS, store.join(self.remote, METRICS))
@@ -243,7 +250,7 @@ class ProgressLog:
         name = config.output.rstrip("/").rsplit("/", 1)[-1] or stage
         # A tracking run is this config on these inputs: a re-run on changed inputs (the
         # config, holding their URIs, hashes the same) gets a run of its own.
-        key = sha256_json([config.config_hash(), input_hashes(config)])
+        key = key or run_key(config)
         self.sinks = open_sinks(
             out_dir, name, config.model_dump(mode="json"), config.config_hash(), key
         )
@@ -346,7 +353,9 @@ class ProgressLog:
 class StageContext:
     """What a stage's ``run`` is handed: where to write, how to read inputs, log and checkpoint."""
 
-    def __init__(self, stage: str, config: StageConfig, workdir: Path) -> None:
+    def __init__(
+        self, stage: str, config: StageConfig, workdir: Path, key: str | None = None
+    ) -> None:
         self.stage, self.config, self.workdir = stage, config, workdir
         self.out_dir = workdir / "output"
         self.inputs: dict[str, InputRef] = {}
@@ -354,7 +363,7 @@ class StageContext:
         self.checkpoints = Checkpoints(
             store.join(config.output, CHECKPOINTS), workdir / "checkpoints"
         )
-        self.metrics = ProgressLog(stage, config, self.out_dir) if dist.is_main() else None
+        self.metrics = ProgressLog(stage, config, self.out_dir, key=key) if dist.is_main() else None
 
     # inputs -------------------------------------------------------------------------
 
@@ -644,13 +653,18 @@ def work_root() -> Path:
     return root
 
 
-def default_workdir(stage: str, config: StageConfig) -> Path:
-    """The stage's local work folder, keyed by its config and its inputs' manifests: a re-run
-    on changed inputs starts from an empty folder, never from files of the old inputs."""
-    key = hashlib.sha256(
+def run_key(config: StageConfig) -> str:
+    """This config on these inputs (their manifests' hashes): what a stage's work folder and
+    its tracking runs are keyed by, so a re-run on changed inputs shares neither."""
+    return hashlib.sha256(
         json.dumps([config.config_hash(), input_hashes(config)]).encode()
     ).hexdigest()
-    return work_root() / f"{stage}-{key[:16]}"
+
+
+def default_workdir(stage: str, config: StageConfig, key: str | None = None) -> Path:
+    """The stage's local work folder, keyed by ``run_key``: a re-run on changed inputs
+    starts from an empty folder, never from files of the old inputs."""
+    return work_root() / f"{stage}-{(key or run_key(config))[:16]}"
 
 
 def accelerator_metrics() -> dict[str, Any]:
@@ -713,7 +727,8 @@ def run_stage(stage: str, config: StageConfig, run_fn, workdir: Path | None = No
             )
         return finished
 
-    ctx = StageContext(stage, config, workdir or default_workdir(stage, config))
+    key = run_key(config)  # reads the inputs' manifests: once, for the folder and the sinks
+    ctx = StageContext(stage, config, workdir or default_workdir(stage, config, key), key)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
 
     def on_sigterm(signum, frame):  # noqa: ARG001 - the signal API's signature
