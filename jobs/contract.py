@@ -261,6 +261,7 @@ class ProgressLog:
         self.last: dict[str, Any] = {}
         # The first push waits sync_s: a stage that fails at once leaves the store untouched.
         self._last_sync = time.monotonic()
+        self._synced = False
 
     def log(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
@@ -281,7 +282,7 @@ class ProgressLog:
         if time.monotonic() - self._last_sync > self.sync_s:
             self.sync()
 
-    def sync(self) -> None:
+    def sync(self, state: str = "running", error: str | None = None) -> None:
         self.metrics.push()
         self.samples.push()
         self._each("flush")
@@ -299,9 +300,36 @@ class ProgressLog:
             "first": self.first,
             "time": self.last.get("time", round(time.time(), 3)),  # of the newest step
             "metrics": self.last,
+            "state": state,
         }
+        if state != "running":
+            status |= {"ended": round(time.time(), 3), "error": error}
         store.write_text(store.join(self.remote, STATUS), json.dumps(status))
         self._last_sync = time.monotonic()
+        self._synced = True
+
+    def end(self, exc: BaseException) -> None:
+        """The attempt ends on ``exc``: a stage already shown as running is shown as failed
+        (for good) or interrupted (retried from its checkpoint), with the reason, its clock
+        stopped; the tracking runs end as FAILED or KILLED."""
+        retried = isinstance(exc, Preempted | TransientError | KeyboardInterrupt)
+        if self._synced:
+            self._mark_ended("interrupted" if retried else "failed", exc)
+        self.finish(None, "KILLED" if retried else "FAILED")
+
+    def _mark_ended(self, state: str, exc: BaseException) -> None:
+        """The store may be what failed: then the warning is all there is."""
+        reason = redact(str(exc)).strip().splitlines()
+        error = f"{type(exc).__name__}: {reason[0][:300]}" if reason else type(exc).__name__
+        try:
+            self.sync(state, error)
+        except Exception as again:  # noqa: BLE001 - the stage's own error is the one to raise
+            print(
+                f"{self.stage}: warning: the progress could not be marked as ended "
+                f"({type(again).__name__}: {redact(str(again))[:300]})",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def continue_from(self, step: int) -> None:
         """A resumed attempt: the records up to ``step`` again, in every sink that keeps
@@ -745,8 +773,7 @@ def run_stage(stage: str, config: StageConfig, run_fn, workdir: Path | None = No
         metrics = run_fn(config, ctx)
     except BaseException as exc:
         if ctx.metrics is not None:
-            retried = isinstance(exc, Preempted | TransientError | KeyboardInterrupt)
-            ctx.metrics.finish(None, "KILLED" if retried else "FAILED")
+            ctx.metrics.end(exc)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -756,9 +783,9 @@ def run_stage(stage: str, config: StageConfig, run_fn, workdir: Path | None = No
         manifest = publish(ctx, metrics, started_at) if dist.is_main() else None
         dist.barrier()
         ctx.checkpoints.clear()
-    except BaseException:
+    except BaseException as exc:
         if ctx.metrics is not None:
-            ctx.metrics.finish(None, "FAILED")
+            ctx.metrics.end(exc)
         raise
     if ctx.metrics is not None:
         ctx.metrics.finish(ctx.workdir / MANIFEST, "FINISHED")

@@ -43,6 +43,7 @@ from jobs.rollout import (
     SampleLog,
     masked_mean,
     policy_loss,
+    sample_prompts,
     sample_rows,
     token_logprobs,
     untouched_generators,
@@ -220,14 +221,7 @@ def run(config: Config, ctx: StageContext) -> dict:
     train_rows, train_where = splits["train"]
     eval_rows, eval_where = splits.get("eval", ([], []))
     eval_rows, eval_where = eval_rows[: config.eval_prompts], eval_where[: config.eval_prompts]
-    # the held-out prompts where the data has some, else the first training prompts
-    held_out, held_out_where = next(
-        (rows for rows in (splits.get("eval"), splits["train"]) if rows and rows[0]), ([], [])
-    )
-    held_out, held_out_where = (
-        held_out[: config.sample_prompts],
-        held_out_where[: config.sample_prompts],
-    )
+    held_out, held_out_where = sample_prompts(data_dir, config.prompts, config.sample_prompts)
 
     actor_path = model_source(ctx, config.actor)
     tokenizer = load_tokenizer(actor_path)

@@ -362,7 +362,9 @@ def run(config: Config, ctx: StageContext) -> dict:
     ptx = ptx_batches(config, models, data_dir, ptx_start) if config.ptx_coef > 0 else None
     batches = sampler.micro_batches(start=iteration)
     progress = ctx.progress(config.iterations, iteration)
-    held_out = sample_prompts(data_dir, config.sample_prompts) if config.sample_every else []
+    held_out = [
+        r["prompt"] for r in sample_prompts(data_dir, config.prompts, config.sample_prompts)[0]
+    ]
     first_reward = state.get("first_reward")
     summary: dict = {}
     while iteration < config.iterations:

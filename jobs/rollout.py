@@ -30,14 +30,16 @@ class SampleLog(BaseModel):
         return self.sample_every > 0 and (iteration % self.sample_every == 0 or iteration == last)
 
 
-def sample_prompts(data_dir: Path, count: int) -> list[str]:
-    """The fixed prompts of the sample answers: held out where the data has an eval split,
-    the same at every iteration so that answers read side by side over time."""
+def sample_prompts(data_dir: Path, uri: str, count: int) -> tuple[list[dict], list[str]]:
+    """The fixed prompts of the sample answers, and where each is (``uri``'s file and row):
+    held out where the data has an eval split, else the first training prompts; the same
+    at every iteration so that answers read side by side over time."""
     for split in ("eval", "train"):
         path = data_dir / "prompts" / f"{split}.jsonl"
-        if path.is_file():
-            return [row["prompt"] for row in read_jsonl(path, ("prompt",))[:count]]
-    return []
+        rows = read_jsonl(path, ("prompt",))[:count] if path.is_file() else []
+        if rows:
+            return rows, [f"{uri}/prompts/{split}.jsonl:{i + 1}" for i in range(len(rows))]
+    return [], []
 
 
 def sample_rows(

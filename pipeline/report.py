@@ -23,7 +23,7 @@ from jobs.contract import MANIFEST, METRICS, PROGRESS, SAMPLES, Manifest
 from jobs.plots import draw_curves
 from pipeline.status import StageStatus, duration, run_stages, run_status, seconds_between
 
-COLOURS = {"finished": "#2e7d32", "started": "#f9a825", "pending": "#9e9e9e"}
+COLOURS = {"finished": "#2e7d32", "started": "#f9a825", "failed": "#c62828", "pending": "#9e9e9e"}
 
 
 def records(status: StageStatus, name: str) -> list[dict[str, Any]]:
@@ -79,7 +79,7 @@ def graph_svg(stages: list[dict[str, Any]], statuses: dict[str, StageStatus]) ->
                 seconds_between(status.manifest.started_at, status.manifest.finished_at)
             )
         elif status.progress is not None:
-            note = status.progress.line().split(",")[0]
+            note = status.progress.short()
         parts.append(
             f'<g class="stage {status.state}"><rect x="{x}" y="{y}" width="{width}" '
             f'height="{height}" rx="6" fill="{COLOURS[status.state]}"/>'
@@ -121,7 +121,7 @@ def stage_table(statuses: list[StageStatus], page: Path) -> str:
             listed = link(store.join(status.output, MANIFEST), page, MANIFEST)
             output = f"{link(status.output, page)}<br>{listed} ({len(manifest.files)} files)"
         else:
-            when = status.progress.line() if status.progress else ""
+            when = html.escape(status.progress.line()) if status.progress else ""
             config, inputs, output = "", "", link(status.output, page)
         rows.append(
             f'<tr><td><b>{html.escape(status.name)}</b></td><td class="{status.state}">'
@@ -192,6 +192,7 @@ body { font-family: sans-serif; margin: 24px; color: #222; max-width: 1900px; }
 table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: left; }
 td.finished { color: #2e7d32; } td.started { color: #b28704; } td.pending { color: #777; }
+td.failed { color: #c62828; }
 table.samples td { max-width: 320px; }
 .num { color: #666; font-size: 11px; margin-top: 4px; }
 img, svg { max-width: 100%; height: auto; }

@@ -22,12 +22,29 @@ class Progress:
     elapsed_s: float
     remaining_s: float | None  # None until two steps of this attempt were timed
     metrics: dict[str, Any] = field(default_factory=dict)
+    # "running"; "failed" (for good) or "interrupted" (retried): the attempt ended on error
+    state: str = "running"
+    error: str | None = None
 
     def line(self) -> str:
-        """``step 40/300 (13%), 2m10s elapsed, about 6m05s left``."""
+        """``step 40/300 (13%), 2m10s elapsed, about 6m05s left``, or for an attempt that
+        ended: ``failed at step 40/300 (13%) after 2m10s: BadInputError: ...``."""
         of = f"/{self.total} ({100 * self.step / self.total:.0f}%)" if self.total else ""
+        if self.state != "running":
+            retried = " (retried from its newest checkpoint)" if self.state == "interrupted" else ""
+            return (
+                f"{self.state} at step {self.step}{of} after {duration(self.elapsed_s)}"
+                f"{retried}: {self.error}"
+            )
         left = f", about {duration(self.remaining_s)} left" if self.remaining_s is not None else ""
         return f"step {self.step}{of}, {duration(self.elapsed_s)} elapsed{left}"
+
+    def short(self) -> str:
+        """``step 40/300 (13%)``, or ``failed at step 40``."""
+        if self.state != "running":
+            return f"{self.state} at step {self.step}"
+        of = f"/{self.total} ({100 * self.step / self.total:.0f}%)" if self.total else ""
+        return f"step {self.step}{of}"
 
 
 def read_progress(output: str, now: float | None = None) -> Progress | None:
@@ -36,20 +53,25 @@ def read_progress(output: str, now: float | None = None) -> Progress | None:
     if not store.exists(uri):
         return None
     status = json.loads(store.read_text(uri))
-    now = time.time() if now is None else now
+    state = status.get("state", "running")
+    # an attempt that ended stopped its clock
+    now = status.get("ended") or (time.time() if now is None else now)
     step, total, first = status["step"], status.get("total"), status.get("first")
     remaining = None
-    if total and first and step > first[0]:
+    if state == "running" and total and first and step > first[0]:
         per_step = (status["time"] - first[1]) / (step - first[0])
         # the time since the newest sync is spent on the steps after it
         remaining = max((total - step) * per_step - (now - status["time"]), 0.0)
-    return Progress(step, total, now - status["started"], remaining, status.get("metrics") or {})
+    metrics = status.get("metrics") or {}
+    return Progress(
+        step, total, now - status["started"], remaining, metrics, state, status.get("error")
+    )
 
 
 @dataclass
 class StageStatus:
     name: str
-    state: str  # "finished" | "started" | "pending"
+    state: str  # "finished" | "started" | "failed" | "pending"
     output: str
     metrics: dict[str, Any]
     manifest: Manifest | None = None
@@ -83,7 +105,8 @@ def run_status(run_uri: str) -> list[StageStatus]:
             continue
         progress = read_progress(output)
         if progress is not None:
-            out.append(StageStatus(name, "started", output, progress.metrics, progress=progress))
+            state = "failed" if progress.state == "failed" else "started"
+            out.append(StageStatus(name, state, output, progress.metrics, progress=progress))
             continue
         metrics_uri = store.join(output, PROGRESS, METRICS)
         if store.exists(metrics_uri):

@@ -8,10 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import yaml
+# One core per parallel worker: PyTorch's default, a thread per core in every worker and in
+# every stage a worker starts, puts twice as many spinning OpenMP threads as cores on the
+# machine, and each waits on the others (set before anything imports torch; the stages the
+# tests start inherit it; torchrun sets the same for its processes).
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    share = max(1, (os.cpu_count() or 1) // int(workers))
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))
 
-from jobs import store
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from jobs import store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -343,5 +343,5 @@ def progress_text(output: str) -> tuple[tuple, str]:
         return (), ""
     if progress is None:
         return (), ""
-    step = (progress.step, progress.metrics.get("time"))
+    step = (progress.step, progress.metrics.get("time"), progress.state)
     return step, f"{progress.line()} | {summary(progress.metrics, limit=4)}"[:250]

@@ -261,7 +261,9 @@ def test_two_processes_preempted_resume_to_the_same_metrics(demo, tmp_path):
     are the batch's (all ranks'), each rank keeps its own generators, and a run preempted
     and resumed logs what an uninterrupted one logs. ZeRO-2, where DeepSpeed keeps rank 0's
     client state only: with per-rank statistics a resumed rank 1 took rank 0's and the
-    runs drifted apart (under ZeRO-3 each rank's file holds its own)."""
+    runs drifted apart (under ZeRO-3 each rank's file holds its own). The preempted run
+    also writes sample answers at every iteration and the straight one none: the samples
+    change nothing the training does."""
     config = ppo_config(
         demo,
         tmp_path / "a",
@@ -278,11 +280,14 @@ def test_two_processes_preempted_resume_to_the_same_metrics(demo, tmp_path):
         actor_train={"zero_stage": 2, "learning_rate": 1e-4},
         critic_train={"zero_stage": 2, "learning_rate": 1e-4},
         seed=3,
+        sample_every=0,
     )
+    sampled = {"sample_every": 1, "sample_prompts": 2}
 
     def launch(output: Path, name: str) -> subprocess.Popen:
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({**config, "output": str(output)}))
+        extra = sampled if name == "b" else {}
+        path.write_text(yaml.safe_dump({**config, **extra, "output": str(output)}))
         command = [sys.executable, "-m", "jobs.launch", "ppo", "--config", str(path)]
         return subprocess.Popen(
             command,
@@ -317,6 +322,9 @@ def test_two_processes_preempted_resume_to_the_same_metrics(demo, tmp_path):
         for key in ("reward_mean", "kl", "kl_coef", "policy_loss", "value_loss", "ptx_loss"):
             assert y[key] == pytest.approx(x[key], rel=1e-3, abs=1e-4), (x["step"], key)
     assert store.exists(str(tmp_path / "b" / "model" / "model.safetensors"))
+    assert not (tmp_path / "a" / "samples.jsonl").exists()
+    samples = [json.loads(x) for x in (tmp_path / "b" / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1, 1, 2, 2, 3, 3, 4, 4]
 
 
 def test_ptx_adaptive_kl_ema_and_a_lora_critic(demo, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import time
 from pathlib import Path
 
 from jobs.contract import PROGRESS, STATUS, ProgressLog, StageConfig, run_stage
@@ -123,6 +124,66 @@ def test_status_shows_the_step_the_time_elapsed_and_an_estimate_of_the_time_left
     again = read_progress(output, now=2068.0)
     assert again.step == 25 and again.remaining_s == 75 * 2.0
     assert read_progress(str(tmp_path / "run" / "other")) is None
+
+
+def failing_stage(error: Exception, synced: bool = True):
+    """A stage body that logs three steps, pushes its progress (unless not ``synced``), then
+    fails with ``error``."""
+
+    def run(config, ctx) -> dict:
+        ctx.progress(10)
+        for step in range(1, 4):
+            ctx.log(step, loss=1.0 / step)
+        if synced:
+            ctx.metrics.sync()
+        raise error
+
+    return run
+
+
+def test_a_stage_that_ends_on_an_error_is_shown_failed_or_interrupted_with_its_reason(tmp_path):
+    import pytest
+
+    from jobs.errors import BadInputError, TransientError
+    from pipeline.status import run_status
+
+    run = tmp_path / "run"
+    names = ("bad", "flaky", "early")
+    stages = [{"name": n, "stage": "sft", "output": str(run / n), "needs": []} for n in names]
+    run.mkdir()
+    described = {"name": "p", "run_id": "run", "run_uri": str(run), "stages": stages}
+    (run / "run.json").write_text(json.dumps(described))
+    for name, error, synced in (
+        ("bad", BadInputError("data/train.jsonl row 7: field <prompt> is missing"), True),
+        ("flaky", TransientError("s3://b/x: S3 error SlowDown after retries"), True),
+        ("early", BadInputError("no such model"), False),
+    ):
+        with pytest.raises(type(error)):
+            run_stage(name, StageConfig(output=str(run / name)), failing_stage(error, synced))
+
+    bad, flaky, early = run_status(str(run))
+    assert bad.state == "failed"
+    # the clock stopped when the attempt ended: read a day later, the same time
+    later = read_progress(bad.output, now=time.time() + 86400)
+    assert later.elapsed_s == bad.progress.elapsed_s < 60
+    assert re.fullmatch(
+        r"failed at step 3/10 \(30%\) after \d+s: BadInputError: data/train\.jsonl row 7: "
+        r"field <prompt> is missing; loss=0\.3333",
+        bad.line(),
+    ), bad.line()
+    assert flaky.state == "started"  # its pod is retried, from its newest checkpoint
+    assert flaky.line().startswith("interrupted at step 3/10 (30%) after ")
+    reason = "(retried from its newest checkpoint): TransientError: s3://b/x: S3 error"
+    assert reason in flaky.line()
+    assert flaky.progress.remaining_s is None
+    # an attempt that fails before its first push leaves the store as it was
+    assert early.state == "pending" and not (run / "early").exists()
+
+    from pipeline.report import write_report
+
+    page = write_report(str(run), tmp_path / "page.html").read_text()
+    assert '<g class="stage failed"><rect' in page and "failed at step 3</text>" in page
+    assert "field &lt;prompt&gt; is missing" in page and "<prompt>" not in page
 
 
 def test_the_report_of_a_run_in_progress_shows_each_stage_as_it_stands(tmp_path):
