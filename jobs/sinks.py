@@ -267,7 +267,10 @@ class WandbSink:
 
     def finish(self, manifest: Path | None, status: str) -> None:
         if manifest is not None:
-            self.run.save(str(manifest), base_path=str(manifest.parent), policy="now")
+            # a copy in the run's own folder: `save` links a file from elsewhere, and the
+            # work folder may be gone when an offline run is synced
+            copy = Path(shutil.copy(manifest, Path(self.run.dir) / manifest.name))
+            self.run.save(str(copy), base_path=self.run.dir, policy="now")
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
 
 

@@ -61,10 +61,18 @@ def test_wandb_offline_run_holds_the_stage_metrics_config_and_samples(tmp_path, 
         monkeypatch.setenv(name, value)
     # a secret's value in a config (the config rules refuse the usual ways in) is masked
     output = str(tmp_path / "r1" / CANARY / "sft")
-    run_stage("sft", StageConfig(output=output), logging_stage, tmp_path / "w")
+    manifest = run_stage("sft", StageConfig(output=output), logging_stage, tmp_path / "w")
     [path] = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    # the manifest, a file of the run's own (not a link into the work folder) that
+    # `wandb sync` uploads with it
+    saved = path.parent / "files" / "manifest.json"
+    assert (
+        not saved.is_symlink()
+        and saved.read_text() == (tmp_path / "w" / "manifest.json").read_text()
+    )
+    assert json.loads(saved.read_text())["config_hash"] == manifest.config_hash
     assert CANARY.encode() not in path.read_bytes()
-    history, config, run = {}, {}, None
+    history, config, run, files = {}, {}, None, []
     for record in wandb_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "history":
@@ -73,6 +81,8 @@ def test_wandb_offline_run_holds_the_stage_metrics_config_and_samples(tmp_path, 
                 for i in record.history.item
             }
             history[items["_step"]] = items
+        elif kind == "files":
+            files += [f.path for f in record.files.files]
         elif kind == "run":
             run = record.run
             config = {
@@ -83,6 +93,7 @@ def test_wandb_offline_run_holds_the_stage_metrics_config_and_samples(tmp_path, 
     assert config["output"] == output.replace(CANARY, "***") and config["seed"] == 0
     assert [history[s]["loss"] for s in range(1, 6)] == [1.0, 0.5, 1 / 3, 0.25, 0.2]
     assert "| 2+2? | 4 | 1 | 0.25 |" in history[5]["samples"]
+    assert "manifest.json" in files
 
 
 def test_a_tracking_server_that_is_down_costs_a_warning_not_the_stage(tmp_path, monkeypatch, capfd):
