@@ -17,7 +17,9 @@ convention of the figures in the issue, against the GPU's dense bf16 peak), and 
 memory. Each implementation runs in a fresh process on the same random-initialised model
 and the same data. Run: ``make bench-gpu`` or ``python -m bench.gpu [--only sft,ppo]
 [--seq 1024 2048]``; ``--tiny`` runs the same code at a tiny shape (a check of the benchmark
-on a CPU machine: its figures say nothing about GPUs). Writes bench/results/gpu.json.
+on a CPU machine: its figures say nothing about GPUs). Writes bench/results/gpu.json. Every
+implementation runs with the CUDA allocator's expandable segments, as the stages do in a pod
+(``PYTORCH_CUDA_ALLOC_CONF`` set before the run overrides it for all of them).
 """
 
 from __future__ import annotations
@@ -406,6 +408,11 @@ def main() -> None:
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # The allocator a pod's stages run with (python -m jobs sets it before CUDA starts),
+    # for ours and the references alike: each child process inherits it.
+    from jobs.__main__ import configure_cuda_allocator
+
+    configure_cuda_allocator()
     if args.case:  # a child: one implementation, figures on the last line
         print(json.dumps(child(args)))
         return

@@ -189,6 +189,51 @@ def initialize(model, cfg: EngineConfig, total_steps: int, task_type: str = "CAU
     return engine
 
 
+@contextmanager
+def for_generation(engine, gather: bool = True):
+    """The engine's model ready to generate, and whether its ranks must step together
+    (``synced_gpus``). Under ZeRO-3 each forward gathers every layer's weights from all
+    ranks: at every decode step, with finished ranks stepping on so the gathers match.
+    Where the whole model fits on the device (half its free memory, the rest for the KV
+    cache), it is gathered once for the rollout instead, DeepSpeed's
+    ``unwrap_model_for_generation`` (the way TRL's ``unwrap_model_for_generation`` does it):
+    the decode steps are plain forwards, no collectives, each rank on its own. Tokens are
+    the same either way."""
+    if engine.zero_optimization_stage() != 3:
+        yield engine.module, False
+        return
+    if gather and dist.all_ranks(fits_on_device(engine.module)):
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+        _say_once("the actor's ZeRO-3 parameters are gathered once per rollout")
+        with unwrap_model_for_generation(engine):
+            yield engine.module, False
+        return
+    _say_once("the actor's ZeRO-3 parameters are gathered layer by layer at every token")
+    yield engine.module, True
+
+
+def fits_on_device(module, share: float = 0.5) -> bool:
+    """Whether ``module``'s whole (ZeRO-3 partitioned) weights fit in ``share`` of the free
+    memory of the GPU (on a CPU machine host memory is not the limit a rollout meets)."""
+    import torch
+
+    if not _has_cuda():
+        return True
+    size = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters())
+    free, _ = torch.cuda.mem_get_info()
+    return size < share * free
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(line: str) -> None:
+    if line not in _SAID and dist.is_main():
+        _SAID.add(line)
+        print(f"generation: {line}", flush=True)
+
+
 def _free_port() -> int:
     import socket
 

@@ -35,6 +35,11 @@ class SamplingConfig(BaseModel):
         description="KV cache: static pre-allocates it, so transformers can compile the "
         "decode step (CUDA graphs) on GPUs; the tokens are the same",
     )
+    zero3_gather: bool = Field(
+        True,
+        description="under ZeRO-3, gather the model's weights once per rollout where they "
+        "fit on the device (else layer by layer at every token); the tokens are the same",
+    )
 
 
 @dataclass(frozen=True)

@@ -165,33 +165,36 @@ def logprobs_of(model, samples, size: int, temperature: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(ds, tokenizer, eos, rows, where, rewards: Rewards, config: Config, zero3: bool):
+def evaluate(ds, tokenizer, eos, rows, where, rewards: Rewards, config: Config):
     """Mean reward of greedy answers to held-out prompts, per function, over all ranks."""
     greedy = config.sampling.model_copy(update={"do_sample": False})
     indices, real = padded_shard(len(rows), dist.rank(), dist.world_size())
     totals = {"eval_reward": 0.0, **{f"eval_{s.label}": 0.0 for s in rewards.specs}}
     size = config.prompts_per_iteration * config.group_size
-    for first in range(0, len(indices), size):
-        chunk, keep = indices[first : first + size], real[first : first + size]
-        prompts = [rows[i]["prompt"] for i in chunk]
-        answers = sample(ds.module, tokenizer, prompts, greedy, eos, 0, synced_gpus=zero3)
-        texts = decode(tokenizer, answers.answers, answers.mask)
-        total, each = rewards(prompts, texts, [rows[i] for i in chunk], [where[i] for i in chunk])
-        totals["eval_reward"] += sum(v for v, k in zip(total, keep, strict=True) if k)
-        for label, values in each.items():
-            totals[f"eval_{label}"] += sum(v for v, k in zip(values, keep, strict=True) if k)
+    with engine.for_generation(ds, config.sampling.zero3_gather) as (model, synced):
+        for first in range(0, len(indices), size):
+            chunk, keep = indices[first : first + size], real[first : first + size]
+            prompts = [rows[i]["prompt"] for i in chunk]
+            answers = sample(model, tokenizer, prompts, greedy, eos, 0, synced_gpus=synced)
+            texts = decode(tokenizer, answers.answers, answers.mask)
+            chosen = [rows[i] for i in chunk]
+            total, each = rewards(prompts, texts, chosen, [where[i] for i in chunk])
+            totals["eval_reward"] += sum(v for v, k in zip(total, keep, strict=True) if k)
+            for label, values in each.items():
+                totals[f"eval_{label}"] += sum(v for v, k in zip(values, keep, strict=True) if k)
     summed = dist.all_reduce_sum(torch.tensor(list(totals.values()), dtype=torch.float64))
     return {k: float(v) / len(rows) for k, v in zip(totals, summed.tolist(), strict=True)}
 
 
 @torch.no_grad()
-def policy_samples(ds, reference, tokenizer, eos, rows, where, rewards, config, zero3):
+def policy_samples(ds, reference, tokenizer, eos, rows, where, rewards, config):
     """The policy's greedy answers to the sample prompts, with their reward (every reward
     function's sum) and KL to the reference."""
     greedy = config.sampling.model_copy(update={"do_sample": False})
     prompts = [row["prompt"] for row in rows]
-    with untouched_generators():
-        answers = sample(ds.module, tokenizer, prompts, greedy, eos, 0, synced_gpus=zero3)
+    gather = config.sampling.zero3_gather
+    with untouched_generators(), engine.for_generation(ds, gather) as (model, synced):
+        answers = sample(model, tokenizer, prompts, greedy, eos, 0, synced_gpus=synced)
     texts = decode(tokenizer, answers.answers, answers.mask)
     total, _ = rewards(prompts, texts, rows, where)
     size, temperature = config.minibatch_size, config.sampling.temperature
@@ -250,7 +253,7 @@ def run(config: Config, ctx: StageContext) -> dict:
     iteration = state.get("step", 0)
     first_eval = state.get("first_eval")
     if first_eval is None and eval_rows:
-        first_eval = evaluate(ds, tokenizer, eos, eval_rows, eval_where, rewards, config, zero3)
+        first_eval = evaluate(ds, tokenizer, eos, eval_rows, eval_where, rewards, config)
         ctx.log(0, **first_eval)
     last_eval = first_eval or {}
     batches = sampler.micro_batches(start=iteration)
@@ -260,9 +263,10 @@ def run(config: Config, ctx: StageContext) -> dict:
         indices = next(batches)
         seed = config.seed * 100003 + iteration * 1009 + dist.rank()
         prompts = [train_rows[i]["prompt"] for i in indices]
-        samples = sample(
-            ds.module, tokenizer, prompts, config.sampling, eos, seed, config.group_size, zero3
-        )
+        with engine.for_generation(ds, config.sampling.zero3_gather) as (model, synced):
+            samples = sample(
+                model, tokenizer, prompts, config.sampling, eos, seed, config.group_size, synced
+            )
         mask, start = samples.mask, samples.start
         texts = decode(tokenizer, samples.answers, mask)
         repeat = [i for i in indices for _ in range(config.group_size)]
@@ -327,13 +331,13 @@ def run(config: Config, ctx: StageContext) -> dict:
         }
         ctx.log(iteration, **summary)
         if eval_rows and (iteration % config.eval_every == 0 or iteration == config.iterations):
-            last_eval = evaluate(ds, tokenizer, eos, eval_rows, eval_where, rewards, config, zero3)
+            last_eval = evaluate(ds, tokenizer, eos, eval_rows, eval_where, rewards, config)
             ctx.log(iteration, **last_eval)
         if held_out and config.due(iteration, config.iterations):
             ctx.samples(
                 iteration,
                 policy_samples(
-                    ds, reference, tokenizer, eos, held_out, held_out_where, rewards, config, zero3
+                    ds, reference, tokenizer, eos, held_out, held_out_where, rewards, config
                 ),
             )
         progress.update(1)

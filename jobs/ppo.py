@@ -194,21 +194,15 @@ class Models:
         self.reference = engine.initialize_frozen(reference, frozen)
         self.reward = engine.initialize_frozen(reward, frozen)
         self.eos = eos_ids_of(actor, self.tokenizer)
-        self.zero3 = 3 in (config.actor_train.zero_stage, config.frozen_zero_stage)
 
 
 @torch.no_grad()
 def rollout(models: Models, prompts: list[str], config: Config, seed: int) -> dict:
     """Sample answers and score them: everything the PPO update needs."""
-    samples = sample(
-        models.actor.module,
-        models.tokenizer,
-        prompts,
-        config.sampling,
-        models.eos,
-        seed,
-        synced_gpus=models.zero3,
-    )
+    with engine.for_generation(models.actor, config.sampling.zero3_gather) as (actor, synced):
+        samples = sample(
+            actor, models.tokenizer, prompts, config.sampling, models.eos, seed, synced_gpus=synced
+        )
     # Dropout off while scoring too (DeepSpeed-Chat and TRL do the same): the old log-probs
     # and values must be those of the policy the update compares against.
     trained = (models.actor.module, models.critic.module)

@@ -92,6 +92,13 @@ class StageTracker:
             )
         return job_outcome(self.job, list(self.pods.values())) if self.job else None
 
+    def busy(self) -> bool:
+        """A pod of the Job is running, or the Job waits in a queue (suspended until a
+        scheduler such as Kueue admits it): not stalled, whatever the time."""
+        if self.job.get("spec", {}).get("suspend"):
+            return True
+        return any(p.phase == "Running" for p in self.pods.values())
+
     def progress(self) -> str:
         if not self.job:
             return "waiting for the Job"
@@ -168,19 +175,31 @@ def job_outcome(job: dict[str, Any], pods: list[PodView]) -> Outcome | None:
     )
 
 
-def stalled(tracker: StageTracker, waited_s: float, limit_s: float, warnings: list[str]):
-    """An outcome when no pod of the Job has run for ``limit_s`` seconds (pods that cannot be
-    created or scheduled, an image that cannot be pulled), else None."""
-    if tracker.started or waited_s < limit_s:
+def stalled(tracker: StageTracker, idle_s: float, limit_s: float, warnings: list[str]):
+    """An outcome when no pod of the Job has been running for ``limit_s`` seconds, the Job
+    not waiting in a queue (pods that cannot be created or scheduled, an image that cannot
+    be pulled; a replacement pod stuck likewise after the first ran), else None.
+    ``idle_s``: the time since the tracker was last ``busy``, or since the wait began."""
+    if tracker.busy() or idle_s < limit_s:
         return None
     why = "; ".join(warnings[-3:]) or "no warning events"
-    return Outcome(
-        False,
-        False,
-        "NoProgress",
-        f"no pod of the Job ran in {waited_s:.0f} s (kubernetes.stall_timeout_s): {why}",
-        1,
-    )
+    if tracker.started:
+        what = f"no pod of the Job has been running for {idle_s:.0f} s"
+    else:
+        what = f"no pod of the Job ran in {idle_s:.0f} s"
+    return Outcome(False, False, "NoProgress", f"{what} (kubernetes.stall_timeout_s): {why}", 1)
+
+
+def relisted(known: dict[str, dict], items: list[dict]) -> list[tuple[str, dict]]:
+    """The events a fresh list stands for, after a watch expired (410 Gone): each object
+    listed (ADDED; their newest state), and each object ``known`` from before that the list
+    no longer has (DELETED: it went while nothing watched, e.g. the Job ``rlhf cancel``
+    deleted). ``known`` (name -> object) becomes the list."""
+    names = {item["metadata"]["name"] for item in items}
+    gone = [("DELETED", obj) for name, obj in known.items() if name not in names]
+    known.clear()
+    known.update({item["metadata"]["name"]: item for item in items})
+    return gone + [("ADDED", item) for item in items]
 
 
 def event_time(event: dict[str, Any]) -> datetime:
@@ -196,19 +215,45 @@ def event_time(event: dict[str, Any]) -> datetime:
     return datetime.min.replace(tzinfo=UTC)
 
 
+# Where an event comes in a pod's life: the servers give some events' times to the second
+# only (lastTimestamp) and others' to the microsecond (eventTime), so within one second the
+# life cycle decides ("Started" at 10:00:05 came after "Scheduled" at 10:00:05.3).
+LIFE_CYCLE = {
+    "SuccessfulCreate": 0,
+    "FailedCreate": 0,
+    "Scheduled": 1,
+    "FailedScheduling": 1,
+    "Pulling": 2,
+    "Pulled": 3,
+    "Failed": 3,
+    "ErrImagePull": 3,
+    "Created": 4,
+    "Started": 5,
+    "BackOff": 6,
+    "Killing": 7,
+    "Completed": 8,
+}
+
+
+def event_order(event: dict[str, Any]) -> tuple:
+    """Events sort by the second they happened in, then by the life cycle, then by time."""
+    when = event_time(event)
+    return (when.replace(microsecond=0), LIFE_CYCLE.get(event.get("reason") or "", 6), when)
+
+
 def event_lines(events: list[dict[str, Any]]) -> list[str]:
     """Events (as the API returns them) in the order they happened, one line each."""
     return [
         f"{(e.get('involvedObject') or {}).get('name', '?')}: {e.get('type')} "
         f"{e.get('reason')}: {e.get('message')}"
-        for e in sorted(events, key=event_time)
+        for e in sorted(events, key=event_order)
     ]
 
 
 def warnings_to_show(events: list[dict[str, Any]], seen: set[str]) -> list[str]:
     """The Warning events not shown yet that say pods cannot be made or cannot run."""
     out = []
-    for event in sorted(events, key=event_time):
+    for event in sorted(events, key=event_order):
         uid = (event.get("metadata") or {}).get("uid") or str(event_time(event))
         key = f"{uid}/{event.get('count')}"
         if event.get("type") != "Warning" or key in seen:

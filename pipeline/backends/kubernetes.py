@@ -28,6 +28,7 @@ from pipeline.watch import (
     StageTracker,
     event_lines,
     explain,
+    relisted,
     stalled,
     warnings_to_show,
 )
@@ -49,10 +50,27 @@ def job_finished(job: dict[str, Any]) -> bool:
 
 
 def same_config(existing: dict[str, Any], rendered: dict[str, Any]) -> bool:
-    """Whether a Job in the cluster runs the config the chart renders now (its hash)."""
+    """Whether a Job in the cluster runs what the chart renders now: the stage config (its
+    hash) on the same image, GPUs and nodes (a re-run that changes any of them replaces the
+    Job rather than following it)."""
     key = "kuberlhf.io/config-sha256"
     ours = (rendered["metadata"].get("annotations") or {}).get(key)
-    return ours is not None and (existing["metadata"].get("annotations") or {}).get(key) == ours
+    theirs = (existing["metadata"].get("annotations") or {}).get(key)
+    return ours is not None and theirs == ours and job_shape(existing) == job_shape(rendered)
+
+
+def job_shape(job: dict[str, Any]) -> tuple:
+    """What of a Job's spec a re-run may change besides the config: pods per gang, and each
+    container's image and GPU count (fields the API server keeps as given; the rest it
+    fills with defaults, so a whole-spec comparison would never match)."""
+    spec = job.get("spec") or {}
+    pod = (spec.get("template") or {}).get("spec") or {}
+    containers = []
+    for container in pod.get("containers") or []:
+        limits = (container.get("resources") or {}).get("limits") or {}
+        gpus = str(limits.get("nvidia.com/gpu", "0"))
+        containers.append((container.get("name"), container.get("image"), gpus))
+    return spec.get("completions"), spec.get("parallelism"), containers
 
 
 class KubernetesBackend:
@@ -168,7 +186,7 @@ class KubernetesBackend:
         for thread in streams:
             thread.start()
         tracker, last_line, last_metrics = StageTracker(job_name), "", ()
-        started, next_check, seen, warnings = time.monotonic(), 0.0, set(), []
+        idle_from, next_check, seen, warnings = time.monotonic(), 0.0, set(), []
         try:
             while (outcome := tracker.outcome()) is None:
                 try:
@@ -181,12 +199,14 @@ class KubernetesBackend:
                         tracker.on_pod(obj, deleted=event_type == "DELETED")
                 except queue.Empty:
                     pass
+                if tracker.busy():  # the stall clock runs while no pod runs
+                    idle_from = time.monotonic()
                 if time.monotonic() >= next_check:  # what keeps pods from being made or run
                     next_check = time.monotonic() + self.poll_s
                     for line in warnings_to_show(self.raw_events(plan, tracker), seen):
                         warnings.append(line)
                         self.echo(f"{head}: {line}")
-                    waited = time.monotonic() - started
+                    waited = time.monotonic() - idle_from
                     limit = plan.kubernetes.stall_timeout_s
                     if (outcome := stalled(tracker, waited, limit, warnings)) is not None:
                         break
@@ -300,13 +320,15 @@ class KubernetesBackend:
 
         kind = "Job" if "job" in list_fn.__name__ else "Pod"
         version = None
+        known: dict[str, dict] = {}  # what the last list and the watch since then showed
         while not stop.is_set():
             try:
                 if version is None:
                     listed = list_fn(namespace, label_selector=selector)
                     version = listed.metadata.resource_version
-                    for item in listed.items:
-                        out.put((kind, "ADDED", self.api.sanitize_for_serialization(item)))
+                    items = [self.api.sanitize_for_serialization(i) for i in listed.items]
+                    for event_type, obj in relisted(known, items):
+                        out.put((kind, event_type, obj))
                 for event in watch.Watch().stream(
                     list_fn,
                     namespace,
@@ -320,9 +342,12 @@ class KubernetesBackend:
                         version = None  # the watch expired: start over from a fresh list
                         break
                     version = event["object"].metadata.resource_version
-                    out.put(
-                        (kind, event["type"], self.api.sanitize_for_serialization(event["object"]))
-                    )
+                    obj = self.api.sanitize_for_serialization(event["object"])
+                    if event["type"] == "DELETED":
+                        known.pop(obj["metadata"]["name"], None)
+                    else:
+                        known[obj["metadata"]["name"]] = obj
+                    out.put((kind, event["type"], obj))
             except ApiException as exc:
                 if exc.status == 410:
                     version = None

@@ -442,7 +442,7 @@ def test_a_gpu_stage_is_created_and_the_schedulers_reason_is_reported(site, tmp_
     [job] = [
         j
         for j in site.cluster.jobs(site.namespace, run_id)
-        if j.metadata.labels.get("kuberlhf.io/stage") == "sft"
+        if j.metadata.labels.get("kuberlhf.io/stage") == "bootstrap"
     ]  # created: the client took the GPU limit
     limits = job.spec.template.spec.containers[0].resources.limits
     assert limits["nvidia.com/gpu"] == "1"

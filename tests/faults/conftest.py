@@ -39,6 +39,11 @@ def record(fault: str, where: str, outcome: str) -> None:
         handle.write(json.dumps({"fault": fault, "where": where, "outcome": outcome}) + "\n")
 
 
+def timing(key: str) -> bool:
+    """A metric that measures the clock, not the model."""
+    return key == "time" or key.endswith(("_s", "per_s", "_per_second")) or "mfu" in key
+
+
 # A stall outlasts the client's read timeout. The store's own tests keep both short; the
 # stage runs (two busy cores, the server in the test's process) leave more room.
 READ_TIMEOUT_S, STALL_S = 2.0, 3.0

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from jobs import store
 from jobs.contract import read_manifest, require_finished
 from jobs.errors import EXIT_RETRY, BadInputError
-from tests.faults.conftest import SEED, Attempt, configs, noise, record, server_files
+from tests.faults.conftest import SEED, Attempt, configs, noise, record, server_files, timing
 from tests.faults.proxy import Rule
 
 pytestmark = pytest.mark.slow
@@ -85,11 +85,6 @@ def scalars(output: Path) -> dict[str, list[float]]:
         curves[tag] = [p.value for p in points]
     assert curves, f"{output}: no curves in its event files"
     return curves
-
-
-def timing(key: str) -> bool:
-    """A metric that measures the clock, not the model."""
-    return key == "time" or key.endswith(("_s", "per_s", "_per_second")) or "mfu" in key
 
 
 def fetch(uri: str, local: Path) -> Path:

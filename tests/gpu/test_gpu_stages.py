@@ -38,7 +38,8 @@ def finished(output: Path, result: subprocess.CompletedProcess) -> Manifest:
     manifest = read_manifest(str(output))
     assert manifest is not None
     if not ON_CPU:
-        assert manifest.metrics["cuda_peak_memory_gib"] > 0.01, "the stage left the GPU idle"
+        # any allocation at all: a tiny model's weights are a few MiB, which the figure rounds
+        assert manifest.metrics["cuda_peak_memory_gib"] > 0, "the stage left the GPU idle"
         assert manifest.metrics["cuda_device"] == torch.cuda.get_device_name()
     return manifest
 
@@ -105,7 +106,8 @@ def test_sft_lowers_held_out_loss_on_the_gpu(tiny, tiny_data, tmp_path, zero_sta
     assert manifest.metrics["eval_loss"] < 0.5 * manifest.metrics["eval_loss_start"]
 
 
-def test_reward_model_accuracy_rises_on_the_gpu(tiny, tiny_data, tmp_path):
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_reward_model_accuracy_rises_on_the_gpu(tiny, tiny_data, tmp_path, zero_stage):
     config = {
         "output": str(tmp_path / "rm"),
         "model": str(tiny / "model"),
@@ -113,7 +115,7 @@ def test_reward_model_accuracy_rises_on_the_gpu(tiny, tiny_data, tmp_path):
         "max_seq_len": 96,
         "eval_every": 1000,
         "seed": 0,
-        "train": {**BF16, "zero_stage": 2, "learning_rate": 1e-3, "micro_batch_size": 16},
+        "train": {**BF16, "zero_stage": zero_stage, "learning_rate": 1e-3, "micro_batch_size": 16},
     }
     metrics = stage("reward", config, tmp_path).metrics
     assert metrics["eval_accuracy_start"] < 0.75
@@ -137,7 +139,8 @@ def test_dpo_raises_preference_accuracy_on_the_gpu(tiny, tiny_data, tmp_path, ze
     assert metrics["eval_accuracy"] >= 0.9 and metrics["eval_margin"] > 0.5
 
 
-def test_crlft_trains_on_the_gpu(tiny, tmp_path):
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_crlft_trains_on_the_gpu(tiny, tmp_path, zero_stage):
     rows = []
     for line in (tiny / "data" / "dialogues.jsonl").read_text().splitlines():
         d = json.loads(line)
@@ -168,7 +171,7 @@ def test_crlft_trains_on_the_gpu(tiny, tmp_path):
         "max_steps": 40,
         "eval_every": 20,
         "seed": 0,
-        "train": {**BF16, "zero_stage": 2, "learning_rate": 3e-3, "micro_batch_size": 16},
+        "train": {**BF16, "zero_stage": zero_stage, "learning_rate": 3e-3, "micro_batch_size": 16},
     }
     stage("crlft", config, tmp_path)
     evals = [m["eval_loss"] for m in metrics_lines(tmp_path / "crlft") if "eval_loss" in m]
@@ -209,15 +212,56 @@ def ppo_config(demo, output: Path, **overrides) -> dict:
 
 
 def test_ppo_under_zero3_with_frozen_models_partitioned(demo, tmp_path):
+    """Actor, critic and frozen models all partitioned: the actor generates under ZeRO-3
+    (its parameters gathered for the rollout, or layer by layer where they do not fit).
+    The EMA, which needs the actor's whole weights, is the resume test's."""
     config = ppo_config(
         demo,
         tmp_path / "z3",
         iterations=2,
         frozen_zero_stage=3,
-        ema_decay=0.9,
+        actor_train={**BF16, "zero_stage": 3, "learning_rate": 2e-4},
         critic_train={**BF16, "zero_stage": 3, "learning_rate": 2e-4},
     )
     assert stage("ppo", config, tmp_path).metrics["iterations"] == 2
+
+
+def test_grpo_raises_held_out_accuracy_on_the_gpu(tiny, tmp_path):
+    """The copy task of the CPU suite (tests/integration/test_grpo.py), in bf16 under
+    ZeRO-2 and then ZeRO-3: a short SFT, then GRPO raises the held-out accuracy that a
+    program checks."""
+    sft = {
+        "output": str(tmp_path / "sft"),
+        "model": str(tiny / "model"),
+        "data": str(tiny / "tasks" / "copy"),
+        "max_seq_len": 32,
+        "max_steps": 100,
+        "eval_every": 1000,
+        "seed": 0,
+        "train": {**BF16, "zero_stage": 2, "learning_rate": 3e-3, "micro_batch_size": 32},
+    }
+    stage("sft", sft, tmp_path)
+    for zero_stage in (2, 3):
+        config = {
+            "output": str(tmp_path / f"grpo-{zero_stage}"),
+            "actor": str(tmp_path / "sft" / "model"),
+            "prompts": str(tiny / "tasks" / "copy"),
+            "group_size": 8,
+            "prompts_per_iteration": 8,
+            "minibatch_size": 16,
+            "iterations": 40 if zero_stage == 2 else 2,
+            "eval_every": 40,
+            "eval_prompts": 100,
+            "checkpoint_every": 100,
+            "kl_coef": 0.01,
+            "rewards": [{"kind": "numeric_match", "name": "correct"}],
+            "sampling": {"max_new_tokens": 8, "temperature": 0.5, "top_p": 1.0},
+            "train": {**BF16, "zero_stage": zero_stage, "learning_rate": 5e-4},
+            "seed": 1,
+        }
+        metrics = stage("grpo", config, tmp_path, tag=f"grpo-{zero_stage}").metrics
+        if zero_stage == 2:
+            assert metrics["eval_correct"] >= metrics["eval_correct_start"] + 0.05, metrics
 
 
 def test_ppo_preempted_on_the_gpu_resumes_to_the_same_metrics(demo, tmp_path):

@@ -1,5 +1,6 @@
-"""The seeds' recipes: each loads, resolves its stage graph and renders valid manifests;
-a tiny variant of each runs end to end on CPU."""
+"""The seeds' recipes: each loads, resolves its stage graph and renders manifests that the
+schema (strictly) and the Kubernetes client's own request models accept; a tiny variant of
+each runs end to end on CPU."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import kubernetes_validate
 import pytest
 
 from jobs.contract import require_finished
-from pipeline.charts import render_stage
+from pipeline.charts import client_model, render_stage
 from pipeline.config import plan
 from tests.conftest import ROOT
 
@@ -33,6 +34,9 @@ def test_recipe_resolves_and_renders_valid_manifests(name):
         for doc in render_stage(the_plan, stage):
             for version in ("1.29.0", kubernetes_validate.latest_version()):
                 kubernetes_validate.validate(doc, version, strict=True)
+            # what the submitter sends: the client refused the GPU recipes' integer limits,
+            # which the schema accepts
+            client_model(doc)
 
 
 # StableVicuna's graph (data, sft, reward, ppo) is part of VAIV's; its own pieces (ShareGPT

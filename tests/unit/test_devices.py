@@ -160,13 +160,14 @@ def tiny_models(tiny, dropout: float) -> SimpleNamespace:
     for model in (critic, reward):
         model.config.pad_token_id = tokenizer.pad_token_id
     return SimpleNamespace(
-        actor=SimpleNamespace(module=actor, device=torch.device("cpu")),
+        actor=SimpleNamespace(
+            module=actor, device=torch.device("cpu"), zero_optimization_stage=lambda: 0
+        ),
         critic=SimpleNamespace(module=critic.train()),
         reference=SimpleNamespace(module=reference),
         reward=SimpleNamespace(module=reward),
         tokenizer=tokenizer,
         eos=eos_ids_of(actor, tokenizer),
-        zero3=False,
     )
 
 

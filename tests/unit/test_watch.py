@@ -13,6 +13,7 @@ from pipeline.watch import (
     StageTracker,
     event_lines,
     explain,
+    relisted,
     stalled,
     warnings_to_show,
 )
@@ -131,8 +132,45 @@ def test_pods_that_cannot_be_created_are_shown_and_end_the_wait():
         "no pod of the Job ran in 901 s" in outcome.message and "exceeded quota" in outcome.message
     )
 
-    running, _ = replay("success")  # a pod that ran: never stalled, however long it takes
-    assert stalled(running, 10**6, 900, []) is None
+
+def test_the_stall_clock_runs_while_no_pod_runs_and_the_job_is_not_queued():
+    def pod(name: str, phase: str) -> dict:
+        return {"metadata": {"name": name}, "status": {"phase": phase}}
+
+    tracker = StageTracker("demo-sft")
+    tracker.on_job({"metadata": {"name": "demo-sft"}, "spec": {}, "status": {"active": 1}})
+    tracker.on_pod(pod("demo-sft-0-a", "Running"))
+    assert tracker.busy() and stalled(tracker, 10**6, 900, []) is None  # however long it runs
+    # the node went; the replacement pod cannot be scheduled: the clock runs again
+    tracker.on_pod(pod("demo-sft-0-a", "Failed"), deleted=True)
+    tracker.on_pod(pod("demo-sft-0-b", "Pending"))
+    assert not tracker.busy() and stalled(tracker, 899, 900, []) is None
+    outcome = stalled(tracker, 901, 900, ["demo-sft-0-b: Warning FailedScheduling: 0/3 nodes"])
+    assert outcome.reason == "NoProgress" and not outcome.retryable
+    assert "no pod of the Job has been running for 901 s" in outcome.message
+    assert "FailedScheduling" in outcome.message
+
+    # a Job suspended in a queue (Kueue admits it when there is room) waits as long as it takes
+    queued = StageTracker("demo-ppo")
+    queued.on_job({"metadata": {"name": "demo-ppo"}, "spec": {"suspend": True}, "status": {}})
+    assert queued.busy() and stalled(queued, 10**6, 900, []) is None
+
+
+def test_a_job_deleted_while_no_watch_was_open_is_seen_deleted_in_the_fresh_list():
+    """The watch expired (410 Gone) and `rlhf cancel` deleted the Job before the re-list:
+    the fresh list no longer has it, which must end the wait as a DELETED event would."""
+    job = {"metadata": {"name": "demo-sft"}, "spec": {}, "status": {"active": 1}}
+    other = {"metadata": {"name": "demo-ppo"}, "spec": {}, "status": {}}
+    known: dict[str, dict] = {}
+    assert relisted(known, [job, other]) == [("ADDED", job), ("ADDED", other)]
+    assert relisted(known, [other]) == [("DELETED", job), ("ADDED", other)]
+    assert relisted(known, [other]) == [("ADDED", other)]  # told once
+
+    tracker = StageTracker("demo-sft")
+    tracker.on_job(job)
+    for event_type, obj in relisted({"demo-sft": job}, []):
+        tracker.on_job(obj, deleted=event_type == "DELETED")
+    assert tracker.outcome().reason == "Deleted" and tracker.outcome().exit_code == 130
 
 
 def test_events_are_reported_in_the_order_they_happened():
@@ -146,6 +184,22 @@ def test_events_are_reported_in_the_order_they_happened():
     ]
     assert "PodSecurity" in lines[1] and "quota" in lines[2]
 
+    # a pod's life as the server timed it: eventTime to the microsecond for Scheduled,
+    # lastTimestamp to the second for the kubelet's events; within a second, the life cycle
+    def event(reason: str, **times: str) -> dict:
+        return {"involvedObject": {"name": "p"}, "type": "Normal", "reason": reason, **times}
+
+    pod_events = [
+        event("Started", lastTimestamp="2026-01-01T10:00:05Z"),
+        event("Created", lastTimestamp="2026-01-01T10:00:05Z"),
+        event("Pulled", lastTimestamp="2026-01-01T10:00:05Z"),
+        event("Scheduled", eventTime="2026-01-01T10:00:05.300000Z"),
+        event("Killing", lastTimestamp="2026-01-01T10:00:09Z"),
+        event("SuccessfulCreate", eventTime="2026-01-01T10:00:04.900000Z"),
+    ]
+    order = [line.split(": ")[1].split()[1] for line in event_lines(pod_events)]
+    assert order == ["SuccessfulCreate", "Scheduled", "Pulled", "Created", "Started", "Killing"]
+
 
 def test_a_second_run_follows_a_running_job_of_the_same_config_only():
     recorded = yaml.safe_load((FIXTURES / "k8s" / "failed_create.yaml").read_text())
@@ -156,6 +210,24 @@ def test_a_second_run_follows_a_running_job_of_the_same_config_only():
     changed = copy.deepcopy(running)
     changed["metadata"]["annotations"]["kuberlhf.io/config-sha256"] = "bbbb"
     assert not same_config(changed, rendered)
+    # the same config on another image, GPU count or number of nodes is another Job too
+    stage = {"name": "stage", "image": "kuberlhf:0.1.0", "resources": {"limits": {}}}
+    rendered["spec"]["template"] = {"spec": {"containers": [stage]}}
+    rendered["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] = {
+        "nvidia.com/gpu": "1"
+    }
+    existing = copy.deepcopy(rendered)
+    assert same_config(existing, rendered)
+    for path, value in (("image", "kuberlhf:0.2.0"), ("gpus", "2"), ("parallelism", 2)):
+        other = copy.deepcopy(existing)
+        container = other["spec"]["template"]["spec"]["containers"][0]
+        if path == "image":
+            container["image"] = value
+        elif path == "gpus":
+            container["resources"]["limits"]["nvidia.com/gpu"] = value
+        else:
+            other["spec"]["parallelism"] = other["spec"]["completions"] = value
+        assert not same_config(other, rendered), path
 
     tracker, _ = replay("bad_input")  # finished and failed: replaced, not followed
     assert job_finished(tracker.job)
