@@ -1,6 +1,6 @@
 """The stages the kill tests leave out, run whole with their inputs and outputs in S3 behind
-the fault proxy: a pipeline of bootstrap, data, reward, crlft, merge, generate, label and
-evaluate, run once on a healthy store and once more from nothing while the first write of
+the fault proxy: a pipeline of bootstrap, data, reward, crlft, sft, merge, generate, label
+and evaluate, run once on a healthy store and once more from nothing while the first write of
 every stage is answered with a 500, the first read of every finished output has its
 connection reset, and about one request in twenty meets a random fault. Every stage ends
 with the fault-free run's files, byte for byte (what measures the clock aside)."""
@@ -64,7 +64,16 @@ PIPELINE = {
                 "train": {"micro_batch_size": 8},
             }
         },
-        "merge": {"config": {"base": MODEL, "other": "${crlft.output}/model", "t": 0.5}},
+        "sft": {
+            "config": {
+                "model": MODEL,
+                "data": "${data.output}",
+                "max_seq_len": 64,
+                "max_steps": 2,
+                "train": {"micro_batch_size": 8},
+            }
+        },
+        "merge": {"config": {"base": MODEL, "other": "${sft.output}/model", "t": 0.5}},
         "generate": {
             "config": {
                 "prompts": "${data.output}",

@@ -219,31 +219,43 @@ def test_a_policy_that_games_its_reward_model_wins_by_the_proxy_and_loses_by_the
 
 
 def test_two_processes_under_zero3_complete_an_iteration(demo, tmp_path):
-    config = ppo_config(
-        demo,
-        tmp_path / "z3",
-        str(demo / "reward" / "model"),
-        iterations=1,
-        rollout_batch_size=8,
-        minibatch_size=4,
-        frozen_zero_stage=3,
-        actor_train={"zero_stage": 3, "learning_rate": 1e-4},
-        critic_train={"zero_stage": 3, "learning_rate": 1e-4},
-    )
-    path = tmp_path / "z3.yaml"
-    path.write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.launch", "ppo", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=TWO_PROCESSES,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    manifest = read_manifest(str(tmp_path / "z3"))
-    assert manifest.metrics["iterations"] == 1
-    assert store.exists(str(tmp_path / "z3" / "model" / "model.safetensors"))
+    """Actor, critic and frozen models partitioned over two ranks. The actor generates with
+    its weights gathered once for the rollout (they fit) and, told not to, layer by layer
+    at every token (ranks stepping together): the same answers, scores and update."""
+    runs = {}
+    for gather in (True, False):
+        name = "gathered" if gather else "per-token"
+        config = ppo_config(
+            demo,
+            tmp_path / name,
+            str(demo / "reward" / "model"),
+            iterations=1,
+            rollout_batch_size=8,
+            minibatch_size=4,
+            frozen_zero_stage=3,
+            sampling={"max_new_tokens": 16, "zero3_gather": gather},
+            actor_train={"zero_stage": 3, "learning_rate": 1e-4},
+            critic_train={"zero_stage": 3, "learning_rate": 1e-4},
+        )
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        result = subprocess.run(
+            [sys.executable, "-m", "jobs.launch", "ppo", "--config", str(path)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=TWO_PROCESSES,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        how = "gathered once per rollout" if gather else "gathered layer by layer at every token"
+        assert f"the actor's ZeRO-3 parameters are {how}" in result.stdout
+        assert read_manifest(str(tmp_path / name)).metrics["iterations"] == 1
+        assert store.exists(str(tmp_path / name / "model" / "model.safetensors"))
+        [runs[name]] = [m for m in metrics_lines(tmp_path / name) if "reward_mean" in m]
+    a, b = runs["gathered"], runs["per-token"]
+    for key in ("response_length", "eos_fraction", "reward_mean", "kl", "policy_loss"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
 TWO_PROCESSES = {
