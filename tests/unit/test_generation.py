@@ -46,8 +46,16 @@ def test_a_model_forced_to_end_at_once_gives_empty_responses(model_and_tokenizer
     model, tokenizer = model_and_tokenizer
     force_eos(model, tokenizer.eos_token_id, 50.0)
     config = SamplingConfig(do_sample=False, max_new_tokens=10, batch_size=4)
-    for [sample] in generate(model, tokenizer, PROMPTS, config):
-        assert (sample.tokens, sample.text, sample.finish_reason) == ([], "", "eos")
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    try:
+        for [sample] in generate(model, tokenizer, PROMPTS, config):
+            assert (sample.tokens, sample.text, sample.finish_reason) == ([], "", "eos")
+    finally:
+        hook.remove()
+    # every row of a batch ended at its first token: one forward (the prefill) per batch,
+    # not max_new_tokens of them
+    assert len(forwards) == -(-len(PROMPTS) // 4)
 
 
 def test_nothing_after_eos_when_rows_of_a_batch_end_at_different_steps(model_and_tokenizer):
@@ -89,13 +97,24 @@ def test_a_static_cache_gives_the_dynamic_caches_tokens(model_and_tokenizer):
     """The static cache (which lets transformers compile the decode step on GPUs) changes
     where keys and values live, not which tokens come out: greedy and seeded sampling."""
     model, tokenizer = model_and_tokenizer
+    caches: set[str] = set()  # the cache each forward was given
+
+    def seen(module, args, kwargs):
+        caches.add(type(kwargs.get("past_key_values")).__name__)
+
     for do_sample in (False, True):
         runs = {}
         for cache in ("dynamic", "static"):
             config = SamplingConfig(
                 do_sample=do_sample, max_new_tokens=12, batch_size=4, cache=cache
             )
-            samples = generate(model, tokenizer, PROMPTS, config, seed=11)
+            caches.clear()
+            hook = model.register_forward_pre_hook(seen, with_kwargs=True)
+            try:
+                samples = generate(model, tokenizer, PROMPTS, config, seed=11)
+            finally:
+                hook.remove()
+            assert caches == {"StaticCache" if cache == "static" else "DynamicCache"}, caches
             runs[cache] = [s[0].tokens for s in samples]
         assert runs["static"] == runs["dynamic"]
         assert any(runs["dynamic"])  # tokens came out
