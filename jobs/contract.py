@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs import dist, store
-from jobs.errors import BadInputError, Preempted, TransientError
+from jobs.errors import EXIT_BAD_INPUT, BadInputError, Preempted, TransientError
 from jobs.secrets import redact
 from jobs.sinks import TENSORBOARD, TensorBoardSink, numbers, open_sinks, samples_markdown
 
@@ -309,19 +309,25 @@ class ProgressLog:
         self._synced = True
 
     def end(self, exc: BaseException) -> None:
-        """The attempt ends on ``exc``: a stage already shown as running is shown as failed
-        (for good) or interrupted (retried from its checkpoint), with the reason, its clock
-        stopped; the tracking runs end as FAILED or KILLED."""
+        """The attempt ends on ``exc``: a stage shown as running (by this attempt or an
+        earlier one) is shown as failed, for a bad config or input (exit 65, never
+        retried), or else as interrupted (exit 75 or a bug: the pod is retried, from its
+        newest checkpoint), with the reason and its clock stopped; the tracking runs end as
+        FAILED or KILLED."""
         retried = isinstance(exc, Preempted | TransientError | KeyboardInterrupt)
-        if self._synced:
-            self._mark_ended("interrupted" if retried else "failed", exc)
+        for_good = getattr(exc, "exit_code", None) == EXIT_BAD_INPUT
+        self._mark_ended("failed" if for_good else "interrupted", exc)
         self.finish(None, "KILLED" if retried else "FAILED")
 
     def _mark_ended(self, state: str, exc: BaseException) -> None:
-        """The store may be what failed: then the warning is all there is."""
+        """Only where the store shows the stage as running: a stage that fails before its
+        first sync leaves the store as it was. The store may be what failed: then the
+        warning is all there is."""
         reason = redact(str(exc)).strip().splitlines()
         error = f"{type(exc).__name__}: {reason[0][:300]}" if reason else type(exc).__name__
         try:
+            if not self._synced and not store.exists(store.join(self.remote, STATUS)):
+                return
             self.sync(state, error)
         except Exception as again:  # noqa: BLE001 - the stage's own error is the one to raise
             print(

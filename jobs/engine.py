@@ -197,8 +197,10 @@ def for_generation(engine, gather: bool = True):
     Where the whole model fits on the device (half its free memory, the rest for the KV
     cache), it is gathered once for the rollout instead, DeepSpeed's
     ``unwrap_model_for_generation`` (the way TRL's ``unwrap_model_for_generation`` does it):
-    the decode steps are plain forwards, no collectives, each rank on its own. Tokens are
-    the same either way."""
+    the decode steps are plain forwards, with no weights to gather. Tokens are the same
+    either way. The ranks still step together (``synced_gpus``: one small all-reduce a
+    token): DeepSpeed's pre-forward hook, which stays, broadcasts while it traces the
+    module order, so every rank must run as many forwards."""
     if engine.zero_optimization_stage() != 3:
         yield engine.module, False
         return
@@ -207,7 +209,7 @@ def for_generation(engine, gather: bool = True):
 
         _say_once("the actor's ZeRO-3 parameters are gathered once per rollout")
         with unwrap_model_for_generation(engine):
-            yield engine.module, False
+            yield engine.module, dist.world_size() > 1
         return
     _say_once("the actor's ZeRO-3 parameters are gathered layer by layer at every token")
     yield engine.module, True
@@ -215,13 +217,16 @@ def for_generation(engine, gather: bool = True):
 
 def fits_on_device(module, share: float = 0.5) -> bool:
     """Whether ``module``'s whole (ZeRO-3 partitioned) weights fit in ``share`` of the free
-    memory of the GPU (on a CPU machine host memory is not the limit a rollout meets)."""
+    memory of the GPU, counting what PyTorch's allocator holds unused (after a training
+    step most of the GPU is reserved, not used); on a CPU machine host memory is not the
+    limit a rollout meets."""
     import torch
 
     if not _has_cuda():
         return True
     size = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters())
     free, _ = torch.cuda.mem_get_info()
+    free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     return size < share * free
 
 

@@ -171,17 +171,22 @@ def evaluate(ds, tokenizer, eos, rows, where, rewards: Rewards, config: Config):
     indices, real = padded_shard(len(rows), dist.rank(), dist.world_size())
     totals = {"eval_reward": 0.0, **{f"eval_{s.label}": 0.0 for s in rewards.specs}}
     size = config.prompts_per_iteration * config.group_size
+    answered = []
     with engine.for_generation(ds, config.sampling.zero3_gather) as (model, synced):
         for first in range(0, len(indices), size):
             chunk, keep = indices[first : first + size], real[first : first + size]
             prompts = [rows[i]["prompt"] for i in chunk]
             answers = sample(model, tokenizer, prompts, greedy, eos, 0, synced_gpus=synced)
-            texts = decode(tokenizer, answers.answers, answers.mask)
-            chosen = [rows[i] for i in chunk]
-            total, each = rewards(prompts, texts, chosen, [where[i] for i in chunk])
-            totals["eval_reward"] += sum(v for v, k in zip(total, keep, strict=True) if k)
-            for label, values in each.items():
-                totals[f"eval_{label}"] += sum(v for v, k in zip(values, keep, strict=True) if k)
+            answered.append(
+                (chunk, keep, prompts, decode(tokenizer, answers.answers, answers.mask))
+            )
+    # scored once the weights are partitioned again (a reward model loads on first use)
+    for chunk, keep, prompts, texts in answered:
+        chosen = [rows[i] for i in chunk]
+        total, each = rewards(prompts, texts, chosen, [where[i] for i in chunk])
+        totals["eval_reward"] += sum(v for v, k in zip(total, keep, strict=True) if k)
+        for label, values in each.items():
+            totals[f"eval_{label}"] += sum(v for v, k in zip(values, keep, strict=True) if k)
     summed = dist.all_reduce_sum(torch.tensor(list(totals.values()), dtype=torch.float64))
     return {k: float(v) / len(rows) for k, v in zip(totals, summed.tolist(), strict=True)}
 

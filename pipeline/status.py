@@ -68,6 +68,23 @@ def read_progress(output: str, now: float | None = None) -> Progress | None:
     )
 
 
+def mark_given_up(output: str, reason: str) -> None:
+    """The submitter stopped retrying the stage: its newest attempt's status, which said
+    interrupted (or running, if it died unannounced), now says failed, with the reason."""
+    uri = store.join(output, PROGRESS, STATUS)
+    try:
+        if not store.exists(uri):
+            return
+        status = json.loads(store.read_text(uri))
+        if status.get("state") == "failed":
+            return
+        ended = status.get("ended") or status.get("time") or time.time()
+        status |= {"state": "failed", "ended": ended, "error": reason}
+        store.write_text(uri, json.dumps(status))
+    except Exception:  # noqa: BLE001, S110 - the stage's failure is what the run reports
+        pass
+
+
 @dataclass
 class StageStatus:
     name: str

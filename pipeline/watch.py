@@ -194,12 +194,18 @@ def relisted(known: dict[str, dict], items: list[dict]) -> list[tuple[str, dict]
     """The events a fresh list stands for, after a watch expired (410 Gone): each object
     listed (ADDED; their newest state), and each object ``known`` from before that the list
     no longer has (DELETED: it went while nothing watched, e.g. the Job ``rlhf cancel``
-    deleted). ``known`` (name -> object) becomes the list."""
-    names = {item["metadata"]["name"] for item in items}
-    gone = [("DELETED", obj) for name, obj in known.items() if name not in names]
+    deleted). ``known`` (uid -> object) becomes the list."""
+    ids = {identity(item) for item in items}
+    gone = [("DELETED", obj) for key, obj in known.items() if key not in ids]
     known.clear()
-    known.update({item["metadata"]["name"]: item for item in items})
+    known.update({identity(item): item for item in items})
     return gone + [("ADDED", item) for item in items]
+
+
+def identity(obj: dict) -> str:
+    """An object's uid (a Job deleted and made again under its name is another object)."""
+    metadata = obj["metadata"]
+    return metadata.get("uid") or metadata["name"]
 
 
 def event_time(event: dict[str, Any]) -> datetime:

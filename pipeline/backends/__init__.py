@@ -11,6 +11,7 @@ from jobs import store
 from jobs.contract import Manifest, read_manifest, up_to_date
 from jobs.errors import EXIT_BAD_INPUT, StageError
 from pipeline.config import Plan, PlannedStage
+from pipeline.status import mark_given_up
 from pipeline.watch import BAD_INPUT
 
 
@@ -82,7 +83,9 @@ def run_with_retries(
         if code == EXIT_BAD_INPUT:
             raise StageFailed(stage.name, code, BAD_INPUT)
         if number == stage.spec.retries:
-            raise StageFailed(stage.name, code, f"gave up after {number + 1} attempts")
+            reason = f"gave up after {number + 1} attempts (exit code {code})"
+            mark_given_up(stage.output, reason)
+            raise StageFailed(stage.name, code, reason)
         echo(
             f"{head}: exit code {code}; retrying ({number + 1}/{stage.spec.retries})"
             ", resuming from its newest checkpoint"

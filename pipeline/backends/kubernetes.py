@@ -21,13 +21,14 @@ from jobs.errors import EXIT_BAD_INPUT
 from pipeline.backends import StageFailed, run_in_order
 from pipeline.charts import client_model, render_stage
 from pipeline.config import Plan, PlannedStage
-from pipeline.status import read_progress, summary
+from pipeline.status import mark_given_up, read_progress, summary
 from pipeline.watch import (
     BAD_INPUT,
     Outcome,
     StageTracker,
     event_lines,
     explain,
+    identity,
     relisted,
     stalled,
     warnings_to_show,
@@ -62,14 +63,16 @@ def same_config(existing: dict[str, Any], rendered: dict[str, Any]) -> bool:
 def job_shape(job: dict[str, Any]) -> tuple:
     """What of a Job's spec a re-run may change besides the config: pods per gang, and each
     container's image and GPU count (fields the API server keeps as given; the rest it
-    fills with defaults, so a whole-spec comparison would never match)."""
+    fills with defaults, so a whole-spec comparison would never match; of the limits, the
+    extended resources such as GPUs, which the server keeps as written)."""
     spec = job.get("spec") or {}
     pod = (spec.get("template") or {}).get("spec") or {}
     containers = []
     for container in pod.get("containers") or []:
         limits = (container.get("resources") or {}).get("limits") or {}
-        gpus = str(limits.get("nvidia.com/gpu", "0"))
-        containers.append((container.get("name"), container.get("image"), gpus))
+        # the accelerator's resource is the chart's gpuResource: every limit, as strings
+        accelerators = sorted((k, str(v)) for k, v in limits.items() if "/" in k)
+        containers.append((container.get("name"), container.get("image"), accelerators))
     return spec.get("completions"), spec.get("parallelism"), containers
 
 
@@ -117,6 +120,7 @@ class KubernetesBackend:
             if outcome.exit_code == EXIT_BAD_INPUT:
                 report = f"{BAD_INPUT}\n{report}"
             if not outcome.retryable or attempt == stage.spec.retries:
+                mark_given_up(stage.output, f"{outcome.reason}: {outcome.message}"[:300])
                 raise StageFailed(stage.name, outcome.exit_code, report)
             self.echo(
                 f"{report}\n{head}: re-creating the Job ({attempt + 1}/{stage.spec.retries});"
@@ -344,9 +348,9 @@ class KubernetesBackend:
                     version = event["object"].metadata.resource_version
                     obj = self.api.sanitize_for_serialization(event["object"])
                     if event["type"] == "DELETED":
-                        known.pop(obj["metadata"]["name"], None)
+                        known.pop(identity(obj), None)
                     else:
-                        known[obj["metadata"]["name"]] = obj
+                        known[identity(obj)] = obj
                     out.put((kind, event["type"], obj))
             except ApiException as exc:
                 if exc.status == 410:

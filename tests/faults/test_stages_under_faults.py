@@ -3,7 +3,8 @@ the fault proxy: a pipeline of bootstrap, data, reward, crlft, sft, merge, gener
 and evaluate, run once on a healthy store and once more from nothing while the first write of
 every stage is answered with a 500, the first read of every finished output has its
 connection reset, and about one request in twenty meets a random fault. Every stage ends
-with the fault-free run's files, byte for byte (what measures the clock aside)."""
+with the fault-free run's files: byte for byte, but for the timings in the metrics and the
+TensorBoard event files (named by host, process and time; counted)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import yaml
 
 from jobs import store
 from tests.conftest import ROOT
 from tests.faults.conftest import noise, record, timing
 from tests.faults.proxy import Rule
+
+pytestmark = pytest.mark.slow
 
 MODEL = "${bootstrap.output}/model"
 PIPELINE = {

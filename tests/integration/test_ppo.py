@@ -252,8 +252,12 @@ def test_two_processes_under_zero3_complete_an_iteration(demo, tmp_path):
         assert f"the actor's ZeRO-3 parameters are {how}" in result.stdout
         assert read_manifest(str(tmp_path / name)).metrics["iterations"] == 1
         assert store.exists(str(tmp_path / name / "model" / "model.safetensors"))
-        [runs[name]] = [m for m in metrics_lines(tmp_path / name) if "reward_mean" in m]
-    a, b = runs["gathered"], runs["per-token"]
+        [line] = [m for m in metrics_lines(tmp_path / name) if "reward_mean" in m]
+        # the greedy sample answers after the update: the very tokens, as text
+        answers = (tmp_path / name / "samples.jsonl").read_text().splitlines()
+        runs[name] = line, [json.loads(x)["answer"] for x in answers]
+    (a, said), (b, again) = runs["gathered"], runs["per-token"]
+    assert said == again and len(said) == 4
     for key in ("response_length", "eos_fraction", "reward_mean", "kl", "policy_loss"):
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 

@@ -156,7 +156,7 @@ def test_a_stage_that_ends_on_an_error_is_shown_failed_or_interrupted_with_its_r
     import pytest
 
     from jobs.errors import BadInputError, TransientError
-    from pipeline.status import run_status
+    from pipeline.status import mark_given_up, run_status
 
     run = tmp_path / "run"
     names = ("bad", "flaky", "early")
@@ -187,6 +187,18 @@ def test_a_stage_that_ends_on_an_error_is_shown_failed_or_interrupted_with_its_r
     reason = "(retried from its newest checkpoint): TransientError: s3://b/x: S3 error"
     assert reason in flaky.line()
     assert flaky.progress.remaining_s is None
+    # its next attempt dies of a bug before its own first sync: the status it finds says so
+    with pytest.raises(RuntimeError):
+        run_stage(
+            "flaky", StageConfig(output=flaky.output), failing_stage(RuntimeError("oops"), False)
+        )
+    again = read_progress(flaky.output)
+    assert again.state == "interrupted" and again.error == "RuntimeError: oops"
+    # the submitter gives up retrying: failed for good, with its reason
+    mark_given_up(flaky.output, "gave up after 3 attempts (exit code 1)")
+    given_up = {s.name: s for s in run_status(str(run))}["flaky"]
+    assert given_up.state == "failed"
+    assert given_up.line().endswith(": gave up after 3 attempts (exit code 1); loss=0.3333")
     # an attempt that fails before its first push leaves the store as it was
     assert early.state == "pending" and not (run / "early").exists()
 

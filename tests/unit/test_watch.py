@@ -165,6 +165,12 @@ def test_a_job_deleted_while_no_watch_was_open_is_seen_deleted_in_the_fresh_list
     assert relisted(known, [job, other]) == [("ADDED", job), ("ADDED", other)]
     assert relisted(known, [other]) == [("DELETED", job), ("ADDED", other)]
     assert relisted(known, [other]) == [("ADDED", other)]  # told once
+    # deleted and made again under its name between two watches: another object (its uid)
+    known = {}
+    first = {"metadata": {"name": "demo-sft", "uid": "u1"}, "spec": {}, "status": {}}
+    second = {"metadata": {"name": "demo-sft", "uid": "u2"}, "spec": {}, "status": {}}
+    relisted(known, [first])
+    assert relisted(known, [second]) == [("DELETED", first), ("ADDED", second)]
 
     tracker = StageTracker("demo-sft")
     tracker.on_job(job)
