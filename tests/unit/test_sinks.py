@@ -209,6 +209,29 @@ def test_a_stage_that_ends_on_an_error_is_shown_failed_or_interrupted_with_its_r
     assert "field &lt;prompt&gt; is missing" in page and "<prompt>" not in page
 
 
+def test_the_local_backend_marks_a_stage_it_gives_up_on_as_failed(tmp_path):
+    from types import SimpleNamespace
+
+    import pytest
+
+    from jobs.errors import TransientError
+    from pipeline.backends import StageFailed, run_with_retries
+
+    output = str(tmp_path / "run" / "sft")
+    with pytest.raises(TransientError):  # a first attempt that synced, then lost S3
+        run_stage("sft", StageConfig(output=output), failing_stage(TransientError("s3 away")))
+    assert read_progress(output).state == "interrupted"
+    stage = SimpleNamespace(name="sft", output=output, spec=SimpleNamespace(retries=2))
+    attempts = []
+    with pytest.raises(StageFailed, match="gave up after 3 attempts"):
+        run_with_retries(stage, "sft", print, lambda: attempts.append(1) or 75)
+    assert len(attempts) == 3
+    given_up = read_progress(output)
+    assert (
+        given_up.state == "failed" and given_up.error == "gave up after 3 attempts (exit code 75)"
+    )
+
+
 def test_the_report_of_a_run_in_progress_shows_each_stage_as_it_stands(tmp_path):
     from pipeline.report import write_report
 
