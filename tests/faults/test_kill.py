@@ -96,16 +96,19 @@ def fetch(uri: str, local: Path) -> Path:
 # The moments each stage is killed at, in order, each attempt on a fresh pod; "a|b" is one
 # of the two, drawn by the seed. The publish path (the manifest's moments) is the
 # contract's, the same code for every stage, so one stage covers it; every training loop
-# is stopped at least once mid-run. SIGTERM, the graceful path, is drawn for PPO, which
-# keeps most client state (and tests/integration/test_ppo.py stops two ranks with it); an
-# S3 outage that outlasts the retries stops DPO with exit 75. Every attempt but the outage's also
-# meets random S3 faults (``noise``), and the end result is still the fault-free run's.
+# is stopped at least once mid-run, and whatever the seed each moment kind is met by one
+# stage: a step (sft), a checkpoint's upload (grpo), a checkpoint just committed (reward),
+# the manifest in flight and just landed (sft). SIGTERM, the graceful path, is drawn for
+# PPO, which keeps most client state (and tests/integration/test_ppo.py stops two ranks
+# with it); an S3 outage that outlasts the retries stops DPO with exit 75. Every attempt
+# but the outage's also meets random S3 faults (``noise``), and the end result is still the
+# fault-free run's.
 MOMENTS = {
     "sft": ["step", "manifest", "after-manifest"],
     "reward": ["commit"],
     "dpo": ["outage", "step|checkpoint"],
     "ppo": ["sigterm|checkpoint"],
-    "grpo": ["step|checkpoint"],
+    "grpo": ["checkpoint"],
 }
 
 

@@ -174,6 +174,12 @@ def test_a_stage_that_ends_on_an_error_is_shown_failed_or_interrupted_with_its_r
 
     bad, flaky, early = run_status(str(run))
     assert bad.state == "failed"
+    # what the submitter puts on the Job (kuberlhf.io/progress): a new value for the new state
+    from pipeline.backends.kubernetes import progress_text
+
+    key, text = progress_text(bad.output)
+    assert key == (3, bad.metrics["time"], "failed") and len(text) <= 250
+    assert text.startswith("failed at step 3/10 (30%) after ") and text.endswith("| loss=0.3333")
     # the clock stopped when the attempt ended: read a day later, the same time
     later = read_progress(bad.output, now=time.time() + 86400)
     assert later.elapsed_s == bad.progress.elapsed_s < 60
