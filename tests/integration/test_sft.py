@@ -145,3 +145,18 @@ def test_two_processes_under_torchrun_with_zero3(tiny, tiny_data, tmp_path):
         timeout=300,
     )
     assert "[1/1] sft: up to date, skipped" in again.stdout
+
+    # The held-out loss before training, over two ranks' padded shards (the padding masked
+    # out), is the one process's over the whole set: every example counted once.
+    eval_rows = len((tiny_data / "sft" / "eval.jsonl").read_text().splitlines())
+    single = sft_config(
+        tiny,
+        tiny_data,
+        tmp_path / "single",
+        max_steps=1,
+        train={"zero_stage": 3, "micro_batch_size": 8},
+    )
+    result = run_entrypoint("sft", single, tmp_path, name="single")
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = read_manifest(str(tmp_path / "single")).metrics["eval_loss_start"]
+    assert manifest.metrics["eval_loss_start"] == pytest.approx(one, rel=1e-5), eval_rows
