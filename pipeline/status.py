@@ -26,10 +26,14 @@ class Progress:
     state: str = "running"
     error: str | None = None
 
+    def of_total(self) -> str:
+        """``/300 (13%)``, or nothing when the stage did not say its total."""
+        return f"/{self.total} ({100 * self.step / self.total:.0f}%)" if self.total else ""
+
     def line(self) -> str:
         """``step 40/300 (13%), 2m10s elapsed, about 6m05s left``, or for an attempt that
         ended: ``failed at step 40/300 (13%) after 2m10s: BadInputError: ...``."""
-        of = f"/{self.total} ({100 * self.step / self.total:.0f}%)" if self.total else ""
+        of = self.of_total()
         if self.state != "running":
             retried = " (retried from its newest checkpoint)" if self.state == "interrupted" else ""
             return (
@@ -43,8 +47,7 @@ class Progress:
         """``step 40/300 (13%)``, or ``failed at step 40``."""
         if self.state != "running":
             return f"{self.state} at step {self.step}"
-        of = f"/{self.total} ({100 * self.step / self.total:.0f}%)" if self.total else ""
-        return f"step {self.step}{of}"
+        return f"step {self.step}{self.of_total()}"
 
 
 def read_progress(output: str, now: float | None = None) -> Progress | None:

@@ -26,6 +26,20 @@ from tests.faults.proxy import Rule
 pytestmark = pytest.mark.slow
 
 MODEL = "${bootstrap.output}/model"
+
+
+def trained() -> dict:
+    """reward, crlft and sft: two steps on the data stage's output (a dict of its own each,
+    which YAML writes out whole rather than as an alias)."""
+    return {
+        "model": MODEL,
+        "data": "${data.output}",
+        "max_seq_len": 64,
+        "max_steps": 2,
+        "train": {"micro_batch_size": 8},
+    }
+
+
 PIPELINE = {
     "name": "faults",
     "stages": {
@@ -50,33 +64,9 @@ PIPELINE = {
                 ],
             }
         },
-        "reward": {
-            "config": {
-                "model": MODEL,
-                "data": "${data.output}",
-                "max_seq_len": 64,
-                "max_steps": 2,
-                "train": {"micro_batch_size": 8},
-            }
-        },
-        "crlft": {
-            "config": {
-                "model": MODEL,
-                "data": "${data.output}",
-                "max_seq_len": 64,
-                "max_steps": 2,
-                "train": {"micro_batch_size": 8},
-            }
-        },
-        "sft": {
-            "config": {
-                "model": MODEL,
-                "data": "${data.output}",
-                "max_seq_len": 64,
-                "max_steps": 2,
-                "train": {"micro_batch_size": 8},
-            }
-        },
+        "reward": {"config": trained()},
+        "crlft": {"config": trained()},
+        "sft": {"config": trained()},
         "merge": {"config": {"base": MODEL, "other": "${sft.output}/model", "t": 0.5}},
         "generate": {
             "config": {

@@ -20,6 +20,7 @@ import yaml
 
 from jobs.contract import Manifest, read_manifest
 from tests.conftest import ROOT, preempt_and_resume, run_entrypoint
+from tests.integration.test_grpo import grpo_config, warm_config
 
 ON_CPU = os.environ.get("KUBERLHF_GPU_SUITE_ON_CPU") == "1"
 pytestmark = [
@@ -230,35 +231,16 @@ def test_grpo_raises_held_out_accuracy_on_the_gpu(tiny, tmp_path):
     """The copy task of the CPU suite (tests/integration/test_grpo.py), in bf16 under
     ZeRO-2 and then ZeRO-3: a short SFT, then GRPO raises the held-out accuracy that a
     program checks."""
-    sft = {
-        "output": str(tmp_path / "sft"),
-        "model": str(tiny / "model"),
-        "data": str(tiny / "tasks" / "copy"),
-        "max_seq_len": 32,
-        "max_steps": 100,
-        "eval_every": 1000,
-        "seed": 0,
-        "train": {**BF16, "zero_stage": 2, "learning_rate": 3e-3, "micro_batch_size": 32},
-    }
-    stage("sft", sft, tmp_path)
+    train = {**BF16, "zero_stage": 2, "learning_rate": 3e-3, "micro_batch_size": 32}
+    stage("sft", warm_config(tiny, tmp_path / "sft", train=train), tmp_path)
     for zero_stage in (2, 3):
-        config = {
-            "output": str(tmp_path / f"grpo-{zero_stage}"),
-            "actor": str(tmp_path / "sft" / "model"),
-            "prompts": str(tiny / "tasks" / "copy"),
-            "group_size": 8,
-            "prompts_per_iteration": 8,
-            "minibatch_size": 16,
-            "iterations": 40 if zero_stage == 2 else 2,
-            "eval_every": 40,
-            "eval_prompts": 100,
-            "checkpoint_every": 100,
-            "kl_coef": 0.01,
-            "rewards": [{"kind": "numeric_match", "name": "correct"}],
-            "sampling": {"max_new_tokens": 8, "temperature": 0.5, "top_p": 1.0},
-            "train": {**BF16, "zero_stage": zero_stage, "learning_rate": 5e-4},
-            "seed": 1,
-        }
+        config = grpo_config(
+            tmp_path / "sft",
+            tiny,
+            tmp_path / f"grpo-{zero_stage}",
+            iterations=40 if zero_stage == 2 else 2,
+            train={**BF16, "zero_stage": zero_stage, "learning_rate": 5e-4},
+        )
         metrics = stage("grpo", config, tmp_path, tag=f"grpo-{zero_stage}").metrics
         if zero_stage == 2:
             assert metrics["eval_correct"] >= metrics["eval_correct_start"] + 0.05, metrics

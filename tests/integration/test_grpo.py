@@ -21,12 +21,10 @@ pytestmark = pytest.mark.slow
 CHECK = {"kind": "numeric_match", "name": "correct"}
 
 
-@pytest.fixture(scope="module")
-def warm(tiny, tmp_path_factory) -> Path:
-    """The tiny model after a short SFT on the copy task: right now and then, not always."""
-    root = tmp_path_factory.mktemp("grpo-sft")
+def warm_config(tiny, output: Path, **overrides) -> dict:
+    """A short SFT on the copy task (also the GPU suite's, in bf16)."""
     config = {
-        "output": str(root / "sft"),
+        "output": str(output),
         "model": str(tiny / "model"),
         "data": str(tiny / "tasks" / "copy"),
         "max_seq_len": 32,
@@ -35,12 +33,20 @@ def warm(tiny, tmp_path_factory) -> Path:
         "seed": 0,
         "train": {"learning_rate": 3e-3, "micro_batch_size": 32, "warmup_steps": 3},
     }
-    result = run_entrypoint("sft", config, root)
+    return {**config, **overrides}
+
+
+@pytest.fixture(scope="module")
+def warm(tiny, tmp_path_factory) -> Path:
+    """The tiny model after a short SFT on the copy task: right now and then, not always."""
+    root = tmp_path_factory.mktemp("grpo-sft")
+    result = run_entrypoint("sft", warm_config(tiny, root / "sft"), root)
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "sft"
 
 
 def grpo_config(warm, tiny, output: Path, **overrides) -> dict:
+    """GRPO from the warm SFT model on the copy task (also the GPU suite's, in bf16)."""
     config = {
         "output": str(output),
         "actor": str(warm / "model"),
