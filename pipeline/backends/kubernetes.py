@@ -121,6 +121,10 @@ class KubernetesBackend:
                 report = f"{BAD_INPUT}\n{report}"
             if not outcome.retryable or attempt == stage.spec.retries:
                 mark_given_up(stage.output, f"{outcome.reason}: {outcome.message}"[:300])
+                # the Job's annotation says failed too, not the last step it ran (a
+                # deleted Job has nothing left to annotate)
+                if outcome.reason != "Deleted" and (text := progress_text(stage.output)[1]):
+                    self.annotate(namespace, name, text)
                 raise StageFailed(stage.name, outcome.exit_code, report)
             self.echo(
                 f"{report}\n{head}: re-creating the Job ({attempt + 1}/{stage.spec.retries});"
@@ -239,12 +243,19 @@ class KubernetesBackend:
                 self.echo(f"warning: no progress annotation on {job_name}: {str(exc)[:200]}")
 
     def raw_events(self, plan: Plan, tracker: StageTracker) -> list[dict[str, Any]]:
-        """The events of the Job and its pods, as the API returns them."""
+        """The events of the Job and its pods, as the API returns them; best effort (a Role
+        without events, the API server away for a moment): the Job decides the outcome."""
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
         out = []
         for name in [tracker.job_name, *sorted(tracker.pods)]:
-            found = self.core.list_namespaced_event(
-                plan.kubernetes.namespace, field_selector=f"involvedObject.name={name}"
-            )
+            try:
+                found = self.core.list_namespaced_event(
+                    plan.kubernetes.namespace, field_selector=f"involvedObject.name={name}"
+                )
+            except (ApiException, HTTPError, OSError):
+                continue
             out += [self.api.sanitize_for_serialization(e) for e in found.items]
         return out
 
@@ -252,10 +263,16 @@ class KubernetesBackend:
         return event_lines(self.raw_events(plan, tracker))
 
     def logs(self, plan: Plan, stage: PlannedStage, tail: int = 20) -> dict[str, str]:
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
         namespace = plan.kubernetes.namespace
-        pods = self.core.list_namespaced_pod(
-            namespace, label_selector=run_selector(plan.run_id, stage.name, pods=True)
-        )
+        try:
+            pods = self.core.list_namespaced_pod(
+                namespace, label_selector=run_selector(plan.run_id, stage.name, pods=True)
+            )
+        except (ApiException, HTTPError, OSError) as exc:  # the report goes on without them
+            return {"(pods)": f"(no logs: {str(exc)[:200]})"}
         out = {}
         for pod in pods.items:
             try:
@@ -318,18 +335,21 @@ class KubernetesBackend:
     def _stream(
         self, list_fn, namespace: str, selector: str, out: queue.Queue, stop: threading.Event
     ) -> None:
-        """List, then watch from that resource version; re-list when it expires (410 Gone)."""
+        """List, then watch from that resource version; re-list when it expires (410 Gone)
+        or the API server was out of reach (a restart, a load balancer's failover) for less
+        than ``API_OUTAGE_S``."""
         from kubernetes import watch
         from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
 
         kind = "Job" if "job" in list_fn.__name__ else "Pod"
-        version = None
+        version, unreachable_since = None, None
         known: dict[str, dict] = {}  # what the last list and the watch since then showed
         while not stop.is_set():
             try:
                 if version is None:
                     listed = list_fn(namespace, label_selector=selector)
-                    version = listed.metadata.resource_version
+                    version, unreachable_since = listed.metadata.resource_version, None
                     items = [self.api.sanitize_for_serialization(i) for i in listed.items]
                     for event_type, obj in relisted(known, items):
                         out.put((kind, event_type, obj))
@@ -356,11 +376,22 @@ class KubernetesBackend:
                 if exc.status == 410:
                     version = None
                     continue
-                out.put((kind, "ERROR", exc))
+                if not stop.is_set():
+                    out.put((kind, "ERROR", exc))
                 return
+            except (HTTPError, OSError) as exc:
+                if stop.is_set():  # the wait is over: a connection closing is no news
+                    return
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since > API_OUTAGE_S:
+                    out.put((kind, "ERROR", exc))
+                    return
+                version = None  # what happened meanwhile comes with a fresh list
+                stop.wait(min(self.poll_s, 5.0))
 
 
 PROGRESS_ANNOTATION = "kuberlhf.io/progress"
+API_OUTAGE_S = 300.0  # how long the watch lists again before the run gives up on the API
 
 
 def progress_text(output: str) -> tuple[tuple, str]:

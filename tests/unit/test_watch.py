@@ -1,5 +1,5 @@
-"""Progress and failure explanations from recorded sequences of Job and Pod objects: the only
-place where Kubernetes responses are stood in for."""
+"""Progress and failure explanations from recorded sequences of Job and Pod objects (the
+backend's wiring on the same recordings: test_kubernetes_backend.py)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,211 @@
+"""The Kubernetes backend's wiring (create, follow, re-create, give up, re-attach), driven
+through the real kubernetes client against an API server that replays the recorded
+sequences of ``tests/fixtures/k8s`` (``tests/recorded_api.py``): what a cluster showed
+stays fixed without one."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+
+import pytest
+import yaml
+
+from jobs import store
+from jobs.contract import PROGRESS, STATUS
+from pipeline.backends import StageFailed
+from pipeline.charts import render_stage
+from pipeline.config import plan
+from pipeline.watch import BAD_INPUT, EXIT_CANCELLED
+from tests.conftest import FIXTURES
+from tests.recorded_api import RecordedCluster, as_created, kubeconfig, serve
+
+
+def recorded(name: str) -> list[dict]:
+    return yaml.safe_load((FIXTURES / "k8s" / f"{name}.yaml").read_text())
+
+
+@pytest.fixture
+def stage_plan(tmp_path):
+    """A one-stage run whose Job is the recordings' demo-sft in namespace ml."""
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "demo",
+                "store": str(tmp_path / "runs"),
+                "kubernetes": {"namespace": "ml", "stall_timeout_s": 1},
+                "stages": {"sft": {"config": {"model": "s3://b/m", "data": "s3://b/d"}}},
+            }
+        )
+    )
+    the_plan = plan(str(path))
+    [stage] = the_plan.stages
+    return the_plan, stage
+
+
+@pytest.fixture
+def connect(tmp_path, monkeypatch):
+    """A backend talking to a RecordedCluster over HTTP, and the lines it printed."""
+    from kubernetes.config import kube_config
+
+    from pipeline.backends.kubernetes import KubernetesBackend
+
+    servers = []
+
+    def make(cluster: RecordedCluster):
+        server, url = serve(cluster)
+        servers.append(server)
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        path = kubeconfig(url, tmp_path / "kubeconfig")
+        monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(path))
+        lines: list[str] = []
+        return KubernetesBackend(echo=lines.append, poll_s=0.1), lines
+
+    make.servers = servers
+    yield make
+    for server in servers:
+        server.shutdown()
+
+
+def running_status(output: str) -> None:
+    """The stage's status as its pod last pushed it: running, step 3 of 10."""
+    status = {
+        "state": "running",
+        "step": 3,
+        "total": 10,
+        "started": 1.0,
+        "time": 31.0,
+        "first": [1, 11.0],
+        "metrics": {"loss": 2.5},
+    }
+    store.write_text(store.join(output, PROGRESS, STATUS), json.dumps(status))
+
+
+def test_a_gang_given_a_bad_input_is_created_once_and_given_up(stage_plan, connect):
+    """Exit 65 from a rank (torchrun passes it on) ends the stage: one Job, no retry, the
+    reason printed, the stage's status and the Job's annotation say failed."""
+    the_plan, stage = stage_plan
+    running_status(stage.output)
+    cluster = RecordedCluster([recorded("gang_bad_input")])
+    backend, lines = connect(cluster)
+
+    with pytest.raises(StageFailed) as failed:
+        backend.run_stage(the_plan, stage, "[1/1] sft")
+
+    assert failed.value.exit_code == 65
+    assert BAD_INPUT in str(failed.value)
+    assert cluster.created == ["configmaps", "jobs"]
+    assert not any("re-creating" in line for line in lines)
+    status = json.loads(store.read_text(store.join(stage.output, PROGRESS, STATUS)))
+    assert status["state"] == "failed" and "PodFailurePolicy" in status["error"]
+    # the Job's annotation followed: step 3 while it ran, then the failed state
+    assert "step 3/10" in cluster.annotations[0]
+    assert cluster.annotations[-1].startswith("failed at step 3/10")
+
+
+def test_a_lost_rank_re_creates_the_job_and_the_run_goes_on(stage_plan, connect):
+    the_plan, stage = stage_plan
+    cluster = RecordedCluster([recorded("gang_rank_lost"), recorded("success")])
+    backend, lines = connect(cluster)
+
+    backend.run_stage(the_plan, stage, "[1/1] sft")
+
+    assert cluster.created.count("jobs") == 2
+    assert any("re-creating the Job (1/2)" in line for line in lines)
+    # the failed Job was deleted before its successor was created
+    methods = [m for m, path in cluster.requests if path.endswith("/jobs/demo-sft")]
+    assert "DELETE" in methods
+
+
+def test_rlhf_cancel_ends_the_wait_at_once_without_a_retry(stage_plan, connect):
+    the_plan, stage = stage_plan
+    cluster = RecordedCluster([recorded("cancelled")])
+    backend, lines = connect(cluster)
+
+    with pytest.raises(StageFailed) as failed:
+        backend.run_stage(the_plan, stage, "[1/1] sft")
+
+    assert failed.value.exit_code == EXIT_CANCELLED
+    assert "was deleted" in str(failed.value)
+    assert cluster.created.count("jobs") == 1
+
+
+def test_a_second_run_follows_the_running_job_of_the_same_config(stage_plan, connect):
+    the_plan, stage = stage_plan
+    [job] = [m for m in render_stage(the_plan, stage) if m["kind"] == "Job"]
+    cluster = RecordedCluster([], running=as_created(recorded("success"), job))
+    backend, lines = connect(cluster)
+
+    backend.run_stage(the_plan, stage, "[1/1] sft")
+
+    assert cluster.created == []  # nothing re-created, nothing deleted
+    assert not any(m == "DELETE" for m, _ in cluster.requests)
+    assert any("Job demo-sft is running; following it" in line for line in lines)
+
+
+def test_a_second_run_with_another_config_replaces_the_job(stage_plan, connect):
+    the_plan, stage = stage_plan
+    [job] = [m for m in render_stage(the_plan, stage) if m["kind"] == "Job"]
+    other = copy.deepcopy(job)
+    other["metadata"]["annotations"]["kuberlhf.io/config-sha256"] = "0" * 64
+    cluster = RecordedCluster([recorded("success")], running=as_created(recorded("success"), other))
+    backend, lines = connect(cluster)
+
+    backend.run_stage(the_plan, stage, "[1/1] sft")
+
+    assert cluster.created.count("jobs") == 1
+    assert ("DELETE", "/apis/batch/v1/namespaces/ml/jobs/demo-sft") in cluster.requests
+    assert not any("following it" in line for line in lines)
+
+
+def test_pods_that_cannot_be_created_are_printed_and_end_the_run(stage_plan, connect):
+    """A namespace that refuses the pods: their FailedCreate events are printed while the
+    backend waits, and the stage fails after the stall timeout (1 s here), not retried."""
+    the_plan, stage = stage_plan
+    failed_create = yaml.safe_load((FIXTURES / "k8s" / "failed_create.yaml").read_text())
+    cluster = RecordedCluster(
+        [[{"type": "ADDED", "object": failed_create["job"]}]], warnings=failed_create["events"]
+    )
+    backend, lines = connect(cluster)
+
+    with pytest.raises(StageFailed) as failed:
+        backend.run_stage(the_plan, stage, "[1/1] sft")
+
+    assert "no pod of the Job ran" in str(failed.value)
+    assert cluster.created.count("jobs") == 1
+    shown = [line for line in lines if "Warning FailedCreate" in line]
+    assert len(shown) == 2 and "violates PodSecurity" in shown[0]
+
+
+def test_the_wait_survives_an_api_server_restart(stage_plan, connect):
+    """The API server goes away for a second while the stage runs (a control-plane
+    restart): the watch lists again when it is back, and the run ends as the Job does."""
+    the_plan, stage = stage_plan
+    the_plan.kubernetes.stall_timeout_s = 900  # a pod still pending while the API is away
+    cluster = RecordedCluster([recorded("success")], step_s=0.4)
+    backend, _ = connect(cluster)
+    ended: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            backend.run_stage(the_plan, stage, "[1/1] sft")
+            ended.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            ended.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    while cluster.version() < 2:  # the Job and its first pod are out
+        time.sleep(0.05)
+    [server] = connect.servers
+    port = server.server_address[1]
+    server.shutdown()
+    server.server_close()
+    time.sleep(1.0)
+    connect.servers[0] = serve(cluster, port=port)[0]
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the wait did not survive the API server's restart"
+    assert ended == [None]
