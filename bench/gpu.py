@@ -1,9 +1,11 @@
 """GPU benchmarks at the shape of polyglot-ko-1.3b (GPT-NeoX, hidden 2048, 24 layers, 16 heads,
 vocab 30080; 1.33B parameters), one NVIDIA GPU, bf16, in one run:
 
-- sft: our stage against a plain PyTorch loop (pure bf16 weights, fused AdamW) and TRL's
-  SFTTrainer, at sequence 1024 and 2048;
-- reward and dpo: our stages against TRL's RewardTrainer and DPOTrainer;
+- sft: our stage (as configured by default, and with ``train.compile``: torch.compile
+  inside the engine) against a plain PyTorch loop (pure bf16 weights, fused AdamW) and
+  TRL's SFTTrainer, at sequence 1024 and 2048;
+- reward and dpo: our stages (default and compiled) against TRL's RewardTrainer and
+  DPOTrainer;
 - ppo: a 1.33B actor with a 350M reward model and critic (prompts up to 256 tokens, 256
   new tokens, rollout batch 64), with transformers' dynamic KV cache and with the static
   one (which lets it compile the decode step): seconds per iteration split into
@@ -46,6 +48,14 @@ VOCAB = 30080
 # Dense bf16 peak and memory bandwidth by device name (datasheets; SXM parts).
 GPUS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
 CASES = ("sft", "reward", "dpo", "ppo")
+# What runs for each case, in one run: ours by default and with train.compile, against the
+# references; PPO with the dynamic KV cache and with the static one (a compiled decode).
+IMPLEMENTATIONS = {
+    "sft": ("ours", "compiled", "plain", "trl"),
+    "reward": ("ours", "compiled", "trl"),
+    "dpo": ("ours", "compiled", "trl"),
+    "ppo": ("dynamic", "static"),
+}
 
 
 def gpu_limits() -> tuple[float | None, float | None]:
@@ -173,16 +183,22 @@ def parameter_count(model_dir: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def ours(case: str, root: Path, seq: int, args) -> dict:
+def ours(case: str, root: Path, seq: int, args, compiled: bool = False) -> dict:
+    """Our stage; ``compiled``: with ``train.compile`` (torch.compile inside the engine),
+    one of the speed levers, measured beside the default in the same run."""
     from jobs.contract import read_manifest, run_stage
     from jobs.stages import stage_module
 
     module = stage_module(case)
+    # Inductor's C++ code for the CPU fails on bf16 reductions (torch 2.13: "conflicting
+    # declaration at_BFloat16_tmp_acc0_vec"): the tiny CPU check compiles in fp32.
+    cpu_compiled = compiled and not torch.cuda.is_available()
     train = {
-        "precision": "bf16",
+        "precision": "fp32" if cpu_compiled else "bf16",
         "zero_stage": 2,
         "micro_batch_size": args.batch,
         "learning_rate": 1e-5,
+        "compile": compiled,
     }
     config = module.Config(
         output=str(root / f"ours-{case}-{seq}"),
@@ -385,6 +401,8 @@ def child(args) -> dict:
     root = Path(args.root)
     if args.case == "ppo":
         return ppo(root, args, args.impl)
+    if args.impl == "compiled":
+        return ours(args.case, root, args.seq[0], args, compiled=True)
     fn = {"ours": ours, "plain": plain, "trl": trl}[args.impl]
     return fn(args.case, root, args.seq[0], args)
 
@@ -430,10 +448,7 @@ def main() -> None:
                 batch = args.batch or (8 if args.tiny else max(1, 8 * 1024 // seq))
                 if case == "dpo":
                     batch = max(1, batch // 2)  # a pair is two sequences
-                # PPO with the dynamic KV cache and with the static one (a compiled decode)
-                impls = ("dynamic", "static") if case == "ppo" else ("ours", "plain", "trl")
-                if case in ("reward", "dpo"):
-                    impls = ("ours", "trl")
+                impls = IMPLEMENTATIONS[case]
                 key = case if case == "ppo" else f"{case}@{seq}"
                 results["cases"][key] = {"micro_batch": batch, "seq": seq}
                 for impl in impls:
@@ -469,19 +484,18 @@ def main() -> None:
                     results["cases"][key][impl] = found
                     print(f"{key:>10} {impl:>5}: {json.dumps(found)}", flush=True)
                 entry = results["cases"][key]
-                if "trl" in entry:
-                    entry["ours_over_trl"] = round(
-                        entry["ours"]["tokens_per_s"] / entry["trl"]["tokens_per_s"], 3
-                    )
+                for ours_impl in ("ours", "compiled"):
+                    for reference in ("trl", "plain"):
+                        if ours_impl in entry and reference in entry:
+                            entry[f"{ours_impl}_over_{reference}"] = round(
+                                entry[ours_impl]["tokens_per_s"] / entry[reference]["tokens_per_s"],
+                                3,
+                            )
                 if "static" in entry:
                     entry["static_over_dynamic_generation"] = round(
                         entry["static"]["generation_tokens_per_s"]
                         / entry["dynamic"]["generation_tokens_per_s"],
                         3,
-                    )
-                if "plain" in entry:
-                    entry["ours_over_plain"] = round(
-                        entry["ours"]["tokens_per_s"] / entry["plain"]["tokens_per_s"], 3
                     )
     if torch.cuda.is_available():
         results["gpu"] = torch.cuda.get_device_name()

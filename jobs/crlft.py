@@ -157,9 +157,7 @@ def run(config: Config, ctx: StageContext) -> dict:
 
     cfg = config.train
     with engine.zero3_init(engine.deepspeed_config(cfg, 1)):  # resized partitioned too
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=engine.training_dtype(cfg.precision)
-        )
+        model = AutoModelForCausalLM.from_pretrained(source, **engine.model_options(cfg))
         model.resize_token_embeddings(len(tokenizer))
     eos = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = sorted({eot, *(eos if isinstance(eos, list) else [eos])})

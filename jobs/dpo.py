@@ -199,7 +199,7 @@ def run(config: Config, ctx: StageContext) -> dict:
     else:
         reference_path = model_source(ctx, config.reference) if config.reference else source
         reference = AutoModelForCausalLM.from_pretrained(
-            reference_path, dtype=engine.training_dtype(cfg.precision)
+            reference_path, **engine.model_options(cfg)
         ).to(dist.device())
         ref = {
             split: reference_logps(reference.eval(), items, pad_id, average, cfg.micro_batch_size)

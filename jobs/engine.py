@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs import dist
-from jobs.errors import TransientError
+from jobs.errors import BadInputError, TransientError
 
 
 class LoraConfig(BaseModel):
@@ -44,6 +44,19 @@ class EngineConfig(BaseModel):
     gradient_checkpointing: bool = False
     offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimiser state to CPU")
     lora: LoraConfig | None = None
+    attn_implementation: (
+        Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] | None
+    ) = Field(
+        None,
+        description="the attention kernel (transformers' attn_implementation); default: "
+        "transformers' choice, SDPA where the model has it. flash_attention_2/3 need the "
+        "flash-attn package; with packing they run each example as its own sequence",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the model inside the engine (DeepSpeed's engine.compile): "
+        "fuses the element-wise work between the matmuls; the first steps compile",
+    )
 
     @model_validator(mode="after")
     def _supported(self) -> EngineConfig:
@@ -161,11 +174,32 @@ def zero3_init(config: dict):
         unset_hf_deepspeed_config()
 
 
+def model_options(cfg: EngineConfig) -> dict:
+    """``from_pretrained`` options of a model trained (or used beside one) with ``cfg``: its
+    training precision and attention kernel."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    options: dict = {"dtype": training_dtype(cfg.precision)}
+    kernel = cfg.attn_implementation
+    if kernel is not None:
+        available = {
+            "flash_attention_2": is_flash_attn_2_available,
+            "flash_attention_3": is_flash_attn_3_available,
+        }.get(kernel, lambda: True)
+        if not available():
+            raise BadInputError(
+                f"train.attn_implementation {kernel!r}: its package (flash-attn) is not "
+                "installed in this image, or there is no CUDA GPU; use sdpa"
+            )
+        options["attn_implementation"] = kernel
+    return options
+
+
 def load_model(model_class, source: str, cfg: EngineConfig, **kwargs):
     """A model to train with ``cfg``: loaded in its training precision (not a float32 copy
-    first), and under ZeRO-3 built partitioned."""
+    first) with its attention kernel, and under ZeRO-3 built partitioned."""
     with zero3_init(deepspeed_config(cfg, 1)):
-        return model_class.from_pretrained(source, dtype=training_dtype(cfg.precision), **kwargs)
+        return model_class.from_pretrained(source, **model_options(cfg), **kwargs)
 
 
 def initialize(model, cfg: EngineConfig, total_steps: int, task_type: str = "CAUSAL_LM"):
@@ -186,6 +220,12 @@ def initialize(model, cfg: EngineConfig, total_steps: int, task_type: str = "CAU
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=params, optimizer=optimizer, config=config
     )
+    if cfg.compile:
+        # In place (nn.Module.compile): the module, its state dict and its export stay as
+        # they are. Batches of new lengths recompile once, then run with dynamic shapes.
+        engine.compile()
+        if dist.is_main():
+            print("engine: the model is compiled (torch.compile); the first steps compile it")
     return engine
 
 

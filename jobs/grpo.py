@@ -84,6 +84,11 @@ class Config(StageConfig, SampleLog):
                 f"prompts_per_iteration * group_size ({rollout}) must be a multiple of "
                 f"minibatch_size ({self.minibatch_size})"
             )
+        if self.train.compile:
+            raise ValueError(
+                "train.compile: the policy also generates the rollouts, whose every length "
+                "a compiled forward would compile anew"
+            )
         return self
 
 

@@ -94,6 +94,11 @@ class Config(StageConfig, SampleLog):
         if self.ema_decay is not None and self.actor_train.zero_stage == 3:
             raise ValueError("ema_decay needs the actor's full parameters: zero_stage 0-2")
         engine.frozen_config(self.frozen_zero_stage, self.frozen_offload, "fp32")
+        if self.actor_train.compile:
+            raise ValueError(
+                "actor_train.compile: the actor also generates the rollouts, whose every "
+                "length a compiled forward would compile anew; critic_train.compile may be set"
+            )
         return self
 
 

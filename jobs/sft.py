@@ -25,6 +25,7 @@ from jobs.supervised import (
     check_packing_isolates,
     collate,
     end_of_turn_ids,
+    flattens,
     pack,
     response_loss,
     token_losses,
@@ -101,6 +102,7 @@ def run(config: Config, ctx: StageContext) -> dict:
     ds = engine.initialize(model, cfg, total_steps)
     if config.packing:
         check_packing_isolates(ds.module, ds.device)
+    flatten = config.packing and flattens(ds.module)
     state = engine.resume(ds, ctx)
     step = state.get("step", 0)
     device = ds.device
@@ -119,7 +121,7 @@ def run(config: Config, ctx: StageContext) -> dict:
         for _ in range(cfg.gradient_accumulation_steps):
             items = [train_items[i] for i in next(batches)]
             loss, _ = response_loss(
-                ds, {k: v.to(device) for k, v in collate(items, pad_id).items()}
+                ds, {k: v.to(device) for k, v in collate(items, pad_id, flatten).items()}
             )
             ds.backward(loss)
             ds.step()

@@ -87,19 +87,27 @@ def end_of_turn_ids(items: list[tuple[list[int], list[int]]], tokenizer) -> set[
     return found
 
 
+def flattens(model) -> bool:
+    """Whether packed batches go to this model as one row (flash-attention's
+    variable-length kernel: no padding computed at all) rather than padded rows."""
+    return model.config._attn_implementation.startswith("flash_attention")
+
+
 def check_packing_isolates(model, device) -> None:
     """Refuse packing where this model's attention would let packed examples see each
     other: transformers isolates them only where the model hands its position ids to the
     mask builder (not OPT, BLOOM, Falcon in transformers 5) and, under flash-attention,
-    only for a batch of one row. A two-row packed batch is compared with its second
-    example alone and with the leaky (plain causal) reading of the same rows."""
+    only for a batch of one row (:func:`flattens`). A packed batch as training shapes it
+    is compared with its second example alone and with the leaky (plain causal) reading
+    of the same rows."""
     was_training = model.training
     model.eval()  # no dropout in the comparison
     generator = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().num_embeddings
     first, second = torch.randint(3, vocab, (2, 6), generator=generator).tolist()
-    ids = torch.tensor([first + second] * 2, device=device)
-    positions = torch.tensor([list(range(6)) * 2] * 2, device=device)
+    rows = 1 if flattens(model) else 2  # as training batches them
+    ids = torch.tensor([first + second] * rows, device=device)
+    positions = torch.tensor([list(range(6)) * 2] * rows, device=device)
     with torch.no_grad():
         packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits
         leaky = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
@@ -141,17 +149,24 @@ def pack(examples: list[tuple[list[int], list[int]]], max_len: int):
             rows.append((ids, labels, positions))
             ids, labels, positions = [], [], []
         ids = ids + example_ids
-        labels = labels + example_labels
+        # An example's first token has nothing of its own before it: in a row it would be
+        # "predicted" from the previous example's last token (TRL's flattening collator
+        # masks it the same way), so it is not trained on, as alone it could not be.
+        labels = labels + [IGNORE] + example_labels[1:]
         positions = positions + list(range(len(example_ids)))
     if ids:
         rows.append((ids, labels, positions))
     return rows
 
 
-def collate(items, pad_id: int) -> dict[str, torch.Tensor]:
+def collate(items, pad_id: int, flatten: bool = False) -> dict[str, torch.Tensor]:
     """Right-padded rows; packed rows (with their positions) without an attention mask
     (see :func:`pack`; the padding after the last example is never attended to by a real
-    token, being later in the row, and carries no labels)."""
+    token, being later in the row, and carries no labels). ``flatten``: packed rows as one
+    row with no padding at all, which flash-attention reads as variable-length sequences
+    (it takes packed sequences from the position ids of a batch of one row only)."""
+    if flatten and len(items[0]) == 3:
+        items = [tuple([t for item in items for t in item[part]] for part in range(3))]
     batch = {
         "input_ids": pad([i[0] for i in items], pad_id),
         "labels": pad([i[1] for i in items], IGNORE),

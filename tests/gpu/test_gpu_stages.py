@@ -107,6 +107,24 @@ def test_sft_lowers_held_out_loss_on_the_gpu(tiny, tiny_data, tmp_path, zero_sta
     assert manifest.metrics["eval_loss"] < 0.5 * manifest.metrics["eval_loss_start"]
 
 
+@pytest.mark.parametrize("lever", ["compile", "flash_attention_2"])
+def test_sft_speed_levers_train_on_the_gpu(tiny, tiny_data, tmp_path, lever):
+    """The levers bench/gpu.py measures: torch.compile inside the engine, and flash-attention
+    with packed rows (each example its own sequence in the variable-length kernel)."""
+    from transformers.utils import is_flash_attn_2_available
+
+    config = sft_config(tiny, tiny_data, tmp_path / "sft", 2)
+    if lever == "compile":
+        config["train"]["compile"] = True
+    else:
+        if not is_flash_attn_2_available():
+            pytest.skip("flash-attn is not installed here")
+        config["train"]["attn_implementation"] = "flash_attention_2"
+        config["packing"] = True
+    manifest = stage("sft", config, tmp_path)
+    assert manifest.metrics["eval_loss"] < 0.5 * manifest.metrics["eval_loss_start"]
+
+
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_reward_model_accuracy_rises_on_the_gpu(tiny, tiny_data, tmp_path, zero_stage):
     config = {

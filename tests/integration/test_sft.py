@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -95,6 +96,42 @@ def test_lora_packing_and_gradient_checkpointing(tiny, tiny_data, tmp_path):
     base = load_file(str(tiny / "model" / "model.safetensors"))
     assert set(merged) == set(base)  # merged back into a plain checkpoint
     assert any(not torch.equal(merged[k], base[k]) for k in base)
+
+
+def test_a_compiled_model_trains_the_same_steps_and_exports_the_same_weights(
+    tiny, tiny_data, tmp_path
+):
+    """``train.compile`` (torch.compile inside the engine, a speed lever for GPUs): the same
+    losses step by step, through batches of changing lengths (a recompile, then dynamic
+    shapes), and a plain checkpoint with the same names as an uncompiled run's."""
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compiled-{compiled}"
+        config = sft_config(
+            tiny,
+            tiny_data,
+            out,
+            max_steps=6,
+            log_every=2,
+            eval_every=6,
+            train={"compile": compiled},
+        )
+        result = run_entrypoint("sft", config, tmp_path, name=f"compiled-{compiled}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        said = "the model is compiled (torch.compile)" in result.stdout
+        assert said == compiled
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[compiled] = (
+            [x["loss"] for x in lines if "loss" in x],
+            [x["eval_loss"] for x in lines if "eval_loss" in x],
+            read_weights(out),
+        )
+    (losses, evals, weights), (losses_c, evals_c, weights_c) = runs[False], runs[True]
+    assert losses_c == pytest.approx(losses, rel=1e-4) and evals_c == pytest.approx(evals, rel=1e-4)
+    assert len(losses) == 3 and len(evals) == 2 and losses[-1] < losses[0]  # it trained
+    assert set(weights_c) == set(weights)  # no torch.compile prefix in the export
+    for name in weights:
+        torch.testing.assert_close(weights_c[name], weights[name], rtol=1e-3, atol=1e-4)
 
 
 def test_two_processes_under_torchrun_with_zero3(tiny, tiny_data, tmp_path):

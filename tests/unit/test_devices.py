@@ -130,6 +130,38 @@ def test_training_models_load_in_their_precision_and_partitioned_under_zero3(tin
     assert not any(hasattr(p, "ds_id") for p in frozen.parameters())
 
 
+def test_training_models_use_the_attention_kernel_asked_for(tiny):
+    """``train.attn_implementation`` reaches the model (SFT, reward, DPO's policy and its
+    reference, C-RLFT load through engine.model_options); a kernel whose package or GPU
+    is missing is a config error naming the field, not a traceback from transformers."""
+    from transformers import AutoModelForCausalLM
+
+    path = str(tiny / "model")
+    for kernel in ("eager", "sdpa"):
+        cfg = engine.EngineConfig(attn_implementation=kernel)
+        assert engine.load_model(AutoModelForCausalLM, path, cfg).config._attn_implementation == (
+            kernel
+        )
+    if not torch.cuda.is_available():  # flash-attn needs a CUDA GPU
+        with pytest.raises(BadInputError, match="train.attn_implementation 'flash_attention_2'"):
+            engine.model_options(engine.EngineConfig(attn_implementation="flash_attention_2"))
+
+
+def test_generating_policies_refuse_a_compiled_training_forward():
+    """A compiled forward recompiles for every rollout length: PPO's actor and GRPO's policy
+    refuse ``compile``; PPO's critic, which only scores, may have it."""
+    from jobs import grpo
+
+    common = {"output": "o", "actor": "m", "prompts": "d"}
+    with pytest.raises(ValidationError, match="actor_train.compile"):
+        ppo.Config(**common, reward_model="r", actor_train={"compile": True})
+    assert ppo.Config(**common, reward_model="r", critic_train={"compile": True})
+    rewards = [{"kind": "answer_match"}]
+    with pytest.raises(ValidationError, match="train.compile"):
+        grpo.Config(**common, rewards=rewards, train={"compile": True})
+    assert grpo.Config(**common, rewards=rewards)
+
+
 def test_the_entrypoint_configures_the_cuda_allocator(monkeypatch, tmp_path):
     from jobs.__main__ import main
 

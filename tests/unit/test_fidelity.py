@@ -76,6 +76,9 @@ def test_packed_examples_give_the_logits_and_loss_of_each_example_alone(family):
     for n, length in enumerate(lengths):
         ids = [(7 * n + 3 * i) % 60 + 2 for i in range(length)]
         examples.append((ids, [IGNORE] * 2 + ids[2:]))
+    # one example trained from its first token on (a conversation whose first turn is
+    # trained): alone, that token is never predicted; packed, nothing may predict it either
+    examples[1] = (examples[1][0], list(examples[1][0]))
     rows = pack(examples, max_len=16)
     assert [len(r[0]) for r in rows] == [15, 4]  # three examples share the first row
     batch = collate(rows, pad_id=0)
@@ -95,13 +98,20 @@ def test_packed_examples_give_the_logits_and_loss_of_each_example_alone(family):
                 rtol=1e-4,
             )
             offset += len(ids)
-        # The loss trained on is the token-weighted mean of the examples' own losses.
-        total = sum(token_losses(model, collate([e], 0))[0].sum() for e in examples) / sum(
-            len(ids) - 2 for ids, _ in examples
-        )
+        # The loss trained on is the token-weighted mean of the examples' own losses, over
+        # the tokens each example predicts alone.
+        alone = [token_losses(model, collate([e], 0)) for e in examples]
+        predicted = sum(int(mask.sum()) for _, mask in alone)
+        total = sum((losses * mask).sum() for losses, mask in alone) / predicted
         loss, count = response_loss(model, batch)
-    assert int(count) == sum(len(ids) - 2 for ids, _ in examples)
+        # and the same as one row without padding (how flash-attention gets packed batches)
+        flat = collate(rows, pad_id=0, flatten=True)
+        flat_loss, flat_count = response_loss(model, flat)
+    assert predicted == sum(len(ids) - 2 for ids, _ in examples) + 1
+    assert int(count) == int(flat_count) == predicted
+    assert flat["input_ids"].shape == (1, sum(lengths))
     torch.testing.assert_close(loss, total, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flat_loss, total, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
