@@ -7,11 +7,13 @@ vocab 30080; 1.33B parameters), one NVIDIA GPU, bf16, in one run:
 - reward and dpo: our stages (default and compiled) against TRL's RewardTrainer and
   DPOTrainer;
 - ppo: a 1.33B actor with a 350M reward model and critic (prompts up to 256 tokens, 256
-  new tokens, rollout batch 64), with transformers' dynamic KV cache and with the static
-  one (which lets it compile the decode step): seconds per iteration split into
+  new tokens, rollout batch 64), with transformers' dynamic KV cache, the static one run
+  eagerly, and the static one with the decode step compiled: seconds per iteration split into
   generation, scoring and training, generation tokens/s, and the share of the decode floor
   reached (the actor's weights and KV cache read once per decode step at the GPU's memory
-  bandwidth).
+  bandwidth);
+- generate: the generate stage on the 1.33B model (256 prompts in batches of 64, 256 new
+  tokens), with the same three ways to decode: tokens/s and the share of the decode floor.
 
 Figures are steady-state non-padding training tokens per second (the first steps, which
 compile kernels and warm the allocator, left out), MFU (6 x parameters FLOPs per token, the
@@ -47,14 +49,15 @@ SHAPES = {
 VOCAB = 30080
 # Dense bf16 peak and memory bandwidth by device name (datasheets; SXM parts).
 GPUS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
-CASES = ("sft", "reward", "dpo", "ppo")
+CASES = ("sft", "reward", "dpo", "ppo", "generate")
 # What runs for each case, in one run: ours by default and with train.compile, against the
-# references; PPO with the dynamic KV cache and with the static one (a compiled decode).
+# references; PPO with each way to decode (DECODES).
 IMPLEMENTATIONS = {
     "sft": ("ours", "compiled", "plain", "trl"),
     "reward": ("ours", "compiled", "trl"),
     "dpo": ("ours", "compiled", "trl"),
-    "ppo": ("dynamic", "static"),
+    "ppo": ("dynamic", "static", "compiled"),
+    "generate": ("dynamic", "static", "compiled"),
 }
 
 
@@ -336,14 +339,29 @@ def trl(case: str, root: Path, seq: int, args) -> dict:
     return figures(clock.tokens_per_s, parameter_count(model_dir), peak)
 
 
-def ppo(root: Path, args, cache: str) -> dict:
+# The rollout's KV cache and decode step: transformers' dynamic cache; the static one run
+# eagerly; the static one with the decode step compiled (torch.compile, CUDA graphs).
+DECODES = {
+    "dynamic": {"cache": "dynamic"},
+    "static": {"cache": "static", "compile_decode": False},
+    "compiled": {"cache": "static", "compile_decode": True},
+}
+
+
+def ppo(root: Path, args, decode: str) -> dict:
     from jobs import ppo as stage
     from jobs.contract import read_manifest, run_stage
 
     new_tokens = 16 if args.tiny else 256
-    train = {"precision": "bf16", "zero_stage": 2, "learning_rate": 1e-6}
+    # bf16 as on a GPU; a compiled step on the CPU in fp32 (see ``ours``)
+    cpu_compiled = decode == "compiled" and not torch.cuda.is_available()
+    train = {
+        "precision": "fp32" if cpu_compiled else "bf16",
+        "zero_stage": 2,
+        "learning_rate": 1e-6,
+    }
     config = stage.Config(
-        output=str(root / f"ours-ppo-{cache}"),
+        output=str(root / f"ours-ppo-{decode}"),
         actor=str(root / "actor" / "model"),
         reward_model=str(root / "rm" / "model"),
         prompts=str(root / f"data-{args.seq[0]}"),
@@ -357,12 +375,12 @@ def ppo(root: Path, args, cache: str) -> dict:
             "max_prompt_tokens": 256,
             "temperature": 1.0,
             "top_p": 1.0,
-            "cache": cache,
+            **DECODES[decode],
         },
         actor_train=train,
         critic_train=train,
     )
-    run_stage("ppo", config, stage.run, root / f"w-ppo-{cache}")
+    run_stage("ppo", config, stage.run, root / f"w-ppo-{decode}")
     output = Path(config.output)
     lines = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
     steady = [m for m in lines if m.get("step", 0) > 1 and "generation_s" in m] or lines
@@ -379,28 +397,76 @@ def ppo(root: Path, args, cache: str) -> dict:
         "generation_tokens_per_s": round(generated / split["generation_s"], 1),
         "peak_memory_gib": read_manifest(str(output)).metrics.get("cuda_peak_memory_gib", 0.0),
     }
-    _, bandwidth = gpu_limits()
-    if bandwidth:
-        # One decode step reads the actor's bf16 weights and, per row, the KV cache so far
-        # (keys and values of every layer, bf16); a step averages half the answer.
-        from transformers import AutoConfig
+    return out | decode_floor(root, split["generation_s"], new_tokens, args.rollout)
 
-        model = AutoConfig.from_pretrained(root / "actor" / "model")
-        weights = 2 * parameter_count(root / "actor" / "model")
-        context = 256 + new_tokens / 2
-        kv = 2 * model.num_hidden_layers * model.hidden_size * 2 * context * args.rollout
-        floor_s = (weights + kv) / bandwidth
-        steps_s = split["generation_s"] / new_tokens
-        out["decode_floor_ms"] = round(floor_s * 1e3, 3)
-        out["decode_step_ms"] = round(steps_s * 1e3, 3)
-        out["decode_floor_share"] = round(floor_s / steps_s, 3)
-    return out
+
+def decode_floor(root: Path, generation_s: float, new_tokens: int, batch: int) -> dict:
+    """The share of the decode floor reached: one decode step reads the actor's bf16
+    weights and, per row, the KV cache so far (keys and values of every layer, bf16; a
+    step averages prompts of up to 256 tokens and half the answer) at the GPU's memory
+    bandwidth. Empty where the GPU is not known."""
+    _, bandwidth = gpu_limits()
+    if not bandwidth:
+        return {}
+    from transformers import AutoConfig
+
+    model = AutoConfig.from_pretrained(root / "actor" / "model")
+    weights = 2 * parameter_count(root / "actor" / "model")
+    context = 256 + new_tokens / 2
+    kv = 2 * model.num_hidden_layers * model.hidden_size * 2 * context * batch
+    floor_s = (weights + kv) / bandwidth
+    steps_s = generation_s / new_tokens
+    return {
+        "decode_floor_ms": round(floor_s * 1e3, 3),
+        "decode_step_ms": round(steps_s * 1e3, 3),
+        "decode_floor_share": round(floor_s / steps_s, 3),
+    }
+
+
+def generate(root: Path, args, decode: str) -> dict:
+    """The generate stage on the 1.33B actor: 4 rollout batches of prompts (up to 256
+    tokens), 256 new tokens each at temperature 1, in batches of the rollout's size."""
+    from jobs import generate as stage
+    from jobs.contract import run_stage
+
+    new_tokens = 16 if args.tiny else 256
+    cpu_compiled = decode == "compiled" and not torch.cuda.is_available()
+    config = stage.Config(
+        output=str(root / f"ours-generate-{decode}"),
+        prompts=str(root / f"data-{args.seq[0]}"),
+        sources=[{"name": "actor", "model": str(root / "actor" / "model")}],
+        max_prompts=4 * args.rollout,
+        sampling={
+            "max_new_tokens": new_tokens,
+            "max_prompt_tokens": 256,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "batch_size": args.rollout,
+            **DECODES[decode],
+        },
+        inference={"precision": "fp32" if cpu_compiled else "auto"},
+    )
+    run_stage("generate", config, stage.run, root / f"w-generate-{decode}")
+    [line] = [
+        json.loads(x)
+        for x in (Path(config.output) / "metrics.jsonl").read_text().splitlines()
+        if "train.actor.generation_s" in x
+    ]
+    seconds, rate = line["train.actor.generation_s"], line["train.actor.tokens_per_s"]
+    # What a stage run costs: the compiled decode's one-time compile (in the first batch)
+    # counts here; PPO's figures above are the steady state, after the first iteration.
+    return {
+        "generation_s": seconds,
+        "generation_tokens_per_s": rate,
+        "includes_compile": decode == "compiled",
+        **decode_floor(root, seconds / 4, new_tokens, args.rollout),
+    }
 
 
 def child(args) -> dict:
     root = Path(args.root)
-    if args.case == "ppo":
-        return ppo(root, args, args.impl)
+    if args.case in ("ppo", "generate"):
+        return {"ppo": ppo, "generate": generate}[args.case](root, args, args.impl)
     if args.impl == "compiled":
         return ours(args.case, root, args.seq[0], args, compiled=True)
     fn = {"ours": ours, "plain": plain, "trl": trl}[args.impl]
@@ -443,13 +509,13 @@ def main() -> None:
         root = Path(tmp)
         prepare(root, args.tiny, args.seq, rows=max(256, args.steps * 16))
         for case in cases:
-            seqs = args.seq[:1] if case in ("ppo", "reward", "dpo") else args.seq
+            seqs = args.seq if case == "sft" else args.seq[:1]
             for seq in seqs:
                 batch = args.batch or (8 if args.tiny else max(1, 8 * 1024 // seq))
                 if case == "dpo":
                     batch = max(1, batch // 2)  # a pair is two sequences
                 impls = IMPLEMENTATIONS[case]
-                key = case if case == "ppo" else f"{case}@{seq}"
+                key = case if case in ("ppo", "generate") else f"{case}@{seq}"
                 results["cases"][key] = {"micro_batch": batch, "seq": seq}
                 for impl in impls:
                     command = [
@@ -491,12 +557,13 @@ def main() -> None:
                                 entry[ours_impl]["tokens_per_s"] / entry[reference]["tokens_per_s"],
                                 3,
                             )
-                if "static" in entry:
-                    entry["static_over_dynamic_generation"] = round(
-                        entry["static"]["generation_tokens_per_s"]
-                        / entry["dynamic"]["generation_tokens_per_s"],
-                        3,
-                    )
+                for decode in ("static", "compiled"):
+                    if decode in entry:
+                        entry[f"{decode}_over_dynamic_generation"] = round(
+                            entry[decode]["generation_tokens_per_s"]
+                            / entry["dynamic"]["generation_tokens_per_s"],
+                            3,
+                        )
     if torch.cuda.is_available():
         results["gpu"] = torch.cuda.get_device_name()
     report("gpu_tiny_check" if args.tiny else "gpu", results)

@@ -11,6 +11,7 @@ source that produced it.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -55,10 +56,13 @@ class Config(StageConfig):
     inference: InferenceConfig = InferenceConfig()
 
 
-def from_model(source: SourceConfig, rows: list[dict], config: Config, ctx: StageContext):
+def from_model(
+    source: SourceConfig, rows: list[dict], config: Config, ctx: StageContext, split: str
+):
     path = model_source(ctx, source.model, source.revision)
     tokenizer = load_tokenizer(path, source.revision)
     model = load_causal_lm(path, config.inference, source.revision)
+    started = time.perf_counter()
     samples = generate(
         model,
         tokenizer,
@@ -66,6 +70,15 @@ def from_model(source: SourceConfig, rows: list[dict], config: Config, ctx: Stag
         config.sampling,
         num_samples=config.samples_per_source,
         seed=config.seed,
+    )
+    seconds = time.perf_counter() - started  # generate() returns tokens read on the host
+    tokens = sum(len(s.tokens) for per_prompt in samples for s in per_prompt)
+    ctx.log(
+        0,
+        **{
+            f"{split}.{source.name}.generation_s": round(seconds, 3),
+            f"{split}.{source.name}.tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+        },
     )
     del model
     free_memory()
@@ -120,7 +133,7 @@ def run(config: Config, ctx: StageContext) -> dict:
         responses: list[list[dict]] = [[] for _ in rows]
         for source in config.sources:
             if source.model is not None:
-                got = from_model(source, rows, config, ctx)
+                got = from_model(source, rows, config, ctx, split)
             else:
                 got = from_endpoint(source, rows, config, ctx, split)
             for index, samples in enumerate(got):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs import dist
 from jobs.batches import pad
@@ -35,11 +35,25 @@ class SamplingConfig(BaseModel):
         description="KV cache: static pre-allocates it, so transformers can compile the "
         "decode step (CUDA graphs) on GPUs; the tokens are the same",
     )
+    compile_decode: bool | None = Field(
+        None,
+        description="compile the decode step (torch.compile, CUDA graphs on GPUs) with the "
+        "static cache: unset, transformers does where it can (a GPU); true: on any device; "
+        "false: never (to measure what compiling gives); the tokens are the same",
+    )
     zero3_gather: bool = Field(
         True,
         description="under ZeRO-3, gather the model's weights once per rollout where they "
         "fit on the device (else layer by layer at every token); the tokens are the same",
     )
+
+    @model_validator(mode="after")
+    def _compile_needs_static(self) -> SamplingConfig:
+        if self.compile_decode and self.cache != "static":
+            raise ValueError(
+                "compile_decode needs cache: static (a compiled step has fixed shapes)"
+            )
+        return self
 
 
 @dataclass(frozen=True)
@@ -64,9 +78,22 @@ def eos_ids_of(model, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def cache_implementation(config: SamplingConfig) -> str | None:
-    """transformers' name for the KV cache asked for (None: its default, dynamic)."""
-    return "static" if config.cache == "static" else None
+def cache_options(config: SamplingConfig) -> dict:
+    """``generate`` options of the KV cache asked for (transformers' default: dynamic) and
+    of compiling its decode step."""
+    if config.cache != "static":
+        return {}
+    options: dict = {"cache_implementation": "static"}
+    if config.compile_decode is False:
+        options["disable_compile"] = True
+    elif config.compile_decode:
+        from transformers import CompileConfig
+
+        # transformers compiles on accelerators only, unless told to on every device
+        compiled = CompileConfig()
+        compiled._compile_all_devices = True
+        options["compile_config"] = compiled
+    return options
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_tokens: int, device) -> dict:
@@ -125,7 +152,7 @@ def sample(
             eos_token_id=sorted(eos),
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,
-            cache_implementation=cache_implementation(sampling),
+            **cache_options(sampling),
             # Under ZeRO-3 every rank must run every forward: ranks that finish early keep
             # stepping until all have, or the parameter all-gathers hang.
             synced_gpus=synced_gpus and dist.world_size() > 1,

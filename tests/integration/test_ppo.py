@@ -481,6 +481,21 @@ def test_tensorboard_reads_every_stage_of_the_run_as_one_experiment(demo):
     )
 
 
+def test_generate_reports_how_fast_each_model_source_generated(demo):
+    """What bench/gpu.py reads for the generate stage: per split and model source, the
+    seconds spent sampling and the tokens it made per second (the stage's own count)."""
+    [line] = [x for x in metrics_lines(demo / "generate") if "train.sft.generation_s" in x]
+    candidates = [
+        json.loads(x)
+        for x in (demo / "generate" / "candidates" / "train.jsonl").read_text().splitlines()
+    ]
+    made = sum(r["tokens"] for c in candidates for r in c["responses"] if r["source"] == "sft")
+    assert line["train.sft.generation_s"] > 0
+    assert line["train.sft.tokens_per_s"] == pytest.approx(
+        made / line["train.sft.generation_s"], rel=0.01
+    )
+
+
 def test_ppo_writes_sample_answers_to_held_out_prompts_as_it_trains(demo):
     samples = [json.loads(x) for x in (demo / "ppo" / "samples.jsonl").read_text().splitlines()]
     held_out = [

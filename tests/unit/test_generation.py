@@ -93,28 +93,43 @@ def test_sampling_is_reproducible_from_the_seed(model_and_tokenizer):
     assert [[s.tokens for s in p] for p in first] == [[s.tokens for s in p] for p in again]
 
 
-def test_a_static_cache_gives_the_dynamic_caches_tokens(model_and_tokenizer):
-    """The static cache (which lets transformers compile the decode step on GPUs) changes
-    where keys and values live, not which tokens come out: greedy and seeded sampling."""
+def test_a_static_cache_and_a_compiled_decode_give_the_dynamic_caches_tokens(
+    model_and_tokenizer,
+):
+    """The static cache changes where keys and values live, and compiling the decode step
+    (torch.compile; on GPUs transformers does it by itself with the static cache, here it
+    is asked to on the CPU) how the forward runs, not which tokens come out: greedy and
+    seeded sampling."""
     model, tokenizer = model_and_tokenizer
-    caches: set[str] = set()  # the cache each forward was given
+    caches: set[str] = set()  # the cache each eager forward was given
 
     def seen(module, args, kwargs):
         caches.add(type(kwargs.get("past_key_values")).__name__)
 
+    variants = {
+        "dynamic": {"cache": "dynamic"},
+        "static": {"cache": "static", "compile_decode": False},
+        "compiled": {"cache": "static", "compile_decode": True},
+    }
     for do_sample in (False, True):
         runs = {}
-        for cache in ("dynamic", "static"):
-            config = SamplingConfig(
-                do_sample=do_sample, max_new_tokens=12, batch_size=4, cache=cache
-            )
+        for name, options in variants.items():
+            config = SamplingConfig(do_sample=do_sample, max_new_tokens=12, batch_size=4, **options)
             caches.clear()
             hook = model.register_forward_pre_hook(seen, with_kwargs=True)
             try:
                 samples = generate(model, tokenizer, PROMPTS, config, seed=11)
             finally:
                 hook.remove()
-            assert caches == {"StaticCache" if cache == "static" else "DynamicCache"}, caches
-            runs[cache] = [s[0].tokens for s in samples]
-        assert runs["static"] == runs["dynamic"]
+            expected = {"dynamic": "DynamicCache", "static": "StaticCache"}.get(name)
+            assert caches == ({expected} if expected else {"StaticCache"}), caches
+            runs[name] = [s[0].tokens for s in samples]
+        assert runs["static"] == runs["dynamic"] == runs["compiled"]
         assert any(runs["dynamic"])  # tokens came out
+    # the decode steps ran compiled (the prefill runs eager, which the hook saw)
+    assert hasattr(model, "_compiled_call")
+
+
+def test_a_compiled_decode_needs_the_static_cache():
+    with pytest.raises(ValueError, match="compile_decode needs cache: static"):
+        SamplingConfig(compile_decode=True)
