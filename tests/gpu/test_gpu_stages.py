@@ -116,6 +116,8 @@ def test_sft_speed_levers_train_on_the_gpu(tiny, tiny_data, tmp_path, lever):
     config = sft_config(tiny, tiny_data, tmp_path / "sft", 2)
     if lever == "compile":
         config["train"]["compile"] = True
+        if ON_CPU:  # inductor's CPU code fails on bf16 reductions (torch 2.13)
+            config["train"]["precision"] = "fp32"
     else:
         if not is_flash_attn_2_available():
             pytest.skip("flash-attn is not installed here")
@@ -242,6 +244,38 @@ def test_ppo_under_zero3_with_frozen_models_partitioned(demo, tmp_path):
         actor_train={**BF16, "zero_stage": 3, "learning_rate": 2e-4},
         critic_train={**BF16, "zero_stage": 3, "learning_rate": 2e-4},
     )
+    assert stage("ppo", config, tmp_path).metrics["iterations"] == 2
+
+
+def test_the_compiled_decode_gives_the_dynamic_caches_tokens_on_the_gpu(tiny):
+    """With the static cache transformers compiles the decode step on a GPU (CUDA graphs):
+    the greedy tokens are the dynamic cache's (fp32, so no rounding decides a tie)."""
+    from transformers import AutoModelForCausalLM
+
+    from jobs.generation import SamplingConfig, generate
+    from jobs.models import load_tokenizer
+    from tests.unit.test_generation import PROMPTS
+
+    device = "cpu" if ON_CPU else "cuda"
+    model = AutoModelForCausalLM.from_pretrained(tiny / "model").to(device).eval()
+    tokenizer = load_tokenizer(str(tiny / "model"))
+    runs = {}
+    for cache in ("dynamic", "static"):
+        config = SamplingConfig(
+            do_sample=False,
+            max_new_tokens=12,
+            batch_size=4,
+            cache=cache,
+            compile_decode=True if ON_CPU and cache == "static" else None,
+        )
+        runs[cache] = [s[0].tokens for s in generate(model, tokenizer, PROMPTS, config, seed=11)]
+    assert runs["static"] == runs["dynamic"] and any(runs["dynamic"])
+    assert hasattr(model, "_compiled_call")  # the decode steps ran compiled
+
+
+def test_ppo_rolls_out_with_the_compiled_decode_on_the_gpu(demo, tmp_path):
+    sampling = {"max_new_tokens": 40, "temperature": 1.0, "top_p": 1.0, "cache": "static"}
+    config = ppo_config(demo, tmp_path / "static", iterations=2, sampling=sampling)
     assert stage("ppo", config, tmp_path).metrics["iterations"] == 2
 
 
