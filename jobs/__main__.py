@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     configure_cuda_allocator()
     quiet_libraries()
+    from jobs import dist
+
     try:
         from jobs.config_file import load_mapping, validate
         from jobs.contract import run_stage
@@ -39,15 +41,16 @@ def main(argv: list[str] | None = None) -> int:
         manifest = run_stage(args.stage, config, module.run)
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        dist.shutdown()
         return exc.exit_code
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         # A full disk is the node's, not the config's: another pod may have room.
         print(f"error: no space left on the disk: {exc}", file=sys.stderr, flush=True)
+        dist.shutdown()
         return EXIT_RETRY
-    from jobs import dist
-
+    dist.shutdown()
     if not dist.is_main():
         return EXIT_OK
     summary = ", ".join(

@@ -55,6 +55,21 @@ def init() -> None:
     torch_dist.init_process_group(backend=backend)
 
 
+def shutdown() -> None:
+    """Leave the process group before the interpreter ends. A gloo group left to
+    interpreter finalisation may abort the process ("terminate called without an active
+    exception", SIGABRT: pytorch/pytorch#190489), turning a stage's exit code into -6 and
+    its 0, 65 or 75 into a bug for torchrun; NCCL warns and may block a peer. Called on the
+    stage's own exits only (done, bad input, retry): after an unexpected error a rank may be
+    inside a collective, where destroying the group can hang (torchtitan #1342)."""
+    if world_size() == 1:
+        return
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
 def _group():
     """torch.distributed when a group of more than one process is up, else None."""
     if world_size() == 1:

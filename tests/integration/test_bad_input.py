@@ -186,3 +186,61 @@ def test_the_launcher_passes_the_workers_exit_code_on(codes, expected):
     from jobs.launch import exit_code_of
 
     assert exit_code_of(codes) == expected
+
+
+PROBE = """
+import sys
+
+import torch.distributed as torch_dist
+
+from jobs.__main__ import main
+
+code = main(sys.argv[1:])
+kept = "kept" if torch_dist.is_initialized() else "left"
+print(f"worker exit {code}, process group {kept}", flush=True)
+sys.exit(code)
+"""
+
+
+def test_each_worker_leaves_the_process_group_on_its_exits(finished, tmp_path):
+    """A gloo group left to interpreter finalisation can abort the worker (SIGABRT,
+    "terminate called without an active exception"), which once turned a resumed PPO run's
+    exit 0 into -6 in CI. Every exit of a stage's own (done, here an up-to-date skip, and a
+    bad input) leaves the group first."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "output": str(tmp_path / "sft"),
+                "model": str(tmp_path / "no-model"),
+                "data": finished["output"],
+            }
+        )
+    )
+    done = tmp_path / "done.yaml"
+    done.write_text(yaml.safe_dump(finished))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for stage, config, code in [("data", done, 0), ("sft", bad, EXIT_BAD_INPUT)]:
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            + ["--nproc_per_node", "2", str(probe), stage, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=ROOT,
+            env=env,
+        )
+        exits = [line for line in result.stdout.splitlines() if line.startswith("worker exit")]
+        assert exits == [f"worker exit {code}, process group left"] * 2, (
+            result.stdout[-2000:] + result.stderr[-2000:]
+        )

@@ -36,7 +36,8 @@ def stage_plan(tmp_path):
             {
                 "name": "demo",
                 "store": str(tmp_path / "runs"),
-                "kubernetes": {"namespace": "ml", "stall_timeout_s": 1},
+                # long enough that a loaded CI machine never hits it where a test does not mean to
+                "kubernetes": {"namespace": "ml", "stall_timeout_s": 120},
                 "stages": {"sft": {"config": {"model": "s3://b/m", "data": "s3://b/d"}}},
             }
         )
@@ -165,6 +166,7 @@ def test_pods_that_cannot_be_created_are_printed_and_end_the_run(stage_plan, con
     """A namespace that refuses the pods: their FailedCreate events are printed while the
     backend waits, and the stage fails after the stall timeout (1 s here), not retried."""
     the_plan, stage = stage_plan
+    the_plan.kubernetes.stall_timeout_s = 1
     failed_create = yaml.safe_load((FIXTURES / "k8s" / "failed_create.yaml").read_text())
     cluster = RecordedCluster(
         [[{"type": "ADDED", "object": failed_create["job"]}]], warnings=failed_create["events"]
@@ -184,7 +186,6 @@ def test_the_wait_survives_an_api_server_restart(stage_plan, connect):
     """The API server goes away for a second while the stage runs (a control-plane
     restart): the watch lists again when it is back, and the run ends as the Job does."""
     the_plan, stage = stage_plan
-    the_plan.kubernetes.stall_timeout_s = 900  # a pod still pending while the API is away
     cluster = RecordedCluster([recorded("success")], step_s=0.4)
     backend, _ = connect(cluster)
     ended: list[BaseException | None] = []
