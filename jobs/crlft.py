@@ -28,7 +28,7 @@ from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
 from jobs.models import load_tokenizer, model_source
-from jobs.supervised import collate, encode_segments, token_losses
+from jobs.supervised import collate, encode_segments, to_device, token_losses
 
 END_OF_TURN = "<|end_of_turn|>"
 
@@ -175,7 +175,7 @@ def run(config: Config, ctx: StageContext) -> dict:
     pad_id = tokenizer.pad_token_id
 
     def batch_of(items):
-        batch = {k: v.to(ds.device) for k, v in collate([i[:2] for i in items], pad_id).items()}
+        batch = to_device(collate([i[:2] for i in items], pad_id), ds.device)
         return batch, torch.tensor([i[2] for i in items], device=ds.device)
 
     @torch.no_grad()

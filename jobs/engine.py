@@ -64,6 +64,12 @@ class EngineConfig(BaseModel):
             raise ValueError("lora with zero_stage 3 is not supported; use zero_stage 0-2")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        if (self.attn_implementation or "").startswith("flash_") and self.precision != "bf16":
+            # transformers only warns, and the kernel fails at the first forward
+            raise ValueError(
+                f"attn_implementation {self.attn_implementation} runs in bf16 only; "
+                "set precision: bf16"
+            )
         return self
 
 

@@ -28,6 +28,7 @@ from jobs.supervised import (
     flattens,
     pack,
     response_loss,
+    to_device,
     token_losses,
     tokenize,
 )
@@ -56,7 +57,7 @@ def evaluate(model, items, pad_id: int, micro_batch: int) -> float:
     indices, real = padded_shard(len(items), dist.rank(), dist.world_size())
     for start in range(0, len(indices), micro_batch):
         batch = collate([items[i] for i in indices[start : start + micro_batch]], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         losses, mask = token_losses(model, batch)
         keep = torch.tensor(real[start : start + micro_batch], device=device)[:, None] & mask
         total += torch.stack([(losses * keep).sum(), keep.sum().float()])
@@ -120,9 +121,7 @@ def run(config: Config, ctx: StageContext) -> dict:
         started = time.perf_counter()
         for _ in range(cfg.gradient_accumulation_steps):
             items = [train_items[i] for i in next(batches)]
-            loss, _ = response_loss(
-                ds, {k: v.to(device) for k, v in collate(items, pad_id, flatten).items()}
-            )
+            loss, _ = response_loss(ds, to_device(collate(items, pad_id, flatten), device))
             ds.backward(loss)
             ds.step()
             meter.add(sum(len(item[0]) for item in items), loss)

@@ -105,16 +105,19 @@ def check_packing_isolates(model, device) -> None:
     generator = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().num_embeddings
     first, second = torch.randint(3, vocab, (2, 6), generator=generator).tolist()
-    rows = 1 if flattens(model) else 2  # as training batches them
-    ids = torch.tensor([first + second] * rows, device=device)
-    positions = torch.tensor([list(range(6)) * 2] * rows, device=device)
+    # two packed rows, collated as training collates them (one row under flash-attention)
+    rows = [(first + second, [IGNORE] * 12, list(range(6)) * 2)] * 2
+    batch = to_device(collate(rows, 0, flattens(model)), device)
+    ids = batch.pop("input_ids")
+    del batch["labels"]
     with torch.no_grad():
-        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits
-        leaky = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-        alone = model(input_ids=ids[:, 6:], use_cache=False).logits
+        packed = model(input_ids=ids, **batch, use_cache=False).logits[:, 6:12]
+        leaky = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        leaky = leaky.logits[:, 6:12]
+        alone = model(input_ids=torch.tensor([second], device=device), use_cache=False).logits
     model.train(was_training)
-    isolated = (packed[:, 6:] - alone).abs().max().item()
-    leaked = (leaky[:, 6:] - alone).abs().max().item()
+    isolated = (packed - alone).abs().max().item()
+    leaked = (leaky - alone).abs().max().item()
     if isolated > 0.1 * leaked:
         raise BadInputError(
             f"packing: this model's attention ({model.config.model_type}, "
@@ -159,15 +162,18 @@ def pack(examples: list[tuple[list[int], list[int]]], max_len: int):
     return rows
 
 
-def collate(items, pad_id: int, flatten: bool = False) -> dict[str, torch.Tensor]:
+def collate(items, pad_id: int, flatten: bool = False) -> dict:
     """Right-padded rows; packed rows (with their positions) without an attention mask
     (see :func:`pack`; the padding after the last example is never attended to by a real
     token, being later in the row, and carries no labels). ``flatten``: packed rows as one
-    row with no padding at all, which flash-attention reads as variable-length sequences
-    (it takes packed sequences from the position ids of a batch of one row only)."""
+    row with no padding at all, which flash-attention runs as variable-length sequences,
+    with the sequences' boundaries given (as TRL's padding-free collator,
+    ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``, gives them): from the
+    position ids alone transformers would find them again in every layer, a host sync
+    each time."""
     if flatten and len(items[0]) == 3:
         items = [tuple([t for item in items for t in item[part]] for part in range(3))]
-    batch = {
+    batch: dict = {
         "input_ids": pad([i[0] for i in items], pad_id),
         "labels": pad([i[1] for i in items], IGNORE),
     }
@@ -175,7 +181,18 @@ def collate(items, pad_id: int, flatten: bool = False) -> dict[str, torch.Tensor
         batch["position_ids"] = pad([i[2] for i in items], 0)
     else:
         batch["attention_mask"] = pad([[1] * len(i[0]) for i in items], 0)
+    if flatten and len(items[0]) == 3:
+        starts = [i for i, position in enumerate(items[0][2]) if position == 0]
+        bounds = [*starts, len(items[0][2])]
+        batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = torch.tensor(bounds, dtype=torch.int32)
+        longest = max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+        batch["max_length_q"] = batch["max_length_k"] = longest  # a Python int, as flash takes
     return batch
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch's tensors on ``device`` (its Python numbers stay as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,9 @@ request models, its watch, its deserialisation), so what is tested is the backen
 Each Job the backend creates starts the next recorded sequence; its events are released
 one by one (``step_s`` apart) to lists and watches, as a cluster would make them. Only the
 calls the backend makes are answered: Jobs, Pods, ConfigMaps, Services, NetworkPolicies,
-Events and pod logs in one namespace.
+Events and pod logs. As an API server does, lists and watches keep to their namespace and
+equality label selector, a Job whose name is taken is refused (409), and while
+``unavailable_until`` has not passed every request gets 503 (a control plane starting up).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class RecordedCluster:
         self.objects: dict[str, dict[str, dict]] = {"Job": {}, "Pod": {}}
         # a Job already running when the backend comes: it starts at the first request
         self.running = copy.deepcopy(running)
+        self.unavailable_until = 0.0  # time.monotonic() until which every request gets 503
+        self.lists = 0  # lists of Jobs or Pods answered (a watch that starts over lists again)
 
     # --- the recorded world ---------------------------------------------------------------
 
@@ -91,7 +95,10 @@ class RecordedCluster:
 
     # --- the API's verbs --------------------------------------------------------------------
 
-    def create(self, kind: str, body: dict) -> dict:
+    def create(self, kind: str, body: dict) -> dict | None:
+        """The object made, or None where a Job of that name still exists (409)."""
+        if kind == "jobs" and body["metadata"]["name"] in self.objects["Job"]:
+            return None
         self.created.append(kind)
         if kind == "jobs":
             if not self.sequences:
@@ -115,16 +122,34 @@ class RecordedCluster:
 
 
 def as_created(sequence: list[dict[str, Any]], job: dict[str, Any]) -> list[dict[str, Any]]:
-    """A recorded sequence of a Job made from ``job``: the server keeps the spec and the
-    annotations it was given (the recordings hold only the fields that change)."""
+    """A recorded sequence of a Job made from ``job``: the server keeps the spec, labels and
+    annotations it was given, and the pods get the template's labels (the recordings hold
+    only the fields that change)."""
     out = copy.deepcopy(sequence)
     for event in out:
         obj = event["object"]
         if obj["kind"] == "Job":
             annotations = job["metadata"].get("annotations") or {}
             obj["metadata"]["annotations"] = copy.deepcopy(annotations)
+            obj["metadata"]["labels"] = {
+                **(obj["metadata"].get("labels") or {}),
+                **(job["metadata"].get("labels") or {}),
+            }
             obj["spec"] = {**copy.deepcopy(job["spec"]), **obj.get("spec", {})}
+        else:
+            template = job["spec"]["template"]["metadata"].get("labels") or {}
+            obj["metadata"]["labels"] = {**(obj["metadata"].get("labels") or {}), **template}
     return out
+
+
+def selected(obj: dict, namespace: str, selector: str) -> bool:
+    """Whether a list or watch in ``namespace`` with an equality ``selector`` sees ``obj``."""
+    metadata = obj["metadata"]
+    if metadata.get("namespace", namespace) != namespace:
+        return False
+    labels = metadata.get("labels") or {}
+    terms = [term.split("=", 1) for term in selector.split(",") if term]
+    return all(labels.get(key) == value for key, value in terms)
 
 
 def _object_list(kind: str, items: list[dict], version: int) -> dict:
@@ -171,10 +196,21 @@ def serve(cluster: RecordedCluster, port: int = 0) -> tuple[ThreadingHTTPServer,
             if match is None:
                 raise AssertionError(f"the backend called an unrecorded path: {self.path}")
             query = {k: v[0] for k, v in parse_qs(url.query).items()}
+            self.namespace = match["ns"]
             return match["kind"], match["name"], match["sub"], query
+
+        def _unavailable(self) -> bool:
+            """Answer 503 while the recorded control plane is starting up."""
+            if time.monotonic() >= cluster.unavailable_until:
+                return False
+            status = {"kind": "Status", "apiVersion": "v1", "status": "Failure"}
+            self._reply(503, {**status, "reason": "ServiceUnavailable", "code": 503})
+            return True
 
         def do_GET(self):  # noqa: N802 - the http.server API
             kind, name, sub, query = self._route()
+            if self._unavailable():
+                return
             if kind == "events":
                 wanted = query.get("fieldSelector", "").removeprefix("involvedObject.name=")
                 with cluster.lock:
@@ -196,15 +232,21 @@ def serve(cluster: RecordedCluster, port: int = 0) -> tuple[ThreadingHTTPServer,
                     found = cluster.objects[what].get(name)
                     found = copy.deepcopy(found) if found is not None else None
                 elif query.get("watch") != "true":
-                    items = copy.deepcopy(list(cluster.objects[what].values()))
+                    items = [
+                        copy.deepcopy(obj)
+                        for obj in cluster.objects[what].values()
+                        if selected(obj, self.namespace, query.get("labelSelector", ""))
+                    ]
                     listed = _object_list(what, items, cluster.version())
+                    cluster.lists += 1
             if name is not None:
                 return self._reply(200, found) if found is not None else self._not_found(name)
             if query.get("watch") != "true":
                 return self._reply(200, listed)
-            self._watch(what, int(query.get("resourceVersion") or 0))
+            since = int(query.get("resourceVersion") or 0)
+            self._watch(what, since, query.get("labelSelector", ""))
 
-        def _watch(self, kind: str, since: int) -> None:
+        def _watch(self, kind: str, since: int, selector: str) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
@@ -213,24 +255,32 @@ def serve(cluster: RecordedCluster, port: int = 0) -> tuple[ThreadingHTTPServer,
             while time.monotonic() < until:
                 with cluster.lock:
                     cluster._release()
-                    fresh = [e for e in cluster.log if e[0] > since and e[1] == kind]
+                    fresh = [e for e in cluster.log if e[0] > since]
                     if not fresh:
                         cluster.lock.wait(timeout=0.02)
                         continue
-                for version, _, event_type, obj in fresh:
+                since = fresh[-1][0]
+                for _, what, event_type, obj in fresh:
+                    if what != kind or not selected(obj, self.namespace, selector):
+                        continue
                     line = json.dumps({"type": event_type, "object": obj}) + "\n"
                     try:
                         self.wfile.write(line.encode())
                         self.wfile.flush()
                     except OSError:  # the backend stopped watching
                         return
-                    since = version
 
         def do_POST(self):  # noqa: N802
             kind, _, _, _ = self._route()
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             with cluster.lock:
-                cluster.create(kind, body)
+                made = cluster.create(kind, body)
+            if made is None:
+                status = {"kind": "Status", "apiVersion": "v1", "status": "Failure"}
+                message = f'jobs.batch "{body["metadata"]["name"]}" already exists'
+                return self._reply(
+                    409, {**status, "reason": "AlreadyExists", "message": message, "code": 409}
+                )
             self._reply(201, body)
 
         def do_DELETE(self):  # noqa: N802

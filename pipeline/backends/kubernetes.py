@@ -362,9 +362,6 @@ class KubernetesBackend:
                 ):
                     if stop.is_set():
                         return
-                    if event["type"] == "ERROR":
-                        version = None  # the watch expired: start over from a fresh list
-                        break
                     version = event["object"].metadata.resource_version
                     obj = self.api.sanitize_for_serialization(event["object"])
                     if event["type"] == "DELETED":
@@ -372,22 +369,31 @@ class KubernetesBackend:
                     else:
                         known[identity(obj)] = obj
                     out.put((kind, event["type"], obj))
-            except ApiException as exc:
-                if exc.status == 410:
-                    version = None
+            except (ApiException, HTTPError, OSError) as exc:
+                if isinstance(exc, ApiException) and exc.status == 410:
+                    version = None  # the watch expired: start over from a fresh list
                     continue
-                if not stop.is_set():
-                    out.put((kind, "ERROR", exc))
-                return
-            except (HTTPError, OSError) as exc:
                 if stop.is_set():  # the wait is over: a connection closing is no news
                     return
-                unreachable_since = unreachable_since or time.monotonic()
-                if time.monotonic() - unreachable_since > API_OUTAGE_S:
-                    out.put((kind, "ERROR", exc))
-                    return
-                version = None  # what happened meanwhile comes with a fresh list
-                stop.wait(min(self.poll_s, 5.0))
+                if api_unavailable(exc):
+                    unreachable_since = unreachable_since or time.monotonic()
+                    if time.monotonic() - unreachable_since <= API_OUTAGE_S:
+                        version = None  # what happened meanwhile comes with a fresh list
+                        stop.wait(min(self.poll_s, 5.0))
+                        continue
+                out.put((kind, "ERROR", exc))
+                return
+
+
+def api_unavailable(exc: Exception) -> bool:
+    """Whether an error says the API server is away for now rather than that the request is
+    wrong: no connection, a TLS failure (the client's status 0), 429, or a 5xx from a
+    control plane restarting (503 while it starts, 500 when etcd changes leader)."""
+    from kubernetes.client.exceptions import ApiException
+
+    if not isinstance(exc, ApiException):
+        return True
+    return not exc.status or exc.status == 429 or exc.status >= 500
 
 
 PROGRESS_ANNOTATION = "kuberlhf.io/progress"

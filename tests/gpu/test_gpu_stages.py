@@ -232,14 +232,19 @@ def ppo_config(demo, output: Path, **overrides) -> dict:
     return {**config, **overrides}
 
 
-def test_ppo_under_zero3_with_frozen_models_partitioned(demo, tmp_path):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_ppo_under_zero3_with_frozen_models_partitioned(demo, tmp_path, cache):
     """Actor, critic and frozen models all partitioned: the actor generates under ZeRO-3
-    (its parameters gathered for the rollout, or layer by layer where they do not fit).
-    The EMA, which needs the actor's whole weights, is the resume test's."""
+    (its parameters gathered for the rollout, or layer by layer where they do not fit),
+    with either cache (the static one's decode step compiled on a GPU, over weights
+    gathered anew for every rollout). The EMA, which needs the actor's whole weights, is
+    the resume test's."""
+    sampling = {"max_new_tokens": 40, "temperature": 1.0, "top_p": 1.0, "cache": cache}
     config = ppo_config(
         demo,
         tmp_path / "z3",
         iterations=2,
+        sampling=sampling,
         frozen_zero_stage=3,
         actor_train={**BF16, "zero_stage": 3, "learning_rate": 2e-4},
         critic_train={**BF16, "zero_stage": 3, "learning_rate": 2e-4},

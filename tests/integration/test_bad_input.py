@@ -189,15 +189,28 @@ def test_the_launcher_passes_the_workers_exit_code_on(codes, expected):
 
 
 PROBE = """
+import os
 import sys
 
 import torch.distributed as torch_dist
 
 from jobs.__main__ import main
 
+joined = []
+init = torch_dist.init_process_group
+
+
+def recorded_init(*args, **kwargs):
+    joined.append(True)
+    return init(*args, **kwargs)
+
+
+torch_dist.init_process_group = recorded_init
 code = main(sys.argv[1:])
 kept = "kept" if torch_dist.is_initialized() else "left"
-print(f"worker exit {code}, process group {kept}", flush=True)
+# a file per worker: the workers share torchrun's stdout, where their lines interleave
+with open(f"{os.environ['PROBE_OUT']}.{os.environ['RANK']}", "w") as out:
+    out.write(f"worker exit {code}, process group joined {bool(joined)} and {kept}")
 sys.exit(code)
 """
 
@@ -231,6 +244,7 @@ def test_each_worker_leaves_the_process_group_on_its_exits(finished, tmp_path):
     done.write_text(yaml.safe_dump(finished))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for stage, config, code in [("data", done, 0), ("sft", bad, EXIT_BAD_INPUT)]:
+        env["PROBE_OUT"] = str(tmp_path / stage)
         result = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone"]
             + ["--nproc_per_node", "2", str(probe), stage, "--config", str(config)],
@@ -240,7 +254,12 @@ def test_each_worker_leaves_the_process_group_on_its_exits(finished, tmp_path):
             cwd=ROOT,
             env=env,
         )
-        exits = [line for line in result.stdout.splitlines() if line.startswith("worker exit")]
-        assert exits == [f"worker exit {code}, process group left"] * 2, (
+        exits = [
+            (tmp_path / f"{stage}.{rank}").read_text()
+            if (tmp_path / f"{stage}.{rank}").is_file()
+            else "no line"
+            for rank in (0, 1)
+        ]
+        assert exits == [f"worker exit {code}, process group joined True and left"] * 2, (
             result.stdout[-2000:] + result.stderr[-2000:]
         )

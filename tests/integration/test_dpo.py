@@ -260,3 +260,46 @@ def test_a_rerun_on_changed_pairs_computes_the_reference_afresh(tiny, tmp_path):
         assert reference["train"].shape == (len(train), 2)
         counts.append(len(train))
     assert counts[1] < counts[0]
+
+
+def test_the_reference_runs_in_the_policys_precision_and_leaves_before_the_policy_loads(
+    tiny, tiny_data, tmp_path, monkeypatch
+):
+    """The reference log-probs are computed in the training precision, and the reference
+    model is gone by the time the policy is loaded: two models of the policy's size never
+    share the accelerator (the stage is stopped there, before its engine starts)."""
+    import gc
+    import weakref
+
+    from jobs import dpo, engine
+    from jobs.contract import run_stage
+
+    seen: dict = {}
+    compute = dpo.reference_logps
+
+    def reference_logps(model, *args, **kwargs):
+        seen["dtypes"] = {p.dtype for p in model.parameters()}
+        seen["reference"] = weakref.ref(model)
+        return compute(model, *args, **kwargs)
+
+    class PolicyLoading(Exception):
+        pass
+
+    def load_model(*args, **kwargs):
+        gc.collect()  # only cycles left; the stage itself must have let go of the model
+        seen["alive_at_policy_load"] = seen["reference"]() is not None
+        raise PolicyLoading
+
+    monkeypatch.setattr(dpo, "reference_logps", reference_logps)
+    monkeypatch.setattr(engine, "load_model", load_model)
+    config = dpo.Config(
+        output=str(tmp_path / "dpo"),
+        model=str(tiny / "model"),
+        data=str(tiny_data),
+        max_seq_len=64,
+        train={"precision": "bf16", "micro_batch_size": 16},
+    )
+    with pytest.raises(PolicyLoading):
+        run_stage("dpo", config, dpo.run, workdir=tmp_path / "work")
+    assert seen["dtypes"] == {torch.bfloat16}
+    assert seen["alive_at_policy_load"] is False

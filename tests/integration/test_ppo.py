@@ -490,10 +490,10 @@ def test_generate_reports_how_fast_each_model_source_generated(demo):
         for x in (demo / "generate" / "candidates" / "train.jsonl").read_text().splitlines()
     ]
     made = sum(r["tokens"] for c in candidates for r in c["responses"] if r["source"] == "sft")
-    assert line["train.sft.generation_s"] > 0
-    assert line["train.sft.tokens_per_s"] == pytest.approx(
-        made / line["train.sft.generation_s"], rel=0.01
-    )
+    seconds, rate = line["train.sft.generation_s"], line["train.sft.tokens_per_s"]
+    assert seconds > 0
+    # the seconds are logged to the millisecond, the rate to a tenth
+    assert made / (seconds + 5e-4) - 0.05 <= rate <= made / max(seconds - 5e-4, 1e-9) + 0.05
 
 
 def test_ppo_writes_sample_answers_to_held_out_prompts_as_it_trains(demo):

@@ -142,9 +142,14 @@ def test_training_models_use_the_attention_kernel_asked_for(tiny):
         assert engine.load_model(AutoModelForCausalLM, path, cfg).config._attn_implementation == (
             kernel
         )
+    # flash-attention computes in 16 bits: in fp32 transformers only warns, and the kernel
+    # failed at the first forward, a bug's exit instead of a config error
+    with pytest.raises(ValidationError, match="runs in bf16 only"):
+        engine.EngineConfig(attn_implementation="flash_attention_2")
+    flash = engine.EngineConfig(attn_implementation="flash_attention_2", precision="bf16")
     if not torch.cuda.is_available():  # flash-attn needs a CUDA GPU
         with pytest.raises(BadInputError, match="train.attn_implementation 'flash_attention_2'"):
-            engine.model_options(engine.EngineConfig(attn_implementation="flash_attention_2"))
+            engine.model_options(flash)
 
 
 def test_generating_policies_refuse_a_compiled_training_forward():

@@ -110,6 +110,11 @@ def test_packed_examples_give_the_logits_and_loss_of_each_example_alone(family):
     assert predicted == sum(len(ids) - 2 for ids, _ in examples) + 1
     assert int(count) == int(flat_count) == predicted
     assert flat["input_ids"].shape == (1, sum(lengths))
+    # the boundaries flash-attention's variable-length kernel is given: every example's
+    bounds = [sum(lengths[:n]) for n in range(len(lengths) + 1)]
+    assert flat["cu_seq_lens_q"].tolist() == flat["cu_seq_lens_k"].tolist() == bounds
+    assert flat["cu_seq_lens_q"].dtype == torch.int32
+    assert flat["max_length_q"] == flat["max_length_k"] == max(lengths)
     torch.testing.assert_close(loss, total, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(flat_loss, total, atol=1e-5, rtol=1e-5)
 

@@ -104,7 +104,8 @@ def test_a_static_cache_and_a_compiled_decode_give_the_dynamic_caches_tokens(
     caches: set[str] = set()  # the cache each eager forward was given
 
     def seen(module, args, kwargs):
-        caches.add(type(kwargs.get("past_key_values")).__name__)
+        # transformers 5.25 renamed the argument (past_key_values -> cache)
+        caches.add(type(kwargs.get("cache", kwargs.get("past_key_values"))).__name__)
 
     variants = {
         "dynamic": {"cache": "dynamic"},

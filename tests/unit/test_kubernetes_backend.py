@@ -114,11 +114,13 @@ def test_a_lost_rank_re_creates_the_job_and_the_run_goes_on(stage_plan, connect)
 
     backend.run_stage(the_plan, stage, "[1/1] sft")
 
-    assert cluster.created.count("jobs") == 2
+    assert cluster.created.count("jobs") == 2  # the server refuses a name still taken (409)
     assert any("re-creating the Job (1/2)" in line for line in lines)
-    # the failed Job was deleted before its successor was created
-    methods = [m for m, path in cluster.requests if path.endswith("/jobs/demo-sft")]
-    assert "DELETE" in methods
+    # the failed Job was deleted, its pods with it, before its successor was created
+    events = [(kind, event_type) for _, kind, event_type, _ in cluster.log]
+    gone = events.index(("Job", "DELETED"))
+    assert ("Pod", "DELETED") in events[:gone]
+    assert events[gone + 1 :].count(("Job", "ADDED")) == 1
 
 
 def test_rlhf_cancel_ends_the_wait_at_once_without_a_retry(stage_plan, connect):
@@ -182,9 +184,11 @@ def test_pods_that_cannot_be_created_are_printed_and_end_the_run(stage_plan, con
     assert len(shown) == 2 and "violates PodSecurity" in shown[0]
 
 
-def test_the_wait_survives_an_api_server_restart(stage_plan, connect):
-    """The API server goes away for a second while the stage runs (a control-plane
-    restart): the watch lists again when it is back, and the run ends as the Job does."""
+@pytest.mark.parametrize("outage", ["connection refused", "503"])
+def test_the_wait_survives_an_api_server_restart(stage_plan, connect, outage):
+    """The API server goes away for two seconds while the stage runs (a control-plane
+    restart: nothing listens, or it answers 503 while it starts): the watch lists again
+    when it is back, and the run ends as the Job does."""
     the_plan, stage = stage_plan
     cluster = RecordedCluster([recorded("success")], step_s=0.4)
     backend, _ = connect(cluster)
@@ -199,14 +203,22 @@ def test_the_wait_survives_an_api_server_restart(stage_plan, connect):
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
+    deadline = time.monotonic() + 60
     while cluster.version() < 2:  # the Job and its first pod are out
+        assert thread.is_alive() and time.monotonic() < deadline, ended
         time.sleep(0.05)
-    [server] = connect.servers
-    port = server.server_address[1]
-    server.shutdown()
-    server.server_close()
-    time.sleep(1.0)
-    connect.servers[0] = serve(cluster, port=port)[0]
+    lists = cluster.lists
+    # longer than a watch the server has open already (1 s) goes on being served
+    if outage == "503":
+        cluster.unavailable_until = time.monotonic() + 2.0
+    else:
+        [server] = connect.servers
+        port = server.server_address[1]
+        server.shutdown()
+        server.server_close()
+        time.sleep(2.0)
+        connect.servers[0] = serve(cluster, port=port)[0]
     thread.join(timeout=60)
     assert not thread.is_alive(), "the wait did not survive the API server's restart"
     assert ended == [None]
+    assert cluster.lists > lists  # the watch met the outage and started over
