@@ -107,14 +107,15 @@ def test_sft_lowers_held_out_loss_on_the_gpu(tiny, tiny_data, tmp_path, zero_sta
     assert manifest.metrics["eval_loss"] < 0.5 * manifest.metrics["eval_loss_start"]
 
 
-@pytest.mark.parametrize("lever", ["compile", "flash_attention_2"])
+@pytest.mark.parametrize("lever", ["compile", "compile under zero3", "flash_attention_2"])
 def test_sft_speed_levers_train_on_the_gpu(tiny, tiny_data, tmp_path, lever):
-    """The levers bench/gpu.py measures: torch.compile inside the engine, and flash-attention
+    """The levers bench/gpu.py measures: torch.compile inside the engine (ZeRO-2, and
+    ZeRO-3, whose parameter hooks run inside the compiled model), and flash-attention
     with packed rows (each example its own sequence in the variable-length kernel)."""
     from transformers.utils import is_flash_attn_2_available
 
-    config = sft_config(tiny, tiny_data, tmp_path / "sft", 2)
-    if lever == "compile":
+    config = sft_config(tiny, tiny_data, tmp_path / "sft", 3 if "zero3" in lever else 2)
+    if lever.startswith("compile"):
         config["train"]["compile"] = True
         if ON_CPU:  # inductor's CPU code fails on bf16 reductions (torch 2.13)
             config["train"]["precision"] = "fp32"
