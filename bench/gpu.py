@@ -13,7 +13,10 @@ vocab 30080; 1.33B parameters), one NVIDIA GPU, bf16, in one run:
   reached (the actor's weights and KV cache read once per decode step at the GPU's memory
   bandwidth);
 - generate: the generate stage on the 1.33B model (256 prompts in batches of 64, 256 new
-  tokens), with the same three ways to decode: tokens/s and the share of the decode floor.
+  tokens), with the same three ways to decode: tokens/s and the share of the decode floor;
+- evaluate: the evaluate stage, the 1.33B model as candidate and baseline (each answering
+  the 256 prompts as above) judged by the 350M reward model, the same three ways: seconds
+  of generation and of scoring, tokens/s and the share of the decode floor.
 
 Figures are steady-state non-padding training tokens per second (the first steps, which
 compile kernels and warm the allocator, left out), MFU (6 x parameters FLOPs per token, the
@@ -49,7 +52,7 @@ SHAPES = {
 VOCAB = 30080
 # Dense bf16 peak and memory bandwidth by device name (datasheets; SXM parts).
 GPUS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
-CASES = ("sft", "reward", "dpo", "ppo", "generate")
+CASES = ("sft", "reward", "dpo", "ppo", "generate", "evaluate")
 # What runs for each case, in one run: ours by default and with train.compile, against the
 # references; PPO with each way to decode (DECODES).
 IMPLEMENTATIONS = {
@@ -58,6 +61,7 @@ IMPLEMENTATIONS = {
     "dpo": ("ours", "compiled", "trl"),
     "ppo": ("dynamic", "static", "compiled"),
     "generate": ("dynamic", "static", "compiled"),
+    "evaluate": ("dynamic", "static", "compiled"),
 }
 
 
@@ -134,9 +138,11 @@ def make_data(tokenizer_dir: Path, texts: list[str], seq: int, rows: int, out: P
                 }
             )
             prompts.append({"prompt": piece(at, min(256, prompt_len)), "instruction": "-"})
-        for folder, items in (("sft", sft), ("pairs", pairs), ("prompts", prompts)):
-            (ctx.out_dir / folder).mkdir(parents=True)
-            with open(ctx.out_dir / folder / "train.jsonl", "w", encoding="utf-8") as handle:
+        files = [("sft", "train", sft), ("pairs", "train", pairs), ("prompts", "train", prompts)]
+        files.append(("prompts", "eval", prompts))  # what evaluate answers
+        for folder, split, items in files:
+            (ctx.out_dir / folder).mkdir(parents=True, exist_ok=True)
+            with open(ctx.out_dir / folder / f"{split}.jsonl", "w", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in items)
         return {}
 
@@ -423,6 +429,24 @@ def decode_floor(root: Path, generation_s: float, new_tokens: int, batch: int) -
     }
 
 
+def inference_options(args, decode: str) -> dict:
+    """The sampling and precision of the generate and evaluate cases: prompts up to 256
+    tokens, 256 new ones at temperature 1, batches of the rollout's size; bf16 on a GPU
+    (a compiled step on the CPU in fp32, see ``ours``)."""
+    cpu_compiled = decode == "compiled" and not torch.cuda.is_available()
+    return {
+        "sampling": {
+            "max_new_tokens": 16 if args.tiny else 256,
+            "max_prompt_tokens": 256,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "batch_size": args.rollout,
+            **DECODES[decode],
+        },
+        "inference": {"precision": "fp32" if cpu_compiled else "auto"},
+    }
+
+
 def generate(root: Path, args, decode: str) -> dict:
     """The generate stage on the 1.33B actor: 4 rollout batches of prompts (up to 256
     tokens), 256 new tokens each at temperature 1, in batches of the rollout's size."""
@@ -430,21 +454,12 @@ def generate(root: Path, args, decode: str) -> dict:
     from jobs.contract import run_stage
 
     new_tokens = 16 if args.tiny else 256
-    cpu_compiled = decode == "compiled" and not torch.cuda.is_available()
     config = stage.Config(
         output=str(root / f"ours-generate-{decode}"),
         prompts=str(root / f"data-{args.seq[0]}"),
         sources=[{"name": "actor", "model": str(root / "actor" / "model")}],
         max_prompts=4 * args.rollout,
-        sampling={
-            "max_new_tokens": new_tokens,
-            "max_prompt_tokens": 256,
-            "temperature": 1.0,
-            "top_p": 1.0,
-            "batch_size": args.rollout,
-            **DECODES[decode],
-        },
-        inference={"precision": "fp32" if cpu_compiled else "auto"},
+        **inference_options(args, decode),
     )
     run_stage("generate", config, stage.run, root / f"w-generate-{decode}")
     [line] = [
@@ -463,10 +478,49 @@ def generate(root: Path, args, decode: str) -> dict:
     }
 
 
+def evaluate(root: Path, args, decode: str) -> dict:
+    """The evaluate stage: the 1.33B actor answers 4 rollout batches of prompts as candidate
+    and again as baseline, and the 350M reward model judges both."""
+    from jobs import evaluate as stage
+    from jobs.contract import run_stage
+
+    new_tokens = 16 if args.tiny else 256
+    config = stage.Config(
+        output=str(root / f"ours-evaluate-{decode}"),
+        prompts=str(root / f"data-{args.seq[0]}"),
+        candidate=str(root / "actor" / "model"),
+        baseline=str(root / "actor" / "model"),
+        judge_model=str(root / "rm" / "model"),
+        max_prompts=4 * args.rollout,
+        **inference_options(args, decode),
+    )
+    run_stage("evaluate", config, stage.run, root / f"w-evaluate-{decode}")
+    lines = [
+        json.loads(x) for x in (Path(config.output) / "metrics.jsonl").read_text().splitlines()
+    ]
+    found = {k: v for line in lines for k, v in line.items()}
+    seconds = found["candidate.generation_s"] + found["baseline.generation_s"]
+    tokens = sum(
+        found[f"{m}.generation_s"] * found[f"{m}.tokens_per_s"] for m in ("candidate", "baseline")
+    )
+    # The candidate's generation includes the one-time compile of the decode step; the
+    # baseline, a second model of the same shapes, meets a warm compiler: the decode floor's
+    # share is the baseline's.
+    return {
+        "generation_s": round(seconds, 3),
+        "scoring_s": found["held_out.scoring_s"],
+        "generation_tokens_per_s": round(tokens / seconds, 1),
+        "baseline_tokens_per_s": found["baseline.tokens_per_s"],
+        "includes_compile": decode == "compiled",
+        **decode_floor(root, found["baseline.generation_s"] / 4, new_tokens, args.rollout),
+    }
+
+
 def child(args) -> dict:
     root = Path(args.root)
-    if args.case in ("ppo", "generate"):
-        return {"ppo": ppo, "generate": generate}[args.case](root, args, args.impl)
+    if args.case in ("ppo", "generate", "evaluate"):
+        cases = {"ppo": ppo, "generate": generate, "evaluate": evaluate}
+        return cases[args.case](root, args, args.impl)
     if args.impl == "compiled":
         return ours(args.case, root, args.seq[0], args, compiled=True)
     fn = {"ours": ours, "plain": plain, "trl": trl}[args.impl]
@@ -515,7 +569,7 @@ def main() -> None:
                 if case == "dpo":
                     batch = max(1, batch // 2)  # a pair is two sequences
                 impls = IMPLEMENTATIONS[case]
-                key = case if case in ("ppo", "generate") else f"{case}@{seq}"
+                key = case if case in ("ppo", "generate", "evaluate") else f"{case}@{seq}"
                 results["cases"][key] = {"micro_batch": batch, "seq": seq}
                 for impl in impls:
                     command = [

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 from pydantic import Field, model_validator
 
 from jobs.batches import read_jsonl
 from jobs.contract import METRICS, StageConfig, StageContext
 from jobs.errors import BadInputError
-from jobs.generation import SamplingConfig, generate
+from jobs.generation import SamplingConfig, timed_generate
 from jobs.judge import JudgeConfig, judge_scores
 from jobs.models import InferenceConfig, free_memory, load_causal_lm, load_tokenizer, model_source
 from jobs.plots import draw_curves
@@ -71,10 +72,15 @@ class Config(StageConfig):
         return self
 
 
-def answers(ref: str, prompts: list[str], config: Config, ctx: StageContext) -> list[str]:
+def answers(
+    name: str, ref: str, prompts: list[str], config: Config, ctx: StageContext
+) -> list[str]:
+    """The model's answers; its generation seconds and tokens/s go in the metrics."""
     path = model_source(ctx, ref)
     model = load_causal_lm(path, config.inference)
-    samples = generate(model, load_tokenizer(path), prompts, config.sampling, seed=config.seed)
+    tokenizer = load_tokenizer(path)
+    samples, speed = timed_generate(model, tokenizer, prompts, config.sampling, seed=config.seed)
+    ctx.log(0, **{f"{name}.{key}": value for key, value in speed.items()})
     del model
     free_memory()
     return [per_prompt[0].text for per_prompt in samples]
@@ -102,8 +108,8 @@ def run(config: Config, ctx: StageContext) -> dict:
         ctx.input_dir(config.prompts) / "prompts" / "eval.jsonl", ("prompt", "instruction")
     )[: config.max_prompts]
     prompts = [row["prompt"] for row in rows]
-    candidate = answers(config.candidate, prompts, config, ctx)
-    baseline = answers(config.baseline, prompts, config, ctx)
+    candidate = answers("candidate", config.candidate, prompts, config, ctx)
+    baseline = answers("baseline", config.baseline, prompts, config, ctx)
 
     report: dict = {"prompts": len(rows)}
     scores: dict[str, tuple[list[float], list[float]]] = {}
@@ -114,10 +120,12 @@ def run(config: Config, ctx: StageContext) -> dict:
         reward_model = load_reward_model(rm_path, config.inference)
         tokenizer = load_tokenizer(rm_path)
         size = config.sampling.batch_size
+        started = time.perf_counter()
         scores[name] = (
             score_texts(reward_model, tokenizer, prompts, candidate, batch_size=size),
             score_texts(reward_model, tokenizer, prompts, baseline, batch_size=size),
         )
+        ctx.log(0, **{f"{name}.scoring_s": round(time.perf_counter() - started, 3)})
         del reward_model
         free_memory()
         rate, low, high = win_rate(*scores[name], config.seed)

@@ -11,7 +11,6 @@ source that produced it.
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -20,7 +19,7 @@ from jobs.batches import read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.endpoint import Cache, ChatClient, EndpointConfig, cache_key
 from jobs.errors import BadInputError
-from jobs.generation import SamplingConfig, generate
+from jobs.generation import SamplingConfig, timed_generate
 from jobs.models import (
     InferenceConfig,
     free_memory,
@@ -62,8 +61,7 @@ def from_model(
     path = model_source(ctx, source.model, source.revision)
     tokenizer = load_tokenizer(path, source.revision)
     model = load_causal_lm(path, config.inference, source.revision)
-    started = time.perf_counter()
-    samples = generate(
+    samples, speed = timed_generate(
         model,
         tokenizer,
         [r["prompt"] for r in rows],
@@ -71,15 +69,7 @@ def from_model(
         num_samples=config.samples_per_source,
         seed=config.seed,
     )
-    seconds = time.perf_counter() - started  # generate() returns tokens read on the host
-    tokens = sum(len(s.tokens) for per_prompt in samples for s in per_prompt)
-    ctx.log(
-        0,
-        **{
-            f"{split}.{source.name}.generation_s": round(seconds, 3),
-            f"{split}.{source.name}.tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
-        },
-    )
+    ctx.log(0, **{f"{split}.{source.name}.{key}": value for key, value in speed.items()})
     del model
     free_memory()
     return [

@@ -212,3 +212,18 @@ def generate(
                 samples.append(Sample(tokens, text, reason))
             out.append(samples)
     return out
+
+
+def timed_generate(*args, **kwargs) -> tuple[list[list[Sample]], dict[str, float]]:
+    """:func:`generate`, and how long it took: seconds and generated tokens per second (the
+    figures bench/gpu.py reads from the generate and evaluate stages' metrics)."""
+    import time
+
+    started = time.perf_counter()
+    samples = generate(*args, **kwargs)
+    seconds = time.perf_counter() - started  # generate() returns tokens read on the host
+    tokens = sum(len(s.tokens) for per_prompt in samples for s in per_prompt)
+    return samples, {
+        "generation_s": round(seconds, 3),
+        "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+    }

@@ -496,6 +496,15 @@ def test_generate_reports_how_fast_each_model_source_generated(demo):
     assert made / (seconds + 5e-4) - 0.05 <= rate <= made / max(seconds - 5e-4, 1e-9) + 0.05
 
 
+def test_evaluate_reports_how_fast_each_model_answered_and_was_scored(demo):
+    """What bench/gpu.py reads for the evaluate stage: each model's generation seconds and
+    tokens/s, and the seconds each reward model (the held-out judge, the proxy) scored."""
+    found = {k: v for line in metrics_lines(demo / "evaluate") for k, v in line.items()}
+    for model in ("candidate", "baseline"):
+        assert found[f"{model}.generation_s"] > 0 and found[f"{model}.tokens_per_s"] > 0
+    assert found["held_out.scoring_s"] > 0 and found["proxy.scoring_s"] > 0
+
+
 def test_ppo_writes_sample_answers_to_held_out_prompts_as_it_trains(demo):
     samples = [json.loads(x) for x in (demo / "ppo" / "samples.jsonl").read_text().splitlines()]
     held_out = [
