@@ -70,9 +70,10 @@ browser-deps:
 	  else echo "without chromium (Debian, as root) the report page test is skipped"; fi; \
 	fi
 
-# The versions the job image ships (images/requirements.txt) constrain the venv, so the
-# suite tests what runs in the pods and a new release upstream cannot change a fresh
-# clone's results; to move them: pip install -U in the venv, test, python images/lock.py.
+# The versions the job image ships (images/requirements.txt: what the stages import)
+# constrain the venv, so the suite tests what runs in the pods and a new release of those
+# cannot change a fresh clone's results (the test and bench tools, trl among them, float);
+# to move them: pip install -U in the venv, test, python images/lock.py.
 $(STAMP): pyproject.toml images/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip

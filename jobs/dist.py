@@ -70,6 +70,17 @@ def shutdown() -> None:
         torch_dist.destroy_process_group()
 
 
+_SAID: set[str] = set()
+
+
+def say_once(line: str) -> None:
+    """Print ``line`` from the main rank, the first time only: which path a stage takes,
+    said once per process rather than at every step."""
+    if line not in _SAID and is_main():
+        _SAID.add(line)
+        print(line, flush=True)
+
+
 def _group():
     """torch.distributed when a group of more than one process is up, else None."""
     if world_size() == 1:

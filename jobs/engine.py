@@ -253,11 +253,13 @@ def for_generation(engine, gather: bool = True):
     if gather and dist.all_ranks(fits_on_device(engine.module)):
         from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
-        _say_once("the actor's ZeRO-3 parameters are gathered once per rollout")
+        dist.say_once("generation: the actor's ZeRO-3 parameters are gathered once per rollout")
         with unwrap_model_for_generation(engine):
             yield engine.module, dist.world_size() > 1
         return
-    _say_once("the actor's ZeRO-3 parameters are gathered layer by layer at every token")
+    dist.say_once(
+        "generation: the actor's ZeRO-3 parameters are gathered layer by layer at every token"
+    )
     yield engine.module, True
 
 
@@ -274,15 +276,6 @@ def fits_on_device(module, share: float = 0.5) -> bool:
     free, _ = torch.cuda.mem_get_info()
     free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
     return size < share * free
-
-
-_SAID: set[str] = set()
-
-
-def _say_once(line: str) -> None:
-    if line not in _SAID and dist.is_main():
-        _SAID.add(line)
-        print(f"generation: {line}", flush=True)
 
 
 def _free_port() -> int:

@@ -160,6 +160,10 @@ def sample(
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - timer
+    if sampling.cache == "static":
+        # what transformers did (it compiles where it judges it can), not what was asked
+        how = "compiled (torch.compile)" if hasattr(model, "_compiled_call") else "eager"
+        dist.say_once(f"generation: the static KV cache's decode step runs {how}")
 
     # The answer runs up to and including its first EOS (stopping is an action too).
     prompt_ids = encoded["input_ids"].repeat_interleave(num_samples, 0)

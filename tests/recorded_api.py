@@ -11,6 +11,8 @@ calls the backend makes are answered: Jobs, Pods, ConfigMaps, Services, NetworkP
 Events and pod logs. As an API server does, lists and watches keep to their namespace and
 equality label selector, a Job whose name is taken is refused (409), and while
 ``unavailable_until`` has not passed every request gets 503 (a control plane starting up).
+An outage can be staged without races: ``hold_at`` keeps the events after a version back
+until ``let_go()``, and ``end_watches()`` drops the open watches.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class RecordedCluster:
         running: list[dict[str, Any]] | None = None,
         warnings: list[dict[str, Any]] | None = None,
         step_s: float = 0.05,
+        hold_at: int | None = None,
+        contested: bool = False,
     ) -> None:
         self.sequences = [copy.deepcopy(s) for s in sequences]
         self.step_s = step_s
@@ -59,6 +63,12 @@ class RecordedCluster:
         # a Job already running when the backend comes: it starts at the first request
         self.running = copy.deepcopy(running)
         self.unavailable_until = 0.0  # time.monotonic() until which every request gets 503
+        # no event past this resourceVersion is released until ``let_go()`` (an outage's
+        # events wait for it); ``end_watches()`` closes the watches open now
+        self.hold_at = hold_at
+        self.watch_epoch = 0
+        # another submitter creates the Job whenever this one has cleared it: 409 always
+        self.contested = contested
         self.lists = 0  # lists of Jobs or Pods answered (a watch that starts over lists again)
 
     # --- the recorded world ---------------------------------------------------------------
@@ -75,6 +85,8 @@ class RecordedCluster:
             self.running = None
         now = time.monotonic()
         while self.pending and self.pending[0][0] <= now:
+            if self.hold_at is not None and len(self.log) >= self.hold_at:
+                return
             _, kind, event_type, obj = self.pending.pop(0)
             self._emit(kind, event_type, obj)
 
@@ -93,11 +105,23 @@ class RecordedCluster:
     def version(self) -> int:
         return len(self.log)
 
+    def end_watches(self) -> None:
+        """Close every watch open now, as a restarting API server drops its connections."""
+        with self.lock:
+            self.watch_epoch += 1
+            self.lock.notify_all()
+
+    def let_go(self) -> None:
+        """Release the held events again (their times have passed: they come at once)."""
+        with self.lock:
+            self.hold_at = None
+            self.lock.notify_all()
+
     # --- the API's verbs --------------------------------------------------------------------
 
     def create(self, kind: str, body: dict) -> dict | None:
         """The object made, or None where a Job of that name still exists (409)."""
-        if kind == "jobs" and body["metadata"]["name"] in self.objects["Job"]:
+        if kind == "jobs" and (self.contested or body["metadata"]["name"] in self.objects["Job"]):
             return None
         self.created.append(kind)
         if kind == "jobs":
@@ -252,7 +276,8 @@ def serve(cluster: RecordedCluster, port: int = 0) -> tuple[ThreadingHTTPServer,
             self.end_headers()
             # a short watch: the client opens the next one from the last version it saw
             until = time.monotonic() + 1.0
-            while time.monotonic() < until:
+            epoch = cluster.watch_epoch
+            while time.monotonic() < until and cluster.watch_epoch == epoch:
                 with cluster.lock:
                     cluster._release()
                     fresh = [e for e in cluster.log if e[0] > since]
@@ -273,6 +298,8 @@ def serve(cluster: RecordedCluster, port: int = 0) -> tuple[ThreadingHTTPServer,
         def do_POST(self):  # noqa: N802
             kind, _, _, _ = self._route()
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self._unavailable():
+                return
             with cluster.lock:
                 made = cluster.create(kind, body)
             if made is None:
@@ -285,6 +312,8 @@ def serve(cluster: RecordedCluster, port: int = 0) -> tuple[ThreadingHTTPServer,
 
         def do_DELETE(self):  # noqa: N802
             kind, name, _, _ = self._route()
+            if self._unavailable():
+                return
             with cluster.lock:
                 cluster._release()
                 gone = cluster.delete_job(name) if kind == "jobs" else True
@@ -295,6 +324,8 @@ def serve(cluster: RecordedCluster, port: int = 0) -> tuple[ThreadingHTTPServer,
         def do_PATCH(self):  # noqa: N802
             kind, name, _, _ = self._route()
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self._unavailable():
+                return
             with cluster.lock:
                 job = copy.deepcopy(cluster.objects["Job"].get(name))
                 cluster.annotations.append(body["metadata"]["annotations"]["kuberlhf.io/progress"])

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jobs.contract import Manifest
-from jobs.errors import EXIT_BAD_INPUT
+from jobs.errors import EXIT_BAD_INPUT, TransientError
 from pipeline.backends import StageFailed, run_in_order
 from pipeline.charts import client_model, render_stage
 from pipeline.config import Plan, PlannedStage
@@ -164,6 +164,12 @@ class KubernetesBackend:
                     isinstance(e, ApiException) and e.status == 409 for e in exc.api_exceptions
                 ):
                     raise
+                if kind == "Job":  # cleared a moment ago: someone else made it meanwhile
+                    raise TransientError(
+                        f"Job {name} in namespace {namespace} was created by someone else "
+                        "while this run replaced it (another `rlhf run` of the same run?); "
+                        "run again to follow it or replace it"
+                    ) from exc
                 if kind == "ConfigMap":
                     self.core.replace_namespaced_config_map(name, namespace, manifest)
                 elif kind == "Service":

@@ -426,6 +426,10 @@ def test_ppo_trains_the_same_with_the_static_cache_and_the_compiled_decode(demo,
         result = run_entrypoint("ppo", config, tmp_path, name=name)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = [m for m in metrics_lines(tmp_path / name) if "reward_mean" in m]
+        # what transformers did with the static cache, as the stage saw it
+        said = {"static": "runs eager", "compiled": "runs compiled"}.get(name)
+        if said:
+            assert f"the static KV cache's decode step {said}" in result.stdout, name
     keys = ("reward_mean", "kl", "response_length", "eos_fraction", "policy_loss", "value_loss")
     for name in ("static", "compiled"):
         assert len(runs[name]) == len(runs["dynamic"]) == 2
