@@ -453,7 +453,6 @@ def generate(root: Path, args, decode: str) -> dict:
     from jobs import generate as stage
     from jobs.contract import run_stage
 
-    new_tokens = 16 if args.tiny else 256
     config = stage.Config(
         output=str(root / f"ours-generate-{decode}"),
         prompts=str(root / f"data-{args.seq[0]}"),
@@ -474,7 +473,7 @@ def generate(root: Path, args, decode: str) -> dict:
         "generation_s": seconds,
         "generation_tokens_per_s": rate,
         "includes_compile": decode == "compiled",
-        **decode_floor(root, seconds / 4, new_tokens, args.rollout),
+        **decode_floor(root, seconds / 4, config.sampling.max_new_tokens, args.rollout),
     }
 
 
@@ -484,7 +483,6 @@ def evaluate(root: Path, args, decode: str) -> dict:
     from jobs import evaluate as stage
     from jobs.contract import run_stage
 
-    new_tokens = 16 if args.tiny else 256
     config = stage.Config(
         output=str(root / f"ours-evaluate-{decode}"),
         prompts=str(root / f"data-{args.seq[0]}"),
@@ -513,7 +511,9 @@ def evaluate(root: Path, args, decode: str) -> dict:
         "generation_tokens_per_s": round(tokens / seconds, 1),
         "baseline_tokens_per_s": found["baseline.tokens_per_s"],
         "includes_compile": decode == "compiled",
-        **decode_floor(root, found["baseline.generation_s"] / 4, new_tokens, args.rollout),
+        **decode_floor(
+            root, found["baseline.generation_s"] / 4, config.sampling.max_new_tokens, args.rollout
+        ),
     }
 
 

@@ -221,8 +221,6 @@ def generate(
 def timed_generate(*args, **kwargs) -> tuple[list[list[Sample]], dict[str, float]]:
     """:func:`generate`, and how long it took: seconds and generated tokens per second (the
     figures bench/gpu.py reads from the generate and evaluate stages' metrics)."""
-    import time
-
     started = time.perf_counter()
     samples = generate(*args, **kwargs)
     seconds = time.perf_counter() - started  # generate() returns tokens read on the host

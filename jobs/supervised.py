@@ -171,7 +171,8 @@ def collate(items, pad_id: int, flatten: bool = False) -> dict:
     ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``, gives them): from the
     position ids alone transformers would find them again in every layer, a host sync
     each time."""
-    if flatten and len(items[0]) == 3:
+    flat = flatten and len(items[0]) == 3
+    if flat:
         items = [tuple([t for item in items for t in item[part]] for part in range(3))]
     batch: dict = {
         "input_ids": pad([i[0] for i in items], pad_id),
@@ -181,7 +182,7 @@ def collate(items, pad_id: int, flatten: bool = False) -> dict:
         batch["position_ids"] = pad([i[2] for i in items], 0)
     else:
         batch["attention_mask"] = pad([[1] * len(i[0]) for i in items], 0)
-    if flatten and len(items[0]) == 3:
+    if flat:
         starts = [i for i, position in enumerate(items[0][2]) if position == 0]
         bounds = [*starts, len(items[0][2])]
         batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = torch.tensor(bounds, dtype=torch.int32)
