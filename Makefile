@@ -9,6 +9,8 @@
 #   make images - the job image (docker or podman, whichever is here)
 #   make images-local - the job image where no registry is reachable (CI): a debootstrapped
 #                Debian base, podman with storage of its own under .containers/
+#   make images-cuda-local - the CUDA image the same way (torch's CUDA wheel, DeepSpeed's ops
+#                compiled with this machine's CUDA toolkit, CUDA_HOME), checked inside
 #   make e2e-kind - the tiny pipeline on a kind cluster through `rlhf run --backend kubernetes`
 
 # The first supported Python found (3.11 to 3.13); `make test PYTHON=python3.12` picks one.
@@ -34,7 +36,7 @@ IMAGE_TORCH_SPEC ?=
 CONTAINER ?= $(shell command -v docker >/dev/null 2>&1 && echo docker || echo podman)
 
 .PHONY: setup system-deps container-deps browser-deps demo test test-gpu lint bench bench-gpu images \
-	images-local e2e e2e-kind clean
+	images-local images-cuda-local e2e e2e-kind clean
 
 setup: system-deps $(STAMP)
 
@@ -119,6 +121,9 @@ images:
 
 images-local: setup container-deps
 	$(BIN)/python -m images.localbuild
+
+images-cuda-local: setup container-deps
+	$(BIN)/python -m images.localbuild --cuda
 
 # Needs docker and kind (a developer's laptop); creates the cluster kuberlhf-e2e, builds a
 # CPU image, loads it, installs MinIO and runs examples/demo-k8s.yaml. The same test module

@@ -10,7 +10,14 @@ those two variables (``env()``) see the image. What pip needs from this machine 
 bundle, wheel folder, mirror) is handed to the build as read-only mounts and pip's own
 build arguments; the Dockerfile knows nothing of this machine.
 
-    python -m images.localbuild    # builds, prints build time and image size, writes JSON
+    python -m images.localbuild          # builds, prints build time and image size, writes JSON
+    python -m images.localbuild --cuda   # the CUDA image (`make images-cuda-local`), below
+
+``--cuda`` builds the image GPU nodes run, as far as a machine without a registry and without
+a GPU can: torch's CUDA build from pip on a Debian base with a compiler and Python's headers
+(the part of the -devel image the build uses), this machine's CUDA toolkit mounted read-only
+for nvcc, so DeepSpeed's fused Adam and CPU Adam are compiled into it; then images/check_ops.py
+runs inside it (no toolkit, no GPU) and the CPU ops' machine code is searched for AVX-512.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 STATE = Path(os.environ.get("KUBERLHF_CONTAINERS", ROOT / ".containers"))
 BASE = "localhost/kuberlhf-base:bookworm"
 IMAGE = "localhost/kuberlhf:ci"
+# What the -devel images give a build that the minimal base lacks: a C++ compiler and Python's
+# headers for DeepSpeed's ops.
+DEVEL_BASE = "localhost/kuberlhf-base:bookworm-devel"
+DEVEL_PACKAGES = ("python3-dev", "g++")
+CUDA_IMAGE = "localhost/kuberlhf:cuda"
+CUDA_TORCH = "torch==2.14.1"  # pip's CUDA 13.0 build for Python 3.11
 TOOLS = ("podman", "debootstrap")
 MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
 # pip's settings that name things on this machine, as build arguments and mounts.
@@ -107,10 +121,14 @@ def exists(image: str) -> bool:
     return podman("image", "exists", image, check=False).returncode == 0
 
 
-def base_image() -> float:
-    """Make the Debian base (bookworm: Python 3.11) unless it is there; seconds taken."""
-    if exists(BASE):
+def base_image(image: str = BASE) -> float:
+    """Make the Debian base (bookworm: Python 3.11; with a compiler for DEVEL_BASE) unless it
+    is there; seconds taken."""
+    if exists(image):
         return 0.0
+    packages = ["python3", "python3-venv", "ca-certificates"]
+    if image == DEVEL_BASE:
+        packages += DEVEL_PACKAGES
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=STATE) as folder:
         rootfs = Path(folder) / "rootfs"
@@ -118,7 +136,7 @@ def base_image() -> float:
             [
                 "debootstrap",
                 "--variant=minbase",
-                "--include=python3,python3-venv,ca-certificates",
+                f"--include={','.join(packages)}",
                 "bookworm",
                 str(rootfs),
                 MIRROR,
@@ -141,7 +159,7 @@ def base_image() -> float:
             "--change",
             'CMD ["python"]',
             "-",
-            BASE,
+            image,
             stdin=tar.stdout,
             stdout=subprocess.DEVNULL,
         )
@@ -213,10 +231,10 @@ def size(image: str) -> int:
     return int(out.strip())
 
 
-def context_digest(torch_spec: str) -> str:
+def context_digest(torch_spec: str, base: str = BASE) -> str:
     """What the image is built from: the Dockerfile, what .dockerignore lets into the build
     context, the base and torch."""
-    digest = hashlib.sha256(f"{BASE} {torch_spec}".encode())
+    digest = hashlib.sha256(f"{base} {torch_spec}".encode())
     allowed = [
         line[1:].strip()
         for line in (ROOT / ".dockerignore").read_text().splitlines()
@@ -246,14 +264,27 @@ def label(image: str, key: str) -> str | None:
     return inspected.stdout.strip() if inspected.returncode == 0 else None
 
 
-def build(image: str = IMAGE, torch_spec: str = "torch==2.13.0") -> Built:
+def build(
+    image: str = IMAGE, torch_spec: str = "torch==2.13.0", cuda_toolkit: Path | None = None
+) -> Built:
     """The base if needed, then the Dockerfile, unless the image was built from exactly this
     context (a label records its digest); podman's layer cache keeps the dependency layer
-    when only code changed."""
-    digest = context_digest(torch_spec)
+    when only code changed. With ``cuda_toolkit``, the devel base and that toolkit mounted
+    for the ops' build."""
+    base = BASE if cuda_toolkit is None else DEVEL_BASE
+    digest = context_digest(torch_spec, base)
     if label(image, CONTEXT_LABEL) == digest:
-        return Built(image, 0.0, 0.0, size(image), size(BASE), fresh=False)
-    base_s = base_image()
+        return Built(image, 0.0, 0.0, size(image), size(base), fresh=False)
+    base_s = base_image(base)
+    toolkit = []
+    if cuda_toolkit is not None:
+        inside = f"{BUILD_MOUNTS}/cuda"
+        toolkit = [
+            "--volume",
+            f"{cuda_toolkit}:{inside}:ro",
+            "--build-arg",
+            f"CUDA_TOOLKIT={inside}",
+        ]
     start = time.perf_counter()
     podman(
         "build",
@@ -262,13 +293,13 @@ def build(image: str = IMAGE, torch_spec: str = "torch==2.13.0") -> Built:
         "--file",
         str(ROOT / "images" / "Dockerfile"),
         "--build-arg",
-        f"BASE_IMAGE={BASE}",
+        f"BASE_IMAGE={base}",
         "--build-arg",
         f"TORCH_SPEC={torch_spec}",
         # the container tests run no tracking server: the image without MLflow's and W&B's
-        # clients builds a minute faster (the released image has them)
-        "--build-arg",
-        "TRACKING=",
+        # clients builds a minute faster (the CUDA image, as released, has them)
+        *(["--build-arg", "TRACKING="] if cuda_toolkit is None else []),
+        *toolkit,
         *pip_passthrough(),
         "--label",
         f"{CONTEXT_LABEL}={digest}",
@@ -276,7 +307,55 @@ def build(image: str = IMAGE, torch_spec: str = "torch==2.13.0") -> Built:
         image,
         str(ROOT),
     )
-    return Built(image, base_s, time.perf_counter() - start, size(image), size(BASE))
+    return Built(image, base_s, time.perf_counter() - start, size(image), size(base))
+
+
+def cuda_toolkit() -> Path | None:
+    """This machine's CUDA toolkit: CUDA_HOME, else /usr/local/cuda or the newest cuda-*."""
+    candidates = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    candidates += sorted(map(str, Path("/usr/local").glob("cuda-*")), reverse=True)
+    for candidate in filter(None, candidates):
+        if (Path(candidate) / "bin" / "nvcc").is_file():
+            return Path(candidate).resolve()
+    return None
+
+
+# AVX-512 instructions name zmm registers; AVX2's are ymm.
+AVX512_REGISTER = "%zmm"
+
+
+def check_cuda_image(image: str) -> dict:
+    """images/check_ops.py inside the image (DeepSpeed told to use CUDA, as on a GPU node),
+    then CPU Adam's machine code searched for AVX-512 instructions, which a node without
+    AVX-512 cannot run."""
+    script = "/run/check_ops.py"
+    ran = podman(
+        "run", "--rm", "--env", "DS_ACCELERATOR=cuda",
+        "--volume", f"{ROOT / 'images' / 'check_ops.py'}:{script}:ro",
+        image, "python", script,
+        capture=True,
+    )  # fmt: skip
+    figures = json.loads(ran.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as folder:
+        fused, cpu = Path(folder) / "fused_adam.so", Path(folder) / "cpu_adam.so"
+        for op, library in (("fused_adam", fused), ("cpu_adam", cpu)):
+            with library.open("wb") as out:
+                subprocess.run(
+                    ["podman", "run", "--rm", image, "cat", figures[op]],
+                    env={**os.environ, **env()},
+                    stdout=out,
+                    check=True,
+                )
+        code = subprocess.run(
+            ["objdump", "-d", str(cpu)], capture_output=True, text=True, check=True
+        ).stdout
+        # the GPU architectures whose code the fat binary carries (its ELF names them)
+        archs = sorted(set(re.findall(rb"sm_[0-9]+", fused.read_bytes())))
+    figures["cpu_adam_avx512_instructions"] = sum(
+        AVX512_REGISTER in line for line in code.splitlines()
+    )
+    figures["fused_adam_gpu_archs"] = [arch.decode() for arch in archs]
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="say what is missing and exit 0 where podman or root is lacking",
     )
+    parser.add_argument(
+        "--cuda",
+        action="store_true",
+        help=f"the CUDA image ({CUDA_TORCH}, DeepSpeed's ops compiled with this machine's "
+        "CUDA toolkit), then checked",
+    )
     args = parser.parse_args(argv)
     if lacking := missing():
         print(
@@ -294,19 +379,45 @@ def main(argv: list[str] | None = None) -> int:
             " (the container tests skip)"
         )
         return 0 if args.if_possible else 1
-    built = build(args.image)
+    toolkit = None
+    if args.cuda:
+        toolkit = cuda_toolkit()
+        if toolkit is None:
+            print("local image build: --cuda needs a CUDA toolkit (CUDA_HOME or /usr/local/cuda)")
+            return 1
+        image = CUDA_IMAGE if args.image == IMAGE else args.image
+        built = build(image, CUDA_TORCH, toolkit)
+    else:
+        built = build(args.image)
     figures = built.figures()
     if not built.fresh:
         print(f"local image build: {built.image} is up to date ({figures['image_size_gb']} GB)")
-        return 0
-    print(
-        f"local image build: {built.image} built in {figures['build_s']} s "
-        f"(base image {figures['base_image_s']} s), {figures['image_size_gb']} GB "
-        f"(base {figures['base_size_gb']} GB)"
-    )
+    else:
+        print(
+            f"local image build: {built.image} built in {figures['build_s']} s "
+            f"(base image {figures['base_image_s']} s), {figures['image_size_gb']} GB "
+            f"(base {figures['base_size_gb']} GB)"
+        )
+    if toolkit is not None:
+        figures |= {"cuda_toolkit": str(toolkit), **check_cuda_image(built.image)}
+        print(
+            "local image build: DeepSpeed's fused Adam (for "
+            f"{', '.join(figures['fused_adam_gpu_archs'])}) and CPU Adam are built in for CUDA "
+            f"(torch {figures['torch']}, CUDA {figures['torch_cuda']}); CPU Adam equals "
+            f"torch's AdamW to {figures['cpu_adam_vs_torch_adamw_max_abs_diff']:.1e} and has "
+            f"{figures['cpu_adam_avx512_instructions']} AVX-512 instructions"
+        )
+        if figures["cpu_adam_avx512_instructions"]:
+            return 1
     results = ROOT / "bench" / "results"
+    path = results / ("image_build_cuda.json" if toolkit is not None else "image_build.json")
+    if not built.fresh and path.is_file():  # the build's figures stay the last fresh build's
+        figures = {**figures, **{k: v for k, v in json.loads(path.read_text()).items()
+                                 if k in ("base_image_s", "build_s")}}  # fmt: skip
+    elif not built.fresh:
+        return 0
     results.mkdir(parents=True, exist_ok=True)
-    (results / "image_build.json").write_text(json.dumps(figures, indent=2) + "\n")
+    path.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
 
