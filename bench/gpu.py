@@ -63,6 +63,8 @@ IMPLEMENTATIONS = {
     "generate": ("dynamic", "static", "compiled"),
     "evaluate": ("dynamic", "static", "compiled"),
 }
+# The cases that compare decodes (their "compiled" is the decode step, SFT's the training).
+ROLLOUT_CASES = ("ppo", "generate", "evaluate")
 
 
 def gpu_limits() -> tuple[float | None, float | None]:
@@ -517,9 +519,32 @@ def evaluate(root: Path, args, decode: str) -> dict:
     }
 
 
+def ratios(case: str, entry: dict) -> dict:
+    """Each implementation against the references measured in the same run: ours (eager and
+    compiled) over TRL and the plain loop in tokens/s; for rollouts, the static cache's decode
+    (eager and compiled) over the dynamic cache's in generated tokens/s."""
+    if case in ROLLOUT_CASES:  # here "compiled" is the decode step, in training cases the model
+        return {
+            f"{decode}_over_dynamic_generation": round(
+                entry[decode]["generation_tokens_per_s"]
+                / entry["dynamic"]["generation_tokens_per_s"],
+                3,
+            )
+            for decode in ("static", "compiled")
+        }
+    return {
+        f"{ours_impl}_over_{reference}": round(
+            entry[ours_impl]["tokens_per_s"] / entry[reference]["tokens_per_s"], 3
+        )
+        for ours_impl in ("ours", "compiled")
+        for reference in ("trl", "plain")
+        if ours_impl in entry and reference in entry
+    }
+
+
 def child(args) -> dict:
     root = Path(args.root)
-    if args.case in ("ppo", "generate", "evaluate"):
+    if args.case in ROLLOUT_CASES:
         cases = {"ppo": ppo, "generate": generate, "evaluate": evaluate}
         return cases[args.case](root, args, args.impl)
     if args.impl == "compiled":
@@ -570,7 +595,7 @@ def main() -> None:
                 if case == "dpo":
                     batch = max(1, batch // 2)  # a pair is two sequences
                 impls = IMPLEMENTATIONS[case]
-                key = case if case in ("ppo", "generate", "evaluate") else f"{case}@{seq}"
+                key = case if case in ROLLOUT_CASES else f"{case}@{seq}"
                 results["cases"][key] = {"micro_batch": batch, "seq": seq}
                 for impl in impls:
                     command = [
@@ -604,21 +629,7 @@ def main() -> None:
                     found = json.loads(run.stdout.strip().splitlines()[-1])
                     results["cases"][key][impl] = found
                     print(f"{key:>10} {impl:>5}: {json.dumps(found)}", flush=True)
-                entry = results["cases"][key]
-                for ours_impl in ("ours", "compiled"):
-                    for reference in ("trl", "plain"):
-                        if ours_impl in entry and reference in entry:
-                            entry[f"{ours_impl}_over_{reference}"] = round(
-                                entry[ours_impl]["tokens_per_s"] / entry[reference]["tokens_per_s"],
-                                3,
-                            )
-                for decode in ("static", "compiled"):
-                    if decode in entry:
-                        entry[f"{decode}_over_dynamic_generation"] = round(
-                            entry[decode]["generation_tokens_per_s"]
-                            / entry["dynamic"]["generation_tokens_per_s"],
-                            3,
-                        )
+                results["cases"][key] |= ratios(case, results["cases"][key])
     if torch.cuda.is_available():
         results["gpu"] = torch.cuda.get_device_name()
     report("gpu_tiny_check" if args.tiny else "gpu", results)
