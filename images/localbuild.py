@@ -55,9 +55,11 @@ BUILD_MOUNTS = "/run/kuberlhf-build"
 CONTEXT_LABEL = "io.kuberlhf.context"
 
 
-def missing() -> list[str]:
-    """What this machine lacks for a local build (root is needed for debootstrap)."""
-    lacking = [tool for tool in TOOLS if shutil.which(tool) is None]
+def missing(cuda: bool = False) -> list[str]:
+    """What this machine lacks for a local build (root is needed for debootstrap; the CUDA
+    image's check reads machine code with objdump)."""
+    tools = TOOLS + (("objdump",) if cuda else ())
+    lacking = [tool for tool in tools if shutil.which(tool) is None]
     return lacking + (["root"] if os.geteuid() != 0 else [])
 
 
@@ -231,10 +233,12 @@ def size(image: str) -> int:
     return int(out.strip())
 
 
-def context_digest(torch_spec: str, base: str = BASE) -> str:
+def context_digest(torch_spec: str, base: str = BASE, toolkit: Path | None = None) -> str:
     """What the image is built from: the Dockerfile, what .dockerignore lets into the build
-    context, the base and torch."""
-    digest = hashlib.sha256(f"{base} {torch_spec}".encode())
+    context, the base, torch and the CUDA toolkit (its folder and version)."""
+    digest = hashlib.sha256(f"{base} {torch_spec} {toolkit}".encode())
+    if toolkit is not None and (toolkit / "version.json").is_file():
+        digest.update((toolkit / "version.json").read_bytes())
     allowed = [
         line[1:].strip()
         for line in (ROOT / ".dockerignore").read_text().splitlines()
@@ -272,7 +276,7 @@ def build(
     when only code changed. With ``cuda_toolkit``, the devel base and that toolkit mounted
     for the ops' build."""
     base = BASE if cuda_toolkit is None else DEVEL_BASE
-    digest = context_digest(torch_spec, base)
+    digest = context_digest(torch_spec, base, cuda_toolkit)
     if label(image, CONTEXT_LABEL) == digest:
         return Built(image, 0.0, 0.0, size(image), size(base), fresh=False)
     base_s = base_image(base)
@@ -320,8 +324,9 @@ def cuda_toolkit() -> Path | None:
     return None
 
 
-# AVX-512 instructions name zmm registers; AVX2's are ymm.
-AVX512_REGISTER = "%zmm"
+# Registers only AVX-512 code names: zmm, the mask registers k1-k7, and xmm/ymm 16-31, which
+# 256-bit AVX-512 code uses without zmm (images/build-ops.sh checks the same in every build).
+AVX512_CODE = re.compile(r"%zmm|%k[1-7]|%[xy]mm(1[6-9]|2[0-9]|3[01])")
 
 
 def check_cuda_image(image: str) -> dict:
@@ -333,8 +338,10 @@ def check_cuda_image(image: str) -> dict:
         "run", "--rm", "--env", "DS_ACCELERATOR=cuda",
         "--volume", f"{ROOT / 'images' / 'check_ops.py'}:{script}:ro",
         image, "python", script,
-        capture=True,
+        capture=True, check=False,
     )  # fmt: skip
+    if ran.returncode != 0:
+        raise SystemExit(f"local image build: the check in {image} failed:\n{ran.stderr[-3000:]}")
     figures = json.loads(ran.stdout.strip().splitlines()[-1])
     with tempfile.TemporaryDirectory() as folder:
         fused, cpu = Path(folder) / "fused_adam.so", Path(folder) / "cpu_adam.so"
@@ -352,7 +359,7 @@ def check_cuda_image(image: str) -> dict:
         # the GPU architectures whose code the fat binary carries (its ELF names them)
         archs = sorted(set(re.findall(rb"sm_[0-9]+", fused.read_bytes())))
     figures["cpu_adam_avx512_instructions"] = sum(
-        AVX512_REGISTER in line for line in code.splitlines()
+        bool(AVX512_CODE.search(line)) for line in code.splitlines()
     )
     figures["fused_adam_gpu_archs"] = [arch.decode() for arch in archs]
     return figures
@@ -373,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         "CUDA toolkit), then checked",
     )
     args = parser.parse_args(argv)
-    if lacking := missing():
+    if lacking := missing(cuda=args.cuda):
         print(
             f"local image build: not possible here, missing {', '.join(lacking)}"
             " (the container tests skip)"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from images.localbuild import AVX512_CODE
 from tests.conftest import ROOT
 
 WRAPPER = ROOT / "images" / "portable-cxx.sh"
@@ -68,7 +69,7 @@ def build_and_run(compiler: list[str], tmp_path: Path, name: str) -> tuple[int, 
     )
     code = subprocess.run(["objdump", "-d", str(program)], capture_output=True, text=True).stdout
     printed = subprocess.run([str(program)], capture_output=True, text=True, check=True).stdout
-    return sum("%zmm" in line for line in code.splitlines()), float(printed)
+    return sum(bool(AVX512_CODE.search(line)) for line in code.splitlines()), float(printed)
 
 
 @pytest.mark.skipif(
@@ -84,3 +85,23 @@ def test_cpu_ops_are_compiled_for_every_x86_gpu_node_not_the_build_machine(tmp_p
     portable, portable_sum = build_and_run([str(WRAPPER)], tmp_path, "portable")
     assert portable == 0, f"{portable} AVX-512 instructions in the image's build"
     assert portable_sum == EXPECTED
+
+
+def test_the_wrapper_rewrites_only_the_machine_and_simd_flags(tmp_path):
+    """On any machine: what reaches the real compiler, argument by argument."""
+    recorder = tmp_path / "recorder"
+    recorder.write_text('#!/bin/sh\nfor arg do printf "%s\\n" "$arg"; done > "$RECORD"\n')
+    recorder.chmod(0o755)
+    record = tmp_path / "args"
+    given = ["-O3", "-march=native", "-fopenmp", "-D__AVX512__", "-DNAME=a b", "-Ifoo bar", "x.cpp"]
+    environment = {"PATH": "/usr/bin:/bin", "CPU_OPS_CXX": str(recorder), "RECORD": str(record)}
+    subprocess.run([str(WRAPPER), *given], env=environment, check=True)
+    assert record.read_text().splitlines() == [
+        "-O3", "-march=x86-64-v3", "-fopenmp", "-D__AVX256__", "-DNAME=a b", "-Ifoo bar", "x.cpp"
+    ]  # fmt: skip
+    subprocess.run(
+        [str(WRAPPER), *given],
+        env={**environment, "CPU_OPS_MARCH": "znver3", "CPU_OPS_SIMD": "__SCALAR__"},
+        check=True,
+    )
+    assert record.read_text().splitlines()[1:4] == ["-march=znver3", "-fopenmp", "-D__SCALAR__"]
