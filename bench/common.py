@@ -27,13 +27,14 @@ def machine() -> dict:
     }
 
 
-def report(name: str, figures: dict) -> Path:
-    """Print ``figures`` and write them, with the machine, to bench/results/NAME.json."""
+def report(name: str, figures: dict, show: bool = True) -> Path:
+    """Write ``figures``, with the machine, to bench/results/NAME.json (and print them)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"bench": name, "machine": machine(), **figures}, indent=2))
-    print(json.dumps(figures, indent=2))
-    print(f"written to {path}")
+    if show:
+        print(json.dumps(figures, indent=2))
+        print(f"written to {path}")
     return path
 
 
@@ -152,6 +153,9 @@ def trl_arguments(root: Path, batch: int, steps: int, max_length: int, lr: float
         "dataloader_drop_last": True,
         "adam_beta2": 0.95,
         "weight_decay": 0.0,
+        # TRL's default since 1.x recomputes activations; our stages keep them (their
+        # gradient_checkpointing is off by default), so TRL runs without it too
+        "gradient_checkpointing": False,
     }
 
 

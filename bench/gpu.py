@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -290,6 +291,8 @@ def trl(case: str, root: Path, seq: int, args) -> dict:
         "optim": "adamw_torch_fused" if cuda else "adamw_torch",
         "dataloader_drop_last": True,
         "seed": 0,
+        # TRL's default recomputes activations; ours keeps them (bench/common.py)
+        "gradient_checkpointing": False,
     }
     rows = [
         json.loads(x)
@@ -378,6 +381,9 @@ def ppo(root: Path, args, decode: str) -> dict:
         minibatch_size=args.rollout // 4,
         ppo_epochs=1,
         checkpoint_every=10**6,
+        # no sample answers: their greedy decode of 4 prompts is a new shape to compile,
+        # time no figure counts
+        sample_every=0,
         sampling={
             "max_new_tokens": new_tokens,
             "max_prompt_tokens": 256,
@@ -523,23 +529,37 @@ def ratios(case: str, entry: dict) -> dict:
     """Each implementation against the references measured in the same run: ours (eager and
     compiled) over TRL and the plain loop in tokens/s; for rollouts, the static cache's decode
     (eager and compiled) over the dynamic cache's in generated tokens/s."""
-    if case in ROLLOUT_CASES:  # here "compiled" is the decode step, in training cases the model
-        return {
-            f"{decode}_over_dynamic_generation": round(
-                entry[decode]["generation_tokens_per_s"]
-                / entry["dynamic"]["generation_tokens_per_s"],
-                3,
-            )
-            for decode in ("static", "compiled")
-        }
+    # here "compiled" is the decode step, in training cases the model
+    rate = "generation_tokens_per_s" if case in ROLLOUT_CASES else "tokens_per_s"
+    measured = {impl for impl, found in entry.items() if isinstance(found, dict) and rate in found}
+    pairs = (
+        [(decode, "dynamic") for decode in ("static", "compiled")]
+        if case in ROLLOUT_CASES
+        else [(ours, ref) for ours in ("ours", "compiled") for ref in ("trl", "plain")]
+    )
+    suffix = "_generation" if case in ROLLOUT_CASES else ""
     return {
-        f"{ours_impl}_over_{reference}": round(
-            entry[ours_impl]["tokens_per_s"] / entry[reference]["tokens_per_s"], 3
-        )
-        for ours_impl in ("ours", "compiled")
-        for reference in ("trl", "plain")
-        if ours_impl in entry and reference in entry
+        f"{impl}_over_{reference}{suffix}": round(entry[impl][rate] / entry[reference][rate], 3)
+        for impl, reference in pairs
+        if impl in measured and reference in measured
     }
+
+
+def run_child(command: list[str], root: Path, timeout: float) -> dict:
+    """One implementation in a process of its own: its figures, or the error that stopped it
+    (the run goes on with the next one). What it wrote under ``root`` is removed after it:
+    every stage output at 1.33B is a 2.7 GB model, more than the disk holds in one run."""
+    before = set(root.iterdir())
+    try:
+        run = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    finally:
+        for made in set(root.iterdir()) - before:
+            shutil.rmtree(made, ignore_errors=True) if made.is_dir() else made.unlink()
+    if run.returncode != 0:
+        return {"error": f"exit {run.returncode}: {run.stderr[-4000:]}"}
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def child(args) -> dict:
@@ -568,6 +588,12 @@ def main() -> None:
     parser.add_argument("--rollout", type=int, default=64)
     parser.add_argument("--ppo-iterations", type=int, default=4)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes: checks the bench on CPU")
+    parser.add_argument(
+        "--impls", help="comma-separated implementations to run (default: each case's all)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=900, help="seconds one implementation may take"
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
@@ -585,6 +611,9 @@ def main() -> None:
         args.seq, args.steps, args.log_every, args.rollout = [64], 6, 2, 8
         args.ppo_iterations = 2
     results: dict = {"shape": "tiny" if args.tiny else "1.3b", "cases": {}}
+    if torch.cuda.is_available():
+        results["gpu"] = torch.cuda.get_device_name()
+    name = "gpu_tiny_check" if args.tiny else "gpu"
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         prepare(root, args.tiny, args.seq, rows=max(256, args.steps * 16))
@@ -594,7 +623,8 @@ def main() -> None:
                 batch = args.batch or (8 if args.tiny else max(1, 8 * 1024 // seq))
                 if case == "dpo":
                     batch = max(1, batch // 2)  # a pair is two sequences
-                impls = IMPLEMENTATIONS[case]
+                wanted = args.impls.split(",") if args.impls else IMPLEMENTATIONS[case]
+                impls = [impl for impl in IMPLEMENTATIONS[case] if impl in wanted]
                 key = case if case in ROLLOUT_CASES else f"{case}@{seq}"
                 results["cases"][key] = {"micro_batch": batch, "seq": seq}
                 for impl in impls:
@@ -623,16 +653,21 @@ def main() -> None:
                     ]
                     if args.tiny:
                         command.append("--tiny")
-                    run = subprocess.run(command, capture_output=True, text=True)
-                    if run.returncode != 0:
-                        raise SystemExit(f"{key} {impl} failed:\n{run.stderr[-4000:]}")
-                    found = json.loads(run.stdout.strip().splitlines()[-1])
+                    found = run_child(command, root, args.timeout)
                     results["cases"][key][impl] = found
                     print(f"{key:>10} {impl:>5}: {json.dumps(found)}", flush=True)
+                    # written as it goes: a run cut short by its machine keeps what it measured
+                    report(name, results, show=False)
                 results["cases"][key] |= ratios(case, results["cases"][key])
-    if torch.cuda.is_available():
-        results["gpu"] = torch.cuda.get_device_name()
-    report("gpu_tiny_check" if args.tiny else "gpu", results)
+    report(name, results)
+    failed = [
+        f"{key} {impl}"
+        for key, entry in results["cases"].items()
+        for impl, found in entry.items()
+        if isinstance(found, dict) and "error" in found
+    ]
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)} (their errors are in the report)")
 
 
 if __name__ == "__main__":

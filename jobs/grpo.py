@@ -45,6 +45,7 @@ from jobs.rollout import (
     policy_loss,
     sample_prompts,
     sample_rows,
+    seconds_since,
     token_logprobs,
     untouched_generators,
     whiten,
@@ -299,7 +300,7 @@ def run(config: Config, ctx: StageContext) -> dict:
         )
         kl = kl_estimate(old_logp, ref_logp, config.kl_estimator) * mask
         advantages = token_advantages(scores, kl, mask, config)
-        scoring_s = time.perf_counter() - timer
+        scoring_s = seconds_since(timer, mask.device)
 
         timer = time.perf_counter()
         stats = {"loss": [], "clip_fraction": [], "entropy": [], "kl_loss": []}
@@ -321,7 +322,7 @@ def run(config: Config, ctx: StageContext) -> dict:
                 stats["loss"].append(loss.detach())
                 stats["clip_fraction"].append(clipped.detach())
                 stats["entropy"].append(masked_mean(entropy, m))
-        training_s = time.perf_counter() - timer
+        training_s = seconds_since(timer, mask.device)
         iteration += 1
 
         grouped = scores.view(-1, config.group_size)

@@ -40,6 +40,7 @@ from jobs.rollout import (
     policy_loss,
     sample_prompts,
     sample_rows,
+    seconds_since,
     token_logprobs,
     untouched_generators,
     whiten,
@@ -217,7 +218,7 @@ def rollout(models: Models, prompts: list[str], config: Config, seed: int) -> di
         timer = time.perf_counter()
         size = config.scoring_batch_size or config.minibatch_size
         scored = score(models, samples.sequences, samples.attention, samples.start, size)
-        scoring_s = time.perf_counter() - timer
+        scoring_s = seconds_since(timer, samples.sequences.device)
     finally:
         for module in trained:
             module.train()
@@ -391,7 +392,7 @@ def run(config: Config, ctx: StageContext) -> dict:
 
         timer = time.perf_counter()
         losses = train_on(models, batch, config, ptx)
-        training_s = time.perf_counter() - timer
+        training_s = seconds_since(timer, batch["mask"].device)
 
         kl_rows = ((batch["old_logp"] - batch["ref_logp"]) * batch["mask"]).sum(1)
         kl = float(dist.all_gather_cat(kl_rows.float()).mean())  # one KL coefficient for all

@@ -5,6 +5,7 @@ log-probs and the clipped policy loss, as DeepSpeed-Chat's step 3 and verl's
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -82,6 +83,15 @@ def token_logprobs(
     with torch.no_grad():
         entropy = -(logp.exp() * logp).sum(-1)
     return chosen, entropy
+
+
+def seconds_since(start: float, device: torch.device) -> float:
+    """Seconds since ``start`` (``time.perf_counter()``) once ``device`` has run what was
+    queued on it: CUDA runs asynchronously, so without the wait one phase's kernels (scoring)
+    would be timed in whichever later call reads a result back."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

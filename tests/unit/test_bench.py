@@ -3,7 +3,9 @@ runs for minutes on a GPU before it reaches them, so they are checked here)."""
 
 from __future__ import annotations
 
-from bench.gpu import IMPLEMENTATIONS, ratios
+import sys
+
+from bench.gpu import IMPLEMENTATIONS, ratios, run_child
 
 
 def figures(case: str, key: str, rates: tuple[float, ...]) -> dict:
@@ -33,3 +35,39 @@ def test_rollout_cases_compare_the_static_cache_decodes_with_the_dynamic_cache()
             "static_over_dynamic_generation": 1.5,
             "compiled_over_dynamic_generation": 4.0,
         }
+
+
+def test_an_implementation_that_failed_is_left_out_of_the_comparisons():
+    sft = figures("sft", "tokens_per_s", (200.0, 300.0, 100.0, 150.0))
+    sft["trl"] = {"error": "exit 1: CUDA out of memory"}
+    assert ratios("sft", sft) == {"ours_over_plain": 2.0, "compiled_over_plain": 3.0}
+    ppo = figures("ppo", "generation_tokens_per_s", (100.0, 150.0, 400.0))
+    ppo["compiled"] = {"error": "timed out after 900 s"}
+    assert ratios("ppo", ppo) == {"static_over_dynamic_generation": 1.5}
+
+
+def test_each_child_gives_its_figures_or_its_error_and_leaves_no_outputs(tmp_path):
+    (tmp_path / "actor").mkdir()  # an input made before the children: kept
+    writes = "import pathlib, sys; d = pathlib.Path(sys.argv[1]); (d / 'out').mkdir(); "
+    (tmp_path / "done").write_text("")  # made before: kept too
+    found = run_child(
+        [
+            sys.executable,
+            "-c",
+            writes + "(d / 'f').write_text('x'); print('{\"a\": 1}')",
+            str(tmp_path),
+        ],
+        tmp_path,
+        timeout=60,
+    )
+    assert found == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["actor", "done"]
+    failed = run_child(
+        [sys.executable, "-c", writes + "sys.exit('no GPU memory left')", str(tmp_path)],
+        tmp_path,
+        60,
+    )
+    assert failed["error"].startswith("exit 1") and "no GPU memory left" in failed["error"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["actor", "done"]
+    slow = run_child([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path, timeout=1)
+    assert slow == {"error": "timed out after 1 s"}
