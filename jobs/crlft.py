@@ -17,8 +17,6 @@ Reads ``sft/{train,eval}.jsonl`` of a data stage output whose rows carry a ``lab
 
 from __future__ import annotations
 
-import time
-
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,7 +44,7 @@ DEFAULT_CLASSES = {
 }
 
 
-class Config(StageConfig):
+class Config(StageConfig, engine.Schedule):
     model: str = Field(description="the base model (a stage output folder or Hub id)")
     data: str = Field(description="a data stage output whose sft rows have a 'label'")
     classes: dict[str, ClassConfig] = Field(
@@ -54,11 +52,6 @@ class Config(StageConfig):
     )
     end_of_turn: str = END_OF_TURN
     max_seq_len: int = Field(512, ge=8)
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    eval_every: int = Field(50, ge=1)
-    log_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(200, ge=1)
     train: EngineConfig = EngineConfig(learning_rate=2e-5)
 
 
@@ -165,13 +158,9 @@ def run(config: Config, ctx: StageContext) -> dict:
     sampler = ShardedSampler(
         len(splits["train"]), cfg.micro_batch_size, config.seed, dist.rank(), dist.world_size()
     )
-    total_steps = (
-        config.max_steps
-        or max(sampler.per_epoch // cfg.gradient_accumulation_steps, 1) * config.epochs
-    )
+    total_steps = config.total_steps(sampler, cfg.gradient_accumulation_steps)
     ds = engine.initialize(model, cfg, total_steps)
     state = engine.resume(ds, ctx)
-    step = state.get("step", 0)
     pad_id = tokenizer.pad_token_id
 
     def batch_of(items):
@@ -179,21 +168,19 @@ def run(config: Config, ctx: StageContext) -> dict:
         return batch, torch.tensor([i[2] for i in items], device=ds.device)
 
     @torch.no_grad()
-    def eval_loss() -> float:
+    def eval_loss() -> dict:
         ds.eval()
         losses = [
             weighted_loss(ds, *batch_of(splits["eval"][s : s + cfg.micro_batch_size]))[1].item()
             for s in range(0, len(splits["eval"]), cfg.micro_batch_size)
         ]
         ds.train()
-        return sum(losses) / max(len(losses), 1)
+        return {"eval_loss": sum(losses) / max(len(losses), 1)}
 
-    batches = sampler.micro_batches(start=step * cfg.gradient_accumulation_steps)
-    progress = ctx.progress(total_steps, step)
-    summary: dict = {}
-    meter = engine.StepMeter(("loss",), ds.device)
-    while step < total_steps:
-        started = time.perf_counter()
+    evaluating = eval_loss if splits["eval"] else None
+    loop = engine.TrainLoop(ds, ctx, config, total_steps, state, ("loss",), evaluating)
+    batches = sampler.micro_batches(start=loop.step * cfg.gradient_accumulation_steps)
+    for _ in loop.steps():
         window = [
             [splits["train"][i] for i in next(batches)]
             for _ in range(cfg.gradient_accumulation_steps)
@@ -210,22 +197,10 @@ def run(config: Config, ctx: StageContext) -> dict:
             loss, own = weighted_loss(ds, batch, weights, total.clamp(min=1e-8) / scale)
             ds.backward(loss)
             ds.step()
-            meter.add(int(batch["attention_mask"].sum()), own)
-        step += 1
-        log_now = step % config.log_every == 0 or step == total_steps
-        means = meter.means() if log_now else {}  # waits for the GPU, inside the timed span
-        meter.seconds += time.perf_counter() - started
-        progress.update(1)
-        if log_now:
-            ctx.log(step, **means, tokens_per_s=meter.window_rate())
-        if splits["eval"] and (step % config.eval_every == 0 or step == total_steps):
-            summary = {"eval_loss": eval_loss()}
-            ctx.log(step, **summary)
-        engine.checkpoint_or_stop(ds, ctx, step, config.checkpoint_every, {})
-    progress.close()
+            loop.meter.add(int(batch["attention_mask"].sum()), own)
     engine.export_hf(ds, tokenizer, ctx.out_dir / "model", cfg)
     counts = {
         f"examples.{label}": sum(1 for i in splits["train"] if i[3] == label)
         for label in config.classes
     }
-    return {"steps": step, "end_of_turn_id": eot, **counts, **summary}
+    return {"steps": loop.step, "end_of_turn_id": eot, **counts, **loop.summary}

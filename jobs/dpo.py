@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from typing import Literal
 
 import torch
@@ -29,7 +28,7 @@ from jobs.models import free_memory, load_tokenizer, model_source
 from jobs.tokens import encode, keep_end, padded_logits
 
 
-class Config(StageConfig):
+class Config(StageConfig, engine.Schedule):
     model: str = Field(description="the model to align (a stage output folder or Hub id)")
     reference: str | None = Field(None, description="the frozen reference; default: model")
     data: str | list[str] = Field(description="data or label outputs with pairs/")
@@ -37,11 +36,6 @@ class Config(StageConfig):
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     max_seq_len: int = Field(512, ge=8)
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    eval_every: int = Field(50, ge=1)
-    log_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(200, ge=1)
     train: EngineConfig = EngineConfig(learning_rate=5e-7)
 
 
@@ -213,24 +207,19 @@ def run(config: Config, ctx: StageContext) -> dict:
     sampler = ShardedSampler(
         len(splits["train"]), cfg.micro_batch_size, config.seed, dist.rank(), dist.world_size()
     )
-    steps_per_epoch = max(sampler.per_epoch // cfg.gradient_accumulation_steps, 1)
-    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    total_steps = config.total_steps(sampler, cfg.gradient_accumulation_steps)
     model = engine.load_model(AutoModelForCausalLM, source, cfg)
     ds = engine.initialize(model, cfg, total_steps)
     state = engine.resume(ds, ctx)
-    step = state.get("step", 0)
-    first = state.get("first") or (
-        evaluate(ds, splits["eval"], ref["eval"], config, pad_id) if splits["eval"] else {}
-    )
-    if first and step == 0:
-        ctx.log(0, **first)
-    summary = dict(first)
-    batches = sampler.micro_batches(start=step * cfg.gradient_accumulation_steps)
-    progress = ctx.progress(total_steps, step)
+
+    def eval_metrics() -> dict:
+        return evaluate(ds, splits["eval"], ref["eval"], config, pad_id)
+
+    evaluating = eval_metrics if splits["eval"] else None
     names = ("loss", "accuracy", "margin", "logp_chosen", "logp_rejected")
-    meter = engine.StepMeter(names, ds.device)
-    while step < total_steps:
-        started = time.perf_counter()
+    loop = engine.TrainLoop(ds, ctx, config, total_steps, state, names, evaluating)
+    batches = sampler.micro_batches(start=loop.step * cfg.gradient_accumulation_steps)
+    for _ in loop.steps():
         for _ in range(cfg.gradient_accumulation_steps):
             idx = next(batches)
             items = [splits["train"][i] for i in idx]
@@ -241,7 +230,7 @@ def run(config: Config, ctx: StageContext) -> dict:
             )
             ds.backward(loss)
             ds.step()
-            meter.add(
+            loop.meter.add(
                 sum(len(i[0]) + len(i[2]) for i in items),
                 loss,
                 (rc > rr).float().mean(),
@@ -249,24 +238,12 @@ def run(config: Config, ctx: StageContext) -> dict:
                 chosen.mean(),
                 rejected.mean(),
             )
-        step += 1
-        log_now = step % config.log_every == 0 or step == total_steps
-        means = meter.means() if log_now else {}  # waits for the GPU, inside the timed span
-        meter.seconds += time.perf_counter() - started
-        progress.update(1)
-        if log_now:
-            ctx.log(step, **means, tokens_per_s=meter.window_rate())
-        if splits["eval"] and (step % config.eval_every == 0 or step == total_steps):
-            summary = evaluate(ds, splits["eval"], ref["eval"], config, pad_id)
-            ctx.log(step, **summary)
-        engine.checkpoint_or_stop(ds, ctx, step, config.checkpoint_every, {"first": first})
-    progress.close()
     engine.export_hf(ds, tokenizer, ctx.out_dir / "model", cfg)
     return {
-        "steps": step,
+        "steps": loop.step,
         "train_pairs": len(splits["train"]),
-        "eval_accuracy_start": first.get("eval_accuracy"),
-        "eval_margin_start": first.get("eval_margin"),
-        **summary,
-        "tokens_per_s": meter.rate,
+        "eval_accuracy_start": loop.first.get("eval_accuracy"),
+        "eval_margin_start": loop.first.get("eval_margin"),
+        **loop.summary,
+        "tokens_per_s": loop.meter.rate,
     }

@@ -7,6 +7,7 @@ their loss (DeepSpeed-Chat re-implements this per step; we do not).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -462,3 +463,71 @@ class StepMeter:
     def rate(self) -> float:
         """Tokens per second of the whole run, over all ranks."""
         return self.tokens * dist.world_size() / max(self.seconds, 1e-9)
+
+
+class Schedule(BaseModel):
+    """How long a supervised stage (sft, reward, dpo, crlft) trains, and how often it logs,
+    evaluates and checkpoints."""
+
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
+    eval_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+
+    def total_steps(self, sampler, accumulation: int) -> int:
+        return self.max_steps or max(sampler.per_epoch // accumulation, 1) * self.epochs
+
+
+class TrainLoop:
+    """The optimiser steps of a supervised stage and the tail each one ends with, the same in
+    every stage: the metrics fed to ``meter`` logged every ``log_every`` steps with the
+    learning rate and the throughput; ``evaluate``'s dict logged before the first step
+    (kept in ``first``, and in the checkpoints for a resumed run), every ``eval_every``
+    steps and at the end (the newest in ``summary``); a checkpoint every
+    ``checkpoint_every`` steps and on SIGTERM."""
+
+    def __init__(
+        self,
+        ds,
+        ctx,
+        schedule: Schedule,
+        total_steps: int,
+        state: dict,
+        names: tuple[str, ...],
+        evaluate: Callable[[], dict] | None = None,
+    ) -> None:
+        self.ds, self.ctx, self.schedule, self.evaluate = ds, ctx, schedule, evaluate
+        self.total, self.step = total_steps, state.get("step", 0)
+        self.meter = StepMeter(names, ds.device)
+        self.first: dict = state.get("first_eval") or {}
+        if not self.first and evaluate is not None:
+            self.first = evaluate()
+            ctx.log(self.step, **self.first)
+        self.summary = dict(self.first)
+
+    def steps(self) -> Iterator[int]:
+        """The steps still to run (from a resumed one on): the loop's body takes one step,
+        feeding ``meter``; the tail runs when the body has ended."""
+        import time
+
+        progress = self.ctx.progress(self.total, self.step)
+        while self.step < self.total:
+            started = time.perf_counter()
+            yield self.step
+            self.step += 1
+            step, every = self.step, self.schedule
+            last = step == self.total
+            log_now = step % every.log_every == 0 or last
+            means = self.meter.means() if log_now else {}  # waits for the GPU: a timed span
+            self.meter.seconds += time.perf_counter() - started
+            progress.update(1)
+            if log_now:
+                lr = self.ds.get_lr()[0]
+                self.ctx.log(step, **means, lr=lr, tokens_per_s=self.meter.window_rate())
+            if self.evaluate is not None and (step % every.eval_every == 0 or last):
+                self.summary = self.evaluate()
+                self.ctx.log(step, **self.summary)
+            state = {"first_eval": self.first}
+            checkpoint_or_stop(self.ds, self.ctx, step, every.checkpoint_every, state)
+        progress.close()

@@ -9,7 +9,6 @@ Face sequence-classification checkpoint (``num_labels=1``) any later stage can l
 
 from __future__ import annotations
 
-import time
 from typing import Literal
 
 import torch
@@ -25,7 +24,7 @@ from jobs.models import load_tokenizer, model_source, quiet_load_report
 from jobs.scoring import batch_scores, encode
 
 
-class Config(StageConfig):
+class Config(StageConfig, engine.Schedule):
     model: str = Field(description="base LM: a stage output folder (e.g. the SFT model) or Hub id")
     revision: str | None = None
     data: str | list[str] = Field(
@@ -39,10 +38,6 @@ class Config(StageConfig):
     )
     max_seq_len: int = Field(512, ge=8)
     epochs: int = Field(1, ge=1, description="one by default: reward models over-fit")
-    max_steps: int | None = Field(None, ge=1)
-    eval_every: int = Field(50, ge=1)
-    log_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(200, ge=1)
     train: EngineConfig = EngineConfig(learning_rate=1e-5)
 
 
@@ -137,8 +132,7 @@ def run(config: Config, ctx: StageContext) -> dict:
     sampler = ShardedSampler(
         len(train_items), cfg.micro_batch_size, config.seed, dist.rank(), dist.world_size()
     )
-    steps_per_epoch = max(sampler.per_epoch // cfg.gradient_accumulation_steps, 1)
-    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    total_steps = config.total_steps(sampler, cfg.gradient_accumulation_steps)
 
     with quiet_load_report():  # the new score head is "missing" from a causal LM, as intended
         model = engine.load_model(
@@ -147,20 +141,16 @@ def run(config: Config, ctx: StageContext) -> dict:
     model.config.pad_token_id = tokenizer.pad_token_id
     ds = engine.initialize(model, cfg, total_steps, task_type="SEQ_CLS")
     state = engine.resume(ds, ctx)
-    step = state.get("step", 0)
     pad_id = tokenizer.pad_token_id
 
-    summary = state.get("first_eval") or (
-        evaluate(ds.module, eval_items, pad_id, cfg.micro_batch_size) if eval_items else {}
-    )
-    first = dict(summary)
-    if first and step == 0:
-        ctx.log(0, **{k: first[k] for k in ("eval_accuracy", "eval_margin")})
-    batches = sampler.micro_batches(start=step * cfg.gradient_accumulation_steps)
-    progress = ctx.progress(total_steps, step)
-    meter = engine.StepMeter(("loss", "accuracy"), ds.device)
-    while step < total_steps:
-        started = time.perf_counter()
+    def eval_metrics() -> dict:
+        return evaluate(ds.module, eval_items, pad_id, cfg.micro_batch_size)
+
+    evaluating = eval_metrics if eval_items else None
+    names = ("loss", "accuracy")
+    loop = engine.TrainLoop(ds, ctx, config, total_steps, state, names, evaluating)
+    batches = sampler.micro_batches(start=loop.step * cfg.gradient_accumulation_steps)
+    for _ in loop.steps():
         for _ in range(cfg.gradient_accumulation_steps):
             items = [train_items[i] for i in next(batches)]
             chosen, rejected = pair_scores(ds, items, pad_id)
@@ -168,25 +158,13 @@ def run(config: Config, ctx: StageContext) -> dict:
             ds.backward(loss)
             ds.step()
             tokens = sum(len(c) + len(r) for c, r in items)
-            meter.add(tokens, loss, (chosen > rejected).float().mean())
-        step += 1
-        log_now = step % config.log_every == 0 or step == total_steps
-        means = meter.means() if log_now else {}  # waits for the GPU, inside the timed span
-        meter.seconds += time.perf_counter() - started
-        progress.update(1)
-        if log_now:
-            ctx.log(step, **means, lr=ds.get_lr()[0], tokens_per_s=meter.window_rate())
-        if eval_items and (step % config.eval_every == 0 or step == total_steps):
-            summary = evaluate(ds.module, eval_items, pad_id, cfg.micro_batch_size)
-            ctx.log(step, **summary)
-        engine.checkpoint_or_stop(ds, ctx, step, config.checkpoint_every, {"first_eval": first})
-    progress.close()
+            loop.meter.add(tokens, loss, (chosen > rejected).float().mean())
     engine.export_hf(ds, tokenizer, ctx.out_dir / "model", cfg)
     return {
-        "steps": step,
+        "steps": loop.step,
         "train_pairs": len(train_items),
         "eval_pairs": len(eval_items),
-        "eval_accuracy_start": first.get("eval_accuracy"),
-        **summary,
-        "tokens_per_s": meter.rate,
+        "eval_accuracy_start": loop.first.get("eval_accuracy"),
+        **loop.summary,
+        "tokens_per_s": loop.meter.rate,
     }

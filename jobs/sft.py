@@ -10,8 +10,6 @@ shared DeepSpeed engine and writes ``model/`` in Hugging Face format.
 
 from __future__ import annotations
 
-import time
-
 import torch
 from pydantic import Field
 
@@ -34,17 +32,12 @@ from jobs.supervised import (
 )
 
 
-class Config(StageConfig):
+class Config(StageConfig, engine.Schedule):
     model: str = Field(description="base model: a stage output folder or a Hugging Face id")
     revision: str | None = None
     data: str = Field(description="a data stage output (reads sft/train.jsonl, sft/eval.jsonl)")
     max_seq_len: int = Field(512, ge=8)
     packing: bool = Field(False, description="concatenate examples into full-length rows")
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
-    eval_every: int = Field(50, ge=1)
-    log_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(200, ge=1)
     train: EngineConfig = EngineConfig()
 
 
@@ -96,8 +89,7 @@ def run(config: Config, ctx: StageContext) -> dict:
     sampler = ShardedSampler(
         len(train_items), cfg.micro_batch_size, config.seed, dist.rank(), dist.world_size()
     )
-    steps_per_epoch = max(sampler.per_epoch // cfg.gradient_accumulation_steps, 1)
-    total_steps = config.max_steps or steps_per_epoch * config.epochs
+    total_steps = config.total_steps(sampler, cfg.gradient_accumulation_steps)
 
     model = engine.load_model(AutoModelForCausalLM, source, cfg, revision=config.revision)
     ds = engine.initialize(model, cfg, total_steps)
@@ -105,40 +97,22 @@ def run(config: Config, ctx: StageContext) -> dict:
         check_packing_isolates(ds.module, ds.device)
     flatten = config.packing and flattens(ds.module)
     state = engine.resume(ds, ctx)
-    step = state.get("step", 0)
     device = ds.device
     pad_id = tokenizer.pad_token_id
 
-    first_eval = state.get("first_eval_loss")
-    if first_eval is None and eval_items:
-        first_eval = evaluate(ds, eval_items, pad_id, cfg.micro_batch_size)
-        ctx.log(step, eval_loss=first_eval)
-    eval_loss = first_eval
-    batches = sampler.micro_batches(start=step * cfg.gradient_accumulation_steps)
-    progress = ctx.progress(total_steps, step)
-    meter = engine.StepMeter(("loss",), device)
-    while step < total_steps:
-        started = time.perf_counter()
+    def eval_loss() -> dict:
+        return {"eval_loss": evaluate(ds, eval_items, pad_id, cfg.micro_batch_size)}
+
+    evaluating = eval_loss if eval_items else None
+    loop = engine.TrainLoop(ds, ctx, config, total_steps, state, ("loss",), evaluating)
+    batches = sampler.micro_batches(start=loop.step * cfg.gradient_accumulation_steps)
+    for _ in loop.steps():
         for _ in range(cfg.gradient_accumulation_steps):
             items = [train_items[i] for i in next(batches)]
             loss, _ = response_loss(ds, to_device(collate(items, pad_id, flatten), device))
             ds.backward(loss)
             ds.step()
-            meter.add(sum(len(item[0]) for item in items), loss)
-        step += 1
-        log_now = step % config.log_every == 0 or step == total_steps
-        means = meter.means() if log_now else {}  # waits for the GPU, inside the timed span
-        meter.seconds += time.perf_counter() - started
-        progress.update(1)
-        if log_now:
-            ctx.log(step, **means, lr=ds.get_lr()[0], tokens_per_s=meter.window_rate())
-        if eval_items and (step % config.eval_every == 0 or step == total_steps):
-            eval_loss = evaluate(ds, eval_items, pad_id, cfg.micro_batch_size)
-            ctx.log(step, eval_loss=eval_loss)
-        engine.checkpoint_or_stop(
-            ds, ctx, step, config.checkpoint_every, {"first_eval_loss": first_eval}
-        )
-    progress.close()
+            loop.meter.add(sum(len(item[0]) for item in items), loss)
 
     # A chat template's end-of-turn token ends answers as EOS does: generation stops there.
     stops = end_of_turn_ids(splits["train"], tokenizer)
@@ -149,9 +123,9 @@ def run(config: Config, ctx: StageContext) -> dict:
         base.generation_config.eos_token_id = sorted({*stops, *(t for t in known if t is not None)})
     engine.export_hf(ds, tokenizer, ctx.out_dir / "model", cfg)
     return {
-        "steps": step,
-        "eval_loss_start": first_eval,
-        "eval_loss": eval_loss,
+        "steps": loop.step,
+        "eval_loss_start": loop.first.get("eval_loss"),
+        "eval_loss": loop.summary.get("eval_loss"),
         "train_examples": len(splits["train"]),
-        "tokens_per_s": meter.rate,
+        "tokens_per_s": loop.meter.rate,
     }
