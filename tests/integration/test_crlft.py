@@ -84,12 +84,13 @@ def test_expert_tag_answers_score_higher_and_end_of_turn_ends_generation(
     metrics = read_manifest(str(tmp_path / "crlft")).metrics
     assert metrics["examples.gpt-4"] > 0 and metrics["examples.gpt-3.5-turbo"] > 0
     # The schedule every supervised stage shares: an evaluation before the first step and
-    # after the last, the learning rate (warming up, then decaying) in every log line.
+    # after the last, the learning rate (past its warm-up by the first log, decaying) in every
+    # log line.
     lines = [json.loads(x) for x in (tmp_path / "crlft" / "metrics.jsonl").read_text().splitlines()]
     evals = [x["step"] for x in lines if "eval_loss" in x]
     rates = [x["lr"] for x in lines if "loss" in x]
     assert evals == [0, 120] and len(rates) == 12, (evals, len(rates))
-    assert rates[0] < max(rates) > rates[-1]
+    assert rates == sorted(rates, reverse=True) and rates[0] > rates[-1] > 0, rates
     assert metrics["eval_loss"] < 0.5 * metrics["eval_loss_start"]
 
     from transformers import AutoModelForCausalLM
