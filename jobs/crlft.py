@@ -203,4 +203,5 @@ def run(config: Config, ctx: StageContext) -> dict:
         f"examples.{label}": sum(1 for i in splits["train"] if i[3] == label)
         for label in config.classes
     }
-    return {"steps": loop.step, "end_of_turn_id": eot, **counts, **loop.summary}
+    start = {f"{k}_start": v for k, v in loop.first.items()}
+    return {"steps": loop.step, "end_of_turn_id": eot, **counts, **start, **loop.summary}
