@@ -13,6 +13,7 @@ import os
 import sys
 
 from jobs.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRY, StageError
+from jobs.launch import record_exit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = run_stage(args.stage, config, module.run)
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        record_exit(exc.exit_code)
         dist.shutdown()
         return exc.exit_code
     except OSError as exc:
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # A full disk is the node's, not the config's: another pod may have room.
         print(f"error: no space left on the disk: {exc}", file=sys.stderr, flush=True)
+        record_exit(EXIT_RETRY)
         dist.shutdown()
         return EXIT_RETRY
     dist.shutdown()

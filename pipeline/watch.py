@@ -33,6 +33,7 @@ BLOCKING = {
 class PodView:
     name: str
     phase: str
+    uid: str = ""
     restarts: int = 0
     exit_code: int | None = None
     reason: str = ""
@@ -117,7 +118,8 @@ class StageTracker:
 
 def pod_view(pod: dict[str, Any]) -> PodView:
     status = pod.get("status", {})
-    view = PodView(name=pod["metadata"]["name"], phase=status.get("phase", "Pending"))
+    metadata = pod["metadata"]
+    view = PodView(metadata["name"], status.get("phase", "Pending"), metadata.get("uid", ""))
     for container in status.get("containerStatuses", []) or []:
         if container.get("name") != "stage" and len(status["containerStatuses"]) > 1:
             continue
@@ -146,7 +148,13 @@ def job_outcome(job: dict[str, Any], pods: list[PodView]) -> Outcome | None:
     }
     if "Complete" in conditions:
         return Outcome(True, False, "Complete", "finished", 0)
-    failed = conditions.get("Failed") or conditions.get("FailureTarget")
+    failed = conditions.get("Failed")
+    target = conditions.get("FailureTarget")
+    # FailureTarget comes first (Kubernetes 1.31+), Failed once every pod has ended. A
+    # podFailurePolicy's decides; any other waits for the pods' exit codes: in a gang one
+    # pod's 65 can come after another's 1 (its peer gone) has already failed the Job.
+    if failed is None and target is not None and target.get("reason") == "PodFailurePolicy":
+        failed = target
     if failed is None:
         return None
     reason = failed.get("reason", "Failed")
@@ -247,6 +255,15 @@ def event_order(event: dict[str, Any]) -> tuple:
     return (when.replace(microsecond=0), LIFE_CYCLE.get(event.get("reason") or "", 6), when)
 
 
+def own_events(events: list[dict[str, Any]], uid: str) -> list[dict[str, Any]]:
+    """The events of this very object, not of an earlier one of its name: a Job re-made
+    under its name (a retry, a re-run) would otherwise show the old one's events, which the
+    API keeps for an hour. Events that name no uid are kept."""
+    if not uid:
+        return events
+    return [e for e in events if (e.get("involvedObject") or {}).get("uid") in (None, "", uid)]
+
+
 def event_lines(events: list[dict[str, Any]]) -> list[str]:
     """Events (as the API returns them) in the order they happened, one line each."""
     return [
@@ -256,12 +273,17 @@ def event_lines(events: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def event_key(event: dict[str, Any]) -> str:
+    """One event at one count: a repeated event (its count raised) is news again."""
+    uid = (event.get("metadata") or {}).get("uid") or str(event_time(event))
+    return f"{uid}/{event.get('count')}"
+
+
 def warnings_to_show(events: list[dict[str, Any]], seen: set[str]) -> list[str]:
     """The Warning events not shown yet that say pods cannot be made or cannot run."""
     out = []
     for event in sorted(events, key=event_order):
-        uid = (event.get("metadata") or {}).get("uid") or str(event_time(event))
-        key = f"{uid}/{event.get('count')}"
+        key = event_key(event)
         if event.get("type") != "Warning" or key in seen:
             continue
         if event.get("reason") not in BLOCKING and "quota" not in str(event.get("message")):
@@ -270,6 +292,24 @@ def warnings_to_show(events: list[dict[str, Any]], seen: set[str]) -> list[str]:
         name = (event.get("involvedObject") or {}).get("name", "?")
         out.append(f"{name}: Warning {event.get('reason')}: {event.get('message')}")
     return out
+
+
+# Normal events that say a pod is on its way though none runs yet: a large image being
+# pulled (the CUDA image is 7.7 GB), the cluster autoscaler adding a node for it.
+UNDER_WAY = {"Pulling", "TriggeredScaleUp", "Pulled", "Scheduled"}
+
+
+def under_way(events: list[dict[str, Any]], seen: set[str]) -> bool:
+    """Whether a new event says a pod of the stage is on its way (the stall clock restarts)."""
+    new = False
+    for event in events:
+        if event.get("reason") not in UNDER_WAY:
+            continue
+        key = event_key(event)
+        if key not in seen:
+            seen.add(key)
+            new = True
+    return new
 
 
 def explain(

@@ -29,8 +29,10 @@ from pipeline.watch import (
     event_lines,
     explain,
     identity,
+    own_events,
     relisted,
     stalled,
+    under_way,
     warnings_to_show,
 )
 
@@ -44,10 +46,12 @@ def run_selector(run_id: str, stage: str | None = None, pods: bool = False) -> s
 
 
 def job_finished(job: dict[str, Any]) -> bool:
-    """Complete, failed or being deleted: nothing to follow any more."""
+    """Complete, failed or failing (FailureTarget: its pods are being stopped), or being
+    deleted: nothing a re-run should follow."""
     conditions = job.get("status", {}).get("conditions") or []
     done = {c.get("type") for c in conditions if c.get("status") == "True"}
-    return bool(done & {"Complete", "Failed"}) or bool(job["metadata"].get("deletionTimestamp"))
+    ended = {"Complete", "Failed", "FailureTarget"}
+    return bool(done & ended) or bool(job["metadata"].get("deletionTimestamp"))
 
 
 def same_config(existing: dict[str, Any], rendered: dict[str, Any]) -> bool:
@@ -119,6 +123,9 @@ class KubernetesBackend:
             report = explain(tracker, outcome, self.events(plan, tracker), self.logs(plan, stage))
             if outcome.exit_code == EXIT_BAD_INPUT:
                 report = f"{BAD_INPUT}\n{report}"
+            if outcome.reason == "NoProgress":  # left queued, it could start unattended later
+                self._delete_job(namespace, name)
+                report += f"\nthe Job {name} was deleted: it would otherwise start unattended"
             if not outcome.retryable or attempt == stage.spec.retries:
                 mark_given_up(stage.output, f"{outcome.reason}: {outcome.message}"[:300])
                 # the Job's annotation says failed too, not the last step it ran (a
@@ -153,10 +160,13 @@ class KubernetesBackend:
         namespace = plan.kubernetes.namespace
         for manifest in manifests:  # all checked before any is created: nothing left behind
             client_model(manifest)
+        # the old Job goes before its ConfigMap changes: a pod it made meanwhile would run
+        # the new config on the old image and GPUs
+        for manifest in manifests:
+            if manifest["kind"] == "Job":
+                self._clear_job(namespace, manifest["metadata"]["name"])
         for manifest in manifests:
             kind, name = manifest["kind"], manifest["metadata"]["name"]
-            if kind == "Job":
-                self._clear_job(namespace, name)
             try:
                 utils.create_from_dict(self.api, manifest, namespace=namespace)
             except utils.FailToCreateError as exc:
@@ -201,6 +211,7 @@ class KubernetesBackend:
             thread.start()
         tracker, last_line, last_metrics = StageTracker(job_name), "", ()
         idle_from, next_check, seen, warnings = time.monotonic(), 0.0, set(), []
+        coming: set[str] = set()
         try:
             while (outcome := tracker.outcome()) is None:
                 try:
@@ -217,7 +228,10 @@ class KubernetesBackend:
                     idle_from = time.monotonic()
                 if time.monotonic() >= next_check:  # what keeps pods from being made or run
                     next_check = time.monotonic() + self.poll_s
-                    for line in warnings_to_show(self.raw_events(plan, tracker), seen):
+                    found = self.raw_events(plan, tracker)
+                    if under_way(found, coming):  # an image pull, a node being added
+                        idle_from = time.monotonic()
+                    for line in warnings_to_show(found, seen):
                         warnings.append(line)
                         self.echo(f"{head}: {line}")
                     waited = time.monotonic() - idle_from
@@ -255,14 +269,16 @@ class KubernetesBackend:
         from urllib3.exceptions import HTTPError
 
         out = []
-        for name in [tracker.job_name, *sorted(tracker.pods)]:
+        uids = {tracker.job_name: (tracker.job.get("metadata") or {}).get("uid", "")}
+        uids.update({name: pod.uid for name, pod in sorted(tracker.pods.items())})
+        for name, uid in uids.items():
             try:
                 found = self.core.list_namespaced_event(
                     plan.kubernetes.namespace, field_selector=f"involvedObject.name={name}"
                 )
             except (ApiException, HTTPError, OSError):
                 continue
-            out += [self.api.sanitize_for_serialization(e) for e in found.items]
+            out += own_events([self.api.sanitize_for_serialization(e) for e in found.items], uid)
         return out
 
     def events(self, plan: Plan, tracker: StageTracker) -> list[str]:
@@ -296,15 +312,13 @@ class KubernetesBackend:
         namespace, selector = plan.kubernetes.namespace, run_selector(plan.run_id)
         jobs = self.batch.list_namespaced_job(namespace, label_selector=selector).items
         for job in jobs:
-            self.batch.delete_namespaced_job(
-                job.metadata.name, namespace, propagation_policy="Foreground"
-            )
-        for config_map in self.core.list_namespaced_config_map(
-            namespace, label_selector=selector
-        ).items:
-            self.core.delete_namespaced_config_map(config_map.metadata.name, namespace)
-        for service in self.core.list_namespaced_service(namespace, label_selector=selector).items:
-            self.core.delete_namespaced_service(service.metadata.name, namespace)
+            self._delete_job(namespace, job.metadata.name)
+        # each gone already is fine: another `rlhf cancel`, the run's own clean-up
+        core = self.core
+        for config_map in core.list_namespaced_config_map(namespace, label_selector=selector).items:
+            gone_already(core.delete_namespaced_config_map, config_map.metadata.name, namespace)
+        for service in core.list_namespaced_service(namespace, label_selector=selector).items:
+            gone_already(core.delete_namespaced_service, service.metadata.name, namespace)
         try:
             networking = self.networking
             policies = networking.list_namespaced_network_policy(namespace, label_selector=selector)
@@ -313,20 +327,40 @@ class KubernetesBackend:
                 raise
             return len(jobs)
         for policy in policies.items:
-            networking.delete_namespaced_network_policy(policy.metadata.name, namespace)
+            gone_already(
+                networking.delete_namespaced_network_policy, policy.metadata.name, namespace
+            )
         return len(jobs)
 
     # --- internals ----------------------------------------------------------------------
 
-    def _clear_job(self, namespace: str, name: str, timeout_s: float = 300) -> None:
+    def _delete_job(self, namespace: str, name: str) -> bool:
+        """Delete a Job and (foreground) its pods; False when there was none."""
         from kubernetes.client.exceptions import ApiException
 
         try:
             self.batch.delete_namespaced_job(name, namespace, propagation_policy="Foreground")
         except ApiException as exc:
             if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def _clear_job(self, namespace: str, name: str) -> None:
+        """Delete a Job and wait until it has gone: its pods first get their grace period to
+        checkpoint (the chart's terminationGracePeriodSeconds, 600 s by default)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            job = self.batch.read_namespaced_job(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
                 return
             raise
+        grace = job.spec.template.spec.termination_grace_period_seconds
+        timeout_s = (30 if grace is None else grace) + 120
+        if not self._delete_job(namespace, name):
+            return
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
@@ -375,13 +409,13 @@ class KubernetesBackend:
                     else:
                         known[identity(obj)] = obj
                     out.put((kind, event["type"], obj))
-            except (ApiException, HTTPError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - a dead stream must say so, or the wait hangs
                 if isinstance(exc, ApiException) and exc.status == 410:
                     version = None  # the watch expired: start over from a fresh list
                     continue
                 if stop.is_set():  # the wait is over: a connection closing is no news
                     return
-                if api_unavailable(exc):
+                if isinstance(exc, ApiException | HTTPError | OSError) and api_unavailable(exc):
                     unreachable_since = unreachable_since or time.monotonic()
                     if time.monotonic() - unreachable_since <= API_OUTAGE_S:
                         version = None  # what happened meanwhile comes with a fresh list
@@ -389,6 +423,17 @@ class KubernetesBackend:
                         continue
                 out.put((kind, "ERROR", exc))
                 return
+
+
+def gone_already(delete, name: str, namespace: str) -> None:
+    """Delete an object; one that is gone already (404) is what was wanted."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        delete(name, namespace)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
 
 
 def api_unavailable(exc: Exception) -> bool:

@@ -268,3 +268,55 @@ def test_each_worker_leaves_the_process_group_on_its_exits(finished, tmp_path):
         assert exits == [f"worker exit {code}, process group joined True and left"] * 2, (
             result.stdout[-2000:] + result.stderr[-2000:]
         )
+
+
+def test_a_bad_input_outlasts_the_sigterm_that_stops_its_gang(finished, tmp_path):
+    """In a gang, another pod can fail first (its workers lose their peer) and the Job
+    controller then stops this pod while torchrun is still stopping its workers: the
+    launcher is signalled after a worker said bad input, and must still exit 65, not 75
+    (which would re-create the gang). torchrun looks at its workers every
+    PET_MONITOR_INTERVAL seconds: a long one holds it there while the signal comes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    bad = tmp_path / "bad.yaml"
+    config = {"output": str(tmp_path / "sft"), "model": str(tmp_path / "no-model")}
+    bad.write_text(yaml.safe_dump({**config, "data": finished["output"]}))
+    exits = tmp_path / "exits"
+    exits.mkdir()
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PET_NPROC_PER_NODE": "2",
+        "PET_STANDALONE": "1",
+        "PET_MONITOR_INTERVAL": "600",
+        "KUBERLHF_WORKER_EXITS": str(exits),
+    }
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "jobs.launch", "sft", "--config", str(bad)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not list(exits.glob("rank-*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        recorded = sorted(path.read_text() for path in exits.glob("rank-*"))
+        assert recorded and set(recorded) == {str(EXIT_BAD_INPUT)}, recorded
+        assert launcher.poll() is None  # torchrun has not looked yet
+        launcher.send_signal(signal.SIGTERM)
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert "got signal" in stderr and f"exit code {EXIT_BAD_INPUT}" in stderr, stderr[-2000:]
+    assert launcher.returncode == EXIT_BAD_INPUT

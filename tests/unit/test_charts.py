@@ -328,6 +328,16 @@ def test_quantities_given_as_numbers_reach_the_client_as_strings():
     with pytest.raises(Exception, match="nvidia.com/gpu.*valid string"):
         client_model(job)
 
+    # sizes in bytes are strings in the values (the schema's type) that YAML would read as
+    # numbers, were they rendered bare
+    for scratch in ({"sizeLimit": "1024"}, {"sizeLimit": "2048", "storageClassName": "fast"}):
+        [job] = by_kind(
+            render(CHARTS / "sft", {"shm": {"sizeLimit": "512"}, "scratch": scratch}), "Job"
+        )
+        client_model(job)
+        volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["dshm"]["emptyDir"]["sizeLimit"] == "512"
+
 
 RESTRICTED_VOLUMES = {
     "configMap",

@@ -194,6 +194,9 @@ def test_pods_that_cannot_be_created_are_printed_and_end_the_run(stage_plan, con
 
     assert "no pod of the Job ran" in str(failed.value)
     assert cluster.created.count("jobs") == 1
+    # not left queued, to start unattended once the namespace lets it
+    assert "the Job demo-sft was deleted" in str(failed.value)
+    assert "demo-sft" not in cluster.objects["Job"]
     shown = [line for line in lines if "Warning FailedCreate" in line]
     assert len(shown) == 2 and "violates PodSecurity" in shown[0]
 

@@ -13,8 +13,10 @@ from pipeline.watch import (
     StageTracker,
     event_lines,
     explain,
+    own_events,
     relisted,
     stalled,
+    under_way,
     warnings_to_show,
 )
 from tests.conftest import FIXTURES
@@ -113,6 +115,34 @@ def test_a_gang_given_a_bad_input_fails_with_65_and_its_ended_pods_say_so():
     assert "pod demo-sft-0-abcde: Failed, exit code 65" in report
     # the pod's phase lags: its container has ended, so it is not shown as running
     assert "pod demo-sft-1-fghij: Terminated, exit code 137" in report
+
+
+def test_a_gang_failed_by_a_lost_peer_waits_for_its_pods_exit_codes():
+    """One pod's workers exit 1 (their peer's connection dropped) before the other pod's 65
+    has reached the API: the Job's FailureTarget (BackoffLimitExceeded) does not decide, its
+    Failed does, once every pod has ended and said its code."""
+    events = yaml.safe_load((FIXTURES / "k8s" / "gang_bad_input.yaml").read_text())
+    job, bad_pod, other_pod = (copy.deepcopy(events[i]["object"]) for i in range(3))
+    other_pod["status"]["containerStatuses"] = [
+        {"name": "stage", "restartCount": 0, "state": {"terminated": {"exitCode": 1}}}
+    ]
+    running = copy.deepcopy(bad_pod)
+    running["status"] = {"phase": "Running"}
+    tracker = StageTracker("demo-sft")
+    tracker.on_job(job)
+    tracker.on_pod(running)
+    tracker.on_pod(other_pod)
+    target = {"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded"}
+    job["status"]["conditions"] = [target]
+    tracker.on_job(job)
+    assert tracker.outcome() is None  # the first pod is still stopping
+    tracker.on_pod(bad_pod)  # its 65 (the launcher keeps it through the SIGTERM)
+    job["status"]["conditions"] = [target, {**target, "type": "Failed"}]
+    tracker.on_job(job)
+    outcome = tracker.outcome()
+    assert not outcome.retryable and outcome.exit_code == 65, outcome
+    # and a re-run does not follow the failing Job: it replaces it
+    assert job_finished({"metadata": {}, "status": {"conditions": [target]}})
 
 
 def test_pods_that_cannot_be_created_are_shown_and_end_the_wait():
@@ -239,3 +269,23 @@ def test_a_second_run_follows_a_running_job_of_the_same_config_only():
     assert job_finished(tracker.job)
     cancelled, _ = replay("cancelled")
     assert job_finished(cancelled.job)
+
+
+def test_a_job_made_again_under_its_name_shows_only_its_own_events():
+    recorded = yaml.safe_load((FIXTURES / "k8s" / "failed_create.yaml").read_text())
+    old, new = copy.deepcopy(recorded["events"][:2])
+    old["involvedObject"]["uid"], new["involvedObject"]["uid"] = "uid-before", "uid-now"
+    assert own_events([old, new], "uid-now") == [new]
+    assert own_events([old, new], "") == [old, new]  # not known yet: nothing to tell apart
+
+
+def test_an_image_pull_or_a_node_being_added_restarts_the_stall_clock():
+    pulling = {"type": "Normal", "reason": "Pulling", "metadata": {"uid": "e1"}, "count": 1}
+    scale_up = {"type": "Normal", "reason": "TriggeredScaleUp", "metadata": {"uid": "e2"}}
+    refused = {"type": "Warning", "reason": "FailedCreate", "metadata": {"uid": "e3"}}
+    seen: set[str] = set()
+    assert not under_way([refused], seen)
+    assert under_way([refused, pulling], seen)
+    assert not under_way([pulling], seen)  # the same event again is no news
+    assert under_way([pulling, scale_up], seen)
+    assert under_way([{**pulling, "count": 2}], seen)  # pulled again (a back-off)

@@ -229,7 +229,7 @@ spec:
         - name: dshm
           emptyDir:
             medium: Memory
-            sizeLimit: {{ .Values.shm.sizeLimit }}
+            sizeLimit: {{ .Values.shm.sizeLimit | quote }}
         - name: scratch
           {{- if .Values.scratch.storageClassName }}
           ephemeral:
@@ -239,10 +239,10 @@ spec:
                 storageClassName: {{ .Values.scratch.storageClassName }}
                 resources:
                   requests:
-                    storage: {{ .Values.scratch.sizeLimit }}
+                    storage: {{ .Values.scratch.sizeLimit | quote }}
           {{- else }}
           emptyDir:
-            sizeLimit: {{ .Values.scratch.sizeLimit }}
+            sizeLimit: {{ .Values.scratch.sizeLimit | quote }}
           {{- end }}
 {{- if .Values.tests.enabled }}
 ---
