@@ -370,6 +370,8 @@ def ppo(root: Path, args, decode: str) -> dict:
         "precision": "fp32" if cpu_compiled else "bf16",
         "zero_stage": 2,
         "learning_rate": 1e-6,
+        # one forward per minibatch, as the figures and DeepSpeed-Chat's step 3 take it
+        "micro_batch_size": args.rollout // 4,
     }
     config = stage.Config(
         output=str(root / f"ours-ppo-{decode}"),

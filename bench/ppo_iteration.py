@@ -65,8 +65,8 @@ def main() -> None:
                 "top_p": 1.0,
                 "max_prompt_tokens": 128,
             },
-            actor_train={"learning_rate": 2e-4},
-            critic_train={"learning_rate": 2e-4},
+            actor_train={"learning_rate": 2e-4, "micro_batch_size": MINIBATCH},
+            critic_train={"learning_rate": 2e-4, "micro_batch_size": MINIBATCH},
         )
         run_stage("ppo", config, ppo.run, root / "w-ppo")
         lines = [json.loads(x) for x in (root / "ppo/metrics.jsonl").read_text().splitlines()]

@@ -42,12 +42,14 @@ from jobs.rewards import RewardFunction, Rewards
 from jobs.rollout import (
     SampleLog,
     masked_mean,
+    micro_batches,
     policy_loss,
     sample_prompts,
     sample_rows,
     seconds_since,
     token_logprobs,
     untouched_generators,
+    update_config,
     whiten,
 )
 
@@ -61,7 +63,11 @@ class Config(StageConfig, SampleLog):
     prompts_per_iteration: int = Field(16, ge=1, description="per process")
     iterations: int = Field(100, ge=1)
     epochs: int = Field(1, ge=1, description="passes over each rollout")
-    minibatch_size: int = Field(32, ge=1, description="answers per optimiser step")
+    minibatch_size: int = Field(
+        32,
+        ge=1,
+        description="answers per optimiser step, in forwards of train.micro_batch_size answers",
+    )
     clip_range: float = Field(0.2, gt=0)
     kl_coef: float = Field(0.04, ge=0)
     kl_estimator: Literal["k1", "k3"] = "k3"
@@ -84,6 +90,12 @@ class Config(StageConfig, SampleLog):
             raise ValueError(
                 f"prompts_per_iteration * group_size ({rollout}) must be a multiple of "
                 f"minibatch_size ({self.minibatch_size})"
+            )
+        update_config(self.train, self.minibatch_size, "train")
+        if not self.sampling.do_sample:
+            raise ValueError(
+                "sampling.do_sample: false would give every answer of a group the same tokens "
+                "(and transformers samples no groups greedily); the advantages need samples"
             )
         if self.train.compile:
             raise ValueError(
@@ -108,7 +120,9 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> t
     if estimator == "k1":
         return logp - ref_logp
     log_ratio = (ref_logp - logp).clamp(-20, 20)
-    return torch.exp(log_ratio) - log_ratio - 1
+    # bounded as verl's low_var_kl and OpenRLHF's compute_approx_kl bound it: one token far
+    # off in bf16 must not outweigh the answer
+    return (torch.exp(log_ratio) - log_ratio - 1).clamp(max=10)
 
 
 def token_advantages(
@@ -208,7 +222,7 @@ def policy_samples(ds, reference, tokenizer, eos, rows, where, rewards, config):
         answers = sample(model, tokenizer, prompts, greedy, eos, 0, synced_gpus=synced)
     texts = decode(tokenizer, answers.answers, answers.mask)
     total, _ = rewards(prompts, texts, rows, where)
-    size, temperature = config.minibatch_size, config.sampling.temperature
+    size, temperature = ds.train_micro_batch_size_per_gpu(), config.sampling.temperature
     logp = logprobs_of(ds.module, answers, size, temperature)
     ref = (
         logprobs_of(reference.module, answers, size, temperature) if reference is not None else logp
@@ -242,6 +256,7 @@ def run(config: Config, ctx: StageContext) -> dict:
     cfg = config.train
     rollout_size = config.prompts_per_iteration * config.group_size
     total_steps = config.iterations * config.epochs * (rollout_size // config.minibatch_size)
+    cfg = update_config(cfg, config.minibatch_size, "train")
     ds = engine.initialize(
         engine.load_model(AutoModelForCausalLM, actor_path, cfg), cfg, total_steps
     )
@@ -266,10 +281,11 @@ def run(config: Config, ctx: StageContext) -> dict:
     if first_eval is None and eval_rows:
         first_eval = evaluate(ds, tokenizer, eos, eval_rows, eval_where, rewards, config)
         ctx.log(0, **first_eval)
-    last_eval = first_eval or {}
+    # a run resumed from its last checkpoint reports what the run it continues ended with
+    last_eval = state.get("last_eval") or first_eval or {}
+    summary: dict = state.get("summary", {})
     batches = sampler.micro_batches(start=iteration)
     progress = ctx.progress(config.iterations, iteration)
-    summary: dict = {}
     while iteration < config.iterations:
         indices = next(batches)
         seed = config.seed * 100003 + iteration * 1009 + dist.rank()
@@ -279,6 +295,7 @@ def run(config: Config, ctx: StageContext) -> dict:
                 model, tokenizer, prompts, config.sampling, eos, seed, config.group_size, synced
             )
         mask, start = samples.mask, samples.start
+        timer = time.perf_counter()  # scoring: the reward functions and models, the log-probs
         texts = decode(tokenizer, samples.answers, mask)
         repeat = [i for i in indices for _ in range(config.group_size)]
         total, each = rewards(
@@ -288,13 +305,10 @@ def run(config: Config, ctx: StageContext) -> dict:
             [train_where[i] for i in repeat],
         )
         scores = torch.tensor(total, device=mask.device)
-
-        timer = time.perf_counter()
-        size = config.minibatch_size
-        temperature = config.sampling.temperature
-        old_logp = logprobs_of(ds.module, samples, size, temperature)
+        micro, temperature = ds.train_micro_batch_size_per_gpu(), config.sampling.temperature
+        old_logp = logprobs_of(ds.module, samples, micro, temperature)
         ref_logp = (
-            logprobs_of(reference.module, samples, size, temperature)
+            logprobs_of(reference.module, samples, micro, temperature)
             if reference is not None
             else old_logp
         )
@@ -304,38 +318,57 @@ def run(config: Config, ctx: StageContext) -> dict:
 
         timer = time.perf_counter()
         stats = {"loss": [], "clip_fraction": [], "entropy": [], "kl_loss": []}
+        accumulation = ds.gradient_accumulation_steps()
         generator = torch.Generator().manual_seed(seed)
         for _ in range(config.epochs):
-            for idx in torch.randperm(rollout_size, generator=generator).split(size):
-                idx = idx.to(mask.device)
-                seqs, attn, m = samples.sequences[idx], samples.attention[idx], mask[idx]
-                logp, entropy = token_logprobs(ds, seqs, attn, start, temperature)
-                loss, clipped = policy_loss(
-                    logp, old_logp[idx], advantages[idx], m, config.clip_range
-                )
-                if config.kl_in == "loss" and reference is not None and config.kl_coef > 0:
-                    kl_loss = masked_mean(kl_estimate(logp, ref_logp[idx], config.kl_estimator), m)
-                    loss = loss + config.kl_coef * kl_loss
-                    stats["kl_loss"].append(kl_loss.detach())
-                ds.backward(loss)
-                ds.step()
-                stats["loss"].append(loss.detach())
-                stats["clip_fraction"].append(clipped.detach())
-                stats["entropy"].append(masked_mean(entropy, m))
+            order = torch.randperm(rollout_size, generator=generator)
+            for minibatch in order.split(config.minibatch_size):
+                sums = dict.fromkeys(stats, 0.0)
+                for idx, weight in micro_batches(ds, minibatch.to(mask.device), mask):
+                    seqs, attn, m = samples.sequences[idx], samples.attention[idx], mask[idx]
+                    logp, entropy = token_logprobs(ds, seqs, attn, start, temperature)
+                    loss, clipped = policy_loss(
+                        logp, old_logp[idx], advantages[idx], m, config.clip_range
+                    )
+                    terms = {"clip_fraction": clipped, "entropy": masked_mean(entropy, m)}
+                    if config.kl_in == "loss" and reference is not None and config.kl_coef > 0:
+                        kl_loss = masked_mean(
+                            kl_estimate(logp, ref_logp[idx], config.kl_estimator), m
+                        )
+                        loss = loss + config.kl_coef * kl_loss
+                        terms["kl_loss"] = kl_loss
+                    ds.backward(loss * weight)
+                    ds.step()
+                    # the minibatch's token means: the micro-batches weighed as in its gradient
+                    for key, value in {"loss": loss, **terms}.items():
+                        sums[key] = sums[key] + value.detach() * weight / accumulation
+                for key, value in sums.items():
+                    if torch.is_tensor(value):
+                        stats[key].append(value)
         training_s = seconds_since(timer, mask.device)
         iteration += 1
 
-        grouped = scores.view(-1, config.group_size)
-        spread = grouped.std(1)
+        # every rank's answers (groups stay whole on one rank), as ppo reports them
+        everyone = dist.all_gather_cat(scores.float())
+        spread = everyone.view(-1, config.group_size).std(1)
+        by_function = {
+            label: float(dist.all_gather_cat(torch.tensor(v, device=mask.device)).mean())
+            for label, v in each.items()
+        }
+        answer_kl = dist.all_gather_cat(((old_logp - ref_logp) * mask).sum(1).float())
         summary = {
-            "reward_mean": float(scores.mean()),
-            "reward_std": float(scores.std()),
-            **{f"reward.{label}": sum(v) / len(v) for label, v in each.items()},
+            "reward_mean": float(everyone.mean()),
+            "reward_std": float(everyone.std()),
+            **{f"reward.{label}": value for label, value in by_function.items()},
             "group_reward_std": float(spread.mean()),
             "zero_variance_groups": float((spread < 1e-6).float().mean()),
-            "kl": float(((old_logp - ref_logp) * mask).sum(1).mean()),
-            **{k: float(torch.stack(v).mean()) for k, v in stats.items() if v},
-            "response_length": float(mask.sum(1).mean()),
+            "kl": float(answer_kl.mean()),
+            **{
+                k: float(dist.all_reduce_sum(torch.stack(v).mean())) / dist.world_size()
+                for k, v in stats.items()
+                if v
+            },
+            "response_length": float(dist.all_gather_cat(mask.sum(1).float()).mean()),
             "generation_s": samples.seconds,
             "scoring_s": scoring_s,
             "training_s": training_s,
@@ -352,9 +385,8 @@ def run(config: Config, ctx: StageContext) -> dict:
                 ),
             )
         progress.update(1)
-        engine.checkpoint_or_stop(
-            ds, ctx, iteration, config.checkpoint_every, {"first_eval": first_eval}
-        )
+        kept = {"first_eval": first_eval, "last_eval": last_eval, "summary": summary}
+        engine.checkpoint_or_stop(ds, ctx, iteration, config.checkpoint_every, kept)
     progress.close()
     del reference
     free_memory()

@@ -37,12 +37,14 @@ from jobs.models import load_tokenizer, model_source, quiet_load_report
 from jobs.rollout import (
     SampleLog,
     masked_mean,
+    micro_batches,
     policy_loss,
     sample_prompts,
     sample_rows,
     seconds_since,
     token_logprobs,
     untouched_generators,
+    update_config,
     whiten,
 )
 from jobs.scoring import head_values, last_token_scores, require_reward_model
@@ -82,7 +84,7 @@ class Config(StageConfig, SampleLog):
         False, description="CPU-offload reference/reward parameters (needs frozen_zero_stage 3)"
     )
     scoring_batch_size: int | None = Field(
-        None, ge=1, description="rollout rows scored per forward; default: minibatch_size"
+        None, ge=1, description="rollout rows scored per forward; default: the actor's micro-batch"
     )
     checkpoint_every: int = Field(10, ge=1, description="iterations")
     actor_train: EngineConfig = EngineConfig(learning_rate=1e-5)
@@ -92,6 +94,8 @@ class Config(StageConfig, SampleLog):
     def _consistent(self) -> Config:
         if self.rollout_batch_size % self.minibatch_size:
             raise ValueError("rollout_batch_size must be a multiple of minibatch_size")
+        update_config(self.actor_train, self.minibatch_size, "actor_train")
+        update_config(self.critic_train, self.minibatch_size, "critic_train")
         if self.ema_decay is not None and self.actor_train.zero_stage == 3:
             raise ValueError("ema_decay needs the actor's full parameters: zero_stage 0-2")
         engine.frozen_config(self.frozen_zero_stage, self.frozen_offload, "fp32")
@@ -193,10 +197,11 @@ class Models:
                 AutoModelForSequenceClassification, reward_path, frozen, precision
             )
         critic.config.pad_token_id = reward.config.pad_token_id = self.tokenizer.pad_token_id
-        self.actor = engine.initialize(actor, config.actor_train, total_steps)
-        self.critic = engine.initialize(
-            critic, config.critic_train, total_steps, task_type="SEQ_CLS"
-        )
+        # one optimiser step per minibatch, in forwards of each model's micro-batch
+        actor_train = update_config(config.actor_train, config.minibatch_size, "actor_train")
+        critic_train = update_config(config.critic_train, config.minibatch_size, "critic_train")
+        self.actor = engine.initialize(actor, actor_train, total_steps)
+        self.critic = engine.initialize(critic, critic_train, total_steps, task_type="SEQ_CLS")
         self.reference = engine.initialize_frozen(reference, frozen)
         self.reward = engine.initialize_frozen(reward, frozen)
         self.eos = eos_ids_of(actor, self.tokenizer)
@@ -216,7 +221,9 @@ def rollout(models: Models, prompts: list[str], config: Config, seed: int) -> di
         module.eval()
     try:
         timer = time.perf_counter()
-        size = config.scoring_batch_size or config.minibatch_size
+        size = config.scoring_batch_size or min(
+            config.actor_train.micro_batch_size, config.minibatch_size
+        )
         scored = score(models, samples.sequences, samples.attention, samples.start, size)
         scoring_s = seconds_since(timer, samples.sequences.device)
     finally:
@@ -288,9 +295,8 @@ def ptx_batches(config: Config, models: Models, data_dir: Path, start: int = 0):
 
     rows = read_jsonl(data_dir / "sft" / "train.jsonl", ("prompt", "response"))
     items = tokenize(rows, models.tokenizer, config.sampling.max_prompt_tokens)
-    sampler = ShardedSampler(
-        len(items), config.minibatch_size, config.seed, dist.rank(), dist.world_size()
-    )
+    micro = models.actor.train_micro_batch_size_per_gpu()  # one per forward of the actor
+    sampler = ShardedSampler(len(items), micro, config.seed, dist.rank(), dist.world_size())
     for indices in sampler.micro_batches(start=start):
         yield collate([items[i] for i in indices], models.tokenizer.pad_token_id)
 
@@ -307,34 +313,50 @@ def train_on(models: Models, batch: dict, config: Config, ptx) -> dict[str, floa
     }
     n = mask.size(0)
     generator = torch.Generator().manual_seed(config.seed + int(batch["seed"]))
+    actor, critic = models.actor, models.critic
     for _ in range(config.ppo_epochs):
-        for idx in torch.randperm(n, generator=generator).split(config.minibatch_size):
-            seqs, attn, m = batch["sequences"][idx], batch["attention"][idx], mask[idx]
-            logp, entropy = token_logprobs(models.actor, seqs, attn, start)
-            pg, clipped = policy_loss(
-                logp, batch["old_logp"][idx], batch["advantages"][idx], m, config.clip_range
-            )
-            loss = pg
-            if ptx is not None:
-                from jobs.supervised import response_loss
+        for minibatch in torch.randperm(n, generator=generator).split(config.minibatch_size):
+            minibatch = minibatch.to(mask.device)
+            sums = dict.fromkeys(stats, 0.0)
+            steps = actor.gradient_accumulation_steps()
+            for idx, weight in micro_batches(actor, minibatch, mask):
+                seqs, attn, m = batch["sequences"][idx], batch["attention"][idx], mask[idx]
+                logp, entropy = token_logprobs(actor, seqs, attn, start)
+                pg, clipped = policy_loss(
+                    logp, batch["old_logp"][idx], batch["advantages"][idx], m, config.clip_range
+                )
+                loss = pg * weight
+                if ptx is not None:
+                    from jobs.supervised import response_loss
 
-                ptx_batch = {k: v.to(models.actor.device) for k, v in next(ptx).items()}
-                ptx_loss, _ = response_loss(models.actor, ptx_batch)
-                loss = loss + config.ptx_coef * ptx_loss
-                stats["ptx_loss"].append(ptx_loss.item())
-            models.actor.backward(loss)
-            models.actor.step()
-
-            values = token_values(models.critic, seqs, attn, start)
-            vf = value_loss(
-                values, batch["values"][idx], batch["returns"][idx], m, config.clip_range_value
-            )
-            models.critic.backward(vf)
-            models.critic.step()
-            stats["policy_loss"].append(pg.item())
-            stats["value_loss"].append(vf.item())
-            stats["clip_fraction"].append(clipped.item())
-            stats["entropy"].append(masked_mean(entropy.detach(), m).item())
+                    ptx_batch = {k: v.to(actor.device) for k, v in next(ptx).items()}
+                    ptx_loss, _ = response_loss(actor, ptx_batch)
+                    loss = loss + config.ptx_coef * ptx_loss  # the mean of the micro-batches'
+                    sums["ptx_loss"] += ptx_loss.detach() / steps
+                actor.backward(loss)
+                actor.step()
+                # the minibatch's token means: the micro-batches weighed as in its gradient
+                sums["policy_loss"] += pg.detach() * weight / steps
+                sums["clip_fraction"] += clipped.detach() * weight / steps
+                sums["entropy"] += masked_mean(entropy, m) * weight / steps
+            steps = critic.gradient_accumulation_steps()
+            for idx, weight in micro_batches(critic, minibatch, mask):
+                values = token_values(
+                    critic, batch["sequences"][idx], batch["attention"][idx], start
+                )
+                vf = value_loss(
+                    values,
+                    batch["values"][idx],
+                    batch["returns"][idx],
+                    mask[idx],
+                    config.clip_range_value,
+                )
+                critic.backward(vf * weight)
+                critic.step()
+                sums["value_loss"] += vf.detach() * weight / steps
+            for key, value in sums.items():
+                if torch.is_tensor(value):
+                    stats[key].append(float(value))
     return {k: sum(v) / len(v) for k, v in stats.items() if v}
 
 
@@ -356,9 +378,10 @@ def run(config: Config, ctx: StageContext) -> dict:
     if config.ema_decay is not None:  # on the actor's device, back there after a resume
         weights = state.get("ema") or models.actor.module.state_dict()
         ema = ExponentialAverage(weights, config.ema_decay, models.actor.device)
-    # where a resumed run's SFT batches go on from: one per minibatch update so far
+    # where a resumed run's SFT batches go on from: one per forward of the actor so far
     minibatches = math.ceil(config.rollout_batch_size / config.minibatch_size)
-    ptx_start = iteration * config.ppo_epochs * minibatches
+    forwards = minibatches * models.actor.gradient_accumulation_steps()
+    ptx_start = iteration * config.ppo_epochs * forwards
     ptx = ptx_batches(config, models, data_dir, ptx_start) if config.ptx_coef > 0 else None
     batches = sampler.micro_batches(start=iteration)
     progress = ctx.progress(config.iterations, iteration)

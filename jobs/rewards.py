@@ -123,7 +123,7 @@ def json_valid(spec: RewardFunction) -> Callable[[str, str, dict], float]:
     def check(prompt: str, completion: str, example: dict) -> float:
         try:
             json.loads(completion)
-        except ValueError:
+        except (ValueError, RecursionError):  # deep nesting is the policy's output, not a bug
             return 0.0
         return 1.0
 

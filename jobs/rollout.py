@@ -5,7 +5,9 @@ log-probs and the clipped policy loss, as DeepSpeed-Chat's step 3 and verl's
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -14,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from jobs import dist
 from jobs.batches import read_jsonl
+from jobs.engine import EngineConfig
 from jobs.tokens import padded_logits
 
 
@@ -111,6 +114,38 @@ def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def policy_loss(logp, old_logp, advantages, mask, clip: float):
     """PPO's clipped surrogate, averaged over answer tokens; and the clipped fraction."""
     ratio = torch.exp(logp - old_logp)
-    losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
-    clipped = ((ratio - 1).abs() > clip).float()
-    return masked_mean(losses, mask), masked_mean(clipped, mask)
+    unclipped = -advantages * ratio
+    limited = -advantages * ratio.clamp(1 - clip, 1 + clip)
+    # clipped: the tokens whose gradient the clip stopped (verl's pg_clipfrac), not every
+    # ratio outside the range (half of those keep theirs, by their advantage's sign)
+    clipped = (limited > unclipped).float()
+    return masked_mean(torch.max(unclipped, limited), mask), masked_mean(clipped, mask)
+
+
+def update_config(cfg: EngineConfig, minibatch: int, where: str) -> EngineConfig:
+    """The engine config of a model trained on rollout minibatches: one optimiser step per
+    minibatch of ``minibatch`` rows, whose forwards take at most ``micro_batch_size`` rows
+    each (DeepSpeed accumulates them), so that a forward's memory (the logits of the whole
+    vocabulary above all) is a micro-batch's, as verl's ppo_micro_batch_size_per_gpu and
+    TRL's per_device_train_batch_size make it."""
+    if cfg.gradient_accumulation_steps != 1:
+        raise ValueError(
+            f"{where}.gradient_accumulation_steps: an RL stage takes one optimiser step per "
+            "minibatch_size rows and accumulates micro_batch_size rows at a time; leave it at 1"
+        )
+    micro = min(cfg.micro_batch_size, minibatch)
+    steps = math.ceil(minibatch / micro)
+    return cfg.model_copy(update={"micro_batch_size": micro, "gradient_accumulation_steps": steps})
+
+
+def micro_batches(
+    ds, idx: torch.Tensor, mask: torch.Tensor
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A minibatch's rows in the engine's micro-batches (one optimiser step in all), each with
+    the weight of its token-mean loss: its share of the minibatch's answer tokens times the
+    accumulation steps, which DeepSpeed divides each loss by. The step's gradient is then that
+    of the token mean over the whole minibatch, as one forward over it would give."""
+    steps = ds.gradient_accumulation_steps()
+    tokens = mask[idx].sum().clamp(min=1)
+    for part in idx.tensor_split(steps):
+        yield part, mask[part].sum() * steps / tokens

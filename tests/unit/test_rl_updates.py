@@ -1,0 +1,139 @@
+"""How ppo and grpo turn a rollout into optimiser steps, on a CPU machine: a minibatch taken
+in micro-batches is one optimiser step with the gradient one forward over it would give (the
+memory of a forward is a micro-batch's); the clip fraction counts the tokens whose gradient
+the clip stopped; the KL estimators are unbiased and bounded; configs that would silently
+mislead are refused."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from jobs import engine, grpo, ppo
+from jobs.rollout import micro_batches, policy_loss, token_logprobs, update_config
+
+
+def minibatch_gradient(tiny, micro: int, batch: dict, weighted: bool = True):
+    """One PPO-clip minibatch update of the tiny model by a real DeepSpeed engine with
+    ``micro`` rows per forward: the gradient of the step, the rows of each forward and the
+    optimiser steps taken."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = update_config(
+        engine.EngineConfig(micro_batch_size=micro), len(batch["sequences"]), "train"
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny / "model"))
+    ds = engine.initialize(model, cfg, total_steps=10)
+    rows: list[int] = []
+    ds.module.register_forward_hook(
+        lambda _m, args, kwargs, _o: rows.append(len(kwargs["input_ids"])), with_kwargs=True
+    )
+    mask = batch["mask"]
+    parts = list(micro_batches(ds, torch.arange(len(mask)), mask))
+    for number, (idx, weight) in enumerate(parts):
+        logp, _ = token_logprobs(
+            ds, batch["sequences"][idx], batch["attention"][idx], batch["start"]
+        )
+        loss, _ = policy_loss(
+            logp, batch["old_logp"][idx], batch["advantages"][idx], mask[idx], 0.2
+        )
+        ds.backward(loss * weight if weighted else loss)
+        if number < len(parts) - 1:
+            ds.step()  # within the accumulation: no optimiser step
+    gradient = torch.cat([p.grad.flatten().clone() for p in ds.module.parameters()])
+    ds.step()
+    return gradient, rows, ds.global_steps
+
+
+def test_a_minibatch_in_micro_batches_is_one_step_with_the_gradient_of_one_forward(
+    tiny, monkeypatch
+):
+    from tests.conftest import free_port
+
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+
+    generator = torch.Generator().manual_seed(1)
+    rows, prompt, answer = 12, 4, 10
+    sequences = torch.randint(5, 100, (rows, prompt + answer), generator=generator)
+    # answers of unequal lengths, so that micro-batches hold unequal numbers of tokens
+    lengths = torch.tensor([1, 10, 2, 9, 3, 8, 10, 1, 10, 2, 5, 6])
+    mask = (torch.arange(answer)[None] < lengths[:, None]).float()
+    attention = torch.cat([torch.ones(rows, prompt), mask], 1).long()
+    batch = {
+        "sequences": sequences,
+        "attention": attention,
+        "mask": mask,
+        "start": prompt,
+        "old_logp": -3 + torch.randn(rows, answer, generator=generator) * 0.1,
+        "advantages": torch.randn(rows, answer, generator=generator) * mask,
+    }
+    whole, whole_rows, whole_steps = minibatch_gradient(tiny, 12, batch)
+    parts, part_rows, part_steps = minibatch_gradient(tiny, 5, batch)
+    assert whole_rows == [12] and part_rows == [4, 4, 4], part_rows  # ceil(12 / 5) forwards
+    assert whole_steps == part_steps == 1  # one optimiser step per minibatch
+    torch.testing.assert_close(parts, whole, atol=1e-6, rtol=1e-4)
+    # the control: averaging the micro-batches' token means, as accumulation alone would,
+    # is not the minibatch's gradient
+    unweighted, _, _ = minibatch_gradient(tiny, 5, batch, weighted=False)
+    assert not torch.allclose(unweighted, whole, atol=1e-6, rtol=1e-4)
+
+
+def test_rl_configs_refuse_what_would_mislead():
+    base = {"output": "o", "actor": "a", "prompts": "p"}
+    with pytest.raises(ValidationError, match="train.gradient_accumulation_steps"):
+        grpo.Config(**base, rewards=[{"kind": "json"}], train={"gradient_accumulation_steps": 4})
+    with pytest.raises(ValidationError, match="critic_train.gradient_accumulation_steps"):
+        ppo.Config(**base, reward_model="r", critic_train={"gradient_accumulation_steps": 2})
+    with pytest.raises(ValidationError, match="sampling.do_sample"):
+        grpo.Config(**base, rewards=[{"kind": "json"}], sampling={"do_sample": False})
+    taken = grpo.Config(**base, rewards=[{"kind": "json"}], minibatch_size=32)
+    cfg = update_config(taken.train, taken.minibatch_size, "train")  # default micro-batch 8
+    assert (cfg.micro_batch_size, cfg.gradient_accumulation_steps) == (8, 4)
+    small = update_config(engine.EngineConfig(micro_batch_size=8), 4, "train")
+    assert (small.micro_batch_size, small.gradient_accumulation_steps) == (4, 1)
+
+
+def test_the_clip_fraction_counts_the_tokens_whose_gradient_the_clip_stopped():
+    # ratios 1.5, 1.5, 0.5, 0.5, 1.0 against advantages +, -, +, -, +: the clip stops the
+    # gradient where the ratio left the range in the advantage's direction (1st and 4th)
+    ratio = torch.tensor([[1.5, 1.5, 0.5, 0.5, 1.0]])
+    advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0, 1.0]])
+    logp = torch.log(ratio).requires_grad_()
+    loss, clipped = policy_loss(logp, torch.zeros_like(logp), advantages, torch.ones(1, 5), 0.2)
+    assert clipped.item() == pytest.approx(2 / 5)
+    loss.backward()
+    stopped = (logp.grad == 0).float().mean()
+    assert clipped.item() == pytest.approx(stopped.item())
+
+
+def test_the_kl_estimators_are_unbiased_and_bounded():
+    """Schulman's k1 and k3 estimate KL(pi || pi_ref) from tokens sampled from pi: their
+    means over many samples approach the exact KL of two known distributions."""
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05])
+    q = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2])
+    exact = float((p * (p / q).log()).sum())
+    tokens = torch.multinomial(
+        p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0)
+    )
+    logp, ref = p.log()[tokens], q.log()[tokens]
+    for estimator in ("k1", "k3"):
+        mean = float(grpo.kl_estimate(logp, ref, estimator).mean())
+        assert mean == pytest.approx(exact, abs=0.01), (estimator, mean, exact)
+    # one token the reference finds e^19 times likelier does not outweigh an answer
+    far = grpo.kl_estimate(torch.tensor([-20.0]), torch.tensor([-1.0]), "k3")
+    assert far.item() == 10 and math.exp(19) - 20 > 10
+
+
+def test_deeply_nested_json_scores_zero_rather_than_stopping_the_stage():
+    from jobs.rewards import RewardFunction, Rewards
+
+    rewards = Rewards([RewardFunction(kind="json")])
+    totals, _ = rewards(["p", "p"], ["[" * 100_000, "[1]"], [{}, {}], ["f:1", "f:2"])
+    assert totals == [0.0, 1.0]
