@@ -244,3 +244,22 @@ def test_the_wait_survives_an_api_server_restart(stage_plan, connect, outage):
     assert not thread.is_alive(), "the wait did not survive the API server's restart"
     assert ended == [None]
     assert cluster.lists > lists  # the watch met the outage and started over
+
+
+def test_a_watch_stream_that_dies_of_any_error_ends_the_wait_with_it():
+    """A stream thread that died silently (an error in decoding an object, say) would leave
+    the wait on stale state for ever: whatever ends it reaches the wait as an error."""
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    from pipeline.backends.kubernetes import KubernetesBackend
+
+    def list_namespaced_job(namespace, label_selector):
+        raise ValueError("Invalid value for `conditions`, must not be `None`")
+
+    out: queue.Queue = queue.Queue()
+    backend = SimpleNamespace(api=None, poll_s=0.1)
+    KubernetesBackend._stream(backend, list_namespaced_job, "ml", "a=b", out, threading.Event())
+    kind, event_type, error = out.get(timeout=1)
+    assert (kind, event_type) == ("Job", "ERROR") and isinstance(error, ValueError)
