@@ -74,10 +74,11 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from pipeline.backends import get_backend
+    from pipeline.backends import get_backend, mark_cancelled
     from pipeline.config import plan
 
     the_plan = plan(args.pipeline, run_id=args.run_id, store_uri=args.store)
+    mark_cancelled(the_plan)  # first: an `rlhf run` about to create a Job sees it
     deleted = get_backend(args.backend, **backend_options(args)).delete(the_plan)
     what = "Jobs (with their pods)" if args.backend == "kubernetes" else "containers"
     print(f"run {the_plan.run_id}: deleted {deleted} {what}")

@@ -12,7 +12,9 @@ from jobs.contract import Manifest, read_manifest, up_to_date
 from jobs.errors import EXIT_BAD_INPUT, StageError
 from pipeline.config import Plan, PlannedStage
 from pipeline.status import mark_given_up
-from pipeline.watch import BAD_INPUT
+from pipeline.watch import BAD_INPUT, EXIT_CANCELLED
+
+CANCELLED = "cancelled.json"  # in the run's folder: `rlhf cancel` was here
 
 
 class StageFailed(StageError):
@@ -36,6 +38,9 @@ def run_in_order(
     """What every backend does around its own way of running one stage: record the run,
     skip stages whose finished output matches, and collect the manifests."""
     store.write_text(store.join(plan.run_uri, "run.json"), json.dumps(plan.describe(), indent=2))
+    marker = store.join(plan.run_uri, CANCELLED)
+    if store.exists(marker):  # running the file again starts what a cancel stopped
+        store.delete(marker)
     results: dict[str, Manifest] = {}
     try:
         for number, stage in enumerate(plan.stages, start=1):
@@ -46,6 +51,7 @@ def run_in_order(
                 echo(f"{head}: up to date, skipped ({stage.output})")
                 results[stage.name] = done
                 continue
+            check_not_cancelled(plan, stage.name)
             run_stage(stage, head)
             manifest = read_manifest(stage.output)
             if manifest is None:
@@ -56,6 +62,21 @@ def run_in_order(
         raise
     end_tracking(plan, True, echo)
     return results
+
+
+def mark_cancelled(plan: Plan) -> None:
+    """Say in the store that the run is cancelled, before its Jobs are deleted: a submitter
+    between two stages, or about to create a Job, stops instead of going on."""
+    store.write_text(store.join(plan.run_uri, CANCELLED), json.dumps({"cancelled": True}))
+
+
+def check_not_cancelled(plan: Plan, stage: str) -> None:
+    if store.exists(store.join(plan.run_uri, CANCELLED)):
+        raise StageFailed(
+            stage,
+            EXIT_CANCELLED,
+            "the run was cancelled (rlhf cancel); run the file again to go on",
+        )
 
 
 def end_tracking(plan: Plan, succeeded: bool, echo: Callable[[str], None]) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from jobs.contract import Manifest
 from jobs.errors import EXIT_BAD_INPUT, TransientError
-from pipeline.backends import StageFailed, run_in_order
+from pipeline.backends import StageFailed, check_not_cancelled, run_in_order
 from pipeline.charts import client_model, render_stage
 from pipeline.config import Plan, PlannedStage
 from pipeline.status import mark_given_up, read_progress, summary
@@ -162,9 +162,10 @@ class KubernetesBackend:
             client_model(manifest)
         # the old Job goes before its ConfigMap changes: a pod it made meanwhile would run
         # the new config on the old image and GPUs
-        for manifest in manifests:
-            if manifest["kind"] == "Job":
-                self._clear_job(namespace, manifest["metadata"]["name"])
+        [metadata] = [m["metadata"] for m in manifests if m["kind"] == "Job"]
+        job, stage = metadata["name"], metadata["labels"]["kuberlhf.io/stage"]
+        self._clear_job(namespace, job)
+        check_not_cancelled(plan, stage)  # `rlhf cancel` while the old Job went
         for manifest in manifests:
             kind, name = manifest["kind"], manifest["metadata"]["name"]
             try:
@@ -186,6 +187,13 @@ class KubernetesBackend:
                     self.core.patch_namespaced_service(name, namespace, manifest)
                 elif kind == "NetworkPolicy":
                     self.networking.replace_namespaced_network_policy(name, namespace, manifest)
+        # a cancel that listed the Jobs just before this one was made has marked the run
+        # first: one of the two sees the other
+        try:
+            check_not_cancelled(plan, stage)
+        except StageFailed:
+            self._delete_job(namespace, job)
+            raise
 
     def wait(
         self, plan: Plan, stage: PlannedStage, job_name: str, head: str

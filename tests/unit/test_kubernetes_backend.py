@@ -135,6 +135,23 @@ def test_rlhf_cancel_ends_the_wait_at_once_without_a_retry(stage_plan, connect):
     assert cluster.created.count("jobs") == 1
 
 
+def test_a_cancelled_run_creates_no_more_jobs(stage_plan, connect):
+    """`rlhf cancel` marks the run before it deletes the Jobs: a submitter that was between
+    two stages, or replacing a Job, when the cancel listed them creates none after it."""
+    from pipeline.backends import mark_cancelled
+
+    the_plan, stage = stage_plan
+    cluster = RecordedCluster([recorded("success")])
+    backend, _ = connect(cluster)
+    mark_cancelled(the_plan)
+
+    with pytest.raises(StageFailed) as failed:
+        backend.run_stage(the_plan, stage, "[1/1] sft")
+
+    assert failed.value.exit_code == EXIT_CANCELLED and "cancelled" in str(failed.value)
+    assert "jobs" not in cluster.created
+
+
 def test_a_second_run_follows_the_running_job_of_the_same_config(stage_plan, connect):
     the_plan, stage = stage_plan
     [job] = [m for m in render_stage(the_plan, stage) if m["kind"] == "Job"]
