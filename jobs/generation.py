@@ -28,7 +28,13 @@ class SamplingConfig(BaseModel):
     top_p: float = Field(0.95, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0: no top-k cut")
     repetition_penalty: float = Field(1.0, gt=0)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(
+        16,
+        ge=1,
+        description="prompts per generate call in the generate and evaluate stages; ppo and "
+        "grpo generate each rollout in one call (its size is theirs: rollout_batch_size, "
+        "prompts_per_iteration x group_size)",
+    )
     max_prompt_tokens: int = Field(384, ge=1, description="longer prompts keep their end")
     cache: Literal["dynamic", "static"] = Field(
         "dynamic",
