@@ -43,7 +43,9 @@ def record_exit(code: int) -> None:
     """A worker's exit code, for the launcher that started it (none: nothing to do)."""
     folder = os.environ.get(WORKER_EXITS)
     if folder and code != EXIT_OK:
-        Path(folder, f"rank-{os.environ.get('RANK', '0')}").write_text(str(code))
+        name = f"rank-{os.environ.get('RANK', '0')}"
+        Path(folder, f".{name}").write_text(str(code))
+        os.replace(Path(folder, f".{name}"), Path(folder, name))  # whole, or not there
 
 
 def recorded_exits(folder: str) -> list[int]:
