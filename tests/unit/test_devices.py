@@ -27,10 +27,28 @@ def test_gae_and_reward_shaping_stay_on_the_device_of_their_inputs():
     batch = {"mask": mask.to(META), "old_logp": values.to(META), "ref_logp": values.to(META)}
     assert ppo.shape_rewards(batch, torch.ones(3, device=META), 0.1).device == META
 
-    # and on the CPU the numbers are GAE's: the last real token's advantage is r - V
-    advantages, _ = ppo.gae(rewards, values, mask, 1.0, 0.95)
-    assert advantages[0, 2] == pytest.approx(float(rewards[0, 2] - values[0, 2]))
-    assert (advantages[0, 3:] == 0).all()
+
+def test_gae_and_reward_shaping_give_the_numbers_worked_out_by_hand():
+    """Schulman et al.'s GAE with gamma 0.9 and lambda 0.8 over a 3-token answer (the 4th
+    position is padding), as DeepSpeed-Chat's get_advantages_and_returns computes it:
+    delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lambda A_{t+1}, returns A + V."""
+    rewards = torch.tensor([[0.1, 0.2, 1.0, 5.0]])
+    values = torch.tensor([[0.5, 0.4, 0.3, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    advantages, returns = ppo.gae(rewards, values, mask, 0.9, 0.8)
+    # A2 = 1.0 - 0.3; A1 = (0.2 + 0.9 * 0.3 - 0.4) + 0.72 * A2;
+    # A0 = (0.1 + 0.9 * 0.4 - 0.5) + 0.72 * A1
+    torch.testing.assert_close(advantages, torch.tensor([[0.37328, 0.574, 0.7, 0.0]]))
+    torch.testing.assert_close(returns[:, :3], torch.tensor([[0.87328, 0.974, 1.0]]))
+
+    # the per-token reward: -0.1 * (log pi - log pi_ref), the score 2.0 on the last answer token
+    batch = {
+        "mask": mask,
+        "old_logp": torch.tensor([[-1.0, -2.0, -3.0, 0.0]]),
+        "ref_logp": torch.tensor([[-1.5, -1.0, -3.0, 0.0]]),
+    }
+    shaped = ppo.shape_rewards(batch, torch.tensor([2.0]), 0.1)
+    torch.testing.assert_close(shaped, torch.tensor([[-0.05, 0.1, 2.0, 0.0]]))
 
 
 def test_entropy_is_a_metric_without_a_graph(tiny):
