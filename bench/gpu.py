@@ -371,7 +371,7 @@ def ppo(root: Path, args, decode: str) -> dict:
         "zero_stage": 2,
         "learning_rate": 1e-6,
         # one forward per minibatch, as the figures and DeepSpeed-Chat's step 3 take it
-        "micro_batch_size": args.rollout // 4,
+        "micro_batch_size": max(args.rollout // 4, 1),
     }
     config = stage.Config(
         output=str(root / f"ours-ppo-{decode}"),
@@ -380,7 +380,7 @@ def ppo(root: Path, args, decode: str) -> dict:
         prompts=str(root / f"data-{args.seq[0]}"),
         iterations=args.ppo_iterations,
         rollout_batch_size=args.rollout,
-        minibatch_size=args.rollout // 4,
+        minibatch_size=max(args.rollout // 4, 1),
         ppo_epochs=1,
         checkpoint_every=10**6,
         # no sample answers: their greedy decode of 4 prompts is a new shape to compile,

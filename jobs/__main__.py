@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.config:
         print("error: give --config or set KUBERLHF_CONFIG", file=sys.stderr)
+        record_exit(EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT
     configure_cuda_allocator()
     quiet_libraries()

@@ -500,11 +500,12 @@ class TrainLoop:
         self.ds, self.ctx, self.schedule, self.evaluate = ds, ctx, schedule, evaluate
         self.total, self.step = total_steps, state.get("step", 0)
         self.meter = StepMeter(names, ds.device)
-        self.first: dict = state.get("first_eval") or {}
+        self.first: dict = state.get("first_eval") or _earlier_first_eval(state)
         if not self.first and evaluate is not None:
             self.first = evaluate()
             ctx.log(self.step, **self.first)
-        self.summary = dict(self.first)
+        # resumed from the last checkpoint, no step is left: the run ended with its last eval
+        self.summary = dict(state.get("last_eval") or self.first)
 
     def steps(self) -> Iterator[int]:
         """The steps still to run (from a resumed one on): the loop's body takes one step,
@@ -528,6 +529,16 @@ class TrainLoop:
             if self.evaluate is not None and (step % every.eval_every == 0 or last):
                 self.summary = self.evaluate()
                 self.ctx.log(step, **self.summary)
-            state = {"first_eval": self.first}
+            state = {"first_eval": self.first, "last_eval": self.summary}
             checkpoint_or_stop(self.ds, self.ctx, step, every.checkpoint_every, state)
         progress.close()
+
+
+def _earlier_first_eval(state: dict) -> dict:
+    """The first evaluation as checkpoints written before TrainLoop kept it: dpo's and
+    reward's dicts under "first", sft's loss under "first_eval_loss"."""
+    if isinstance(state.get("first"), dict):
+        return state["first"]
+    if state.get("first_eval_loss") is not None:
+        return {"eval_loss": state["first_eval_loss"]}
+    return {}

@@ -389,7 +389,8 @@ def run(config: Config, ctx: StageContext) -> dict:
         r["prompt"] for r in sample_prompts(data_dir, config.prompts, config.sample_prompts)[0]
     ]
     first_reward = state.get("first_reward")
-    summary: dict = {}
+    # a run resumed from its last checkpoint reports what the run it continues ended with
+    summary: dict = state.get("summary", {})
     while iteration < config.iterations:
         indices = next(batches)
         seed = config.seed * 100003 + iteration * 1009 + dist.rank()
@@ -458,6 +459,7 @@ def run(config: Config, ctx: StageContext) -> dict:
                 "moments": (moments.count, moments.mean, moments.m2),
                 "ema": ema.weights if ema is not None else None,
                 "first_reward": first_reward,
+                "summary": summary,
             },
         )
     progress.close()

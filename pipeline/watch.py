@@ -300,12 +300,14 @@ UNDER_WAY = {"Pulling", "TriggeredScaleUp", "Pulled", "Scheduled"}
 
 
 def under_way(events: list[dict[str, Any]], seen: set[str]) -> bool:
-    """Whether a new event says a pod of the stage is on its way (the stall clock restarts)."""
+    """Whether a new event says a pod of the stage is on its way (the stall clock restarts).
+    Each event counts once: a pull the kubelet retries (a wrong tag: Pulling again, every
+    few minutes, with a higher count) is no progress."""
     new = False
     for event in events:
         if event.get("reason") not in UNDER_WAY:
             continue
-        key = event_key(event)
+        key = (event.get("metadata") or {}).get("uid") or str(event_time(event))
         if key not in seen:
             seen.add(key)
             new = True

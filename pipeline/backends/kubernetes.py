@@ -130,7 +130,8 @@ class KubernetesBackend:
                 mark_given_up(stage.output, f"{outcome.reason}: {outcome.message}"[:300])
                 # the Job's annotation says failed too, not the last step it ran (a
                 # deleted Job has nothing left to annotate)
-                if outcome.reason != "Deleted" and (text := progress_text(stage.output)[1]):
+                gone = outcome.reason in ("Deleted", "NoProgress")
+                if not gone and (text := progress_text(stage.output)[1]):
                     self.annotate(namespace, name, text)
                 raise StageFailed(stage.name, outcome.exit_code, report)
             self.echo(

@@ -56,6 +56,27 @@ def test_dpo_raises_held_out_preference_accuracy_and_margin(tiny, tiny_data, tmp
     assert metrics["eval_accuracy"] >= 0.9 and metrics["eval_margin"] > 0.5
     assert (tmp_path / "dpo" / "reference_logps.pt").is_file()
 
+    # judged outside the stage's own code: log-probs token by token of the exported policy
+    # against the starting model on the held-out pairs (a stage that swapped chosen and
+    # rejected alike for policy and reference would report the same accuracy, and fail here)
+    from transformers import AutoModelForCausalLM
+
+    from jobs.models import load_tokenizer
+
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "dpo" / "model").eval()
+    reference = AutoModelForCausalLM.from_pretrained(tiny / "model").eval()
+    tokenizer = load_tokenizer(str(tiny / "model"))
+    rows = [json.loads(x) for x in (tiny_data / "pairs" / "eval.jsonl").read_text().splitlines()]
+    preferred = []
+    for row in rows[:40]:
+        shift = {
+            side: by_hand(policy, tokenizer, row["prompt"], row[side])
+            - by_hand(reference, tokenizer, row["prompt"], row[side])
+            for side in ("chosen", "rejected")
+        }
+        preferred.append(shift["chosen"] > shift["rejected"])
+    assert sum(preferred) >= 0.9 * len(preferred), (sum(preferred), len(preferred))
+
 
 @pytest.fixture
 def policy_and_reference(tiny, tmp_path):

@@ -117,7 +117,9 @@ def test_stopped_at_its_last_iteration_the_stage_reports_what_it_ended_with(warm
     evaluation and training metrics, those of the run that was not interrupted."""
     from tests.conftest import preempt_and_resume
 
-    settings = {"iterations": 3, "eval_every": 3, "checkpoint_every": 3, "eval_prompts": 40}
+    # the signal comes as iteration 3 is logged: the final evaluation (100 prompts) and the
+    # sample answers, before the last checkpoint, leave it seconds to arrive
+    settings = {"iterations": 3, "eval_every": 3, "checkpoint_every": 3, "eval_prompts": 100}
     whole = grpo_config(warm, tiny, tmp_path / "whole", **settings)
     result = run_entrypoint("grpo", whole, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

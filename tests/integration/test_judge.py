@@ -258,3 +258,53 @@ def test_evaluate_reports_judge_scores(tiny, tiny_data, tiny_rm, tmp_path, key):
     assert metrics["judge_reward_candidate"] == metrics["judge_reward_baseline"]
     assert metrics["judge_unparseable"] == 0
     assert len([b for b in server.served() if b["model"] == "judge"]) == 6  # asked once each
+
+
+def judge_by_answer(body):
+    """A judge that rates any answer above none: the test knows which model answers."""
+    content = body["messages"][-1]["content"]
+    answer = content.split("Response:\n", 1)[1].rsplit("\n\nAnswer with one line", 1)[0]
+    return 200, f"Total: {12 if answer.strip() else 3}", {}
+
+
+def test_the_judge_decides_which_model_wins(tiny, tiny_data, tmp_path, key):
+    """A baseline that ends every answer at once (its EOS forced) against the tiny model:
+    the judge, which rates an answer above none, gives the candidate every prompt, and with
+    the two swapped none (a mix-up of sides or answers would not)."""
+    from transformers import AutoModelForCausalLM
+
+    from jobs import evaluate
+    from jobs.contract import StageConfig
+    from jobs.models import load_tokenizer
+    from tests.unit.test_generation import force_eos
+
+    def write_silent(config, ctx) -> dict:  # a finished stage output, as stages read models
+        tokenizer = load_tokenizer(str(tiny / "model"))
+        silent = AutoModelForCausalLM.from_pretrained(tiny / "model")
+        force_eos(silent, tokenizer.eos_token_id, 50.0)
+        silent.save_pretrained(ctx.out_dir / "model")
+        tokenizer.save_pretrained(ctx.out_dir / "model")
+        return {}
+
+    out = StageConfig(output=str(tmp_path / "silent"))
+    run_stage("silent", out, write_silent, workdir=tmp_path / "w-silent")
+
+    rates = {}
+    with ChatServer(judge_by_answer, KEY) as server:
+        for name, candidate, baseline in (
+            ("tiny", tiny / "model", tmp_path / "silent" / "model"),
+            ("silent", tmp_path / "silent" / "model", tiny / "model"),
+        ):
+            config = evaluate.Config(
+                output=str(tmp_path / f"eval-{name}"),
+                prompts=str(tiny_data),
+                candidate=str(candidate),
+                baseline=str(baseline),
+                max_prompts=6,
+                sampling={"max_new_tokens": 8, "do_sample": False},
+                judge={"endpoint": endpoint(server, "judge")},
+            )
+            metrics = run_stage("evaluate", config, evaluate.run, workdir=tmp_path / name).metrics
+            assert metrics["judged_by"] == "judge"
+            rates[name] = metrics["judge_win_rate"]
+    assert rates == {"tiny": 1.0, "silent": 0.0}, rates

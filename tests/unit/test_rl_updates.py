@@ -2,7 +2,7 @@
 in micro-batches is one optimiser step with the gradient one forward over it would give (the
 memory of a forward is a micro-batch's); the clip fraction counts the tokens whose gradient
 the clip stopped; the KL estimators are unbiased and bounded; configs that would silently
-mislead are refused."""
+mislead are refused. And the supervised stages' shared loop, resumed after its last step."""
 
 from __future__ import annotations
 
@@ -137,3 +137,31 @@ def test_deeply_nested_json_scores_zero_rather_than_stopping_the_stage():
     rewards = Rewards([RewardFunction(kind="json")])
     totals, _ = rewards(["p", "p"], ["[" * 100_000, "[1]"], [{}, {}], ["f:1", "f:2"])
     assert totals == [0.0, 1.0]
+
+
+def test_a_training_loop_resumed_after_its_last_step_reports_its_last_evaluation():
+    """Stopped after the last step's checkpoint (SIGTERM during the final evaluation, a kill
+    during the export), the resumed stage has no step left: it reports the evaluation the
+    run ended with, not the first; and it reads the first evaluation of checkpoints written
+    before the loop was shared (sft's "first_eval_loss", dpo's "first")."""
+    from types import SimpleNamespace
+
+    logged: list[tuple] = []
+    ctx = SimpleNamespace(
+        progress=lambda total, step: SimpleNamespace(update=print, close=lambda: None),
+        log=lambda step, **values: logged.append((step, values)),
+    )
+    ds = SimpleNamespace(device=torch.device("cpu"))
+    schedule = engine.Schedule(max_steps=4)
+
+    def never() -> dict:
+        raise AssertionError("evaluated again")
+
+    state = {"step": 4, "first_eval": {"eval_loss": 3.0}, "last_eval": {"eval_loss": 1.0}}
+    loop = engine.TrainLoop(ds, ctx, schedule, 4, state, ("loss",), never)
+    assert list(loop.steps()) == [] and logged == []
+    assert loop.first == {"eval_loss": 3.0} and loop.summary == {"eval_loss": 1.0}
+
+    for earlier in ({"step": 2, "first_eval_loss": 3.0}, {"step": 2, "first": {"eval_loss": 3.0}}):
+        loop = engine.TrainLoop(ds, ctx, schedule, 4, earlier, ("loss",), never)
+        assert loop.first == {"eval_loss": 3.0}

@@ -288,4 +288,5 @@ def test_an_image_pull_or_a_node_being_added_restarts_the_stall_clock():
     assert under_way([refused, pulling], seen)
     assert not under_way([pulling], seen)  # the same event again is no news
     assert under_way([pulling, scale_up], seen)
-    assert under_way([{**pulling, "count": 2}], seen)  # pulled again (a back-off)
+    # pulled again (a back-off: a wrong tag) is no progress: the stall ends it as before
+    assert not under_way([{**pulling, "count": 2}], seen)
