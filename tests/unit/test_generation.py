@@ -91,6 +91,8 @@ def test_sampling_is_reproducible_from_the_seed(model_and_tokenizer):
     first = generate(model, tokenizer, PROMPTS, config, num_samples=2, seed=7)
     again = generate(model, tokenizer, PROMPTS, config, num_samples=2, seed=7)
     assert [[s.tokens for s in p] for p in first] == [[s.tokens for s in p] for p in again]
+    other = generate(model, tokenizer, PROMPTS, config, num_samples=2, seed=8)
+    assert [[s.tokens for s in p] for p in other] != [[s.tokens for s in p] for p in first]
 
 
 def test_a_static_cache_and_a_compiled_decode_give_the_dynamic_caches_tokens(

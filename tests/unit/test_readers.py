@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.data.readers import Message, read_examples, rows_from_file
-from jobs.data.templates import PRESETS, render_prompt
+from jobs.data.templates import render_prompt
 from jobs.errors import BadInputError
 from tests.conftest import FIXTURES
 
@@ -88,8 +88,10 @@ def test_kullm_template_is_the_seeds_text():
         "### 명령어:\n안녕하세요\n\n### 응답:\n"
     )
     assert "### 입력:\n맥락" in render_prompt("kullm", [Message("user", "질문")], context="맥락")
-    assert render_prompt("alpaca", [Message("user", "Hi")]) == PRESETS["alpaca"].plain.format(
-        prompt="Hi"
+    # Stanford Alpaca's prompt (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT)
+    assert render_prompt("alpaca", [Message("user", "Hi")]) == (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nHi\n\n### Response:\n"
     )
 
 
