@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from safetensors.torch import load_file
 
@@ -13,9 +15,10 @@ def test_merged_tiny_model_loads_generates_and_follows_the_schedule(tiny, tmp_pa
     from transformers import AutoModelForCausalLM
 
     other = AutoModelForCausalLM.from_pretrained(tiny / "model")
-    with torch.no_grad():
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a model at an angle to the base: SLERP differs from LERP there
         for param in other.parameters():
-            param.mul_(-1).add_(0.01)
+            param.add_(param.abs().mean() * torch.randn(param.shape, generator=generator))
     other.save_pretrained(tmp_path / "other-model")
     from jobs.contract import StageConfig, run_stage
 
@@ -42,7 +45,15 @@ def test_merged_tiny_model_loads_generates_and_follows_the_schedule(tiny, tmp_pa
     first = "gpt_neox.layers.0.attention.dense.weight"
     last = "gpt_neox.layers.1.attention.dense.weight"
     assert torch.equal(merged[first], base[first]) and torch.equal(merged[last], far[last])
-    assert not torch.equal(merged["gpt_neox.embed_in.weight"], base["gpt_neox.embed_in.weight"])
+    # the rest at t = 0.5: spherical interpolation, written out here as mergekit's slerp
+    for name in ("gpt_neox.embed_in.weight", "gpt_neox.layers.0.mlp.dense_h_to_4h.weight"):
+        v0, v1 = base[name].double(), far[name].double()
+        cos = float((v0 / v0.norm() * v1 / v1.norm()).sum())
+        theta = math.acos(cos)
+        expected = (math.sin(theta / 2) * v0 + math.sin(theta / 2) * v1) / math.sin(theta)
+        lerp = (v0 + v1) / 2
+        assert not torch.allclose(expected, lerp, atol=1e-4)  # the angle matters here
+        torch.testing.assert_close(merged[name].double(), expected, atol=1e-5, rtol=1e-4)
 
     from jobs.generation import SamplingConfig, generate
     from jobs.models import load_tokenizer
