@@ -281,8 +281,13 @@ def test_the_compiled_decode_gives_the_dynamic_caches_tokens_on_the_gpu(tiny):
 
 def test_ppo_rolls_out_with_the_compiled_decode_on_the_gpu(demo, tmp_path):
     sampling = {"max_new_tokens": 40, "temperature": 1.0, "top_p": 1.0, "cache": "static"}
+    if ON_CPU:  # transformers compiles by itself on a GPU only
+        sampling["compile_decode"] = True
     config = ppo_config(demo, tmp_path / "static", iterations=2, sampling=sampling)
-    assert stage("ppo", config, tmp_path).metrics["iterations"] == 2
+    result = run_entrypoint("ppo", config, tmp_path)
+    assert finished(tmp_path / "static", result).metrics["iterations"] == 2
+    # compiled, not fallen back to an eager decode
+    assert "the static KV cache's decode step runs compiled" in result.stdout
 
 
 def test_grpo_raises_held_out_accuracy_on_the_gpu(tiny, tmp_path):
@@ -358,4 +363,10 @@ def test_two_gpus_evaluate_across_ranks(name, tiny, tiny_data, tmp_path):
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
     )
     finished(tmp_path / name, result)
-    assert any("eval_loss" in m for m in metrics_lines(tmp_path / name))
+    # the ranks' shares summed, not one rank's: the first evaluation (the model as loaded)
+    # is that of one process on one GPU
+    key = "eval_loss" if name == "sft" else "eval_logp_chosen"
+    two = [m[key] for m in metrics_lines(tmp_path / name) if key in m]
+    stage(name, {**config, "output": str(tmp_path / f"{name}-one")}, tmp_path, f"{name}-one")
+    alone = [m[key] for m in metrics_lines(tmp_path / f"{name}-one") if key in m]
+    assert two[0] == pytest.approx(alone[0], rel=1e-2, abs=1e-3), (two, alone)
