@@ -9,8 +9,8 @@ here: a stage exits non-zero or writes no manifest.
 
 from __future__ import annotations
 
+import select
 import subprocess
-import time
 
 import pytest
 import yaml
@@ -177,13 +177,14 @@ def test_cancel_removes_the_runs_running_containers(job_image, s3_env, s3_server
     pod_template(manifests)["spec"]["containers"][0]["command"] = ["python", "-c", STAGE_LIKE]
     folder = tmp_path / "mounts"
     folder.mkdir()
-    running = subprocess.Popen(container_command("podman", manifests, folder))
+    command = container_command("podman", manifests, folder)
+    running = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         listed = ["podman", "ps", "--quiet", "--filter", "label=kuberlhf.io/run=boxed"]
-        for _ in range(120):
-            if subprocess.run(listed, capture_output=True, text=True).stdout.strip():
-                break
-            time.sleep(0.5)
+        # its SIGTERM handler in place (a signal before it would be ignored by PID 1 and the
+        # stop would wait out its timeout)
+        ready, _, _ = select.select([running.stdout], [], [], 120)
+        assert ready and running.stdout.readline().strip() == "ready"
 
         assert (
             main(["cancel", the_plan.source, "--backend", "container", "--engine", "podman"]) == 0
@@ -199,5 +200,6 @@ def test_cancel_removes_the_runs_running_containers(job_image, s3_env, s3_server
 STAGE_LIKE = """
 import signal, sys, time
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
+print("ready", flush=True)
 time.sleep(600)
 """
