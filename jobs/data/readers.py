@@ -36,6 +36,7 @@ class Example:
     rejected: str | None = None
     label: str | None = None  # the source class (C-RLFT), e.g. "gpt4"
     extra: dict[str, Any] = field(default_factory=dict)
+    where: str = ""  # the row it came from ("file.jsonl:12"), for error messages
 
     @property
     def outputs(self) -> list[str]:
@@ -162,13 +163,14 @@ def read_alpaca(row: Row, source: str) -> Example:
 
 def read_pairs(row: Row, source: str) -> Example:
     """prompt/chosen/rejected (Dahoas, DeepSpeed-Chat) or system/question/chosen/rejected (orca)."""
-    prompt = row.text("prompt", required=False) or row.data.get("question")
-    if prompt is None:
+    name = "prompt" if row.data.get("prompt") not in (None, "") else "question"
+    prompt = row.data.get(name)
+    if prompt is not None and not isinstance(prompt, str):
+        raise BadInputError(f"{row.where}: field {name!r} should be text")
+    if prompt is None or not prompt.strip():  # whitespace alone is no question either
         raise BadInputError(f"{row.where}: field 'prompt' (or 'question') is missing or empty")
-    if not isinstance(prompt, str):
-        raise BadInputError(f"{row.where}: field 'prompt' should be text")
     messages: list[Message] = []
-    if system := row.text("system", required=False):
+    if system := (row.text("system", required=False) or "").strip():
         messages.append(Message("system", system))
     if "\n\nHuman:" in prompt or prompt.startswith("Human:"):
         turns = parse_hh(
@@ -255,4 +257,6 @@ READERS: dict[str, Callable[..., Example]] = {
 def read_examples(rows: Iterable[Row], fmt: str, source: str, **options: Any) -> Iterator[Example]:
     reader = READERS[fmt]
     for row in rows:
-        yield reader(row, source, **options)
+        example = reader(row, source, **options)
+        example.where = row.where
+        yield example

@@ -175,13 +175,19 @@ def record(example: Example, output: Output, prompt: str, tokenizer, chat: bool)
         return {**base, "chosen": example.chosen, "rejected": example.rejected}
     if example.response is not None:  # the reference answer, for verifiable rewards (grpo)
         base["answer"] = example.response
-    return {**base, "instruction": flatten(example.messages)}
+    # the whole question for a judge or an endpoint: an Alpaca input belongs to it
+    instruction = flatten(example.messages)
+    if example.context:
+        instruction = f"{instruction}\n\n{example.context}"
+    return {**base, "instruction": instruction}
 
 
 def prompt_key(example: Example) -> str:
     """What makes two examples the same prompt: the conversation before the answer, and
-    the input, compared without case and spacing differences."""
-    text = flatten(example.messages) + "\n" + (example.context or "")
+    the input, compared without case and spacing differences, and without a system prompt
+    (one source's "You are a helpful assistant." does not make its question another)."""
+    asked = [m for m in example.messages if m.role != "system"]
+    text = flatten(asked) + "\n" + (example.context or "")
     return " ".join(text.casefold().split())
 
 
@@ -283,8 +289,10 @@ def run(config: Config, ctx: StageContext) -> dict:
                 prompt = render_prompt(
                     config.template, example.messages, example.context, tokenizer
                 )
-            except ValueError as exc:
-                raise BadInputError(f"data: template: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - ValueError, a chat template's TemplateError
+                raise BadInputError(
+                    f"{example.where}: template {config.template!r}: {exc}"
+                ) from None
             for output in wanted[example.source]:
                 if output == "prompts":
                     if prompt_key(example) in asked:
@@ -292,8 +300,9 @@ def run(config: Config, ctx: StageContext) -> dict:
                     asked.add(prompt_key(example))
                 try:
                     row = record(example, output, prompt, tokenizer, config.template == "chat")
-                except ValueError as exc:
-                    raise BadInputError(f"data: template: {exc}") from None
+                except Exception as exc:  # noqa: BLE001 - as above
+                    where = f"{example.where}: template {config.template!r}"
+                    raise BadInputError(f"{where}: {exc}") from None
                 if row is not None:
                     files.setdefault(output, []).append(row)
         for output, out_rows in files.items():

@@ -8,6 +8,7 @@ tokenizer's own chat template a whole conversation is also written as pieces
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from jobs.data.readers import Message
@@ -68,8 +69,14 @@ def render_prompt(
         if context:
             return preset.with_input.format(prompt=prompt, input=context)
         return preset.plain.format(prompt=prompt)
-    text = template.replace("{prompt}", prompt)
-    return text.replace("{input}", context or "")
+    if context and "{input}" not in template:
+        raise ValueError(
+            "the template has no {input} for the example's input (Alpaca's 'input' field); "
+            "add one, or use a preset or 'chat'"
+        )
+    # one pass: a prompt that contains "{input}" keeps it as text
+    values = {"prompt": prompt, "input": context or ""}
+    return re.sub(r"\{(prompt|input)\}", lambda m: values[m.group(1)], template)
 
 
 def _as_turns(messages: list[Message], context: str | None) -> list[dict[str, str]]:

@@ -221,3 +221,80 @@ def test_a_prompt_shared_by_sources_lands_on_one_side_of_the_split_only(tmp_path
     assert manifest.metrics["sources"]["sft"]["shared_prompts"] == 20
     assert manifest.metrics["sources"]["pairs"]["shared_prompts"] == 20
     assert (manifest.metrics["eval_prompts"], manifest.metrics["judge_prompts"]) == (10, 10)
+
+
+def test_a_system_prompt_does_not_make_a_question_another(tmp_path):
+    """One source asks its questions under a system prompt (orca), another plainly: the
+    same question is one prompt for the split, on one side only, and a judge or endpoint
+    reading `prompts/` gets an Alpaca input with its instruction."""
+    questions = [f"What is {n} plus {n * 3} in words, please?" for n in range(30)]
+    with open(tmp_path / "orca.jsonl", "w") as handle:
+        for n, q in enumerate(questions):
+            row = {"system": "You are an AI assistant.", "question": q}
+            handle.write(json.dumps({**row, "chosen": f"good {n}", "rejected": f"bad {n}"}) + "\n")
+    with open(tmp_path / "plain.jsonl", "w") as handle:
+        for n, q in enumerate(questions):
+            handle.write(json.dumps({"instruction": q, "input": "", "output": f"a{n}"}) + "\n")
+            row = {"instruction": "Summarize the note.", "input": f"text {n}", "output": "x"}
+            handle.write(json.dumps(row) + "\n")
+    manifest = run_data(
+        tmp_path,
+        [
+            {"name": "orca", "format": "pairs", "uri": str(tmp_path / "orca.jsonl")},
+            {"name": "plain", "format": "alpaca", "uri": str(tmp_path / "plain.jsonl")},
+        ],
+        template="raw",
+        min_tokens=0,
+        dedup_threshold=None,
+        eval_fraction=0.3,
+    )
+    assert manifest.metrics["cross_source_prompts"] == 30  # each question, system or not
+    sides = {}
+    for split in ("train", "eval"):
+        pairs = tmp_path / "out" / "pairs" / f"{split}.jsonl"
+        sft = tmp_path / "out" / "sft" / f"{split}.jsonl"
+        texts = [json.loads(x)["prompt"] for x in pairs.read_text().splitlines()]
+        texts += [json.loads(x)["prompt"] for x in sft.read_text().splitlines()]
+        sides[split] = {q for q in questions for t in texts if q in t}
+    assert sides["train"] and sides["eval"] and not sides["train"] & sides["eval"]
+    prompts = [
+        json.loads(x)
+        for split in ("train", "eval")
+        for x in (tmp_path / "out" / "prompts" / f"{split}.jsonl").read_text().splitlines()
+    ]
+    with_input = [p for p in prompts if "text 7" in p["prompt"]]
+    assert with_input and with_input[0]["instruction"].endswith("\n\ntext 7")
+
+
+def test_a_custom_template_keeps_every_input_or_says_why_not(tmp_path):
+    from jobs.data.templates import render_prompt
+
+    asked = [Message("user", "print(f'{input}')")]
+    assert render_prompt("Q: {prompt}\n{input}\nA:", asked, "x = 1") == (
+        "Q: print(f'{input}')\nx = 1\nA:"  # the user's braces are text, not a placeholder
+    )
+    write_alpaca(tmp_path / "a.jsonl", [("Summarize this.", "A summary.")])
+    rows = [{"instruction": "Summarize this.", "input": "THE TEXT", "output": "A summary."}]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(BadInputError, match=r"b\.jsonl:1: template .*no \{input\}"):
+        run_data(
+            tmp_path,
+            [{"name": "b", "format": "alpaca", "uri": str(tmp_path / "b.jsonl")}],
+            template="Q: {prompt}\nA:",
+            min_tokens=0,
+            dedup_threshold=None,
+            eval_fraction=0,
+        )
+
+
+def test_a_whitespace_question_is_named_as_missing(tmp_path):
+    rows = [{"prompt": "   ", "chosen": "a", "rejected": "b"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(BadInputError, match=r"p\.jsonl:1: field 'prompt' \(or 'question'\)"):
+        run_data(
+            tmp_path,
+            [{"name": "p", "format": "pairs", "uri": str(tmp_path / "p.jsonl")}],
+            min_tokens=0,
+            dedup_threshold=None,
+            eval_fraction=0,
+        )
