@@ -394,8 +394,12 @@ class StageContext:
         self.out_dir = workdir / "output"
         self.inputs: dict[str, InputRef] = {}
         self.stop_requested = False
+        # A run resumes only its own checkpoints: those of this config on these inputs. An
+        # interrupted run of another config (a changed learning rate, re-made data) leaves
+        # its own beside them, for that config to resume, until an output is published.
+        keyed = (key or run_key(config))[:16]
         self.checkpoints = Checkpoints(
-            store.join(config.output, CHECKPOINTS), workdir / "checkpoints"
+            store.join(config.output, CHECKPOINTS, keyed), workdir / "checkpoints"
         )
         self.metrics = ProgressLog(stage, config, self.out_dir, key=key) if dist.is_main() else None
 
@@ -597,10 +601,6 @@ class Checkpoints:
         dist.barrier()
         return local
 
-    def clear(self) -> None:
-        if dist.is_main():
-            store.delete(self.uri)
-
 
 # --- the lifecycle ---------------------------------------------------------------------
 
@@ -788,7 +788,9 @@ def run_stage(stage: str, config: StageConfig, run_fn, workdir: Path | None = No
         dist.barrier()
         manifest = publish(ctx, metrics, started_at) if dist.is_main() else None
         dist.barrier()
-        ctx.checkpoints.clear()
+        # its checkpoints, and any other config's: they were for the output now replaced
+        if dist.is_main():
+            store.delete(store.join(config.output, CHECKPOINTS))
     except BaseException as exc:
         if ctx.metrics is not None:
             ctx.metrics.end(exc)

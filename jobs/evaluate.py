@@ -87,11 +87,19 @@ def answers(
 
 
 def win_rate(
-    candidate: list[float], baseline: list[float], seed: int, resamples: int = 2000
+    candidate: list[float],
+    baseline: list[float],
+    seed: int,
+    same: list[bool] | None = None,
+    resamples: int = 2000,
 ) -> tuple[float, float, float]:
-    """Share of prompts the candidate wins (ties half), with a 95% bootstrap interval."""
+    """Share of prompts the candidate wins (ties half), with a 95% bootstrap interval over
+    prompts. ``same``: the two answered alike, a tie whatever the scores (one text scored
+    in two batches can get two slightly different bf16 scores)."""
+    same = same or [False] * len(candidate)
     outcomes = [
-        1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline, strict=True)
+        0.5 if alike or c == b else 1.0 if c > b else 0.0
+        for c, b, alike in zip(candidate, baseline, same, strict=True)
     ]
     rate = sum(outcomes) / len(outcomes)
     rng = random.Random(seed)
@@ -111,7 +119,8 @@ def run(config: Config, ctx: StageContext) -> dict:
     candidate = answers("candidate", config.candidate, prompts, config, ctx)
     baseline = answers("baseline", config.baseline, prompts, config, ctx)
 
-    report: dict = {"prompts": len(rows)}
+    same = [c == b for c, b in zip(candidate, baseline, strict=True)]
+    report: dict = {"prompts": len(rows), "same_answers": sum(same)}
     scores: dict[str, tuple[list[float], list[float]]] = {}
     for name, ref in (("held_out", config.judge_model), ("proxy", config.reward_model)):
         if ref is None:
@@ -128,7 +137,7 @@ def run(config: Config, ctx: StageContext) -> dict:
         ctx.log(0, **{f"{name}.scoring_s": round(time.perf_counter() - started, 3)})
         del reward_model
         free_memory()
-        rate, low, high = win_rate(*scores[name], config.seed)
+        rate, low, high = win_rate(*scores[name], config.seed, same)
         report[name] = {
             "reward_candidate": sum(scores[name][0]) / len(rows),
             "reward_baseline": sum(scores[name][1]) / len(rows),
@@ -146,12 +155,14 @@ def run(config: Config, ctx: StageContext) -> dict:
         ]
         counts = {"unparseable": 0}
         judged_scores = judge_scores(pairs, config.judge, config.output, ctx, "evaluate", counts)
-        judged = [(s[0], s[1]) for s in judged_scores if None not in s]
+        judged = [(s[0], s[1], alike) for s, alike in zip(judged_scores, same, strict=True)]
+        judged = [(c, b, alike) for c, b, alike in judged if None not in (c, b)]
         if judged:
-            rate, low, high = win_rate([c for c, _ in judged], [b for _, b in judged], config.seed)
+            ours, theirs, alike = (list(column) for column in zip(*judged, strict=True))
+            rate, low, high = win_rate(ours, theirs, config.seed, alike)
             report["judge"] = {
-                "reward_candidate": sum(c for c, _ in judged) / len(judged),
-                "reward_baseline": sum(b for _, b in judged) / len(judged),
+                "reward_candidate": sum(c for c, _, _ in judged) / len(judged),
+                "reward_baseline": sum(b for _, b, _ in judged) / len(judged),
                 "win_rate": rate,
                 "win_rate_ci95": [low, high],
             }

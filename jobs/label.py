@@ -16,7 +16,6 @@ Ties and unparseable judgements are counted and dropped, never guessed.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -96,24 +95,28 @@ def source_rule_scores(rows: list[dict], prefer: list[str]) -> list[list[float |
 
 
 def read_labels(path: Path, display: str) -> list[tuple[str, dict[str, Any]]]:
-    """(where, row) of a human label file: JSONL, or CSV with a header line."""
-    if path.suffix.lower() != ".csv":
-        from jobs.data.readers import rows_from_file
+    """(where, row) of a human label file: JSONL, JSON, CSV with a header line (a
+    spreadsheet's export: its byte-order mark and CRLF too) or Parquet."""
+    from jobs.data.readers import rows_from_file
 
-        return [(row.where, row.data) for row in rows_from_file(path, display)]
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        return [(f"{display}:{reader.line_num}", row) for row in reader]
+    return [(row.where, row.data) for row in rows_from_file(path, display)]
 
 
 def human_choices(rows: list[dict], labels: list[tuple[str, dict]]) -> dict[str, tuple[int, int]]:
     """prompt id -> (chosen index, rejected index); a bad row is an error naming it."""
     by_id = {row["id"]: row for row in rows}
     out: dict[str, tuple[int, int]] = {}
+    first: dict[str, str] = {}
     for where, label in labels:
         for field in ("id", "chosen", "rejected"):
             if label.get(field) in (None, ""):
                 raise BadInputError(f"{where}: field {field!r} is missing")
+        if str(label["id"]) in first:  # which of two labels holds is not ours to guess
+            raise BadInputError(
+                f"{where}: field 'id': {label['id']} is labelled already at "
+                f"{first[str(label['id'])]}"
+            )
+        first[str(label["id"])] = where
         row = by_id.get(str(label["id"]))
         if row is None:
             continue  # a label for a prompt of the other split

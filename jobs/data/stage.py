@@ -98,7 +98,21 @@ class Config(StageConfig):
         description="share of prompts held out of train and eval, written as */judge.jsonl: "
         "the pairs on which a judge reward model is trained (evaluate's held-out judge)",
     )
-    max_examples: int | None = Field(None, ge=1, description="cap on the mixed total")
+    max_examples: int | None = Field(
+        None,
+        ge=1,
+        description="cap on the total of the sources mixed by ratio (sources without a ratio "
+        "are taken whole)",
+    )
+
+    @model_validator(mode="after")
+    def _cap_needs_a_mix(self) -> Config:
+        if self.max_examples is not None and all(s.ratio is None for s in self.sources):
+            raise ValueError(
+                "max_examples caps the mix of the sources that have a ratio, and none has "
+                "one: give the sources ratios (e.g. ratio: 1 each)"
+            )
+        return self
 
 
 def read_source(source: SourceConfig, ctx: StageContext) -> Iterator[Example]:

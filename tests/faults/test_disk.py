@@ -41,14 +41,15 @@ def test_a_full_scratch_disk_during_a_checkpoint_is_retryable_and_keeps_the_last
             handle.write(b"\0" * (free - 256 * 1024))
 
     proxy.set_rules(
-        Rule("act", method="PUT", path=r"_checkpoints/step-\d+/COMMIT$", nth=1), action=fill
+        Rule("act", method="PUT", path=r"_checkpoints/\w+/step-\d+/COMMIT$", nth=1), action=fill
     )
     code, err = run.finish()
     proxy.set_rules()
     assert code == EXIT_RETRY, err[-3000:]
     assert "scratch disk" in err and "is full" in err and "step 4" in err, err[-2000:]
     assert "Traceback" not in err
-    committed = [f.path for f in store.list_files(f"{s3_env}/sft/_checkpoints")]
+    # <run key>/step-N/...
+    committed = [f.path.split("/", 1)[1] for f in store.list_files(f"{s3_env}/sft/_checkpoints")]
     assert "step-00000002/COMMIT" in committed
     assert not any(path.startswith("step-00000004") for path in committed)
     record("scratch disk full writing a checkpoint", "sft", "exit 75, clear error; last one kept")

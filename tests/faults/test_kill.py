@@ -139,15 +139,15 @@ def test_killed_at_random_moments_the_stage_ends_as_if_never_interrupted(
             signal_at = signal.SIGTERM if moment == "sigterm" else signal.SIGKILL
         elif moment == "checkpoint":  # the n-th file of a checkpoint in flight
             step = rng.randint(1, 3)
-            path = r"-killed/_checkpoints/step-\d+/"
+            path = r"-killed/_checkpoints/[0-9a-f]{16}/step-\d+/"
             rules = [Rule("kill", method="PUT|POST", path=path, nth=step)]
         elif moment == "commit":  # a checkpoint just committed, the stage never heard
             step = rng.randint(1, 2)
-            path = r"-killed/_checkpoints/step-\d+/COMMIT$"
+            path = r"-killed/_checkpoints/[0-9a-f]{16}/step-\d+/COMMIT$"
             rules = [Rule("kill-after", method="PUT", path=path, nth=step)]
         elif moment == "outage":  # S3 answers 503 to every write from a checkpoint on
             step = rng.randint(1, 2)
-            path = r"-killed/_checkpoints/step-\d+/"
+            path = r"-killed/_checkpoints/[0-9a-f]{16}/step-\d+/"
             rules = [Rule("503", method="PUT|POST", path=path, nth=step, times=10**6)]
         else:  # the manifest in flight, or just landed (the stage never hears)
             kind = "kill" if moment == "manifest" else "kill-after"
@@ -195,7 +195,7 @@ def test_killed_at_random_moments_the_stage_ends_as_if_never_interrupted(
         record(where, stage, outcome + "; inputs intact")
 
     committed = [
-        int(f.path.split("/")[0].removeprefix("step-"))
+        int(f.path.split("/")[1].removeprefix("step-"))  # <run key>/step-N/COMMIT
         for f in store.list_files(f"{out}/_checkpoints")
         if f.path.endswith("/COMMIT")
     ]

@@ -179,9 +179,10 @@ def test_human_labels_from_csv(tiny_data, tmp_path, key):
     with ChatServer(judge, KEY) as server:
         rows = human_candidates(tmp_path, tiny_data, server)
     labels = tmp_path / "labels.csv"
-    labels.write_text(
-        "id,chosen,rejected\n" + f"{rows[0]['id']},0,1\n{rows[1]['id']},1,0\n{rows[2]['id']},1,1\n"
-    )
+    lines = ["id,chosen,rejected", f"{rows[0]['id']},0,1", f"{rows[1]['id']},1,0"]
+    lines.append(f"{rows[2]['id']},1,1")
+    # as a spreadsheet exports it: a byte-order mark, CRLF line ends
+    labels.write_bytes(("\r\n".join(lines) + "\r\n").encode("utf-8-sig"))
     config = label.Config(
         output=str(tmp_path / "label"),
         candidates=str(tmp_path / "gen"),
@@ -221,6 +222,9 @@ def test_a_bad_csv_row_is_named(tiny_data, tmp_path, key):
         r"response index of train-0 \(it has 2\)",
     ):
         run_stage("label", config, label.run, workdir=tmp_path / "w2")
+    labels.write_text(f"id,chosen,rejected\n{rows[0]['id']},0,1\n{rows[0]['id']},1,0\n")
+    with pytest.raises(BadInputError, match=r"labels\.csv:3: field 'id': .* at .*labels\.csv:2"):
+        run_stage("label", config, label.run, workdir=tmp_path / "w3")
 
 
 def test_judgement_parsing():

@@ -205,3 +205,31 @@ def test_scratch_holds_only_the_newest_committed_checkpoint(tmp_path):
         checkpoints.save(step)
         assert sorted(p.name for p in (tmp_path / "local").iterdir()) == [f"step-{step:08d}"]
     assert checkpoints.committed() == [20, 30]  # the store keeps two, scratch one
+
+
+def test_a_run_of_another_config_does_not_resume_this_ones_checkpoints(tmp_path):
+    """An interrupted run leaves checkpoints; the user changes the config (or the inputs are
+    made again) and runs the stage: it starts afresh, and the old run's checkpoints stay for
+    the old config, whose run resumes them."""
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"instruction": "a", "input": "", "output": "b"}\n')
+    old = data_config(str(tmp_path / "out"), str(source))
+    new = old.model_copy(update={"seed": old.seed + 1})
+    first = StageContext("data", old, tmp_path / "w1")
+    local = first.checkpoints.local_dir(900)
+    local.mkdir(parents=True)
+    (local / "state.pt").write_text("the old config's step 900")
+    first.checkpoints.save(900)
+
+    changed = StageContext("data", new, tmp_path / "w2")
+    assert changed.checkpoints.latest() is None
+    local = changed.checkpoints.local_dir(100)
+    local.mkdir(parents=True)
+    (local / "state.pt").write_text("the new config's step 100")
+    changed.checkpoints.save(100)  # and it is kept: not pruned as older than step 900
+    assert changed.checkpoints.committed() == [100]
+
+    again = StageContext("data", old, tmp_path / "w3")
+    assert again.checkpoints.latest() == 900
+    restored = again.checkpoints.restore(900)
+    assert (restored / "state.pt").read_text() == "the old config's step 900"

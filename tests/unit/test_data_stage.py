@@ -298,3 +298,12 @@ def test_a_whitespace_question_is_named_as_missing(tmp_path):
             dedup_threshold=None,
             eval_fraction=0,
         )
+
+
+def test_a_cap_without_a_mix_is_refused():
+    from pydantic import ValidationError
+
+    sources = [{"name": "a", "format": "alpaca", "uri": "a.jsonl"}]
+    with pytest.raises(ValidationError, match="max_examples caps the mix"):
+        data.Config(output="o", sources=sources, max_examples=10)
+    data.Config(output="o", sources=[{**sources[0], "ratio": 1}], max_examples=10)
