@@ -107,7 +107,14 @@ def read_manifest(uri: str) -> Manifest | None:
     path = store.join(uri, MANIFEST)
     if not store.exists(path):
         return None
-    return Manifest.model_validate_json(store.read_bytes(path))
+    try:
+        return Manifest.model_validate_json(store.read_bytes(path))
+    except ValueError as exc:  # pydantic's ValidationError: cut short, or another schema
+        first = str(exc).splitlines()[1:2] or [str(exc)]
+        raise BadInputError(
+            f"{path}: not a readable manifest ({first[0].strip()}); run the stage that "
+            "writes it again"
+        ) from None
 
 
 def manifest_hash(uri: str) -> str | None:
@@ -607,7 +614,11 @@ class Checkpoints:
 
 def up_to_date(stage: str, config: StageConfig) -> Manifest | None:
     """The finished manifest when this exact config already ran on these exact inputs."""
-    manifest = read_manifest(config.output)
+    try:
+        manifest = read_manifest(config.output)
+    except BadInputError as exc:  # ours to write again: the run replaces it
+        print(f"{stage}: {exc}; running it", file=sys.stderr, flush=True)
+        return None
     if manifest is None or manifest.stage != stage or manifest.config_hash != config.config_hash():
         return None
     for ref in manifest.inputs:

@@ -15,6 +15,7 @@ from jobs.contract import (
     read_manifest,
     require_finished,
     run_stage,
+    up_to_date,
 )
 from jobs.data import stage as data
 from jobs.errors import BadInputError
@@ -233,3 +234,19 @@ def test_a_run_of_another_config_does_not_resume_this_ones_checkpoints(tmp_path)
     assert again.checkpoints.latest() == 900
     restored = again.checkpoints.restore(900)
     assert (restored / "state.pt").read_text() == "the old config's step 900"
+
+
+def test_a_manifest_cut_short_is_run_again_not_a_crash(tmp_path):
+    """A node that died while writing the manifest (or an older schema): the stage runs
+    again and replaces it; a stage reading it as input names the file."""
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"instruction": "a b c", "input": "", "output": "d e f"}\n')
+    config = data_config(str(tmp_path / "out"), str(source))
+    run_stage("data", config, data.run, workdir=tmp_path / "w")
+    manifest = tmp_path / "out" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])
+    with pytest.raises(BadInputError, match=r"out/manifest.json: not a readable manifest"):
+        read_manifest(str(tmp_path / "out"))
+    assert up_to_date("data", config) is None
+    run_stage("data", config, data.run, workdir=tmp_path / "w2")
+    assert read_manifest(str(tmp_path / "out")).stage == "data"
