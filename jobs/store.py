@@ -238,6 +238,10 @@ class _S3:
             "InvalidBucketName",
         }:
             return BadInputError(f"{uri}: S3 refused the request: {code}")
+        if code in {"NoSuchKey", "404", "NotFound"}:
+            # listed or named by a manifest a moment ago: its writer is replacing it (an
+            # upstream stage run again); a later attempt reads the new one
+            return TransientError(f"{uri}: gone from S3 while being read ({code})")
         if exc is None or status >= 500 or code in {"SlowDown", "RequestTimeout", "Throttling"}:
             return TransientError(f"{uri}: S3 error {code or 'on upload'} after retries")
         return exc
@@ -260,13 +264,17 @@ class _S3:
         from botocore.exceptions import ClientError
 
         bucket, key = _split_s3(uri)
-        try:
-            self._call(uri, self.client.head_object, Bucket=bucket, Key=key)
-            return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
-                return False
-            raise
+
+        def head() -> bool:
+            try:
+                self.client.head_object(Bucket=bucket, Key=key)
+                return True
+            except ClientError as exc:  # not there is an answer here, not an error
+                if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                    return False
+                raise
+
+        return self._call(uri, head)
 
     def read_bytes(self, uri: str) -> bytes:
         from botocore.exceptions import BotoCoreError

@@ -111,3 +111,14 @@ def test_an_upload_s3_refuses_is_a_bad_input_not_a_traceback(s3_env, tmp_path):
         store.upload_file(source, "s3://no-such-bucket-for-kuberlhf/run/f.bin")
     store.upload_file(source, f"{s3_env}/run/f.bin")  # the same call into a real bucket
     assert store.read_bytes(f"{s3_env}/run/f.bin") == b"x" * 100
+
+
+def test_an_object_gone_while_being_read_is_worth_a_retry(s3_env, tmp_path):
+    """Named by a manifest or a listing a moment before, then deleted (its stage publishing
+    again): a retry, not a traceback."""
+    from jobs.errors import TransientError
+
+    with pytest.raises(TransientError, match=r"run/gone\.bin: gone from S3 while being read"):
+        store.read_bytes(f"{s3_env}/run/gone.bin")
+    with pytest.raises(TransientError, match="gone from S3"):
+        store.download_file(f"{s3_env}/run/gone.bin", tmp_path / "gone.bin")
