@@ -301,9 +301,10 @@ def test_grpo_raises_held_out_accuracy_on_the_gpu(tiny, tmp_path):
             tmp_path / "sft",
             tiny,
             tmp_path / f"grpo-{zero_stage}",
-            iterations=40 if zero_stage == 2 else 2,
-            # one forward per minibatch of 16, as the figures below were measured
-            train={**BF16, "zero_stage": zero_stage, "learning_rate": 5e-4, "micro_batch_size": 16},
+            # 80: after 40 the rise (+0.04 to +0.09 on the CPU check, by how bf16 rounded
+            # the micro-batches) was within the noise of 100 held-out numbers
+            iterations=80 if zero_stage == 2 else 2,
+            train={**BF16, "zero_stage": zero_stage, "learning_rate": 5e-4},
         )
         metrics = stage("grpo", config, tmp_path, tag=f"grpo-{zero_stage}").metrics
         if zero_stage == 2:

@@ -1,7 +1,7 @@
 """How ppo and grpo turn a rollout into optimiser steps, on a CPU machine: a minibatch taken
 in micro-batches is one optimiser step with the gradient one forward over it would give (the
 memory of a forward is a micro-batch's); the clip fraction counts the tokens whose gradient
-the clip stopped; the KL estimators are unbiased and bounded; configs that would silently
+the clip stopped; the KL estimators are unbiased and finite; configs that would silently
 mislead are refused. And the supervised stages' shared loop, resumed after its last step."""
 
 from __future__ import annotations
@@ -126,9 +126,13 @@ def test_the_kl_estimators_are_unbiased_and_bounded():
     for estimator in ("k1", "k3"):
         mean = float(grpo.kl_estimate(logp, ref, estimator).mean())
         assert mean == pytest.approx(exact, abs=0.01), (estimator, mean, exact)
-    # one token the reference finds e^19 times likelier does not outweigh an answer
-    far = grpo.kl_estimate(torch.tensor([-20.0]), torch.tensor([-1.0]), "k3")
-    assert far.item() == 10 and math.exp(19) - 20 > 10
+    # far from the reference the estimate stays finite (the log-ratio bounded at 20) and
+    # keeps pulling the policy back: its gradient is not clamped away
+    logp = torch.tensor([-200.0, 0.0], requires_grad=True)
+    far = grpo.kl_estimate(logp, torch.tensor([-1.0, -15.0]), "k3")  # k3 e^20 - 21, 14
+    assert torch.isfinite(far).all() and far[0].item() == pytest.approx(math.exp(20) - 21)
+    far.sum().backward()
+    assert logp.grad[1].item() == pytest.approx(1.0)  # d/dlogp of e^(ref-logp) - (ref-logp) - 1
 
 
 def test_deeply_nested_json_scores_zero_rather_than_stopping_the_stage():
