@@ -82,7 +82,7 @@ def test_held_out_accuracy_rises(warm, tiny, tmp_path, algorithm):
     metrics = read_manifest(str(tmp_path / algorithm)).metrics
     start, end = metrics["eval_correct_start"], metrics["eval_correct"]
     # Seeds fixed, 100 held-out numbers, greedy answers: 0.77 before; after 40 iterations
-    # 0.86 (grpo), 0.86 (rloo), 0.91 (reinforce_pp) on the 2-core development machine.
+    # 0.90 (grpo), 0.86 (rloo), 0.91 (reinforce_pp) on the 2-core development machine.
     assert 0.3 < start < 0.85  # right often, not always: room and a signal to learn from
     assert end >= start + 0.07, (start, end)
     lines = [m for m in metrics_lines(tmp_path / algorithm) if "reward_mean" in m]
@@ -107,7 +107,7 @@ def test_with_the_reward_negated_the_accuracy_falls(warm, tiny, tmp_path):
     result = run_entrypoint("grpo", config, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_manifest(str(tmp_path / "neg")).metrics
-    # 0.77 -> 0.28 after 20 iterations with the same seeds: the update follows the sign.
+    # 0.77 -> 0.30 after 20 iterations with the same seeds: the update follows the sign.
     assert metrics["eval_correct"] < metrics["eval_correct_start"] - 0.2
 
 
