@@ -756,6 +756,33 @@ def publish(ctx: StageContext, metrics: dict[str, Any], started_at: str) -> Mani
     return manifest
 
 
+def claim_output(stage: str, output: str) -> str | None:
+    """Why ``output`` is not this stage's to replace (publishing removes everything under it
+    that the run did not make), or None: it is empty, a previous output of this stage, or
+    holds the progress or checkpoints of one of its runs."""
+    files = store.list_files(output)
+    if not files:
+        return None
+    try:
+        manifest = read_manifest(output)
+    except BadInputError:  # a manifest cut short: a run of a stage, replaced as such
+        return None
+    if manifest is not None:
+        if manifest.stage == stage:
+            return None
+        return (
+            f"{output}: holds the output of a {manifest.stage} stage, which this {stage} stage "
+            "would replace; give it an output of its own"
+        )
+    if any(f.path.startswith((PROGRESS + "/", CHECKPOINTS + "/")) for f in files):
+        return None
+    return (
+        f"{output}: holds {len(files)} files that no stage wrote (no {MANIFEST}, no "
+        f"{PROGRESS}/, e.g. {files[0].path}); a stage replaces everything under its output: "
+        "give it an empty folder or prefix"
+    )
+
+
 def run_stage(stage: str, config: StageConfig, run_fn, workdir: Path | None = None) -> Manifest:
     """Skip if up to date, else run ``run_fn(config, ctx) -> metrics`` and publish."""
     dist.init()
@@ -771,6 +798,10 @@ def run_stage(stage: str, config: StageConfig, run_fn, workdir: Path | None = No
                 flush=True,
             )
         return finished
+    # every rank stops alike when the output is not this stage's to replace
+    refused = claim_output(stage, config.output) if dist.is_main() else None
+    if dist.broadcast_object(refused) is not None:
+        raise BadInputError(refused)
 
     key = run_key(config)  # reads the inputs' manifests: once, for the folder and the sinks
     ctx = StageContext(stage, config, workdir or default_workdir(stage, config, key), key)

@@ -250,3 +250,23 @@ def test_a_manifest_cut_short_is_run_again_not_a_crash(tmp_path):
     assert up_to_date("data", config) is None
     run_stage("data", config, data.run, workdir=tmp_path / "w2")
     assert read_manifest(str(tmp_path / "out")).stage == "data"
+
+
+def test_a_stage_does_not_replace_what_it_did_not_write(tmp_path):
+    """Publishing removes everything under the output that the run did not make: an output
+    pointed at a folder of other files, or at another stage's output, is refused before
+    anything is written, and the files stay."""
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"instruction": "a b c", "input": "", "output": "d e f"}\n')
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    config = data_config(str(tmp_path / "mine"), str(source))
+    with pytest.raises(BadInputError, match=r"mine: holds 1 files that no stage wrote"):
+        run_stage("data", config, data.run, workdir=tmp_path / "w")
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"
+
+    made = data_config(str(tmp_path / "data"), str(source))
+    run_stage("data", made, data.run, workdir=tmp_path / "w2")
+    with pytest.raises(BadInputError, match=r"data: holds the output of a data stage"):
+        run_stage("other", made, lambda config, ctx: {}, workdir=tmp_path / "w3")
+    assert read_manifest(str(tmp_path / "data")).stage == "data"
