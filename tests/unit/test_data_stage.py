@@ -26,6 +26,17 @@ def run_data(tmp_path, sources, **options):
     return run_stage("data", config, data.run, workdir=tmp_path / "work")
 
 
+def split_data(tmp_path, sources: dict[str, str], **options):
+    """The data stage over ``<name>.jsonl`` files of the given formats: raw prompts, no
+    filter, so that only the split decides where a row goes."""
+    listed = [
+        {"name": name, "format": fmt, "uri": str(tmp_path / f"{name}.jsonl")}
+        for name, fmt in sources.items()
+    ]
+    settings = {"template": "raw", "min_tokens": 0, "dedup_threshold": None, **options}
+    return run_data(tmp_path, listed, **settings)
+
+
 def test_length_filter_drops_fifteen_tokens_or_fewer_and_counts_them(tmp_path):
     # Whitespace tokens when no tokenizer is given: 8 + 7 = 15 (dropped), 8 + 8 = 16 (kept).
     write_alpaca(
@@ -195,18 +206,8 @@ def test_a_prompt_shared_by_sources_lands_on_one_side_of_the_split_only(tmp_path
         for n, p in enumerate(prompts[:20]):
             row = {"prompt": p, "chosen": f"good {n} answer", "rejected": f"bad {n} answer"}
             handle.write(json.dumps(row) + "\n")
-    manifest = run_data(
-        tmp_path,
-        [
-            {"name": "sft", "format": "alpaca", "uri": str(tmp_path / "sft.jsonl")},
-            {"name": "pairs", "format": "pairs", "uri": str(tmp_path / "pairs.jsonl")},
-        ],
-        template="raw",
-        min_tokens=0,
-        dedup_threshold=None,
-        eval_fraction=0.25,
-        judge_fraction=0.25,
-    )
+    sources = {"sft": "alpaca", "pairs": "pairs"}
+    manifest = split_data(tmp_path, sources, eval_fraction=0.25, judge_fraction=0.25)
     sides: dict[str, set[str]] = {}
     for split in ("train", "eval", "judge"):
         for output in ("sft", "pairs", "prompts"):
@@ -237,17 +238,7 @@ def test_a_system_prompt_does_not_make_a_question_another(tmp_path):
             handle.write(json.dumps({"instruction": q, "input": "", "output": f"a{n}"}) + "\n")
             row = {"instruction": "Summarize the note.", "input": f"text {n}", "output": "x"}
             handle.write(json.dumps(row) + "\n")
-    manifest = run_data(
-        tmp_path,
-        [
-            {"name": "orca", "format": "pairs", "uri": str(tmp_path / "orca.jsonl")},
-            {"name": "plain", "format": "alpaca", "uri": str(tmp_path / "plain.jsonl")},
-        ],
-        template="raw",
-        min_tokens=0,
-        dedup_threshold=None,
-        eval_fraction=0.3,
-    )
+    manifest = split_data(tmp_path, {"orca": "pairs", "plain": "alpaca"}, eval_fraction=0.3)
     assert manifest.metrics["cross_source_prompts"] == 30  # each question, system or not
     sides = {}
     for split in ("train", "eval"):
@@ -273,31 +264,17 @@ def test_a_custom_template_keeps_every_input_or_says_why_not(tmp_path):
     assert render_prompt("Q: {prompt}\n{input}\nA:", asked, "x = 1") == (
         "Q: print(f'{input}')\nx = 1\nA:"  # the user's braces are text, not a placeholder
     )
-    write_alpaca(tmp_path / "a.jsonl", [("Summarize this.", "A summary.")])
     rows = [{"instruction": "Summarize this.", "input": "THE TEXT", "output": "A summary."}]
     (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(BadInputError, match=r"b\.jsonl:1: template .*no \{input\}"):
-        run_data(
-            tmp_path,
-            [{"name": "b", "format": "alpaca", "uri": str(tmp_path / "b.jsonl")}],
-            template="Q: {prompt}\nA:",
-            min_tokens=0,
-            dedup_threshold=None,
-            eval_fraction=0,
-        )
+        split_data(tmp_path, {"b": "alpaca"}, template="Q: {prompt}\nA:", eval_fraction=0)
 
 
 def test_a_whitespace_question_is_named_as_missing(tmp_path):
     rows = [{"prompt": "   ", "chosen": "a", "rejected": "b"}]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(BadInputError, match=r"p\.jsonl:1: field 'prompt' \(or 'question'\)"):
-        run_data(
-            tmp_path,
-            [{"name": "p", "format": "pairs", "uri": str(tmp_path / "p.jsonl")}],
-            min_tokens=0,
-            dedup_threshold=None,
-            eval_fraction=0,
-        )
+        split_data(tmp_path, {"p": "pairs"}, eval_fraction=0)
 
 
 def test_a_cap_without_a_mix_is_refused():
