@@ -535,8 +535,8 @@ class TrainLoop:
 
 
 def _earlier_first_eval(state: dict) -> dict:
-    """The first evaluation as checkpoints written before TrainLoop kept it: dpo's and
-    reward's dicts under "first", sft's loss under "first_eval_loss"."""
+    """The first evaluation as checkpoints written before TrainLoop kept it: dpo's dict
+    under "first", sft's loss under "first_eval_loss" (reward's was "first_eval" already)."""
     if isinstance(state.get("first"), dict):
         return state["first"]
     if state.get("first_eval_loss") is not None:
