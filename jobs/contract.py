@@ -571,7 +571,12 @@ class Checkpoints:
             store.write_text(store.join(remote, f"PART-{node}.json"), json.dumps(part))
         dist.barrier()
         if dist.is_main():
-            store.write_text(store.join(remote, COMMIT), json.dumps({"step": step, "time": _now()}))
+            # the parts of this run's nodes, not a PART an earlier attempt with more nodes
+            # left in the folder
+            nodes = dist.world_size() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            parts = [f"PART-{node}.json" for node in range(max(nodes, 1))]
+            commit = {"step": step, "time": _now(), "parts": parts}
+            store.write_text(store.join(remote, COMMIT), json.dumps(commit))
             for old in self.committed()[: -self.keep]:
                 store.delete(self._step_uri(old))
         dist.barrier()
@@ -592,13 +597,17 @@ class Checkpoints:
         local = self.local_dir(step)
         remote = self._step_uri(step)
         if dist.is_node_main():
+            commit = json.loads(store.read_text(store.join(remote, COMMIT)))
+            # a checkpoint committed before COMMIT named its parts: every PART in the folder
+            parts = commit.get("parts") or [
+                info.path for info in store.list_files(remote) if info.path.startswith("PART-")
+            ]
             entries: list[tuple[FileEntry, str]] = []
-            for info in store.list_files(remote):
-                if info.path.startswith("PART-"):
-                    part = json.loads(store.read_text(store.join(remote, info.path)))
-                    entries += [
-                        (FileEntry.model_validate(e), store.join(remote, info.path)) for e in part
-                    ]
+            for name in parts:
+                part = json.loads(store.read_text(store.join(remote, name)))
+                entries += [(FileEntry.model_validate(e), store.join(remote, name)) for e in part]
+            if not entries:
+                raise BadInputError(f"{remote}: a committed checkpoint without files")
             for entry, where in entries:
                 target = inside(local, entry.path, where)
                 if not (target.is_file() and store.sha256_file(target) == entry.sha256):

@@ -270,3 +270,20 @@ def test_a_stage_does_not_replace_what_it_did_not_write(tmp_path):
     with pytest.raises(BadInputError, match=r"data: holds the output of a data stage"):
         run_stage("other", made, lambda config, ctx: {}, workdir=tmp_path / "w3")
     assert read_manifest(str(tmp_path / "data")).stage == "data"
+
+
+def test_a_checkpoint_restores_only_the_parts_of_the_run_that_committed_it(tmp_path):
+    """An earlier attempt with two nodes left a PART-1 (and its files) in the step's folder
+    before it died; a one-node run commits that step: its restore takes its own files."""
+    checkpoints = Checkpoints(str(tmp_path / "store" / "_checkpoints"), tmp_path / "local")
+    folder = tmp_path / "store" / "_checkpoints" / "step-00000010"
+    folder.mkdir(parents=True)
+    (folder / "rank1.pt").write_text("the other attempt's")
+    stale = [{"path": "rank1.pt", "size": 19, "sha256": "0" * 64}]  # and not its sha256
+    (folder / "PART-1.json").write_text(json.dumps(stale))
+    local = checkpoints.local_dir(10)
+    local.mkdir(parents=True)
+    (local / "rank0.pt").write_text("this run's")
+    checkpoints.save(10)
+    restored = Checkpoints(checkpoints.uri, tmp_path / "elsewhere").restore(10)
+    assert sorted(p.name for p in restored.iterdir()) == ["rank0.pt"]
