@@ -216,9 +216,16 @@ def run(config: Config, ctx: StageContext) -> dict:
 
     # Read and drop the short ones.
     for source in config.sources:
-        kept, c = [], {"read": 0, "dropped_short": 0, "dropped_duplicate": 0, "dropped_mix": 0}
+        c = {"read": 0, "dropped_short": 0, "dropped_same_pair": 0}
+        c.update(dropped_duplicate=0, dropped_mix=0)
+        kept = []
         for example in read_source(source, ctx):
             c["read"] += 1
+            if example.chosen is not None and example.chosen == example.rejected:
+                # no preference to learn (HH-RLHF has such pairs): a reward model's accuracy
+                # on them is a coin's
+                c["dropped_same_pair"] += 1
+                continue
             shortest = min(example.outputs, key=len, default="")
             if n_tokens(flatten(example.messages) + "\n" + shortest) <= config.min_tokens:
                 c["dropped_short"] += 1

@@ -57,6 +57,7 @@ def test_length_filter_drops_fifteen_tokens_or_fewer_and_counts_them(tmp_path):
     assert counts == {
         "read": 3,
         "dropped_short": 2,
+        "dropped_same_pair": 0,
         "dropped_duplicate": 0,
         "dropped_mix": 0,
         "kept": 1,
@@ -284,3 +285,16 @@ def test_a_cap_without_a_mix_is_refused():
     with pytest.raises(ValidationError, match="max_examples caps the mix"):
         data.Config(output="o", sources=sources, max_examples=10)
     data.Config(output="o", sources=[{**sources[0], "ratio": 1}], max_examples=10)
+
+
+def test_a_pair_without_a_preference_is_dropped_and_counted(tmp_path):
+    rows = [
+        {"prompt": "Which is kinder?", "chosen": "Thank you.", "rejected": "Go away."},
+        {"prompt": "Say hi.", "chosen": "Hi there.", "rejected": "Hi there."},
+    ]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = split_data(tmp_path, {"p": "pairs"}, eval_fraction=0)
+    counts = manifest.metrics["sources"]["p"]
+    assert (counts["dropped_same_pair"], counts["kept"]) == (1, 1)
+    [kept] = (tmp_path / "out" / "pairs" / "train.jsonl").read_text().splitlines()
+    assert json.loads(kept)["chosen"] == "Thank you."
