@@ -102,19 +102,6 @@ def near_duplicates(
 
     index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efSearch = max(64, 2 * neighbours)
-    # HNSW inserts in parallel threads, in an order the scheduler picks: the graph, so the
-    # neighbours a search proposes, and so what is dropped would vary from run to run. One
-    # thread builds the same graph every time (the same input, the same output: a stage's
-    # manifest promises that).
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        return _greedy(index, tfidf, dense, n, batch, neighbours, threshold)
-    finally:
-        faiss.omp_set_num_threads(threads)
-
-
-def _greedy(index, tfidf, dense, n: int, batch: int, neighbours: int, threshold: float):
     kept_ids: list[int] = []  # index position -> example id
     dropped = [False] * n
     for start in range(0, n, batch):
@@ -137,7 +124,16 @@ def _greedy(index, tfidf, dense, n: int, batch: int, neighbours: int, threshold:
             else:
                 kept_here[row] = True
         if kept_here.any():
-            index.add(dense[ids[kept_here]])
+            # HNSW inserts in parallel threads, in an order the scheduler picks: the graph,
+            # so the neighbours a search proposes, and so what is dropped would vary from
+            # run to run. Inserted in one thread it is the same graph every time (the same
+            # input, the same output); searches stay parallel, each query on its own.
+            threads = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+            try:
+                index.add(dense[ids[kept_here]])
+            finally:
+                faiss.omp_set_num_threads(threads)
             kept_ids.extend(int(i) for i in ids[kept_here])
     return dropped
 
