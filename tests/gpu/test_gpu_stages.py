@@ -159,6 +159,9 @@ def test_dpo_raises_preference_accuracy_on_the_gpu(tiny, tiny_data, tmp_path, ze
     metrics = stage("dpo", config, tmp_path).metrics
     assert metrics["eval_accuracy_start"] == 0
     assert metrics["eval_accuracy"] >= 0.9 and metrics["eval_margin"] > 0.5
+    from tests.integration.test_dpo import assert_prefers_chosen
+
+    assert_prefers_chosen(tmp_path / "dpo" / "model", tiny / "model", tiny_data)
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])

@@ -55,18 +55,21 @@ def test_dpo_raises_held_out_preference_accuracy_and_margin(tiny, tiny_data, tmp
     assert metrics["eval_accuracy_start"] == 0 and metrics["eval_margin_start"] == 0
     assert metrics["eval_accuracy"] >= 0.9 and metrics["eval_margin"] > 0.5
     assert (tmp_path / "dpo" / "reference_logps.pt").is_file()
+    assert_prefers_chosen(tmp_path / "dpo" / "model", tiny / "model", tiny_data)
 
-    # judged outside the stage's own code: log-probs token by token of the exported policy
-    # against the starting model on the held-out pairs (a stage that swapped chosen and
-    # rejected alike for policy and reference would report the same accuracy, and fail here)
+
+def assert_prefers_chosen(policy_dir: Path, reference_dir: Path, data_dir: Path) -> None:
+    """Judged outside the stage's own code: log-probs token by token of the exported policy
+    against the starting model on held-out pairs. A stage that swapped chosen and rejected
+    alike for policy and reference would report the same accuracy, and fail here."""
     from transformers import AutoModelForCausalLM
 
     from jobs.models import load_tokenizer
 
-    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "dpo" / "model").eval()
-    reference = AutoModelForCausalLM.from_pretrained(tiny / "model").eval()
-    tokenizer = load_tokenizer(str(tiny / "model"))
-    rows = [json.loads(x) for x in (tiny_data / "pairs" / "eval.jsonl").read_text().splitlines()]
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir).float().eval()
+    reference = AutoModelForCausalLM.from_pretrained(reference_dir).float().eval()
+    tokenizer = load_tokenizer(str(reference_dir))
+    rows = [json.loads(x) for x in (data_dir / "pairs" / "eval.jsonl").read_text().splitlines()]
     preferred = []
     for row in rows[:40]:
         shift = {
