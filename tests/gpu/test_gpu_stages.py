@@ -142,6 +142,9 @@ def test_reward_model_accuracy_rises_on_the_gpu(tiny, tiny_data, tmp_path, zero_
     metrics = stage("reward", config, tmp_path).metrics
     assert metrics["eval_accuracy_start"] < 0.75
     assert metrics["eval_accuracy"] >= 0.9
+    from tests.integration.test_reward import accuracy_on  # scored outside the stage
+
+    assert accuracy_on(tmp_path / "rm" / "model", tiny_data) >= 0.9
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])

@@ -88,7 +88,7 @@ def accuracy_on(model_dir, data_dir) -> float:
     from jobs.models import load_tokenizer
     from jobs.scoring import score_texts
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).float().eval()
     tokenizer = load_tokenizer(str(model_dir))
     rows = [json.loads(x) for x in (data_dir / "pairs" / "eval.jsonl").read_text().splitlines()]
     prompts = [r["prompt"] for r in rows]
