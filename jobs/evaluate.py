@@ -155,8 +155,11 @@ def run(config: Config, ctx: StageContext) -> dict:
         ]
         counts = {"unparseable": 0}
         judged_scores = judge_scores(pairs, config.judge, config.output, ctx, "evaluate", counts)
-        judged = [(s[0], s[1], alike) for s, alike in zip(judged_scores, same, strict=True)]
-        judged = [(c, b, alike) for c, b, alike in judged if None not in (c, b)]
+        judged = [
+            (c, b, alike)
+            for (c, b), alike in zip(judged_scores, same, strict=True)
+            if None not in (c, b)
+        ]
         if judged:
             ours, theirs, alike = (list(column) for column in zip(*judged, strict=True))
             rate, low, high = win_rate(ours, theirs, config.seed, alike)

@@ -321,13 +321,12 @@ def run(config: Config, ctx: StageContext) -> dict:
 
         timer = time.perf_counter()
         stats = {"loss": [], "clip_fraction": [], "entropy": [], "kl_loss": []}
-        accumulation = ds.gradient_accumulation_steps()
         generator = torch.Generator().manual_seed(seed)
         for _ in range(config.epochs):
             order = torch.randperm(rollout_size, generator=generator)
             for minibatch in order.split(config.minibatch_size):
                 sums = dict.fromkeys(stats, 0.0)
-                for idx, weight in micro_batches(ds, minibatch.to(mask.device), mask):
+                for idx, weight, share in micro_batches(ds, minibatch.to(mask.device), mask):
                     seqs, attn, m = samples.sequences[idx], samples.attention[idx], mask[idx]
                     logp, entropy = token_logprobs(ds, seqs, attn, start, temperature)
                     loss, clipped = policy_loss(
@@ -342,9 +341,8 @@ def run(config: Config, ctx: StageContext) -> dict:
                         terms["kl_loss"] = kl_loss
                     ds.backward(loss * weight)
                     ds.step()
-                    # the minibatch's token means: the micro-batches weighed as in its gradient
                     for key, value in {"loss": loss, **terms}.items():
-                        sums[key] = sums[key] + value.detach() * weight / accumulation
+                        sums[key] = sums[key] + value.detach() * share
                 for key, value in sums.items():
                     if torch.is_tensor(value):
                         stats[key].append(value)

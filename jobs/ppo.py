@@ -221,9 +221,8 @@ def rollout(models: Models, prompts: list[str], config: Config, seed: int) -> di
         module.eval()
     try:
         timer = time.perf_counter()
-        size = config.scoring_batch_size or min(
-            config.actor_train.micro_batch_size, config.minibatch_size
-        )
+        micro = update_config(config.actor_train, config.minibatch_size, "actor_train")
+        size = config.scoring_batch_size or micro.micro_batch_size
         scored = score(models, samples.sequences, samples.attention, samples.start, size)
         scoring_s = seconds_since(timer, samples.sequences.device)
     finally:
@@ -318,8 +317,8 @@ def train_on(models: Models, batch: dict, config: Config, ptx) -> dict[str, floa
         for minibatch in torch.randperm(n, generator=generator).split(config.minibatch_size):
             minibatch = minibatch.to(mask.device)
             sums = dict.fromkeys(stats, 0.0)
-            steps = actor.gradient_accumulation_steps()
-            for idx, weight in micro_batches(actor, minibatch, mask):
+            forwards = actor.gradient_accumulation_steps()
+            for idx, weight, share in micro_batches(actor, minibatch, mask):
                 seqs, attn, m = batch["sequences"][idx], batch["attention"][idx], mask[idx]
                 logp, entropy = token_logprobs(actor, seqs, attn, start)
                 pg, clipped = policy_loss(
@@ -332,15 +331,13 @@ def train_on(models: Models, batch: dict, config: Config, ptx) -> dict[str, floa
                     ptx_batch = {k: v.to(actor.device) for k, v in next(ptx).items()}
                     ptx_loss, _ = response_loss(actor, ptx_batch)
                     loss = loss + config.ptx_coef * ptx_loss  # the mean of the micro-batches'
-                    sums["ptx_loss"] += ptx_loss.detach() / steps
+                    sums["ptx_loss"] += ptx_loss.detach() / forwards
                 actor.backward(loss)
                 actor.step()
-                # the minibatch's token means: the micro-batches weighed as in its gradient
-                sums["policy_loss"] += pg.detach() * weight / steps
-                sums["clip_fraction"] += clipped.detach() * weight / steps
-                sums["entropy"] += masked_mean(entropy, m) * weight / steps
-            steps = critic.gradient_accumulation_steps()
-            for idx, weight in micro_batches(critic, minibatch, mask):
+                sums["policy_loss"] += pg.detach() * share
+                sums["clip_fraction"] += clipped.detach() * share
+                sums["entropy"] += masked_mean(entropy, m) * share
+            for idx, weight, share in micro_batches(critic, minibatch, mask):
                 values = token_values(
                     critic, batch["sequences"][idx], batch["attention"][idx], start
                 )
@@ -353,7 +350,7 @@ def train_on(models: Models, batch: dict, config: Config, ptx) -> dict[str, floa
                 )
                 critic.backward(vf * weight)
                 critic.step()
-                sums["value_loss"] += vf.detach() * weight / steps
+                sums["value_loss"] += vf.detach() * share
             for key, value in sums.items():
                 if torch.is_tensor(value):
                     stats[key].append(float(value))

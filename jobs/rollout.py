@@ -140,12 +140,14 @@ def update_config(cfg: EngineConfig, minibatch: int, where: str) -> EngineConfig
 
 def micro_batches(
     ds, idx: torch.Tensor, mask: torch.Tensor
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """A minibatch's rows in the engine's micro-batches (one optimiser step in all), each with
-    the weight of its token-mean loss: its share of the minibatch's answer tokens times the
-    accumulation steps, which DeepSpeed divides each loss by. The step's gradient is then that
-    of the token mean over the whole minibatch, as one forward over it would give."""
+    the weight of its token-mean loss for the backward: its ``share`` of the minibatch's
+    answer tokens times the accumulation steps, which DeepSpeed divides each loss by. The
+    step's gradient is then that of the token mean over the whole minibatch, as one forward
+    over it would give; summed with ``share``, the micro-batches' metrics are its means."""
     steps = ds.gradient_accumulation_steps()
     tokens = mask[idx].sum().clamp(min=1)
     for part in idx.tensor_split(steps):
-        yield part, mask[part].sum() * steps / tokens
+        share = mask[part].sum() / tokens
+        yield part, share * steps, share

@@ -157,6 +157,9 @@ class _Local:
             target.unlink()
 
 
+MISSING = {"NoSuchKey", "404", "NotFound"}  # the codes S3 answers for an absent object
+
+
 class _S3:
     def __init__(self, settings: S3Settings) -> None:
         import boto3
@@ -238,7 +241,7 @@ class _S3:
             "InvalidBucketName",
         }:
             return BadInputError(f"{uri}: S3 refused the request: {code}")
-        if code in {"NoSuchKey", "404", "NotFound"}:
+        if code in MISSING:
             # listed or named by a manifest a moment ago: its writer is replacing it (an
             # upstream stage run again); a later attempt reads the new one
             return TransientError(f"{uri}: gone from S3 while being read ({code})")
@@ -270,7 +273,7 @@ class _S3:
                 self.client.head_object(Bucket=bucket, Key=key)
                 return True
             except ClientError as exc:  # not there is an answer here, not an error
-                if exc.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+                if exc.response.get("Error", {}).get("Code") in MISSING:
                     return False
                 raise
 

@@ -273,10 +273,13 @@ def event_lines(events: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def event_id(event: dict[str, Any]) -> str:
+    return (event.get("metadata") or {}).get("uid") or str(event_time(event))
+
+
 def event_key(event: dict[str, Any]) -> str:
     """One event at one count: a repeated event (its count raised) is news again."""
-    uid = (event.get("metadata") or {}).get("uid") or str(event_time(event))
-    return f"{uid}/{event.get('count')}"
+    return f"{event_id(event)}/{event.get('count')}"
 
 
 def warnings_to_show(events: list[dict[str, Any]], seen: set[str]) -> list[str]:
@@ -307,7 +310,7 @@ def under_way(events: list[dict[str, Any]], seen: set[str]) -> bool:
     for event in events:
         if event.get("reason") not in UNDER_WAY:
             continue
-        key = (event.get("metadata") or {}).get("uid") or str(event_time(event))
+        key = event_id(event)
         if key not in seen:
             seen.add(key)
             new = True

@@ -34,7 +34,7 @@ def minibatch_gradient(tiny, micro: int, batch: dict, weighted: bool = True):
     )
     mask = batch["mask"]
     parts = list(micro_batches(ds, torch.arange(len(mask)), mask))
-    for number, (idx, weight) in enumerate(parts):
+    for number, (idx, weight, _) in enumerate(parts):
         logp, _ = token_logprobs(
             ds, batch["sequences"][idx], batch["attention"][idx], batch["start"]
         )
