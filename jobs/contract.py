@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -102,31 +102,42 @@ def _now() -> str:
 # --- reading finished outputs ---------------------------------------------------------------
 
 
-def read_manifest(uri: str) -> Manifest | None:
-    """The manifest at ``uri``, or None when the output is not finished."""
+def _manifest_bytes(uri: str) -> bytes | None:
     path = store.join(uri, MANIFEST)
     if not store.exists(path):
         return None
     try:
-        return Manifest.model_validate_json(store.read_bytes(path))
+        return store.read_bytes(path)
+    except FileNotFoundError:  # a local output being published again: unfinished just now
+        return None
+
+
+def _parsed(uri: str, data: bytes) -> Manifest:
+    try:
+        return Manifest.model_validate_json(data)
     except ValueError as exc:  # pydantic's ValidationError: cut short, or another schema
         first = str(exc).splitlines()[1:2] or [str(exc)]
         raise BadInputError(
-            f"{path}: not a readable manifest ({first[0].strip()}); run the stage that "
-            "writes it again"
+            f"{store.join(uri, MANIFEST)}: not a readable manifest ({first[0].strip()}); run "
+            "the stage that writes it again"
         ) from None
 
 
+def read_manifest(uri: str) -> Manifest | None:
+    """The manifest at ``uri``, or None when the output is not finished."""
+    data = _manifest_bytes(uri)
+    return None if data is None else _parsed(uri, data)
+
+
 def manifest_hash(uri: str) -> str | None:
-    path = store.join(uri, MANIFEST)
-    if not store.exists(path):
-        return None
-    return hashlib.sha256(store.read_bytes(path)).hexdigest()
+    data = _manifest_bytes(uri)
+    return None if data is None else hashlib.sha256(data).hexdigest()
 
 
-def require_finished(uri: str) -> Manifest:
-    """The manifest of a finished output; an unfinished one is a user-facing error."""
-    manifest = read_manifest(uri)
+def require_finished(uri: str, manifest: Manifest | None = None) -> Manifest:
+    """The manifest of a finished output (``manifest``, when already read): an unfinished
+    one is a user-facing error."""
+    manifest = manifest or read_manifest(uri)
     if manifest is None:
         raise BadInputError(
             f"{uri}: not a finished stage output (no {MANIFEST}); "
@@ -165,31 +176,55 @@ def inside(folder: Path, path: str, where: str) -> Path:
     return target
 
 
-def download_finished(uri: str, local_dir: Path, only: list[str] | None = None) -> Manifest:
-    """Fetch a finished output (or ``only`` some of its files) and verify every checksum."""
-    manifest = require_finished(uri)
-    entries = [f for f in manifest.files if only is None or f.path in only]
-    if only is not None and len(entries) != len(only):
-        missing = sorted(set(only) - {f.path for f in entries})
-        raise BadInputError(f"{uri}: the output has no file {missing[0]}")
-    for entry in entries:
-        target = inside(local_dir, entry.path, store.join(uri, MANIFEST))
-        if not (target.is_file() and store.sha256_file(target) == entry.sha256):
-            store.download_file(store.join(uri, entry.path), target)
-            if store.sha256_file(target) != entry.sha256:
-                target.unlink()
-                raise BadInputError(f"{uri}/{entry.path}: checksum does not match the manifest")
+class Found(NamedTuple):
+    """A finished output as read once: its root, the path below it asked for, its manifest
+    and the sha256 of the manifest's bytes (what a stage that reads it records)."""
+
+    root: str
+    below: str
+    manifest: Manifest
+    digest: str
+
+
+def download_finished(
+    uri: str, local_dir: Path, only: list[str] | None = None, found: Found | None = None
+) -> Manifest:
+    """Fetch a finished output (or ``only`` some of its files) and verify every checksum
+    against its manifest (``found``'s, when already read)."""
+    found = found or find_output(uri, depth=0)
+    try:
+        manifest = require_finished(uri, found.manifest)
+        entries = [f for f in manifest.files if only is None or f.path in only]
+        if only is not None and len(entries) != len(only):
+            missing = sorted(set(only) - {f.path for f in entries})
+            raise BadInputError(f"{uri}: the output has no file {missing[0]}")
+        for entry in entries:
+            target = inside(local_dir, entry.path, store.join(uri, MANIFEST))
+            if not (target.is_file() and store.sha256_file(target) == entry.sha256):
+                store.download_file(store.join(uri, entry.path), target)
+                if store.sha256_file(target) != entry.sha256:
+                    target.unlink()
+                    raise BadInputError(f"{uri}/{entry.path}: checksum does not match the manifest")
+    except (BadInputError, FileNotFoundError):
+        # Files that disagree with the manifest read are the upstream stage publishing
+        # again (it deletes its manifest first), not a broken output: read it once more.
+        if manifest_hash(uri) != found.digest:
+            raise TransientError(
+                f"{uri}: the output was published again while it was read; reading it again"
+            ) from None
+        raise
     return manifest
 
 
-def find_output(uri: str, depth: int = 4) -> tuple[str, str, Manifest]:
-    """The finished output holding ``uri``: (its root, the path below it, its manifest)."""
+def find_output(uri: str, depth: int = 4) -> Found:
+    """The finished output holding ``uri`` (at it, or up to ``depth`` folders above)."""
     root, below = uri.rstrip("/"), []
     for _ in range(depth + 1):
-        manifest = read_manifest(root)
-        if manifest is not None:
-            require_finished(root)
-            return root, "/".join(reversed(below)), manifest
+        data = _manifest_bytes(root)
+        if data is not None:
+            manifest = require_finished(root, _parsed(root, data))
+            digest = hashlib.sha256(data).hexdigest()
+            return Found(root, "/".join(reversed(below)), manifest, digest)
         head, sep, leaf = root.rpartition("/")
         if not sep or not head or head.endswith(":/") or head == "s3:":
             break
@@ -415,23 +450,27 @@ class StageContext:
     def input_dir(self, uri: str, only: list[str] | None = None) -> Path:
         """A finished stage output, or a folder in one, downloaded once per node and verified
         (``only`` these files of it, when given)."""
-        root, sub, manifest = find_output(uri)
+        # Read once, by rank 0, for every rank: an upstream stage published again meanwhile
+        # can neither give two nodes different data nor have the stage record a manifest
+        # other than the one whose files it read.
+        found: Found = dist.broadcast_object(find_output(uri) if dist.is_main() else None)
+        root, sub = found.root, found.below
         local = self.workdir / "inputs" / hashlib.sha256(root.encode()).hexdigest()[:16]
-        wanted = [f.path for f in manifest.files if not sub or f.path.startswith(sub + "/")]
+        wanted = [f.path for f in found.manifest.files if not sub or f.path.startswith(sub + "/")]
         if only is not None:
             wanted = [path for path in wanted if path in only]
         if not wanted:
             raise BadInputError(f"{uri}: the output at {root} has no files under {sub!r}")
         if dist.is_node_main():
-            download_finished(root, local, only=wanted)
+            download_finished(root, local, only=wanted, found=found)
         dist.barrier()
-        self.inputs[root] = InputRef(uri=root, kind="stage", sha256=manifest_hash(root) or "")
+        self.inputs[root] = InputRef(uri=root, kind="stage", sha256=found.digest)
         return local / sub if sub else local
 
     def input_file(self, uri: str) -> Path:
         """A file: inside a finished stage output (verified), or a plain local or S3 file."""
         try:
-            root, sub, _ = find_output(uri)
+            root, sub, _, _ = find_output(uri)
         except BadInputError:
             root = None
         if root is not None:
@@ -669,11 +708,9 @@ def input_hashes(config: StageConfig) -> list[str]:
                 visit(item)
         elif isinstance(value, str) and (store.is_s3(value) or os.path.exists(value)):
             try:
-                root, _, _ = find_output(value)
+                found.add(find_output(value).digest)
             except BadInputError:
                 return
-            if digest := manifest_hash(root):
-                found.add(digest)
 
     visit(config.model_dump(mode="json", exclude={"output"}))
     return sorted(found)

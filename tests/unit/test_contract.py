@@ -6,19 +6,20 @@ import json
 
 import pytest
 
-from jobs import store
+from jobs import contract, store
 from jobs.contract import (
     COMMIT,
     Checkpoints,
     StageContext,
     download_finished,
+    manifest_hash,
     read_manifest,
     require_finished,
     run_stage,
     up_to_date,
 )
 from jobs.data import stage as data
-from jobs.errors import BadInputError
+from jobs.errors import BadInputError, TransientError
 from tests.conftest import FIXTURES
 
 
@@ -139,6 +140,52 @@ def test_an_output_whose_checksum_does_not_match_is_never_read(tmp_path):
 
     with pytest.raises(BadInputError, match="sft/train.jsonl: checksum does not match"):
         download_finished(config.output, tmp_path / "read")
+
+
+def test_an_input_published_again_while_it_is_read(tmp_path, monkeypatch):
+    """What a stage downloads and the manifest hash it records (what decides whether its
+    output is up to date) come from one reading of the input's manifest."""
+    source = tmp_path / "a.jsonl"
+    source.write_text((FIXTURES / "alpaca.jsonl").read_text())
+    upstream = str(tmp_path / "up")
+    run_stage("data", data_config(upstream, str(source)), data.run, workdir=tmp_path / "w1")
+    first, first_rows = manifest_hash(upstream), (tmp_path / "up/sft/train.jsonl").read_text()
+
+    def publish_again(*_: object) -> None:
+        again = data_config(upstream, str(source), template="raw")
+        run_stage("data", again, data.run, workdir=tmp_path / "w2")
+
+    # published again after the stage read the manifest, before it downloaded the files:
+    # a retry (the stage reads the new output), not a broken output (exit 65)
+    real_download = store.download_file
+
+    def download(uri, dst):
+        monkeypatch.setattr(store, "download_file", real_download)
+        publish_again()
+        return real_download(uri, dst)
+
+    monkeypatch.setattr(store, "download_file", download)
+    reader = StageContext("data", data_config(str(tmp_path / "out"), str(source)), tmp_path / "r")
+    with pytest.raises(TransientError, match="up: the output was published again while"):
+        reader.input_dir(upstream)
+    assert manifest_hash(upstream) != first
+
+    # published again just after the download: the stage records the manifest it read
+    run_stage("data", data_config(upstream, str(source)), data.run, workdir=tmp_path / "w3")
+    first = manifest_hash(upstream)
+    real_finished = contract.download_finished
+
+    def finished_then_published(*args, **kwargs):
+        got = real_finished(*args, **kwargs)
+        publish_again()
+        return got
+
+    monkeypatch.setattr(contract, "download_finished", finished_then_published)
+    reader = StageContext("data", data_config(str(tmp_path / "out"), str(source)), tmp_path / "s")
+    local = reader.input_dir(upstream)
+    assert manifest_hash(upstream) != first
+    assert (local / "sft/train.jsonl").read_text() == first_rows
+    assert reader.inputs[upstream].sha256 == first
 
 
 @pytest.mark.parametrize("path", ["../../escaped.jsonl", "/tmp/escaped.jsonl", "sft/../../x"])
