@@ -3,7 +3,9 @@ judged by a judge the model was not optimised against, beside the proxy it was; 
 of every stage's curves.
 
 Both models answer ``prompts/eval.jsonl`` of a data stage output with the same sampling
-and seed. The held-out judge (``judge_model``: a reward model trained on the data stage's
+and seed, each asked in the data stage's template (what a model trained on that data
+knows) or, with ``candidate_prompt`` / ``baseline_prompt`` ``chat``, in its own chat
+template. The held-out judge (``judge_model``: a reward model trained on the data stage's
 ``pairs/judge.jsonl``, prompts that neither the policy's reward model nor the policy saw;
 or ``judge``: an OpenAI-compatible endpoint) decides the headline win rate; the proxy
 (``reward_model``: the one PPO optimised) is reported beside it, so that a policy that
@@ -18,11 +20,14 @@ from __future__ import annotations
 import json
 import random
 import time
+from typing import Literal
 
 from pydantic import Field, model_validator
 
 from jobs.batches import read_jsonl
 from jobs.contract import METRICS, StageConfig, StageContext
+from jobs.data.readers import Message
+from jobs.data.templates import render_prompt
 from jobs.errors import BadInputError
 from jobs.generation import SamplingConfig, timed_generate
 from jobs.judge import JudgeConfig, judge_scores
@@ -57,6 +62,17 @@ class Config(StageConfig):
         description="the held-out judge: a reward model trained on other pairs (a reward stage "
         "with train_split: judge); decides the win rate",
     )
+    candidate_prompt: Literal["data", "chat"] = Field(
+        "data",
+        description="how the candidate is asked: 'data', the data stage's prompt (the "
+        "template it was trained on); 'chat', its own tokenizer's chat template applied to "
+        "the instruction",
+    )
+    baseline_prompt: Literal["data", "chat"] = Field(
+        "data",
+        description="as candidate_prompt, for the baseline: 'chat' for a model of another "
+        "family or training (a released chat model) that never saw the data stage's template",
+    )
     max_prompts: int | None = Field(200, ge=1)
     sampling: SamplingConfig = SamplingConfig(temperature=0.7, max_new_tokens=64)
     judge: JudgeConfig | None = None
@@ -72,13 +88,24 @@ class Config(StageConfig):
         return self
 
 
-def answers(
-    name: str, ref: str, prompts: list[str], config: Config, ctx: StageContext
-) -> list[str]:
-    """The model's answers; its generation seconds and tokens/s go in the metrics."""
+def answers(name: str, ref: str, rows: list[dict], config: Config, ctx: StageContext) -> list[str]:
+    """The model's answers, asked as ``{name}_prompt`` says; its generation seconds and
+    tokens/s go in the metrics."""
     path = model_source(ctx, ref)
-    model = load_causal_lm(path, config.inference)
     tokenizer = load_tokenizer(path)
+    if getattr(config, f"{name}_prompt") == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise BadInputError(
+                f"{ref}: {name}_prompt 'chat' needs a tokenizer with a chat template, and "
+                "this model's has none; use 'data'"
+            )
+        prompts = [
+            render_prompt("chat", [Message("user", row["instruction"])], tokenizer=tokenizer)
+            for row in rows
+        ]
+    else:
+        prompts = [row["prompt"] for row in rows]
+    model = load_causal_lm(path, config.inference)
     samples, speed = timed_generate(model, tokenizer, prompts, config.sampling, seed=config.seed)
     ctx.log(0, **{f"{name}.{key}": value for key, value in speed.items()})
     del model
@@ -115,9 +142,11 @@ def run(config: Config, ctx: StageContext) -> dict:
     rows = read_jsonl(
         ctx.input_dir(config.prompts) / "prompts" / "eval.jsonl", ("prompt", "instruction")
     )[: config.max_prompts]
+    candidate = answers("candidate", config.candidate, rows, config, ctx)
+    baseline = answers("baseline", config.baseline, rows, config, ctx)
+    # the reward models score every answer after the data stage's prompt: the text they
+    # were trained on, the same for both models
     prompts = [row["prompt"] for row in rows]
-    candidate = answers("candidate", config.candidate, prompts, config, ctx)
-    baseline = answers("baseline", config.baseline, prompts, config, ctx)
 
     same = [c == b for c, b in zip(candidate, baseline, strict=True)]
     report: dict = {"prompts": len(rows), "same_answers": sum(same)}

@@ -312,3 +312,58 @@ def test_the_judge_decides_which_model_wins(tiny, tiny_data, tmp_path, key):
             assert metrics["judged_by"] == "judge"
             rates[name] = metrics["judge_win_rate"]
     assert rates == {"tiny": 1.0, "silent": 0.0}, rates
+
+
+def test_a_baseline_of_another_family_is_asked_in_its_own_chat_template(
+    tiny, tiny_data, tmp_path, key
+):
+    """``baseline_prompt: chat``: the baseline answers the instruction under its own chat
+    template, the candidate the data stage's prompt; each answer is what transformers'
+    greedy generate gives that model for that text, and the two texts get other answers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jobs import evaluate
+    from jobs.contract import StageConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<<assistant>>{% endif %}"
+    )
+
+    def write_chat_model(config, ctx) -> dict:  # a finished stage output, as stages read
+        tokenizer.save_pretrained(ctx.out_dir / "model")
+        AutoModelForCausalLM.from_pretrained(tiny / "model").save_pretrained(ctx.out_dir / "model")
+        return {}
+
+    run_stage("chat", StageConfig(output=str(tmp_path / "chat")), write_chat_model, tmp_path / "c")
+    chat = tmp_path / "chat" / "model"
+
+    with ChatServer(lambda body: (200, "Total: 5", {}), KEY) as server:
+        config = evaluate.Config(
+            output=str(tmp_path / "eval"),
+            prompts=str(tiny_data),
+            candidate=str(tiny / "model"),
+            baseline=str(chat),
+            baseline_prompt="chat",
+            max_prompts=6,
+            sampling={"max_new_tokens": 8, "do_sample": False},
+            judge={"endpoint": endpoint(server, "judge")},
+        )
+        run_stage("evaluate", config, evaluate.run, workdir=tmp_path / "w")
+    got = [json.loads(x) for x in (tmp_path / "eval/answers.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (tiny_data / "prompts/eval.jsonl").read_text().splitlines()]
+
+    model = AutoModelForCausalLM.from_pretrained(chat).eval()
+
+    def greedy(text: str) -> str:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        out = model.generate(
+            **ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        return tokenizer.decode(out[0, ids["input_ids"].size(1) :], skip_special_tokens=True)
+
+    asked = [f"<<user>> {row['instruction']}\n<<assistant>>" for row in rows[:6]]
+    assert [g["baseline"] for g in got] == [greedy(text).strip() for text in asked]
+    assert [g["candidate"] for g in got] == [greedy(row["prompt"]).strip() for row in rows[:6]]
+    assert [g["baseline"] for g in got] != [g["candidate"] for g in got]
