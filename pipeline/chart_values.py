@@ -104,6 +104,13 @@ class StageValues(Closed):
         max_length=40,
         description="run id: the kuberlhf.io/run label and part of the Job name",
     )
+    name: str = Field(
+        "",
+        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$",
+        max_length=40,
+        description="the stage's name in its pipeline (default: stage): the kuberlhf.io/stage "
+        "label and the Job name's suffix, so two stages of one kind get two Jobs",
+    )
     output: str = Field("", description="the stage output URI, for NOTES and the helm test")
     config: dict[str, Any] = Field(default_factory=dict, description="the stage config")
     image: Image = Image()

@@ -60,6 +60,7 @@ def stage_values(plan: Plan, stage: PlannedStage) -> dict[str, Any]:
         values,
         {
             "stage": stage.stage,
+            "name": stage.name,
             "run": plan.run_id,
             "output": stage.output,
             "config": stage.config.model_dump(mode="json"),

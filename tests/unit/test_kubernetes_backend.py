@@ -280,3 +280,31 @@ def test_a_watch_stream_that_dies_of_any_error_ends_the_wait_with_it():
     KubernetesBackend._stream(backend, list_namespaced_job, "ml", "a=b", out, threading.Event())
     kind, event_type, error = out.get(timeout=1)
     assert (kind, event_type) == ("Job", "ERROR") and isinstance(error, ValueError)
+
+
+def test_two_stages_of_one_kind_get_two_jobs_that_the_backend_follows():
+    """The demo has three reward stages (reward-v1, reward and the judge): each its own
+    Job and ConfigMap, labelled with its name in the pipeline, which the backend selects
+    its Job and pods by."""
+    from pipeline.backends.kubernetes import run_selector
+    from tests.recorded_api import selected
+
+    the_plan = plan("examples/demo.yaml")
+    names = {}
+    for stage in the_plan.stages:
+        for manifest in render_stage(the_plan, stage):
+            names.setdefault((manifest["kind"], manifest["metadata"]["name"]), []).append(
+                stage.name
+            )
+            if manifest["kind"] != "Job":
+                continue
+            namespace = the_plan.kubernetes.namespace
+            job = {**manifest, "metadata": {**manifest["metadata"], "namespace": namespace}}
+            assert selected(job, namespace, run_selector(the_plan.run_id, stage.name)), stage
+            pod = {"metadata": {**manifest["spec"]["template"]["metadata"], "namespace": namespace}}
+            selector = run_selector(the_plan.run_id, stage.name, pods=True)
+            assert selected(pod, namespace, selector), stage
+    kinds = [stage.stage for stage in the_plan.stages]
+    assert kinds.count("reward") == 3
+    shared = {key: stages for key, stages in names.items() if len(stages) > 1}
+    assert not shared, shared

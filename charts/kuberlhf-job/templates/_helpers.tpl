@@ -7,10 +7,15 @@ Names and labels, as `helm create` makes them, plus the run and stage labels tha
 {{- .Chart.Name | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* The Job's name: <run>-<stage> when a run is set, else the release name. */}}
+{{/* The stage's name in its pipeline: a run may have several stages of one kind. */}}
+{{- define "kuberlhf-job.stageName" -}}
+{{- .Values.name | default .Values.stage }}
+{{- end }}
+
+{{/* The Job's name: <run>-<stage name> when a run is set, else the release name. */}}
 {{- define "kuberlhf-job.fullname" -}}
 {{- if .Values.run }}
-{{- printf "%s-%s" .Values.run .Values.stage | trunc 52 | trimSuffix "-" }}
+{{- printf "%s-%s" .Values.run (include "kuberlhf-job.stageName" .) | trunc 52 | trimSuffix "-" }}
 {{- else }}
 {{- .Release.Name | trunc 52 | trimSuffix "-" }}
 {{- end }}
@@ -22,9 +27,9 @@ Names and labels, as `helm create` makes them, plus the run and stage labels tha
 
 {{- define "kuberlhf-job.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "kuberlhf-job.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/instance: {{ .Release.Name | trunc 63 | trimSuffix "-" }}
 kuberlhf.io/run: {{ .Values.run | default .Release.Name | quote }}
-kuberlhf.io/stage: {{ .Values.stage | quote }}
+kuberlhf.io/stage: {{ include "kuberlhf-job.stageName" . | quote }}
 {{- end }}
 
 {{- define "kuberlhf-job.labels" -}}

@@ -341,8 +341,8 @@ spec:
 The {{ .Values.stage }} stage of run {{ .Values.run | default .Release.Name }} is a Job: {{ $fullname }} ({{ .Values.nodes }} pod{{ if gt (int .Values.nodes) 1 }}s{{ end }}).
 
 Watch it:
-  kubectl -n {{ .Release.Namespace }} get jobs,pods -l kuberlhf.io/run={{ .Values.run | default .Release.Name }},kuberlhf.io/stage={{ .Values.stage }}
-  kubectl -n {{ .Release.Namespace }} logs -f -l kuberlhf.io/run={{ .Values.run | default .Release.Name }},kuberlhf.io/stage={{ .Values.stage }} --max-log-requests {{ .Values.nodes }}
+  kubectl -n {{ .Release.Namespace }} get jobs,pods -l kuberlhf.io/run={{ .Values.run | default .Release.Name }},kuberlhf.io/stage={{ include "kuberlhf-job.stageName" . }}
+  kubectl -n {{ .Release.Namespace }} logs -f -l kuberlhf.io/run={{ .Values.run | default .Release.Name }},kuberlhf.io/stage={{ include "kuberlhf-job.stageName" . }} --max-log-requests {{ .Values.nodes }}
 {{- if .Values.suspend }}
 
 It was created suspended{{ with .Values.kueue.queueName }} in Kueue queue {{ . }}{{ end }}: it starts when admitted.
