@@ -147,11 +147,14 @@ class MLflowSink:
             ),
             max_results=1,
         )
-        # The steps a killed attempt sent after its checkpoint come again, the same: sent once.
-        self.sent = -1
+        # The steps a killed attempt sent after its checkpoint come again, the same: sent
+        # once. Only an earlier attempt's steps: this one logs several records at one step
+        # (training, then evaluation), and a flush between them must not drop the second.
+        self.sent = self.sent_before = -1
         if found:
             self.run_id = found[0].info.run_id
             self.sent = int(found[0].data.tags.get("kuberlhf.sent_step", -1))
+            self.sent_before = self.sent
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             self.run_id = self.client.create_run(
@@ -177,7 +180,7 @@ class MLflowSink:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
-        if step <= self.sent and step > 0:
+        if 0 < step <= self.sent_before:
             return
         now = int(time.time() * 1000)
         self.pending += [Metric(key, value, now, step) for key, value in values.items()]

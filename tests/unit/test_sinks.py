@@ -273,3 +273,42 @@ def test_the_report_of_a_run_in_progress_shows_each_stage_as_it_stands(tmp_path)
     assert "step 3/30 (10%)" in page  # the running stage's progress, in graph and table
     assert "&lt;b&gt;a&lt;/b&gt;" in page and "<b>a</b>" not in page  # answers are escaped
     assert page.count("<svg") >= 3  # the graph and the curves of sft and of ppo so far
+
+
+def test_mlflow_keeps_every_record_of_a_step_and_an_earlier_attempts_steps_once(
+    tmp_path, monkeypatch
+):
+    """Training and evaluation log at one step, with a flush between them (the sync every
+    15 s can fall there); a retried attempt sends again only what its predecessor had not."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.sinks import MLflowSink
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact folder, ./mlruns
+
+    def sink() -> MLflowSink:
+        return MLflowSink("sft", "r1", {"lr": 1e-4}, "hash", key="k1")
+
+    first = sink()
+    first.scalars(10, {"loss": 1.0})
+    first.flush()
+    first.scalars(10, {"eval_loss": 2.0})
+    first.scalars(20, {"loss": 0.5})
+    first.flush()  # killed here: the checkpoint was at step 10
+
+    again = sink()
+    assert again.run_id == first.run_id
+    for step, values in ((20, {"loss": 0.5}), (20, {"eval_loss": 1.5}), (30, {"loss": 0.25})):
+        again.scalars(step, values)
+    again.flush()
+
+    client = MlflowClient()
+
+    def history(key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(first.run_id, key))
+
+    assert history("loss") == [(10, 1.0), (20, 0.5), (30, 0.25)]
+    # step 20's evaluation the killed attempt never sent is dropped as "sent": the price
+    # of sending each step once; it keeps its own evaluation at step 10
+    assert history("eval_loss") == [(10, 2.0)]
