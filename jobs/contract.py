@@ -304,8 +304,12 @@ class ProgressLog:
         # The first push waits sync_s: a stage that fails at once leaves the store untouched.
         self._last_sync = time.monotonic()
         self._synced = False
+        # Whether this attempt has taken the progress over (resumed it, or logged): before
+        # that, its empty files must not replace an earlier attempt's records.
+        self._taken_over = False
 
     def log(self, record: dict[str, Any]) -> None:
+        self._taken_over = True
         self.metrics.write(record)
         step = record.get("step", 0)
         self._each("scalars", step, numbers(record))
@@ -315,6 +319,7 @@ class ProgressLog:
         self._maybe_sync()
 
     def sample(self, step: int, rows: list[dict[str, Any]]) -> None:
+        self._taken_over = True
         for row in rows:
             self.samples.write({"step": step, **row})
         self._each("text", step, "samples", samples_markdown(rows))
@@ -367,10 +372,16 @@ class ProgressLog:
         warning is all there is."""
         reason = redact(str(exc)).strip().splitlines()
         error = f"{type(exc).__name__}: {reason[0][:300]}" if reason else type(exc).__name__
+        path = store.join(self.remote, STATUS)
         try:
-            if not self._synced and not store.exists(store.join(self.remote, STATUS)):
+            if not self._synced and not store.exists(path):
                 return
-            self.sync(state, error)
+            if self._taken_over:
+                self.sync(state, error)
+                return
+            # ended before it resumed: an earlier attempt's records and step stay
+            ended = {"state": state, "ended": round(time.time(), 3), "error": error}
+            store.write_text(path, json.dumps(json.loads(store.read_text(path)) | ended))
         except Exception as again:  # noqa: BLE001 - the stage's own error is the one to raise
             print(
                 f"{self.stage}: warning: the progress could not be marked as ended "
@@ -382,7 +393,7 @@ class ProgressLog:
     def continue_from(self, step: int) -> None:
         """A resumed attempt: the records up to ``step`` again, in every sink that keeps
         its own files (the servers have them already)."""
-        self.resumed_from, self.first = step, None
+        self.resumed_from, self.first, self._taken_over = step, None, True
         metrics = self.metrics.continue_from(step)
         samples = self.samples.continue_from(step)
         self.last = metrics[-1] if metrics else {}

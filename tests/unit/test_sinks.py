@@ -312,3 +312,44 @@ def test_mlflow_keeps_every_record_of_a_step_and_an_earlier_attempts_steps_once(
     # step 20's evaluation the killed attempt never sent is dropped as "sent": the price
     # of sending each step once; it keeps its own evaluation at step 10
     assert history("eval_loss") == [(10, 2.0)]
+
+
+def test_an_attempt_that_fails_before_it_resumes_keeps_the_earlier_records(tmp_path):
+    """Attempt 1 logs steps 1-4 and is preempted after its checkpoint at 3; attempt 2 fails
+    before it resumes (the store unreachable while reading its inputs); attempt 3 resumes
+    from step 3. The output's metrics are steps 1 to 6, and meanwhile the status shows
+    attempt 2's error at attempt 1's step."""
+    import pytest
+
+    from jobs.errors import Preempted, TransientError
+
+    config = StageConfig(output=str(tmp_path / "out"))
+    status = tmp_path / "out" / PROGRESS / STATUS
+
+    def attempt_1(config, ctx) -> dict:
+        ctx.progress(6)
+        for step in range(1, 5):
+            ctx.log(step, loss=1.0 / step)
+        ctx.metrics.sync()  # as every 15 s
+        raise ctx.preempted(3)
+
+    def attempt_2(config, ctx) -> dict:
+        raise TransientError("s3://bucket/data: the store cannot be reached")
+
+    def attempt_3(config, ctx) -> dict:
+        ctx.progress(6)
+        ctx.continue_metrics(3)
+        for step in range(4, 7):
+            ctx.log(step, loss=1.0 / step)
+        return {}
+
+    for number, body, error in ((1, attempt_1, Preempted), (2, attempt_2, TransientError)):
+        with pytest.raises(error):
+            run_stage("sft", config, body, workdir=tmp_path / f"w{number}")
+    shown = json.loads(status.read_text())
+    assert shown["step"] == 4 and shown["state"] == "interrupted"
+    assert "the store cannot be reached" in shown["error"]
+
+    run_stage("sft", config, attempt_3, workdir=tmp_path / "w3")
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
