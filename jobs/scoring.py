@@ -29,8 +29,11 @@ def head_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
     model = getattr(model, "module", model)  # a DeepSpeed engine: its module
     if hasattr(model, "get_base_model"):  # a peft model: the model with its LoRA layers
         model = model.get_base_model()
-    hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask)
+    hidden = model.base_model(  # no KV cache: a scoring forward never decodes further
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions(attention_mask),
+        use_cache=False,
     ).last_hidden_state
     return model.score(hidden).squeeze(-1).float()
 

@@ -162,6 +162,33 @@ def test_left_padded_rows_give_the_numbers_of_the_row_alone(family):
             torch.testing.assert_close(sums[i], alone[0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scoring_builds_no_kv_cache(family, monkeypatch):
+    """A reward model's or critic's forward keeps no cache of every layer's keys and values
+    (8 GiB for a 16 x 1024 batch of a 7B model in bf16): the models' own config asks
+    for one by default."""
+    from transformers import cache_utils
+
+    from jobs.scoring import last_token_scores
+
+    made = []
+    real_init = cache_utils.DynamicCache.__init__
+
+    def counted(self, *args, **kwargs):
+        made.append(type(self).__name__)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(cache_utils.DynamicCache, "__init__", counted)
+    rm = tiny_lm(family, classifier=True)
+    ids = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])
+    with torch.no_grad():
+        rm.base_model(input_ids=ids)  # the control: a plain forward makes one
+        assert made, "this model's forward makes no cache anyway: the test shows nothing"
+        made.clear()
+        last_token_scores(rm, ids, (ids != 0).long())
+    assert made == []
+
+
 # --- conversations under a Llama-3-style chat template ------------------------------------
 
 LLAMA3_TEMPLATE = (
