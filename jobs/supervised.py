@@ -72,18 +72,22 @@ def encode_segments(
 
 def end_of_turn_ids(items: list[tuple[list[int], list[int]]], tokenizer) -> set[int]:
     """The special tokens that close trained answers (a chat template's ``<|eot_id|>`` or
-    ``<|im_end|>``): generation must stop at them too, not only at EOS."""
+    ``<|im_end|>``): generation must stop at them too, not only at EOS. A token counts
+    where nothing but whitespace follows it in its trained span (ChatML trains the "\n"
+    after ``<|im_end|>``): an answer cut at ``max_seq_len`` ends in its own text, and an
+    added token inside it (Qwen's ``<think>``) is no end of turn."""
     special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
     found = set()
     for _, labels in items:
-        last_special = None  # of the trained span being read (ChatML's "\n" follows it)
+        span: list[int] = []
         for label in [*labels, IGNORE]:
-            if label == IGNORE:
-                if last_special is not None:
-                    found.add(last_special)
-                last_special = None
-            elif label in special:
-                last_special = label
+            if label != IGNORE:
+                span.append(label)
+                continue
+            last = max((i for i, token in enumerate(span) if token in special), default=None)
+            if last is not None and not tokenizer.decode(span[last + 1 :]).strip():
+                found.add(span[last])
+            span = []
     return found
 
 

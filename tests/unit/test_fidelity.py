@@ -295,6 +295,45 @@ def test_every_assistant_turn_is_trained_with_its_end_of_turn_and_bos_once(
     assert tokenizer.decode(ids) == tokenizer.apply_chat_template(conversation, tokenize=False)
 
 
+def test_an_answer_cut_at_max_seq_len_adds_no_stop_token():
+    """A ChatML conversation with Qwen3-style added tokens (``<think>``): the end of turn
+    is ``<|im_end|>`` alone, even with an answer cut short after its ``<think>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(["Hello there. Let me think step by step. Paris."] * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.add_tokens(["<think>", "</think>"])
+
+    def row(answer: str) -> dict:
+        return {
+            "segments": [
+                {"text": "<|im_start|>user\nHello there.<|im_end|>\n", "train": False},
+                {"text": "<|im_start|>assistant\n", "train": False},
+                {"text": answer + "<|im_end|>\n", "train": True},
+            ]
+        }
+
+    short = row("<think>\nLet me think.\n</think>\n\nParis.")
+    long = row("<think>\n" + "Let me think step by step. " * 40 + "\n</think>\n\nParis.")
+    items = tokenize([short, long], tokenizer, max_len=64)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert items[1][1][-1] != im_end  # the long answer is cut before its end of turn
+    assert end_of_turn_ids(items[:1], tokenizer) == {im_end}
+    assert end_of_turn_ids(items, tokenizer) == {im_end}
+
+
 def test_a_plain_prompt_and_response_start_with_bos_where_the_tokenizer_expects_it(
     llama_style_tokenizer, tiny
 ):
