@@ -11,6 +11,31 @@ from jobs import store
 from jobs.errors import BadInputError
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the
+    last one silently: a second ``sft:`` stage, or ``train:`` block, would replace the
+    first without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise ValueError(f"key {key!r} given twice")
+    return dict(pairs)
+
+
 def load_mapping(uri: str) -> dict:
     """A YAML or JSON mapping from a local path or store URI."""
     try:
@@ -18,8 +43,16 @@ def load_mapping(uri: str) -> dict:
     except FileNotFoundError:
         raise BadInputError(f"{uri}: no such config file") from None
     try:
-        data = json.loads(text) if uri.endswith(".json") else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        if uri.endswith(".json"):
+            data = json.loads(text, object_pairs_hook=_unique_pairs)
+        else:
+            data = yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader
+    except ValueError as exc:  # JSONDecodeError, or a key given twice
+        line = getattr(exc, "lineno", None)
+        where = f"line {line}: " if line else ""
+        reason = getattr(exc, "msg", str(exc))
+        raise BadInputError(f"{uri}: {where}not valid YAML/JSON ({reason})") from None
+    except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else f"line {getattr(exc, 'lineno', '?')}"
         reason = getattr(exc, "problem", None) or getattr(exc, "msg", str(exc))

@@ -7,9 +7,25 @@ import os
 import sys
 
 from jobs import store
-from jobs.errors import StageError
+from jobs.errors import BadInputError, StageError
 
 DEFAULT_STORE = os.environ.get("KUBERLHF_STORE", "runs")
+
+
+def check_plan(the_plan, only: list[str] | None = None) -> None:
+    """What a run would otherwise find only on reaching a stage: each stage's chart values
+    (a typo such as ``gpu: 1``), and the names ``--only`` gives."""
+    from pipeline.charts import stage_values
+
+    for stage in the_plan.stages:
+        stage_values(the_plan, stage)
+    names = [stage.name for stage in the_plan.stages]
+    for name in only or []:
+        if name not in names:
+            raise BadInputError(
+                f"--only {name}: no such stage in {the_plan.source}; its stages are "
+                + ", ".join(names)
+            )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -18,6 +34,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.status import summary
 
     the_plan = plan(args.pipeline, run_id=args.run_id, store_uri=args.store)
+    check_plan(the_plan, args.only)
     options = backend_options(args)
     print(
         f"run {the_plan.run_id}: {len(the_plan.stages)} stages -> {the_plan.run_uri}"
@@ -115,6 +132,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from pipeline.config import plan
 
     the_plan = plan(args.pipeline, run_id=args.run_id, store_uri=args.store)
+    check_plan(the_plan)
     for stage in the_plan.stages:
         after = f" (after {', '.join(stage.needs)})" if stage.needs else ""
         print(f"{stage.name}: {stage.stage} -> {stage.output}{after}")
@@ -181,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # a stage started stays as it is: `rlhf status` shows it
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -174,6 +174,11 @@ def plan(path: str, run_id: str | None = None, store_uri: str | None = None) -> 
         )
     run_id = run_id or pipeline.run_id or pipeline.name
     root = store_uri or pipeline.store
+    if re.match(r"[A-Za-z][\w+.-]*:/", root) and not root.startswith(("s3://", "file://")):
+        # "s3:/bucket" or "S3://bucket" would otherwise be a local folder named "s3:"
+        raise BadInputError(
+            f"{path}: store: {root!r} is neither s3://bucket/prefix nor a local folder"
+        )
     if not store.is_s3(root):
         root = str(Path(store.local_path(root)).resolve())
     run_uri = store.join(root, run_id)

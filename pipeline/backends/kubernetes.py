@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jobs.contract import Manifest
-from jobs.errors import EXIT_BAD_INPUT, TransientError
+from jobs.errors import EXIT_BAD_INPUT, BadInputError, TransientError
 from pipeline.backends import StageFailed, check_not_cancelled, run_in_order
 from pipeline.charts import client_model, render_stage
 from pipeline.config import Plan, PlannedStage
@@ -85,11 +85,19 @@ class KubernetesBackend:
         self, context: str | None = None, echo: Callable[[str], None] = print, poll_s: float = 10.0
     ) -> None:
         from kubernetes import client, config
+        from kubernetes.config.config_exception import ConfigException
 
-        if os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config()
-        else:
-            config.load_kube_config(context=context)
+        try:
+            if os.environ.get("KUBERNETES_SERVICE_HOST"):
+                config.load_incluster_config()
+            else:
+                config.load_kube_config(context=context)
+        except ConfigException as exc:
+            where = f"context {context!r}" if context else "the current context"
+            raise BadInputError(
+                f"kubernetes: cannot use {where} of the kubeconfig "
+                f"({os.environ.get('KUBECONFIG') or '~/.kube/config'}): {exc}"
+            ) from None
         self.api = client.ApiClient()
         self.batch = client.BatchV1Api(self.api)
         self.core = client.CoreV1Api(self.api)

@@ -140,3 +140,51 @@ def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path):
     path = tmp_path / "p.json"
     path.write_bytes(b"\xef\xbb\xbf" + b'{"name": "t", "stages": {"bootstrap": {}}}')
     assert [s.name for s in plan(str(path)).stages] == ["bootstrap"]
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    """PyYAML keeps the last of two equal keys without a word: a second stage of one name
+    would replace the first one and its config."""
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "name: t\nstages:\n  bootstrap:\n    config: {daily_per_lang: 123}\n"
+        "  bootstrap:\n    config: {hate_per_lang: 7}\n"
+    )
+    with pytest.raises(BadInputError, match=r"p.yaml: line 5: .*key 'bootstrap' given twice"):
+        plan(str(path))
+    path = tmp_path / "p.json"
+    path.write_text('{"name": "t", "name": "u", "stages": {"bootstrap": {}}}')
+    with pytest.raises(BadInputError, match=r"p.json: not valid YAML/JSON \(key 'name' given"):
+        plan(str(path))
+
+
+@pytest.mark.parametrize("root", ["s3:/bucket/runs", "S3://bucket/runs", "gs://bucket/runs"])
+def test_a_store_that_is_no_s3_uri_nor_folder_is_refused(tmp_path, root):
+    pipeline = {"name": "t", "store": root, "stages": {"bootstrap": {}}}
+    with pytest.raises(BadInputError, match=r"store: .* is neither s3://bucket/prefix nor"):
+        plan(write(tmp_path, pipeline))
+
+
+def test_the_command_line_refuses_what_a_run_would_meet_only_later(tmp_path, capsys, monkeypatch):
+    """`rlhf validate` checks every stage's chart values; `rlhf run --only` a stage the
+    file has; a kubeconfig that cannot be used is one line, not a traceback."""
+    from pipeline.cli import main
+
+    pipeline = demo()
+    pipeline["stages"]["sft"]["values"] = {"gpu": 1}  # gpus
+    assert main(["validate", write(tmp_path, pipeline)]) == 65
+    assert "stages.sft.values (with kubernetes.values).gpu: Extra inputs" in (
+        capsys.readouterr().err
+    )
+    path = write(tmp_path, demo())
+    store = str(tmp_path / "runs")
+    assert main(["run", path, "--store", store, "--only", "bootstap"]) == 65
+    assert "--only bootstap: no such stage in" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing ran, nothing was written
+
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-such-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    code = main(["run", path, "--store", store, "--backend", "kubernetes"])
+    err = capsys.readouterr().err
+    assert code == 65 and "error: kubernetes: cannot use the current context" in err, err
+    assert "Traceback" not in err
