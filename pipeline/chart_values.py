@@ -9,6 +9,7 @@ Regenerate the schema files after changing this module:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -134,6 +135,13 @@ class StageValues(Closed):
         json_schema_extra={
             "items": {
                 "type": "object",
+                # a literal value never carries a URL's credential (a tracking server's
+                # https://user:password@host, or ?api_key=)
+                "properties": {
+                    "value": {
+                        "not": {"anyOf": [{"pattern": URL_WITH_USER}, {"pattern": URL_WITH_KEY}]}
+                    }
+                },
                 # a name with a credential's word and a literal value (the chart's template
                 # refuses the names the config's *_env fields give, whatever they are)
                 "if": {
@@ -175,6 +183,14 @@ class StageValues(Closed):
                 why = "the stage config names it as a key" if name in keys else "a credential"
                 raise ValueError(
                     f"env {name}: {why}; give it with valueFrom.secretKeyRef (a Secret)"
+                )
+            value = entry.get("value")
+            if isinstance(value, str) and (
+                re.search(URL_WITH_USER, value) or re.search(URL_WITH_KEY, value)
+            ):
+                raise ValueError(
+                    f"env {name}: the URL carries a credential (user:password@ or a key "
+                    "parameter); give the credential in its own variable from a Secret"
                 )
         return self
 

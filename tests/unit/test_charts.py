@@ -214,12 +214,24 @@ def test_helm_test_hook_verifies_the_output():
         {"s3": {"accessKeyId": "AKIA0000"}},
         {"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "abc123"}]},
         {"env": [{"name": "OPENAI_API_KEY", "value": "sk-123"}]},
+        {"env": [{"name": "MLFLOW_TRACKING_URI", "value": "https://alice:pw@mlflow.example"}]},
+        {"env": [{"name": "WANDB_BASE_URL", "value": "https://wandb.example/?api_key=abcd"}]},
         {"gpu": 8},  # a typo
     ],
 )
 def test_schema_refuses_literal_secrets_and_unknown_keys(values):
+    """Helm's schema check (helm install) and the submitter's model refuse alike."""
+    from pydantic import ValidationError
+
+    from pipeline.chart_values import StageValues
+
     with pytest.raises(helm_python.HelmValuesError):
         render(CHARTS / "sft", values)
+    with pytest.raises(ValidationError):
+        StageValues.model_validate({"stage": "sft", **values})
+    plain = {"name": "MLFLOW_TRACKING_URI", "value": "https://mlflow.example:5000"}
+    StageValues.model_validate({"stage": "sft", "env": [plain]})  # the control
+    render(CHARTS / "sft", {"env": [plain]})
 
 
 def test_no_rendered_manifest_carries_a_credential():
