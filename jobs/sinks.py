@@ -141,9 +141,11 @@ class MLflowSink:
         self.parent = pipeline_run(self.client, experiment_id, run, create=True)
         found = self.client.search_runs(
             [experiment_id],
+            # a FINISHED run's output was published: running this config again (the output
+            # deleted, or found broken) is a new run, not more steps of that one
             filter_string=(
                 f"tags.`kuberlhf.run` = '{run}' and tags.`kuberlhf.stage` = '{stage}' "
-                f"and tags.`kuberlhf.key` = '{key}'"
+                f"and tags.`kuberlhf.key` = '{key}' and attributes.status != 'FINISHED'"
             ),
             max_results=1,
         )

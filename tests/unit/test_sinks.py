@@ -353,3 +353,33 @@ def test_an_attempt_that_fails_before_it_resumes_keeps_the_earlier_records(tmp_p
     run_stage("sft", config, attempt_3, workdir=tmp_path / "w3")
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_mlflow_runs_a_finished_config_again_in_a_new_run(tmp_path, monkeypatch):
+    """A retried attempt goes on in its run; once a run FINISHED (the output published),
+    the same config run again (its output deleted) gets a run of its own, whose steps
+    are all sent."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.sinks import MLflowSink
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+
+    def sink() -> MLflowSink:
+        return MLflowSink("sft", "r1", {"lr": 1e-4}, "hash", key="k1")
+
+    killed = sink()
+    killed.scalars(1, {"loss": 1.0})
+    killed.finish(None, "KILLED")
+    finished = sink()
+    assert finished.run_id == killed.run_id  # the retry goes on where it was
+    finished.scalars(2, {"loss": 0.5})
+    finished.finish(None, "FINISHED")
+
+    again = sink()
+    assert again.run_id != finished.run_id
+    again.scalars(1, {"loss": 3.0})
+    again.finish(None, "FINISHED")
+    history = MlflowClient().get_metric_history(again.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 3.0)]
