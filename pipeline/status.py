@@ -25,6 +25,7 @@ class Progress:
     # "running"; "failed" (for good) or "interrupted" (retried): the attempt ended on error
     state: str = "running"
     error: str | None = None
+    started: float = 0.0  # when the run this attempt belongs to began (seconds since 1970)
 
     def of_total(self) -> str:
         """``/300 (13%)``, or nothing when the stage did not say its total."""
@@ -67,7 +68,14 @@ def read_progress(output: str, now: float | None = None) -> Progress | None:
         remaining = max((total - step) * per_step - (now - status["time"]), 0.0)
     metrics = status.get("metrics") or {}
     return Progress(
-        step, total, now - status["started"], remaining, metrics, state, status.get("error")
+        step,
+        total,
+        now - status["started"],
+        remaining,
+        metrics,
+        state,
+        status.get("error"),
+        status["started"],
     )
 
 
@@ -96,6 +104,7 @@ class StageStatus:
     metrics: dict[str, Any]
     manifest: Manifest | None = None
     progress: Progress | None = None
+    replaces: Manifest | None = None  # a re-run's: the finished output it will replace
 
     def line(self) -> str:
         """What ``rlhf status`` prints after the name and state."""
@@ -103,7 +112,12 @@ class StageStatus:
             took = seconds_between(self.manifest.started_at, self.manifest.finished_at)
             return f"in {duration(took)}; {summary(self.metrics)}"
         if self.progress is not None:
-            return f"{self.progress.line()}; {summary(self.metrics)}"
+            rerun = (
+                f" (a re-run; the output of {self.replaces.finished_at} stays until it ends)"
+                if self.replaces is not None
+                else ""
+            )
+            return f"{self.progress.line()}{rerun}; {summary(self.metrics)}"
         return summary(self.metrics)
 
 
@@ -120,13 +134,22 @@ def run_status(run_uri: str) -> list[StageStatus]:
     for stage in run_stages(run_uri):
         name, output = stage["name"], stage["output"]
         manifest = read_manifest(output)
-        if manifest is not None:
+        progress = read_progress(output)
+        # a re-run (another config) keeps the old manifest until it publishes: its own
+        # progress, begun after that output finished, is the stage's state
+        if manifest is not None and (
+            progress is None
+            or progress.started <= datetime.fromisoformat(manifest.finished_at).timestamp()
+        ):
             out.append(StageStatus(name, "finished", output, manifest.metrics, manifest))
             continue
-        progress = read_progress(output)
         if progress is not None:
             state = "failed" if progress.state == "failed" else "started"
-            out.append(StageStatus(name, state, output, progress.metrics, progress=progress))
+            out.append(
+                StageStatus(
+                    name, state, output, progress.metrics, progress=progress, replaces=manifest
+                )
+            )
             continue
         metrics_uri = store.join(output, PROGRESS, METRICS)
         if store.exists(metrics_uri):

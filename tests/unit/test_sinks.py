@@ -383,3 +383,30 @@ def test_mlflow_runs_a_finished_config_again_in_a_new_run(tmp_path, monkeypatch)
     again.finish(None, "FINISHED")
     history = MlflowClient().get_metric_history(again.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(1, 3.0)]
+
+
+def test_a_re_run_over_a_finished_output_shows_its_own_state(tmp_path):
+    """A re-run with another config leaves the old manifest until it publishes: `rlhf
+    status` shows the re-run (here failed) rather than the old output as finished."""
+    import pytest
+
+    from jobs.errors import BadInputError
+    from pipeline.status import run_status
+
+    run = tmp_path / "run"
+    stages = [{"name": "sft", "stage": "sft", "output": str(run / "sft"), "needs": []}]
+    run.mkdir()
+    described = {"name": "p", "run_id": "run", "run_uri": str(run), "stages": stages}
+    (run / "run.json").write_text(json.dumps(described))
+    run_stage("sft", StageConfig(output=str(run / "sft")), logging_stage)
+    [finished] = run_status(str(run))
+    assert finished.state == "finished"
+
+    changed = StageConfig(output=str(run / "sft"), seed=7)
+    error = BadInputError("data/train.jsonl row 2: field 'prompt' is missing")
+    with pytest.raises(BadInputError):
+        run_stage("sft", changed, failing_stage(error))
+    [shown] = run_status(str(run))
+    assert (run / "sft" / "manifest.json").is_file()  # the old output, intact
+    assert shown.state == "failed" and "field 'prompt' is missing" in shown.line()
+    assert f"a re-run; the output of {finished.manifest.finished_at} stays" in shown.line()
