@@ -95,12 +95,25 @@ def run(config: Config, ctx: StageContext) -> dict:
     other = AutoModelForCausalLM.from_pretrained(other_path, dtype="auto").state_dict()
     merged, fallbacks, used = {}, 0, []
     layers = base.config.num_hidden_layers
+    first_of: dict[int, str] = {}  # storage -> the first name of a tied tensor
     for name, tensor in base.state_dict().items():
         if name not in other or other[name].shape != tensor.shape:
             raise BadInputError(
                 f"merge: {config.other} has no parameter {name!r} of shape "
                 f"{tuple(tensor.shape)}; SLERP needs one architecture"
             )
+        tied = first_of.setdefault(tensor.data_ptr(), name)
+        if tied != name:
+            # Tied embeddings (lm_head is embed_tokens): merged once, at the input
+            # embedding's t, as mergekit treats a tied lm_head as an alias. Merging the
+            # alias with its own t would overwrite the shared tensor.
+            if other[name].data_ptr() != other[tied].data_ptr():
+                raise BadInputError(
+                    f"merge: {config.base} ties {name!r} to {tied!r} and {config.other} does "
+                    "not; SLERP needs one architecture"
+                )
+            merged[name] = merged[tied]
+            continue
         t = t_for(name, config.t, layers)
         merged[name], linear = slerp(t, tensor, other[name])
         fallbacks += linear
@@ -108,9 +121,9 @@ def run(config: Config, ctx: StageContext) -> dict:
     base.load_state_dict(merged)
     base.save_pretrained(ctx.out_dir / "model", safe_serialization=True)
     load_tokenizer(base_path).save_pretrained(ctx.out_dir / "model")
-    ctx.log(0, tensors=len(merged), linear_fallbacks=fallbacks)
+    ctx.log(0, tensors=len(used), linear_fallbacks=fallbacks)
     return {
-        "tensors": len(merged),
+        "tensors": len(used),
         "linear_fallbacks": fallbacks,
         "t_mean": sum(used) / len(used),
         "t_min": min(used),

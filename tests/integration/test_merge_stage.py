@@ -62,3 +62,49 @@ def test_merged_tiny_model_loads_generates_and_follows_the_schedule(tiny, tmp_pa
     tokenizer = load_tokenizer(str(tmp_path / "merged" / "model"))
     [[sample]] = generate(model, tokenizer, ["Hello"], SamplingConfig(max_new_tokens=5))
     assert sample.finish_reason in {"eos", "length"}
+
+
+def test_tied_embeddings_are_merged_once_at_the_input_embeddings_t(tiny, tmp_path):
+    """Llama-3.2-1B, Qwen2.5-0.5B and Gemma tie lm_head to the input embeddings: the rule
+    for embed_tokens decides the shared tensor (the lm_head key, an alias, used to
+    overwrite it with its own t), and a base tied where the other is not is refused."""
+    import pytest
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from jobs import merge
+    from jobs.contract import StageConfig, run_stage
+    from jobs.errors import BadInputError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny / "model")  # the stage keeps the base's
+
+    def write(name: str, seed: int, tied: bool) -> str:
+        torch.manual_seed(seed)
+        shape = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}
+        config = LlamaConfig(vocab_size=64, num_hidden_layers=2, tie_word_embeddings=tied, **shape)
+        model = LlamaForCausalLM(config)
+
+        def save(config, ctx) -> dict:
+            model.save_pretrained(ctx.out_dir / "model")
+            tokenizer.save_pretrained(ctx.out_dir / "model")
+            return {}
+
+        run_stage(name, StageConfig(output=str(tmp_path / name)), save, tmp_path / f"w-{name}")
+        return str(tmp_path / name / "model")
+
+    base, other, untied = write("base", 0, True), write("other", 1, True), write("untied", 2, False)
+    rules = [{"filter": "embed_tokens", "value": 0.0}, {"value": 0.5}]
+    config = merge.Config(output=str(tmp_path / "merged"), base=base, other=other, t=rules)
+    metrics = run_stage("merge", config, merge.run, workdir=tmp_path / "w").metrics
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "model")
+    start = AutoModelForCausalLM.from_pretrained(base)
+    embeddings = merged.get_input_embeddings().weight
+    assert torch.equal(embeddings, start.get_input_embeddings().weight)  # t = 0 as asked
+    assert torch.equal(merged.get_output_embeddings().weight, embeddings)  # still tied
+    layer = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(merged.state_dict()[layer], start.state_dict()[layer])  # t = 0.5
+    assert metrics["tensors"] == len(start.state_dict()) - 1  # lm_head is no tensor of its own
+
+    untied_config = config.model_copy(update={"other": untied, "output": str(tmp_path / "m2")})
+    with pytest.raises(BadInputError, match="ties 'lm_head.weight' to 'model.embed_tokens"):
+        run_stage("merge", untied_config, merge.run, workdir=tmp_path / "w2")
