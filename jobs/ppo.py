@@ -32,7 +32,7 @@ from jobs import dist, engine
 from jobs.batches import ShardedSampler, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
-from jobs.generation import SamplingConfig, decode, eos_ids_of, sample
+from jobs.generation import Samples, SamplingConfig, decode, eos_ids_of, sample
 from jobs.models import load_tokenizer, model_source, quiet_load_report
 from jobs.rollout import (
     SampleLog,
@@ -47,7 +47,7 @@ from jobs.rollout import (
     update_config,
     whiten,
 )
-from jobs.scoring import head_values, last_token_scores, require_reward_model
+from jobs.scoring import ending_in_eos, head_values, last_token_scores, require_reward_model
 
 
 class Config(StageConfig, SampleLog):
@@ -223,7 +223,7 @@ def rollout(models: Models, prompts: list[str], config: Config, seed: int) -> di
         timer = time.perf_counter()
         micro = update_config(config.actor_train, config.minibatch_size, "actor_train")
         size = config.scoring_batch_size or micro.micro_batch_size
-        scored = score(models, samples.sequences, samples.attention, samples.start, size)
+        scored = score(models, samples, size)
         scoring_s = seconds_since(timer, samples.sequences.device)
     finally:
         for module in trained:
@@ -246,18 +246,21 @@ def rollout(models: Models, prompts: list[str], config: Config, seed: int) -> di
 
 
 @torch.no_grad()
-def score(models: Models, sequences, attention, start: int, batch_size: int) -> dict:
-    """Log-probs of actor and reference, the critic's values and the reward model's score,
-    ``batch_size`` rows per forward (a whole rollout's logits would not fit a GPU)."""
+def score(models: Models, samples: Samples, batch_size: int) -> dict:
+    """Log-probs of actor and reference, the critic's values and the reward model's score
+    (of each answer as it was trained to read one: :func:`ending_in_eos`), ``batch_size``
+    rows per forward (a whole rollout's logits would not fit a GPU)."""
     names = ("old_logp", "ref_logp", "values", "scores")
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    for first in range(0, sequences.size(0), batch_size):
+    start, eos_id = samples.start, models.tokenizer.eos_token_id
+    for first in range(0, samples.sequences.size(0), batch_size):
         rows = slice(first, first + batch_size)
-        seqs, attn = sequences[rows], attention[rows]
+        seqs, attn = samples.sequences[rows], samples.attention[rows]
         parts["old_logp"].append(token_logprobs(models.actor.module, seqs, attn, start)[0])
         parts["ref_logp"].append(token_logprobs(models.reference.module, seqs, attn, start)[0])
         parts["values"].append(token_values(models.critic, seqs, attn, start))
-        parts["scores"].append(last_token_scores(models.reward.module, seqs, attn))
+        judged = ending_in_eos(seqs, attn, samples.ended[rows], eos_id)
+        parts["scores"].append(last_token_scores(models.reward.module, *judged))
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -293,7 +296,10 @@ def ptx_batches(config: Config, models: Models, data_dir: Path, start: int = 0):
     from jobs.supervised import collate, tokenize
 
     rows = read_jsonl(data_dir / "sft" / "train.jsonl", ("prompt", "response"))
-    items = tokenize(rows, models.tokenizer, config.sampling.max_prompt_tokens)
+    # a whole example, as long as a prompt and its answer (DeepSpeed-Chat's unsupervised
+    # data: max_prompt_seq_len + max_answer_seq_len); the prompt's length alone cut answers
+    length = config.sampling.max_prompt_tokens + config.sampling.max_new_tokens
+    items = tokenize(rows, models.tokenizer, length)
     micro = models.actor.train_micro_batch_size_per_gpu()  # one per forward of the actor
     sampler = ShardedSampler(len(items), micro, config.seed, dist.rank(), dist.world_size())
     for indices in sampler.micro_batches(start=start):

@@ -23,6 +23,23 @@ def encode(tokenizer, prompt: str, response: str, max_len: int) -> list[int]:
     )
 
 
+def ending_in_eos(
+    sequences: torch.Tensor, attention: torch.Tensor, ended: torch.Tensor, eos_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled rows (left-padded prompt, answer, padding) as a reward model is trained to
+    read them, the answer then EOS (:func:`encode`): a row that stopped at another stop
+    token (a chat template's end of turn) has it replaced by EOS, a row cut at the token
+    limit gets EOS after its last token. OpenRLHF's ``process_sequences`` likewise puts
+    EOS after every rollout's last token before its reward model reads it."""
+    rows = torch.arange(sequences.size(0), device=sequences.device)
+    last = attention.size(1) - 1 - attention.flip(1).argmax(1)
+    at = torch.where(ended, last, last + 1)
+    seqs = torch.cat([sequences, sequences[:, -1:]], 1)
+    attn = torch.cat([attention, torch.zeros_like(attention[:, -1:])], 1)
+    seqs[rows, at], attn[rows, at] = eos_id, 1
+    return seqs, attn
+
+
 def head_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The scalar head's value at every position [batch, len]: a reward model's score, a
     PPO critic's value. Any of a plain model, a DeepSpeed engine or a LoRA (peft) model."""

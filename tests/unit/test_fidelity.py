@@ -189,6 +189,49 @@ def test_scoring_builds_no_kv_cache(family, monkeypatch):
     assert made == []
 
 
+def test_ppo_reads_its_reward_model_where_the_reward_stage_trained_it(monkeypatch):
+    """The reward stage trains on prompt, answer, EOS and reads the score at EOS
+    (``scoring.encode``). PPO's rollouts end at the policy's stop token, which a chat
+    template makes its end of turn (not EOS), or at the token limit with no stop at all:
+    PPO must score each as prompt, answer, EOS all the same."""
+    from types import SimpleNamespace
+
+    from jobs import ppo
+    from jobs.generation import Samples
+    from jobs.scoring import last_token_scores
+
+    eos, end_of_turn, pad_id = 2, 3, 0
+    lm, rm = tiny_lm("llama"), tiny_lm("llama", classifier=True)
+    prompts = [[5, 6, 7], [20, 21], [30, 31, 32]]
+    answers = [[8, 9, end_of_turn], [10, 11, 12], [13, eos, pad_id]]  # stop, cut, EOS
+    ended = torch.tensor([True, False, True])
+    sequences = pad([p + a for p, a in zip(prompts, answers, strict=True)], pad_id, left=True)
+    width = max(len(p) for p in prompts)
+    answer_mask = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 0]])
+    prompt_mask = pad([[1] * len(p) for p in prompts], 0, left=True)
+    attention = torch.cat([prompt_mask, answer_mask], 1)
+    samples = Samples(sequences, attention, answer_mask.float(), ended, width, 0.0)
+    models = SimpleNamespace(
+        actor=SimpleNamespace(module=lm),
+        reference=SimpleNamespace(module=lm),
+        critic=rm,
+        reward=SimpleNamespace(module=rm),
+        tokenizer=SimpleNamespace(eos_token_id=eos),
+    )
+    with torch.no_grad():
+        got = ppo.score(models, samples, batch_size=2)["scores"]
+        trained_format = [[5, 6, 7, 8, 9, eos], [20, 21, 10, 11, 12, eos], [30, 31, 32, 13, eos]]
+        expected = torch.stack(
+            [
+                last_token_scores(rm, torch.tensor([r]), torch.ones(1, len(r)).long())[0]
+                for r in trained_format
+            ]
+        )
+        as_sampled = last_token_scores(rm, sequences, attention)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert (as_sampled - expected)[:2].abs().min() > 1e-4  # the rows read as they were sampled
+
+
 # --- conversations under a Llama-3-style chat template ------------------------------------
 
 LLAMA3_TEMPLATE = (

@@ -169,3 +169,30 @@ def test_a_training_loop_resumed_after_its_last_step_reports_its_last_evaluation
     for earlier in ({"step": 2, "first_eval_loss": 3.0}, {"step": 2, "first": {"eval_loss": 3.0}}):
         loop = engine.TrainLoop(ds, ctx, schedule, 4, earlier, ("loss",), never)
         assert loop.first == {"eval_loss": 3.0}
+
+
+def test_the_ptx_loss_trains_whole_answers_up_to_a_prompt_and_answer_length(tiny, tmp_path):
+    """PPO's pre-training term reads SFT rows up to max_prompt_tokens + max_new_tokens
+    (DeepSpeed-Chat's unsupervised data), so an answer as long as max_new_tokens is
+    trained whole, not cut at the prompt's length."""
+    import json
+    from types import SimpleNamespace
+
+    from jobs.batches import IGNORE
+    from jobs.models import load_tokenizer
+    from jobs.ppo import ptx_batches
+    from jobs.supervised import tokenize
+
+    tokenizer = load_tokenizer(str(tiny / "model"))
+    rows = [{"prompt": "Q: say hello\nA: ", "response": "hello there, how are you today?"}] * 4
+    [(ids, labels)] = tokenize(rows[:1], tokenizer, 10_000)  # whole
+    answer = sum(label != IGNORE for label in labels)
+    prompt = len(ids) - answer
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sampling = SimpleNamespace(max_prompt_tokens=prompt + 1, max_new_tokens=answer)
+    config = SimpleNamespace(sampling=sampling, seed=0)
+    actor = SimpleNamespace(train_micro_batch_size_per_gpu=lambda: 2)
+    models = SimpleNamespace(actor=actor, tokenizer=tokenizer)
+    batch = next(ptx_batches(config, models, tmp_path))
+    assert answer > 2 and (batch["labels"] != IGNORE).sum(1).tolist() == [answer, answer]
