@@ -26,7 +26,7 @@ from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
 from jobs.models import load_tokenizer, model_source
-from jobs.supervised import collate, encode_segments, to_device, token_losses
+from jobs.supervised import collate, encode_segments, step_share, to_device, token_losses
 
 END_OF_TURN = "<|end_of_turn|>"
 
@@ -185,16 +185,15 @@ def run(config: Config, ctx: StageContext) -> dict:
             [splits["train"][i] for i in next(batches)]
             for _ in range(cfg.gradient_accumulation_steps)
         ]
-        # DeepSpeed divides each micro-batch's loss by the accumulation steps and averages
-        # gradients over ranks; scaling by both makes the step's gradient that of
-        # sum(w * ce) / sum(w) over all its answer tokens.
-        total = dist.all_reduce_sum(
-            torch.tensor(float(sum(answer_weight(items) for items in window)), device=ds.device)
+        # the step's gradient: that of sum(w * ce) / sum(w) over all its answer tokens
+        share = step_share(
+            sum(answer_weight(items) for items in window),
+            cfg.gradient_accumulation_steps,
+            ds.device,
         )
-        scale = cfg.gradient_accumulation_steps * dist.world_size()
         for items in window:
             batch, weights = batch_of(items)
-            loss, own = weighted_loss(ds, batch, weights, total.clamp(min=1e-8) / scale)
+            loss, own = weighted_loss(ds, batch, weights, share)
             ds.backward(loss)
             ds.step()
             loop.meter.add(int(batch["attention_mask"].sum()), own)

@@ -25,10 +25,11 @@ from jobs.supervised import (
     end_of_turn_ids,
     flattens,
     pack,
-    response_loss,
+    step_share,
     to_device,
     token_losses,
     tokenize,
+    trained_targets,
 )
 
 
@@ -39,6 +40,20 @@ class Config(StageConfig, engine.Schedule):
     max_seq_len: int = Field(512, ge=8)
     packing: bool = Field(False, description="concatenate examples into full-length rows")
     train: EngineConfig = EngineConfig()
+
+
+def train_step(ds, window: list[list], pad_id: int, flatten: bool) -> list[torch.Tensor]:
+    """One optimiser step over ``window``, its micro-batches (the engine accumulates them):
+    its gradient that of the mean loss over all the step's answer tokens, on every rank.
+    Returns each micro-batch's own mean loss, for the metrics."""
+    share = step_share(sum(trained_targets(items) for items in window), len(window), ds.device)
+    means = []
+    for items in window:
+        losses, mask = token_losses(ds, to_device(collate(items, pad_id, flatten), ds.device))
+        ds.backward(losses.sum() / share)
+        ds.step()
+        means.append(losses.detach().sum() / mask.sum().clamp(min=1))
+    return means
 
 
 @torch.no_grad()
@@ -97,7 +112,6 @@ def run(config: Config, ctx: StageContext) -> dict:
         check_packing_isolates(ds.module, ds.device)
     flatten = config.packing and flattens(ds.module)
     state = engine.resume(ds, ctx)
-    device = ds.device
     pad_id = tokenizer.pad_token_id
 
     def eval_loss() -> dict:
@@ -107,12 +121,11 @@ def run(config: Config, ctx: StageContext) -> dict:
     loop = engine.TrainLoop(ds, ctx, config, total_steps, state, ("loss",), evaluating)
     batches = sampler.micro_batches(start=loop.step * cfg.gradient_accumulation_steps)
     for _ in loop.steps():
-        for _ in range(cfg.gradient_accumulation_steps):
-            items = [train_items[i] for i in next(batches)]
-            loss, _ = response_loss(ds, to_device(collate(items, pad_id, flatten), device))
-            ds.backward(loss)
-            ds.step()
-            loop.meter.add(sum(len(item[0]) for item in items), loss)
+        window = [
+            [train_items[i] for i in next(batches)] for _ in range(cfg.gradient_accumulation_steps)
+        ]
+        for items, own in zip(window, train_step(ds, window, pad_id, flatten), strict=True):
+            loop.meter.add(sum(len(item[0]) for item in items), own)
 
     # A chat template's end-of-turn token ends answers as EOS does: generation stops there.
     stops = end_of_turn_ids(splits["train"], tokenizer)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from jobs import dist
 from jobs.batches import IGNORE, pad
 from jobs.errors import BadInputError
 from jobs.tokens import bos_prefix
@@ -207,6 +208,22 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     targets = batch["labels"][:, 1:]
     losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
     return losses, targets != IGNORE
+
+
+def trained_targets(items) -> int:
+    """How many tokens of ``items`` (their labels) a next-token loss is taken on."""
+    return sum(sum(1 for x in item[1][1:] if x != IGNORE) for item in items)
+
+
+def step_share(amount: float, accumulation: int, device) -> torch.Tensor:
+    """What each micro-batch's summed loss is divided by for the optimiser step's gradient
+    to be the mean over the step's whole ``amount`` (answer tokens, or their weights) on
+    every rank: DeepSpeed divides each micro-batch's loss by the accumulation steps and
+    averages the gradients over ranks. TRL divides by ``num_items_in_batch`` counted the
+    same way; a mean per micro-batch would weigh a short answer's tokens as much as a
+    long answer's whole."""
+    total = dist.all_reduce_sum(torch.tensor(float(amount), device=device))
+    return total.clamp(min=1e-8) / (accumulation * dist.world_size())
 
 
 def response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

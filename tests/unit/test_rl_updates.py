@@ -196,3 +196,57 @@ def test_the_ptx_loss_trains_whole_answers_up_to_a_prompt_and_answer_length(tiny
     models = SimpleNamespace(actor=actor, tokenizer=tokenizer)
     batch = next(ptx_batches(config, models, tmp_path))
     assert answer > 2 and (batch["labels"] != IGNORE).sum(1).tolist() == [answer, answer]
+
+
+def sft_step_gradient(tiny, items: list, micro: int, per_micro_mean: bool = False):
+    """The gradient of one sft optimiser step over ``items`` taken ``micro`` at a time by a
+    real DeepSpeed engine (accumulating len(items) / micro micro-batches)."""
+    from transformers import AutoModelForCausalLM
+
+    from jobs import sft
+    from jobs.supervised import collate, to_device, token_losses
+
+    gas = len(items) // micro
+    cfg = engine.EngineConfig(micro_batch_size=micro, gradient_accumulation_steps=gas)
+    torch.manual_seed(0)
+    ds = engine.initialize(AutoModelForCausalLM.from_pretrained(str(tiny / "model")), cfg, 10)
+    window = [items[i : i + micro] for i in range(0, len(items), micro)]
+    captured = []
+    real_step = ds.step
+
+    def step():  # the gradient, read at the accumulation boundary before the update
+        if ds.is_gradient_accumulation_boundary():
+            captured.append(torch.cat([p.grad.flatten().clone() for p in ds.module.parameters()]))
+        real_step()
+
+    ds.step = step
+    if per_micro_mean:  # the control: each micro-batch's own token mean, accumulated
+        for part in window:
+            losses, mask = token_losses(ds, to_device(collate(part, 0), ds.device))
+            ds.backward(losses.sum() / mask.sum())
+            ds.step()
+    else:
+        sft.train_step(ds, window, 0, flatten=False)
+    [gradient] = captured
+    return gradient
+
+
+def test_an_sft_step_in_micro_batches_has_the_gradient_of_its_token_mean(tiny, monkeypatch):
+    """A short and a long answer, one micro-batch each with two accumulation steps: the
+    step's gradient is that of one forward over both (the mean over all answer tokens, as
+    TRL's num_items_in_batch makes it), not the mean of the two micro-batches' means,
+    which weighs the short answer's one token as much as the long answer's fifteen."""
+    from jobs.batches import IGNORE
+    from tests.conftest import free_port
+
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    short = list(range(10, 16)), [IGNORE] * 5 + [15]
+    long = list(range(20, 40)), [IGNORE] * 4 + list(range(24, 40))
+    whole = sft_step_gradient(tiny, [short, long], micro=2)
+    parts = sft_step_gradient(tiny, [short, long], micro=1)
+    torch.testing.assert_close(parts, whole, atol=1e-6, rtol=1e-4)
+    control = sft_step_gradient(tiny, [short, long], micro=1, per_micro_mean=True)
+    assert not torch.allclose(control, whole, atol=1e-6, rtol=1e-4)
