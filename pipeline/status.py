@@ -12,6 +12,8 @@ from jobs import store
 from jobs.contract import METRICS, PROGRESS, STATUS, Manifest, read_manifest
 from jobs.errors import BadInputError
 
+CANCELLED = "cancelled.json"  # in the run's folder: `rlhf cancel` was here
+
 
 @dataclass
 class Progress:
@@ -36,7 +38,10 @@ class Progress:
         ended: ``failed at step 40/300 (13%) after 2m10s: BadInputError: ...``."""
         of = self.of_total()
         if self.state != "running":
-            retried = " (retried from its newest checkpoint)" if self.state == "interrupted" else ""
+            retried = {
+                "interrupted": " (retried from its newest checkpoint)",
+                "cancelled": " (rlhf cancel; running the file again resumes it)",
+            }.get(self.state, "")
             return (
                 f"{self.state} at step {self.step}{of} after {duration(self.elapsed_s)}"
                 f"{retried}: {self.error}"
@@ -131,6 +136,7 @@ def run_stages(run_uri: str) -> list[dict[str, Any]]:
 
 def run_status(run_uri: str) -> list[StageStatus]:
     out = []
+    cancelled = store.exists(store.join(run_uri, CANCELLED))
     for stage in run_stages(run_uri):
         name, output = stage["name"], stage["output"]
         manifest = read_manifest(output)
@@ -144,6 +150,8 @@ def run_status(run_uri: str) -> list[StageStatus]:
             out.append(StageStatus(name, "finished", output, manifest.metrics, manifest))
             continue
         if progress is not None:
+            if cancelled and progress.state == "interrupted":  # no one retries it now
+                progress.state = "cancelled"
             state = "failed" if progress.state == "failed" else "started"
             out.append(
                 StageStatus(

@@ -11,10 +11,8 @@ from jobs import store
 from jobs.contract import Manifest, read_manifest, up_to_date
 from jobs.errors import EXIT_BAD_INPUT, StageError
 from pipeline.config import Plan, PlannedStage
-from pipeline.status import mark_given_up
+from pipeline.status import CANCELLED, mark_given_up
 from pipeline.watch import BAD_INPUT, EXIT_CANCELLED
-
-CANCELLED = "cancelled.json"  # in the run's folder: `rlhf cancel` was here
 
 
 class StageFailed(StageError):

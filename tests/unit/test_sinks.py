@@ -410,3 +410,25 @@ def test_a_re_run_over_a_finished_output_shows_its_own_state(tmp_path):
     assert (run / "sft" / "manifest.json").is_file()  # the old output, intact
     assert shown.state == "failed" and "field 'prompt' is missing" in shown.line()
     assert f"a re-run; the output of {finished.manifest.finished_at} stays" in shown.line()
+
+
+def test_a_stage_stopped_by_rlhf_cancel_is_shown_cancelled_not_retried(tmp_path):
+    import pytest
+
+    from jobs.errors import Preempted
+    from pipeline.status import CANCELLED, run_status
+
+    run = tmp_path / "run"
+    stages = [{"name": "sft", "stage": "sft", "output": str(run / "sft"), "needs": []}]
+    run.mkdir()
+    described = {"name": "p", "run_id": "run", "run_uri": str(run), "stages": stages}
+    (run / "run.json").write_text(json.dumps(described))
+    stopped = Preempted("SIGTERM: checkpoint saved at step 3")
+    with pytest.raises(Preempted):
+        run_stage("sft", StageConfig(output=str(run / "sft")), failing_stage(stopped))
+    [shown] = run_status(str(run))
+    assert "(retried from its newest checkpoint)" in shown.line()  # a preemption, retried
+    (run / CANCELLED).write_text("{}")  # what `rlhf cancel` writes before deleting the Jobs
+    [shown] = run_status(str(run))
+    assert shown.line().startswith("cancelled at step 3/10 (30%) after ")
+    assert "(rlhf cancel; running the file again resumes it)" in shown.line()
