@@ -260,7 +260,7 @@ def score(models: Models, samples: Samples, batch_size: int) -> dict:
         parts["ref_logp"].append(token_logprobs(models.reference.module, seqs, attn, start)[0])
         parts["values"].append(token_values(models.critic, seqs, attn, start))
         judged = ending_in_eos(seqs, attn, samples.ended[rows], eos_id)
-        parts["scores"].append(last_token_scores(models.reward.module, *judged))
+        parts["scores"].append(last_token_scores(models.reward.module, judged, attn))
     return {k: torch.cat(v) for k, v in parts.items()}
 
 

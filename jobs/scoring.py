@@ -25,19 +25,17 @@ def encode(tokenizer, prompt: str, response: str, max_len: int) -> list[int]:
 
 def ending_in_eos(
     sequences: torch.Tensor, attention: torch.Tensor, ended: torch.Tensor, eos_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Sampled rows (left-padded prompt, answer, padding) as a reward model is trained to
-    read them, the answer then EOS (:func:`encode`): a row that stopped at another stop
-    token (a chat template's end of turn) has it replaced by EOS, a row cut at the token
-    limit gets EOS after its last token. OpenRLHF's ``process_sequences`` likewise puts
-    EOS after every rollout's last token before its reward model reads it."""
+    read a finished answer, the answer then EOS (:func:`encode`): a row that stopped at
+    another stop token (a chat template's end of turn) has it replaced by EOS. A row cut
+    at the token limit stays as it is, read at its last token as TRL and DeepSpeed-Chat
+    read it (``missing_eos_penalty`` is the explicit price of not finishing)."""
     rows = torch.arange(sequences.size(0), device=sequences.device)
     last = attention.size(1) - 1 - attention.flip(1).argmax(1)
-    at = torch.where(ended, last, last + 1)
-    seqs = torch.cat([sequences, sequences[:, -1:]], 1)
-    attn = torch.cat([attention, torch.zeros_like(attention[:, -1:])], 1)
-    seqs[rows, at], attn[rows, at] = eos_id, 1
-    return seqs, attn
+    judged = sequences.clone()
+    judged[rows[ended], last[ended]] = eos_id
+    return judged
 
 
 def head_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
