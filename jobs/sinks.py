@@ -11,6 +11,7 @@ manifest: never the environment.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -68,6 +69,13 @@ def masked(config: Any) -> Any:
     if isinstance(config, list):
         return [masked(value) for value in config]
     return redact(config) if isinstance(config, str) else config
+
+
+def mlflow_key(name: str) -> str:
+    """``name`` as MLflow accepts a param or metric key (letters, digits, ``_-. /:``, at
+    most 250 characters): one data source or C-RLFT class named otherwise (``pairs(v2)``)
+    would make the server refuse the whole batch, and the stage lose its tracking."""
+    return re.sub(r"[^/\w.\- :]", "_", name)[:250]
 
 
 def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -174,8 +182,9 @@ class MLflowSink:
             from mlflow.entities import Param
 
             for first in range(0, len(params), 100):  # the server's limit per batch
+                batch = params[first : first + 100]
                 self.client.log_batch(
-                    self.run_id, params=[Param(k, v) for k, v in params[first : first + 100]]
+                    self.run_id, params=[Param(mlflow_key(k), v) for k, v in batch]
                 )
         self.pending: list[Any] = []
 
@@ -185,7 +194,7 @@ class MLflowSink:
         if 0 < step <= self.sent_before:
             return
         now = int(time.time() * 1000)
-        self.pending += [Metric(key, value, now, step) for key, value in values.items()]
+        self.pending += [Metric(mlflow_key(k), value, now, step) for k, value in values.items()]
 
     def text(self, step: int, tag: str, text: str) -> None:
         self.flush()

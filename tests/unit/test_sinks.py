@@ -385,6 +385,24 @@ def test_mlflow_runs_a_finished_config_again_in_a_new_run(tmp_path, monkeypatch)
     assert [(m.step, m.value) for m in history] == [(1, 3.0)]
 
 
+def test_mlflow_takes_keys_named_after_a_users_sources_and_classes(tmp_path, monkeypatch):
+    """A data source or C-RLFT class name with characters MLflow refuses in a key (the
+    server refuses the whole batch, and the stage dropped its MLflow sink)."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.sinks import MLflowSink
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    config = {"classes": {"gpt-4 (best)+": {"weight": 1.0}}}
+    sink = MLflowSink("crlft", "r1", config, "hash", key="k1")
+    sink.scalars(1, {"train.pairs(v2).read": 3.0, "loss": 0.5})
+    sink.finish(None, "FINISHED")
+    run = MlflowClient().get_run(sink.run_id)
+    assert run.data.params == {"classes.gpt-4 _best__.weight": "1.0"}
+    assert run.data.metrics == {"train.pairs_v2_.read": 3.0, "loss": 0.5}
+
+
 def test_a_re_run_over_a_finished_output_shows_its_own_state(tmp_path):
     """A re-run with another config leaves the old manifest until it publishes: `rlhf
     status` shows the re-run (here failed) rather than the old output as finished."""
