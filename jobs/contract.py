@@ -464,7 +464,15 @@ class StageContext:
         # Read once, by rank 0, for every rank: an upstream stage published again meanwhile
         # can neither give two nodes different data nor have the stage record a manifest
         # other than the one whose files it read.
-        found: Found = dist.broadcast_object(find_output(uri) if dist.is_main() else None)
+        found: Found | str | None = None
+        if dist.is_main():
+            try:
+                found = find_output(uri)
+            except BadInputError as exc:  # every rank stops alike, none left in the broadcast
+                found = str(exc)
+        found = dist.broadcast_object(found)
+        if isinstance(found, str):
+            raise BadInputError(found)
         root, sub = found.root, found.below
         local = self.workdir / "inputs" / hashlib.sha256(root.encode()).hexdigest()[:16]
         wanted = [f.path for f in found.manifest.files if not sub or f.path.startswith(sub + "/")]

@@ -176,7 +176,10 @@ def test_bad_input_under_torchrun_exits_65_and_is_not_retried(finished, tmp_path
     assert "running python -m jobs.launch sft" in result.stdout
     assert "failed with exit code 65: bad config or input (not retried)" in result.stderr
     assert "retrying" not in result.stdout + result.stderr
-    assert "no-model: not inside a finished stage output" in result.stderr
+    # each rank names it: rank 0 reads the input for all, and tells the others it is bad
+    # (left waiting in the broadcast, they died of a closed connection)
+    assert result.stderr.count("no-model: not inside a finished stage output") >= 2
+    assert "Connection closed by peer" not in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -152,6 +152,15 @@ def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
     )
     with pytest.raises(BadInputError, match=r"p.yaml: line 5: .*key 'bootstrap' given twice"):
         plan(str(path))
+    # a block shared by an anchor, one key of it overridden, is no key given twice
+    path.write_text(
+        "name: t\nshared: &small {daily_per_lang: 30, hate_per_lang: 10}\nstages:\n"
+        "  bootstrap:\n    config: {<<: *small, hate_per_lang: 20}\n"
+    )
+    from jobs.config_file import load_mapping
+
+    config = load_mapping(str(path))["stages"]["bootstrap"]["config"]
+    assert config == {"daily_per_lang": 30, "hate_per_lang": 20}
     path = tmp_path / "p.json"
     path.write_text('{"name": "t", "name": "u", "stages": {"bootstrap": {}}}')
     with pytest.raises(BadInputError, match=r"p.json: not valid YAML/JSON \(key 'name' given"):
