@@ -128,7 +128,7 @@ def run(config: Config, ctx: StageContext) -> dict:
             loop.meter.add(sum(len(item[0]) for item in items), own)
 
     # A chat template's end-of-turn token ends answers as EOS does: generation stops there.
-    stops = end_of_turn_ids(splits["train"], tokenizer)
+    stops = end_of_turn_ids(splits["train"], tokenizer, config.max_seq_len)
     if stops:
         base = getattr(ds.module, "get_base_model", lambda: ds.module)()  # a LoRA's base too
         configured = base.generation_config.eos_token_id

@@ -71,15 +71,20 @@ def encode_segments(
     return ids[:max_len], labels[:max_len]
 
 
-def end_of_turn_ids(items: list[tuple[list[int], list[int]]], tokenizer) -> set[int]:
+def end_of_turn_ids(
+    items: list[tuple[list[int], list[int]]], tokenizer, max_len: int | None = None
+) -> set[int]:
     """The special tokens that close trained answers (a chat template's ``<|eot_id|>`` or
     ``<|im_end|>``): generation must stop at them too, not only at EOS. A token counts
     where nothing but whitespace follows it in its trained span (ChatML trains the "\n"
-    after ``<|im_end|>``): an answer cut at ``max_seq_len`` ends in its own text, and an
-    added token inside it (Qwen's ``<think>``) is no end of turn."""
+    after ``<|im_end|>``), and the last span of a row cut at ``max_len`` counts not at
+    all: an added token inside a cut answer (Qwen's ``<think>``) is no end of turn."""
     special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
     found = set()
-    for _, labels in items:
+    for ids, labels in items:
+        if max_len is not None and len(ids) >= max_len:
+            last = max((i for i, x in enumerate(labels) if x == IGNORE), default=-1)
+            labels = labels[: last + 1]  # the span that runs to the cut may be cut short
         span: list[int] = []
         for label in [*labels, IGNORE]:
             if label != IGNORE:

@@ -374,8 +374,23 @@ def test_an_answer_cut_at_max_seq_len_adds_no_stop_token():
     items = tokenize([short, long], tokenizer, max_len=64)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert items[1][1][-1] != im_end  # the long answer is cut before its end of turn
-    assert end_of_turn_ids(items[:1], tokenizer) == {im_end}
-    assert end_of_turn_ids(items, tokenizer) == {im_end}
+    assert end_of_turn_ids(items[:1], tokenizer, 64) == {im_end}
+    assert end_of_turn_ids(items, tokenizer, 64) == {im_end}
+    # cut just after a second answer's "<think>\n": its span ends in whitespace
+    two_turns = row("Paris.")
+    two_turns["segments"] += [
+        {"text": "<|im_start|>user\n" + "Hi " * 7 + "<|im_end|>\n", "train": False},
+        {"text": "<|im_start|>assistant\n", "train": False},
+        {"text": "<think>\n" + "Let me think. " * 20 + "<|im_end|>\n", "train": True},
+    ]
+    ids, labels = tokenize([two_turns], tokenizer, max_len=10_000)[0]
+    think = tokenizer.convert_tokens_to_ids("<think>")
+    cut = ids.index(think) + 2  # "<think>", "\n"
+    assert tokenizer.decode(ids[cut - 1 : cut]).strip() == ""
+    [(ids, labels)] = tokenize([two_turns], tokenizer, max_len=cut)
+    assert ids[-2] == think
+    assert end_of_turn_ids([(ids, labels)], tokenizer, cut) == {im_end}
+    assert think in end_of_turn_ids([(ids, labels)], tokenizer)  # the control: cut unknown
 
 
 def test_a_plain_prompt_and_response_start_with_bos_where_the_tokenizer_expects_it(
