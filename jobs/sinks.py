@@ -75,7 +75,10 @@ def mlflow_key(name: str) -> str:
     """``name`` as MLflow accepts a param or metric key (letters, digits, ``_-. /:``, at
     most 250 characters): one data source or C-RLFT class named otherwise (``pairs(v2)``)
     would make the server refuse the whole batch, and the stage lose its tracking."""
-    return re.sub(r"[^/\w.\- :]", "_", name)[:250]
+    key = re.sub(r"[^/\w.\- :]", "_", name)
+    # nor an absolute path or one with empty or ".." parts (MLflow's path_not_unique)
+    key = "/".join(part if part not in ("", ".", "..") else "_" for part in key.split("/"))
+    return key[:250]
 
 
 def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -200,6 +200,18 @@ def plan(path: str, run_id: str | None = None, store_uri: str | None = None) -> 
         config = _substitute(spec.config, outputs, f"{path}: stages.{name}.config", found)
         resolved[name] = (stage, {**config, "output": outputs[name]}, sorted(found))
 
+    # the charts cut a Job's name, <run>-<stage name>, to 52 characters (its pods' names
+    # take the rest of 63): two stages must not be cut to one Job
+    jobs: dict[str, str] = {}
+    for name in resolved:
+        job = f"{run_id}-{name}"[:52].rstrip("-")
+        if job in jobs:
+            raise BadInputError(
+                f"{path}: stages.{name}: its Job name {job!r} (the run id and the stage name, "
+                f"cut to 52 characters) is stage {jobs[job]!r}'s too; shorten the run id or "
+                "a stage name"
+            )
+        jobs[job] = name
     order = _order({name: needs for name, (_, _, needs) in resolved.items()}, path)
     stages = []
     for name in order:

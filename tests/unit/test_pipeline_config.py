@@ -197,3 +197,16 @@ def test_the_command_line_refuses_what_a_run_would_meet_only_later(tmp_path, cap
     err = capsys.readouterr().err
     assert code == 65 and "error: kubernetes: cannot use the current context" in err, err
     assert "Traceback" not in err
+
+
+def test_two_stage_names_cut_to_one_job_name_are_refused(tmp_path):
+    pipeline = {
+        "name": "t",
+        "stages": {
+            "reward-model-first": {"stage": "bootstrap"},
+            "reward-model-second": {"stage": "bootstrap"},
+        },
+    }
+    plan(write(tmp_path, pipeline))  # the control: a short run id, two Job names
+    with pytest.raises(BadInputError, match="stages.reward-model-second: its Job name 'a+-rew"):
+        plan(write(tmp_path, pipeline), run_id="a" * 40)

@@ -396,11 +396,11 @@ def test_mlflow_takes_keys_named_after_a_users_sources_and_classes(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     config = {"classes": {"gpt-4 (best)+": {"weight": 1.0}}}
     sink = MLflowSink("crlft", "r1", config, "hash", key="k1")
-    sink.scalars(1, {"train.pairs(v2).read": 3.0, "loss": 0.5})
+    sink.scalars(1, {"train.pairs(v2).read": 3.0, "loss": 0.5, "hh//v2.read": 1.0})
     sink.finish(None, "FINISHED")
     run = MlflowClient().get_run(sink.run_id)
     assert run.data.params == {"classes.gpt-4 _best__.weight": "1.0"}
-    assert run.data.metrics == {"train.pairs_v2_.read": 3.0, "loss": 0.5}
+    assert run.data.metrics == {"train.pairs_v2_.read": 3.0, "loss": 0.5, "hh/_/v2.read": 1.0}
 
 
 def test_a_re_run_over_a_finished_output_shows_its_own_state(tmp_path):
