@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         record_exit(EXIT_RETRY)
         dist.shutdown()
         return EXIT_RETRY
+    # Every rank got here: they leave the group together, no rank tearing its connections
+    # down while a peer still finishes (mosaicml/streaming#186 does the same).
+    dist.barrier()
     dist.shutdown()
     if not dist.is_main():
         return EXIT_OK
