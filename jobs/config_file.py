@@ -31,11 +31,12 @@ class _UniqueKeys(yaml.SafeLoader):
 
 
 def _unique_pairs(pairs: list[tuple[str, object]]) -> dict:
-    keys = [key for key, _ in pairs]
-    for key in keys:
-        if keys.count(key) > 1:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
             raise ValueError(f"key {key!r} given twice")
-    return dict(pairs)
+        out[key] = value
+    return out
 
 
 def load_mapping(uri: str) -> dict:

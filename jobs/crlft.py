@@ -21,12 +21,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs import dist, engine
-from jobs.batches import IGNORE, ShardedSampler, read_jsonl
+from jobs.batches import ShardedSampler, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
 from jobs.models import load_tokenizer, model_source
-from jobs.supervised import collate, encode_segments, step_share, to_device, token_losses
+from jobs.supervised import (
+    collate,
+    encode_segments,
+    step_share,
+    to_device,
+    token_losses,
+    trained_targets,
+)
 
 END_OF_TURN = "<|end_of_turn|>"
 
@@ -96,7 +103,7 @@ def weighted_loss(
 
 def answer_weight(items) -> float:
     """The sum of the class weights of the answer tokens (those with a next-token label)."""
-    return sum(weight * sum(1 for x in labels[1:] if x != IGNORE) for _, labels, weight, _ in items)
+    return sum(item[2] * trained_targets([item]) for item in items)
 
 
 def prepare(rows: list[dict], config: Config, tokenizer, where: str):

@@ -32,7 +32,7 @@ def ending_in_eos(
     at the token limit stays as it is, read at its last token as TRL and DeepSpeed-Chat
     read it (``missing_eos_penalty`` is the explicit price of not finishing)."""
     rows = torch.arange(sequences.size(0), device=sequences.device)
-    last = attention.size(1) - 1 - attention.flip(1).argmax(1)
+    last = last_positions(attention)
     judged = sequences.clone()
     judged[rows[ended], last[ended]] = eos_id
     return judged
@@ -56,8 +56,12 @@ def head_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
 def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """One score per row, read at its last non-padding token (left or right padding)."""
     values = head_values(model, input_ids, attention_mask)
-    last = attention_mask.size(1) - 1 - attention_mask.flip(-1).argmax(-1)
-    return values.gather(1, last[:, None]).squeeze(1)
+    return values.gather(1, last_positions(attention_mask)[:, None]).squeeze(1)
+
+
+def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's last non-padding position (left or right padding)."""
+    return attention_mask.size(1) - 1 - attention_mask.flip(-1).argmax(-1)
 
 
 def batch_scores(model, rows: list[list[int]], pad_id: int) -> torch.Tensor:

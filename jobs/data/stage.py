@@ -216,9 +216,13 @@ def run(config: Config, ctx: StageContext) -> dict:
 
     # Read and drop the short ones.
     for source in config.sources:
-        c = {"read": 0, "dropped_short": 0, "dropped_same_pair": 0}
-        c.update(dropped_duplicate=0, dropped_mix=0)
-        kept = []
+        kept, c = (
+            [],
+            dict.fromkeys(
+                ("read", "dropped_short", "dropped_same_pair", "dropped_duplicate", "dropped_mix"),
+                0,
+            ),
+        )
         for example in read_source(source, ctx):
             c["read"] += 1
             if example.chosen is not None and example.chosen == example.rejected:
