@@ -10,6 +10,7 @@ manifest: never the environment.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -74,11 +75,15 @@ def masked(config: Any) -> Any:
 def mlflow_key(name: str) -> str:
     """``name`` as MLflow accepts a param or metric key (letters, digits, ``_-. /:``, at
     most 250 characters): one data source or C-RLFT class named otherwise (``pairs(v2)``)
-    would make the server refuse the whole batch, and the stage lose its tracking."""
+    would make the server refuse the whole batch, and the stage lose its tracking. A name
+    that had to change carries a hash of itself, so two (``pairs(v2)``, ``pairs[v2]``)
+    never write one key."""
     key = re.sub(r"[^/\w.\- :]", "_", name)
     # nor an absolute path or one with empty or ".." parts (MLflow's path_not_unique)
     key = "/".join(part if part not in ("", ".", "..") else "_" for part in key.split("/"))
-    return key[:250]
+    if key == name and len(key) <= 250:
+        return key
+    return f"{key[:241]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -164,6 +169,9 @@ class MLflowSink:
         # once. Only an earlier attempt's steps: this one logs several records at one step
         # (training, then evaluation), and a flush between them must not drop the second.
         self.sent = self.sent_before = -1
+        # At the earlier attempt's last step, which of its keys it sent (it may have been
+        # killed between a step's training and evaluation records), read when first needed
+        self.sent_at_last: dict[str, bool] = {}
         if found:
             self.run_id = found[0].info.run_id
             self.sent = int(found[0].data.tags.get("kuberlhf.sent_step", -1))
@@ -194,10 +202,20 @@ class MLflowSink:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
-        if 0 < step <= self.sent_before:
+        if step < self.sent_before:
             return
+        keys = {mlflow_key(k): value for k, value in values.items()}
+        if step == self.sent_before:
+            keys = {k: value for k, value in keys.items() if not self._sent_last(k)}
         now = int(time.time() * 1000)
-        self.pending += [Metric(mlflow_key(k), value, now, step) for k, value in values.items()]
+        self.pending += [Metric(k, value, now, step) for k, value in keys.items()]
+
+    def _sent_last(self, key: str) -> bool:
+        """Whether the earlier attempt sent ``key`` at its last step."""
+        if key not in self.sent_at_last:
+            history = self.client.get_metric_history(self.run_id, key)
+            self.sent_at_last[key] = any(m.step == self.sent_before for m in history)
+        return self.sent_at_last[key]
 
     def text(self, step: int, tag: str, text: str) -> None:
         self.flush()
@@ -227,6 +245,9 @@ def pipeline_run(client, experiment_id: str, run: str, create: bool) -> str | No
         max_results=1,
     )
     if found:
+        if create and found[0].info.status != "RUNNING":
+            # the pipeline run again (`rlhf run` of the same file goes on in its run)
+            client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     if not create:
         return None

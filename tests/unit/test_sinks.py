@@ -309,9 +309,36 @@ def test_mlflow_keeps_every_record_of_a_step_and_an_earlier_attempts_steps_once(
         return sorted((m.step, m.value) for m in client.get_metric_history(first.run_id, key))
 
     assert history("loss") == [(10, 1.0), (20, 0.5), (30, 0.25)]
-    # step 20's evaluation the killed attempt never sent is dropped as "sent": the price
-    # of sending each step once; it keeps its own evaluation at step 10
-    assert history("eval_loss") == [(10, 2.0)]
+    # the killed attempt sent step 20's training record, not its evaluation
+    assert history("eval_loss") == [(10, 2.0), (20, 1.5)]
+
+
+def test_mlflow_sends_a_retried_single_step_stage_once(tmp_path, monkeypatch):
+    """A stage that logs everything at step 0 (generate, label, evaluate) killed after
+    sending part of it: the retry sends the rest, and what was sent, not again."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.sinks import MLflowSink
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+
+    def sink() -> MLflowSink:
+        return MLflowSink("generate", "r1", {}, "hash", key="k1")
+
+    first = sink()
+    first.scalars(0, {"train.tokens_per_s": 100.0})
+    first.flush()
+    first.finish(None, "KILLED")
+    again = sink()
+    again.scalars(0, {"train.tokens_per_s": 90.0})
+    again.scalars(0, {"train.responses": 8.0})
+    again.finish(None, "FINISHED")
+    client = MlflowClient()
+    assert [m.value for m in client.get_metric_history(again.run_id, "train.tokens_per_s")] == [
+        100.0
+    ]
+    assert [m.value for m in client.get_metric_history(again.run_id, "train.responses")] == [8.0]
 
 
 def test_an_attempt_that_fails_before_it_resumes_keeps_the_earlier_records(tmp_path):
@@ -385,12 +412,31 @@ def test_mlflow_runs_a_finished_config_again_in_a_new_run(tmp_path, monkeypatch)
     assert [(m.step, m.value) for m in history] == [(1, 3.0)]
 
 
+def test_the_pipeline_run_reads_running_again_when_its_file_is_run_again(tmp_path, monkeypatch):
+    """`rlhf run` ends the pipeline's MLflow run; running the file again goes on in it, and
+    while its stages run it must not read as finished."""
+    from mlflow.tracking import MlflowClient
+
+    from jobs.sinks import MLflowSink, end_pipeline_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    first = MLflowSink("sft", "r1", {}, "hash", key="k1")
+    first.finish(None, "FINISHED")
+    end_pipeline_run("r1", succeeded=True)
+    client = MlflowClient()
+    assert client.get_run(first.parent).info.status == "FINISHED"
+    again = MLflowSink("ppo", "r1", {}, "hash", key="k2")
+    assert again.parent == first.parent
+    assert client.get_run(again.parent).info.status == "RUNNING"
+
+
 def test_mlflow_takes_keys_named_after_a_users_sources_and_classes(tmp_path, monkeypatch):
     """A data source or C-RLFT class name with characters MLflow refuses in a key (the
     server refuses the whole batch, and the stage dropped its MLflow sink)."""
     from mlflow.tracking import MlflowClient
 
-    from jobs.sinks import MLflowSink
+    from jobs.sinks import MLflowSink, mlflow_key
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.chdir(tmp_path)
@@ -399,8 +445,16 @@ def test_mlflow_takes_keys_named_after_a_users_sources_and_classes(tmp_path, mon
     sink.scalars(1, {"train.pairs(v2).read": 3.0, "loss": 0.5, "hh//v2.read": 1.0})
     sink.finish(None, "FINISHED")
     run = MlflowClient().get_run(sink.run_id)
-    assert run.data.params == {"classes.gpt-4 _best__.weight": "1.0"}
-    assert run.data.metrics == {"train.pairs_v2_.read": 3.0, "loss": 0.5, "hh/_/v2.read": 1.0}
+    [(param, value)] = run.data.params.items()
+    assert param.startswith("classes.gpt-4 _best__.weight-") and value == "1.0"
+    assert run.data.metrics.pop("loss") == 0.5  # a key MLflow takes is kept as it is
+    # two names that read alike once cleaned keep two keys
+    assert len({mlflow_key("pairs(v2)"), mlflow_key("pairs[v2]")}) == 2
+    assert sorted(run.data.metrics.values()) == [1.0, 3.0]
+    assert {key.rsplit("-", 1)[0] for key in run.data.metrics} == {
+        "train.pairs_v2_.read",
+        "hh/_/v2.read",
+    }
 
 
 def test_a_re_run_over_a_finished_output_shows_its_own_state(tmp_path):
