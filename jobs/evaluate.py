@@ -27,7 +27,7 @@ from pydantic import Field, model_validator
 from jobs.batches import read_jsonl
 from jobs.contract import METRICS, StageConfig, StageContext
 from jobs.data.readers import Message
-from jobs.data.templates import render_prompt
+from jobs.data.templates import asked_turns, render_prompt
 from jobs.errors import BadInputError
 from jobs.generation import SamplingConfig, timed_generate
 from jobs.judge import JudgeConfig, judge_scores
@@ -100,7 +100,11 @@ def answers(name: str, ref: str, rows: list[dict], config: Config, ctx: StageCon
                 "this model's has none; use 'data'"
             )
         prompts = [
-            render_prompt("chat", [Message("user", row["instruction"])], tokenizer=tokenizer)
+            render_prompt(
+                "chat",
+                [Message(t["role"], t["content"]) for t in asked_turns(row)],
+                tokenizer=tokenizer,
+            )
             for row in rows
         ]
     else:

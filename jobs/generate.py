@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs.batches import read_jsonl
 from jobs.contract import StageConfig, StageContext
+from jobs.data.templates import asked_turns
 from jobs.endpoint import Cache, ChatClient, EndpointConfig, cache_key
 from jobs.errors import BadInputError
 from jobs.generation import SamplingConfig, timed_generate
@@ -95,7 +96,7 @@ def from_endpoint(
     requests = [
         (
             cache_key(endpoint.url, endpoint.model, row["instruction"], str(sample)),
-            [{"role": "user", "content": row["instruction"]}],
+            asked_turns(row),
             {},
         )
         for row in rows

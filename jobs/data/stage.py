@@ -10,8 +10,9 @@ write:
   trained), for SFT and C-RLFT;
 - ``pairs/{train,eval}.jsonl``: prompt, chosen and rejected, for reward models and DPO;
 - ``prompts/{train,eval}.jsonl``: each distinct prompt once, for PPO and GRPO rollouts and
-  evaluation (with the reference ``answer`` where the source has one, for verifiable
-  rewards).
+  evaluation: templated (``prompt``), as one text (``instruction``, for judges) and as
+  its turns (``messages``, for chat endpoints and chat templates), with the reference
+  ``answer`` where the source has one, for verifiable rewards.
 
 The manifest counts, per source, what was read, kept and dropped by each filter, and the
 prompts shared between sources (``cross_source_prompts``; each source's ``shared_prompts``).
@@ -29,7 +30,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from jobs.contract import StageConfig, StageContext
 from jobs.data.filters import near_duplicates
 from jobs.data.readers import READERS, Example, Row, read_examples, rows_from_file, rows_from_hub
-from jobs.data.templates import chat_segments, conversation, flatten, render_prompt
+from jobs.data.templates import (
+    chat_segments,
+    conversation,
+    flatten,
+    prompt_turns,
+    render_prompt,
+)
 from jobs.errors import BadInputError
 from jobs.models import load_tokenizer, model_source
 
@@ -189,11 +196,16 @@ def record(example: Example, output: Output, prompt: str, tokenizer, chat: bool)
         return {**base, "chosen": example.chosen, "rejected": example.rejected}
     if example.response is not None:  # the reference answer, for verifiable rewards (grpo)
         base["answer"] = example.response
-    # the whole question for a judge or an endpoint: an Alpaca input belongs to it
+    # the whole question for a judge: an Alpaca input belongs to it
     instruction = flatten(example.messages)
     if example.context:
         instruction = f"{instruction}\n\n{example.context}"
-    return {**base, "instruction": instruction}
+    # and its turns, for a chat endpoint or a model asked in its own chat template
+    return {
+        **base,
+        "instruction": instruction,
+        "messages": prompt_turns(example.messages, example.context),
+    }
 
 
 def prompt_key(example: Example) -> str:

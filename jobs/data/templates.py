@@ -79,7 +79,9 @@ def render_prompt(
     return re.sub(r"\{(prompt|input)\}", lambda m: values[m.group(1)], template)
 
 
-def _as_turns(messages: list[Message], context: str | None) -> list[dict[str, str]]:
+def prompt_turns(messages: list[Message], context: str | None) -> list[dict[str, str]]:
+    """The conversation before the response as role/content turns (what a chat endpoint or
+    a chat template is given), an Alpaca/KULLM input joined to the last instruction."""
     turns = [{"role": m.role, "content": m.content} for m in messages]
     users = [i for i, t in enumerate(turns) if t["role"] == "user"]
     if context and users:  # an Alpaca/KULLM input joins the instruction it belongs to
@@ -91,10 +93,16 @@ def _as_turns(messages: list[Message], context: str | None) -> list[dict[str, st
     return turns
 
 
+def asked_turns(row: dict) -> list[dict[str, str]]:
+    """A prompts row's conversation as turns (a prompts file written before rows carried
+    their ``messages``: its instruction as the one user turn)."""
+    return row.get("messages") or [{"role": "user", "content": row["instruction"]}]
+
+
 def conversation(messages: list[Message], response: str, context: str | None = None) -> list[dict]:
     """The whole conversation as role/content turns, the response last (for the stages that
     lay turns out themselves, such as crlft)."""
-    return [*_as_turns(messages, context), {"role": "assistant", "content": response}]
+    return [*prompt_turns(messages, context), {"role": "assistant", "content": response}]
 
 
 def chat_segments(tokenizer, turns: list[dict[str, str]]) -> list[dict]:

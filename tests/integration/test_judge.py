@@ -314,15 +314,11 @@ def test_the_judge_decides_which_model_wins(tiny, tiny_data, tmp_path, key):
     assert rates == {"tiny": 1.0, "silent": 0.0}, rates
 
 
-def test_a_baseline_of_another_family_is_asked_in_its_own_chat_template(
-    tiny, tiny_data, tmp_path, key
-):
-    """``baseline_prompt: chat``: the baseline answers the instruction under its own chat
-    template, the candidate the data stage's prompt; each answer is what transformers'
-    greedy generate gives that model for that text, and the two texts get other answers."""
+def chat_model(tiny, tmp_path):
+    """The tiny model with a chat template of its own, as a finished stage output; and
+    transformers' greedy answer of that model to a text, the reference for what it says."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from jobs import evaluate
     from jobs.contract import StageConfig
 
     tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
@@ -338,7 +334,27 @@ def test_a_baseline_of_another_family_is_asked_in_its_own_chat_template(
 
     run_stage("chat", StageConfig(output=str(tmp_path / "chat")), write_chat_model, tmp_path / "c")
     chat = tmp_path / "chat" / "model"
+    model = AutoModelForCausalLM.from_pretrained(chat).eval()
 
+    def greedy(text: str) -> str:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        out = model.generate(
+            **ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        return tokenizer.decode(out[0, ids["input_ids"].size(1) :], skip_special_tokens=True)
+
+    return chat, greedy
+
+
+def test_a_baseline_of_another_family_is_asked_in_its_own_chat_template(
+    tiny, tiny_data, tmp_path, key
+):
+    """``baseline_prompt: chat``: the baseline answers the instruction under its own chat
+    template, the candidate the data stage's prompt; each answer is what transformers'
+    greedy generate gives that model for that text, and the two texts get other answers."""
+    from jobs import evaluate
+
+    chat, greedy = chat_model(tiny, tmp_path)
     with ChatServer(lambda body: (200, "Total: 5", {}), KEY) as server:
         config = evaluate.Config(
             output=str(tmp_path / "eval"),
@@ -353,17 +369,76 @@ def test_a_baseline_of_another_family_is_asked_in_its_own_chat_template(
         run_stage("evaluate", config, evaluate.run, workdir=tmp_path / "w")
     got = [json.loads(x) for x in (tmp_path / "eval/answers.jsonl").read_text().splitlines()]
     rows = [json.loads(x) for x in (tiny_data / "prompts/eval.jsonl").read_text().splitlines()]
-
-    model = AutoModelForCausalLM.from_pretrained(chat).eval()
-
-    def greedy(text: str) -> str:
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        out = model.generate(
-            **ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-        return tokenizer.decode(out[0, ids["input_ids"].size(1) :], skip_special_tokens=True)
-
     asked = [f"<<user>> {row['instruction']}\n<<assistant>>" for row in rows[:6]]
     assert [g["baseline"] for g in got] == [greedy(text).strip() for text in asked]
     assert [g["candidate"] for g in got] == [greedy(row["prompt"]).strip() for row in rows[:6]]
     assert [g["baseline"] for g in got] != [g["candidate"] for g in got]
+
+
+def test_a_multi_turn_prompt_is_asked_as_its_turns(tiny, tmp_path, key):
+    """ShareGPT conversations through the data stage: a chat endpoint (generate) and a model
+    asked in its own chat template (evaluate) get the system prompt and the earlier
+    exchange as turns, not flattened into one user message."""
+    from jobs import evaluate
+    from jobs.data import stage as data
+
+    conversations = [
+        [
+            ("system", f"You answer as a geographer, number {n}."),
+            ("user", f"Which river runs through city {n}?"),
+            ("assistant", f"The river of city {n} is long and wide."),
+            ("user", f"And how long is the river of city {n}?"),
+            ("assistant", f"About {n * 100} kilometres."),
+        ]
+        for n in range(4)
+    ]
+    speaker = {"system": "system", "user": "human", "assistant": "gpt"}
+    source = tmp_path / "chats.json"
+    source.write_text(
+        json.dumps(
+            [
+                {"conversations": [{"from": speaker[r], "value": text} for r, text in turns]}
+                for turns in conversations
+            ]
+        )
+    )
+    config = data.Config(
+        output=str(tmp_path / "data"),
+        sources=[{"name": "chats", "format": "sharegpt", "uri": str(source)}],
+        template="alpaca",
+        min_tokens=0,
+        dedup_threshold=None,
+        eval_fraction=0.5,
+    )
+    run_stage("data", config, data.run, workdir=tmp_path / "w-data")
+    asked = [
+        [{"role": role, "content": text} for role, text in turns[:-1]] for turns in conversations
+    ]
+
+    with ChatServer(lambda body: (200, "Total: 5", {}), KEY) as server:
+        generated = generate.Config(
+            output=str(tmp_path / "gen"),
+            prompts=str(tmp_path / "data"),
+            sources=[{"name": "api", "endpoint": endpoint(server, "api-model")}],
+        )
+        run_stage("generate", generated, generate.run, workdir=tmp_path / "w-gen")
+        sent = [b["messages"] for b in server.served() if b["model"] == "api-model"]
+        assert sorted(map(json.dumps, sent)) == sorted(map(json.dumps, asked))
+
+        chat, greedy = chat_model(tiny, tmp_path)
+        judged = evaluate.Config(
+            output=str(tmp_path / "eval"),
+            prompts=str(tmp_path / "data"),
+            candidate=str(tiny / "model"),
+            baseline=str(chat),
+            baseline_prompt="chat",
+            sampling={"max_new_tokens": 8, "do_sample": False},
+            judge={"endpoint": endpoint(server, "judge")},
+        )
+        run_stage("evaluate", judged, evaluate.run, workdir=tmp_path / "w-eval")
+    got = [json.loads(x) for x in (tmp_path / "eval/answers.jsonl").read_text().splitlines()]
+    assert len(got) == 2
+    for row in got:
+        [turns] = [t for t in asked if t[-1]["content"] in row["instruction"]]
+        history = "".join(f"<<{t['role']}>> {t['content']}\n" for t in turns)
+        assert row["baseline"] == greedy(history + "<<assistant>>").strip()

@@ -169,6 +169,22 @@ def test_every_reader_feeds_its_outputs(tmp_path):
     assert all(p["prompt"].endswith("### Response:\n") for p in pairs)
     sft = [json.loads(x) for x in (tmp_path / "out/sft/train.jsonl").read_text().splitlines()]
     assert {r.get("label") for r in sft if r["source"] == "sharegpt"} == {"gpt-4", "gpt-3.5-turbo"}
+    # a prompt keeps its turns for chat endpoints and chat templates (its system prompt and
+    # the earlier exchange), and an Alpaca input joins the instruction
+    prompts = [
+        json.loads(x) for x in (tmp_path / "out/prompts/train.jsonl").read_text().splitlines()
+    ]
+    italy = next(r for r in prompts if r["instruction"].endswith("And of Italy?"))
+    assert italy["messages"] == [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris."},
+        {"role": "user", "content": "And of Italy?"},
+    ]
+    with_input = [r for r in prompts if r["source"] == "alpaca" and "\n\n" in r["instruction"]]
+    assert with_input and all(
+        r["messages"] == [{"role": "user", "content": r["instruction"]}] for r in with_input
+    )
 
 
 def test_empty_after_filtering_is_a_clear_error_and_changes_nothing(tmp_path):
