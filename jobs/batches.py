@@ -14,9 +14,11 @@ IGNORE = -100  # label of tokens the loss skips (prompt, padding)
 
 
 def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
-    """Rows of a stage-written JSONL file, each checked for the fields the stage needs."""
+    """Rows of a stage-written JSONL file, each checked for the fields the stage needs; a bad
+    one named with its folder (``pairs/train.jsonl:3``: sft/, pairs/ and prompts/ all have
+    a train.jsonl)."""
     rows = []
-    for row in rows_from_file(path, path.name):
+    for row in rows_from_file(path, "/".join(path.parts[-2:])):
         for name in required:
             if not isinstance(row.data.get(name), str):
                 raise BadInputError(f"{row.where}: field {name!r} missing or not text")

@@ -8,8 +8,10 @@ number, or row index for JSON arrays, Parquet and Hub data sets) and the field.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import re
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,34 +66,56 @@ class Row:
 # --- row sources --------------------------------------------------------------------------
 
 
-def rows_from_file(path: Path, display: str) -> Iterator[Row]:
-    """Rows of a JSONL, JSON (array of objects), CSV (a header row) or Parquet file. Text
-    files may start with a UTF-8 byte-order mark and end lines with CRLF, as Windows tools
-    and spreadsheet exports write them ("utf-8-sig" drops the mark)."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+def _not_utf8(display: str, line: int, raw: bytes, exc: UnicodeDecodeError) -> BadInputError:
+    return BadInputError(
+        f"{display}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+        f"{exc.start + 1}); save the file as UTF-8"
+    )
 
+
+def _text_lines(path: Path, display: str) -> Iterator[tuple[int, str]]:
+    """The numbered lines of a UTF-8 text file (gzip-compressed where it ends in .gz), a
+    line that is not UTF-8 named by its number. The first may start with a byte-order mark
+    and lines may end with CRLF, as Windows tools and spreadsheet exports write them."""
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise _not_utf8(display, number, raw, exc) from None
+                yield number, line
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise BadInputError(f"{display}: not a readable gzip file ({exc})") from None
+
+
+def rows_from_file(path: Path, display: str) -> Iterator[Row]:
+    """Rows of a JSONL, JSON (an array of objects, or JSON Lines under a .json name as Hub
+    data sets often have), CSV (a header row) or Parquet file; the text formats may be
+    gzip-compressed (``.jsonl.gz``). Rows are read as they are asked for, so a large file
+    is never held whole (a JSON array is: the format has no rows before it is parsed)."""
+    kind = Path(path.name.lower().removesuffix(".gz")).suffix
+    if kind == ".parquet":
+        yield from _parquet_rows(path, display)
+    elif kind == ".csv":
+        lines = _text_lines(path, display)
+        reader = csv.DictReader(line for _, line in lines)
+        for item in reader:
+            if None in item or None in item.values():
+                raise BadInputError(
+                    f"{display}:{reader.line_num}: {len(reader.fieldnames or [])} columns "
+                    "in the header and a different number in this row"
+                )
+            yield Row(f"{display}:{reader.line_num}", item)
+    elif kind == ".json":
+        text = "".join(line for _, line in _text_lines(path, display))
         try:
-            table = pq.read_table(path)
-        except Exception as exc:  # pyarrow raises several types for a corrupt file
-            raise BadInputError(f"{display}: not a readable Parquet file ({exc})") from None
-        for index, data in enumerate(table.to_pylist()):
-            yield Row(f"{display}: row {index}", data)
-    elif suffix == ".csv":
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            reader = csv.DictReader(handle)
-            for item in reader:
-                if None in item or None in item.values():
-                    raise BadInputError(
-                        f"{display}:{reader.line_num}: {len(reader.fieldnames or [])} columns "
-                        "in the header and a different number in this row"
-                    )
-                yield Row(f"{display}:{reader.line_num}", item)
-    elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
+            if exc.msg == "Extra data" and text.lstrip().startswith("{"):
+                yield from _jsonl_rows(path, display)  # JSON Lines under a .json name
+                return
             raise BadInputError(
                 f"{display}: line {exc.lineno}: not valid JSON ({exc.msg})"
             ) from None
@@ -102,17 +126,37 @@ def rows_from_file(path: Path, display: str) -> Iterator[Row]:
         for index, item in enumerate(data):
             yield _as_row(f"{display}: row {index}", item)
     else:
-        with open(path, encoding="utf-8-sig") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise BadInputError(
-                        f"{display}:{number}: not valid JSON ({exc.msg} at column {exc.colno})"
-                    ) from None
-                yield _as_row(f"{display}:{number}", item)
+        yield from _jsonl_rows(path, display)
+
+
+def _jsonl_rows(path: Path, display: str) -> Iterator[Row]:
+    for number, line in _text_lines(path, display):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BadInputError(
+                f"{display}:{number}: not valid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
+        yield _as_row(f"{display}:{number}", item)
+
+
+def _parquet_rows(path: Path, display: str) -> Iterator[Row]:
+    """A Parquet file's rows, a batch at a time (not the whole table in memory)."""
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        index = 0
+        for batch in batches:
+            for data in batch.to_pylist():
+                yield Row(f"{display}: row {index}", data)
+                index += 1
+    except BadInputError:
+        raise
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise BadInputError(f"{display}: not a readable Parquet file ({exc})") from None
 
 
 def rows_from_hub(name: str, subset: str | None, split: str, revision: str | None) -> Iterator[Row]:
@@ -155,7 +199,8 @@ def parse_hh(text: str, where: str, name: str) -> list[Message]:
 def read_alpaca(row: Row, source: str) -> Example:
     """Alpaca / KULLM: instruction, optional input, output."""
     instruction = row.text("instruction")
-    context = row.text("input", required=False) or None
+    context = row.text("input", required=False)
+    context = context if context and context.strip() else None  # " " is no input either
     return Example(
         source, [Message("user", instruction)], context=context, response=row.text("output")
     )
@@ -178,7 +223,7 @@ def read_pairs(row: Row, source: str) -> Example:
             row.where,
             "prompt",
         )
-        messages += [t for t in turns if t.content]
+        messages += turns[:-1]  # all but the empty Assistant cue: the roles keep alternating
     else:
         messages.append(Message("user", prompt.strip()))
     return Example(

@@ -20,6 +20,8 @@ prompts shared between sources (``cross_source_prompts``; each source's ``shared
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import json
 import random
 from collections.abc import Iterator
@@ -79,6 +81,11 @@ class SourceConfig(BaseModel):
             raise ValueError("give exactly one of 'uri' and 'hub'")
         if self.label_field and self.format != "sharegpt":
             raise ValueError("'label_field' applies to the sharegpt format only")
+        if "pairs" in (self.outputs or []) and self.format in ("alpaca", "sharegpt"):
+            raise ValueError(
+                f"the {self.format} format has one answer per prompt, and 'pairs' needs a "
+                "chosen and a rejected one: use the pairs or hh format"
+            )
         return self
 
     def wanted_outputs(self) -> list[Output]:
@@ -165,6 +172,12 @@ def mix(
     weighted = {s.name: s.ratio for s in sources if s.ratio is not None}
     chosen = {name: rows for name, rows in groups.items() if name not in weighted}
     if weighted:
+        if empty := [name for name in weighted if not groups[name]]:
+            raise BadInputError(
+                f"data: source {empty[0]!r} has a ratio and no examples left after filtering, "
+                "so the mix would take none of any source with a ratio; check its rows, "
+                "min_tokens and dedup_threshold, or remove its ratio"
+            )
         total_weight = sum(weighted.values())
         shares = {name: weight / total_weight for name, weight in weighted.items()}
         total = min(len(groups[name]) / share for name, share in shares.items())
@@ -208,13 +221,47 @@ def record(example: Example, output: Output, prompt: str, tokenizer, chat: bool)
     }
 
 
-def prompt_key(example: Example) -> str:
-    """What makes two examples the same prompt: the conversation before the answer, and
-    the input, compared without case and spacing differences, and without a system prompt
-    (one source's "You are a helpful assistant." does not make its question another)."""
+def asked_text(example: Example) -> str:
+    """What was asked: the conversation before the answer and the input, without a system
+    prompt (one source's "You are a helpful assistant." does not make its question another,
+    nor does a long system prompt shared by every row make the rows alike)."""
     asked = [m for m in example.messages if m.role != "system"]
-    text = flatten(asked) + "\n" + (example.context or "")
-    return " ".join(text.casefold().split())
+    return flatten(asked) + "\n" + (example.context or "")
+
+
+def prompt_key(example: Example) -> str:
+    """What makes two examples the same prompt: what was asked, compared without case and
+    spacing differences."""
+    return " ".join(asked_text(example).casefold().split())
+
+
+def split_point(seed: int, key: str) -> float:
+    """A prompt's place in [0, 1) for the split: a hash of the prompt alone, so its side
+    does not move when rows are reordered or other rows come and go (a re-run on a grown
+    data set keeps the earlier eval prompts out of training)."""
+    return int(hashlib.sha256(f"{seed}\n{key}".encode()).hexdigest()[:15], 16) / 16**15
+
+
+def split_prompts(keys: list[str], config: Config) -> dict[str, list[str]]:
+    """Each prompt's side by where its point falls: below eval_fraction eval, then
+    judge_fraction judge, the rest train. The shares are the fractions up to chance (a
+    binomial count); a share asked for is at least one prompt (5% of 9 is not none)."""
+    ranked = sorted(keys, key=lambda key: split_point(config.seed, key))
+    points = [split_point(config.seed, key) for key in ranked]
+    eval_end = bisect.bisect_left(points, config.eval_fraction)
+    judge_end = bisect.bisect_left(points, config.eval_fraction + config.judge_fraction)
+    eval_end = max(eval_end, int(config.eval_fraction > 0))
+    judge_end = max(judge_end, eval_end + int(config.judge_fraction > 0))
+    if judge_end >= len(ranked):
+        raise BadInputError(
+            f"data: eval_fraction {config.eval_fraction} and judge_fraction "
+            f"{config.judge_fraction} leave none of the {len(keys)} prompts for training"
+        )
+    return {
+        "eval": ranked[:eval_end],
+        "judge": ranked[eval_end:judge_end],
+        "train": ranked[judge_end:],
+    }
 
 
 def run(config: Config, ctx: StageContext) -> dict:
@@ -231,19 +278,31 @@ def run(config: Config, ctx: StageContext) -> dict:
         kept, c = (
             [],
             dict.fromkeys(
-                ("read", "dropped_short", "dropped_same_pair", "dropped_duplicate", "dropped_mix"),
+                (
+                    "read",
+                    "dropped_empty",
+                    "dropped_short",
+                    "dropped_same_pair",
+                    "dropped_duplicate",
+                    "dropped_mix",
+                ),
                 0,
             ),
         )
         for example in read_source(source, ctx):
             c["read"] += 1
+            if any(not output.strip() for output in example.outputs):
+                # an answer left empty (HH dialogues that end on "Assistant:", a ShareGPT
+                # turn with no text): nothing to train towards
+                c["dropped_empty"] += 1
+                continue
             if example.chosen is not None and example.chosen == example.rejected:
                 # no preference to learn (HH-RLHF has such pairs): a reward model's accuracy
                 # on them is a coin's
                 c["dropped_same_pair"] += 1
                 continue
             shortest = min(example.outputs, key=len, default="")
-            if n_tokens(flatten(example.messages) + "\n" + shortest) <= config.min_tokens:
+            if n_tokens(asked_text(example) + "\n" + shortest) <= config.min_tokens:
                 c["dropped_short"] += 1
                 continue
             kept.append(example)
@@ -263,8 +322,7 @@ def run(config: Config, ctx: StageContext) -> dict:
         for family in families.values():
             flat = [(name, ex) for name in family for ex in groups[name]]
             texts = [
-                flatten(ex.messages) + "\n" + (ex.outputs[0] if ex.outputs else "")
-                for _, ex in flat
+                asked_text(ex) + "\n" + (ex.outputs[0] if ex.outputs else "") for _, ex in flat
             ]
             dropped = near_duplicates(texts, config.dedup_threshold, seed=config.seed)
             for name in family:
@@ -299,19 +357,8 @@ def run(config: Config, ctx: StageContext) -> dict:
     by_prompt: dict[str, list[Example]] = {}
     for example in examples:
         by_prompt.setdefault(prompt_key(example), []).append(example)
-    keys = list(by_prompt)
-    n_eval = int(round(len(keys) * config.eval_fraction))
-    n_judge = int(round(len(keys) * config.judge_fraction))
-    if n_eval + n_judge >= len(keys):
-        raise BadInputError(
-            f"data: eval_fraction {config.eval_fraction} and judge_fraction "
-            f"{config.judge_fraction} leave none of the {len(keys)} prompts for training"
-        )
-    splits = {
-        "eval": [ex for key in keys[:n_eval] for ex in by_prompt[key]],
-        "judge": [ex for key in keys[n_eval : n_eval + n_judge] for ex in by_prompt[key]],
-        "train": [ex for key in keys[n_eval + n_judge :] for ex in by_prompt[key]],
-    }
+    sides = split_prompts(list(by_prompt), config)
+    splits = {side: [ex for key in keys for ex in by_prompt[key]] for side, keys in sides.items()}
     shared = [group for group in by_prompt.values() if len({ex.source for ex in group}) > 1]
     for name in names:
         counts[name]["shared_prompts"] = sum(
@@ -349,14 +396,20 @@ def run(config: Config, ctx: StageContext) -> dict:
                 for row in out_rows:
                     handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             written[f"{output}.{split}"] = len(out_rows)
+    if not written:
+        raise BadInputError(
+            "data: no rows for any output: "
+            + "; ".join(f"{s.name} ({s.format}) feeds {s.wanted_outputs()}" for s in config.sources)
+            + " (an alpaca or sharegpt source has no pairs)"
+        )
     ctx.log(1, kept=total, **written)
     return {
         "kept": total,
         "rows": written,
         "sources": counts,
         "cross_source_prompts": len(shared),
-        "eval_prompts": n_eval,
-        "judge_prompts": n_judge,
+        "eval_prompts": len(sides["eval"]),
+        "judge_prompts": len(sides["judge"]),
     }
 
 

@@ -56,6 +56,7 @@ def test_length_filter_drops_fifteen_tokens_or_fewer_and_counts_them(tmp_path):
     counts = manifest.metrics["sources"]["a"]
     assert counts == {
         "read": 3,
+        "dropped_empty": 0,
         "dropped_short": 2,
         "dropped_same_pair": 0,
         "dropped_duplicate": 0,
@@ -132,16 +133,20 @@ def test_mix_ratio_holds_in_the_written_output(tiny, tmp_path):
         dedup_threshold=None,
         eval_fraction=0.1,
     )
-    rows = []
+    rows = {}
     for split in ("train", "eval"):
-        rows += [
+        rows[split] = [
             json.loads(line)
             for line in (tmp_path / "out" / "sft" / f"{split}.jsonl").read_text().splitlines()
         ]
-    by_source = {s: sum(r["source"] == s for r in rows) for s in ("daily", "hate")}
+    every = rows["train"] + rows["eval"]
+    by_source = {s: sum(r["source"] == s for r in every) for s in ("daily", "hate")}
     assert by_source["daily"] == 2 * by_source["hate"]
-    # The eval share is counted in distinct prompts (each prompt on one side only).
-    assert manifest.metrics["eval_prompts"] == round(0.1 * len({r["prompt"] for r in rows}))
+    # The eval share is counted in distinct prompts (each prompt on one side only): a
+    # tenth of them, up to chance (each prompt's side is a hash of it), within 4 sigma.
+    n, held = len({r["prompt"] for r in every}), {r["prompt"] for r in rows["eval"]}
+    assert manifest.metrics["eval_prompts"] == len(held)
+    assert abs(len(held) - 0.1 * n) < 4 * (n * 0.1 * 0.9) ** 0.5
 
 
 def test_every_reader_feeds_its_outputs(tmp_path):
@@ -238,7 +243,13 @@ def test_a_prompt_shared_by_sources_lands_on_one_side_of_the_split_only(tmp_path
     assert manifest.metrics["cross_source_prompts"] == 20
     assert manifest.metrics["sources"]["sft"]["shared_prompts"] == 20
     assert manifest.metrics["sources"]["pairs"]["shared_prompts"] == 20
-    assert (manifest.metrics["eval_prompts"], manifest.metrics["judge_prompts"]) == (10, 10)
+    # a quarter each, up to chance (40 prompts: 10 +- 2.7)
+    assert (manifest.metrics["eval_prompts"], manifest.metrics["judge_prompts"]) == (
+        len({p for p in sides["eval"]}),
+        len({p for p in sides["judge"]}),
+    )
+    assert 4 <= manifest.metrics["eval_prompts"] <= 16
+    assert 4 <= manifest.metrics["judge_prompts"] <= 16
 
 
 def test_a_system_prompt_does_not_make_a_question_another(tmp_path):
@@ -314,3 +325,150 @@ def test_a_pair_without_a_preference_is_dropped_and_counted(tmp_path):
     assert (counts["dropped_same_pair"], counts["kept"]) == (1, 1)
     [kept] = (tmp_path / "out" / "pairs" / "train.jsonl").read_text().splitlines()
     assert json.loads(kept)["chosen"] == "Thank you."
+
+
+def test_a_system_prompt_shared_by_every_row_makes_no_duplicates(tmp_path):
+    """Orca-style rows carry one long system prompt: four different questions are four
+    examples; the same question under another system prompt is still a duplicate."""
+    system = (
+        "You are an AI assistant. User will give you a task. Your goal is to complete the "
+        "task as faithfully as you can. While performing the task think step-by-step and "
+        "justify your steps. You should describe the task and explain your answer."
+    )
+    questions = [
+        ("What is the capital of Peru?", "Lima is the capital of Peru."),
+        ("How many legs does a spider have?", "A spider has eight legs."),
+        ("Translate 'thank you' into German.", "Danke is thank you in German."),
+        ("Name a prime number above ten.", "Eleven is a prime number."),
+    ]
+    rows = [
+        {"system": system, "question": q, "chosen": a, "rejected": "I do not know."}
+        for q, a in questions
+    ]
+    rows.append({"system": "Be brief.", **{k: rows[0][k] for k in ("question", "chosen")}})
+    rows[-1]["rejected"] = "No idea."
+    (tmp_path / "orca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = split_data(tmp_path, {"orca": "pairs"}, dedup_threshold=0.5, eval_fraction=0)
+    counts = manifest.metrics["sources"]["orca"]
+    assert (counts["kept"], counts["dropped_duplicate"]) == (4, 1)
+
+
+def test_a_mixed_source_left_empty_is_an_error_not_an_empty_mix(tmp_path):
+    write_alpaca(
+        tmp_path / "big.jsonl", [(f"question {n} " * 5, f"answer {n} " * 5) for n in range(20)]
+    )
+    write_alpaca(tmp_path / "tiny.jsonl", [("hi", "hello")])  # short: filtered out
+    sources = [
+        {"name": "big", "format": "alpaca", "uri": str(tmp_path / "big.jsonl"), "ratio": 2},
+        {"name": "tiny", "format": "alpaca", "uri": str(tmp_path / "tiny.jsonl"), "ratio": 1},
+    ]
+    with pytest.raises(BadInputError, match=r"source 'tiny' has a ratio and no examples left"):
+        run_data(tmp_path, sources, dedup_threshold=None, eval_fraction=0)
+    # the control: with a row that survives, the mix is 2 to 1
+    write_alpaca(
+        tmp_path / "tiny.jsonl",
+        [(f"a longer question {n} " * 3, "a b c d e f g h i") for n in range(5)],
+    )
+    manifest = run_data(tmp_path, sources, dedup_threshold=None, eval_fraction=0)
+    kept = {name: c["kept"] for name, c in manifest.metrics["sources"].items()}
+    assert kept == {"big": 10, "tiny": 5}
+
+
+def test_an_empty_answer_is_dropped_and_counted(tmp_path):
+    """An HH dialogue that ends on "Assistant:" and a ShareGPT turn without text: nothing
+    to train towards, so neither reaches pairs/ or sft/."""
+    cats, plants = "\n\nHuman: A joke about cats?", "\n\nHuman: How do plants grow in spring?"
+    hh = [
+        {"chosen": f"{cats}\n\nAssistant:", "rejected": f"{cats}\n\nAssistant: No jokes today."},
+        {
+            "chosen": f"{plants}\n\nAssistant: With sun and water.",
+            "rejected": f"{plants}\n\nAssistant: Magic.",
+        },
+    ]
+    (tmp_path / "hh.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hh))
+    chats = [
+        {
+            "conversations": [
+                {"from": "human", "value": "Say something kind."},
+                {"from": "gpt", "value": "  "},
+            ]
+        },
+        {
+            "conversations": [
+                {"from": "human", "value": "Say hello to me."},
+                {"from": "gpt", "value": "Hello to you."},
+            ]
+        },
+    ]
+    (tmp_path / "chat.json").write_text(json.dumps(chats))
+    sources = [
+        {"name": "hh", "format": "hh", "uri": str(tmp_path / "hh.jsonl")},
+        {"name": "chat", "format": "sharegpt", "uri": str(tmp_path / "chat.json")},
+    ]
+    manifest = run_data(
+        tmp_path, sources, template="raw", min_tokens=0, dedup_threshold=None, eval_fraction=0
+    )
+    counts = manifest.metrics["sources"]
+    assert [(counts[n]["dropped_empty"], counts[n]["kept"]) for n in ("hh", "chat")] == [
+        (1, 1),
+        (1, 1),
+    ]
+    pairs = (tmp_path / "out/pairs/train.jsonl").read_text()
+    sft = (tmp_path / "out/sft/train.jsonl").read_text()
+    assert "cats" not in pairs and "plants" in pairs
+    assert "kind" not in sft and "Hello to you." in sft
+
+
+def test_a_prompts_side_of_the_split_does_not_move_with_row_order_or_new_rows(tmp_path):
+    """A prompt's side is a hash of the prompt: the file reversed gives the same eval
+    prompts, and 10% more rows keep every earlier eval prompt in eval."""
+    rows = [
+        (f"Question number {n} on subject {n * 7 % 11}", f"Answer {n} " * 4) for n in range(200)
+    ]
+
+    def eval_prompts(name, listed):
+        write_alpaca(tmp_path / "a.jsonl", listed)
+        run_data(
+            tmp_path / name,
+            [{"name": "a", "format": "alpaca", "uri": str(tmp_path / "a.jsonl")}],
+            template="raw",
+            min_tokens=0,
+            dedup_threshold=None,
+            eval_fraction=0.1,
+        )
+
+        def read(split):
+            text = (tmp_path / name / "out/prompts" / f"{split}.jsonl").read_text()
+            return {json.loads(x)["prompt"] for x in text.splitlines()}
+
+        return read("eval"), read("train")
+
+    first, _ = eval_prompts("first", rows)
+    reversed_, _ = eval_prompts("reversed", rows[::-1])
+    grown, grown_train = eval_prompts(
+        "grown", rows + [(f"Extra question {n} here", "Extra answer " * 4) for n in range(20)]
+    )
+    assert first and reversed_ == first
+    assert first <= grown and not first & grown_train
+
+
+def test_a_run_that_writes_no_rows_is_an_error_and_a_share_asked_is_at_least_one(tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="'pairs' needs a chosen and a rejected"):
+        data.Config(
+            output="o",
+            sources=[{"name": "a", "format": "alpaca", "uri": "a.jsonl", "outputs": ["pairs"]}],
+        )
+    write_alpaca(
+        tmp_path / "a.jsonl", [(f"Question {n} about things", "An answer " * 4) for n in range(9)]
+    )
+    manifest = run_data(
+        tmp_path,
+        [{"name": "a", "format": "alpaca", "uri": str(tmp_path / "a.jsonl")}],
+        template="raw",
+        min_tokens=0,
+        dedup_threshold=None,
+        eval_fraction=0.001,  # no prompt's point falls below it
+    )
+    assert manifest.metrics["eval_prompts"] == 1 and manifest.metrics["rows"]["prompts.eval"] == 1

@@ -179,3 +179,99 @@ def test_an_hh_dialogue_with_crlf_splits_into_turns():
 
     turns = parse_hh("\r\n\r\nHuman: Hi\r\n\r\nAssistant: Hello", "x.jsonl:1", "chosen")
     assert [(t.role, t.content) for t in turns] == [("user", "Hi"), ("assistant", "Hello")]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_file_that_is_not_utf8_is_named_with_its_line(suffix, tmp_path):
+    """A Latin-1 export: a clear error (exit 65) naming the file, line and byte, not a
+    UnicodeDecodeError traceback that Kubernetes would retry."""
+    HI, CAFE = (
+        '{"instruction": "Say hi.", "output": "Hi!"}',
+        '{"instruction": "Caf\xe9?", "output": "?"}',
+    )
+    text = {
+        ".jsonl": f"{HI}\n{CAFE}\n",
+        ".json": f"[\n{HI},\n{CAFE}]",
+        ".csv": "instruction,input,output\nSay hi.,,Hi!\nCaf\xe9?,,Oui.\n",
+    }[suffix]
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes(text.encode("latin-1"))
+    line = {".jsonl": 2, ".json": 3, ".csv": 3}[suffix]
+    with pytest.raises(BadInputError, match=rf"latin1\{suffix}:{line}: not UTF-8 text \(byte 0xe9"):
+        list(rows_from_file(path, path.name))
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl.gz", "rows.json", "rows.json.gz", "rows.csv.gz"])
+def test_compressed_files_and_json_lines_named_json_are_read(name, tmp_path):
+    """What Hub data sets ship: gzip-compressed files, and JSON Lines under a .json name."""
+    import csv
+    import gzip
+    import io
+    import json
+
+    if ".csv" in name:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(ALPACA[0]))
+        writer.writeheader()
+        writer.writerows(ALPACA)
+        data = buffer.getvalue().encode()
+    else:
+        data = "".join(json.dumps(row) + "\n" for row in ALPACA).encode()
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    examples = list(read_examples(rows_from_file(path, name), "alpaca", "src"))
+    assert [e.response for e in examples] == ["Hi!", "One, two."]
+
+
+def test_a_broken_gzip_file_is_named(tmp_path):
+    path = tmp_path / "rows.jsonl.gz"
+    path.write_bytes(b'{"instruction": "not compressed"}\n')
+    with pytest.raises(BadInputError, match=r"rows\.jsonl\.gz: not a readable gzip file"):
+        list(rows_from_file(path, path.name))
+
+
+def test_a_parquet_file_is_read_in_batches_to_its_last_row(tmp_path):
+    """Streamed (batches of 1,024 rows), every row kept and numbered from 0."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"instruction": f"Say {n}.", "output": str(n)} for n in range(2500)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "big.parquet", row_group_size=700)
+    read = list(rows_from_file(tmp_path / "big.parquet", "big.parquet"))
+    assert [r.data for r in read] == rows
+    assert read[-1].where == "big.parquet: row 2499"
+
+
+def test_an_alpaca_input_of_spaces_is_no_input():
+    from jobs.data.readers import Row, read_alpaca
+
+    example = read_alpaca(
+        Row("a.jsonl:1", {"instruction": "Hi?", "input": "  \n", "output": "Hi."}), "a"
+    )
+    assert example.context is None
+    assert render_prompt("alpaca", example.messages, example.context).count("### Input") == 0
+
+
+def test_an_empty_turn_inside_a_pairs_dialogue_keeps_the_turns_alternating():
+    """An empty Assistant turn in the middle of the prompt stays a turn (dropping it would
+    put two Human turns in a row, which Llama-2 and Mistral templates refuse)."""
+    from jobs.data.readers import Row, read_pairs
+
+    prompt = "\n\nHuman: Hi\n\nAssistant:\n\nHuman: Are you there?\n\nAssistant:"
+    row = Row("p.jsonl:1", {"prompt": prompt, "chosen": "Yes.", "rejected": "No."})
+    example = read_pairs(row, "p")
+    assert [(m.role, m.content) for m in example.messages] == [
+        ("user", "Hi"),
+        ("assistant", ""),
+        ("user", "Are you there?"),
+    ]
+
+
+def test_a_stage_written_row_is_named_with_its_folder(tmp_path):
+    from jobs.batches import read_jsonl
+
+    path = tmp_path / "pairs" / "train.jsonl"
+    path.parent.mkdir()
+    path.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p"}\n')
+    with pytest.raises(BadInputError, match=r"^pairs/train\.jsonl:2: field 'chosen' missing"):
+        read_jsonl(path, ("prompt", "chosen", "rejected"))
