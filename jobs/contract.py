@@ -31,6 +31,7 @@ from jobs import dist, store
 from jobs.errors import EXIT_BAD_INPUT, BadInputError, Preempted, TransientError
 from jobs.secrets import redact
 from jobs.sinks import TENSORBOARD, TensorBoardSink, numbers, open_sinks, samples_markdown
+from jobs.stages import one_process_only
 
 MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
@@ -851,6 +852,8 @@ def claim_output(stage: str, output: str) -> str | None:
 def run_stage(stage: str, config: StageConfig, run_fn, workdir: Path | None = None) -> Manifest:
     """Skip if up to date, else run ``run_fn(config, ctx) -> metrics`` and publish."""
     dist.init()
+    if why := one_process_only(stage, dist.world_size()):  # a chart applied by hand
+        raise BadInputError(why)
     finished = up_to_date(stage, config) if dist.is_main() else None
     finished = dist.broadcast_object(finished)
     if finished is not None:

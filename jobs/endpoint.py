@@ -2,14 +2,16 @@
 
 The URL comes from the config, the key from an environment variable (a Kubernetes
 Secret in a pod) and is never logged. Requests run with a concurrency limit and are
-retried with exponential back-off and jitter on 429, 5xx and connection errors
-(honouring Retry-After). Every answer goes into a cache kept in the stage's output
-under ``_progress/``, so a restarted stage never sends a request it already has the
+retried with exponential back-off and jitter on 408/409/425/429, every 5xx but 501,
+connection errors and a 200 that is no chat completion (honouring Retry-After, capped).
+Every answer goes into a cache kept in the stage's output under ``_progress/``, pushed
+as it fills, so a restarted or preempted stage never sends a request it already has the
 answer to.
 """
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
 import os
@@ -17,6 +19,8 @@ import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from threading import Lock
 from typing import Any
@@ -25,10 +29,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jobs import store
 from jobs.contract import PROGRESS
-from jobs.errors import BadInputError, TransientError
+from jobs.errors import BadInputError, Preempted, TransientError
 from jobs.secrets import check_url
 
-RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+# What a busy or restarting server answers: asked again after a back-off. Every other
+# 5xx is one too (a gateway's 520-524, an overloaded 529), but 501 (not implemented).
+RETRY_STATUS = {408, 409, 425, 429}
+MAX_RETRY_AFTER_S = 120.0  # a Retry-After longer than this holds a worker no longer
 
 
 class EndpointConfig(BaseModel):
@@ -50,11 +57,13 @@ class EndpointConfig(BaseModel):
 
 
 class Cache:
-    """Answers by key, appended to a local JSONL file and pushed to the store."""
+    """Answers by key, appended to a local JSONL file and pushed to the store every
+    ``sync_s`` seconds (a preempted or killed pod keeps what it was answered) and at the
+    end."""
 
-    def __init__(self, output: str, name: str, local: Path) -> None:
+    def __init__(self, output: str, name: str, local: Path, sync_s: float = 30.0) -> None:
         self.remote = store.join(output, PROGRESS, f"{name}.jsonl")
-        self.local = local
+        self.local, self.sync_s = local, sync_s
         self.entries: dict[str, Any] = {}
         self.local.parent.mkdir(parents=True, exist_ok=True)
         if store.exists(self.remote):
@@ -66,6 +75,7 @@ class Cache:
         else:
             self.local.write_text("")
         self._lock = Lock()
+        self._synced = time.monotonic()
 
     def get(self, key: str) -> Any | None:
         return self.entries.get(key)
@@ -75,13 +85,31 @@ class Cache:
             self.entries[key] = value
             with open(self.local, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n")
+            if time.monotonic() - self._synced > self.sync_s:
+                self._sync()
 
     def sync(self) -> None:
+        with self._lock:
+            self._sync()
+
+    def _sync(self) -> None:
         store.upload_file(self.local, self.remote)
+        self._synced = time.monotonic()
 
 
 def cache_key(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One request: its turns and settings; ``tag`` tells apart requests otherwise the
+    same (the k-th sample of a prompt), ``where`` names its row in an error."""
+
+    messages: list[dict[str, str]]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    tag: str = ""
+    where: str = ""
 
 
 class ChatClient:
@@ -106,64 +134,79 @@ class ChatClient:
         key = self.headers.get("Authorization", "").removeprefix("Bearer ")
         return (text.replace(key, "***") if key else text)[:200]
 
-    def chat(self, messages: list[dict[str, str]], **overrides: Any) -> str:
-        """The assistant's answer; retried on transient failures."""
-        import requests
-
-        body = {
+    def body(self, ask: Ask) -> dict[str, Any]:
+        return {
             "model": self.config.model,
-            "messages": messages,
+            "messages": ask.messages,
             "temperature": self.config.temperature,
             "max_tokens": self.config.max_tokens,
-            **overrides,
+            **ask.overrides,
         }
+
+    def key(self, ask: Ask) -> str:
+        """The cache key of a request: everything that decides its answer (the URL, the
+        model, the turns and every setting: a re-run with another temperature or
+        max_tokens asks again), and its tag."""
+        return cache_key(self.config.url, json.dumps(self.body(ask), sort_keys=True), ask.tag)
+
+    def chat(self, ask: Ask) -> dict[str, str]:
+        """The assistant's answer (``text``) and why it ended (``finish_reason``: "stop",
+        or "length" for one cut at max_tokens); retried on transient failures."""
+        import requests
+
+        body = self.body(ask)
         url = self.config.url.rstrip("/") + "/chat/completions"
+        about = f"{url} (for {ask.where})" if ask.where else url
         problem = ""
         for attempt in range(self.config.max_attempts):
+            wait = None
             try:
                 response = self.session.post(
                     url, json=body, headers=self.headers, timeout=self.config.timeout_s
                 )
             except requests.RequestException as exc:
                 problem = f"{type(exc).__name__}"
-                wait = None
             else:
-                if response.status_code == 200:
+                status = response.status_code
+                if status == 200:
                     try:
-                        return response.json()["choices"][0]["message"]["content"] or ""
+                        choice = response.json()["choices"][0]
+                        return {
+                            "text": choice["message"]["content"] or "",
+                            "finish_reason": str(choice.get("finish_reason") or "stop"),
+                        }
                     except (ValueError, KeyError, IndexError, TypeError):
-                        raise TransientError(f"{url}: answer is not a chat completion") from None
-                if response.status_code in {401, 403, 404}:
+                        # a proxy's error page with status 200: asked again like a 502
+                        problem = "an answer that is not a chat completion"
+                elif status in {401, 403, 404}:
                     raise BadInputError(
-                        f"{url}: HTTP {response.status_code} (check the URL, "
-                        f"model and {self.config.api_key_env})"
+                        f"{about}: HTTP {status} (check the URL, model and "
+                        f"{self.config.api_key_env})"
                     )
-                if response.status_code not in RETRY_STATUS:
-                    raise BadInputError(
-                        f"{url}: HTTP {response.status_code}: {self._redacted(response.text)}"
-                    )
-                problem = f"HTTP {response.status_code}"
-                wait = _retry_after(response.headers.get("Retry-After"))
+                elif status not in RETRY_STATUS and not (status >= 500 and status != 501):
+                    raise BadInputError(f"{about}: HTTP {status}: {self._redacted(response.text)}")
+                else:
+                    problem = f"HTTP {status}"
+                    wait = _retry_after(response.headers.get("Retry-After"))
             if attempt + 1 < self.config.max_attempts:
                 backoff = self.config.backoff_s * 2**attempt
                 self.sleep(wait if wait is not None else backoff * (0.5 + random.random()))
-        raise TransientError(f"{url}: {problem} after {self.config.max_attempts} attempts")
+        raise TransientError(f"{about}: {problem} after {self.config.max_attempts} attempts")
 
     def ask_all(
-        self, requests: list[tuple[str, list[dict[str, str]], dict[str, Any]]], cache: Cache
-    ) -> list[str]:
-        """Answers to (cache key, messages, overrides) requests, in order: each key asked
-        once, at most ``concurrency`` at a time, what the cache holds not at all. The
-        cache reaches the store even when a request finally fails."""
-        todo = {
-            key: (messages, overrides)
-            for key, messages, overrides in requests
-            if cache.get(key) is None
-        }
+        self, asks: list[Ask], cache: Cache, stop: Callable[[], bool] = lambda: False
+    ) -> list[dict[str, str]]:
+        """Answers to ``asks``, in order: each asked once, at most ``concurrency`` at a
+        time, what the cache holds not at all. The cache reaches the store as it fills
+        and at the end, even when a request finally fails; once ``stop()`` (SIGTERM) no
+        new request starts, and the stage ends as preempted, to be resumed."""
+        keys = [self.key(ask) for ask in asks]
+        todo = {key: ask for key, ask in zip(keys, asks, strict=True) if cache.get(key) is None}
 
         def ask(key: str) -> None:
-            messages, overrides = todo[key]
-            cache.put(key, self.chat(messages, **overrides))
+            if stop():
+                return
+            cache.put(key, self.chat(todo[key]))
 
         try:
             with ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
@@ -171,11 +214,27 @@ class ChatClient:
                     pass
         finally:
             cache.sync()
-        return [cache.get(key) for key, _, _ in requests]
+        if stop():
+            missing = sum(cache.get(key) is None for key in todo)
+            raise Preempted(
+                f"SIGTERM received: {len(todo) - missing} answers of {len(todo)} kept in "
+                f"{cache.remote}; the restarted stage asks for the other {missing}"
+            )
+        return [cache.get(key) for key in keys]
 
 
 def _retry_after(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
+    """Retry-After in seconds or as an HTTP date, capped at MAX_RETRY_AFTER_S."""
+    if value is None:
         return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_S)

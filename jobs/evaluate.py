@@ -146,6 +146,11 @@ def run(config: Config, ctx: StageContext) -> dict:
     rows = read_jsonl(
         ctx.input_dir(config.prompts) / "prompts" / "eval.jsonl", ("prompt", "instruction")
     )[: config.max_prompts]
+    if not rows:
+        raise BadInputError(
+            f"{config.prompts}/prompts/eval.jsonl: no prompts to evaluate on (give the data "
+            "stage an eval_fraction above 0)"
+        )
     candidate = answers("candidate", config.candidate, rows, config, ctx)
     baseline = answers("baseline", config.baseline, rows, config, ctx)
     # the reward models score every answer after the data stage's prompt: the text they

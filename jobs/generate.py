@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from jobs.batches import read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.data.templates import asked_turns
-from jobs.endpoint import Cache, ChatClient, EndpointConfig, cache_key
+from jobs.endpoint import Ask, Cache, ChatClient, EndpointConfig
 from jobs.errors import BadInputError
 from jobs.generation import SamplingConfig, timed_generate
 from jobs.models import (
@@ -93,18 +93,14 @@ def from_endpoint(
         ctx.workdir / "cache" / f"{source.name}-{split}.jsonl",
     )
 
-    requests = [
-        (
-            cache_key(endpoint.url, endpoint.model, row["instruction"], str(sample)),
-            asked_turns(row),
-            {},
-        )
-        for row in rows
+    asks = [
+        Ask(asked_turns(row), tag=str(sample), where=f"prompts/{split}.jsonl:{index + 1}")
+        for index, row in enumerate(rows)
         for sample in range(config.samples_per_source)
     ]
     answers = [
-        {"text": text.strip(), "finish_reason": "stop", "tokens": None}
-        for text in client.ask_all(requests, cache)
+        {"text": got["text"].strip(), "finish_reason": got["finish_reason"], "tokens": None}
+        for got in client.ask_all(asks, cache, stop=lambda: ctx.stop_requested)
     ]
     k = config.samples_per_source
     return [answers[i * k : (i + 1) * k] for i in range(len(rows))]

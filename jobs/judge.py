@@ -9,7 +9,7 @@ import re
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.contract import StageContext
-from jobs.endpoint import Cache, ChatClient, EndpointConfig, cache_key
+from jobs.endpoint import Ask, Cache, ChatClient, EndpointConfig
 
 RUBRIC_HEAD = (
     "You will be given a user's message to an AI assistant and the assistant's response.\n"
@@ -46,31 +46,63 @@ class JudgeConfig(BaseModel):
         description="criteria by data-set type (the prompt's data source); 'default' for the rest",
     )
 
-    def rubric(self, category: str | None) -> str:
+    def criteria(self, category: str | None) -> str:
         criteria = {**RUBRICS, **self.rubrics}
-        return RUBRIC_HEAD.format(criteria=criteria.get(category or "", criteria["default"]))
+        return criteria.get(category or "", criteria["default"])
+
+    def rubric(self, category: str | None) -> str:
+        return RUBRIC_HEAD.format(criteria=self.criteria(category))
 
 
-_TOTAL = re.compile(r"total[^0-9\-\n]{0,30}(-?\d+(?:\.\d+)?)", re.IGNORECASE)
+_NUMBER = r"-?\d+(?:\.\d+)?"
+_MARKS = r"[\s*#>\-_]*(?:\d+[.)]\s*)?[*_]*"  # markdown and list markers before a name
+_TOTAL = re.compile(rf"^{_MARKS}total\b(.*)$", re.IGNORECASE | re.MULTILINE)
 _LINE = re.compile(
-    r"^[\s*#>\-]*([^\W\d_][\w ]{1,40}?)[\s*]*[:=]\s*\**\s*(-?\d+(?:\.\d+)?)", re.MULTILINE
+    rf"^{_MARKS}([^\W\d_][\w ]{{1,40}}?)[\s*_]*(?:\([^)\n]*\))?[\s*_]*[:=]\s*[*_]*\s*({_NUMBER})",
+    re.MULTILINE,
 )
 
 
-def parse_judgement(text: str) -> float | None:
-    """The total score in a judge's answer: 'Total: N', else the sum of 'Criterion: N'
-    lines, else a lone number; None when there is no score to be found."""
-    if match := _TOTAL.search(text):
-        return float(match.group(1))
-    lines = [
-        float(value)
-        for name, value in _LINE.findall(text)
-        if not name.strip().lower().startswith("total")
-    ]
-    if lines:
-        return sum(lines)
-    numbers = re.findall(r"-?\d+(?:\.\d+)?", text)
-    return float(numbers[0]) if len(numbers) == 1 else None
+def _total(line: str) -> float | None:
+    """The number a 'Total' line gives: after its last '=' ("4 + 5 + 3 = 12"), else after
+    its colon, leaving out what is in brackets ("Total (out of 15): 12")."""
+    line = re.sub(r"\([^)]*\)", "", line)
+    if "=" in line:
+        line = line.rsplit("=", 1)[1]
+    elif ":" in line:
+        line = line.split(":", 1)[1]
+    match = re.search(_NUMBER, line)
+    return float(match.group()) if match else None
+
+
+def criteria_count(criteria: str) -> int | None:
+    """How many criteria a rubric lists (its '- ' lines); None for a rubric in prose."""
+    return sum(line.lstrip().startswith(("-", "*")) for line in criteria.splitlines()) or None
+
+
+def parse_judgement(text: str, criteria: int | None = None) -> float | None:
+    """The total score in a judge's answer: the last line that starts with 'Total', else
+    the sum of 'Criterion: N' lines when there is one per criterion, else a lone number.
+    With the rubric's number of criteria known (each scored 1 to 5), a score outside
+    what they can add up to, or a sum of fewer lines than criteria (an answer cut short),
+    is no score: None, as for an answer with none to be found."""
+    low, high = (criteria, 5 * criteria) if criteria else (float("-inf"), float("inf"))
+    score = None
+    if totals := _TOTAL.findall(text):
+        score = _total(totals[-1])
+    if score is None:
+        lines = [
+            float(value)
+            for name, value in _LINE.findall(text)
+            if not name.strip().lower().startswith("total")
+        ]
+        whole = criteria is None or (len(lines) == criteria and all(1 <= v <= 5 for v in lines))
+        if lines and whole:
+            score = sum(lines)
+    if score is None and not _LINE.search(text):
+        numbers = re.findall(_NUMBER, text)
+        score = float(numbers[0]) if len(numbers) == 1 else None
+    return score if score is not None and low <= score <= high else None
 
 
 def judge_scores(
@@ -81,21 +113,28 @@ def judge_scores(
     name: str,
     counts: dict[str, int],
 ) -> list[list[float | None]]:
-    """The judge's total for every response of every row (None where it gave none); the
-    answers are cached in ``output``'s progress as ``judge-NAME``."""
+    """The judge's total for every response of every row (None where it gave none, or
+    its answer was cut at max_tokens); the answers are cached in ``output``'s progress as
+    ``judge-NAME``."""
     client = ChatClient(judge.endpoint)
     cache = Cache(output, f"judge-{name}", ctx.workdir / "cache" / f"judge-{name}.jsonl")
 
     jobs = [(i, j) for i, row in enumerate(rows) for j in range(len(row["responses"]))]
-    requests = []
+    asks = []
     for i, j in jobs:
         row = rows[i]
         prompt = judge.rubric(row.get("category")) + RUBRIC_TAIL.format(
             instruction=row["instruction"], response=row["responses"][j]["text"]
         )
-        key = cache_key(judge.endpoint.url, judge.endpoint.model, prompt)
-        requests.append((key, [{"role": "user", "content": prompt}], {"temperature": 0.0}))
-    flat = [parse_judgement(answer) for answer in client.ask_all(requests, cache)]
+        where = f"{name}: prompt {row.get('id', i + 1)}, response {j}"
+        asks.append(Ask([{"role": "user", "content": prompt}], {"temperature": 0.0}, where=where))
+    answers = client.ask_all(asks, cache, stop=lambda: ctx.stop_requested)
+    flat = []
+    for (i, _), answer in zip(jobs, answers, strict=True):
+        cut = answer["finish_reason"] == "length"
+        counts["cut_off"] = counts.get("cut_off", 0) + cut
+        count = criteria_count(judge.criteria(rows[i].get("category")))
+        flat.append(None if cut else parse_judgement(answer["text"], count))
     counts["unparseable"] += sum(score is None for score in flat)
     scores: list[list[float | None]] = [[] for _ in rows]
     for (i, _), score in zip(jobs, flat, strict=True):

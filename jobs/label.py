@@ -17,6 +17,7 @@ Ties and unparseable judgements are counted and dropped, never guessed.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any, Literal
 
@@ -122,12 +123,15 @@ def human_choices(rows: list[dict], labels: list[tuple[str, dict]]) -> dict[str,
             continue  # a label for a prompt of the other split
         picks = []
         for field in ("chosen", "rejected"):
-            try:
-                index = int(str(label[field]).strip())
+            try:  # 1.0 too: a spreadsheet's or pandas' export of a number column
+                number = float(str(label[field]).strip())
             except ValueError:
+                number = 0.5
+            if not number.is_integer():
                 raise BadInputError(
                     f"{where}: field {field!r}: {label[field]!r} is not a response index"
-                ) from None
+                )
+            index = int(number)
             if not 0 <= index < len(row["responses"]):
                 raise BadInputError(
                     f"{where}: field {field!r}: {index} is not a response index "
@@ -141,13 +145,21 @@ def human_choices(rows: list[dict], labels: list[tuple[str, dict]]) -> dict[str,
 # --- the stage -------------------------------------------------------------------------------
 
 
-def pick(row: dict, scores: list[float | None], margin: float, counts: dict[str, int]):
-    """(chosen, rejected) indices by score; None for a tie or too few scored responses."""
+def pick(
+    row: dict, scores: list[float | None], margin: float, counts: dict[str, int], seed: int = 0
+):
+    """(chosen, rejected) indices by score; None for a tie or too few scored responses.
+    Among responses tied for best (or worst), one drawn by a generator seeded with the
+    prompt: judges give whole numbers, so ties are common, and taking the first or last
+    would favour the source listed first or last."""
     scored = [(s, i) for i, s in enumerate(scores) if s is not None]
     if len(scored) < 2:
         counts["too_few_scored"] += 1
         return None
-    best, worst = max(scored), min(scored)
+    rng = random.Random(f"{seed}:{row['id']}")
+    top, bottom = max(scored)[0], min(scored)[0]
+    best = rng.choice([x for x in scored if x[0] == top])
+    worst = rng.choice([x for x in scored if x[0] == bottom])
     same_text = row["responses"][best[1]]["text"] == row["responses"][worst[1]]["text"]
     if best[0] - worst[0] <= margin or same_text:
         counts["ties"] += 1
@@ -161,11 +173,13 @@ def run(config: Config, ctx: StageContext) -> dict:
     if config.method == "human":
         labels = read_labels(ctx.input_file(config.labels), config.labels)
     metrics: dict[str, Any] = {"method": config.method}
+    known: set[str] = set()  # the prompt ids of every split
     for split in SPLITS:
         path = candidates / "candidates" / f"{split}.jsonl"
         if not path.is_file():
             continue
         rows = read_jsonl(path, ("id", "prompt", "instruction"))
+        known |= {row["id"] for row in rows}
         counts = {"prompts": len(rows), "ties": 0, "unparseable": 0, "too_few_scored": 0}
         choices: list[tuple[int, int] | None]
         scores: list[list[float | None]] | None = None
@@ -183,7 +197,8 @@ def run(config: Config, ctx: StageContext) -> dict:
             else:
                 scores = source_rule_scores(rows, config.prefer)
             choices = [
-                pick(row, s, config.tie_margin, counts) for row, s in zip(rows, scores, strict=True)
+                pick(row, s, config.tie_margin, counts, config.seed)
+                for row, s in zip(rows, scores, strict=True)
             ]
         out = ctx.out_dir / "pairs" / f"{split}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -214,6 +229,13 @@ def run(config: Config, ctx: StageContext) -> dict:
         counts["pairs"] = written
         metrics.update({f"{split}.{k}": v for k, v in counts.items()})
         ctx.log(0, **{f"{split}.{k}": v for k, v in counts.items()})
+    if labels is not None:  # a typo'd id would otherwise only show as an unlabelled prompt
+        for where, row in labels:
+            if str(row["id"]) not in known:
+                raise BadInputError(
+                    f"{where}: field 'id': {row['id']!r} is no prompt of {config.candidates} "
+                    f"(its ids look like {sorted(known)[0]!r})"
+                )
     if not metrics.get("train.pairs"):
         detail = ", ".join(f"{k}={v}" for k, v in metrics.items() if k.startswith("train."))
         raise BadInputError(f"label: no training pairs from {config.candidates} ({detail})")

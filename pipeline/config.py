@@ -31,7 +31,7 @@ from jobs import store
 from jobs.config_file import describe_validation_error, load_mapping, validate
 from jobs.contract import StageConfig
 from jobs.errors import BadInputError
-from jobs.stages import STAGES, stage_module
+from jobs.stages import STAGES, one_process_only, stage_module
 
 REFERENCE = re.compile(r"\$\{([A-Za-z0-9_-]+)\.output\}")
 
@@ -216,6 +216,9 @@ def plan(path: str, run_id: str | None = None, store_uri: str | None = None) -> 
     stages = []
     for name in order:
         stage, config, needs = resolved[name]
+        spec = pipeline.stages[name]
+        if why := one_process_only(stage, spec.nproc_per_node * spec.nnodes):
+            raise BadInputError(f"{path}: stages.{name}: {why}")
         model = stage_module(stage).Config
         typed = validate(model, config, path, prefix=f"stages.{name}.config")
         stages.append(

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-# answer(body) -> (status, content or error text, extra headers)
-Answer = Callable[[dict[str, Any]], tuple[int, str, dict[str, str]]]
+# answer(body) -> (status, content or error text, extra headers[, finish_reason]); a
+# finish_reason of "raw" sends the text as the whole body (a proxy's error page)
+Answer = Callable[[dict[str, Any]], tuple]
 
 
 class ChatServer:
@@ -31,9 +32,10 @@ class ChatServer:
                 elif self.path != "/v1/chat/completions":
                     status, text, headers = 404, "no such path", {}
                 else:
-                    status, text, headers = server.answer(body)
+                    status, text, headers, *finish = server.answer(body)
                 with server._lock:
                     server.requests.append((status, body))
+                finish_reason = finish[0] if finish else "stop"
                 payload = (
                     json.dumps(
                         {
@@ -41,7 +43,7 @@ class ChatServer:
                                 {
                                     "index": 0,
                                     "message": {"role": "assistant", "content": text},
-                                    "finish_reason": "stop",
+                                    "finish_reason": finish_reason,
                                 }
                             ]
                         }
@@ -49,6 +51,8 @@ class ChatServer:
                     if status == 200
                     else json.dumps({"error": {"message": text}})
                 )
+                if finish == ["raw"]:
+                    payload = text
                 self.send_response(status)
                 for name, value in headers.items():
                     self.send_header(name, value)

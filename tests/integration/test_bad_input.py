@@ -323,3 +323,29 @@ def test_a_bad_input_outlasts_the_sigterm_that_stops_its_gang(finished, tmp_path
         launcher.kill()
     assert "got signal" in stderr and f"exit code {EXIT_BAD_INPUT}" in stderr, stderr[-2000:]
     assert launcher.returncode == EXIT_BAD_INPUT
+
+
+def test_a_one_process_stage_under_torchrun_exits_65(tmp_path):
+    """A chart applied by hand with processes: 2 to a stage that shards nothing: each rank
+    refuses (exit 65 through the launcher) before it reads or writes anything."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "data.yaml"
+    source = {"name": "a", "format": "alpaca", "uri": str(FIXTURES / "alpaca.jsonl")}
+    config.write_text(yaml.safe_dump({"output": str(tmp_path / "out"), "sources": [source]}))
+    # what the chart's launch sets for nprocPerNode: 2 on one node
+    env = {"PET_NPROC_PER_NODE": "2", "PET_NNODES": "1", "PET_STANDALONE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.launch", "data", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+    )
+    assert result.returncode == EXIT_BAD_INPUT, result.stderr[-2000:]
+    assert result.stderr.count("the data stage runs as one process") == 2
+    assert not (tmp_path / "out").exists()

@@ -179,7 +179,8 @@ def test_human_labels_from_csv(tiny_data, tmp_path, key):
     with ChatServer(judge, KEY) as server:
         rows = human_candidates(tmp_path, tiny_data, server)
     labels = tmp_path / "labels.csv"
-    lines = ["id,chosen,rejected", f"{rows[0]['id']},0,1", f"{rows[1]['id']},1,0"]
+    # 1.0: a number column as pandas exports it
+    lines = ["id,chosen,rejected", f"{rows[0]['id']},0,1", f"{rows[1]['id']},1.0,0.0"]
     lines.append(f"{rows[2]['id']},1,1")
     # as a spreadsheet exports it: a byte-order mark, CRLF line ends
     labels.write_bytes(("\r\n".join(lines) + "\r\n").encode("utf-8-sig"))
@@ -225,6 +226,26 @@ def test_a_bad_csv_row_is_named(tiny_data, tmp_path, key):
     labels.write_text(f"id,chosen,rejected\n{rows[0]['id']},0,1\n{rows[0]['id']},1,0\n")
     with pytest.raises(BadInputError, match=r"labels\.csv:3: field 'id': .* at .*labels\.csv:2"):
         run_stage("label", config, label.run, workdir=tmp_path / "w3")
+    # an id that is no prompt of either split (a typo) is named, not counted as unlabelled
+    labels.write_text(f"id,chosen,rejected\n{rows[0]['id']},0,1\ntrian-3,1,0\n")
+    with pytest.raises(BadInputError, match=r"labels\.csv:3: field 'id': 'trian-3' is no prompt"):
+        run_stage("label", config, label.run, workdir=tmp_path / "w4")
+    labels.write_text(f"id,chosen,rejected\n{rows[0]['id']},0.5,1\n")
+    with pytest.raises(BadInputError, match=r"labels\.csv:2: field 'chosen': '0.5' is not a"):
+        run_stage("label", config, label.run, workdir=tmp_path / "w5")
+
+
+def test_a_tie_for_best_is_broken_by_the_prompt_not_by_position():
+    """Judges give whole numbers, so two answers often tie for best: which is chosen is
+    drawn per prompt (seeded), not always the one listed last."""
+    counts = {"too_few_scored": 0, "ties": 0}
+    rows = [
+        {"id": f"train-{n}", "responses": [{"text": "a"}, {"text": "b"}, {"text": "c"}]}
+        for n in range(40)
+    ]
+    picked = [label.pick(row, [12.0, 12.0, 8.0], 0.0, counts, seed=1) for row in rows]
+    assert {choice for choice, _ in picked} == {0, 1} and {r for _, r in picked} == {2}
+    assert picked == [label.pick(row, [12.0, 12.0, 8.0], 0.0, counts, seed=1) for row in rows]
 
 
 def test_judgement_parsing():
@@ -236,6 +257,100 @@ def test_judgement_parsing():
     assert parse_judgement("8") == 8
     assert parse_judgement("I cannot rate this.") is None
     assert parse_judgement("between 3 and 5") is None
+    three = "Helpfulness: 4\nHarmlessness: 5\nClarity: 3\n"
+    # the total is the number a line starting with "Total" ends on, the last such line
+    assert parse_judgement(three + "Total: 4 + 5 + 3 = 12", 3) == 12
+    assert parse_judgement("Total score (out of 15): 12", 3) == 12
+    assert parse_judgement("The response totals 2 sentences.\n" + three + "Total: 12", 3) == 12
+    assert parse_judgement("Total: 11\nOn reflection:\nTotal: 12", 3) == 12
+    # numbered lists and scales after the criterion's name
+    assert parse_judgement("1. Helpfulness: 4\n2. Harmlessness: 5\n3. Clarity: 3", 3) == 12
+    assert parse_judgement("Helpfulness (1-5): 4\nHarmlessness (1-5): 5\nClarity (1-5): 2", 3) == 11
+    # what three criteria of 1 to 5 cannot add up to, or an answer cut short, is no score
+    assert parse_judgement("Total: 120", 3) is None
+    assert parse_judgement("Helpfulness: 4\nHarmlessness: 5", 3) is None
+    assert parse_judgement("Helpfulness: 4\nHarmlessness: 5\nClarity: 9", 3) is None
+
+
+def test_an_answer_cut_at_max_tokens_is_no_judgement(tiny_data, tmp_path, key):
+    """A judge answer the endpoint cut at max_tokens (finish_reason "length") is counted
+    and dropped, not read as the partial sum of the criteria it reached."""
+
+    def judge(body):
+        content = body["messages"][-1]["content"]
+        if body["model"] != "judge":
+            return 200, FRIENDLY if body["model"] == "good-model" else RUDE, {}
+        if FRIENDLY in content:  # cut after two of its three criteria
+            return 200, "Naturalness: 5\nHelpfulness: 5\nFriend", {}, "length"
+        return 200, "Naturalness: 2\nHelpfulness: 1\nFriendliness: 1\nTotal: 4", {}
+
+    with ChatServer(judge, KEY) as server:
+        run_generate(server, tiny_data, tmp_path / "gen", tmp_path)
+        config = label.Config(
+            output=str(tmp_path / "label"),
+            candidates=str(tmp_path / "gen"),
+            method="judge",
+            judge={"endpoint": endpoint(server, "judge")},
+        )
+        with pytest.raises(BadInputError, match=r"no training pairs .*train\.cut_off=12"):
+            run_stage("label", config, label.run, workdir=tmp_path / "w")
+
+
+def test_a_preempted_endpoint_stage_keeps_its_answers_and_asks_only_the_rest(
+    tiny_data, tmp_path, key
+):
+    """SIGTERM (a pod evicted) while generate asks an endpoint: no new request starts,
+    the answers so far reach the store, the stage exits to be retried (75), and the
+    retry asks only what was not answered."""
+    import os
+    import signal
+
+    from jobs.errors import Preempted
+
+    asked = []
+
+    def answer(body):
+        asked.append(body)
+        if len(asked) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # as the kubelet does
+        return 200, FRIENDLY, {}
+
+    config = generate.Config(
+        output=str(tmp_path / "gen"),
+        prompts=str(tiny_data),
+        max_prompts=12,
+        sources=[{"name": "good", "endpoint": endpoint(server := ChatServer(answer, KEY), "m")}],
+    )
+    with server:
+        with pytest.raises(Preempted, match="SIGTERM received"):
+            run_stage("generate", config, generate.run, workdir=tmp_path / "w1")
+        first = len(asked)
+        assert 5 <= first < 12  # the 3 in flight finish; nothing new starts
+        run_stage("generate", config, generate.run, workdir=tmp_path / "w2")
+    rows = (tmp_path / "gen/candidates/train.jsonl").read_text().splitlines()
+    eval_rows = (tmp_path / "gen/candidates/eval.jsonl").read_text().splitlines()
+    assert len(asked) == len(rows) + len(eval_rows)  # each prompt asked once in all
+    bodies = [json.dumps(b, sort_keys=True) for b in asked]
+    assert len(bodies) == len(set(bodies))
+
+
+def test_a_re_run_with_other_settings_asks_again(tiny_data, tmp_path, key):
+    """The answers cached under _progress/ are kept across configs; one asked at another
+    temperature is another answer, so a changed config asks again."""
+    with ChatServer(lambda body: (200, FRIENDLY, {}), KEY) as server:
+        for temperature in (0.7, 1.2, 0.7):
+            config = generate.Config(
+                output=str(tmp_path / "gen"),
+                prompts=str(tiny_data),
+                max_prompts=4,
+                sources=[{"name": "g", "endpoint": endpoint(server, "m", temperature=temperature)}],
+            )
+            run_stage("generate", config, generate.run, workdir=tmp_path / f"w{temperature}")
+    temperatures = [b["temperature"] for b in server.served()]
+    asked_per_run = len(temperatures) // 2
+    assert asked_per_run > 0
+    # the third run (0.7 again) found the first run's answers in the cache
+    assert temperatures == [0.7] * asked_per_run + [1.2] * asked_per_run
 
 
 def test_evaluate_reports_judge_scores(tiny, tiny_data, tiny_rm, tmp_path, key):

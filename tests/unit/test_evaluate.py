@@ -24,3 +24,27 @@ def test_the_interval_is_a_bootstrap_over_prompts():
     assert 0.3 <= low <= 0.5 and 0.9 <= high <= 1.0, (low, high)
     assert win_rate(candidate, baseline, seed=3) == (rate, low, high)  # seeded
     assert win_rate([1.0] * 5, [0.0] * 5, seed=0) == (1.0, 1.0, 1.0)  # no doubt left
+
+
+def test_no_eval_prompts_is_a_clear_error(tmp_path):
+    """A data stage run with eval_fraction 0 wrote an empty eval split: named, not a
+    ZeroDivisionError from the win rate."""
+    from jobs import evaluate
+    from jobs.contract import StageConfig, run_stage
+    from jobs.errors import BadInputError
+
+    def empty_prompts(config, ctx) -> dict:  # a finished data output, as stages read it
+        (ctx.out_dir / "prompts").mkdir()
+        (ctx.out_dir / "prompts" / "eval.jsonl").write_text("")
+        return {}
+
+    run_stage("data", StageConfig(output=str(tmp_path / "data")), empty_prompts, tmp_path / "d")
+    config = evaluate.Config(
+        output=str(tmp_path / "eval"),
+        prompts=str(tmp_path / "data"),
+        candidate=str(tmp_path / "none"),
+        baseline=str(tmp_path / "none"),
+        reward_model=str(tmp_path / "none"),
+    )
+    with pytest.raises(BadInputError, match=r"prompts/eval\.jsonl: no prompts to evaluate on"):
+        run_stage("evaluate", config, evaluate.run, workdir=tmp_path / "w")

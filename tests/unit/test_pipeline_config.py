@@ -210,3 +210,14 @@ def test_two_stage_names_cut_to_one_job_name_are_refused(tmp_path):
     plan(write(tmp_path, pipeline))  # the control: a short run id, two Job names
     with pytest.raises(BadInputError, match="stages.reward-model-second: its Job name 'a+-rew"):
         plan(write(tmp_path, pipeline), run_id="a" * 40)
+
+
+def test_a_one_process_stage_under_several_processes_is_refused(tmp_path):
+    """data (like bootstrap, generate, label, evaluate and merge) shards nothing: each
+    rank would do all the work and write the same files."""
+    pipeline = demo()
+    pipeline["stages"]["sft"]["nproc_per_node"] = 2  # the control: sft shards its data
+    plan(write(tmp_path, pipeline))
+    pipeline["stages"]["data"]["nnodes"] = 2
+    with pytest.raises(BadInputError, match=r"stages\.data: the data stage runs as one process"):
+        plan(write(tmp_path, pipeline))
