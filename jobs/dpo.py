@@ -40,12 +40,18 @@ class Config(StageConfig, engine.Schedule):
 
 
 def encode_pair(tokenizer, row: dict, max_len: int) -> tuple[list[int], ...]:
-    """(prompt+chosen, mask, prompt+rejected, mask): answers end with EOS; an over-long
-    pair keeps the end of its prompt."""
+    """(prompt+chosen, mask, prompt+rejected, mask): answers end as SFT trained them to,
+    with what the chat template closes a turn with (a pair's ``end``, written by the data
+    stage under ``template: chat``), else with EOS; an over-long pair keeps the end of its
+    prompt."""
     prompt = encode(tokenizer, row["prompt"])
+    end = row.get("end")
     out = []
     for key in ("chosen", "rejected"):
-        answer = encode(tokenizer, row[key], bos=False) + [tokenizer.eos_token_id]
+        if isinstance(end, str):  # encoded with its answer, as SFT encodes the turn
+            answer = encode(tokenizer, row[key] + end, bos=False)
+        else:
+            answer = encode(tokenizer, row[key], bos=False) + [tokenizer.eos_token_id]
         answer = answer[: max_len - 1]
         head = keep_end(prompt, max_len - len(answer), tokenizer)
         out += [head + answer, [0] * len(head) + [1] * len(answer)]

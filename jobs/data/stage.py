@@ -33,6 +33,7 @@ from jobs.contract import StageConfig, StageContext
 from jobs.data.filters import near_duplicates
 from jobs.data.readers import READERS, Example, Row, read_examples, rows_from_file, rows_from_hub
 from jobs.data.templates import (
+    answer_end,
     chat_segments,
     conversation,
     flatten,
@@ -206,7 +207,10 @@ def record(example: Example, output: Output, prompt: str, tokenizer, chat: bool)
     if output == "pairs":
         if example.chosen is None or example.rejected is None:
             return None
-        return {**base, "chosen": example.chosen, "rejected": example.rejected}
+        row = {**base, "chosen": example.chosen, "rejected": example.rejected}
+        if chat:  # how the template closes an answer, for DPO to end the pair's answers with
+            row["end"] = answer_end(tokenizer, prompt_turns(example.messages, example.context))
+        return row
     if example.response is not None:  # the reference answer, for verifiable rewards (grpo)
         base["answer"] = example.response
     # the whole question for a judge: an Alpaca input belongs to it

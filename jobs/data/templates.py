@@ -105,6 +105,27 @@ def conversation(messages: list[Message], response: str, context: str | None = N
     return [*prompt_turns(messages, context), {"role": "assistant", "content": response}]
 
 
+def answer_end(tokenizer, turns: list[dict[str, str]]) -> str:
+    """What the chat template writes after an assistant answer to ``turns`` (``<|im_end|>\n``,
+    ``<|eot_id|>``, `` </s>``): a preference pair's answers end with it, as SFT trained
+    them to (TRL's DPO takes the chosen text from the rendered conversation the same way),
+    not with the tokenizer's EOS, which a base tokenizer may not close turns with."""
+    marker = "\x00answer\x00"  # text no template writes itself
+    try:
+        before = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        after = tokenizer.apply_chat_template(
+            [*turns, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception as exc:  # jinja raises its own types from inside a template
+        raise ValueError(f"the chat template cannot render this conversation ({exc})") from None
+    if not after.startswith(before) or marker not in after[len(before) :]:
+        raise ValueError(
+            "the chat template does not write an answer after the generation prompt as it "
+            "is given, so where an answer ends cannot be found; use a single-turn template"
+        )
+    return after[after.index(marker, len(before)) + len(marker) :]
+
+
 def chat_segments(tokenizer, turns: list[dict[str, str]]) -> list[dict]:
     """The conversation under the tokenizer's chat template as pieces of text in order, each
     assistant turn (with whatever the template closes it with: ``<|im_end|>``,

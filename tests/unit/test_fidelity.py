@@ -339,6 +339,60 @@ def test_every_assistant_turn_is_trained_with_its_end_of_turn_and_bos_once(
     assert tokenizer.decode(ids) == tokenizer.apply_chat_template(conversation, tokenize=False)
 
 
+def test_a_preference_pair_ends_its_answers_as_sft_trained_them(llama_style_tokenizer, tmp_path):
+    """Under the chat template SFT trains every answer closed by the template's end of turn
+    (here <|eot_id|>, not the tokenizer's EOS); DPO's pairs must end the same way, or DPO
+    teaches the policy to close answers with a token SFT never trained."""
+    from transformers import AutoTokenizer
+
+    from jobs.dpo import encode_pair
+
+    pairs = [
+        {
+            "system": "Be brief.",
+            "question": "What is the capital of France?",
+            "chosen": "Paris.",
+            "rejected": "Fine, thanks.",
+        }
+    ]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    run_stage(
+        "data",
+        data.Config(
+            output=str(tmp_path / "out"),
+            template="chat",
+            tokenizer=str(llama_style_tokenizer),
+            min_tokens=0,
+            dedup_threshold=None,
+            eval_fraction=0,
+            sources=[{"name": "p", "format": "pairs", "uri": str(tmp_path / "pairs.jsonl")}],
+        ),
+        data.run,
+        workdir=tmp_path / "w",
+    )
+    [row] = [json.loads(x) for x in (tmp_path / "out/pairs/train.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(llama_style_tokenizer)
+    chosen, chosen_mask, rejected, rejected_mask = encode_pair(tokenizer, row, max_len=256)
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+
+    def answer(ids, mask):
+        return tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m])
+
+    assert answer(chosen, chosen_mask) == "Paris.<|eot_id|>"
+    assert answer(rejected, rejected_mask) == "Fine, thanks.<|eot_id|>"
+    assert chosen[-1] == eot and tokenizer.eos_token_id not in chosen
+    # the whole of it is what the template renders for the conversation answered
+    asked = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+    ]
+    assert tokenizer.decode(chosen) == tokenizer.apply_chat_template(asked, tokenize=False)
+    # the control: a pair of a preset template (no end written) closes with EOS
+    plain = encode_pair(tokenizer, {k: v for k, v in row.items() if k != "end"}, max_len=256)
+    assert plain[0][-1] == tokenizer.eos_token_id
+
+
 def test_an_answer_cut_at_max_seq_len_adds_no_stop_token():
     """A ChatML conversation with Qwen3-style added tokens (``<think>``): the end of turn
     is ``<|im_end|>`` alone, even with an answer cut short after its ``<think>``."""
