@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -18,12 +19,32 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (platform.processor() says only "x86_64" on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.cuda.is_available(),
+        **{name: installed(name) for name in ("transformers", "deepspeed", "trl")},
     }
 
 
@@ -66,11 +87,15 @@ def compare(module: str, root: Path, impls: tuple[str, ...] = ("ours", "trl")) -
     """Run ``python -m MODULE --impl I --root ROOT`` for each implementation, one after the
     other in fresh processes; each prints its figures as JSON on its last line."""
     figures = {}
+    # both sides on the CPU, on a GPU machine too (TRL's arguments say use_cpu; our stage
+    # would take the GPU it sees): the GPU comparison is bench/gpu.py's
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     for impl in impls:
         child = subprocess.run(
             [sys.executable, "-m", module, "--impl", impl, "--root", str(root)],
             capture_output=True,
             text=True,
+            env=env,
         )
         if child.returncode != 0:
             raise SystemExit(f"{impl} failed:\n{child.stderr[-3000:]}")
@@ -156,6 +181,9 @@ def trl_arguments(root: Path, batch: int, steps: int, max_length: int, lr: float
         # TRL's default since 1.x recomputes activations; our stages keep them (their
         # gradient_checkpointing is off by default), so TRL runs without it too
         "gradient_checkpointing": False,
+        # and its default precision is bf16 (autocast, on the CPU too): ours trains in
+        # fp32 here (EngineConfig.precision's default), so TRL does too
+        "bf16": False,
     }
 
 

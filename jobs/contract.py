@@ -852,8 +852,6 @@ def claim_output(stage: str, output: str) -> str | None:
 def run_stage(stage: str, config: StageConfig, run_fn, workdir: Path | None = None) -> Manifest:
     """Skip if up to date, else run ``run_fn(config, ctx) -> metrics`` and publish."""
     dist.init()
-    if why := one_process_only(stage, dist.world_size()):  # a chart applied by hand
-        raise BadInputError(why)
     finished = up_to_date(stage, config) if dist.is_main() else None
     finished = dist.broadcast_object(finished)
     if finished is not None:
@@ -866,6 +864,10 @@ def run_stage(stage: str, config: StageConfig, run_fn, workdir: Path | None = No
                 flush=True,
             )
         return finished
+    # nothing to do is done in any number of processes; work is not (a chart applied by
+    # hand with several processes for a stage that shards nothing)
+    if why := one_process_only(stage, dist.world_size()):
+        raise BadInputError(why)
     # every rank stops alike when the output is not this stage's to replace
     refused = claim_output(stage, config.output) if dist.is_main() else None
     if dist.broadcast_object(refused) is not None:

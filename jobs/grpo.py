@@ -29,7 +29,7 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from jobs import dist, engine
 from jobs.batches import ShardedSampler, padded_shard, read_jsonl
@@ -48,10 +48,15 @@ from jobs.rollout import (
     sample_rows,
     seconds_since,
     token_logprobs,
+    train_without_dropout,
     untouched_generators,
     update_config,
     whiten,
 )
+
+# TRL's GRPO sampling: the log-probs of the update are the temperature-scaled policy's, so
+# no top-p or top-k cut; a sampling block given in a config changes only what it names.
+GRPO_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 64}
 
 
 class Config(StageConfig, SampleLog):
@@ -74,7 +79,7 @@ class Config(StageConfig, SampleLog):
     kl_in: Literal["loss", "reward"] = "loss"
     reference_free: bool = Field(False, description="no reference model and no KL term")
     rewards: list[RewardFunction] = Field(min_length=1)
-    sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=64)
+    sampling: SamplingConfig = SamplingConfig(**GRPO_SAMPLING)
     eval_every: int = Field(10, ge=1)
     eval_prompts: int = Field(200, ge=1)
     checkpoint_every: int = Field(10, ge=1)
@@ -83,8 +88,24 @@ class Config(StageConfig, SampleLog):
     )
     train: EngineConfig = EngineConfig(learning_rate=1e-6)
 
+    @field_validator("sampling", mode="before")
+    @classmethod
+    def _over_grpo_defaults(cls, value):
+        return {**GRPO_SAMPLING, **value} if isinstance(value, dict) else value
+
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        if (
+            self.kl_estimator == "k1"
+            and self.kl_in == "loss"
+            and self.kl_coef > 0
+            and not self.reference_free
+        ):
+            raise ValueError(
+                "kl_estimator k1 as a loss term has no gradient in expectation (on the "
+                "policy's own samples E[grad log pi] = 0, as verl's kl_penalty notes): use k3, "
+                "or k1 with kl_in: reward"
+            )
         rollout = self.prompts_per_iteration * self.group_size
         if rollout % self.minibatch_size:
             raise ValueError(
@@ -132,16 +153,26 @@ def token_advantages(
     rewards: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, config: Config
 ) -> torch.Tensor:
     """Advantages of every answer token [answers, len] from the answers' rewards and the
-    per-token KL to the reference (used here when the KL is part of the reward)."""
-    penalty = config.kl_coef * kl * mask if config.kl_in == "reward" else torch.zeros_like(kl)
+    per-token KL to the reference (used here when the KL is part of the reward: its value
+    clamped to [-10, 10] as OpenRLHF's and verl's are there, so one token far from the
+    reference cannot swamp every answer's reward)."""
+    penalty = (
+        config.kl_coef * kl.clamp(-10, 10) * mask
+        if config.kl_in == "reward"
+        else torch.zeros_like(kl)
+    )
     if config.algorithm == "reinforce_pp":
         token_rewards = -penalty
         last = (mask.sum(1).long() - 1).clamp(min=0)
         token_rewards[torch.arange(len(rewards), device=rewards.device), last] += rewards
         returns = token_rewards.flip(1).cumsum(1).flip(1)  # gamma 1
         return whiten(returns, mask)
-    shaped = rewards - penalty.sum(1)
-    return group_advantages(shaped, config.group_size, config.algorithm)[:, None] * mask
+    penalty_returns = penalty.flip(1).cumsum(1).flip(1)  # the penalty still to come
+    # The group baseline on the rewards alone, the KL penalty added per token after it, as
+    # OpenRLHF does: normalising a penalty-shaped reward would blow a group's small KL
+    # differences up to unit advantages when its answers' rewards are all the same.
+    group = group_advantages(rewards, config.group_size, config.algorithm)
+    return (group[:, None] - penalty_returns) * mask
 
 
 class RewardModels:
@@ -263,6 +294,7 @@ def run(config: Config, ctx: StageContext) -> dict:
     ds = engine.initialize(
         engine.load_model(AutoModelForCausalLM, actor_path, cfg), cfg, total_steps
     )
+    train_without_dropout(ds.module)
     zero3 = cfg.zero_stage == 3
     reference = None
     if not config.reference_free:

@@ -14,15 +14,19 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import numbers
 import re
 from collections.abc import Callable
-from typing import Literal
+from fractions import Fraction
+from typing import Literal, SupportsFloat
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs.errors import BadInputError
 
-NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
+# A number as answers write it: a sign (ASCII or U+2212), thousands in groups of three
+# ("1,000"), a decimal part (".5" too), a fraction ("3/4"), an exponent ("1e3").
+NUMBER = r"[-\u2212]?(?=\.?\d)(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?(?:/\d+)?"
 
 
 class RewardFunction(BaseModel):
@@ -33,8 +37,9 @@ class RewardFunction(BaseModel):
     weight: float = 1.0
     extract: str | None = Field(
         None,
-        description="regular expression whose first group (or whole match) is the answer; "
-        "default: the stripped completion (answer_match), its first number (numeric_match)",
+        description="regular expression whose first group (or whole match) is the answer, "
+        "its last match in the completion; default: the stripped completion (answer_match), "
+        "its last number (numeric_match)",
     )
     answer_field: str = Field("answer", description="the example's field with the answer")
     answer_extract: str | None = Field(
@@ -66,26 +71,39 @@ class RewardFunction(BaseModel):
 
 
 def extracted(completion: str, extract: str | None, default: str | None) -> str | None:
-    """The answer in a completion: the first group (or match) of ``extract`` or of
-    ``default``; the stripped completion when neither is given."""
+    """The answer in a completion: the first group (or match) of the last match of
+    ``extract`` or of ``default`` (a worked answer ends on its result: "12+30=42. Answer:
+    42", as verl's GSM8K scorer reads it); the stripped completion when neither is given."""
     expression = extract or default
     if expression is None:
         return completion.strip()
-    found = re.search(expression, completion)
+    found = None
+    for found in re.finditer(expression, completion):  # noqa: B007 - the last one is kept
+        pass
     if found is None:
         return None
     return found.group(1) if found.groups() else found.group(0)
 
 
-def reference(spec: RewardFunction, example: dict, default: str | None) -> str | None:
-    """The example's answer: its field, or what ``answer_extract`` finds in it."""
-    return extracted(str(example[spec.answer_field]), spec.answer_extract, default)
+def reference(spec: RewardFunction, example: dict, default: str | None, where: str) -> str:
+    """The example's answer: its field, or what ``answer_extract`` finds in it. One that
+    cannot be read is the data's fault (or the pattern's), named: otherwise every answer
+    would score 0 and the run train on nothing."""
+    expected = extracted(str(example[spec.answer_field]), spec.answer_extract, default)
+    if expected is None:
+        how = f"answer_extract {spec.answer_extract!r}" if spec.answer_extract else "a number"
+        raise BadInputError(
+            f"{where}: reward {spec.label!r}: field {spec.answer_field!r} "
+            f"({str(example[spec.answer_field])[:80]!r}) has no answer by {how}"
+        )
+    return expected
 
 
-def answer_match(spec: RewardFunction) -> Callable[[str, str, dict], float]:
-    def check(prompt: str, completion: str, example: dict) -> float:
-        answer, expected = extracted(completion, spec.extract, None), reference(spec, example, None)
-        if answer is None or expected is None:
+def answer_match(spec: RewardFunction) -> Callable[[str, str, dict, str], float]:
+    def check(prompt: str, completion: str, example: dict, where: str) -> float:
+        answer = extracted(completion, spec.extract, None)
+        expected = reference(spec, example, None, where)
+        if answer is None:
             return 0.0
         return float(answer.strip() == expected.strip())
 
@@ -93,34 +111,50 @@ def answer_match(spec: RewardFunction) -> Callable[[str, str, dict], float]:
 
 
 def as_number(text: str | None) -> float | None:
+    """A number as :data:`NUMBER` finds them ("1,000", "−3", "3/4", "$18." once
+    extracted); None for anything else."""
+    if text is None:
+        return None
+    match = re.search(NUMBER, text.replace("\u2212", "-"))
+    if match is None:
+        return None
+    number = match.group().replace(",", "")
     try:
-        return float(text.replace(",", "")) if text is not None else None
-    except ValueError:
+        if "/" in number:
+            top, bottom = number.split("/")
+            return float(Fraction(Fraction(top), Fraction(bottom)))
+        return float(number)
+    except (ValueError, ZeroDivisionError):
         return None
 
 
-def numeric_match(spec: RewardFunction) -> Callable[[str, str, dict], float]:
-    def check(prompt: str, completion: str, example: dict) -> float:
+def numeric_match(spec: RewardFunction) -> Callable[[str, str, dict, str], float]:
+    def check(prompt: str, completion: str, example: dict, where: str) -> float:
         answer = as_number(extracted(completion, spec.extract, NUMBER))
-        expected = as_number(reference(spec, example, NUMBER))
-        if answer is None or expected is None:
+        expected = as_number(reference(spec, example, NUMBER, where))
+        if expected is None:
+            raise BadInputError(
+                f"{where}: reward {spec.label!r}: field {spec.answer_field!r} "
+                f"({str(example[spec.answer_field])[:80]!r}) holds no number"
+            )
+        if answer is None:
             return 0.0
         return float(abs(answer - expected) <= spec.tolerance)
 
     return check
 
 
-def format_match(spec: RewardFunction) -> Callable[[str, str, dict], float]:
+def format_match(spec: RewardFunction) -> Callable[[str, str, dict, str], float]:
     pattern = re.compile(spec.pattern, re.DOTALL)
 
-    def check(prompt: str, completion: str, example: dict) -> float:
+    def check(prompt: str, completion: str, example: dict, where: str) -> float:
         return float(pattern.fullmatch(completion.strip()) is not None)
 
     return check
 
 
-def json_valid(spec: RewardFunction) -> Callable[[str, str, dict], float]:
-    def check(prompt: str, completion: str, example: dict) -> float:
+def json_valid(spec: RewardFunction) -> Callable[[str, str, dict, str], float]:
+    def check(prompt: str, completion: str, example: dict, where: str) -> float:
         try:
             json.loads(completion)
         except (ValueError, RecursionError):  # deep nesting is the policy's output, not a bug
@@ -130,18 +164,22 @@ def json_valid(spec: RewardFunction) -> Callable[[str, str, dict], float]:
     return check
 
 
-def imported(spec: RewardFunction) -> Callable[[str, str, dict], float]:
+def imported(spec: RewardFunction) -> Callable[[str, str, dict, str], float]:
     module_name, _, attribute = spec.function.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a user's module may fail in any way on import
         raise BadInputError(
-            f"reward function {spec.function!r}: cannot import it ({exc}); "
-            "give module:function of a module on the PYTHONPATH"
+            f"reward function {spec.function!r}: cannot import it ({type(exc).__name__}: "
+            f"{exc}); give module:function of a module on the PYTHONPATH"
         ) from None
     if not callable(fn):
         raise BadInputError(f"reward function {spec.function!r}: not a function")
-    return fn
+
+    def check(prompt: str, completion: str, example: dict, where: str) -> float:
+        return fn(prompt, completion, example)
+
+    return check
 
 
 BUILT_IN = {
@@ -151,6 +189,20 @@ BUILT_IN = {
     "json": json_valid,
     "function": imported,
 }
+
+
+def finite(value, where: str) -> float:
+    """A reward as a float: any real number (numpy's and torch's scalars too, as TRL takes
+    them); anything else, or NaN or infinity, is an error naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | SupportsFloat):
+        raise BadInputError(f"{where} returned {value!r}, not a finite number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise BadInputError(f"{where} returned {value!r}, not a finite number") from None
+    if not math.isfinite(number):
+        raise BadInputError(f"{where} returned {value!r}, not a finite number")
+    return number
 
 
 class Rewards:
@@ -174,27 +226,32 @@ class Rewards:
         each: dict[str, list[float]] = {}
         for spec in self.specs:
             if spec.kind == "reward_model":
-                each[spec.label] = [float(x) for x in self.score_model(spec, prompts, completions)]
+                scored = self.score_model(spec, prompts, completions)
+                each[spec.label] = [
+                    finite(x, f"{place}: reward {spec.label!r}")
+                    for x, place in zip(scored, where, strict=True)
+                ]
                 continue
             check, values = self.checks[spec.label], []
             for prompt, completion, example, place in zip(
                 prompts, completions, examples, where, strict=True
             ):
-                try:
-                    value = check(prompt, completion, example)
-                except KeyError as exc:
+                if spec.kind in ("answer_match", "numeric_match") and (
+                    spec.answer_field not in example
+                ):
                     raise BadInputError(
-                        f"{place}: reward {spec.label!r}: the example has no field {exc}"
-                    ) from None
+                        f"{place}: reward {spec.label!r}: the example has no field "
+                        f"{spec.answer_field!r}"
+                    )
+                try:
+                    value = check(prompt, completion, example, place)
+                except BadInputError:
+                    raise
                 except Exception as exc:
                     raise BadInputError(
                         f"{place}: reward {spec.label!r} raised {type(exc).__name__}: {exc}"
                     ) from None
-                if not isinstance(value, int | float) or not math.isfinite(value):
-                    raise BadInputError(
-                        f"{place}: reward {spec.label!r} returned {value!r}, not a finite number"
-                    )
-                values.append(float(value))
+                values.append(finite(value, f"{place}: reward {spec.label!r}"))
             each[spec.label] = values
         totals = [
             sum(spec.weight * each[spec.label][i] for spec in self.specs)

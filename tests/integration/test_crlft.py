@@ -74,7 +74,7 @@ def test_expert_tag_answers_score_higher_and_end_of_turn_ends_generation(
         "model": str(tiny / "model"),
         "data": str(crlft_data),
         "max_seq_len": 128,
-        "max_steps": 120,
+        "max_steps": 240,
         "eval_every": 1000,
         "seed": 0,
         "train": {"learning_rate": 3e-3, "micro_batch_size": 16, "warmup_steps": 5},
@@ -89,7 +89,7 @@ def test_expert_tag_answers_score_higher_and_end_of_turn_ends_generation(
     lines = [json.loads(x) for x in (tmp_path / "crlft" / "metrics.jsonl").read_text().splitlines()]
     evals = [x["step"] for x in lines if "eval_loss" in x]
     rates = [x["lr"] for x in lines if "loss" in x]
-    assert evals == [0, 120] and len(rates) == 12, (evals, len(rates))
+    assert evals == [0, 240] and len(rates) == 24, (evals, len(rates))
     assert rates == sorted(rates, reverse=True) and rates[0] > rates[-1] > 0, rates
     assert metrics["eval_loss"] < 0.5 * metrics["eval_loss_start"]
 
@@ -121,7 +121,9 @@ def test_expert_tag_answers_score_higher_and_end_of_turn_ends_generation(
     rm_tokenizer = load_tokenizer(str(tiny_rm / "model"))
     expert = score_texts(reward_model, rm_tokenizer, prompts, by_tag["GPT4"])
     suboptimal = score_texts(reward_model, rm_tokenizer, prompts, by_tag["GPT3"])
-    assert sum(expert) / len(expert) > sum(suboptimal) / len(suboptimal)
+    # 240 steps: at 120 the GPT3 tag (weight 0.1) had not yet learned its style, and the
+    # two tags answered alike, the comparison a coin's
+    assert sum(expert) / len(expert) > sum(suboptimal) / len(suboptimal) + 0.1, by_tag
 
 
 def answer_logp(model, tokenizer, config, row: dict) -> float:

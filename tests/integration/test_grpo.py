@@ -82,7 +82,7 @@ def test_held_out_accuracy_rises(warm, tiny, tmp_path, algorithm):
     metrics = read_manifest(str(tmp_path / algorithm)).metrics
     start, end = metrics["eval_correct_start"], metrics["eval_correct"]
     # Seeds fixed, 100 held-out numbers, greedy answers: 0.77 before; after 40 iterations
-    # 0.90 (grpo), 0.86 (rloo), 0.91 (reinforce_pp) on the 2-core development machine.
+    # 0.90 (grpo), 0.86 (rloo), 0.90 (reinforce_pp) on the 2-core development machine.
     assert 0.3 < start < 0.85  # right often, not always: room and a signal to learn from
     assert end >= start + 0.07, (start, end)
     lines = [m for m in metrics_lines(tmp_path / algorithm) if "reward_mean" in m]
@@ -156,7 +156,11 @@ def test_a_failing_reward_function_stops_the_stage_naming_it_and_the_example(war
         (None, "reward function 'no_such_module:score': cannot import it"),
         ("return 'yes'", "f:2: reward 'user_rewards:score' returned 'yes', not a finite number"),
         ("return float('nan')", "f:1: reward 'user_rewards:score' returned nan"),
-        ("return example['missing']", "f:1: reward 'user_rewards:score': the example has no"),
+        (
+            "return example['missing']",
+            "f:1: reward 'user_rewards:score' raised KeyError: 'missing'",
+        ),
+        ("return 1 +", "reward function 'user_rewards:score': cannot import it (SyntaxError"),
     ],
 )
 def test_bad_reward_functions_are_named(tmp_path, monkeypatch, body, message):
@@ -230,3 +234,57 @@ def test_gsm8k_answers_are_read_after_their_marker():
     completions = ["9 eggs, so\nAnswer: 1234", "Answer: 1,234", "Answer: 9", "1234"]
     totals, _ = Rewards([gsm8k])(["q"] * 4, completions, [example] * 4, ["f:1"] * 4)
     assert totals == [1.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer", "reward"),
+    [
+        ("Step 1: 12 + 30 = 42. So the answer is 42.", "42", 1.0),  # the last number
+        ("It is 41, no, 42", "42", 1.0),
+        ("\u22123", "-3", 1.0),  # a Unicode minus
+        ("\u22123", "3", 0.0),
+        ("1", "1/2", 0.0),  # a fraction is its value, not its numerator
+        ("0.5", "1/2", 1.0),
+        (".5", "5", 0.0),
+        ("1,000 apples", "1000", 1.0),
+        ("1,2,3", "123", 0.0),  # a list, not thousands
+        ("1e3", "1000", 1.0),
+        ("$18.", "18", 1.0),
+        ("no idea", "18", 0.0),
+    ],
+)
+def test_numbers_are_read_as_answers_write_them(completion, answer, reward):
+    """verl's GSM8K scorer takes the last number of a worked answer; signs, thousands,
+    fractions and exponents as people and models write them."""
+    from jobs.rewards import RewardFunction, Rewards
+
+    totals, _ = Rewards([RewardFunction(kind="numeric_match")])(
+        ["q"], [completion], [{"answer": answer}], ["f:1"]
+    )
+    assert totals == [reward]
+
+
+def test_an_answer_field_without_an_answer_is_named_not_scored_zero():
+    """A typo'd answer_extract (or a row without a number) would make every answer score 0
+    and the run train on nothing; it is the data's error, named with its row."""
+    from jobs.errors import BadInputError
+    from jobs.rewards import RewardFunction, Rewards
+
+    spec = RewardFunction(kind="numeric_match", answer_extract=r"####\s*(\d+)")
+    with pytest.raises(BadInputError, match=r"f:1: reward 'numeric_match': field 'answer' .*\$18"):
+        Rewards([spec])(["q"], ["18"], [{"answer": "#### $18"}], ["f:1"])
+
+
+def test_a_reward_of_any_real_number_type_is_taken(tmp_path, monkeypatch):
+    """numpy's and torch's scalars, as TRL takes them; a bool or a string is refused."""
+    import numpy as np
+    import torch
+
+    from jobs.rewards import finite
+
+    assert [finite(v, "r") for v in (np.float32(0.5), torch.tensor(2.0), 3)] == [0.5, 2.0, 3.0]
+    from jobs.errors import BadInputError
+
+    for bad in (True, "1", torch.tensor([1.0, 2.0])):
+        with pytest.raises(BadInputError, match="not a finite number"):
+            finite(bad, "r")

@@ -71,3 +71,17 @@ def test_each_child_gives_its_figures_or_its_error_and_leaves_no_outputs(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["actor", "done"]
     slow = run_child([sys.executable, "-c", "import time; time.sleep(30)"], tmp_path, timeout=1)
     assert slow == {"error": "timed out after 1 s"}
+
+
+def test_trl_trains_in_the_precision_ours_does(tmp_path):
+    """TRL's configs default to bf16 (autocast, on the CPU too) and our stages to fp32: the
+    CPU comparisons compared two precisions until TRL was told."""
+    from trl import DPOConfig, RewardConfig, SFTConfig
+
+    from bench.common import trl_arguments
+    from jobs.engine import EngineConfig
+
+    assert EngineConfig().precision == "fp32"
+    for config_class in (SFTConfig, RewardConfig, DPOConfig):
+        config = config_class(**trl_arguments(tmp_path, 4, 10, 128, 1e-4))
+        assert not config.bf16 and not config.fp16 and not config.gradient_checkpointing

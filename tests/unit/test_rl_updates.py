@@ -250,3 +250,64 @@ def test_an_sft_step_in_micro_batches_has_the_gradient_of_its_token_mean(tiny, m
     torch.testing.assert_close(parts, whole, atol=1e-6, rtol=1e-4)
     control = sft_step_gradient(tiny, [short, long], micro=1, per_micro_mean=True)
     assert not torch.allclose(control, whole, atol=1e-6, rtol=1e-4)
+
+
+def grpo_config(**settings) -> grpo.Config:
+    base = {"output": "o", "actor": "a", "prompts": "p", "rewards": [{"kind": "json"}]}
+    return grpo.Config(**{**base, **settings})
+
+
+def test_a_kl_reward_penalty_stays_its_own_size_in_a_group_of_equal_rewards():
+    """Four answers all right (reward 1) with small KLs to the reference: the group
+    baseline leaves nothing, and the penalty (kl_coef 0.001) stays a penalty of that size;
+    normalising the penalised reward blew the KL differences up to advantages of +-0.5."""
+    config = grpo_config(group_size=4, kl_in="reward", kl_coef=0.001, kl_estimator="k1")
+    rewards = torch.ones(4)
+    kl = torch.tensor([[0.01, 0.0], [0.02, 0.0], [0.03, 0.0], [0.04, 0.0]])
+    mask = torch.tensor([[1.0, 0.0]] * 4)
+    advantages = grpo.token_advantages(rewards, kl, mask, config)
+    torch.testing.assert_close(advantages[:, 0], -0.001 * kl[:, 0])
+    assert (advantages[:, 1] == 0).all()
+    # a group with a right and a wrong answer: the group baseline decides, the KL nudges
+    mixed = grpo.token_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), kl, mask, config)
+    assert mixed[0, 0] > 0.8 and mixed[1, 0] < -0.8
+
+
+def test_a_token_far_from_the_reference_costs_a_bounded_reward_penalty():
+    """k3 of a log-ratio of 11 is e^11 - 12 (about 60,000): as a reward penalty its value is
+    clamped at 10, as OpenRLHF's and verl's are, so one token cannot swamp the rewards."""
+    config = grpo_config(group_size=2, kl_in="reward", kl_coef=0.04, algorithm="reinforce_pp")
+    kl = grpo.kl_estimate(torch.tensor([[-12.0, -1.0]]), torch.tensor([[-1.0, -1.0]]), "k3")
+    kl = torch.cat([kl, torch.zeros(1, 2)])
+    mask = torch.ones(2, 2)
+    advantages = grpo.token_advantages(torch.tensor([1.0, 0.0]), kl, mask, config)
+    assert kl[0, 0] > 1000
+    # the right answer still ranks above the wrong one at every token (unclamped, its
+    # first token's penalty, 2,400, made it the worst token of the batch)
+    assert (advantages[0] > advantages[1]).all(), advantages
+
+
+def test_grpo_config_keeps_its_sampling_defaults_and_refuses_a_k1_loss():
+    sampling = grpo_config(sampling={"max_new_tokens": 256}).sampling
+    assert (sampling.temperature, sampling.top_p, sampling.max_new_tokens) == (1.0, 1.0, 256)
+    with pytest.raises(ValidationError, match="k1 as a loss term has no gradient"):
+        grpo_config(kl_estimator="k1", kl_in="loss")
+    grpo_config(kl_estimator="k1", kl_in="reward")  # the control: k1 as a reward penalty
+
+
+def test_the_policy_trains_in_train_mode_without_dropout(tiny):
+    """transformers checkpoints activations only in train mode, and a model from
+    from_pretrained is in eval mode; without dropout the training forward is the sampling
+    policy's, so the ratio of a first step is exactly 1."""
+    from transformers import AutoModelForCausalLM
+
+    from jobs.rollout import train_without_dropout
+
+    model = AutoModelForCausalLM.from_pretrained(tiny / "model", hidden_dropout=0.5)
+    assert not model.training
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        sampled = model(ids).logits
+    train_without_dropout(model)
+    assert model.training
+    torch.testing.assert_close(model(ids).logits, sampled)
