@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,25 +84,41 @@ def prepare(root: Path) -> tuple[Path, Path]:
     return boot / "model", out
 
 
-def compare(module: str, root: Path, impls: tuple[str, ...] = ("ours", "trl")) -> dict:
-    """Run ``python -m MODULE --impl I --root ROOT`` for each implementation, one after the
-    other in fresh processes; each prints its figures as JSON on its last line."""
+def median_runs(runs: dict[str, list[dict]]) -> dict:
+    """Each implementation's figures: its median run's (by tokens/s), with every run's
+    tokens/s beside them, so the spread is in the result."""
     figures = {}
+    for impl, got in runs.items():
+        ranked = sorted(got, key=lambda f: f["tokens_per_s"])
+        middle = ranked[(len(ranked) - 1) // 2]
+        figures[impl] = {**middle, "runs_tokens_per_s": [round(f["tokens_per_s"]) for f in got]}
+    return figures
+
+
+def compare(
+    module: str, root: Path, impls: tuple[str, ...] = ("ours", "trl"), repeats: int = 3
+) -> dict:
+    """Run ``python -m MODULE --impl I --root ROOT`` for each implementation ``repeats``
+    times in fresh processes, the order alternating (on a shared 2-core machine one run of
+    each, always in one order, moved a side by 50%); each prints its figures as JSON on its
+    last line. The median run of each counts."""
+    runs: dict[str, list[dict]] = {impl: [] for impl in impls}
     # both sides on the CPU, on a GPU machine too (TRL's arguments say use_cpu; our stage
     # would take the GPU it sees): the GPU comparison is bench/gpu.py's
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    for impl in impls:
-        child = subprocess.run(
-            [sys.executable, "-m", module, "--impl", impl, "--root", str(root)],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        if child.returncode != 0:
-            raise SystemExit(f"{impl} failed:\n{child.stderr[-3000:]}")
-        figures[impl] = json.loads(child.stdout.strip().splitlines()[-1])
-        print(f"{impl:>5}: {figures[impl]['tokens_per_s']:.0f} tokens/s", flush=True)
-    return figures
+    for repeat in range(repeats):
+        for impl in impls if repeat % 2 == 0 else tuple(reversed(impls)):
+            child = subprocess.run(
+                [sys.executable, "-m", module, "--impl", impl, "--root", str(root)],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            if child.returncode != 0:
+                raise SystemExit(f"{impl} failed:\n{child.stderr[-3000:]}")
+            runs[impl].append(json.loads(child.stdout.strip().splitlines()[-1]))
+            print(f"{impl:>5}: {runs[impl][-1]['tokens_per_s']:.0f} tokens/s", flush=True)
+    return median_runs(runs)
 
 
 class TrainerClock:
@@ -193,8 +210,13 @@ def run_ours(stage: str, model: Path, data: Path, root: Path, **fields) -> dict:
     from jobs.stages import stage_module
 
     module = stage_module(stage)
+    # a fresh output for every run: a second run into the first's would find it up to date
+    # and report the first run's figures without training
+    output, work = root / "ours", root / "w-ours"
+    for folder in (output, work):
+        shutil.rmtree(folder, ignore_errors=True)
     config = module.Config(
-        output=str(root / "ours"),
+        output=str(output),
         model=str(model),
         data=str(data),
         eval_every=10**6,
@@ -202,7 +224,7 @@ def run_ours(stage: str, model: Path, data: Path, root: Path, **fields) -> dict:
         checkpoint_every=10**6,
         **fields,
     )
-    manifest = run_stage(stage, config, module.run, root / "w-ours")
+    manifest = run_stage(stage, config, module.run, work)
     return {"tokens_per_s": manifest.metrics["tokens_per_s"]}
 
 

@@ -85,3 +85,15 @@ def test_trl_trains_in_the_precision_ours_does(tmp_path):
     for config_class in (SFTConfig, RewardConfig, DPOConfig):
         config = config_class(**trl_arguments(tmp_path, 4, 10, 128, 1e-4))
         assert not config.bf16 and not config.fp16 and not config.gradient_checkpointing
+
+
+def test_each_side_counts_its_median_run_and_keeps_every_run():
+    from bench.common import median_runs
+
+    runs = {
+        "ours": [{"tokens_per_s": 300.0}, {"tokens_per_s": 100.0}, {"tokens_per_s": 200.0}],
+        "trl": [{"tokens_per_s": 50.0, "steps": 1}, {"tokens_per_s": 70.0, "steps": 2}],
+    }
+    figures = median_runs(runs)
+    assert figures["ours"] == {"tokens_per_s": 200.0, "runs_tokens_per_s": [300, 100, 200]}
+    assert figures["trl"] == {"tokens_per_s": 50.0, "steps": 1, "runs_tokens_per_s": [50, 70]}
