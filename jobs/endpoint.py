@@ -16,6 +16,9 @@ import hashlib
 import json
 import os
 import random
+import shutil
+import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -85,16 +88,29 @@ class Cache:
             self.entries[key] = value
             with open(self.local, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"key": key, "value": value}, ensure_ascii=False) + "\n")
-            if time.monotonic() - self._synced > self.sync_s:
-                self._sync()
+            due = time.monotonic() - self._synced > self.sync_s
+            if due:  # a copy of the file as it is, uploaded outside the lock
+                self._synced = time.monotonic()
+                snapshot = self.local.with_suffix(f".{threading.get_ident()}.push")
+                shutil.copyfile(self.local, snapshot)
+        if due:
+            try:
+                store.upload_file(snapshot, self.remote)
+            except Exception as exc:  # noqa: BLE001 - the answer is kept here; pushed later
+                print(
+                    f"warning: the answer cache could not be pushed to {self.remote} "
+                    f"({type(exc).__name__}); trying again at the next push",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            finally:
+                snapshot.unlink(missing_ok=True)
 
     def sync(self) -> None:
+        """The whole cache to the store (at the end: an error here is the stage's)."""
         with self._lock:
-            self._sync()
-
-    def _sync(self) -> None:
-        store.upload_file(self.local, self.remote)
-        self._synced = time.monotonic()
+            store.upload_file(self.local, self.remote)
+            self._synced = time.monotonic()
 
 
 def cache_key(*parts: str) -> str:

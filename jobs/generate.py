@@ -139,6 +139,8 @@ def run(config: Config, ctx: StageContext) -> dict:
                     "category": row.get("source"),
                     "responses": answers,
                 }
+                if "end" in row:  # how the chat template closes an answer: label's pairs keep it
+                    record["end"] = row["end"]
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         counts[f"{split}.prompts"] = len(rows)
     if not any(key.endswith(".prompts") for key in counts):

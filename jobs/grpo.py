@@ -306,6 +306,7 @@ def run(config: Config, ctx: StageContext) -> dict:
         )
     eos = eos_ids_of(ds.module, tokenizer)
     rewards = Rewards(config.rewards, RewardModels(ctx, config.scorer))
+    rewards.check_examples(train_rows + eval_rows, train_where + eval_where)
     sampler = ShardedSampler(
         len(train_rows), config.prompts_per_iteration, config.seed, dist.rank(), dist.world_size()
     )

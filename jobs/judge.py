@@ -57,6 +57,8 @@ class JudgeConfig(BaseModel):
 _NUMBER = r"-?\d+(?:\.\d+)?"
 _MARKS = r"[\s*#>\-_]*(?:\d+[.)]\s*)?[*_]*"  # markdown and list markers before a name
 _TOTAL = re.compile(rf"^{_MARKS}total\b(.*)$", re.IGNORECASE | re.MULTILINE)
+# a total inside a line: JSON ('"Total": 12') or all criteria on one line ("... Total: 12")
+_INLINE_TOTAL = re.compile(rf"\btotal\b[\"'*_ ]*[:=]\s*[\"'*_]*\s*({_NUMBER})", re.IGNORECASE)
 _LINE = re.compile(
     rf"^{_MARKS}([^\W\d_][\w ]{{1,40}}?)[\s*_]*(?:\([^)\n]*\))?[\s*_]*[:=]\s*[*_]*\s*({_NUMBER})",
     re.MULTILINE,
@@ -76,8 +78,9 @@ def _total(line: str) -> float | None:
 
 
 def criteria_count(criteria: str) -> int | None:
-    """How many criteria a rubric lists (its '- ' lines); None for a rubric in prose."""
-    return sum(line.lstrip().startswith(("-", "*")) for line in criteria.splitlines()) or None
+    """How many criteria a rubric lists (its unindented '- ' lines: a nested bullet is a
+    note on one); None for a rubric in prose."""
+    return sum(line.startswith(("- ", "* ")) for line in criteria.splitlines()) or None
 
 
 def parse_judgement(text: str, criteria: int | None = None) -> float | None:
@@ -90,6 +93,8 @@ def parse_judgement(text: str, criteria: int | None = None) -> float | None:
     score = None
     if totals := _TOTAL.findall(text):
         score = _total(totals[-1])
+    elif inline := _INLINE_TOTAL.findall(text):
+        score = float(inline[-1])
     if score is None:
         lines = [
             float(value)

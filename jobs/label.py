@@ -224,6 +224,8 @@ def run(config: Config, ctx: StageContext) -> dict:
                     "source": row.get("category"),
                     "provenance": provenance,
                 }
+                if "end" in row:  # for DPO, as the data stage's pairs carry it
+                    record["end"] = row["end"]
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
                 written += 1
         counts["pairs"] = written
@@ -232,9 +234,9 @@ def run(config: Config, ctx: StageContext) -> dict:
     if labels is not None:  # a typo'd id would otherwise only show as an unlabelled prompt
         for where, row in labels:
             if str(row["id"]) not in known:
+                like = f" (its ids look like {min(known)!r})" if known else ""
                 raise BadInputError(
-                    f"{where}: field 'id': {row['id']!r} is no prompt of {config.candidates} "
-                    f"(its ids look like {sorted(known)[0]!r})"
+                    f"{where}: field 'id': {row['id']!r} is no prompt of {config.candidates}{like}"
                 )
     if not metrics.get("train.pairs"):
         detail = ", ".join(f"{k}={v}" for k, v in metrics.items() if k.startswith("train."))

@@ -26,7 +26,11 @@ from jobs.errors import BadInputError
 
 # A number as answers write it: a sign (ASCII or U+2212), thousands in groups of three
 # ("1,000"), a decimal part (".5" too), a fraction ("3/4"), an exponent ("1e3").
-NUMBER = r"[-\u2212]?(?=\.?\d)(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?(?:/\d+)?"
+# Not inside a word or after a digit ("GPT-4" is 4, "5-7" ends on 7, not -7).
+NUMBER = (
+    r"(?<![\w.])[-\u2212]?(?=\.?\d)(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)?(?:\.\d+)?"
+    r"(?:[eE][-+]?\d+)?(?:/\d+)?"
+)
 
 
 class RewardFunction(BaseModel):
@@ -217,6 +221,21 @@ class Rewards:
         self.checks = {
             spec.label: BUILT_IN[spec.kind](spec) for spec in specs if spec.kind != "reward_model"
         }
+
+    def check_examples(self, examples: list[dict], where: list[str]) -> None:
+        """Every example's reference answer readable, checked before the first rollout: a
+        row without one stops the stage at once, not when it is first drawn hours in."""
+        for spec in self.specs:
+            if spec.kind not in ("answer_match", "numeric_match"):
+                continue
+            check = self.checks[spec.label]
+            for example, place in zip(examples, where, strict=True):
+                if spec.answer_field not in example:
+                    raise BadInputError(
+                        f"{place}: reward {spec.label!r}: the example has no field "
+                        f"{spec.answer_field!r}"
+                    )
+                check("", "", example, place)  # reads the reference, raising where it has none
 
     def __call__(
         self, prompts: list[str], completions: list[str], examples: list[dict], where: list[str]

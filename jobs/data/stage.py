@@ -218,11 +218,11 @@ def record(example: Example, output: Output, prompt: str, tokenizer, chat: bool)
     if example.context:
         instruction = f"{instruction}\n\n{example.context}"
     # and its turns, for a chat endpoint or a model asked in its own chat template
-    return {
-        **base,
-        "instruction": instruction,
-        "messages": prompt_turns(example.messages, example.context),
-    }
+    turns = prompt_turns(example.messages, example.context)
+    row = {**base, "instruction": instruction, "messages": turns}
+    if chat:  # how the template closes an answer: pairs labelled from answers to it keep it
+        row["end"] = answer_end(tokenizer, turns)
+    return row
 
 
 def asked_text(example: Example) -> str:

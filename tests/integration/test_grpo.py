@@ -251,6 +251,8 @@ def test_gsm8k_answers_are_read_after_their_marker():
         ("1e3", "1000", 1.0),
         ("$18.", "18", 1.0),
         ("no idea", "18", 0.0),
+        ("Trained like GPT-4", "4", 1.0),  # a hyphen inside a word is no minus
+        ("5-7 apples", "7", 1.0),
     ],
 )
 def test_numbers_are_read_as_answers_write_them(completion, answer, reward):
@@ -273,6 +275,20 @@ def test_an_answer_field_without_an_answer_is_named_not_scored_zero():
     spec = RewardFunction(kind="numeric_match", answer_extract=r"####\s*(\d+)")
     with pytest.raises(BadInputError, match=r"f:1: reward 'numeric_match': field 'answer' .*\$18"):
         Rewards([spec])(["q"], ["18"], [{"answer": "#### $18"}], ["f:1"])
+
+
+def test_every_examples_answer_is_checked_before_the_first_rollout():
+    """A row whose answer holds no number stops the stage at once, named, not when it is
+    first drawn hours in."""
+    from jobs.errors import BadInputError
+    from jobs.rewards import RewardFunction, Rewards
+
+    rewards = Rewards([RewardFunction(kind="numeric_match"), RewardFunction(kind="json")])
+    examples = [{"answer": "12"}, {"answer": "1,000"}, {"answer": "about a dozen"}]
+    where = ["p/train.jsonl:1", "p/train.jsonl:2", "p/eval.jsonl:1"]
+    with pytest.raises(BadInputError, match=r"p/eval\.jsonl:1: reward 'numeric_match'"):
+        rewards.check_examples(examples, where)
+    rewards.check_examples(examples[:2], where[:2])  # the control
 
 
 def test_a_reward_of_any_real_number_type_is_taken(tmp_path, monkeypatch):

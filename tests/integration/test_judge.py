@@ -270,6 +270,18 @@ def test_judgement_parsing():
     assert parse_judgement("Total: 120", 3) is None
     assert parse_judgement("Helpfulness: 4\nHarmlessness: 5", 3) is None
     assert parse_judgement("Helpfulness: 4\nHarmlessness: 5\nClarity: 9", 3) is None
+    # a total in JSON, or on the criteria's one line
+    json_answer = '{"Helpfulness": 4, "Harmlessness": 5, "Clarity": 3, "Total": 12}'
+    assert parse_judgement(json_answer, 3) == 12
+    assert parse_judgement("Helpfulness: 4, Harmlessness: 5, Clarity: 3. Total: 12", 3) == 12
+
+
+def test_a_rubric_counts_its_criteria_not_their_notes():
+    from jobs.judge import criteria_count, parse_judgement
+
+    rubric = "- Helpfulness: answers it.\n  - e.g. steps\n- Clarity: clear.\n  * Note: short"
+    assert criteria_count(rubric) == 2
+    assert parse_judgement("Helpfulness: 3\nClarity: 2\nTotal: 5", criteria_count(rubric)) == 5
 
 
 def test_an_answer_cut_at_max_tokens_is_no_judgement(tiny_data, tmp_path, key):

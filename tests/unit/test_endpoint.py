@@ -105,3 +105,19 @@ def test_the_cache_reaches_the_store_as_it_fills(tmp_path):
     assert [json.loads(x)["key"] for x in store.read_text(remote).splitlines()] == ["k1"]
     again = Cache(output, "generate-x", tmp_path / "other.jsonl")
     assert again.get("k1") == {"text": "one", "finish_reason": "stop"}
+
+
+def test_a_push_that_fails_costs_a_warning_not_the_answers(tmp_path, capsys):
+    """The store down for a moment while the cache fills: the answers are kept here and
+    pushed at the next push; only the push at the end is the stage's to fail."""
+    output = tmp_path / "out"
+    cache = Cache(str(output), "generate-x", tmp_path / "local.jsonl", sync_s=0.0)
+    (output / "_progress").mkdir(parents=True)
+    (output / "_progress" / "generate-x.jsonl").mkdir()  # a folder where the file goes
+    cache.put("k1", {"text": "one", "finish_reason": "stop"})
+    assert "could not be pushed" in capsys.readouterr().err
+    assert cache.get("k1") == {"text": "one", "finish_reason": "stop"}
+    (output / "_progress" / "generate-x.jsonl").rmdir()
+    cache.put("k2", {"text": "two", "finish_reason": "stop"})
+    again = Cache(str(output), "generate-x", tmp_path / "other.jsonl")
+    assert again.get("k1") and again.get("k2")

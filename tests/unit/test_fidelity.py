@@ -393,6 +393,79 @@ def test_a_preference_pair_ends_its_answers_as_sft_trained_them(llama_style_toke
     assert plain[0][-1] == tokenizer.eos_token_id
 
 
+def test_pairs_labelled_from_generated_answers_end_as_sft_trained_them(
+    llama_style_tokenizer, tmp_path, monkeypatch
+):
+    """The other way to preference pairs: prompts (data) -> answers (generate) -> pairs
+    (label). The template's end of turn travels with the prompt to the pair, so DPO on
+    label's pairs ends answers as on the data stage's."""
+    from transformers import AutoTokenizer
+
+    from jobs import generate, label
+    from jobs.dpo import encode_pair
+    from tests.chat_server import ChatServer
+
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Question {n}?"},
+                {"role": "assistant", "content": "Paris."},
+            ]
+        }
+        for n in range(4)
+    ]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    run_stage(
+        "data",
+        data.Config(
+            output=str(tmp_path / "data"),
+            template="chat",
+            tokenizer=str(llama_style_tokenizer),
+            min_tokens=0,
+            dedup_threshold=None,
+            eval_fraction=0,
+            sources=[{"name": "c", "format": "sharegpt", "uri": str(tmp_path / "chats.jsonl")}],
+        ),
+        data.run,
+        workdir=tmp_path / "w-data",
+    )
+    monkeypatch.setenv("FIDELITY_KEY", "k-123")
+    answers = {"good": "Paris.", "bad": "Fine, thanks."}
+    with ChatServer(lambda body: (200, answers[body["model"]], {}), "k-123") as server:
+        sources = [
+            {
+                "name": name,
+                "endpoint": {"url": server.url, "model": name, "api_key_env": "FIDELITY_KEY"},
+            }
+            for name in answers
+        ]
+        run_stage(
+            "generate",
+            generate.Config(
+                output=str(tmp_path / "gen"), prompts=str(tmp_path / "data"), sources=sources
+            ),
+            generate.run,
+            workdir=tmp_path / "w-gen",
+        )
+    run_stage(
+        "label",
+        label.Config(
+            output=str(tmp_path / "label"),
+            candidates=str(tmp_path / "gen"),
+            method="source_rule",
+            prefer=["good", "bad"],
+        ),
+        label.run,
+        workdir=tmp_path / "w-label",
+    )
+    pairs = [json.loads(x) for x in (tmp_path / "label/pairs/train.jsonl").read_text().splitlines()]
+    assert len(pairs) == 4
+    tokenizer = AutoTokenizer.from_pretrained(llama_style_tokenizer)
+    chosen, mask, rejected, rejected_mask = encode_pair(tokenizer, pairs[0], max_len=256)
+    answer = tokenizer.decode([t for t, m in zip(chosen, mask, strict=True) if m])
+    assert answer == "Paris.<|eot_id|>"
+
+
 def test_an_answer_cut_at_max_seq_len_adds_no_stop_token():
     """A ChatML conversation with Qwen3-style added tokens (``<think>``): the end of turn
     is ``<|im_end|>`` alone, even with an answer cut short after its ``<think>``."""
