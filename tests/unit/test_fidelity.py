@@ -284,6 +284,25 @@ def llama_style_tokenizer(tmp_path_factory) -> Path:
     return root / "out" / "model"
 
 
+def chat_data(output: Path, tokenizer: Path, fmt: str, source: Path) -> None:
+    """The data stage over one source under the tokenizer's chat template, every row kept
+    and in train."""
+    run_stage(
+        "data",
+        data.Config(
+            output=str(output),
+            template="chat",
+            tokenizer=str(tokenizer),
+            min_tokens=0,
+            dedup_threshold=None,
+            eval_fraction=0,
+            sources=[{"name": "s", "format": fmt, "uri": str(source)}],
+        ),
+        data.run,
+        workdir=output.parent / f"w-{output.name}",
+    )
+
+
 def trained_spans(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
     spans, current = [], []
     for token, label in zip(ids, labels, strict=True):
@@ -310,20 +329,7 @@ def test_every_assistant_turn_is_trained_with_its_end_of_turn_and_bos_once(
         {"role": "assistant", "content": "Paris."},
     ]
     (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": conversation}) + "\n")
-    run_stage(
-        "data",
-        data.Config(
-            output=str(tmp_path / "out"),
-            template="chat",
-            tokenizer=str(llama_style_tokenizer),
-            min_tokens=0,
-            dedup_threshold=None,
-            eval_fraction=0,
-            sources=[{"name": "chats", "format": "sharegpt", "uri": str(tmp_path / "chats.jsonl")}],
-        ),
-        data.run,
-        workdir=tmp_path / "w",
-    )
+    chat_data(tmp_path / "out", llama_style_tokenizer, "sharegpt", tmp_path / "chats.jsonl")
     rows = [json.loads(x) for x in (tmp_path / "out/sft/train.jsonl").read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(llama_style_tokenizer)
     [(ids, labels)] = tokenize(rows, tokenizer, max_len=256)
@@ -356,20 +362,7 @@ def test_a_preference_pair_ends_its_answers_as_sft_trained_them(llama_style_toke
         }
     ]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    run_stage(
-        "data",
-        data.Config(
-            output=str(tmp_path / "out"),
-            template="chat",
-            tokenizer=str(llama_style_tokenizer),
-            min_tokens=0,
-            dedup_threshold=None,
-            eval_fraction=0,
-            sources=[{"name": "p", "format": "pairs", "uri": str(tmp_path / "pairs.jsonl")}],
-        ),
-        data.run,
-        workdir=tmp_path / "w",
-    )
+    chat_data(tmp_path / "out", llama_style_tokenizer, "pairs", tmp_path / "pairs.jsonl")
     [row] = [json.loads(x) for x in (tmp_path / "out/pairs/train.jsonl").read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(llama_style_tokenizer)
     chosen, chosen_mask, rejected, rejected_mask = encode_pair(tokenizer, row, max_len=256)
@@ -415,20 +408,7 @@ def test_pairs_labelled_from_generated_answers_end_as_sft_trained_them(
         for n in range(4)
     ]
     (tmp_path / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
-    run_stage(
-        "data",
-        data.Config(
-            output=str(tmp_path / "data"),
-            template="chat",
-            tokenizer=str(llama_style_tokenizer),
-            min_tokens=0,
-            dedup_threshold=None,
-            eval_fraction=0,
-            sources=[{"name": "c", "format": "sharegpt", "uri": str(tmp_path / "chats.jsonl")}],
-        ),
-        data.run,
-        workdir=tmp_path / "w-data",
-    )
+    chat_data(tmp_path / "data", llama_style_tokenizer, "sharegpt", tmp_path / "chats.jsonl")
     monkeypatch.setenv("FIDELITY_KEY", "k-123")
     answers = {"good": "Paris.", "bad": "Fine, thanks."}
     with ChatServer(lambda body: (200, answers[body["model"]], {}), "k-123") as server:
