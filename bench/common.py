@@ -128,7 +128,7 @@ class TrainerClock:
     def __init__(self, skip_steps: int = 0) -> None:
         """``skip_steps``: the first steps (kernel builds, warm-up) are not counted."""
         self.seconds, self.tokens, self._started = 0.0, 0, 0.0
-        self.skip_steps, self._steps = skip_steps, 0
+        self.skip_steps, self._steps, self._batches = skip_steps, 0, 0
 
     def callback(self):
         from transformers import TrainerCallback
@@ -137,7 +137,8 @@ class TrainerClock:
 
         class Clock(TrainerCallback):
             def on_train_begin(self, args, state, control, **kwargs):
-                clock.tokens = 0  # batches collated before (precomputing references) do not count
+                # batches collated before (precomputing references) do not count
+                clock.tokens = clock._batches = 0
 
             def on_step_begin(self, args, state, control, **kwargs):
                 clock._started = time.perf_counter()
@@ -158,16 +159,19 @@ class TrainerClock:
         def counting(features):
             batch = collate(features)
             self.tokens += int(sum(v.sum() for k, v in batch.items() if "attention_mask" in k))
+            self._batches += 1
             return batch
 
         trainer.data_collator = counting
 
     @property
     def tokens_per_s(self) -> float:
-        # Batches are collated ahead of their step (prefetch), so the skipped steps' share
-        # of the tokens is taken as the average step's.
+        # Batches are collated ahead of their step (prefetch: one more than the steps run),
+        # so a timed step's tokens are taken as the average collated batch's.
         timed = self._steps - min(self.skip_steps, self._steps)
-        return self.tokens / max(self._steps, 1) * timed / self.seconds
+        if timed == 0 or self.seconds <= 0:
+            raise ValueError(f"no timed step: {self._steps} run, {self.skip_steps} skipped")
+        return self.tokens / max(self._batches, 1) * timed / self.seconds
 
     def train(self, trainer_class, **kwargs) -> dict:
         """Build a TRL trainer with this clock attached, train it, give its throughput."""

@@ -1,9 +1,9 @@
 """GPU benchmarks at the shape of polyglot-ko-1.3b (GPT-NeoX, hidden 2048, 24 layers, 16 heads,
 vocab 30080; 1.33B parameters), one NVIDIA GPU, bf16, in one run:
 
-- sft: our stage (as configured by default, and with ``train.compile``: torch.compile
-  inside the engine) against a plain PyTorch loop (pure bf16 weights, fused AdamW) and
-  TRL's SFTTrainer, at sequence 1024 and 2048;
+- sft: our stage (bf16 and ZeRO-2, as a GPU recipe sets them, otherwise its defaults; and
+  with ``train.compile``: torch.compile inside the engine) against a plain PyTorch loop
+  (pure bf16 weights, fused AdamW) and TRL's SFTTrainer, at sequence 1024 and 2048;
 - reward and dpo: our stages (default and compiled) against TRL's RewardTrainer and
   DPOTrainer;
 - ppo: a 1.33B actor with a 350M reward model and critic (prompts up to 256 tokens, 256
@@ -51,8 +51,20 @@ SHAPES = {
     "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
 }
 VOCAB = 30080
-# Dense bf16 peak and memory bandwidth by device name (datasheets; SXM parts).
-GPUS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
+# Dense bf16 peak and memory bandwidth by the device's exact name (NVIDIA datasheets): a
+# name not listed gets no MFU or decode floor (its name is in the report), rather than
+# another part's figures (an H100 PCIe is not an SXM one, a GH200 not an H200).
+GPUS = {
+    "NVIDIA H100 80GB HBM3": (989e12, 3.35e12),  # SXM5
+    "NVIDIA H100 PCIe": (756e12, 2.0e12),
+    "NVIDIA H100 NVL": (835e12, 3.9e12),
+    "NVIDIA H200": (989e12, 4.8e12),  # SXM
+    "NVIDIA H200 NVL": (835e12, 4.8e12),
+    "NVIDIA A100-SXM4-80GB": (312e12, 2.039e12),
+    "NVIDIA A100-SXM4-40GB": (312e12, 1.555e12),
+    "NVIDIA A100 80GB PCIe": (312e12, 1.935e12),
+    "NVIDIA A100-PCIE-40GB": (312e12, 1.555e12),
+}
 CASES = ("sft", "reward", "dpo", "ppo", "generate", "evaluate")
 # What runs for each case, in one run: ours by default and with train.compile, against the
 # references; PPO with each way to decode (DECODES).
@@ -68,11 +80,12 @@ IMPLEMENTATIONS = {
 ROLLOUT_CASES = ("ppo", "generate", "evaluate")
 
 
-def gpu_limits() -> tuple[float | None, float | None]:
-    if not torch.cuda.is_available():
-        return None, None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in GPUS.items() if k in name), (None, None))
+def gpu_limits(name: str | None = None) -> tuple[float | None, float | None]:
+    if name is None:
+        if not torch.cuda.is_available():
+            return None, None
+        name = torch.cuda.get_device_name()
+    return GPUS.get(name.strip(), (None, None))
 
 
 # --- inputs: models of the benchmark's shapes and data of the benchmark's lengths -----------
@@ -174,25 +187,46 @@ def prepare(root: Path, tiny: bool, seqs: list[int], rows: int) -> None:
 
 
 def steady_rate(lines: list[dict]) -> float:
-    """Median tokens/s of the logged windows after the first (kernel builds, warm-up)."""
+    """Tokens/s over the logged windows after the first (kernel builds, warm-up): their
+    harmonic mean, which for windows of one size is their tokens over their time, as
+    TrainerClock gives TRL's (a median would drop our slow windows and not TRL's)."""
     rates = [m["tokens_per_s"] for m in lines if "tokens_per_s" in m]
-    return statistics.median(rates[1:] if len(rates) > 1 else rates)
+    return statistics.harmonic_mean(rates[1:] if len(rates) > 1 else rates)
 
 
 def figures(rate: float, params: int, peak_gib: float) -> dict:
+    """Throughput, and MFU as 6 x N FLOPs a token (N: the parameters a token's matmuls use;
+    attention's own FLOPs left out, as the usual 6N figure does) against the dense peak."""
     peak_flops, _ = gpu_limits()
     out = {"tokens_per_s": round(rate, 1), "peak_memory_gib": round(peak_gib, 2)}
     if peak_flops:
         out["mfu"] = round(rate * 6 * params / peak_flops, 4)
+        out["mfu_parameters"] = params
     return out
 
 
-def parameter_count(model_dir: Path) -> int:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def matmul_parameters(model_dir: Path, case: str = "sft") -> int:
+    """The parameters a token's matmuls use in the model ``case`` trains: all but the input
+    embedding (a lookup, unless it is tied to the LM head), and for a reward model its
+    score head, not an LM head it does not have."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
 
+    config = AutoConfig.from_pretrained(model_dir)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    return sum(p.numel() for p in model.parameters())
+        if case == "reward":
+            config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = output is not None and output.weight is embedding
+    return total if tied else total - embedding.numel()
 
 
 def ours(case: str, root: Path, seq: int, args, compiled: bool = False) -> dict:
@@ -227,7 +261,7 @@ def ours(case: str, root: Path, seq: int, args, compiled: bool = False) -> dict:
     output = Path(config.output)
     lines = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
     peak = read_manifest(str(output)).metrics.get("cuda_peak_memory_gib", 0.0)
-    return figures(steady_rate(lines), parameter_count(root / "actor" / "model"), peak)
+    return figures(steady_rate(lines), matmul_parameters(root / "actor" / "model", case), peak)
 
 
 def plain(case: str, root: Path, seq: int, args) -> dict:
@@ -261,7 +295,7 @@ def plain(case: str, root: Path, seq: int, args) -> dict:
             rates.append({"tokens_per_s": tokens / (time.perf_counter() - started)})
             tokens, started = 0, time.perf_counter()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-    return figures(steady_rate(rates), parameter_count(model_dir), peak)
+    return figures(steady_rate(rates), matmul_parameters(model_dir, case), peak)
 
 
 def trl(case: str, root: Path, seq: int, args) -> dict:
@@ -347,7 +381,7 @@ def trl(case: str, root: Path, seq: int, args) -> dict:
             processing_class=tokenizer,
         )
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-    return figures(clock.tokens_per_s, parameter_count(model_dir), peak)
+    return figures(clock.tokens_per_s, matmul_parameters(model_dir, case), peak)
 
 
 # The rollout's KV cache and decode step: transformers' dynamic cache; the static one run
@@ -427,7 +461,8 @@ def decode_floor(root: Path, generation_s: float, new_tokens: int, batch: int) -
     from transformers import AutoConfig
 
     model = AutoConfig.from_pretrained(root / "actor" / "model")
-    weights = 2 * parameter_count(root / "actor" / "model")
+    # bf16 weights a decode step reads whole: the embedding table is read a row a sequence
+    weights = 2 * matmul_parameters(root / "actor" / "model")
     context = 256 + new_tokens / 2
     kv = 2 * model.num_hidden_layers * model.hidden_size * 2 * context * batch
     floor_s = (weights + kv) / bandwidth

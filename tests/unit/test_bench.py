@@ -97,3 +97,48 @@ def test_each_side_counts_its_median_run_and_keeps_every_run():
     figures = median_runs(runs)
     assert figures["ours"] == {"tokens_per_s": 200.0, "runs_tokens_per_s": [300, 100, 200]}
     assert figures["trl"] == {"tokens_per_s": 50.0, "steps": 1, "runs_tokens_per_s": [50, 70]}
+
+
+def test_the_gpu_figures_are_a_parts_own_or_none():
+    """An H100 PCIe has its own peak and bandwidth, not the SXM part's; a part not listed
+    (a GH200) gets no MFU or decode floor rather than another's."""
+    from bench.gpu import gpu_limits
+
+    assert gpu_limits("NVIDIA H100 80GB HBM3") == (989e12, 3.35e12)
+    assert gpu_limits("NVIDIA H100 PCIe") == (756e12, 2.0e12)
+    assert gpu_limits("NVIDIA H200") == (989e12, 4.8e12)
+    assert gpu_limits("NVIDIA GH200 480GB") == (None, None)
+
+
+def test_mfu_counts_the_parameters_a_tokens_matmuls_use(tiny):
+    """Not the input embedding (a lookup), and for a reward model its score head, not an LM
+    head it does not have."""
+    from transformers import AutoModelForCausalLM
+
+    from bench.gpu import matmul_parameters
+
+    model = AutoModelForCausalLM.from_pretrained(tiny / "model")
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight.numel()
+    hidden = model.config.hidden_size
+    assert matmul_parameters(tiny / "model") == total - embedding
+    assert matmul_parameters(tiny / "model", "reward") == total - embedding - head + hidden
+
+
+def test_both_sides_count_tokens_over_time_after_the_warm_up():
+    """Ours: windows of one size after the first, tokens over time (their harmonic mean, not
+    a median that would drop only our slow windows); TRL: a timed step's tokens the average
+    collated batch's (one batch is collated ahead of the steps)."""
+    import pytest
+
+    from bench.common import TrainerClock
+    from bench.gpu import steady_rate
+
+    windows = [{"tokens_per_s": r} for r in (10.0, 100.0, 100.0, 25.0)]
+    assert steady_rate(windows) == pytest.approx(3 / (1 / 100 + 1 / 100 + 1 / 25))
+    clock = TrainerClock(skip_steps=1)
+    clock._steps, clock._batches, clock.tokens, clock.seconds = 4, 5, 500, 3.0
+    assert clock.tokens_per_s == pytest.approx(100 * 3 / 3.0)
+    with pytest.raises(ValueError, match="no timed step"):
+        _ = TrainerClock(skip_steps=5).tokens_per_s
