@@ -91,7 +91,7 @@ class Cache:
             due = time.monotonic() - self._synced > self.sync_s
             if due:  # a copy of the file as it is, uploaded outside the lock
                 self._synced = time.monotonic()
-                snapshot = self.local.with_suffix(f".{threading.get_ident()}.push")
+                snapshot = self.local.parent / f"{self.local.name}.{threading.get_ident()}.push"
                 shutil.copyfile(self.local, snapshot)
         if due:
             try:
