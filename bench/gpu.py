@@ -224,7 +224,7 @@ def matmul_parameters(model_dir: Path, case: str = "sft") -> int:
             model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
     embedding = model.get_input_embeddings().weight
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output = model.get_output_embeddings()  # None for a sequence classifier
     tied = output is not None and output.weight is embedding
     return total if tied else total - embedding.numel()
 

@@ -124,10 +124,10 @@ def human_choices(rows: list[dict], labels: list[tuple[str, dict]]) -> dict[str,
         picks = []
         for field in ("chosen", "rejected"):
             try:  # 1.0 too: a spreadsheet's or pandas' export of a number column
-                number = float(str(label[field]).strip())
+                number: float | None = float(str(label[field]).strip())
             except ValueError:
-                number = 0.5
-            if not number.is_integer():
+                number = None
+            if number is None or not number.is_integer():
                 raise BadInputError(
                     f"{where}: field {field!r}: {label[field]!r} is not a response index"
                 )

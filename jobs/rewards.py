@@ -92,7 +92,11 @@ def extracted(completion: str, extract: str | None, default: str | None) -> str 
 def reference(spec: RewardFunction, example: dict, default: str | None, where: str) -> str:
     """The example's answer: its field, or what ``answer_extract`` finds in it. One that
     cannot be read is the data's fault (or the pattern's), named: otherwise every answer
-    would score 0 and the run train on nothing."""
+    would score 0 and the run train on nothing; so is an example without the field."""
+    if spec.answer_field not in example:
+        raise BadInputError(
+            f"{where}: reward {spec.label!r}: the example has no field {spec.answer_field!r}"
+        )
     expected = extracted(str(example[spec.answer_field]), spec.answer_extract, default)
     if expected is None:
         how = f"answer_extract {spec.answer_extract!r}" if spec.answer_extract else "a number"
@@ -230,11 +234,6 @@ class Rewards:
                 continue
             check = self.checks[spec.label]
             for example, place in zip(examples, where, strict=True):
-                if spec.answer_field not in example:
-                    raise BadInputError(
-                        f"{place}: reward {spec.label!r}: the example has no field "
-                        f"{spec.answer_field!r}"
-                    )
                 check("", "", example, place)  # reads the reference, raising where it has none
 
     def __call__(
@@ -255,13 +254,6 @@ class Rewards:
             for prompt, completion, example, place in zip(
                 prompts, completions, examples, where, strict=True
             ):
-                if spec.kind in ("answer_match", "numeric_match") and (
-                    spec.answer_field not in example
-                ):
-                    raise BadInputError(
-                        f"{place}: reward {spec.label!r}: the example has no field "
-                        f"{spec.answer_field!r}"
-                    )
                 try:
                     value = check(prompt, completion, example, place)
                 except BadInputError:

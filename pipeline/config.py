@@ -221,11 +221,7 @@ def plan(path: str, run_id: str | None = None, store_uri: str | None = None) -> 
             raise BadInputError(f"{path}: stages.{name}: {why}")
         model = stage_module(stage).Config
         typed = validate(model, config, path, prefix=f"stages.{name}.config")
-        stages.append(
-            PlannedStage(
-                name=name, stage=stage, config=typed, spec=pipeline.stages[name], needs=needs
-            )
-        )
+        stages.append(PlannedStage(name=name, stage=stage, config=typed, spec=spec, needs=needs))
     return Plan(
         name=pipeline.name,
         run_id=run_id,

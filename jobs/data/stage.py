@@ -163,6 +163,17 @@ def token_counter(config: Config, ctx: StageContext):
     return tokenizer, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+# What the manifest counts per source, from what was read to what each filter dropped.
+COUNTS = (
+    "read",
+    "dropped_empty",
+    "dropped_short",
+    "dropped_same_pair",
+    "dropped_duplicate",
+    "dropped_mix",
+)
+
+
 def mix(
     groups: dict[str, list[Example]],
     sources: list[SourceConfig],
@@ -250,8 +261,8 @@ def split_prompts(keys: list[str], config: Config) -> dict[str, list[str]]:
     """Each prompt's side by where its point falls: below eval_fraction eval, then
     judge_fraction judge, the rest train. The shares are the fractions up to chance (a
     binomial count); a share asked for is at least one prompt (5% of 9 is not none)."""
-    ranked = sorted(keys, key=lambda key: split_point(config.seed, key))
-    points = [split_point(config.seed, key) for key in ranked]
+    placed = sorted((split_point(config.seed, key), key) for key in keys)
+    points, ranked = [point for point, _ in placed], [key for _, key in placed]
     eval_end = bisect.bisect_left(points, config.eval_fraction)
     judge_end = bisect.bisect_left(points, config.eval_fraction + config.judge_fraction)
     eval_end = max(eval_end, int(config.eval_fraction > 0))
@@ -279,20 +290,7 @@ def run(config: Config, ctx: StageContext) -> dict:
 
     # Read and drop the short ones.
     for source in config.sources:
-        kept, c = (
-            [],
-            dict.fromkeys(
-                (
-                    "read",
-                    "dropped_empty",
-                    "dropped_short",
-                    "dropped_same_pair",
-                    "dropped_duplicate",
-                    "dropped_mix",
-                ),
-                0,
-            ),
-        )
+        kept, c = [], dict.fromkeys(COUNTS, 0)
         for example in read_source(source, ctx):
             c["read"] += 1
             if any(not output.strip() for output in example.outputs):

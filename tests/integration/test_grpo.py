@@ -289,6 +289,8 @@ def test_every_examples_answer_is_checked_before_the_first_rollout():
     with pytest.raises(BadInputError, match=r"p/eval\.jsonl:1: reward 'numeric_match'"):
         rewards.check_examples(examples, where)
     rewards.check_examples(examples[:2], where[:2])  # the control
+    with pytest.raises(BadInputError, match=r"p/train\.jsonl:1: .*has no field 'answer'"):
+        rewards.check_examples([{"solution": "12"}], where[:1])
 
 
 def test_a_reward_of_any_real_number_type_is_taken(tmp_path, monkeypatch):
