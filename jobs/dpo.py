@@ -216,6 +216,9 @@ def run(config: Config, ctx: StageContext) -> dict:
     total_steps = config.total_steps(sampler, cfg.gradient_accumulation_steps)
     model = engine.load_model(AutoModelForCausalLM, source, cfg)
     ds = engine.initialize(model, cfg, total_steps)
+    # The reference's log-probs were taken without dropout; the policy's are too (TRL's
+    # disable_dropout, on by default), or an unchanged policy's margins would be noise.
+    engine.train_without_dropout(ds.module)
     state = engine.resume(ds, ctx)
 
     def eval_metrics() -> dict:

@@ -236,6 +236,26 @@ def initialize(model, cfg: EngineConfig, total_steps: int, task_type: str = "CAU
     return engine
 
 
+def train_without_dropout(module) -> None:
+    """Train mode, every dropout off (TRL's ``disable_dropout_in_model``): transformers runs
+    gradient checkpointing only in train mode (a model fresh from ``from_pretrained`` is in
+    eval mode, and DeepSpeed's engine leaves it so), and without dropout the training
+    forward is the policy that sampled, so a first step's ratio is exactly 1.
+
+    Beyond TRL's ``nn.Dropout`` layers: most transformers attentions (GPT-NeoX, Llama, OPT)
+    keep their dropout as a float handed to the attention kernel, and OPT's decoder drops
+    whole layers (``layerdrop``) in train mode; those are zeroed too."""
+    import torch
+
+    module.train()
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Dropout):
+            layer.p = 0.0
+        for name, value in list(vars(layer).items()):
+            if isinstance(value, float) and ("dropout" in name or name == "layerdrop"):
+                setattr(layer, name, 0.0)
+
+
 @contextmanager
 def for_generation(engine, gather: bool = True):
     """The engine's model ready to generate, and whether its ranks must step together

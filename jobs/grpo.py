@@ -48,7 +48,6 @@ from jobs.rollout import (
     sample_rows,
     seconds_since,
     token_logprobs,
-    train_without_dropout,
     untouched_generators,
     update_config,
     whiten,
@@ -294,7 +293,7 @@ def run(config: Config, ctx: StageContext) -> dict:
     ds = engine.initialize(
         engine.load_model(AutoModelForCausalLM, actor_path, cfg), cfg, total_steps
     )
-    train_without_dropout(ds.module)
+    engine.train_without_dropout(ds.module)
     zero3 = cfg.zero_stage == 3
     reference = None
     if not config.reference_free:

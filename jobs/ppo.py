@@ -202,6 +202,10 @@ class Models:
         critic_train = update_config(config.critic_train, config.minibatch_size, "critic_train")
         self.actor = engine.initialize(actor, actor_train, total_steps)
         self.critic = engine.initialize(critic, critic_train, total_steps, task_type="SEQ_CLS")
+        # The update's forwards without dropout too (TRL disables it in every model): with
+        # it, the ratio of an unchanged policy is noise and the clip cuts gradients at random.
+        engine.train_without_dropout(self.actor.module)
+        engine.train_without_dropout(self.critic.module)
         self.reference = engine.initialize_frozen(reference, frozen)
         self.reward = engine.initialize_frozen(reward, frozen)
         self.eos = eos_ids_of(actor, self.tokenizer)
@@ -214,8 +218,7 @@ def rollout(models: Models, prompts: list[str], config: Config, seed: int) -> di
         samples = sample(
             actor, models.tokenizer, prompts, config.sampling, models.eos, seed, synced_gpus=synced
         )
-    # Dropout off while scoring too (DeepSpeed-Chat and TRL do the same): the old log-probs
-    # and values must be those of the policy the update compares against.
+    # Eval mode while scoring: no activation checkpointing where nothing is trained.
     trained = (models.actor.module, models.critic.module)
     for module in trained:
         module.eval()

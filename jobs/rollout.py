@@ -65,17 +65,6 @@ def sample_rows(
     ]
 
 
-def train_without_dropout(module) -> None:
-    """Train mode, every dropout off (TRL's ``disable_dropout_in_model``): transformers runs
-    gradient checkpointing only in train mode (a model fresh from ``from_pretrained`` is in
-    eval mode, and DeepSpeed's engine leaves it so), and without dropout the training
-    forward is the policy that sampled, so a first step's ratio is exactly 1."""
-    module.train()
-    for layer in module.modules():
-        if isinstance(layer, torch.nn.Dropout):
-            layer.p = 0.0
-
-
 def untouched_generators():
     """The RNG of CPU and GPU restored, after the block, to what they were before it:
     sample answers for the log draw no numbers from the stream training goes on with."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -132,6 +134,26 @@ def run_entrypoint(
         env={**os.environ, **(env or {})},
         timeout=900,
     )
+
+
+def with_dropout(source: Path, output: Path, p: float = 0.3) -> str:
+    """The model at ``source`` with dropout ``p`` in every place a GPT-NeoX has one (hidden
+    states, attention weights, a classifier's head), as a finished stage output."""
+    from jobs.contract import StageConfig, run_stage
+
+    def copy(config, ctx):
+        shutil.copytree(source, ctx.out_dir / "model")
+        path = ctx.out_dir / "model" / "config.json"
+        settings = json.loads(path.read_text())
+        for name in ("hidden_dropout", "attention_dropout", "classifier_dropout"):
+            settings[name] = p
+        path.write_text(json.dumps(settings))
+        return {"dropout": p}
+
+    run_stage(
+        "dropout", StageConfig(output=str(output)), copy, workdir=output.parent / f"w-{output.name}"
+    )
+    return str(output / "model")
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import yaml
 
 from jobs.contract import read_manifest
 from jobs.dpo import collate, dpo_loss, encode_pair, sequence_logps
-from tests.conftest import ROOT, run_entrypoint
+from tests.conftest import ROOT, run_entrypoint, with_dropout
 
 pytestmark = pytest.mark.slow
 
@@ -56,6 +56,28 @@ def test_dpo_raises_held_out_preference_accuracy_and_margin(tiny, tiny_data, tmp
     assert metrics["eval_accuracy"] >= 0.9 and metrics["eval_margin"] > 0.5
     assert (tmp_path / "dpo" / "reference_logps.pt").is_file()
     assert_prefers_chosen(tmp_path / "dpo" / "model", tiny / "model", tiny_data)
+
+
+def test_the_policy_trains_without_dropout(tiny, tiny_data, tmp_path):
+    """A model with dropout 0.3 in its config: its first step, before any update, is the
+    reference exactly (the reference's log-probs were taken without dropout), so the loss
+    is log 2 and the margin 0; with dropout they are noise."""
+    config = {
+        "output": str(tmp_path / "dpo"),
+        "model": with_dropout(tiny / "model", tmp_path / "dropout"),
+        "data": str(tiny_data),
+        "max_seq_len": 96,
+        "max_steps": 1,
+        "eval_every": 100,
+        "seed": 0,
+        "train": {"learning_rate": 1e-3, "micro_batch_size": 8},
+    }
+    result = run_entrypoint("dpo", config, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    (step,) = [m for m in lines if "margin" in m]
+    assert step["loss"] == pytest.approx(math.log(2), abs=1e-4), step
+    assert step["margin"] == pytest.approx(0, abs=1e-4), step
 
 
 def assert_prefers_chosen(policy_dir: Path, reference_dir: Path, data_dir: Path) -> None:

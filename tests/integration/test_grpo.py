@@ -14,7 +14,7 @@ import pytest
 
 from jobs.contract import read_manifest
 from jobs.errors import EXIT_BAD_INPUT
-from tests.conftest import ROOT, run_entrypoint
+from tests.conftest import ROOT, run_entrypoint, with_dropout
 
 pytestmark = pytest.mark.slow
 
@@ -109,6 +109,20 @@ def test_with_the_reward_negated_the_accuracy_falls(warm, tiny, tmp_path):
     metrics = read_manifest(str(tmp_path / "neg")).metrics
     # 0.77 -> 0.30 after 20 iterations with the same seeds: the update follows the sign.
     assert metrics["eval_correct"] < metrics["eval_correct_start"] - 0.2
+
+
+def test_the_policy_is_updated_without_dropout(warm, tiny, tmp_path):
+    """A policy with dropout 0.3 in its config is trained without it (as TRL does): the one
+    update of a rollout sees the policy that sampled it, and the clip stops no token's
+    gradient (with dropout, hidden or in the attention, the ratio is noise)."""
+    actor = with_dropout(warm / "model", tmp_path / "actor")
+    config = grpo_config(
+        warm, tiny, tmp_path / "grpo", actor=actor, iterations=1, minibatch_size=64, eval_prompts=8
+    )
+    result = run_entrypoint("grpo", config, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [m for m in metrics_lines(tmp_path / "grpo") if "clip_fraction" in m]
+    assert line["clip_fraction"] == 0.0, line
 
 
 def test_stopped_at_its_last_iteration_the_stage_reports_what_it_ended_with(warm, tiny, tmp_path):

@@ -23,7 +23,7 @@ import yaml
 
 from jobs import store
 from jobs.contract import read_manifest, run_stage
-from tests.conftest import ROOT, free_port, run_entrypoint
+from tests.conftest import ROOT, free_port, run_entrypoint, with_dropout
 
 pytestmark = pytest.mark.slow
 
@@ -375,6 +375,28 @@ def test_ptx_adaptive_kl_ema_and_a_lora_critic(demo, tmp_path):
     exported = load_file(str(tmp_path / "opt" / "model" / "model.safetensors"))
     start = load_file(str(demo / "sft" / "model" / "model.safetensors"))
     assert any(not (exported[k] == start[k]).all() for k in start)
+
+
+def test_ppo_updates_actor_and_critic_without_dropout(demo, tmp_path):
+    """Actor and critic with dropout 0.3 in their configs: PPO trains them without it (as
+    TRL does), so its one update of a rollout sees the policy that sampled the rollout and
+    the clip stops no token's gradient (with dropout, the ratio is noise and it stops
+    some)."""
+    config = ppo_config(
+        demo,
+        tmp_path / "ppo",
+        str(demo / "reward" / "model"),
+        actor=with_dropout(demo / "sft" / "model", tmp_path / "actor"),
+        critic=with_dropout(demo / "reward" / "model", tmp_path / "critic"),
+        iterations=1,
+        ppo_epochs=1,
+        rollout_batch_size=16,
+        minibatch_size=16,
+    )
+    result = run_entrypoint("ppo", config, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [m for m in metrics_lines(tmp_path / "ppo") if "clip_fraction" in m]
+    assert line["clip_fraction"] == 0.0, line
 
 
 def test_the_missing_eos_penalty_teaches_the_policy_to_finish_its_answers(demo, tmp_path):

@@ -301,13 +301,15 @@ def test_the_policy_trains_in_train_mode_without_dropout(tiny):
     policy's, so the ratio of a first step is exactly 1."""
     from transformers import AutoModelForCausalLM
 
-    from jobs.rollout import train_without_dropout
-
-    model = AutoModelForCausalLM.from_pretrained(tiny / "model", hidden_dropout=0.5)
+    # hidden dropout is an nn.Dropout layer, GPT-NeoX's attention dropout a float it hands
+    # the attention kernel
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny / "model", hidden_dropout=0.5, attention_dropout=0.5
+    )
     assert not model.training
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     with torch.no_grad():
         sampled = model(ids).logits
-    train_without_dropout(model)
+    engine.train_without_dropout(model)
     assert model.training
     torch.testing.assert_close(model(ids).logits, sampled)
