@@ -242,6 +242,33 @@ def test_a_parquet_file_is_read_in_batches_to_its_last_row(tmp_path):
     assert read[-1].where == "big.parquet: row 2499"
 
 
+def test_the_first_parquet_row_comes_without_the_whole_table_in_memory(tmp_path):
+    """A data set of many GB is read a batch at a time: when its first row is handed on,
+    Arrow holds a small share of the table (what reading it whole holds, measured in the
+    same test, is the control)."""
+    import gc
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"instruction": f"Say {n}. " + "x" * 1000, "output": str(n)} for n in range(40000)]
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=1024)
+    del rows
+    gc.collect()
+    before = pa.total_allocated_bytes()
+    read = rows_from_file(path, path.name)
+    assert next(read).data["output"] == "0"
+    streamed = pa.total_allocated_bytes() - before
+    read.close()
+    gc.collect()
+    before = pa.total_allocated_bytes()
+    table = pq.read_table(path)
+    whole = pa.total_allocated_bytes() - before
+    assert table.num_rows == 40000 and whole > 40_000_000
+    assert streamed < whole / 4, (streamed, whole)
+
+
 def test_an_alpaca_input_of_spaces_is_no_input():
     from jobs.data.readers import Row, read_alpaca
 
