@@ -42,6 +42,34 @@ def force_eos(model, eos_id: int, strength: float) -> None:
         head[eos_id] = strength * v
 
 
+def test_the_repetition_penalty_leaves_padding_out_when_the_pad_token_is_eos(
+    model_and_tokenizer,
+):
+    """A tokenizer without a pad token pads with EOS (Llama's and GPT-2's do): the padding
+    of a short prompt in a batch is not a repetition of EOS. EOS's logit is just above a
+    second token's: a prompt ends at once alone, and must in a batch beside a longer one
+    (transformers 5 leaves the padding that the attention mask names out of its penalty:
+    this holds the sampler to handing the mask on, and transformers to keeping it so)."""
+    model, tokenizer = model_and_tokenizer
+    tokenizer.pad_token = tokenizer.eos_token
+    eos = tokenizer.eos_token_id
+    force_eos(model, eos, 1.0)
+    other = (eos + 1) % model.config.vocab_size
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[other] = 0.9 * head[eos]
+    short, long = PROMPTS[0], PROMPTS[1]
+    assert eos not in tokenizer(short)["input_ids"]  # alone, nothing penalises EOS
+    config = SamplingConfig(do_sample=False, max_new_tokens=4, repetition_penalty=1.3)
+    [[alone]] = generate(model, tokenizer, [short], config)
+    assert (alone.tokens, alone.finish_reason) == ([], "eos")
+    [[beside], _] = generate(model, tokenizer, [short, long], config)
+    assert (beside.tokens, beside.finish_reason) == ([], "eos")
+    # the control: a penalty that bites where EOS really is a repetition, in the prompt
+    [[repeated]] = generate(model, tokenizer, [short + tokenizer.eos_token], config)
+    assert repeated.tokens[:1] == [other]
+
+
 def test_a_model_forced_to_end_at_once_gives_empty_responses(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     force_eos(model, tokenizer.eos_token_id, 50.0)
