@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import stat
@@ -294,8 +295,9 @@ class ProgressLog:
         # A tracking run is this config on these inputs: a re-run on changed inputs (the
         # config, holding their URIs, hashes the same) gets a run of its own.
         key = key or run_key(config)
+        self.key, self.lineage = key[:16], self._lineage(key[:16])
         self.sinks = open_sinks(
-            out_dir, name, config.model_dump(mode="json"), config.config_hash(), key
+            out_dir, name, config.model_dump(mode="json"), config.config_hash(), key, self.lineage
         )
         self.total: int | None = None
         self.started = time.time()
@@ -308,6 +310,17 @@ class ProgressLog:
         # Whether this attempt has taken the progress over (resumed it, or logged): before
         # that, its empty files must not replace an earlier attempt's records.
         self._taken_over = False
+
+    def _lineage(self, key: str) -> str:
+        """The interrupted attempt's token where the store shows one of this config (this
+        attempt goes on with its run), else a new one: the progress is cleared when an
+        output is published, so a finished config run again starts a lineage of its own."""
+        path = store.join(self.remote, STATUS)
+        if store.exists(path):
+            status = json.loads(store.read_text(path))
+            if status.get("key") == key and status.get("lineage"):
+                return status["lineage"]
+        return secrets.token_hex(4)
 
     def log(self, record: dict[str, Any]) -> None:
         self._taken_over = True
@@ -349,6 +362,8 @@ class ProgressLog:
             "time": self.last.get("time", round(time.time(), 3)),  # of the newest step
             "metrics": self.last,
             "state": state,
+            "key": self.key,
+            "lineage": self.lineage,
         }
         if state != "running":
             status |= {"ended": round(time.time(), 3), "error": error}

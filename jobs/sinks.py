@@ -277,7 +277,13 @@ class WandbSink:
     under ``WANDB_DIR`` for a later ``wandb sync``."""
 
     def __init__(
-        self, stage: str, run: str, config: dict[str, Any], config_hash: str, key: str
+        self,
+        stage: str,
+        run: str,
+        config: dict[str, Any],
+        config_hash: str,
+        key: str,
+        lineage: str = "",
     ) -> None:
         import wandb
 
@@ -286,7 +292,11 @@ class WandbSink:
             group=run,
             job_type=stage,
             name=f"{run}-{stage}",
-            id=f"{run}-{stage}-{key[:8]}",  # a retried stage goes on in its run
+            # A retried attempt goes on in its run (the lineage is the interrupted one's); a
+            # finished config run again gets a run of its own: W&B drops steps below a run's
+            # last, so in the old run every step of the new one would be lost. (MLflow asks
+            # its server whether a run finished; an offline W&B client cannot.)
+            id=f"{run}-{stage}-{key[:8]}-{lineage}".rstrip("-"),
             resume="allow",
             # the pods' root file system is read-only; the scratch volume is TMPDIR
             dir=os.environ.get("WANDB_DIR") or tempfile.gettempdir(),
@@ -313,16 +323,23 @@ class WandbSink:
 
 
 def open_sinks(
-    out_dir: Path, stage: str, config: dict[str, Any], config_hash: str, key: str
+    out_dir: Path,
+    stage: str,
+    config: dict[str, Any],
+    config_hash: str,
+    key: str,
+    lineage: str = "",
 ) -> list[Sink]:
-    """The sinks a stage logs to: TensorBoard always, the others where configured."""
+    """The sinks a stage logs to: TensorBoard always, the others where configured;
+    ``lineage`` names the run of the config that an attempt belongs to (W&B's run id)."""
     run = os.environ.get("KUBERLHF_RUN") or "run"
     sinks: list[Sink] = [TensorBoardSink(out_dir / TENSORBOARD)]
     for variable, kind in (("MLFLOW_TRACKING_URI", MLflowSink), ("WANDB_PROJECT", WandbSink)):
         if not os.environ.get(variable):
             continue
         try:
-            sinks.append(kind(stage, run, config, config_hash, key))
+            extra = {"lineage": lineage} if kind is WandbSink else {}
+            sinks.append(kind(stage, run, config, config_hash, key, **extra))
         except Exception as exc:  # noqa: BLE001 - a tracking server never fails a stage
             print(
                 f"{stage}: warning: {variable} is set but {kind.__name__} could not start "

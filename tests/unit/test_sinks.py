@@ -96,6 +96,44 @@ def test_wandb_offline_run_holds_the_stage_metrics_config_and_samples(tmp_path, 
     assert "manifest.json" in files
 
 
+def test_wandb_goes_on_in_an_interrupted_run_and_starts_a_new_one_for_a_finished_config(
+    tmp_path, monkeypatch
+):
+    """W&B drops steps below a run's last: a finished config run again (its output
+    deleted) logged into its old run would lose every step. A retried attempt goes on in
+    the run it was interrupted in; a finished one's re-run gets its own."""
+    import shutil
+
+    import pytest
+
+    from jobs.errors import TransientError
+
+    for name, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_PROJECT": "kuberlhf-test",
+        "WANDB_SILENT": "true",
+        "KUBERLHF_RUN": "r1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    output = tmp_path / "r1" / "sft"
+    config = StageConfig(output=str(output))
+
+    def run_ids() -> list[str]:
+        found = sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+        return [path.stem.removeprefix("run-") for path in found]
+
+    with pytest.raises(TransientError):
+        run_stage("sft", config, failing_stage(TransientError("node drained")), tmp_path / "w1")
+    run_stage("sft", config, logging_stage, tmp_path / "w2")
+    interrupted, retried = run_ids()
+    assert retried == interrupted
+    shutil.rmtree(output)  # the user deletes the output and runs the pipeline again
+    run_stage("sft", config, logging_stage, tmp_path / "w3")
+    again = [i for i in run_ids() if i != interrupted]
+    assert len(again) == 1 and again[0].startswith("r1-sft-")
+
+
 def test_a_tracking_server_that_is_down_costs_a_warning_not_the_stage(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://someone:hunter2-secret@127.0.0.1:9")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
