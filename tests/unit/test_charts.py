@@ -4,6 +4,7 @@ Kubernetes schema, plus the API server's semantic rules our Jobs rely on."""
 from __future__ import annotations
 
 import json
+import re
 
 import helm_python
 import kubernetes_validate
@@ -171,6 +172,21 @@ def test_multinode_is_an_indexed_gang_with_rendezvous_env():
     )
     assert pod["containers"][0]["command"] == ["python", "-m", "jobs.launch", "sft"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+
+
+@pytest.mark.parametrize("run", ["7b-ko", "exp1"])
+def test_a_gangs_service_is_a_dns_1035_label_whatever_the_run_id_starts_with(run):
+    """Jobs and pods take names that start with a digit; a Service does not (the API server
+    refused the rendezvous Service of run "7b-ko", which no offline schema catches)."""
+    docs = render(CHARTS / "sft", {**SCENARIOS["multinode"], "run": run})
+    [job], [service] = by_kind(docs, "Job"), by_kind(docs, "Service")
+    name = service["metadata"]["name"]
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63, name
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == name
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["PET_MASTER_ADDR"] == f"{job['metadata']['name']}-0.{name}.ml.svc"
+    assert job["metadata"]["name"] == f"{run}-sft"
 
 
 def test_labels_volumes_and_scheduling():

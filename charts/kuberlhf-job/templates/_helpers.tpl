@@ -47,7 +47,10 @@ app.kubernetes.io/component: {{ .Values.stage | quote }}
 
 {{/* The headless Service that gives each pod of a multi-node Job a stable DNS name. */}}
 {{- define "kuberlhf-job.service" -}}
-{{- include "kuberlhf-job.fullname" . }}
+{{- $name := include "kuberlhf-job.fullname" . -}}
+{{- /* A Service's name is a DNS-1035 label, which starts with a letter; a Job's may start
+with a digit (a run "7b-ko", a release "13b-sft"): the API server refused the gang. */ -}}
+{{- if regexMatch "^[a-z]" $name }}{{ $name }}{{ else }}{{ printf "svc-%s" $name }}{{ end }}
 {{- end }}
 
 {{/*
