@@ -53,7 +53,8 @@ def run_in_order(
             run_stage(stage, head)
             manifest = read_manifest(stage.output)
             if manifest is None:
-                raise StageFailed(stage.name, 0, "ended without writing its manifest")
+                # exit 1, not the stage's 0: `rlhf run && next-step` must not go on
+                raise StageFailed(stage.name, 1, "ended without writing its manifest")
             results[stage.name] = manifest
     except BaseException:
         end_tracking(plan, False, echo)
@@ -90,17 +91,23 @@ def end_tracking(plan: Plan, succeeded: bool, echo: Callable[[str], None]) -> No
 
 
 def run_with_retries(
-    stage: PlannedStage, head: str, echo: Callable[[str], None], attempt: Callable[[], int]
+    plan: Plan,
+    stage: PlannedStage,
+    head: str,
+    echo: Callable[[str], None],
+    attempt: Callable[[], int],
 ) -> None:
     """One stage as one process (a subprocess, a container), started again on a retryable
     exit code up to the stage's ``retries``, as a Job's backoffLimit and podFailurePolicy
-    would: a bad config or input (exit 65) is never retried."""
+    would: a bad config or input (exit 65) is never retried, nor a stage that `rlhf
+    cancel` stopped (it checkpoints and exits 75 like a preempted one)."""
     for number in range(stage.spec.retries + 1):
         code = attempt()
         if code == 0:
             return
         if code == EXIT_BAD_INPUT:
             raise StageFailed(stage.name, code, BAD_INPUT)
+        check_not_cancelled(plan, stage.name)
         if number == stage.spec.retries:
             reason = f"gave up after {number + 1} attempts (exit code {code})"
             mark_given_up(stage.output, reason)

@@ -238,7 +238,7 @@ class ContainerBackend:
                     )
                 return code
 
-            run_with_retries(stage, head, self.echo, attempt)
+            run_with_retries(plan, stage, head, self.echo, attempt)
 
     def delete(self, plan: Plan) -> int:
         """Stop the run's containers as a pod is stopped (SIGTERM: a training stage saves a

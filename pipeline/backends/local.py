@@ -41,7 +41,7 @@ class LocalBackend:
         env = _environment({**launch.env, "KUBERLHF_CONFIG": config_uri})
         self.echo(f"{head}: running {' '.join(launch.argv)}")
         run_with_retries(
-            stage, head, self.echo, lambda: self.runner(launch.argv, env=env).returncode
+            plan, stage, head, self.echo, lambda: self.runner(launch.argv, env=env).returncode
         )
 
     def delete(self, plan: Plan) -> int:

@@ -266,14 +266,63 @@ def test_the_local_backend_marks_a_stage_it_gives_up_on_as_failed(tmp_path):
         run_stage("sft", StageConfig(output=output), failing_stage(TransientError("s3 away")))
     assert read_progress(output).state == "interrupted"
     stage = SimpleNamespace(name="sft", output=output, spec=SimpleNamespace(retries=2))
+    the_plan = SimpleNamespace(run_uri=str(tmp_path / "run"))
     attempts = []
     with pytest.raises(StageFailed, match="gave up after 3 attempts"):
-        run_with_retries(stage, "sft", print, lambda: attempts.append(1) or 75)
+        run_with_retries(the_plan, stage, "sft", print, lambda: attempts.append(1) or 75)
     assert len(attempts) == 3
     given_up = read_progress(output)
     assert (
         given_up.state == "failed" and given_up.error == "gave up after 3 attempts (exit code 75)"
     )
+
+
+def test_a_stage_stopped_by_rlhf_cancel_is_not_started_again(tmp_path):
+    """The container backend's cancel stops the container as a pod is stopped: the stage
+    checkpoints and exits 75, which is no reason to start it again (it was, up to
+    ``retries`` times, and the run ended on 75 instead of the cancel's 130)."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from pipeline.backends import StageFailed, mark_cancelled, run_with_retries
+    from pipeline.watch import EXIT_CANCELLED
+
+    stage = SimpleNamespace(
+        name="sft", output=str(tmp_path / "run" / "sft"), spec=SimpleNamespace(retries=2)
+    )
+    the_plan = SimpleNamespace(run_uri=str(tmp_path / "run"))
+    attempts = []
+
+    def cancelled_while_running() -> int:
+        attempts.append(1)
+        mark_cancelled(the_plan)
+        return 75
+
+    with pytest.raises(StageFailed, match="cancelled") as failed:
+        run_with_retries(the_plan, stage, "sft", print, cancelled_while_running)
+    assert failed.value.exit_code == EXIT_CANCELLED and len(attempts) == 1
+
+
+def test_a_stage_that_ends_without_its_manifest_fails_the_run_with_a_nonzero_code(tmp_path):
+    import pytest
+
+    from pipeline.backends import StageFailed, run_in_order
+    from pipeline.config import plan
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "name": "p",
+                "store": str(tmp_path / "runs"),
+                "stages": {"sft": {"config": {"model": "m", "data": str(tmp_path / "d")}}},
+            }
+        )
+    )
+    with pytest.raises(StageFailed, match="without writing its manifest") as failed:
+        run_in_order(plan(str(path)), None, print, lambda stage, head: None)
+    assert failed.value.exit_code != 0
 
 
 def test_the_report_of_a_run_in_progress_shows_each_stage_as_it_stands(tmp_path):
