@@ -6,6 +6,7 @@ the Kubernetes backend's watch streams; tested on recorded sequences of them.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -59,6 +60,13 @@ class StageTracker:
     disruptions: int = 0
     deleted: bool = False
     started: bool = False  # a pod of the Job has run
+    # Pods gone from the Job, as last seen: a pod deleted as its Job failed still said its
+    # exit code (a gang's 65 often comes only in the DELETED event).
+    gone: dict[str, PodView] = field(default_factory=dict)
+    # The Job and its pods come on two watch streams, in no fixed order: a Job failed
+    # while a pod still runs waits up to ``settle_s`` for that pod's exit code.
+    settle_s: float = 60.0
+    failed_seen: float | None = None
 
     def on_job(self, job: dict[str, Any], deleted: bool = False) -> None:
         if job["metadata"]["name"] != self.job_name:
@@ -78,10 +86,11 @@ class StageTracker:
             self.started = True
         if deleted:  # replaced (a disruption) or cleaned up: no longer part of the stage
             self.pods.pop(view.name, None)
+            self.gone[view.name] = view
         else:
             self.pods[view.name] = view
 
-    def outcome(self) -> Outcome | None:
+    def outcome(self, now: float | None = None) -> Outcome | None:
         if self.deleted:
             return Outcome(
                 False,
@@ -91,7 +100,29 @@ class StageTracker:
                 "the run stops here",
                 EXIT_CANCELLED,
             )
-        return job_outcome(self.job, list(self.pods.values())) if self.job else None
+        if not self.job:
+            return None
+        found = job_outcome(self.job, [*self.gone.values(), *self.pods.values()])
+        if found is None or not found.retryable:
+            return found
+        # Failed, no 65 among the exit codes yet: a pod still stopping may be about to say
+        # one (before Kubernetes 1.31 the Job fails at a peer's exit 1 and then deletes
+        # the rest), and a retried bad input fails again. The Job's counts say whether
+        # pods are stopping (`terminating` where the server keeps it); a pod the counts
+        # say has ended but whose update the pod stream has not brought is the backend's
+        # to list afresh.
+        status = self.job.get("status", {})
+        if "terminating" in status:
+            stopping = status.get("active", 0) + status["terminating"] > 0
+        else:
+            stopping = any(p.phase in ("Pending", "Running", "Unknown") for p in self.pods.values())
+        if stopping:
+            now = time.monotonic() if now is None else now
+            if self.failed_seen is None:
+                self.failed_seen = now
+            if now - self.failed_seen < self.settle_s:
+                return None
+        return found
 
     def busy(self) -> bool:
         """A pod of the Job is running, or the Job waits in a queue (suspended until a
@@ -327,6 +358,9 @@ def explain(
         code = "" if pod.exit_code is None else f", exit code {pod.exit_code}"
         reason = f" ({pod.reason})" if pod.reason else ""
         lines.append(f"  pod {pod.name}: {pod.phase}{code}{reason}")
+    for pod in sorted(tracker.gone.values(), key=lambda p: p.name):
+        if pod.exit_code not in (None, 0) and pod.name not in tracker.pods:
+            lines.append(f"  pod {pod.name} (deleted): exit code {pod.exit_code}")
     if events:
         lines.append("  events:")
         lines += [f"    {event}" for event in events[-10:]]

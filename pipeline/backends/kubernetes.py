@@ -229,8 +229,18 @@ class KubernetesBackend:
         tracker, last_line, last_metrics = StageTracker(job_name), "", ()
         idle_from, next_check, seen, warnings = time.monotonic(), 0.0, set(), []
         coming: set[str] = set()
+        relisted_pods = False
         try:
-            while (outcome := tracker.outcome()) is None:
+            while (outcome := tracker.outcome()) is None or (
+                outcome.retryable and not relisted_pods
+            ):
+                if outcome is not None:
+                    # Failed without a 65 so far: the pods' own stream may not yet have
+                    # brought the exit codes the Job's failure counted; read them once
+                    # afresh before a bad input is taken for a retryable failure.
+                    relisted_pods = True
+                    self._read_pods(namespace, pod_selector, tracker)
+                    continue
                 try:
                     kind, event_type, obj = events.get(timeout=self.poll_s)
                     if isinstance(obj, Exception):
@@ -267,6 +277,19 @@ class KubernetesBackend:
         finally:
             stop.set()
         return tracker, outcome
+
+    def _read_pods(self, namespace: str, selector: str, tracker: StageTracker) -> None:
+        """The stage's pods as they are now, into ``tracker``; best effort (the outcome
+        stands as the watch showed it)."""
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            found = self.core.list_namespaced_pod(namespace, label_selector=selector)
+        except (ApiException, HTTPError, OSError):
+            return
+        for pod in found.items:
+            tracker.on_pod(self.api.sanitize_for_serialization(pod))
 
     def annotate(self, namespace: str, job_name: str, progress: str) -> None:
         """The progress on the Job itself, for `kubectl get jobs` with a custom column

@@ -145,6 +145,51 @@ def test_a_gang_failed_by_a_lost_peer_waits_for_its_pods_exit_codes():
     assert job_finished({"metadata": {}, "status": {"conditions": [target]}})
 
 
+def gang_failed_before_its_65_was_read() -> tuple[StageTracker, dict, dict]:
+    """A gang whose Job is Failed (BackoffLimitExceeded: a peer's exit 1, as Kubernetes
+    before 1.31 fails it at once) while the pod whose input was bad is still stopping
+    (the Job counts it as terminating): its exit 65 has not come yet."""
+    events = yaml.safe_load((FIXTURES / "k8s" / "gang_bad_input.yaml").read_text())
+    job, bad_pod, other_pod = (copy.deepcopy(events[i]["object"]) for i in range(3))
+    other_pod["status"]["containerStatuses"] = [
+        {"name": "stage", "restartCount": 0, "state": {"terminated": {"exitCode": 1}}}
+    ]
+    running = copy.deepcopy(bad_pod)
+    running["status"] = {"phase": "Running"}
+    tracker = StageTracker("demo-sft")
+    tracker.on_pod(running)
+    tracker.on_pod(other_pod)
+    failed = {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}
+    job["status"] |= {"conditions": [failed], "active": 0, "terminating": 1}
+    tracker.on_job(job)
+    return tracker, bad_pod, job
+
+
+def test_a_job_failed_before_its_pods_65_was_read_waits_for_it():
+    tracker, bad_pod, _ = gang_failed_before_its_65_was_read()
+    assert tracker.outcome(now=0.0) is None  # a pod still runs: its code may be a 65
+    tracker.on_pod(bad_pod)
+    outcome = tracker.outcome(now=1.0)
+    assert not outcome.retryable and outcome.exit_code == 65, outcome
+
+
+def test_a_65_said_only_by_the_deleted_pod_still_counts():
+    tracker, bad_pod, _ = gang_failed_before_its_65_was_read()
+    assert tracker.outcome(now=0.0) is None
+    tracker.on_pod(bad_pod, deleted=True)  # the controller deleted it as the Job failed
+    outcome = tracker.outcome(now=1.0)
+    assert not outcome.retryable and outcome.exit_code == 65, outcome
+    report = explain(tracker, outcome, events=[], logs={})
+    assert "pod demo-sft-0-abcde (deleted): exit code 65" in report
+
+
+def test_a_pod_that_never_says_its_code_delays_the_retry_only_so_long():
+    tracker, _, _ = gang_failed_before_its_65_was_read()
+    assert tracker.outcome(now=100.0) is None
+    outcome = tracker.outcome(now=100.0 + tracker.settle_s)
+    assert outcome.retryable and outcome.exit_code == 1, outcome
+
+
 def test_pods_that_cannot_be_created_are_shown_and_end_the_wait():
     recorded = yaml.safe_load((FIXTURES / "k8s" / "failed_create.yaml").read_text())
     tracker = StageTracker("demo-sft")
