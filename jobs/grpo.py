@@ -40,9 +40,11 @@ from jobs.generation import SamplingConfig, decode, eos_ids_of, sample
 from jobs.models import InferenceConfig, free_memory, load_tokenizer, model_source
 from jobs.rewards import RewardFunction, Rewards
 from jobs.rollout import (
+    RL_SAMPLING,
     SampleLog,
     masked_mean,
     micro_batches,
+    over_defaults,
     policy_loss,
     sample_prompts,
     sample_rows,
@@ -53,9 +55,7 @@ from jobs.rollout import (
     whiten,
 )
 
-# TRL's GRPO sampling: the log-probs of the update are the temperature-scaled policy's, so
-# no top-p or top-k cut; a sampling block given in a config changes only what it names.
-GRPO_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 64}
+GRPO_SAMPLING = {**RL_SAMPLING, "max_new_tokens": 64}
 
 
 class Config(StageConfig, SampleLog):
@@ -90,7 +90,7 @@ class Config(StageConfig, SampleLog):
     @field_validator("sampling", mode="before")
     @classmethod
     def _over_grpo_defaults(cls, value):
-        return {**GRPO_SAMPLING, **value} if isinstance(value, dict) else value
+        return over_defaults(GRPO_SAMPLING, value)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

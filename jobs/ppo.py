@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from jobs import dist, engine
 from jobs.batches import ShardedSampler, read_jsonl
@@ -35,9 +35,11 @@ from jobs.engine import EngineConfig
 from jobs.generation import Samples, SamplingConfig, decode, eos_ids_of, sample
 from jobs.models import load_tokenizer, model_source, quiet_load_report
 from jobs.rollout import (
+    RL_SAMPLING,
     SampleLog,
     masked_mean,
     micro_batches,
+    over_defaults,
     policy_loss,
     sample_prompts,
     sample_rows,
@@ -48,6 +50,8 @@ from jobs.rollout import (
     whiten,
 )
 from jobs.scoring import ending_in_eos, head_values, last_token_scores, require_reward_model
+
+PPO_SAMPLING = {**RL_SAMPLING, "max_new_tokens": 48}
 
 
 class Config(StageConfig, SampleLog):
@@ -60,7 +64,7 @@ class Config(StageConfig, SampleLog):
     rollout_batch_size: int = Field(32, ge=1, description="prompts per iteration and rank")
     ppo_epochs: int = Field(2, ge=1)
     minibatch_size: int = Field(8, ge=1)
-    sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=48)
+    sampling: SamplingConfig = SamplingConfig(**PPO_SAMPLING)
     kl_coef: float = Field(0.05, ge=0)
     adaptive_kl: bool = False
     target_kl: float = Field(6.0, gt=0, description="adaptive KL: the KL per answer aimed at")
@@ -89,6 +93,11 @@ class Config(StageConfig, SampleLog):
     checkpoint_every: int = Field(10, ge=1, description="iterations")
     actor_train: EngineConfig = EngineConfig(learning_rate=1e-5)
     critic_train: EngineConfig = EngineConfig(learning_rate=1e-5)
+
+    @field_validator("sampling", mode="before")
+    @classmethod
+    def _over_ppo_defaults(cls, value):
+        return over_defaults(PPO_SAMPLING, value)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -226,7 +235,7 @@ def rollout(models: Models, prompts: list[str], config: Config, seed: int) -> di
         timer = time.perf_counter()
         micro = update_config(config.actor_train, config.minibatch_size, "actor_train")
         size = config.scoring_batch_size or micro.micro_batch_size
-        scored = score(models, samples, size)
+        scored = score(models, samples, size, config.sampling.temperature)
         scoring_s = seconds_since(timer, samples.sequences.device)
     finally:
         for module in trained:
@@ -249,18 +258,20 @@ def rollout(models: Models, prompts: list[str], config: Config, seed: int) -> di
 
 
 @torch.no_grad()
-def score(models: Models, samples: Samples, batch_size: int) -> dict:
-    """Log-probs of actor and reference, the critic's values and the reward model's score
-    (of each answer as it was trained to read one: :func:`ending_in_eos`), ``batch_size``
-    rows per forward (a whole rollout's logits would not fit a GPU)."""
+def score(models: Models, samples: Samples, batch_size: int, temperature: float = 1.0) -> dict:
+    """Log-probs of actor and reference under the sampling ``temperature`` (the policy the
+    answers were drawn from, as TRL's and OpenRLHF's PPO take them), the critic's values
+    and the reward model's score (of each answer as it was trained to read one:
+    :func:`ending_in_eos`), ``batch_size`` rows per forward (a whole rollout's logits would
+    not fit a GPU)."""
     names = ("old_logp", "ref_logp", "values", "scores")
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     start, eos_id = samples.start, models.tokenizer.eos_token_id
     for first in range(0, samples.sequences.size(0), batch_size):
         rows = slice(first, first + batch_size)
         seqs, attn = samples.sequences[rows], samples.attention[rows]
-        parts["old_logp"].append(token_logprobs(models.actor.module, seqs, attn, start)[0])
-        parts["ref_logp"].append(token_logprobs(models.reference.module, seqs, attn, start)[0])
+        for name, model in (("old_logp", models.actor), ("ref_logp", models.reference)):
+            parts[name].append(token_logprobs(model.module, seqs, attn, start, temperature)[0])
         parts["values"].append(token_values(models.critic, seqs, attn, start))
         judged = ending_in_eos(seqs, attn, samples.ended[rows], eos_id)
         parts["scores"].append(last_token_scores(models.reward.module, judged, attn))
@@ -329,7 +340,9 @@ def train_on(models: Models, batch: dict, config: Config, ptx) -> dict[str, floa
             forwards = actor.gradient_accumulation_steps()
             for idx, weight, share in micro_batches(actor, minibatch, mask):
                 seqs, attn, m = batch["sequences"][idx], batch["attention"][idx], mask[idx]
-                logp, entropy = token_logprobs(actor, seqs, attn, start)
+                logp, entropy = token_logprobs(
+                    actor, seqs, attn, start, config.sampling.temperature
+                )
                 pg, clipped = policy_loss(
                     logp, batch["old_logp"][idx], batch["advantages"][idx], m, config.clip_range
                 )

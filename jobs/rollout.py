@@ -19,6 +19,17 @@ from jobs.batches import read_jsonl
 from jobs.engine import EngineConfig
 from jobs.tokens import padded_logits
 
+# TRL's RL sampling (PPO and GRPO alike): the update's log-probs are the temperature-scaled
+# policy's, so no top-p or top-k cut by default; a sampling block given in a config changes
+# only what it names (SamplingConfig's own defaults, temperature 0.8 and top-p 0.95, are
+# the generate stage's).
+RL_SAMPLING = {"temperature": 1.0, "top_p": 1.0}
+
+
+def over_defaults(defaults: dict, value):
+    """A config's ``sampling`` block over the stage's defaults (for a "before" validator)."""
+    return {**defaults, **value} if isinstance(value, dict) else value
+
 
 class SampleLog(BaseModel):
     """How often an RL stage writes its policy's answers to a few held-out prompts."""

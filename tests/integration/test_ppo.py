@@ -381,7 +381,8 @@ def test_ppo_updates_actor_and_critic_without_dropout(demo, tmp_path):
     """Actor and critic with dropout 0.3 in their configs: PPO trains them without it (as
     TRL does), so its one update of a rollout sees the policy that sampled the rollout and
     the clip stops no token's gradient (with dropout, the ratio is noise and it stops
-    some)."""
+    some). At temperature 0.7 that policy is softmax(logits / 0.7), in the rollout's
+    scoring and in the update alike."""
     config = ppo_config(
         demo,
         tmp_path / "ppo",
@@ -392,6 +393,7 @@ def test_ppo_updates_actor_and_critic_without_dropout(demo, tmp_path):
         ppo_epochs=1,
         rollout_batch_size=16,
         minibatch_size=16,
+        sampling={"max_new_tokens": 40, "temperature": 0.7, "max_prompt_tokens": 128},
     )
     result = run_entrypoint("ppo", config, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

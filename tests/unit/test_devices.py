@@ -253,3 +253,32 @@ def test_rollouts_are_scored_without_dropout_in_micro_batches(tiny):
         actor, whole["sequences"], whole["attention"], whole["start"]
     )
     torch.testing.assert_close(whole["old_logp"], expected * whole["mask"], atol=1e-5, rtol=1e-4)
+
+
+def test_rollouts_are_scored_under_the_temperature_they_were_sampled_at(tiny):
+    """Answers drawn at temperature 0.5 come from softmax(logits / 0.5): the old and the
+    reference log-probs (the ratio's denominator, the KL penalty) are that policy's, as
+    TRL's and OpenRLHF's PPO take them (they were the temperature-1 policy's)."""
+    models = tiny_models(tiny, dropout=0.0)
+    prompts = [f"### User:\nhello {i}\n\n### Assistant:\n" for i in range(4)]
+    config = ppo.Config(
+        output="o",
+        actor="a",
+        reward_model="r",
+        prompts="p",
+        rollout_batch_size=4,
+        minibatch_size=4,
+        sampling={"max_new_tokens": 8, "temperature": 0.5},
+    )
+    batch = ppo.rollout(models, prompts, config, seed=3)
+    seqs, attention, start, mask = (batch[k] for k in ("sequences", "attention", "start", "mask"))
+    for key, model in (("old_logp", models.actor), ("ref_logp", models.reference)):
+        with torch.no_grad():
+            logits = model.module.eval()(input_ids=seqs, attention_mask=attention).logits
+        drawn_from = torch.log_softmax(logits[:, start - 1 : -1].float() / 0.5, -1)
+        expected = drawn_from.gather(-1, seqs[:, start:, None]).squeeze(-1) * mask
+        torch.testing.assert_close(batch[key], expected, atol=1e-5, rtol=1e-4)
+        at_one = torch.log_softmax(logits[:, start - 1 : -1].float(), -1)
+        assert (
+            at_one.gather(-1, seqs[:, start:, None]).squeeze(-1) * mask - expected
+        ).abs().max() > 0.01

@@ -295,6 +295,16 @@ def test_grpo_config_keeps_its_sampling_defaults_and_refuses_a_k1_loss():
     grpo_config(kl_estimator="k1", kl_in="reward")  # the control: k1 as a reward penalty
 
 
+def test_a_ppo_sampling_block_changes_only_what_it_names():
+    """`sampling: {max_new_tokens: 128}` keeps PPO's temperature 1 and top-p 1 (it gave
+    the generate stage's 0.8 and 0.95: a top-p cut the log-probs do not know of)."""
+    base = {"output": "o", "actor": "a", "reward_model": "r", "prompts": "p"}
+    sampling = ppo.Config(**base, sampling={"max_new_tokens": 128}).sampling
+    assert (sampling.temperature, sampling.top_p, sampling.max_new_tokens) == (1.0, 1.0, 128)
+    assert ppo.Config(**base).sampling.max_new_tokens == 48
+    assert ppo.Config(**base, sampling={"temperature": 0.7}).sampling.temperature == 0.7
+
+
 def test_the_policy_trains_in_train_mode_without_dropout(tiny):
     """transformers checkpoints activations only in train mode, and a model from
     from_pretrained is in eval mode; without dropout the training forward is the sampling
