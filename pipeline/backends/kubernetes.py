@@ -9,6 +9,7 @@ its newest checkpoint; stages whose manifests are complete in the store are skip
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
@@ -99,9 +100,9 @@ class KubernetesBackend:
                 f"({os.environ.get('KUBECONFIG') or '~/.kube/config'}): {exc}"
             ) from None
         self.api = client.ApiClient()
-        self.batch = client.BatchV1Api(self.api)
-        self.core = client.CoreV1Api(self.api)
-        self.networking = client.NetworkingV1Api(self.api)
+        self.batch = Timed(client.BatchV1Api(self.api))
+        self.core = Timed(client.CoreV1Api(self.api))
+        self.networking = Timed(client.NetworkingV1Api(self.api))
         self.echo, self.poll_s = echo, poll_s
         self.annotate_warned = False
 
@@ -178,7 +179,9 @@ class KubernetesBackend:
         for manifest in manifests:
             kind, name = manifest["kind"], manifest["metadata"]["name"]
             try:
-                utils.create_from_dict(self.api, manifest, namespace=namespace)
+                utils.create_from_dict(
+                    self.api, manifest, namespace=namespace, _request_timeout=REQUEST_TIMEOUT
+                )
             except utils.FailToCreateError as exc:
                 if not all(
                     isinstance(e, ApiException) and e.status == 409 for e in exc.api_exceptions
@@ -438,7 +441,7 @@ class KubernetesBackend:
                     namespace,
                     label_selector=selector,
                     resource_version=version,
-                    timeout_seconds=60,
+                    timeout_seconds=WATCH_S,
                 ):
                     if stop.is_set():
                         return
@@ -463,6 +466,34 @@ class KubernetesBackend:
                         continue
                 out.put((kind, "ERROR", exc))
                 return
+
+
+# The server ends a watch after WATCH_S; no read waits longer than REQUEST_TIMEOUT's (the
+# client's default is no timeout at all: an API server gone without closing its connections,
+# a node powered off or a load balancer dropping packets, held a watch, and `rlhf run` with
+# it, for ever; a read timeout is an outage like any other, and the watch lists again).
+WATCH_S = 60
+REQUEST_TIMEOUT = (10.0, WATCH_S + 30.0)  # (connect, read) seconds
+
+
+class Timed:
+    """A Kubernetes API group whose every call has ``REQUEST_TIMEOUT`` unless it gives its
+    own (``watch.Watch`` reads the wrapped method's name and documented return type)."""
+
+    def __init__(self, api) -> None:
+        self._api = api
+
+    def __getattr__(self, name: str):
+        method = getattr(self._api, name)
+        if not callable(method):
+            return method
+
+        @functools.wraps(method)
+        def call(*args, **kwargs):
+            kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
+            return method(*args, **kwargs)
+
+        return call
 
 
 def gone_already(delete, name: str, namespace: str) -> None:

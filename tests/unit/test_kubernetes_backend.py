@@ -308,3 +308,44 @@ def test_two_stages_of_one_kind_get_two_jobs_that_the_backend_follows():
     assert kinds.count("reward") == 3
     shared = {key: stages for key, stages in names.items() if len(stages) > 1}
     assert not shared, shared
+
+
+def test_an_api_server_that_goes_silent_ends_the_call_instead_of_holding_it(tmp_path, monkeypatch):
+    """A connection the API server leaves open without answering (a node powered off, a
+    load balancer dropping packets): the client's default is to wait for ever, and the
+    run's watch with it. Every call has a read timeout; the watch's outlives the server's
+    own end of a watch."""
+    import socket
+
+    from kubernetes.config import kube_config
+    from urllib3.exceptions import HTTPError
+
+    from pipeline.backends import kubernetes as backend_module
+    from tests.recorded_api import kubeconfig
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    held = []
+    threading.Thread(target=lambda: held.append(listener.accept()), daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    path = kubeconfig(url, tmp_path / "kubeconfig")
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(path))
+    assert backend_module.REQUEST_TIMEOUT[1] > backend_module.WATCH_S
+    monkeypatch.setattr(backend_module, "REQUEST_TIMEOUT", (2.0, 2.0))
+    backend = backend_module.KubernetesBackend(echo=print, poll_s=0.1)
+    raised = []
+
+    def ask() -> None:
+        try:
+            backend.running_job("ml", "demo-sft")
+        except HTTPError as exc:
+            raised.append(exc)
+
+    caller = threading.Thread(target=ask, daemon=True)
+    caller.start()
+    caller.join(timeout=60)
+    assert not caller.is_alive(), "the call is still waiting on a silent API server"
+    assert raised and "timed out" in str(raised[0]).lower(), raised
+    listener.close()
