@@ -119,7 +119,9 @@ class KubernetesBackend:
         [job] = [m for m in manifests if m["kind"] == "Job"]
         name, namespace = job["metadata"]["name"], plan.kubernetes.namespace
         for attempt in range(stage.spec.retries + 1):
-            running = self.running_job(namespace, name) if attempt == 0 else None
+            # On every attempt: a second `rlhf run` of the run, following the same Job, may
+            # have made the new one first (replacing that would kill a healthy gang).
+            running = self.running_job(namespace, name)
             if running is not None and same_config(running, job):
                 # `rlhf run` again while the stage runs: follow it, do not restart it.
                 self.echo(f"{head}: Job {name} is running; following it")
@@ -174,7 +176,7 @@ class KubernetesBackend:
         # the new config on the old image and GPUs
         [metadata] = [m["metadata"] for m in manifests if m["kind"] == "Job"]
         job, stage = metadata["name"], metadata["labels"]["kuberlhf.io/stage"]
-        self._clear_job(namespace, job)
+        self._clear_job(namespace, job, metadata["labels"])
         check_not_cancelled(plan, stage)  # `rlhf cancel` while the old Job went
         for manifest in manifests:
             kind, name = manifest["kind"], manifest["metadata"]["name"]
@@ -377,21 +379,36 @@ class KubernetesBackend:
 
     # --- internals ----------------------------------------------------------------------
 
-    def _delete_job(self, namespace: str, name: str) -> bool:
-        """Delete a Job and (foreground) its pods; False when there was none."""
+    def _delete_job(self, namespace: str, name: str, uid: str | None = None) -> bool:
+        """Delete a Job and (foreground) its pods; False when there was none. With ``uid``,
+        only that Job: one made again under its name meanwhile is another submitter's."""
+        from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
+        options = client.V1DeleteOptions(
+            propagation_policy="Foreground",
+            preconditions=client.V1Preconditions(uid=uid) if uid else None,
+        )
         try:
-            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Foreground")
+            self.batch.delete_namespaced_job(name, namespace, body=options)
         except ApiException as exc:
             if exc.status == 404:
                 return False
+            if exc.status == 409 and uid:
+                raise TransientError(
+                    f"Job {name} in namespace {namespace} was made again by someone else "
+                    "while this run replaced it (another `rlhf run` of the same run?); "
+                    "run again to follow it or replace it"
+                ) from None
             raise
         return True
 
-    def _clear_job(self, namespace: str, name: str) -> None:
-        """Delete a Job and wait until it has gone: its pods first get their grace period to
-        checkpoint (the chart's terminationGracePeriodSeconds, 600 s by default)."""
+    def _clear_job(self, namespace: str, name: str, labels: dict[str, str]) -> None:
+        """Delete the Job of that name, this run's stage's (``labels``: its run and stage),
+        and wait until it has gone: its pods first get their grace period to checkpoint
+        (the chart's terminationGracePeriodSeconds, 600 s by default). A Job of another
+        run or stage under the name (run "team" stage "a-sft" and run "team-a" stage
+        "sft" are both team-a-sft) is refused, not deleted."""
         from kubernetes.client.exceptions import ApiException
 
         try:
@@ -400,9 +417,20 @@ class KubernetesBackend:
             if exc.status == 404:
                 return
             raise
+        owner = {
+            k: (job.metadata.labels or {}).get(k) for k in ("kuberlhf.io/run", "kuberlhf.io/stage")
+        }
+        if owner != {k: labels[k] for k in owner}:
+            raise StageFailed(
+                labels["kuberlhf.io/stage"],
+                EXIT_BAD_INPUT,
+                f"Job {name} in namespace {namespace} is not this stage's (its labels say run "
+                f"{owner['kuberlhf.io/run']!r}, stage {owner['kuberlhf.io/stage']!r}); it is "
+                "left as it is: give this run another run id or the stage another name",
+            )
         grace = job.spec.template.spec.termination_grace_period_seconds
         timeout_s = (30 if grace is None else grace) + 120
-        if not self._delete_job(namespace, name):
+        if not self._delete_job(namespace, name, job.metadata.uid):
             return
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -180,6 +180,56 @@ def test_a_second_run_with_another_config_replaces_the_job(stage_plan, connect):
     assert not any("following it" in line for line in lines)
 
 
+def test_a_retry_follows_the_job_another_run_of_the_file_made_first(stage_plan, connect):
+    """Two `rlhf run` of one run follow one Job; it fails (a lost rank) and the other
+    submitter makes its successor first: this one follows that Job too, rather than
+    deleting a gang that has just started (it followed a running Job only on its first
+    attempt)."""
+    the_plan, stage = stage_plan
+    [job] = [m for m in render_stage(the_plan, stage) if m["kind"] == "Job"]
+    first = as_created(recorded("gang_rank_lost"), job)
+    successor = as_created(recorded("success"), job)
+    for event in successor:
+        if event["object"]["kind"] == "Job":
+            event["object"]["metadata"]["uid"] = "uid-the-other-submitters"
+    cluster = RecordedCluster([recorded("success")], running=first)
+    backend, lines = connect(cluster)
+
+    def echo(line: str) -> None:
+        lines.append(line)
+        if "re-creating the Job" in line:  # the other submitter is quicker
+            with cluster.lock:
+                for kind in ("Pod", "Job"):
+                    for obj in list(cluster.objects[kind].values()):
+                        cluster._emit(kind, "DELETED", obj)
+                cluster._start(successor)
+
+    backend.echo = echo
+    backend.run_stage(the_plan, stage, "[1/1] sft")
+
+    assert not any(m == "DELETE" for m, _ in cluster.requests), cluster.requests
+    assert cluster.created == []
+    assert sum("Job demo-sft is running; following it" in line for line in lines) == 2
+
+
+def test_a_job_of_another_run_under_the_same_name_is_left_alone(stage_plan, connect):
+    """Run "demo" stage "sft" and run "de" stage "mo-sft" both name their Job demo-sft:
+    the other run's Job, running in a shared namespace, is refused, not deleted."""
+    the_plan, stage = stage_plan
+    [job] = [m for m in render_stage(the_plan, stage) if m["kind"] == "Job"]
+    other = copy.deepcopy(job)
+    other["metadata"]["labels"] |= {"kuberlhf.io/run": "de", "kuberlhf.io/stage": "mo-sft"}
+    other["metadata"]["annotations"]["kuberlhf.io/config-sha256"] = "0" * 64
+    cluster = RecordedCluster([recorded("success")], running=as_created(recorded("success"), other))
+    backend, _ = connect(cluster)
+
+    with pytest.raises(StageFailed, match="not this stage's .*run 'de', stage 'mo-sft'") as failed:
+        backend.run_stage(the_plan, stage, "[1/1] sft")
+    assert failed.value.exit_code == 65
+    assert not any(m == "DELETE" for m, _ in cluster.requests)
+    assert cluster.created == []
+
+
 def test_a_job_another_submitter_keeps_creating_is_a_clear_retryable_error(stage_plan, connect):
     """The Job's name is taken again right after this run cleared it (two `rlhf run` of one
     run racing): a clear error to run again, not following a Job of unknown config."""
