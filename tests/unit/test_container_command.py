@@ -85,7 +85,7 @@ def test_limits_and_gpus_become_engine_flags(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     _, manifests = stage_plan(
-        tmp_path, {"gpus": 2, "resources": {"limits": {"cpu": "1500m", "memory": "3Gi"}}}
+        tmp_path, {"gpus": 1, "resources": {"limits": {"cpu": "1500m", "memory": "3Gi"}}}
     )
     (tmp_path / "docker").mkdir()
     (tmp_path / "podman").mkdir()
@@ -93,7 +93,7 @@ def test_limits_and_gpus_become_engine_flags(tmp_path, monkeypatch):
     podman = container_command("podman", manifests, tmp_path / "podman")
     assert docker[docker.index("--cpus") + 1] == "1.5"
     assert docker[docker.index("--memory") + 1] == str(3 * 2**30)
-    assert docker[docker.index("--gpus") + 1] == "2"
+    assert docker[docker.index("--gpus") + 1] == "1"
     assert podman[podman.index("--device") + 1] == "nvidia.com/gpu=all"
     assert "--read-only-tmpfs=false" not in docker
 
