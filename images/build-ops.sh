@@ -12,6 +12,18 @@
 # see would do that).
 set -eu
 here=$(dirname "$0")
+# A prebuilt op holds code for the listed GPUs only, and DeepSpeed loads it without checking
+# the GPU (only its JIT path adds PTX): without PTX for the newest listed arch, a newer GPU
+# (Blackwell, sm_100) fails at the first fused Adam step with "no kernel image is available".
+case "${TORCH_CUDA_ARCH_LIST:-}" in
+    *+PTX*) ;;
+    "") ;;
+    *)
+        echo "build-ops: TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST has no +PTX; add it to the" \
+            "newest arch (8.0;9.0+PTX) so GPUs newer than the list can run the ops" >&2
+        exit 1
+        ;;
+esac
 if [ -n "${CUDA_TOOLKIT:-}" ]; then
     if [ ! -x "$CUDA_TOOLKIT/bin/nvcc" ]; then
         echo "build-ops: CUDA_TOOLKIT=$CUDA_TOOLKIT has no bin/nvcc" >&2

@@ -7,6 +7,7 @@ Adam of a built image the same way (images/localbuild.py)."""
 from __future__ import annotations
 
 import platform
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -105,3 +106,26 @@ def test_the_wrapper_rewrites_only_the_machine_and_simd_flags(tmp_path):
         check=True,
     )
     assert record.read_text().splitlines()[1:4] == ["-march=znver3", "-fopenmp", "-D__SCALAR__"]
+
+
+@pytest.mark.parametrize("arch, refused", [("8.0;9.0", True), ("8.0;9.0+PTX", False)])
+def test_the_prebuilt_ops_keep_ptx_for_gpus_newer_than_the_list(arch, refused):
+    """DeepSpeed adds PTX only when it compiles at run time: ops built for 8.0 and 9.0
+    alone fail on a Blackwell GPU. build-ops.sh refuses such a list before it builds
+    (here, without nvcc, the accepted list ends where a machine without it ends)."""
+    build_ops = ROOT / "images" / "build-ops.sh"
+    result = subprocess.run(
+        ["sh", str(build_ops)],
+        env={"PATH": "/usr/bin:/bin", "TORCH_CUDA_ARCH_LIST": arch},
+        capture_output=True,
+        text=True,
+    )
+    assert (result.returncode != 0) == refused, result.stderr
+    if refused:
+        assert "has no +PTX" in result.stderr
+    else:
+        assert "no nvcc here" in result.stdout
+    default = re.search(
+        r'ARG TORCH_CUDA_ARCH_LIST="([^"]*)"', build_ops.with_name("Dockerfile").read_text()
+    )
+    assert default and "+PTX" in default[1]  # the image's own default passes
