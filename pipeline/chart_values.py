@@ -11,9 +11,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from jobs.secrets import (
     PLAIN,
@@ -28,6 +35,13 @@ from jobs.secrets import (
 
 CHARTS = Path(__file__).resolve().parents[1] / "charts"
 LIBRARY = "kuberlhf-job"
+# A Kubernetes quantity (apimachinery's resource.Quantity): "64Gi", "1500m", "8"; "8GB" and
+# "100 Gi" pass every offline check and are refused by the API server after the ConfigMap
+# and Service exist.
+QUANTITY = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?[0-9]+))?$"
+Quantity = Annotated[str, StringConstraints(pattern=QUANTITY)]
+# The labels the Job's pods are selected by (the rendezvous Service, the submitter's watch).
+SELECTOR_LABELS = r"^(kuberlhf\.io/.*|app\.kubernetes\.io/(name|instance))$"
 
 
 class Closed(BaseModel):
@@ -67,11 +81,11 @@ class Kueue(Closed):
 
 
 class Shm(Closed):
-    sizeLimit: str = "8Gi"
+    sizeLimit: Quantity = "8Gi"
 
 
 class Scratch(Closed):
-    sizeLimit: str = "100Gi"
+    sizeLimit: Quantity = "100Gi"
     storageClassName: str = Field(
         "", description="set to use a generic ephemeral volume of this class instead of emptyDir"
     )
@@ -91,6 +105,14 @@ class NetworkPolicy(Closed):
     extraEgress: list[dict[str, Any]] = Field(
         default_factory=list, description="more NetworkPolicyEgressRules (a judge endpoint)"
     )
+
+
+class Resources(Closed):
+    """The stage container's resources (the GPU limit comes from ``gpus``)."""
+
+    limits: dict[str, Quantity | int | float] = {}
+    requests: dict[str, Quantity | int | float] = {}
+    claims: list[dict[str, Any]] = Field(default_factory=list, description="DRA claims")
 
 
 class Tests(Closed):
@@ -122,13 +144,17 @@ class StageValues(Closed):
     masterPort: int = Field(29500, ge=1, le=65535)
     gpus: int = Field(0, ge=0, description="GPUs per pod")
     gpuResource: str = "nvidia.com/gpu"
-    resources: dict[str, Any] = Field(default_factory=dict)
+    resources: Resources = Resources()
     nodeSelector: dict[str, str] = {}
     tolerations: list[dict[str, Any]] = []
     affinity: dict[str, Any] = {}
     priorityClassName: str = ""
     podAnnotations: dict[str, str] = {}
-    podLabels: dict[str, str] = {}
+    podLabels: dict[str, str] = Field(
+        default_factory=dict,
+        description="more pod labels (not the ones the pods are selected by)",
+        json_schema_extra={"propertyNames": {"not": {"pattern": SELECTOR_LABELS}}},
+    )
     env: list[dict[str, Any]] = Field(
         default_factory=list,
         description="extra container env; a credential must use valueFrom, never value",
@@ -172,6 +198,17 @@ class StageValues(Closed):
     readOnlyRootFilesystem: bool = True
     networkPolicy: NetworkPolicy = NetworkPolicy()
     tests: Tests = Tests()
+
+    @field_validator("podLabels")
+    @classmethod
+    def _not_the_selector(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key in labels:
+            if re.match(SELECTOR_LABELS, key):
+                raise ValueError(
+                    f"podLabels: {key} is one of the labels the stage's pods are selected by "
+                    "(the rendezvous Service, the submitter's watch); it is set by the chart"
+                )
+        return labels
 
     @model_validator(mode="after")
     def _a_gpu_per_process(self) -> StageValues:

@@ -250,6 +250,53 @@ def test_schema_refuses_literal_secrets_and_unknown_keys(values):
     render(CHARTS / "sft", {"env": [plain]})
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"shm": {"sizeLimit": "8GB"}},
+        {"scratch": {"sizeLimit": "100 Gi"}},
+        {"resources": {"requests": {"memory": "64 GiB"}}},
+        {"resources": {"limit": {"cpu": "8"}}},  # a typo
+        {"podLabels": {"kuberlhf.io/run": "other"}},  # the pods would leave their selector
+        {"podLabels": {"app.kubernetes.io/instance": "x"}},
+    ],
+)
+def test_values_the_api_server_or_the_watch_would_trip_on_are_refused(values):
+    """Quantities Kubernetes cannot parse (refused by the API server only after the
+    ConfigMap and Service exist), and pod labels that would take the pods out of what the
+    Service and the submitter select: refused by Helm's schema and the submitter's model."""
+    from pydantic import ValidationError
+
+    from pipeline.chart_values import StageValues
+
+    with pytest.raises(helm_python.HelmValuesError):
+        render(CHARTS / "sft", values)
+    with pytest.raises(ValidationError):
+        StageValues.model_validate({"stage": "sft", **values})
+
+
+def test_resources_take_quantities_in_any_form_and_dra_claims():
+    values = {
+        "shm": {"sizeLimit": "16Gi"},
+        "podLabels": {"team": "alignment"},
+        "resources": {
+            "requests": {"cpu": 8, "memory": "64Gi", "ephemeral-storage": "1.5e11"},
+            "limits": {"cpu": "7500m"},
+            "claims": [{"name": "gpu-claim"}],
+        },
+    }
+    from pipeline.chart_values import StageValues
+
+    StageValues.model_validate({"stage": "sft", **values})
+    [job] = by_kind(render(CHARTS / "sft", values), "Job")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["claims"] == [{"name": "gpu-claim"}]
+    assert container["resources"]["requests"]["cpu"] == "8"
+    assert job["spec"]["template"]["metadata"]["labels"]["team"] == "alignment"
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(job, version, strict=True)
+
+
 def test_no_rendered_manifest_carries_a_credential():
     envs = []
     for chart in stage_charts():

@@ -206,8 +206,10 @@ spec:
             {{- end }}
             {{- /* Quantities as strings: the API server takes 1 or "1", the Python client only "1" */}}
             {{- range $kind, $quantities := $resources }}
+            {{- if ne $kind "claims" }}{{- /* a list of DRA claims, no quantities */}}
             {{- range $name, $quantity := $quantities }}
             {{- $_ := set $quantities $name (toString $quantity) }}
+            {{- end }}
             {{- end }}
             {{- end }}
             {{- toYaml $resources | nindent 12 }}
