@@ -14,6 +14,7 @@ from typing import Any
 from jobs.errors import EXIT_BAD_INPUT
 
 EXIT_CANCELLED = 130  # as a shell reports a run stopped by its user
+EVICTIONS = 3  # kubelet evictions of one Job's pods that end the stage
 BAD_INPUT = "bad config or input (not retried)"  # the same words on every backend
 # Warning events that say the Job cannot make pods or the pods cannot run.
 BLOCKING = {
@@ -58,6 +59,7 @@ class StageTracker:
     job: dict[str, Any] = field(default_factory=dict)
     pods: dict[str, PodView] = field(default_factory=dict)
     disruptions: int = 0
+    evictions: int = 0  # of them, by the kubelet (node memory or disk pressure)
     deleted: bool = False
     started: bool = False  # a pod of the Job has run
     # Pods gone from the Job, as last seen: a pod deleted as its Job failed still said its
@@ -82,6 +84,7 @@ class StageTracker:
         known = self.pods.get(view.name)
         if view.disrupted and not (known and known.disrupted):
             self.disruptions += 1
+            self.evictions += view.reason == "TerminationByKubelet"
         if view.phase not in ("Pending", "Unknown"):
             self.started = True
         if deleted:  # replaced (a disruption) or cleaned up: no longer part of the stage
@@ -102,6 +105,19 @@ class StageTracker:
             )
         if not self.job:
             return None
+        if self.evictions >= EVICTIONS:
+            # The podFailurePolicy ignores disruptions, the kubelet's pressure evictions
+            # among them: a stage that outgrows its node's memory or disk would be
+            # replaced, and evicted, for ever.
+            return Outcome(
+                False,
+                False,
+                "Evicted",
+                f"the kubelet evicted {self.evictions} pods of the Job (node memory or disk "
+                "pressure: the stage uses more than its requests); give it more "
+                "resources.requests (memory, ephemeral-storage) or a smaller scratch use",
+                1,
+            )
         found = job_outcome(self.job, [*self.gone.values(), *self.pods.values()])
         if found is None or not found.retryable:
             return found

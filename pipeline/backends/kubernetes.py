@@ -134,14 +134,14 @@ class KubernetesBackend:
             report = explain(tracker, outcome, self.events(plan, tracker), self.logs(plan, stage))
             if outcome.exit_code == EXIT_BAD_INPUT:
                 report = f"{BAD_INPUT}\n{report}"
-            if outcome.reason == "NoProgress":  # left queued, it could start unattended later
+            if outcome.reason in ("NoProgress", "Evicted"):  # it could go on unattended
                 self._delete_job(namespace, name)
-                report += f"\nthe Job {name} was deleted: it would otherwise start unattended"
+                report += f"\nthe Job {name} was deleted: it would otherwise go on unattended"
             if not outcome.retryable or attempt == stage.spec.retries:
                 mark_given_up(stage.output, f"{outcome.reason}: {outcome.message}"[:300])
                 # the Job's annotation says failed too, not the last step it ran (a
                 # deleted Job has nothing left to annotate)
-                gone = outcome.reason in ("Deleted", "NoProgress")
+                gone = outcome.reason in ("Deleted", "NoProgress", "Evicted")
                 if not gone and (text := progress_text(stage.output)[1]):
                     self.annotate(namespace, name, text)
                 raise StageFailed(stage.name, outcome.exit_code, report)

@@ -49,6 +49,38 @@ def test_retry_after_a_disruption_is_not_a_failure():
     assert set(tracker.pods) == {"demo-sft-d3e4f"}  # the preempted pod was replaced
 
 
+def test_pods_the_kubelet_keeps_evicting_end_the_stage():
+    """Disruptions are not failures (the podFailurePolicy ignores them), but the kubelet's
+    memory or disk pressure evictions of a stage that outgrows its node would replace its
+    pod for ever: the third ends the stage, with what to do. Preemptions do not count."""
+    events = yaml.safe_load((FIXTURES / "k8s" / "retry_after_disruption.yaml").read_text())
+    job = copy.deepcopy(events[0]["object"])
+    [evicted] = [
+        e["object"]
+        for e in events
+        if e["object"]["kind"] == "Pod"
+        and any(
+            c["type"] == "DisruptionTarget" for c in e["object"]["status"].get("conditions", [])
+        )
+    ][:1]
+    tracker = StageTracker("demo-sft")
+    tracker.on_job(job)
+    for number in range(5):
+        pod = copy.deepcopy(evicted)
+        pod["metadata"]["name"] = f"demo-sft-{number}"
+        kubelet = number >= 2  # two preemptions first, then the kubelet's evictions
+        for condition in pod["status"]["conditions"]:
+            if condition["type"] == "DisruptionTarget" and kubelet:
+                condition["reason"] = "TerminationByKubelet"
+        tracker.on_pod(pod)
+        if number < 4:
+            assert tracker.outcome() is None, number
+    outcome = tracker.outcome()
+    assert tracker.disruptions == 5 and tracker.evictions == 3
+    assert not outcome.retryable and outcome.reason == "Evicted", outcome
+    assert "resources.requests" in outcome.message
+
+
 def test_non_retryable_failure_names_the_exit_code():
     tracker, _ = replay("bad_input")
     outcome = tracker.outcome()
