@@ -10,11 +10,13 @@ its newest checkpoint; stages whose manifests are complete in the store are skip
 from __future__ import annotations
 
 import functools
+import json
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from jobs.contract import Manifest
@@ -110,9 +112,10 @@ class KubernetesBackend:
 
     def run(self, plan: Plan, only: list[str] | None = None) -> dict[str, Manifest]:
         """Submit every stage in order and wait for each (a stage needs its inputs done)."""
-        return run_in_order(
-            plan, only, self.echo, lambda stage, head: self.run_stage(plan, stage, head)
-        )
+        with api_errors(plan.kubernetes.namespace):
+            return run_in_order(
+                plan, only, self.echo, lambda stage, head: self.run_stage(plan, stage, head)
+            )
 
     def run_stage(self, plan: Plan, stage: PlannedStage, head: str) -> None:
         manifests = render_stage(plan, stage)
@@ -352,29 +355,36 @@ class KubernetesBackend:
 
     def delete(self, plan: Plan) -> int:
         """Cancel a run: its Jobs (and their pods), ConfigMaps, Services and NetworkPolicies."""
+        namespace = plan.kubernetes.namespace
+        with api_errors(namespace):
+            return self._delete_run(namespace, run_selector(plan.run_id))
+
+    def _delete_run(self, namespace: str, selector: str) -> int:
         from kubernetes.client.exceptions import ApiException
 
-        namespace, selector = plan.kubernetes.namespace, run_selector(plan.run_id)
         jobs = self.batch.list_namespaced_job(namespace, label_selector=selector).items
         for job in jobs:
             self._delete_job(namespace, job.metadata.name)
-        # each gone already is fine: another `rlhf cancel`, the run's own clean-up
-        core = self.core
-        for config_map in core.list_namespaced_config_map(namespace, label_selector=selector).items:
-            gone_already(core.delete_namespaced_config_map, config_map.metadata.name, namespace)
-        for service in core.list_namespaced_service(namespace, label_selector=selector).items:
-            gone_already(core.delete_namespaced_service, service.metadata.name, namespace)
-        try:
-            networking = self.networking
-            policies = networking.list_namespaced_network_policy(namespace, label_selector=selector)
-        except ApiException as exc:
-            if exc.status != 403:  # a Role without networking.k8s.io: a run of one-pod stages
-                raise
-            return len(jobs)
-        for policy in policies.items:
-            gone_already(
-                networking.delete_namespaced_network_policy, policy.metadata.name, namespace
-            )
+        # each gone already is fine: another `rlhf cancel`, the run's own clean-up; a kind
+        # the Role may not list (Services and NetworkPolicies: a run of one-pod stages
+        # makes none) is no reason to stop after the Jobs
+        core, networking = self.core, self.networking
+        for list_fn, delete_fn in (
+            (core.list_namespaced_config_map, core.delete_namespaced_config_map),
+            (core.list_namespaced_service, core.delete_namespaced_service),
+            (
+                networking.list_namespaced_network_policy,
+                networking.delete_namespaced_network_policy,
+            ),
+        ):
+            try:
+                found = list_fn(namespace, label_selector=selector).items
+            except ApiException as exc:
+                if exc.status != 403 or list_fn is core.list_namespaced_config_map:
+                    raise
+                continue
+            for item in found:
+                gone_already(delete_fn, item.metadata.name, namespace)
         return len(jobs)
 
     # --- internals ----------------------------------------------------------------------
@@ -522,6 +532,48 @@ class Timed:
             return method(*args, **kwargs)
 
         return call
+
+
+@contextmanager
+def api_errors(namespace: str) -> Iterator[None]:
+    """A Kubernetes API failure as a clear error, not the client's traceback: refused (a
+    Role without a verb, a namespace that does not exist, a quota) is exit 65, the API
+    server out of reach is exit 75."""
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.utils import FailToCreateError
+    from urllib3.exceptions import HTTPError
+
+    try:
+        yield
+    except FailToCreateError as exc:
+        raise _api_error(exc.api_exceptions[0], namespace) from None
+    except ApiException as exc:
+        raise _api_error(exc, namespace) from None
+    except (HTTPError, OSError) as exc:
+        raise TransientError(
+            f"kubernetes: the API server could not be reached ({type(exc).__name__}: "
+            f"{str(exc)[:300]}); check the kubeconfig's server and the network"
+        ) from None
+
+
+def _api_error(exc, namespace: str) -> Exception:
+    """What the API server said: its status, reason and message (the body's JSON)."""
+    try:
+        message = json.loads(exc.body or "{}").get("message", "")
+    except (ValueError, AttributeError):
+        message = ""
+    text = (
+        f"kubernetes: the API server answered {exc.status} {exc.reason} in namespace "
+        f"{namespace}" + (f": {message}" if message else "")
+    )
+    if api_unavailable(exc):
+        return TransientError(text)
+    hint = {
+        401: " (the kubeconfig's credentials were not accepted)",
+        403: " (the Role lacks this verb on this resource)",
+        404: " (does the namespace exist?)",
+    }.get(exc.status, "")
+    return BadInputError(text + hint)
 
 
 def gone_already(delete, name: str, namespace: str) -> None:

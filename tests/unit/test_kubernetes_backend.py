@@ -399,3 +399,60 @@ def test_an_api_server_that_goes_silent_ends_the_call_instead_of_holding_it(tmp_
     assert not caller.is_alive(), "the call is still waiting on a silent API server"
     assert raised and "timed out" in str(raised[0]).lower(), raised
     listener.close()
+
+
+@pytest.mark.parametrize("answer", ["forbidden", "unreachable"])
+def test_an_api_server_that_refuses_or_cannot_be_reached_is_a_clear_error(
+    stage_plan, tmp_path, monkeypatch, capsys, answer
+):
+    """`rlhf cancel` with a Role that may not list Jobs (403), or a kubeconfig pointing at
+    nothing: one line saying what the API server said, exit 65 or 75, not the client's
+    traceback (and the cancel mark stays: a running submitter still stops)."""
+    import socket
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from kubernetes.config import kube_config
+
+    from pipeline.cli import main
+    from tests.recorded_api import kubeconfig
+
+    class Forbidden(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            body = json.dumps(
+                {
+                    "kind": "Status",
+                    "status": "Failure",
+                    "message": 'jobs.batch is forbidden: User "ci" cannot list resource "jobs"',
+                    "reason": "Forbidden",
+                    "code": 403,
+                }
+            ).encode()
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    if answer == "forbidden":
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Forbidden)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+    else:
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind(("127.0.0.1", 0))
+            url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    path = kubeconfig(url, tmp_path / "kubeconfig")
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(path))
+    the_plan, _ = stage_plan
+    code = main(["cancel", the_plan.source, "--backend", "kubernetes"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("error: kubernetes: "), err
+    if answer == "forbidden":
+        assert code == 65 and "403 Forbidden in namespace ml" in err and "cannot list" in err
+        server.shutdown()
+    else:
+        assert code == 75 and "could not be reached" in err
