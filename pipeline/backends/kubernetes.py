@@ -19,12 +19,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from jobs.contract import Manifest
+from jobs import store
+from jobs.contract import Manifest, up_to_date
 from jobs.errors import EXIT_BAD_INPUT, BadInputError, TransientError
 from pipeline.backends import StageFailed, check_not_cancelled, run_in_order
 from pipeline.charts import client_model, render_stage
 from pipeline.config import Plan, PlannedStage
-from pipeline.status import mark_given_up, read_progress, summary
+from pipeline.status import CANCELLED, mark_given_up, read_progress, summary
 from pipeline.watch import (
     BAD_INPUT,
     Outcome,
@@ -132,7 +133,7 @@ class KubernetesBackend:
                 self.submit(plan, manifests)
                 self.echo(f"{head}: Job {name} in namespace {namespace}")
             tracker, outcome = self.wait(plan, stage, name, head)
-            if outcome.succeeded:
+            if outcome.succeeded or (outcome.reason == "Deleted" and finished_unseen(plan, stage)):
                 return
             report = explain(tracker, outcome, self.events(plan, tracker), self.logs(plan, stage))
             if outcome.exit_code == EXIT_BAD_INPUT:
@@ -532,6 +533,14 @@ class Timed:
             return method(*args, **kwargs)
 
         return call
+
+
+def finished_unseen(plan: Plan, stage: PlannedStage) -> bool:
+    """A Job gone without `rlhf cancel` whose stage has published its output: it completed
+    and went (its ttlSecondsAfterFinished) while no watch was open, and succeeded."""
+    if store.exists(store.join(plan.run_uri, CANCELLED)):
+        return False
+    return up_to_date(stage.stage, stage.config) is not None
 
 
 @contextmanager

@@ -165,6 +165,32 @@ def test_a_second_run_follows_the_running_job_of_the_same_config(stage_plan, con
     assert any("Job demo-sft is running; following it" in line for line in lines)
 
 
+def test_a_job_that_completed_and_went_unseen_is_a_success_not_a_cancel(
+    stage_plan, connect, tmp_path
+):
+    """The Job completed and its ttlSecondsAfterFinished removed it while no watch was
+    open: the list shows it gone. Its stage published its output and nobody cancelled the
+    run, so the stage succeeded (it was reported as cancelled, exit 130)."""
+    from jobs.contract import run_stage
+
+    the_plan, stage = stage_plan
+    [job] = [m for m in render_stage(the_plan, stage) if m["kind"] == "Job"]
+    events = as_created(recorded("success"), job)[:-1]  # not seen Complete
+    pod, job_object = events[-1]["object"], events[-2]["object"]
+    events += [
+        {"type": "DELETED", "object": copy.deepcopy(pod)},
+        {"type": "DELETED", "object": copy.deepcopy(job_object)},
+    ]
+    # what the stage's pod wrote before its Job went
+    run_stage(stage.stage, stage.config, lambda config, ctx: {"steps": 1}, tmp_path / "work")
+    cluster = RecordedCluster([], running=events)
+    backend, lines = connect(cluster)
+
+    backend.run_stage(the_plan, stage, "[1/1] sft")  # no StageFailed
+
+    assert cluster.created == []
+
+
 def test_a_second_run_with_another_config_replaces_the_job(stage_plan, connect):
     the_plan, stage = stage_plan
     [job] = [m for m in render_stage(the_plan, stage) if m["kind"] == "Job"]
