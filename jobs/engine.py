@@ -87,18 +87,26 @@ def deepspeed_config(cfg: EngineConfig, total_steps: int) -> dict:
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "optimizer": {"type": "AdamW", "params": optimizer_params(cfg)},
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": max(total_steps, 1),
-                "warmup_num_steps": max(cfg.warmup_steps, 1),
-                "warmup_min_ratio": 0.0 if cfg.warmup_steps else 1.0,
-                "cos_min_ratio": cfg.min_lr_ratio,
-            },
-        },
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def schedule(cfg: EngineConfig, total_steps: int):
+    """The learning-rate schedule, for ``deepspeed.initialize``: a linear warm-up from 0 over
+    ``warmup_steps``, then a cosine down to ``min_lr_ratio`` of the rate, as DeepSpeed-Chat
+    (``transformers.get_scheduler``) and OpenRLHF (``cosine_with_min_lr``) train. DeepSpeed's
+    own WarmupCosineLR gave the first step a rate of 0 (no warm-up, or with one: the first
+    two) and warmed up on a log curve (half the rate a tenth of the way in)."""
+
+    def build(optimizer):
+        from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+        return get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, cfg.warmup_steps, max(total_steps, 1), min_lr_rate=cfg.min_lr_ratio
+        )
+
+    return build
 
 
 def optimizer_params(cfg: EngineConfig) -> dict:
@@ -225,7 +233,11 @@ def initialize(model, cfg: EngineConfig, total_steps: int, task_type: str = "CAU
         config["zero_force_ds_cpu_optimizer"] = False
         optimizer = torch.optim.AdamW(params, **optimizer_params(cfg))
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=params, optimizer=optimizer, config=config
+        model=model,
+        model_parameters=params,
+        optimizer=optimizer,
+        lr_scheduler=schedule(cfg, total_steps),
+        config=config,
     )
     if cfg.compile:
         # In place (nn.Module.compile): the module, its state dict and its export stay as

@@ -323,3 +323,37 @@ def test_the_policy_trains_in_train_mode_without_dropout(tiny):
     engine.train_without_dropout(model)
     assert model.training
     torch.testing.assert_close(model(ids).logits, sampled)
+
+
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_the_learning_rate_warms_up_linearly_and_the_first_step_moves_the_weights(tiny, warmup):
+    """The rate of each optimiser step, as DeepSpeed-Chat's (transformers.get_scheduler)
+    and OpenRLHF's schedules give it: without warm-up the first step trains at the full
+    rate; with one, the rate rises by equal parts (DeepSpeed's WarmupCosineLR gave the
+    first step 0 either way, and rose on a log curve)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = engine.EngineConfig(learning_rate=1e-3, warmup_steps=warmup, min_lr_ratio=0.1)
+    torch.manual_seed(0)
+    ds = engine.initialize(AutoModelForCausalLM.from_pretrained(str(tiny / "model")), cfg, 20)
+    before = [p.detach().clone() for p in ds.module.parameters()]
+    rates = []
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    for step in range(6):
+        rates.append(ds.get_lr()[0])
+        loss = ds(input_ids=ids, labels=ids).loss
+        ds.backward(loss)
+        ds.step()
+        if step == 0:
+            moved = any(
+                not torch.equal(a, b) for a, b in zip(before, ds.module.parameters(), strict=True)
+            )
+    if warmup:
+        assert rates[:5] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])
+        assert not moved  # a linear warm-up's first rate is 0, as in transformers
+    else:
+        assert rates[0] == pytest.approx(1e-3) and moved
+    # then a cosine down to 10% at the last step
+    progress = (5 - warmup) / (20 - warmup)
+    cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    assert rates[5] == pytest.approx(1e-3 * cosine)
