@@ -211,18 +211,6 @@ class StageValues(Closed):
         return labels
 
     @model_validator(mode="after")
-    def _a_gpu_per_process(self) -> StageValues:
-        # every process takes the GPU of its local rank: more processes than GPUs fail at
-        # their first CUDA call ("invalid device ordinal"), fewer leave GPUs idle
-        if self.gpus and self.nprocPerNode != self.gpus:
-            raise ValueError(
-                f"gpus {self.gpus} with nprocPerNode {self.nprocPerNode}: each process trains "
-                f"on one GPU of its own; give nprocPerNode {self.gpus} (a pipeline's "
-                f"nproc_per_node: {self.gpus})"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _no_literal_credentials(self) -> StageValues:
         keys = key_env_names(self.config)
         for entry in self.env:

@@ -121,6 +121,8 @@ class KubernetesBackend:
     def run_stage(self, plan: Plan, stage: PlannedStage, head: str) -> None:
         manifests = render_stage(plan, stage)
         [job] = [m for m in manifests if m["kind"] == "Job"]
+        if why := gpus_and_processes(job):
+            raise BadInputError(f"{plan.source}: stages.{stage.name}: {why}")
         name, namespace = job["metadata"]["name"], plan.kubernetes.namespace
         for attempt in range(stage.spec.retries + 1):
             # On every attempt: a second `rlhf run` of the run, following the same Job, may
@@ -533,6 +535,24 @@ class Timed:
             return method(*args, **kwargs)
 
         return call
+
+
+def gpus_and_processes(job: dict[str, Any]) -> str | None:
+    """Why the Job's pods would waste or lack GPUs, or None: every process takes the GPU of
+    its local rank, so a pod with GPUs runs one process per GPU (more processes fail at
+    their first CUDA call, "invalid device ordinal"; fewer leave GPUs idle). On one
+    machine (the local backend) the chart's GPU count means nothing and is not checked."""
+    pod = job["spec"]["template"]
+    limits = (pod["spec"]["containers"][0].get("resources") or {}).get("limits") or {}
+    gpus = sum(int(value) for name, value in limits.items() if name.endswith("/gpu"))
+    launch = json.loads(pod["metadata"]["annotations"]["kuberlhf.io/launch"])
+    processes = int(launch["env"].get("PET_NPROC_PER_NODE", 1))
+    if gpus and processes != gpus:
+        return (
+            f"a pod with {gpus} GPUs and {processes} processes: each process trains on one "
+            f"GPU of its own; give nproc_per_node: {gpus} (or values.gpus: {processes})"
+        )
+    return None
 
 
 def finished_unseen(plan: Plan, stage: PlannedStage) -> bool:

@@ -495,25 +495,6 @@ def test_the_rendezvous_service_selects_the_stage_pods_and_not_the_test_pod():
     assert not selector <= set(test["metadata"]["labels"].items())
 
 
-@pytest.mark.parametrize("gpus, processes", [(8, 1), (1, 2)])
-def test_every_process_has_a_gpu_of_its_own(gpus, processes):
-    """Each process takes the GPU of its local rank: 8 GPUs for one process left 7 idle, 2
-    processes on one GPU failed at their first CUDA call. Refused by the submitter's model
-    and by the chart (helm install)."""
-    from pydantic import ValidationError
-
-    from pipeline.chart_values import StageValues
-
-    values = {"gpus": gpus, "nprocPerNode": processes}
-    with pytest.raises(ValidationError, match="each process trains on one GPU of its own"):
-        StageValues.model_validate({"stage": "sft", **values})
-    with pytest.raises(Exception, match="each process trains on one GPU of its own"):
-        render(CHARTS / "sft", values)
-    for fine in ({"gpus": gpus, "nprocPerNode": gpus}, {"gpus": 0, "nprocPerNode": processes}):
-        StageValues.model_validate({"stage": "sft", **fine})  # the controls
-        render(CHARTS / "sft", fine)
-
-
 def test_the_job_carries_the_hash_of_its_config():
     [first] = by_kind(render(CHARTS / "sft", {}), "Job")
     [same] = by_kind(render(CHARTS / "sft", {"gpus": 2, "nprocPerNode": 2}), "Job")

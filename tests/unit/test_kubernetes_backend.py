@@ -482,3 +482,39 @@ def test_an_api_server_that_refuses_or_cannot_be_reached_is_a_clear_error(
         server.shutdown()
     else:
         assert code == 75 and "could not be reached" in err
+
+
+@pytest.mark.parametrize("gpus, processes", [(8, 1), (1, 2)])
+def test_a_pods_gpus_and_processes_must_match_on_a_cluster(tmp_path, connect, gpus, processes):
+    """Each process takes its local rank's GPU: 8 GPUs for one process left 7 idle, two
+    processes on one GPU failed at their first CUDA call. Refused before anything is made
+    (on one machine the chart's GPU count means nothing: the local backend runs it)."""
+    from jobs.errors import BadInputError
+    from pipeline.backends.kubernetes import gpus_and_processes
+
+    path = tmp_path / "pipeline.yaml"
+    stage = {"nproc_per_node": processes, "values": {"gpus": gpus}}
+    stage["config"] = {"model": "s3://b/m", "data": "s3://b/d"}
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "demo",
+                "store": str(tmp_path / "runs"),
+                "kubernetes": {"namespace": "ml"},
+                "stages": {"sft": stage},
+            }
+        )
+    )
+    the_plan = plan(str(path))
+    cluster = RecordedCluster([])
+    backend, _ = connect(cluster)
+    with pytest.raises(BadInputError, match="each process trains on one GPU of its own"):
+        backend.run_stage(the_plan, the_plan.stages[0], "[1/1] sft")
+    assert cluster.created == [] and cluster.requests == []
+    # the control: one process per GPU
+    path.write_text(
+        path.read_text().replace(f"nproc_per_node: {processes}", f"nproc_per_node: {gpus}")
+    )
+    matched = plan(str(path))
+    [job] = [m for m in render_stage(matched, matched.stages[0]) if m["kind"] == "Job"]
+    assert gpus_and_processes(job) is None

@@ -4,9 +4,6 @@ headless Service of a multi-node Job, and the `helm test` pod. A stage chart's
 templates/stage.yaml is one line: {{ include "kuberlhf-job.all" . }}
 */}}
 {{- define "kuberlhf-job.all" -}}
-{{- if and (gt (int .Values.gpus) 0) (ne (int .Values.gpus) (int .Values.nprocPerNode)) }}
-{{- fail (printf "gpus %d with nprocPerNode %d: each process trains on one GPU of its own; set nprocPerNode: %d" (int .Values.gpus) (int .Values.nprocPerNode) (int .Values.gpus)) }}
-{{- end }}
 {{- $launch := include "kuberlhf-job.launch" . | fromJson -}}
 {{- $fullname := include "kuberlhf-job.fullname" . -}}
 {{- $multinode := gt (int .Values.nodes) 1 -}}
