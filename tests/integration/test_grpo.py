@@ -28,7 +28,7 @@ def warm_config(tiny, output: Path, **overrides) -> dict:
         "model": str(tiny / "model"),
         "data": str(tiny / "tasks" / "copy"),
         "max_seq_len": 32,
-        "max_steps": 100,
+        "max_steps": 95,
         "eval_every": 1000,
         "seed": 0,
         "train": {"learning_rate": 3e-3, "micro_batch_size": 32, "warmup_steps": 3},
@@ -62,7 +62,7 @@ def grpo_config(warm, tiny, output: Path, **overrides) -> dict:
         "rewards": [CHECK],
         # At temperature 1 the tiny model almost never copies all five digits: no signal.
         "sampling": {"max_new_tokens": 8, "temperature": 0.5, "top_p": 1.0},
-        "train": {"learning_rate": 5e-4},
+        "train": {"learning_rate": 5e-4, "warmup_steps": 3},
         "seed": 1,
     }
     return {**config, **overrides}
@@ -77,12 +77,15 @@ def test_held_out_accuracy_rises(warm, tiny, tmp_path, algorithm):
     config = grpo_config(warm, tiny, tmp_path / algorithm, algorithm=algorithm)
     if algorithm == "reinforce_pp":
         config["kl_in"] = "reward"
+        # Batch-normalised advantages push every wrong answer down at once: at 5e-4 this
+        # start collapsed (0.75 -> 0.51, KL 27 at iteration 3); GRPO and RLOO do not.
+        config["train"] = {**config["train"], "learning_rate": 3e-4}
     result = run_entrypoint("grpo", config, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_manifest(str(tmp_path / algorithm)).metrics
     start, end = metrics["eval_correct_start"], metrics["eval_correct"]
-    # Seeds fixed, 100 held-out numbers, greedy answers: 0.77 before; after 40 iterations
-    # 0.90 (grpo), 0.86 (rloo), 0.90 (reinforce_pp) on the 2-core development machine.
+    # Seeds fixed, 100 held-out numbers, greedy answers: 0.75 before; after 40 iterations
+    # 0.86 (grpo), 0.86 (rloo), 0.86 (reinforce_pp) on the 2-core development machine.
     assert 0.3 < start < 0.85  # right often, not always: room and a signal to learn from
     assert end >= start + 0.07, (start, end)
     lines = [m for m in metrics_lines(tmp_path / algorithm) if "reward_mean" in m]
@@ -107,7 +110,7 @@ def test_with_the_reward_negated_the_accuracy_falls(warm, tiny, tmp_path):
     result = run_entrypoint("grpo", config, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_manifest(str(tmp_path / "neg")).metrics
-    # 0.77 -> 0.30 after 20 iterations with the same seeds: the update follows the sign.
+    # 0.75 -> 0.17 after 20 iterations with the same seeds: the update follows the sign.
     assert metrics["eval_correct"] < metrics["eval_correct_start"] - 0.2
 
 
