@@ -353,14 +353,18 @@ def checkpoint(engines, ctx, step: int, state: dict) -> None:
     # ``state`` is the run's (the same on every rank: stages all-reduce what goes in it) and
     # DeepSpeed keeps rank 0's; each rank's own generators go in a file of the rank's.
     client = {**state, "step": step}
+    # The run's state goes with the first engine only: the others' files would each hold
+    # another copy (PPO's EMA is a whole fp32 model), and a ZeRO-3 engine one per rank.
+    bare = {"step": step}
     generators = {"torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():  # sampling in rollouts draws from the GPU's generator
         generators["cuda_rng"] = torch.cuda.get_rng_state()
     failed: TransientError | None = None
     try:
         with ctx.checkpoints.writing(step) as local:
-            for name, engine in _engines(engines).items():
-                engine.save_checkpoint(str(local / name), tag="state", client_state=client)
+            for number, (name, engine) in enumerate(_engines(engines).items()):
+                kept = client if number == 0 else bare
+                engine.save_checkpoint(str(local / name), tag="state", client_state=kept)
             torch.save(generators, local / _rank_file())
     except TransientError as exc:  # a full scratch disk
         failed = exc
@@ -388,10 +392,12 @@ def resume(engines, ctx) -> dict:
         return {}
     directory = ctx.checkpoints.restore(step)
     state: dict = {}
-    for name, engine in _engines(engines).items():
+    for number, (name, engine) in enumerate(_engines(engines).items()):
         # DeepSpeed loads its files with pickle (weights_only=False, no option to change
         # it): Checkpoints.restore verified each against its sha256 first.
-        _, state = engine.load_checkpoint(str(directory / name), tag="state")
+        _, loaded = engine.load_checkpoint(str(directory / name), tag="state")
+        if number == 0:  # the run's state is the first engine's (see checkpoint)
+            state = loaded
     mine = directory / _rank_file()
     # Absent for a rank the checkpoint's run did not have, or a checkpoint from before the
     # per-rank files: then the generators rank 0 saved in the client state, if any.

@@ -394,7 +394,9 @@ def run(config: Config, ctx: StageContext) -> dict:
     kl_coef = state.get("kl_coef", config.kl_coef)
     moments = RunningMoments(*state.get("moments", (0.0, 0.0, 0.0)))
     ema = None
-    if config.ema_decay is not None:  # on the actor's device, back there after a resume
+    # On the actor's device, back there after a resume; rank 0's only (it alone exports it,
+    # and the checkpoint keeps rank 0's state): the other ranks' GPUs hold no fp32 copy.
+    if config.ema_decay is not None and dist.is_main():
         weights = state.get("ema") or models.actor.module.state_dict()
         ema = ExponentialAverage(weights, config.ema_decay, models.actor.device)
     # where a resumed run's SFT batches go on from: one per forward of the actor so far

@@ -357,3 +357,35 @@ def test_the_learning_rate_warms_up_linearly_and_the_first_step_moves_the_weight
     progress = (5 - warmup) / (20 - warmup)
     cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
     assert rates[5] == pytest.approx(1e-3 * cosine)
+
+
+def test_the_runs_state_is_checkpointed_once_not_with_every_engine(tiny, tmp_path):
+    """PPO's checkpoint holds actor and critic; the run's state (its EMA a whole fp32 model)
+    went into both engines' files (and under ZeRO-3 into every rank's). It goes with the
+    first engine only, and a resumed run reads it from there."""
+    from transformers import AutoModelForCausalLM
+
+    from jobs.contract import StageConfig, run_stage
+
+    found: dict = {}
+
+    def body(config, ctx) -> dict:
+        cfg = engine.EngineConfig(learning_rate=1e-3)
+        engines = {
+            name: engine.initialize(
+                AutoModelForCausalLM.from_pretrained(str(tiny / "model")), cfg, 5
+            )
+            for name in ("actor", "critic")
+        }
+        average = {"weight": torch.arange(1000.0)}
+        engine.checkpoint(engines, ctx, 1, {"ema": average, "kl_coef": 0.05})
+        for path in sorted(ctx.checkpoints.local_dir(1).rglob("*model_states.pt")):
+            held = torch.load(path, weights_only=False)
+            found[path.relative_to(ctx.checkpoints.local_dir(1)).parts[0]] = "ema" in held
+        state = engine.resume(engines, ctx)
+        torch.testing.assert_close(state["ema"]["weight"], average["weight"])
+        assert state["kl_coef"] == 0.05 and state["step"] == 1
+        return {"steps": 1}
+
+    run_stage("ppo-like", StageConfig(output=str(tmp_path / "out")), body, tmp_path / "work")
+    assert found == {"actor": True, "critic": False}, found
