@@ -111,7 +111,15 @@ class Config(StageConfig, SampleLog):
         if self.actor_train.compile:
             raise ValueError(
                 "actor_train.compile: the actor also generates the rollouts, whose every "
-                "length a compiled forward would compile anew; critic_train.compile may be set"
+                "length a compiled forward would compile anew"
+            )
+        if self.critic_train.compile:
+            # DeepSpeed compiles the module's own forward; the critic's per-token values
+            # come from its backbone and score head called apart (scoring.head_values: the
+            # classifier's forward reads the last token only), which it never reaches.
+            raise ValueError(
+                "critic_train.compile: the critic's values do not go through the forward "
+                "DeepSpeed compiles, so nothing would be compiled"
             )
         return self
 
