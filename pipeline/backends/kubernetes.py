@@ -124,7 +124,8 @@ class KubernetesBackend:
         if why := gpus_and_processes(job):
             raise BadInputError(f"{plan.source}: stages.{stage.name}: {why}")
         name, namespace = job["metadata"]["name"], plan.kubernetes.namespace
-        for attempt in range(stage.spec.retries + 1):
+        counted = spared = 0  # failures counted against `retries`; those a disruption caused
+        while True:
             # On every attempt: a second `rlhf run` of the run, following the same Job, may
             # have made the new one first (replacing that would kill a healthy gang).
             running = self.running_job(namespace, name)
@@ -143,7 +144,11 @@ class KubernetesBackend:
             if outcome.reason in ("NoProgress", "Evicted"):  # it could go on unattended
                 self._delete_job(namespace, name)
                 report += f"\nthe Job {name} was deleted: it would otherwise go on unattended"
-            if not outcome.retryable or attempt == stage.spec.retries:
+            # A gang fails whole when one pod is preempted or its node drained (the policy
+            # ignores only the disrupted pod; its peers exit): that is no fault of the stage,
+            # and a spot-instance gang would spend its retries on it.
+            spare = outcome.retryable and tracker.disruptions > 0 and spared < SPARED_RETRIES
+            if not outcome.retryable or (counted == stage.spec.retries and not spare):
                 mark_given_up(stage.output, f"{outcome.reason}: {outcome.message}"[:300])
                 # the Job's annotation says failed too, not the last step it ran (a
                 # deleted Job has nothing left to annotate)
@@ -151,9 +156,15 @@ class KubernetesBackend:
                 if not gone and (text := progress_text(stage.output)[1]):
                     self.annotate(namespace, name, text)
                 raise StageFailed(stage.name, outcome.exit_code, report)
+            if spare:
+                spared += 1
+                which = f"a pod was disrupted, not counted: {spared}/{SPARED_RETRIES}"
+            else:
+                counted += 1
+                which = f"{counted}/{stage.spec.retries}"
             self.echo(
-                f"{report}\n{head}: re-creating the Job ({attempt + 1}/{stage.spec.retries});"
-                " it resumes from the newest checkpoint"
+                f"{report}\n{head}: re-creating the Job ({which}); it resumes from the "
+                "newest checkpoint"
             )
 
     def running_job(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -535,6 +546,9 @@ class Timed:
             return method(*args, **kwargs)
 
         return call
+
+
+SPARED_RETRIES = 10  # re-creations after a disruption, beyond a stage's `retries`
 
 
 def gpus_and_processes(job: dict[str, Any]) -> str | None:

@@ -122,6 +122,32 @@ def test_a_lost_rank_re_creates_the_job_and_the_run_goes_on(stage_plan, connect)
     assert events[gone + 1 :].count(("Job", "ADDED")) == 1
 
 
+def test_a_gang_failed_by_a_preempted_pod_is_re_created_without_spending_its_retries(
+    stage_plan, connect
+):
+    """One pod of a gang preempted (DisruptionTarget): the podFailurePolicy ignores that
+    pod, but its peers exit and the gang's Job fails. Three such failures, with the
+    stage's 2 retries, end in success: a disruption is no fault of the stage (they used up
+    the retries, and a spot-instance gang gave up at its third preemption)."""
+    the_plan, stage = stage_plan
+    disrupted = recorded("gang_rank_lost")
+    for event in disrupted:
+        obj = event["object"]
+        if obj["kind"] == "Pod" and obj["status"].get("phase") == "Failed":
+            obj["status"]["conditions"] = [
+                *obj["status"].get("conditions", []),
+                {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"},
+            ]
+    cluster = RecordedCluster([disrupted] * 3 + [recorded("success")])
+    backend, lines = connect(cluster)
+
+    backend.run_stage(the_plan, stage, "[1/1] sft")
+
+    assert cluster.created.count("jobs") == 4
+    spared = [line for line in lines if "a pod was disrupted, not counted" in line]
+    assert len(spared) == 3, lines
+
+
 def test_rlhf_cancel_ends_the_wait_at_once_without_a_retry(stage_plan, connect):
     the_plan, stage = stage_plan
     cluster = RecordedCluster([recorded("cancelled")])
