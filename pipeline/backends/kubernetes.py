@@ -137,6 +137,7 @@ class KubernetesBackend:
                 self.echo(f"{head}: Job {name} in namespace {namespace}")
             tracker, outcome = self.wait(plan, stage, name, head)
             if outcome.succeeded or (outcome.reason == "Deleted" and finished_unseen(plan, stage)):
+                self._clear_helpers(namespace, manifests)
                 return
             report = explain(tracker, outcome, self.events(plan, tracker), self.logs(plan, stage))
             if outcome.exit_code == EXIT_BAD_INPUT:
@@ -166,6 +167,30 @@ class KubernetesBackend:
                 f"{report}\n{head}: re-creating the Job ({which}); it resumes from the "
                 "newest checkpoint"
             )
+
+    def _clear_helpers(self, namespace: str, manifests: list[dict[str, Any]]) -> None:
+        """Delete a finished stage's ConfigMap, Service and NetworkPolicy: nothing owns
+        them, and the Job's ttlSecondsAfterFinished would leave them behind for good (a
+        failed stage keeps them, to be looked at; a re-run or `rlhf cancel` removes those).
+        Best effort: the stage has succeeded whatever this says."""
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        deletes = {
+            "ConfigMap": self.core.delete_namespaced_config_map,
+            "Service": self.core.delete_namespaced_service,
+            "NetworkPolicy": self.networking.delete_namespaced_network_policy,
+        }
+        for manifest in manifests:
+            if (delete := deletes.get(manifest["kind"])) is None:
+                continue
+            try:
+                gone_already(delete, manifest["metadata"]["name"], namespace)
+            except (ApiException, HTTPError, OSError) as exc:
+                self.echo(
+                    f"warning: {manifest['kind']} {manifest['metadata']['name']} was left in "
+                    f"namespace {namespace} ({str(exc)[:200]})"
+                )
 
     def running_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The Job of that name, when it exists and has not finished or been deleted."""
