@@ -102,9 +102,14 @@ def schedule(cfg: EngineConfig, total_steps: int):
     def build(optimizer):
         from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-        return get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer, cfg.warmup_steps, max(total_steps, 1), min_lr_rate=cfg.min_lr_ratio
+        last = max(total_steps, 1)
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, cfg.warmup_steps, last, min_lr_rate=cfg.min_lr_ratio
         )
+        # held at the floor past the last step (transformers' cosine would rise again)
+        [rate] = scheduler.lr_lambdas
+        scheduler.lr_lambdas = [lambda step: rate(min(step, last))]
+        return scheduler
 
     return build
 
@@ -255,17 +260,20 @@ def train_without_dropout(module) -> None:
     forward is the policy that sampled, so a first step's ratio is exactly 1.
 
     Beyond TRL's ``nn.Dropout`` layers: most transformers attentions (GPT-NeoX, Llama, OPT)
-    keep their dropout as a float handed to the attention kernel, and OPT's decoder drops
-    whole layers (``layerdrop``) in train mode; those are zeroed too."""
+    keep their dropout as a float handed to the attention kernel, OPT's decoder drops
+    whole layers (``layerdrop``) in train mode, and Falcon reads its config's rates at
+    every forward; those are zeroed too. A LoRA adapter's dropout is an nn.Dropout: off."""
     import torch
 
     module.train()
-    for layer in module.modules():
-        if isinstance(layer, torch.nn.Dropout):
-            layer.p = 0.0
-        for name, value in list(vars(layer).items()):
+    configs = {id(c): c for m in module.modules() if (c := getattr(m, "config", None)) is not None}
+    for holder in [*module.modules(), *configs.values()]:
+        if isinstance(holder, torch.nn.Dropout):
+            holder.p = 0.0
+        # a config's too: some models read theirs at every forward (Falcon's decoder)
+        for name, value in list(vars(holder).items()):
             if isinstance(value, float) and ("dropout" in name or name == "layerdrop"):
-                setattr(layer, name, 0.0)
+                setattr(holder, name, 0.0)
 
 
 @contextmanager

@@ -40,6 +40,7 @@ class PodView:
     exit_code: int | None = None
     reason: str = ""
     disrupted: bool = False
+    evicted: bool = False  # by the kubelet for node pressure (the pod's reason "Evicted")
 
 
 @dataclass
@@ -84,7 +85,7 @@ class StageTracker:
         known = self.pods.get(view.name)
         if view.disrupted and not (known and known.disrupted):
             self.disruptions += 1
-            self.evictions += view.reason == "TerminationByKubelet"
+            self.evictions += view.evicted
         if view.phase not in ("Pending", "Unknown"):
             self.started = True
         if deleted:  # replaced (a disruption) or cleaned up: no longer part of the stage
@@ -167,6 +168,9 @@ def pod_view(pod: dict[str, Any]) -> PodView:
     status = pod.get("status", {})
     metadata = pod["metadata"]
     view = PodView(metadata["name"], status.get("phase", "Pending"), metadata.get("uid", ""))
+    # The pod's own reason, not its DisruptionTarget's: the kubelet gives that condition
+    # the reason TerminationByKubelet for a graceful node shutdown (a spot node going) too.
+    view.evicted = status.get("reason") == "Evicted"
     for container in status.get("containerStatuses", []) or []:
         if container.get("name") != "stage" and len(status["containerStatuses"]) > 1:
             continue

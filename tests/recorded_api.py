@@ -319,6 +319,10 @@ def serve(cluster: RecordedCluster, port: int = 0) -> tuple[ThreadingHTTPServer,
                 gone = cluster.delete_job(name) if kind == "jobs" else True
             if not gone:
                 return self._not_found(name)
+            if kind == "services":  # the API answers a Service's delete with the Service
+                return self._reply(
+                    200, {"kind": "Service", "apiVersion": "v1", "metadata": {"name": name}}
+                )
             self._reply(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
 
         def do_PATCH(self):  # noqa: N802

@@ -136,7 +136,12 @@ class KubernetesBackend:
                 self.submit(plan, manifests)
                 self.echo(f"{head}: Job {name} in namespace {namespace}")
             tracker, outcome = self.wait(plan, stage, name, head)
-            if outcome.succeeded or (outcome.reason == "Deleted" and finished_unseen(plan, stage)):
+            # A Job that went (its TTL) while no watch was open, or before the first list
+            # (then nothing was seen of it, and the wait ended as a stall).
+            gone = outcome.reason == "Deleted" or (
+                outcome.reason == "NoProgress" and not tracker.job
+            )
+            if outcome.succeeded or (gone and finished_unseen(plan, stage)):
                 self._clear_helpers(namespace, manifests)
                 return
             report = explain(tracker, outcome, self.events(plan, tracker), self.logs(plan, stage))
@@ -148,7 +153,15 @@ class KubernetesBackend:
             # A gang fails whole when one pod is preempted or its node drained (the policy
             # ignores only the disrupted pod; its peers exit): that is no fault of the stage,
             # and a spot-instance gang would spend its retries on it.
-            spare = outcome.retryable and tracker.disruptions > 0 and spared < SPARED_RETRIES
+            # (A single pod's disruptions fail no Job; a pressure eviction is the stage's
+            # own doing: it outgrew its node.)
+            spare = (
+                outcome.retryable
+                and stage.spec.nnodes > 1
+                and tracker.disruptions > 0
+                and tracker.evictions == 0
+                and spared < SPARED_RETRIES
+            )
             if not outcome.retryable or (counted == stage.spec.retries and not spare):
                 mark_given_up(stage.output, f"{outcome.reason}: {outcome.message}"[:300])
                 # the Job's annotation says failed too, not the last step it ran (a
@@ -173,9 +186,6 @@ class KubernetesBackend:
         them, and the Job's ttlSecondsAfterFinished would leave them behind for good (a
         failed stage keeps them, to be looked at; a re-run or `rlhf cancel` removes those).
         Best effort: the stage has succeeded whatever this says."""
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
-
         deletes = {
             "ConfigMap": self.core.delete_namespaced_config_map,
             "Service": self.core.delete_namespaced_service,
@@ -186,7 +196,7 @@ class KubernetesBackend:
                 continue
             try:
                 gone_already(delete, manifest["metadata"]["name"], namespace)
-            except (ApiException, HTTPError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - not allowed, the API away: it stays
                 self.echo(
                     f"warning: {manifest['kind']} {manifest['metadata']['name']} was left in "
                     f"namespace {namespace} ({str(exc)[:200]})"
@@ -617,7 +627,7 @@ def api_errors(namespace: str) -> Iterator[None]:
         raise _api_error(exc.api_exceptions[0], namespace) from None
     except ApiException as exc:
         raise _api_error(exc, namespace) from None
-    except (HTTPError, OSError) as exc:
+    except HTTPError as exc:  # the client's connection errors (an OSError is a bug here)
         raise TransientError(
             f"kubernetes: the API server could not be reached ({type(exc).__name__}: "
             f"{str(exc)[:300]}); check the kubeconfig's server and the network"

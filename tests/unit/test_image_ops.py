@@ -109,14 +109,18 @@ def test_the_wrapper_rewrites_only_the_machine_and_simd_flags(tmp_path):
 
 
 @pytest.mark.parametrize("arch, refused", [("8.0;9.0", True), ("8.0;9.0+PTX", False)])
-def test_the_prebuilt_ops_keep_ptx_for_gpus_newer_than_the_list(arch, refused):
+def test_the_prebuilt_ops_keep_ptx_for_gpus_newer_than_the_list(arch, refused, tmp_path):
     """DeepSpeed adds PTX only when it compiles at run time: ops built for 8.0 and 9.0
     alone fail on a Blackwell GPU. build-ops.sh refuses such a list before it builds
     (here, without nvcc, the accepted list ends where a machine without it ends)."""
     build_ops = ROOT / "images" / "build-ops.sh"
+    # a PATH with dirname alone: no nvcc (which would build DeepSpeed into this machine)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    (tools / "dirname").symlink_to(shutil.which("dirname"))
     result = subprocess.run(
-        ["sh", str(build_ops)],
-        env={"PATH": "/usr/bin:/bin", "TORCH_CUDA_ARCH_LIST": arch},
+        ["/bin/sh", str(build_ops)],
+        env={"PATH": str(tools), "TORCH_CUDA_ARCH_LIST": arch},
         capture_output=True,
         text=True,
     )

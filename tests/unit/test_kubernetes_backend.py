@@ -126,30 +126,48 @@ def test_a_lost_rank_re_creates_the_job_and_the_run_goes_on(stage_plan, connect)
     assert events[gone + 1 :].count(("Job", "ADDED")) == 1
 
 
+@pytest.mark.parametrize(
+    "nodes, evicted, spared",
+    [(2, False, True), (1, False, False), (2, True, False)],
+    ids=["gang-preempted", "single-pod", "gang-evicted-for-memory"],
+)
 def test_a_gang_failed_by_a_preempted_pod_is_re_created_without_spending_its_retries(
-    stage_plan, connect
+    stage_plan, connect, nodes, evicted, spared
 ):
     """One pod of a gang preempted (DisruptionTarget): the podFailurePolicy ignores that
     pod, but its peers exit and the gang's Job fails. Three such failures, with the
     stage's 2 retries, end in success: a disruption is no fault of the stage (they used up
-    the retries, and a spot-instance gang gave up at its third preemption)."""
+    the retries, and a spot-instance gang gave up at its third preemption). A single pod's
+    Job fails for other reasons (its disruptions the policy absorbs), and a gang whose pod
+    the kubelet evicted for memory outgrew its node: those count."""
+    import dataclasses
+
     the_plan, stage = stage_plan
+    spec = stage.spec.model_copy(update={"nnodes": nodes})
+    stage = dataclasses.replace(stage, spec=spec)
     disrupted = recorded("gang_rank_lost")
     for event in disrupted:
         obj = event["object"]
         if obj["kind"] == "Pod" and obj["status"].get("phase") == "Failed":
+            reason = "TerminationByKubelet" if evicted else "PreemptionByScheduler"
             obj["status"]["conditions"] = [
                 *obj["status"].get("conditions", []),
-                {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"},
+                {"type": "DisruptionTarget", "status": "True", "reason": reason},
             ]
+            if evicted:
+                obj["status"]["reason"] = "Evicted"
     cluster = RecordedCluster([disrupted] * 3 + [recorded("success")])
     backend, lines = connect(cluster)
 
-    backend.run_stage(the_plan, stage, "[1/1] sft")
-
-    assert cluster.created.count("jobs") == 4
-    spared = [line for line in lines if "a pod was disrupted, not counted" in line]
-    assert len(spared) == 3, lines
+    if spared:
+        backend.run_stage(the_plan, stage, "[1/1] sft")
+        assert cluster.created.count("jobs") == 4
+    else:
+        with pytest.raises(StageFailed):
+            backend.run_stage(the_plan, stage, "[1/1] sft")
+        assert cluster.created.count("jobs") == 3  # the first and its 2 retries
+    taken = [line for line in lines if "a pod was disrupted, not counted" in line]
+    assert len(taken) == (3 if spared else 0), lines
 
 
 def test_rlhf_cancel_ends_the_wait_at_once_without_a_retry(stage_plan, connect):
@@ -213,7 +231,7 @@ def test_a_job_that_completed_and_went_unseen_is_a_success_not_a_cancel(
     ]
     # what the stage's pod wrote before its Job went
     run_stage(stage.stage, stage.config, lambda config, ctx: {"steps": 1}, tmp_path / "work")
-    cluster = RecordedCluster([], running=events)
+    cluster = RecordedCluster([], running=events, step_s=0.2)  # the watch sees it go
     backend, lines = connect(cluster)
 
     backend.run_stage(the_plan, stage, "[1/1] sft")  # no StageFailed
@@ -248,7 +266,8 @@ def test_a_retry_follows_the_job_another_run_of_the_file_made_first(stage_plan, 
     for event in successor:
         if event["object"]["kind"] == "Job":
             event["object"]["metadata"]["uid"] = "uid-the-other-submitters"
-    cluster = RecordedCluster([recorded("success")], running=first)
+    # slow enough that the successor is still running when the retry looks
+    cluster = RecordedCluster([recorded("success")], running=first, step_s=0.2)
     backend, lines = connect(cluster)
 
     def echo(line: str) -> None:

@@ -357,6 +357,9 @@ def test_the_learning_rate_warms_up_linearly_and_the_first_step_moves_the_weight
     progress = (5 - warmup) / (20 - warmup)
     cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
     assert rates[5] == pytest.approx(1e-3 * cosine)
+    # and held there past it (transformers' cosine alone rises again)
+    [rate] = engine.schedule(cfg, 20)(torch.optim.SGD([torch.zeros(1)], lr=1.0)).lr_lambdas
+    assert rate(20) == rate(22) == rate(40) == pytest.approx(0.1)
 
 
 def test_the_runs_state_is_checkpointed_once_not_with_every_engine(tiny, tmp_path):
@@ -389,3 +392,26 @@ def test_the_runs_state_is_checkpointed_once_not_with_every_engine(tiny, tmp_pat
 
     run_stage("ppo-like", StageConfig(output=str(tmp_path / "out")), body, tmp_path / "work")
     assert found == {"actor": True, "critic": False}, found
+
+
+def test_a_model_that_reads_its_dropout_from_its_config_trains_without_it_too():
+    """Falcon's decoder reads its config's rates at every forward, not a module's."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    config = FalconConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        hidden_dropout=0.5,
+        attention_dropout=0.5,
+    )
+    torch.manual_seed(0)
+    model = FalconForCausalLM(config).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        sampled = model(ids).logits
+        model.train()
+        assert not torch.allclose(model(ids).logits, sampled)  # the control: dropout bites
+        engine.train_without_dropout(model)
+        torch.testing.assert_close(model(ids).logits, sampled)

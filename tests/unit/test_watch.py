@@ -52,7 +52,9 @@ def test_retry_after_a_disruption_is_not_a_failure():
 def test_pods_the_kubelet_keeps_evicting_end_the_stage():
     """Disruptions are not failures (the podFailurePolicy ignores them), but the kubelet's
     memory or disk pressure evictions of a stage that outgrows its node would replace its
-    pod for ever: the third ends the stage, with what to do. Preemptions do not count."""
+    pod for ever: the third ends the stage, with what to do. Preemptions and graceful node
+    shutdowns (a spot node going: the same TerminationByKubelet condition, but the pod is
+    not "Evicted") do not count."""
     events = yaml.safe_load((FIXTURES / "k8s" / "retry_after_disruption.yaml").read_text())
     job = copy.deepcopy(events[0]["object"])
     [evicted] = [
@@ -65,18 +67,20 @@ def test_pods_the_kubelet_keeps_evicting_end_the_stage():
     ][:1]
     tracker = StageTracker("demo-sft")
     tracker.on_job(job)
-    for number in range(5):
+    for number in range(7):
         pod = copy.deepcopy(evicted)
         pod["metadata"]["name"] = f"demo-sft-{number}"
-        kubelet = number >= 2  # two preemptions first, then the kubelet's evictions
+        # a preemption, three node shutdowns, then the kubelet's pressure evictions
         for condition in pod["status"]["conditions"]:
-            if condition["type"] == "DisruptionTarget" and kubelet:
+            if condition["type"] == "DisruptionTarget" and number >= 1:
                 condition["reason"] = "TerminationByKubelet"
+        if number >= 4:
+            pod["status"]["reason"] = "Evicted"
         tracker.on_pod(pod)
-        if number < 4:
+        if number < 6:
             assert tracker.outcome() is None, number
     outcome = tracker.outcome()
-    assert tracker.disruptions == 5 and tracker.evictions == 3
+    assert tracker.disruptions == 7 and tracker.evictions == 3
     assert not outcome.retryable and outcome.reason == "Evicted", outcome
     assert "resources.requests" in outcome.message
 
