@@ -136,6 +136,14 @@ def run_entrypoint(
     )
 
 
+def pipeline_file(folder: Path, stages: dict, name: str = "demo", **settings) -> Path:
+    """A pipeline file of ``stages`` whose store is ``folder``/runs."""
+    path = folder / "pipeline.yaml"
+    body = {"name": name, "store": str(folder / "runs"), **settings, "stages": stages}
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
 def with_dropout(source: Path, output: Path, p: float = 0.3) -> str:
     """The model at ``source`` with dropout ``p`` in every place a GPT-NeoX has one (hidden
     states, attention weights, a classifier's head), as a finished stage output."""

@@ -35,11 +35,11 @@ PAIRS = [
 ]
 
 
-def test_dpo_raises_held_out_preference_accuracy_and_margin(tiny, tiny_data, tmp_path):
+def dpo_config(model: str, data: Path, output: Path, **overrides) -> dict:
     config = {
-        "output": str(tmp_path / "dpo"),
-        "model": str(tiny / "model"),
-        "data": str(tiny_data),
+        "output": str(output),
+        "model": model,
+        "data": str(data),
         "max_seq_len": 96,
         "max_steps": 30,
         "eval_every": 30,
@@ -47,6 +47,11 @@ def test_dpo_raises_held_out_preference_accuracy_and_margin(tiny, tiny_data, tmp
         "seed": 0,
         "train": {"learning_rate": 1e-3, "micro_batch_size": 8},
     }
+    return {**config, **overrides}
+
+
+def test_dpo_raises_held_out_preference_accuracy_and_margin(tiny, tiny_data, tmp_path):
+    config = dpo_config(str(tiny / "model"), tiny_data, tmp_path / "dpo")
     result = run_entrypoint("dpo", config, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_manifest(str(tmp_path / "dpo")).metrics
@@ -62,16 +67,8 @@ def test_the_policy_trains_without_dropout(tiny, tiny_data, tmp_path):
     """A model with dropout 0.3 in its config: its first step, before any update, is the
     reference exactly (the reference's log-probs were taken without dropout), so the loss
     is log 2 and the margin 0; with dropout they are noise."""
-    config = {
-        "output": str(tmp_path / "dpo"),
-        "model": with_dropout(tiny / "model", tmp_path / "dropout"),
-        "data": str(tiny_data),
-        "max_seq_len": 96,
-        "max_steps": 1,
-        "eval_every": 100,
-        "seed": 0,
-        "train": {"learning_rate": 1e-3, "micro_batch_size": 8},
-    }
+    model = with_dropout(tiny / "model", tmp_path / "dropout")
+    config = dpo_config(model, tiny_data, tmp_path / "dpo", max_steps=1, eval_every=100)
     result = run_entrypoint("dpo", config, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]

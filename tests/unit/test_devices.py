@@ -229,18 +229,23 @@ def tiny_models(tiny, dropout: float) -> SimpleNamespace:
     )
 
 
-def test_rollouts_are_scored_without_dropout_in_micro_batches(tiny):
-    models = tiny_models(tiny, dropout=0.5)
-    prompts = [f"### User:\nhello {i}\n\n### Assistant:\n" for i in range(6)]
-    config = ppo.Config(
+def rollout_config(prompts: int, **sampling) -> ppo.Config:
+    """A PPO config whose one minibatch is the whole rollout of ``prompts`` answers."""
+    return ppo.Config(
         output="o",
         actor="a",
         reward_model="r",
         prompts="p",
-        rollout_batch_size=6,
-        minibatch_size=6,
-        sampling={"max_new_tokens": 8},
+        rollout_batch_size=prompts,
+        minibatch_size=prompts,
+        sampling={"max_new_tokens": 8, **sampling},
     )
+
+
+def test_rollouts_are_scored_without_dropout_in_micro_batches(tiny):
+    models = tiny_models(tiny, dropout=0.5)
+    prompts = [f"### User:\nhello {i}\n\n### Assistant:\n" for i in range(6)]
+    config = rollout_config(len(prompts))
     whole = ppo.rollout(models, prompts, config, seed=3)
     in_pairs = ppo.rollout(
         models, prompts, config.model_copy(update={"scoring_batch_size": 2}), seed=3
@@ -264,15 +269,7 @@ def test_rollouts_are_scored_under_the_temperature_they_were_sampled_at(tiny):
     TRL's and OpenRLHF's PPO take them (they were the temperature-1 policy's)."""
     models = tiny_models(tiny, dropout=0.0)
     prompts = [f"### User:\nhello {i}\n\n### Assistant:\n" for i in range(4)]
-    config = ppo.Config(
-        output="o",
-        actor="a",
-        reward_model="r",
-        prompts="p",
-        rollout_batch_size=4,
-        minibatch_size=4,
-        sampling={"max_new_tokens": 8, "temperature": 0.5},
-    )
+    config = rollout_config(len(prompts), temperature=0.5)
     batch = ppo.rollout(models, prompts, config, seed=3)
     seqs, attention, start, mask = (batch[k] for k in ("sequences", "attention", "start", "mask"))
     for key, model in (("old_logp", models.actor), ("ref_logp", models.reference)):

@@ -19,7 +19,7 @@ from pipeline.backends import StageFailed
 from pipeline.charts import render_stage
 from pipeline.config import plan
 from pipeline.watch import BAD_INPUT, EXIT_CANCELLED
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, pipeline_file
 from tests.recorded_api import RecordedCluster, as_created, kubeconfig, serve
 
 
@@ -30,17 +30,11 @@ def recorded(name: str) -> list[dict]:
 @pytest.fixture
 def stage_plan(tmp_path):
     """A one-stage run whose Job is the recordings' demo-sft in namespace ml."""
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "name": "demo",
-                "store": str(tmp_path / "runs"),
-                # long enough that a loaded CI machine never hits it where a test does not mean to
-                "kubernetes": {"namespace": "ml", "stall_timeout_s": 120},
-                "stages": {"sft": {"config": {"model": "s3://b/m", "data": "s3://b/d"}}},
-            }
-        )
+    path = pipeline_file(
+        tmp_path,
+        {"sft": {"config": {"model": "s3://b/m", "data": "s3://b/d"}}},
+        # long enough that a loaded CI machine never hits it where a test does not mean to
+        kubernetes={"namespace": "ml", "stall_timeout_s": 120},
     )
     the_plan = plan(str(path))
     [stage] = the_plan.stages
@@ -543,19 +537,9 @@ def test_a_pods_gpus_and_processes_must_match_on_a_cluster(tmp_path, connect, gp
     from jobs.errors import BadInputError
     from pipeline.backends.kubernetes import gpus_and_processes
 
-    path = tmp_path / "pipeline.yaml"
     stage = {"nproc_per_node": processes, "values": {"gpus": gpus}}
     stage["config"] = {"model": "s3://b/m", "data": "s3://b/d"}
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "name": "demo",
-                "store": str(tmp_path / "runs"),
-                "kubernetes": {"namespace": "ml"},
-                "stages": {"sft": stage},
-            }
-        )
-    )
+    path = pipeline_file(tmp_path, {"sft": stage}, kubernetes={"namespace": "ml"})
     the_plan = plan(str(path))
     cluster = RecordedCluster([])
     backend, _ = connect(cluster)

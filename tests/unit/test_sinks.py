@@ -49,16 +49,21 @@ def wandb_records(path: Path):
             yield record
 
 
-def test_wandb_offline_run_holds_the_stage_metrics_config_and_samples(tmp_path, monkeypatch):
+def offline_wandb(monkeypatch, folder: Path) -> None:
+    """W&B's offline mode into ``folder``, for a pipeline run r1."""
     for name, value in {
         "WANDB_MODE": "offline",
-        "WANDB_DIR": str(tmp_path),
+        "WANDB_DIR": str(folder),
         "WANDB_PROJECT": "kuberlhf-test",
         "WANDB_SILENT": "true",
         "KUBERLHF_RUN": "r1",
-        "KUBERLHF_TEST_TOKEN": CANARY,
     }.items():
         monkeypatch.setenv(name, value)
+
+
+def test_wandb_offline_run_holds_the_stage_metrics_config_and_samples(tmp_path, monkeypatch):
+    offline_wandb(monkeypatch, tmp_path)
+    monkeypatch.setenv("KUBERLHF_TEST_TOKEN", CANARY)
     # a secret's value in a config (the config rules refuse the usual ways in) is masked
     output = str(tmp_path / "r1" / CANARY / "sft")
     manifest = run_stage("sft", StageConfig(output=output), logging_stage, tmp_path / "w")
@@ -108,14 +113,7 @@ def test_wandb_goes_on_in_an_interrupted_run_and_starts_a_new_one_for_a_finished
 
     from jobs.errors import TransientError
 
-    for name, value in {
-        "WANDB_MODE": "offline",
-        "WANDB_DIR": str(tmp_path),
-        "WANDB_PROJECT": "kuberlhf-test",
-        "WANDB_SILENT": "true",
-        "KUBERLHF_RUN": "r1",
-    }.items():
-        monkeypatch.setenv(name, value)
+    offline_wandb(monkeypatch, tmp_path)
     output = tmp_path / "r1" / "sft"
     config = StageConfig(output=str(output))
 
@@ -309,17 +307,10 @@ def test_a_stage_that_ends_without_its_manifest_fails_the_run_with_a_nonzero_cod
 
     from pipeline.backends import StageFailed, run_in_order
     from pipeline.config import plan
+    from tests.conftest import pipeline_file
 
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(
-        json.dumps(
-            {
-                "name": "p",
-                "store": str(tmp_path / "runs"),
-                "stages": {"sft": {"config": {"model": "m", "data": str(tmp_path / "d")}}},
-            }
-        )
-    )
+    stages = {"sft": {"config": {"model": "m", "data": str(tmp_path / "d")}}}
+    path = pipeline_file(tmp_path, stages, name="p")
     with pytest.raises(StageFailed, match="without writing its manifest") as failed:
         run_in_order(plan(str(path)), None, print, lambda stage, head: None)
     assert failed.value.exit_code != 0

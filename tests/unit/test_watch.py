@@ -153,10 +153,10 @@ def test_a_gang_given_a_bad_input_fails_with_65_and_its_ended_pods_say_so():
     assert "pod demo-sft-1-fghij: Terminated, exit code 137" in report
 
 
-def test_a_gang_failed_by_a_lost_peer_waits_for_its_pods_exit_codes():
-    """One pod's workers exit 1 (their peer's connection dropped) before the other pod's 65
-    has reached the API: the Job's FailureTarget (BackoffLimitExceeded) does not decide, its
-    Failed does, once every pod has ended and said its code."""
+def stopping_gang() -> tuple[dict, dict, dict, dict]:
+    """The gang_bad_input recording's Job and pods: the pod whose input was bad as it
+    ended (exit 65) and as it ran before that, and its peer, whose workers exited 1 (their
+    peer's connection dropped)."""
     events = yaml.safe_load((FIXTURES / "k8s" / "gang_bad_input.yaml").read_text())
     job, bad_pod, other_pod = (copy.deepcopy(events[i]["object"]) for i in range(3))
     other_pod["status"]["containerStatuses"] = [
@@ -164,6 +164,14 @@ def test_a_gang_failed_by_a_lost_peer_waits_for_its_pods_exit_codes():
     ]
     running = copy.deepcopy(bad_pod)
     running["status"] = {"phase": "Running"}
+    return job, bad_pod, running, other_pod
+
+
+def test_a_gang_failed_by_a_lost_peer_waits_for_its_pods_exit_codes():
+    """One pod's workers exit 1 (their peer's connection dropped) before the other pod's 65
+    has reached the API: the Job's FailureTarget (BackoffLimitExceeded) does not decide, its
+    Failed does, once every pod has ended and said its code."""
+    job, bad_pod, running, other_pod = stopping_gang()
     tracker = StageTracker("demo-sft")
     tracker.on_job(job)
     tracker.on_pod(running)
@@ -185,13 +193,7 @@ def gang_failed_before_its_65_was_read() -> tuple[StageTracker, dict, dict]:
     """A gang whose Job is Failed (BackoffLimitExceeded: a peer's exit 1, as Kubernetes
     before 1.31 fails it at once) while the pod whose input was bad is still stopping
     (the Job counts it as terminating): its exit 65 has not come yet."""
-    events = yaml.safe_load((FIXTURES / "k8s" / "gang_bad_input.yaml").read_text())
-    job, bad_pod, other_pod = (copy.deepcopy(events[i]["object"]) for i in range(3))
-    other_pod["status"]["containerStatuses"] = [
-        {"name": "stage", "restartCount": 0, "state": {"terminated": {"exitCode": 1}}}
-    ]
-    running = copy.deepcopy(bad_pod)
-    running["status"] = {"phase": "Running"}
+    job, bad_pod, running, other_pod = stopping_gang()
     tracker = StageTracker("demo-sft")
     tracker.on_pod(running)
     tracker.on_pod(other_pod)
