@@ -233,6 +233,39 @@ def test_a_job_that_completed_and_went_unseen_is_a_success_not_a_cancel(
     assert cluster.created == []
 
 
+def test_a_job_that_went_before_the_watch_listed_it_is_a_success_when_published(connect, tmp_path):
+    """Followed (running when read), then removed by its TTL before the watch's first
+    list: nothing of it is ever seen, and the wait ends as a stall. Its stage published
+    its output, so the stage succeeded (it was given up, and marked failed)."""
+    from jobs.contract import run_stage
+
+    path = pipeline_file(
+        tmp_path,
+        {"sft": {"config": {"model": "s3://b/m", "data": "s3://b/d"}}},
+        kubernetes={"namespace": "ml", "stall_timeout_s": 1},
+    )
+    the_plan = plan(str(path))
+    [stage] = the_plan.stages
+    [job] = [m for m in render_stage(the_plan, stage) if m["kind"] == "Job"]
+    events = as_created(recorded("success"), job)[:4]  # its pod running
+    run_stage(stage.stage, stage.config, lambda config, ctx: {"steps": 1}, tmp_path / "work")
+    cluster = RecordedCluster([], running=events, step_s=0.0)
+    backend, lines = connect(cluster)
+
+    def echo(line: str) -> None:
+        lines.append(line)
+        if "following it" in line:  # between the read and the watch's list: it goes
+            with cluster.lock:
+                for kind in ("Pod", "Job"):
+                    for obj in list(cluster.objects[kind].values()):
+                        cluster._emit(kind, "DELETED", obj)
+
+    backend.echo = echo
+    backend.run_stage(the_plan, stage, "[1/1] sft")  # no StageFailed
+
+    assert cluster.created == [] and any("following it" in line for line in lines)
+
+
 def test_a_second_run_with_another_config_replaces_the_job(stage_plan, connect):
     the_plan, stage = stage_plan
     [job] = [m for m in render_stage(the_plan, stage) if m["kind"] == "Job"]
