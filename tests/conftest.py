@@ -138,6 +138,7 @@ def run_entrypoint(
 
 def pipeline_file(folder: Path, stages: dict, name: str = "demo", **settings) -> Path:
     """A pipeline file of ``stages`` whose store is ``folder``/runs."""
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "pipeline.yaml"
     body = {"name": name, "store": str(folder / "runs"), **settings, "stages": stages}
     path.write_text(yaml.safe_dump(body))

@@ -138,10 +138,10 @@ class KubernetesBackend:
             tracker, outcome = self.wait(plan, stage, name, head)
             # A Job that went (its TTL) while no watch was open, or before the first list
             # (then nothing was seen of it, and the wait ended as a stall).
-            gone = outcome.reason == "Deleted" or (
+            vanished = outcome.reason == "Deleted" or (
                 outcome.reason == "NoProgress" and not tracker.job
             )
-            if outcome.succeeded or (gone and finished_unseen(plan, stage)):
+            if outcome.succeeded or (vanished and finished_unseen(plan, stage)):
                 self._clear_helpers(namespace, manifests)
                 return
             report = explain(tracker, outcome, self.events(plan, tracker), self.logs(plan, stage))
@@ -186,14 +186,11 @@ class KubernetesBackend:
         them, and the Job's ttlSecondsAfterFinished would leave them behind for good (a
         failed stage keeps them, to be looked at; a re-run or `rlhf cancel` removes those).
         Best effort: the stage has succeeded whatever this says."""
-        deletes = {
-            "ConfigMap": self.core.delete_namespaced_config_map,
-            "Service": self.core.delete_namespaced_service,
-            "NetworkPolicy": self.networking.delete_namespaced_network_policy,
-        }
+        apis = self._helper_apis()
         for manifest in manifests:
-            if (delete := deletes.get(manifest["kind"])) is None:
+            if manifest["kind"] not in apis:
                 continue
+            _, delete = apis[manifest["kind"]]
             try:
                 gone_already(delete, manifest["metadata"]["name"], namespace)
             except Exception as exc:  # noqa: BLE001 - not allowed, the API away: it stays
@@ -201,6 +198,18 @@ class KubernetesBackend:
                     f"warning: {manifest['kind']} {manifest['metadata']['name']} was left in "
                     f"namespace {namespace} ({str(exc)[:200]})"
                 )
+
+    def _helper_apis(self) -> dict[str, tuple[Callable, Callable]]:
+        """How to list and delete each kind a stage makes beside its Job."""
+        core, networking = self.core, self.networking
+        return {
+            "ConfigMap": (core.list_namespaced_config_map, core.delete_namespaced_config_map),
+            "Service": (core.list_namespaced_service, core.delete_namespaced_service),
+            "NetworkPolicy": (
+                networking.list_namespaced_network_policy,
+                networking.delete_namespaced_network_policy,
+            ),
+        }
 
     def running_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The Job of that name, when it exists and has not finished or been deleted."""
@@ -417,19 +426,11 @@ class KubernetesBackend:
         # each gone already is fine: another `rlhf cancel`, the run's own clean-up; a kind
         # the Role may not list (Services and NetworkPolicies: a run of one-pod stages
         # makes none) is no reason to stop after the Jobs
-        core, networking = self.core, self.networking
-        for list_fn, delete_fn in (
-            (core.list_namespaced_config_map, core.delete_namespaced_config_map),
-            (core.list_namespaced_service, core.delete_namespaced_service),
-            (
-                networking.list_namespaced_network_policy,
-                networking.delete_namespaced_network_policy,
-            ),
-        ):
+        for kind, (list_fn, delete_fn) in self._helper_apis().items():
             try:
                 found = list_fn(namespace, label_selector=selector).items
             except ApiException as exc:
-                if exc.status != 403 or list_fn is core.list_namespaced_config_map:
+                if exc.status != 403 or kind == "ConfigMap":
                     raise
                 continue
             for item in found:

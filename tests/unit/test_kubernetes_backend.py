@@ -27,18 +27,23 @@ def recorded(name: str) -> list[dict]:
     return yaml.safe_load((FIXTURES / "k8s" / f"{name}.yaml").read_text())
 
 
-@pytest.fixture
-def stage_plan(tmp_path):
-    """A one-stage run whose Job is the recordings' demo-sft in namespace ml."""
+def sft_plan(folder, stall_timeout_s: float = 120, **spec):
+    """A one-stage run whose Job is the recordings' demo-sft in namespace ml (``spec``:
+    the stage's own settings beside its config)."""
+    stage = {"config": {"model": "s3://b/m", "data": "s3://b/d"}, **spec}
     path = pipeline_file(
-        tmp_path,
-        {"sft": {"config": {"model": "s3://b/m", "data": "s3://b/d"}}},
-        # long enough that a loaded CI machine never hits it where a test does not mean to
-        kubernetes={"namespace": "ml", "stall_timeout_s": 120},
+        folder, {"sft": stage}, kubernetes={"namespace": "ml", "stall_timeout_s": stall_timeout_s}
     )
     the_plan = plan(str(path))
-    [stage] = the_plan.stages
-    return the_plan, stage
+    [planned] = the_plan.stages
+    return the_plan, planned
+
+
+@pytest.fixture
+def stage_plan(tmp_path):
+    # a stall timeout long enough that a loaded CI machine never hits it where a test does
+    # not mean to
+    return sft_plan(tmp_path)
 
 
 @pytest.fixture
@@ -239,13 +244,7 @@ def test_a_job_that_went_before_the_watch_listed_it_is_a_success_when_published(
     its output, so the stage succeeded (it was given up, and marked failed)."""
     from jobs.contract import run_stage
 
-    path = pipeline_file(
-        tmp_path,
-        {"sft": {"config": {"model": "s3://b/m", "data": "s3://b/d"}}},
-        kubernetes={"namespace": "ml", "stall_timeout_s": 1},
-    )
-    the_plan = plan(str(path))
-    [stage] = the_plan.stages
+    the_plan, stage = sft_plan(tmp_path, stall_timeout_s=1)
     [job] = [m for m in render_stage(the_plan, stage) if m["kind"] == "Job"]
     events = as_created(recorded("success"), job)[:4]  # its pod running
     run_stage(stage.stage, stage.config, lambda config, ctx: {"steps": 1}, tmp_path / "work")
@@ -505,13 +504,15 @@ def test_an_api_server_that_goes_silent_ends_the_call_instead_of_holding_it(tmp_
     listener.close()
 
 
-@pytest.mark.parametrize("answer", ["forbidden", "unreachable"])
+@pytest.mark.parametrize("answer", ["forbidden", "configmaps-forbidden", "unreachable"])
 def test_an_api_server_that_refuses_or_cannot_be_reached_is_a_clear_error(
     stage_plan, tmp_path, monkeypatch, capsys, answer
 ):
-    """`rlhf cancel` with a Role that may not list Jobs (403), or a kubeconfig pointing at
-    nothing: one line saying what the API server said, exit 65 or 75, not the client's
-    traceback (and the cancel mark stays: a running submitter still stops)."""
+    """`rlhf cancel` with a Role that may not list Jobs (403), or Jobs but not the ConfigMaps
+    every run makes (only Services and NetworkPolicies, which a run of one-pod stages makes
+    none of, may be unlistable), or a kubeconfig pointing at nothing: one line saying what
+    the API server said, exit 65 or 75, not the client's traceback (and the cancel mark
+    stays: a running submitter still stops)."""
     import socket
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -522,6 +523,15 @@ def test_an_api_server_that_refuses_or_cannot_be_reached_is_a_clear_error(
 
     class Forbidden(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - the http.server API
+            if answer == "configmaps-forbidden" and "/jobs" in self.path:
+                listed = {"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": []}
+                body = json.dumps(listed).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
             body = json.dumps(
                 {
                     "kind": "Status",
@@ -540,7 +550,7 @@ def test_an_api_server_that_refuses_or_cannot_be_reached_is_a_clear_error(
         def log_message(self, *args):
             pass
 
-    if answer == "forbidden":
+    if answer != "unreachable":
         server = ThreadingHTTPServer(("127.0.0.1", 0), Forbidden)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -555,7 +565,7 @@ def test_an_api_server_that_refuses_or_cannot_be_reached_is_a_clear_error(
     code = main(["cancel", the_plan.source, "--backend", "kubernetes"])
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.startswith("error: kubernetes: "), err
-    if answer == "forbidden":
+    if answer != "unreachable":
         assert code == 65 and "403 Forbidden in namespace ml" in err and "cannot list" in err
         server.shutdown()
     else:
@@ -570,19 +580,13 @@ def test_a_pods_gpus_and_processes_must_match_on_a_cluster(tmp_path, connect, gp
     from jobs.errors import BadInputError
     from pipeline.backends.kubernetes import gpus_and_processes
 
-    stage = {"nproc_per_node": processes, "values": {"gpus": gpus}}
-    stage["config"] = {"model": "s3://b/m", "data": "s3://b/d"}
-    path = pipeline_file(tmp_path, {"sft": stage}, kubernetes={"namespace": "ml"})
-    the_plan = plan(str(path))
+    the_plan, stage = sft_plan(tmp_path / "a", nproc_per_node=processes, values={"gpus": gpus})
     cluster = RecordedCluster([])
     backend, _ = connect(cluster)
     with pytest.raises(BadInputError, match="each process trains on one GPU of its own"):
-        backend.run_stage(the_plan, the_plan.stages[0], "[1/1] sft")
+        backend.run_stage(the_plan, stage, "[1/1] sft")
     assert cluster.created == [] and cluster.requests == []
     # the control: one process per GPU
-    path.write_text(
-        path.read_text().replace(f"nproc_per_node: {processes}", f"nproc_per_node: {gpus}")
-    )
-    matched = plan(str(path))
-    [job] = [m for m in render_stage(matched, matched.stages[0]) if m["kind"] == "Job"]
+    matched, stage = sft_plan(tmp_path / "b", nproc_per_node=gpus, values={"gpus": gpus})
+    [job] = [m for m in render_stage(matched, stage) if m["kind"] == "Job"]
     assert gpus_and_processes(job) is None
