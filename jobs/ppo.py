@@ -139,7 +139,8 @@ class RunningMoments:
 
     @property
     def std(self) -> float:
-        return (self.m2 / max(self.count - 1, 1)) ** 0.5 if self.count > 1 else 1.0
+        # floored: a batch of equal rewards (a saturated reward model) divides by zero
+        return max((self.m2 / max(self.count - 1, 1)) ** 0.5, 1e-6) if self.count > 1 else 1.0
 
 
 class ExponentialAverage:
@@ -171,6 +172,12 @@ class ExponentialAverage:
 def token_values(critic, sequences, attention_mask, start: int) -> torch.Tensor:
     """The critic's value of the state before each token from ``start`` on."""
     return head_values(critic, sequences, attention_mask)[:, start - 1 : -1]
+
+
+def in_units(values: torch.Tensor, units: tuple[float, float]) -> torch.Tensor:
+    """Raw values in the units ``(mean, std)`` the rewards were normalised with."""
+    mean, std = units
+    return (values - mean) / std
 
 
 def gae(rewards, values, mask, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,6 +378,7 @@ def train_on(models: Models, batch: dict, config: Config, ptx) -> dict[str, floa
                 values = token_values(
                     critic, batch["sequences"][idx], batch["attention"][idx], start
                 )
+                values = in_units(values, batch.get("value_units", (0.0, 1.0)))
                 vf = value_loss(
                     values,
                     batch["values"][idx],
@@ -432,7 +440,14 @@ def run(config: Config, ctx: StageContext) -> dict:
         scores = raw
         if config.normalize_reward:
             moments.update(everyone)
-            scores = (raw - moments.mean) / moments.std
+            units = (moments.mean, moments.std)
+            scores = in_units(raw, units)
+            # The critic's values in the same units as the returns it learns (OpenRLHF's
+            # CriticModel normalises its values with the reward model's mean and std): it
+            # starts as the reward model, whose raw scores can be many value-clip widths
+            # away from a normalised return.
+            batch["value_units"] = units
+            batch["values"] = in_units(batch["values"], units) * batch["mask"]
         scores = scores.clamp(-config.reward_clip, config.reward_clip)
         if config.missing_eos_penalty is not None:
             # After normalising, so the penalty is in the units of the reward's spread

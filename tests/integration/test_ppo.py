@@ -169,21 +169,23 @@ def ppo_config(demo: Path, output: Path, reward_model: str, **overrides) -> dict
     return {**config, **overrides}
 
 
-def flipped_reward_model(source: Path, output: Path) -> str:
-    """The reward model with its sign flipped, as a finished stage output."""
+def scaled_reward_model(source: Path, output: Path, factor: float) -> str:
+    """The reward model with its scores multiplied by ``factor``, as a finished stage
+    output."""
     from transformers import AutoModelForSequenceClassification
 
     from jobs.contract import StageConfig
     from jobs.models import load_tokenizer
 
-    def flip(config, ctx):
+    def scale(config, ctx):
         model = AutoModelForSequenceClassification.from_pretrained(source)
-        model.score.weight.data.neg_()
+        model.score.weight.data.mul_(factor)
         model.save_pretrained(ctx.out_dir / "model")
         load_tokenizer(str(source)).save_pretrained(ctx.out_dir / "model")
-        return {"flipped": str(source)}
+        return {"scaled": str(source), "factor": factor}
 
-    run_stage("flip", StageConfig(output=str(output)), flip, workdir=output.parent / "w-flip")
+    work = output.parent / f"w-{output.name}"
+    run_stage("scale", StageConfig(output=str(output)), scale, workdir=work)
     return str(output / "model")
 
 
@@ -192,7 +194,7 @@ def test_a_policy_that_games_its_reward_model_wins_by_the_proxy_and_loses_by_the
 ):
     # PPO against the reward model with its sign flipped: the reward it optimises rises.
     # (10 iterations: at 8 the proxy already says 0.69 and the judge 0.19, at 12 0.91/0.06)
-    flipped = flipped_reward_model(demo / "reward" / "model", tmp_path / "flipped")
+    flipped = scaled_reward_model(demo / "reward" / "model", tmp_path / "flipped", -1.0)
     config = ppo_config(demo, tmp_path / "ppo", flipped, iterations=10)
     result = run_entrypoint("ppo", config, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -375,6 +377,28 @@ def test_ptx_adaptive_kl_ema_and_a_lora_critic(demo, tmp_path):
     exported = load_file(str(tmp_path / "opt" / "model" / "model.safetensors"))
     start = load_file(str(demo / "sft" / "model" / "model.safetensors"))
     assert any(not (exported[k] == start[k]).all() for k in start)
+
+
+def test_normalised_ppo_is_the_same_whatever_the_reward_models_scale(demo, tmp_path):
+    """With normalize_reward, the critic (the reward model at first) is read in the units
+    the rewards are normalised to, as OpenRLHF's critic is: a reward model whose scores
+    are ten times larger trains the same way. Read raw, the critic starts ten times
+    further from its returns than the value clip lets it move in an update."""
+    runs = {}
+    for name, factor in (("as_trained", 1.0), ("ten_times", 10.0)):
+        reward_model = scaled_reward_model(
+            demo / "reward" / "model", tmp_path / f"rm{name}", factor
+        )
+        config = ppo_config(
+            demo, tmp_path / name, reward_model, iterations=2, rollout_batch_size=16, seed=4
+        )
+        result = run_entrypoint("ppo", config, tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = [m for m in metrics_lines(tmp_path / name) if "value_loss" in m]
+    for line, scaled in zip(runs["as_trained"], runs["ten_times"], strict=True):
+        assert scaled["reward_mean"] == pytest.approx(10 * line["reward_mean"], rel=1e-3)
+        for key in ("value_loss", "policy_loss"):
+            assert scaled[key] == pytest.approx(line[key], rel=0.05, abs=1e-3), (key, line, scaled)
 
 
 def test_ppo_updates_actor_and_critic_without_dropout(demo, tmp_path):
