@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -13,15 +13,19 @@ from jobs.errors import BadInputError
 IGNORE = -100  # label of tokens the loss skips (prompt, padding)
 
 
-def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
-    """Rows of a stage-written JSONL file, each checked for the fields the stage needs; a bad
-    one named with its folder (``pairs/train.jsonl:3``: sft/, pairs/ and prompts/ all have
-    a train.jsonl)."""
+def read_jsonl(
+    path: Path, required: tuple[str, ...], check: Callable[[dict, str], None] | None = None
+) -> list[dict]:
+    """Rows of a stage-written JSONL file, each checked for the fields the stage needs (text
+    fields by name, others by ``check(row, where)``); a bad one named with its folder
+    (``pairs/train.jsonl:3``: sft/, pairs/ and prompts/ all have a train.jsonl)."""
     rows = []
     for row in rows_from_file(path, "/".join(path.parts[-2:])):
         for name in required:
             if not isinstance(row.data.get(name), str):
                 raise BadInputError(f"{row.where}: field {name!r} missing or not text")
+        if check is not None:
+            check(row.data, row.where)
         rows.append(row.data)
     return rows
 

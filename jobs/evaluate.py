@@ -88,9 +88,11 @@ class Config(StageConfig):
         return self
 
 
-def answers(name: str, ref: str, rows: list[dict], config: Config, ctx: StageContext) -> list[str]:
-    """The model's answers, asked as ``{name}_prompt`` says; its generation seconds and
-    tokens/s go in the metrics."""
+def answers(
+    name: str, ref: str, rows: list[dict], config: Config, ctx: StageContext
+) -> tuple[list[str], list[bool]]:
+    """The model's answers, asked as ``{name}_prompt`` says, and whether each ended (not
+    cut at ``max_new_tokens``); its generation seconds and tokens/s go in the metrics."""
     path = model_source(ctx, ref)
     tokenizer = load_tokenizer(path)
     if getattr(config, f"{name}_prompt") == "chat":
@@ -114,7 +116,8 @@ def answers(name: str, ref: str, rows: list[dict], config: Config, ctx: StageCon
     ctx.log(0, **{f"{name}.{key}": value for key, value in speed.items()})
     del model
     free_memory()
-    return [per_prompt[0].text for per_prompt in samples]
+    firsts = [per_prompt[0] for per_prompt in samples]
+    return [s.text for s in firsts], [s.finish_reason != "length" for s in firsts]
 
 
 def win_rate(
@@ -151,14 +154,20 @@ def run(config: Config, ctx: StageContext) -> dict:
             f"{config.prompts}/prompts/eval.jsonl: no prompts to evaluate on (give the data "
             "stage an eval_fraction above 0)"
         )
-    candidate = answers("candidate", config.candidate, rows, config, ctx)
-    baseline = answers("baseline", config.baseline, rows, config, ctx)
+    candidate, candidate_ended = answers("candidate", config.candidate, rows, config, ctx)
+    baseline, baseline_ended = answers("baseline", config.baseline, rows, config, ctx)
     # the reward models score every answer after the data stage's prompt: the text they
     # were trained on, the same for both models
     prompts = [row["prompt"] for row in rows]
 
     same = [c == b for c, b in zip(candidate, baseline, strict=True)]
-    report: dict = {"prompts": len(rows), "same_answers": sum(same)}
+    report: dict = {
+        "prompts": len(rows),
+        "same_answers": sum(same),
+        # cut answers are scored as cut (no EOS appended), as PPO's reward reads them
+        "candidate_cut": candidate_ended.count(False),
+        "baseline_cut": baseline_ended.count(False),
+    }
     scores: dict[str, tuple[list[float], list[float]]] = {}
     for name, ref in (("held_out", config.judge_model), ("proxy", config.reward_model)):
         if ref is None:
@@ -169,8 +178,17 @@ def run(config: Config, ctx: StageContext) -> dict:
         size = config.sampling.batch_size
         started = time.perf_counter()
         scores[name] = (
-            score_texts(reward_model, tokenizer, prompts, candidate, batch_size=size),
-            score_texts(reward_model, tokenizer, prompts, baseline, batch_size=size),
+            score_texts(
+                reward_model,
+                tokenizer,
+                prompts,
+                candidate,
+                batch_size=size,
+                finished=candidate_ended,
+            ),
+            score_texts(
+                reward_model, tokenizer, prompts, baseline, batch_size=size, finished=baseline_ended
+            ),
         )
         ctx.log(0, **{f"{name}.scoring_s": round(time.perf_counter() - started, 3)})
         del reward_model

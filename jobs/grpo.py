@@ -180,7 +180,13 @@ class RewardModels:
     def __init__(self, ctx: StageContext, settings: InferenceConfig) -> None:
         self.ctx, self.settings, self.loaded = ctx, settings, {}
 
-    def __call__(self, spec: RewardFunction, prompts: list[str], completions: list[str]):
+    def __call__(
+        self,
+        spec: RewardFunction,
+        prompts: list[str],
+        completions: list[str],
+        finished: list[bool] | None = None,
+    ):
         from jobs.scoring import load_reward_model, score_texts
 
         if spec.model not in self.loaded:
@@ -190,7 +196,7 @@ class RewardModels:
                 load_tokenizer(path),
             )
         model, tokenizer = self.loaded[spec.model]
-        return score_texts(model, tokenizer, prompts, completions)
+        return score_texts(model, tokenizer, prompts, completions, finished=finished)
 
 
 @torch.no_grad()
@@ -230,13 +236,12 @@ def evaluate(ds, tokenizer, eos, rows, where, rewards: Rewards, config: Config):
             chunk, keep = indices[first : first + size], real[first : first + size]
             prompts = [rows[i]["prompt"] for i in chunk]
             answers = sample(model, tokenizer, prompts, greedy, eos, 0, synced_gpus=synced)
-            answered.append(
-                (chunk, keep, prompts, decode(tokenizer, answers.answers, answers.mask))
-            )
+            texts = decode(tokenizer, answers.answers, answers.mask)
+            answered.append((chunk, keep, prompts, texts, answers.ended.tolist()))
     # scored once the weights are partitioned again (a reward model loads on first use)
-    for chunk, keep, prompts, texts in answered:
+    for chunk, keep, prompts, texts, ended in answered:
         chosen = [rows[i] for i in chunk]
-        total, each = rewards(prompts, texts, chosen, [where[i] for i in chunk])
+        total, each = rewards(prompts, texts, chosen, [where[i] for i in chunk], ended)
         totals["eval_reward"] += sum(v for v, k in zip(total, keep, strict=True) if k)
         for label, values in each.items():
             totals[f"eval_{label}"] += sum(v for v, k in zip(values, keep, strict=True) if k)
@@ -254,7 +259,7 @@ def policy_samples(ds, reference, tokenizer, eos, rows, where, rewards, config):
     with untouched_generators(), engine.for_generation(ds, gather) as (model, synced):
         answers = sample(model, tokenizer, prompts, greedy, eos, 0, synced_gpus=synced)
     texts = decode(tokenizer, answers.answers, answers.mask)
-    total, _ = rewards(prompts, texts, rows, where)
+    total, _ = rewards(prompts, texts, rows, where, answers.ended.tolist())
     size, temperature = ds.train_micro_batch_size_per_gpu(), config.sampling.temperature
     logp = logprobs_of(ds.module, answers, size, temperature)
     ref = (
@@ -338,6 +343,7 @@ def run(config: Config, ctx: StageContext) -> dict:
             texts,
             [train_rows[i] for i in repeat],
             [train_where[i] for i in repeat],
+            samples.ended.tolist(),
         )
         scores = torch.tensor(total, device=mask.device)
         micro, temperature = ds.train_micro_batch_size_per_gpu(), config.sampling.temperature

@@ -65,6 +65,20 @@ class Config(StageConfig):
 # --- reward model, source rule, human labels -------------------------------------------------
 
 
+def check_responses(row: dict, where: str) -> None:
+    """A candidates row's answers: a list of objects with text and source (the generate
+    stage's output, or a user's in its shape)."""
+    responses = row.get("responses")
+    if not isinstance(responses, list):
+        raise BadInputError(f"{where}: field 'responses' missing or not a list of answers")
+    for index, response in enumerate(responses):
+        for name in ("text", "source"):
+            if not isinstance(response, dict) or not isinstance(response.get(name), str):
+                raise BadInputError(
+                    f"{where}: field 'responses[{index}].{name}' missing or not text"
+                )
+
+
 def reward_model_scores(rows: list[dict], config: Config, ctx: StageContext):
     from jobs.scoring import load_reward_model, score_texts
 
@@ -72,7 +86,14 @@ def reward_model_scores(rows: list[dict], config: Config, ctx: StageContext):
     model, tokenizer = load_reward_model(path, config.inference), load_tokenizer(path)
     prompts = [row["prompt"] for row in rows for _ in row["responses"]]
     texts = [r["text"] for row in rows for r in row["responses"]]
-    flat = iter(score_texts(model, tokenizer, prompts, texts, batch_size=config.batch_size))
+    # an answer cut at the token limit is read as cut, not as finished (it would otherwise
+    # get the EOS of a finished one and, often, the score): the reward PPO would give it
+    finished = [r.get("finish_reason") != "length" for row in rows for r in row["responses"]]
+    flat = iter(
+        score_texts(
+            model, tokenizer, prompts, texts, batch_size=config.batch_size, finished=finished
+        )
+    )
     del model
     free_memory()
     return [[next(flat) for _ in row["responses"]] for row in rows]
@@ -178,7 +199,7 @@ def run(config: Config, ctx: StageContext) -> dict:
         path = candidates / "candidates" / f"{split}.jsonl"
         if not path.is_file():
             continue
-        rows = read_jsonl(path, ("id", "prompt", "instruction"))
+        rows = read_jsonl(path, ("id", "prompt", "instruction"), check_responses)
         known |= {row["id"] for row in rows}
         counts = {"prompts": len(rows), "ties": 0, "unparseable": 0, "too_few_scored": 0}
         choices: list[tuple[int, int] | None]

@@ -217,7 +217,8 @@ class Rewards:
     """Every configured reward of a batch of completions, and their weighted sum."""
 
     def __init__(self, specs: list[RewardFunction], score_model=None) -> None:
-        """``score_model(prompts, completions) -> list[float]`` scores ``reward_model``s."""
+        """``score_model(spec, prompts, completions, finished) -> list[float]`` scores
+        ``reward_model``s."""
         labels = [spec.label for spec in specs]
         if len(set(labels)) != len(labels):
             raise BadInputError(f"rewards: names must differ, got {labels}; set 'name'")
@@ -237,14 +238,20 @@ class Rewards:
                 check("", "", example, place)  # reads the reference, raising where it has none
 
     def __call__(
-        self, prompts: list[str], completions: list[str], examples: list[dict], where: list[str]
+        self,
+        prompts: list[str],
+        completions: list[str],
+        examples: list[dict],
+        where: list[str],
+        finished: list[bool] | None = None,
     ) -> tuple[list[float], dict[str, list[float]]]:
         """(total per completion, each reward per completion); ``where`` names each example
-        (file and row) for error messages."""
+        (file and row) for error messages; ``finished``: which completions ended rather than
+        being cut at the token limit (a reward model reads a cut one as cut)."""
         each: dict[str, list[float]] = {}
         for spec in self.specs:
             if spec.kind == "reward_model":
-                scored = self.score_model(spec, prompts, completions)
+                scored = self.score_model(spec, prompts, completions, finished)
                 each[spec.label] = [
                     finite(x, f"{place}: reward {spec.label!r}")
                     for x, place in zip(scored, where, strict=True)

@@ -15,12 +15,13 @@ from jobs.tokens import encode as encode_text
 from jobs.tokens import keep_end, positions
 
 
-def encode(tokenizer, prompt: str, response: str, max_len: int) -> list[int]:
+def encode(tokenizer, prompt: str, response: str, max_len: int, finished: bool = True) -> list[int]:
     """BOS (where expected) + prompt + response + EOS, keeping the end when too long (the
-    answer is what is judged)."""
-    return keep_end(
-        encode_text(tokenizer, prompt + response) + [tokenizer.eos_token_id], max_len, tokenizer
-    )
+    answer is what is judged). An answer cut at its token limit (``finished`` false) gets
+    no EOS: it is read at its last token, as PPO reads one (:func:`ending_in_eos`) and TRL
+    and DeepSpeed-Chat do, not as a finished answer."""
+    ending = [tokenizer.eos_token_id] if finished else []
+    return keep_end(encode_text(tokenizer, prompt + response) + ending, max_len, tokenizer)
 
 
 def ending_in_eos(
@@ -79,9 +80,16 @@ def score_texts(
     responses: list[str],
     max_len: int = 512,
     batch_size: int = 16,
+    finished: list[bool] | None = None,
 ) -> list[float]:
-    """Reward-model scores of (prompt, response) pairs: for labelling and evaluation."""
-    rows = [encode(tokenizer, p, r, max_len) for p, r in zip(prompts, responses, strict=True)]
+    """Reward-model scores of (prompt, response) pairs: for labelling and evaluation.
+    ``finished``: per response, whether it ended (EOS, end of turn, an endpoint's stop)
+    rather than being cut at its token limit; by default all did."""
+    finished = finished or [True] * len(responses)
+    rows = [
+        encode(tokenizer, p, r, max_len, done)
+        for p, r, done in zip(prompts, responses, finished, strict=True)
+    ]
     out: list[float] = []
     for start in range(0, len(rows), batch_size):
         out += batch_scores(

@@ -117,12 +117,9 @@ def test_score_is_read_at_the_last_real_token_with_either_padding(tiny):
     model = AutoModelForSequenceClassification.from_pretrained(tiny / "model", num_labels=1)
     model.eval()
     rows = [[5, 6, 7, 8, 9], [5, 6], [11, 12, 13]]
-    alone = torch.stack(
-        [
-            last_token_scores(model, torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))[0]
-            for r in rows
-        ]
-    )
+    # the oracle: transformers' own classifier forward of each row alone (no padding)
+    with torch.no_grad():
+        alone = torch.stack([model(input_ids=torch.tensor([r])).logits[0, 0] for r in rows])
     for left in (False, True):
         ids = pad(rows, 1, left=left)
         mask = pad([[1] * len(r) for r in rows], 0, left=left)
@@ -135,3 +132,78 @@ def test_a_language_model_given_as_reward_model_is_refused(tiny):
 
     with pytest.raises(BadInputError, match="not a reward model \\(it has 2 outputs, not 1\\)"):
         load_reward_model(str(tiny / "model"))
+
+
+def candidates_output(rows: list[dict], output) -> str:
+    """A finished stage output holding ``rows`` as its candidates/train.jsonl."""
+    from jobs.contract import StageConfig
+
+    def write(config, ctx):
+        path = ctx.out_dir / "candidates" / "train.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return {"rows": len(rows)}
+
+    run_stage("candidates", StageConfig(output=str(output)), write, workdir=output.parent / "w-c")
+    return str(output)
+
+
+def test_labelling_reads_an_answer_cut_at_the_token_limit_as_cut(tiny_rm, tmp_path):
+    """A finished answer is scored with its EOS, one cut at the token limit (the generate
+    stage's finish_reason "length") at its last token, as PPO's reward reads them: with an
+    EOS appended a cut answer was scored as a finished one, often the best. The oracle is
+    transformers' own classifier forward of each row."""
+    from transformers import AutoModelForSequenceClassification
+
+    from jobs import label
+    from jobs.models import load_tokenizer
+    from jobs.tokens import encode
+
+    prompt = "### 질문: 오늘 날씨 어때?\n### 답변:"
+    answers = {"cut": (" 오늘은 맑고 따뜻한", "length"), "done": (" 잘 모르겠어요.", "eos")}
+    row = {"id": "p1", "prompt": prompt, "instruction": "오늘 날씨 어때?", "responses": []}
+    for source, (text, reason) in answers.items():
+        row["responses"].append({"text": text, "source": source, "finish_reason": reason})
+    config = label.Config(
+        output=str(tmp_path / "label"),
+        candidates=candidates_output([row], tmp_path / "cands"),
+        method="reward_model",
+        reward_model=str(tiny_rm / "model"),
+    )
+    run_stage("label", config, label.run, workdir=tmp_path / "w")
+    (pair,) = [
+        json.loads(x) for x in (tmp_path / "label/pairs/train.jsonl").read_text().splitlines()
+    ]
+    provenance = pair["provenance"]
+    scored = {
+        provenance["chosen_source"]: provenance["chosen_score"],
+        provenance["rejected_source"]: provenance["rejected_score"],
+    }
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_rm / "model").eval()
+    tokenizer = load_tokenizer(str(tiny_rm / "model"))
+    for source, (text, reason) in answers.items():
+        ids = encode(tokenizer, prompt + text)
+        with_eos = model(input_ids=torch.tensor([ids + [tokenizer.eos_token_id]])).logits
+        as_cut = model(input_ids=torch.tensor([ids])).logits
+        expected = as_cut if reason == "length" else with_eos
+        assert scored[source] == pytest.approx(float(expected), abs=1e-4), source
+        assert float(as_cut) != pytest.approx(float(with_eos), abs=1e-3)  # the test can tell
+
+
+def test_a_candidate_without_its_source_is_named(tiny_rm, tmp_path):
+    from jobs import label
+    from jobs.errors import BadInputError
+
+    responses = [{"text": "a", "source": "x"}, {"text": "b"}]
+    rows = [{"id": "p1", "prompt": "p", "instruction": "i", "responses": responses}]
+    config = label.Config(
+        output=str(tmp_path / "label"),
+        candidates=candidates_output(rows, tmp_path / "cands"),
+        method="reward_model",
+        reward_model=str(tiny_rm / "model"),
+    )
+    with pytest.raises(
+        BadInputError, match=r"candidates/train.jsonl:1: field 'responses\[1\].source'"
+    ):
+        run_stage("label", config, label.run, workdir=tmp_path / "w")
