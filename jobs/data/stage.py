@@ -27,7 +27,7 @@ import random
 from collections.abc import Iterator
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jobs.contract import StageConfig, StageContext
 from jobs.data.filters import near_duplicates
@@ -35,6 +35,7 @@ from jobs.data.readers import READERS, Example, Row, read_examples, rows_from_fi
 from jobs.data.templates import (
     answer_end,
     chat_segments,
+    check_template,
     conversation,
     flatten,
     prompt_turns,
@@ -119,6 +120,8 @@ class Config(StageConfig):
         description="cap on the total of the sources mixed by ratio (sources without a ratio "
         "are taken whole)",
     )
+
+    _known_template = field_validator("template")(check_template)
 
     @model_validator(mode="after")
     def _cap_needs_a_mix(self) -> Config:

@@ -41,6 +41,18 @@ PRESETS: dict[str, Preset] = {
 TEMPLATE_NAMES = (*PRESETS, "chat", "raw")
 
 
+def check_template(template: str) -> str:
+    """A preset's name, 'chat', 'raw', or a custom template with ``{prompt}``: a misspelt
+    name (or a custom string without the field) would otherwise render every example as
+    the same constant prompt, and SFT would learn answers to no question."""
+    if template not in TEMPLATE_NAMES and "{prompt}" not in template:
+        raise ValueError(
+            f"template {template!r} is none of {', '.join(TEMPLATE_NAMES)} and, as a custom "
+            "template, has no {prompt} for the instruction"
+        )
+    return template
+
+
 def flatten(messages: list[Message]) -> str:
     """A multi-turn history as one instruction, for single-turn templates."""
     if len(messages) == 1:

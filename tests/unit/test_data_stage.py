@@ -298,6 +298,19 @@ def test_a_custom_template_keeps_every_input_or_says_why_not(tmp_path):
         split_data(tmp_path, {"b": "alpaca"}, template="Q: {prompt}\nA:", eval_fraction=0)
 
 
+@pytest.mark.parametrize("template", ["kulm", "### Question:\n{question}\n### Answer:\n"])
+def test_a_template_that_would_drop_the_instruction_is_refused(template):
+    """A misspelt preset, or a custom template without {prompt}, rendered every example as
+    the same constant text: SFT would learn its answers to no question."""
+    from pydantic import ValidationError
+
+    sources = [{"name": "a", "format": "alpaca", "uri": "a.jsonl"}]
+    with pytest.raises(ValidationError, match=r"template .* is none of kullm, alpaca, chat"):
+        data.Config(output="o", sources=sources, template=template)
+    for good in ("kullm", "raw", "### Question:\n{prompt}\n### Answer:\n"):
+        assert data.Config(output="o", sources=sources, template=good).template == good
+
+
 def test_a_whitespace_question_is_named_as_missing(tmp_path):
     rows = [{"prompt": "   ", "chosen": "a", "rejected": "b"}]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
