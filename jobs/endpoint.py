@@ -136,7 +136,9 @@ class ChatClient:
         self.session = requests.Session()
         self.headers = {"Content-Type": "application/json"}
         if config.api_key_env:
-            key = os.environ.get(config.api_key_env)
+            # stripped: a Secret made with --from-file usually ends in a newline, which no
+            # HTTP header may carry
+            key = (os.environ.get(config.api_key_env) or "").strip()
             if not key:
                 raise BadInputError(
                     f"endpoint {config.url}: set {config.api_key_env} "
@@ -180,6 +182,18 @@ class ChatClient:
                 response = self.session.post(
                     url, json=body, headers=self.headers, timeout=self.config.timeout_s
                 )
+            except (
+                requests.exceptions.InvalidHeader,
+                requests.exceptions.InvalidURL,
+                requests.exceptions.MissingSchema,
+                requests.exceptions.InvalidSchema,
+            ) as exc:
+                # a request that can never be sent is the config's fault, not the network's:
+                # retried as transient it would spend the Job's retries on a typo (named by
+                # type only: an invalid header's message quotes the key)
+                raise BadInputError(
+                    f"{about}: {type(exc).__name__} (check the URL and {self.config.api_key_env})"
+                ) from None
             except requests.RequestException as exc:
                 problem = f"{type(exc).__name__}"
             else:

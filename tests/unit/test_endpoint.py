@@ -121,3 +121,22 @@ def test_a_push_that_fails_costs_a_warning_not_the_answers(tmp_path, capsys):
     cache.put("k2", {"text": "two", "finish_reason": "stop"})
     again = Cache(str(output), "generate-x", tmp_path / "other.jsonl")
     assert again.get("k1") and again.get("k2")
+
+
+def test_a_key_from_a_secret_file_ends_in_a_newline_and_still_works(monkeypatch):
+    """kubectl create secret --from-file keeps the file's last newline: no HTTP header may
+    carry one, so every request failed, was retried as transient and cost the Job."""
+    monkeypatch.setenv("ENDPOINT_TEST_KEY", KEY + "\n")
+    waits: list[float] = []
+    with ChatServer(failing_first(), KEY) as server:
+        got = client(server, waits).chat(Ask([{"role": "user", "content": "hi"}]))
+    assert got["text"] == "fine" and waits == []
+
+
+def test_a_request_that_can_never_be_sent_is_a_bad_input_that_hides_the_key(monkeypatch):
+    monkeypatch.setenv("ENDPOINT_TEST_KEY", KEY + "\nX-Injected: 1")
+    waits: list[float] = []
+    refused = pytest.raises(BadInputError, match="InvalidHeader")
+    with ChatServer(failing_first(), KEY) as server, refused:
+        client(server, waits).chat(Ask([{"role": "user", "content": "hi"}], where="p:1"))
+    assert waits == [] and KEY not in str(refused.value)
