@@ -137,6 +137,6 @@ def test_a_request_that_can_never_be_sent_is_a_bad_input_that_hides_the_key(monk
     monkeypatch.setenv("ENDPOINT_TEST_KEY", KEY + "\nX-Injected: 1")
     waits: list[float] = []
     refused = pytest.raises(BadInputError, match="InvalidHeader")
-    with ChatServer(failing_first(), KEY) as server, refused:
+    with ChatServer(failing_first(), KEY) as server, refused as info:
         client(server, waits).chat(Ask([{"role": "user", "content": "hi"}], where="p:1"))
-    assert waits == [] and KEY not in str(refused.value)
+    assert waits == [] and KEY not in str(info.value)
