@@ -59,6 +59,7 @@ _MARKS = r"[\s*#>\-_]*(?:\d+[.)]\s*)?[*_]*"  # markdown and list markers before 
 _TOTAL = re.compile(rf"^{_MARKS}total\b(.*)$", re.IGNORECASE | re.MULTILINE)
 # a total inside a line: JSON ('"Total": 12') or all criteria on one line ("... Total: 12")
 _INLINE_TOTAL = re.compile(rf"\btotal\b[\"'*_ ]*[:=]\s*[\"'*_]*\s*({_NUMBER})", re.IGNORECASE)
+_SUM = re.compile(rf"[\s*_]*({_NUMBER}(?:\s*\+\s*{_NUMBER})+)")
 _LINE = re.compile(
     rf"^{_MARKS}([^\W\d_][\w ]{{1,40}}?)[\s*_]*(?:\([^)\n]*\))?[\s*_]*[:=]\s*[*_]*\s*({_NUMBER})",
     re.MULTILINE,
@@ -67,12 +68,15 @@ _LINE = re.compile(
 
 def _total(line: str) -> float | None:
     """The number a 'Total' line gives: after its last '=' ("4 + 5 + 3 = 12"), else after
-    its colon, leaving out what is in brackets ("Total (out of 15): 12")."""
+    its colon, leaving out what is in brackets ("Total (out of 15): 12"); a sum left
+    undone ("Total: 4 + 5 + 3") is added up, not read as its first term."""
     line = re.sub(r"\([^)]*\)", "", line)
     if "=" in line:
         line = line.rsplit("=", 1)[1]
     elif ":" in line:
         line = line.split(":", 1)[1]
+    if terms := _SUM.match(line):
+        return sum(float(term) for term in re.findall(_NUMBER, terms.group(1)))
     match = re.search(_NUMBER, line)
     return float(match.group()) if match else None
 

@@ -260,6 +260,7 @@ def test_judgement_parsing():
     three = "Helpfulness: 4\nHarmlessness: 5\nClarity: 3\n"
     # the total is the number a line starting with "Total" ends on, the last such line
     assert parse_judgement(three + "Total: 4 + 5 + 3 = 12", 3) == 12
+    assert parse_judgement(three + "Total: 4 + 5 + 3", 3) == 12  # a sum left undone: not 4
     assert parse_judgement("Total score (out of 15): 12", 3) == 12
     assert parse_judgement("The response totals 2 sentences.\n" + three + "Total: 12", 3) == 12
     assert parse_judgement("Total: 11\nOn reflection:\nTotal: 12", 3) == 12
