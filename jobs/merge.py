@@ -4,7 +4,10 @@ Each pair of tensors is interpolated along the great circle between them (spheri
 linear interpolation): with the angle θ between the flattened tensors,
 slerp(t) = sin((1-t)θ)/sin θ · base + sin(tθ)/sin θ · other. Tensors that are nearly
 colinear (|cos θ| > 0.9995, where sin θ is ~0) fall back to linear interpolation, as
-mergekit does. t is one number, or a list of rules as mergekit's configs write them:
+mergekit does; so does a pair with an all-zero tensor, where mergekit differs (it takes
+a zero tensor as orthogonal to any other, and scales the other by sin(tπ/2): 0.71 of it
+at t = 0.5, where the two models' mean is 0.5). t is one number, or a list of rules as
+mergekit's configs write them:
 
     t:
       - {filter: attention, value: [0, 0.5, 0.3, 0.7, 1]}
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Annotated
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,7 +40,9 @@ class Rule(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     filter: str | None = Field(None, description="substring of the parameter names it covers")
-    value: float | list[float] = Field(description="t, or anchors of a gradient over layers")
+    value: float | Annotated[list[float], Field(min_length=1)] = Field(
+        description="t, or anchors of a gradient over layers"
+    )
 
 
 class Config(StageConfig):

@@ -49,3 +49,19 @@ def test_a_layer_schedule_reaches_the_layers_it_names():
     assert t_for("gpt_neox.layers.1.mlp.dense_h_to_4h.weight", rules, 5) == 0.75
     assert t_for("gpt_neox.embed_in.weight", rules, 5) == 0.5
     assert gradient([0, 0.5, 0.3, 0.7, 1], 0.5) == 0.3  # mergekit's five anchors
+
+
+def test_an_all_zero_tensor_interpolates_linearly():
+    # mergekit reads it as orthogonal: 0.71 of the other at t = 0.5
+    out, linear = slerp(0.5, torch.zeros(4), torch.ones(4))
+    assert linear
+    torch.testing.assert_close(out, torch.full((4,), 0.5))
+
+
+def test_a_gradient_without_anchors_is_refused_by_the_config():
+    from pydantic import ValidationError
+
+    from jobs.merge import Config
+
+    with pytest.raises(ValidationError, match="at least 1 item"):
+        Config(output="o", base="a", other="b", t=[{"value": []}])
