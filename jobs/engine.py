@@ -247,7 +247,18 @@ def initialize(model, cfg: EngineConfig, total_steps: int, task_type: str = "CAU
     if cfg.compile:
         # In place (nn.Module.compile): the module, its state dict and its export stay as
         # they are. Batches of new lengths recompile once, then run with dynamic shapes.
-        engine.compile()
+        if task_type == "SEQ_CLS":
+            # A classifier is run as its backbone and head called apart (scoring.head_values),
+            # never through the module's own forward, which engine.compile compiles: the
+            # backbone is compiled as DeepSpeed compiles a module (engine.compile without
+            # DeepCompile is module.compile with the accelerator's backend).
+            from deepspeed.accelerator import get_accelerator
+
+            from jobs.scoring import classifier
+
+            classifier(engine).base_model.compile(backend=get_accelerator().get_compile_backend())
+        else:
+            engine.compile()
         if dist.is_main():
             print("engine: the model is compiled (torch.compile); the first steps compile it")
     return engine

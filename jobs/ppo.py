@@ -114,12 +114,9 @@ class Config(StageConfig, SampleLog):
                 "length a compiled forward would compile anew"
             )
         if self.critic_train.compile:
-            # DeepSpeed compiles the module's own forward; the critic's per-token values
-            # come from its backbone and score head called apart (scoring.head_values: the
-            # classifier's forward reads the last token only), which it never reaches.
             raise ValueError(
-                "critic_train.compile: the critic's values do not go through the forward "
-                "DeepSpeed compiles, so nothing would be compiled"
+                "critic_train.compile: the critic reads every rollout, whose every length a "
+                "compiled forward would compile anew"
             )
         return self
 

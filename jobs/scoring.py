@@ -39,12 +39,21 @@ def ending_in_eos(
     return judged
 
 
-def head_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The scalar head's value at every position [batch, len]: a reward model's score, a
-    PPO critic's value. Any of a plain model, a DeepSpeed engine or a LoRA (peft) model."""
+def classifier(model):
+    """The sequence classifier inside a plain model, a DeepSpeed engine or a LoRA (peft)
+    model: its ``base_model`` (the backbone) and ``score`` (the head) are what
+    :func:`head_values` calls, apart (the classifier's own forward reads the last token
+    only)."""
     model = getattr(model, "module", model)  # a DeepSpeed engine: its module
     if hasattr(model, "get_base_model"):  # a peft model: the model with its LoRA layers
         model = model.get_base_model()
+    return model
+
+
+def head_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The scalar head's value at every position [batch, len]: a reward model's score, a
+    PPO critic's value. Any of a plain model, a DeepSpeed engine or a LoRA (peft) model."""
+    model = classifier(model)
     hidden = model.base_model(  # no KV cache: a scoring forward never decodes further
         input_ids=input_ids,
         attention_mask=attention_mask,

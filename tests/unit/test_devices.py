@@ -170,10 +170,38 @@ def test_training_models_use_the_attention_kernel_asked_for(tiny):
             engine.model_options(flash)
 
 
+def test_a_compiled_reward_model_scores_through_its_compiled_backbone(tiny):
+    """A classifier scores as its backbone and head called apart (its own forward reads the
+    last token only), and DeepSpeed's engine.compile compiles the module's forward, which
+    scoring never calls: a reward stage with train.compile ran eager. Its backbone is
+    compiled now: scoring runs through TorchDynamo, with the eager model's scores."""
+    import torch._dynamo
+    from transformers import AutoModelForSequenceClassification
+
+    from jobs.scoring import last_token_scores
+
+    def load():
+        torch.manual_seed(0)  # the same new score head each time
+        return AutoModelForSequenceClassification.from_pretrained(str(tiny / "model"), num_labels=1)
+
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 10, 11, 12]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        eager = last_token_scores(load().eval(), ids, mask)
+    cfg = engine.EngineConfig(compile=True, micro_batch_size=2)
+    ds = engine.initialize(load(), cfg, 1, task_type="SEQ_CLS")
+    ds.eval()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        compiled = last_token_scores(ds, ids, mask)
+    assert torch._dynamo.utils.counters["frames"]["ok"] > 0  # frames compiled, none before
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
 def test_generating_policies_refuse_a_compiled_training_forward():
-    """A compiled forward recompiles for every rollout length: PPO's actor and GRPO's policy
-    refuse ``compile``; so does PPO's critic, whose values bypass the forward DeepSpeed
-    compiles (a compile that compiled nothing)."""
+    """A compiled forward recompiles for every rollout length: PPO's actor and critic and
+    GRPO's policy refuse ``compile``."""
     from jobs import grpo
 
     common = {"output": "o", "actor": "m", "prompts": "d"}
