@@ -141,6 +141,10 @@ class TrainerClock:
                 clock.tokens = clock._batches = 0
 
             def on_step_begin(self, args, state, control, **kwargs):
+                # the previous (maybe uncounted) step's kernels finish before the clock
+                # starts: a warm-up step's queued work is not the first timed step's
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
                 clock._started = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):

@@ -506,18 +506,20 @@ def generate(root: Path, args, decode: str) -> dict:
         **inference_options(args, decode),
     )
     run_stage("generate", config, stage.run, root / f"w-generate-{decode}")
-    [line] = [
-        json.loads(x)
-        for x in (Path(config.output) / "metrics.jsonl").read_text().splitlines()
-        if "train.actor.generation_s" in x
+    lines = [
+        json.loads(x) for x in (Path(config.output) / "metrics.jsonl").read_text().splitlines()
     ]
+    [line] = [x for x in lines if "train.actor.generation_s" in x]
     seconds, rate = line["train.actor.generation_s"], line["train.actor.tokens_per_s"]
     # What a stage run costs: the compiled decode's one-time compile (in the first batch)
     # counts here; PPO's figures above are the steady state, after the first iteration.
+    # The eval split, generated after it by the same compiled step, is the steady state.
+    steady = [x["eval.actor.tokens_per_s"] for x in lines if "eval.actor.tokens_per_s" in x]
     return {
         "generation_s": seconds,
         "generation_tokens_per_s": rate,
         "includes_compile": decode == "compiled",
+        STEADY: steady[0] if steady else None,
         **decode_floor(root, seconds / 4, config.sampling.max_new_tokens, args.rollout),
     }
 
@@ -562,6 +564,9 @@ def evaluate(root: Path, args, decode: str) -> dict:
     }
 
 
+STEADY = "steady_generation_tokens_per_s"
+
+
 def ratios(case: str, entry: dict) -> dict:
     """Each implementation against the references measured in the same run: ours (eager and
     compiled) over TRL and the plain loop in tokens/s; for rollouts, the static cache's decode
@@ -575,11 +580,24 @@ def ratios(case: str, entry: dict) -> dict:
         else [(ours, ref) for ours in ("ours", "compiled") for ref in ("trl", "plain")]
     )
     suffix = "_generation" if case in ROLLOUT_CASES else ""
-    return {
+    found = {
         f"{impl}_over_{reference}{suffix}": round(entry[impl][rate] / entry[reference][rate], 3)
         for impl, reference in pairs
         if impl in measured and reference in measured
     }
+    # a stage's later batches, after the compiled decode's one-time compile (generate: the
+    # eval split)
+    steady = {
+        impl: got[STEADY]
+        for impl, got in entry.items()
+        if isinstance(got, dict) and got.get(STEADY)
+    }
+    for impl, reference in pairs if case in ROLLOUT_CASES else ():
+        if impl in steady and reference in steady:
+            found[f"{impl}_over_{reference}_steady{suffix}"] = round(
+                steady[impl] / steady[reference], 3
+            )
+    return found
 
 
 def run_child(command: list[str], root: Path, timeout: float) -> dict:

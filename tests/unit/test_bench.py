@@ -37,6 +37,18 @@ def test_rollout_cases_compare_the_static_cache_decodes_with_the_dynamic_cache()
         }
 
 
+def test_generate_compares_the_steady_state_after_the_compile_too():
+    entry = figures("generate", "generation_tokens_per_s", (100.0, 150.0, 200.0))
+    for impl, steady in (("dynamic", 110.0), ("static", 165.0), ("compiled", 440.0)):
+        entry[impl]["steady_generation_tokens_per_s"] = steady
+    assert ratios("generate", entry) == {
+        "static_over_dynamic_generation": 1.5,
+        "compiled_over_dynamic_generation": 2.0,  # with the one-time compile
+        "static_over_dynamic_steady_generation": 1.5,
+        "compiled_over_dynamic_steady_generation": 4.0,
+    }
+
+
 def test_an_implementation_that_failed_is_left_out_of_the_comparisons():
     sft = figures("sft", "tokens_per_s", (200.0, 300.0, 100.0, 150.0))
     sft["trl"] = {"error": "exit 1: CUDA out of memory"}
