@@ -152,7 +152,10 @@ def sample(
             do_sample=sampling.do_sample,
             temperature=sampling.temperature if sampling.do_sample else None,
             top_p=sampling.top_p if sampling.do_sample else None,
-            top_k=(sampling.top_k or None) if sampling.do_sample else None,
+            # 0, not None, for no cut: transformers versions differ on whether an explicit
+            # None falls back to a generation config's top_k (50 in many), and log-probs
+            # are taken over the whole softmax
+            top_k=sampling.top_k if sampling.do_sample else None,
             repetition_penalty=sampling.repetition_penalty,
             num_return_sequences=num_samples,
             eos_token_id=sorted(eos),

@@ -47,6 +47,11 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.write_line(table(rows()))
 
 
+# How long one stage run in a test may take: a hung stage fails its test, not the suite's
+# whole time budget (the GPU suite's call on a lent machine sets it lower).
+STAGE_TIMEOUT_S = int(os.environ.get("KUBERLHF_STAGE_TIMEOUT_S", "900"))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -132,7 +137,7 @@ def run_entrypoint(
         text=True,
         cwd=ROOT,
         env={**os.environ, **(env or {})},
-        timeout=900,
+        timeout=STAGE_TIMEOUT_S,
     )
 
 
@@ -240,6 +245,7 @@ def preempt_and_resume(
     left no finished output, then run it again: the resumed run's result."""
     import json
     import signal
+    import threading
 
     from jobs.contract import read_manifest
     from jobs.errors import EXIT_RETRY
@@ -248,18 +254,27 @@ def preempt_and_resume(
     path.write_text(yaml.safe_dump(config, allow_unicode=True))
     command = [sys.executable, "-m", "jobs", stage, "--config", str(path)]
     full_env = {**os.environ, **(env or {})}
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=full_env
-    )
-    for line in process.stdout:
-        if line.startswith("{") and json.loads(line).get("step", 0) > after_step:
-            process.send_signal(signal.SIGTERM)
-            break
-    process.communicate(timeout=600)
-    assert process.returncode == EXIT_RETRY
+    # stderr to a file: a pipe nobody reads fills (64 KiB of warnings or compile logs) and
+    # blocks the stage, and with it this loop, before the step it waits for
+    errors = tmp_path / f"{stage}-preempted.stderr"
+    with open(errors, "w") as stderr:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT, env=full_env
+        )
+        watchdog = threading.Timer(STAGE_TIMEOUT_S, process.kill)  # a stage that hangs
+        watchdog.start()
+        try:
+            for line in process.stdout:
+                if line.startswith("{") and json.loads(line).get("step", 0) > after_step:
+                    process.send_signal(signal.SIGTERM)
+                    break
+            process.communicate(timeout=STAGE_TIMEOUT_S)
+        finally:
+            watchdog.cancel()
+    assert process.returncode == EXIT_RETRY, errors.read_text()[-3000:]
     assert read_manifest(config["output"]) is None
     resumed = subprocess.run(
-        command, capture_output=True, text=True, cwd=ROOT, timeout=900, env=full_env
+        command, capture_output=True, text=True, cwd=ROOT, timeout=STAGE_TIMEOUT_S, env=full_env
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from the checkpoint at step" in resumed.stdout

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from jobs.contract import Manifest, read_manifest
-from tests.conftest import ROOT, preempt_and_resume, run_entrypoint
+from tests.conftest import ROOT, STAGE_TIMEOUT_S, preempt_and_resume, run_entrypoint
 from tests.integration.test_grpo import grpo_config, warm_config
 
 ON_CPU = os.environ.get("KUBERLHF_GPU_SUITE_ON_CPU") == "1"
@@ -372,7 +372,7 @@ def test_two_gpus_evaluate_across_ranks(name, tiny, tiny_data, tmp_path):
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=600,
+        timeout=STAGE_TIMEOUT_S,
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
     )
     finished(tmp_path / name, result)
