@@ -253,6 +253,18 @@ def prompt_key(example: Example) -> str:
     return " ".join(asked_text(example).casefold().split())
 
 
+def opening_key(example: Example) -> str:
+    """What the split keeps on one side: a conversation's opening (its first turn after
+    any system prompt, and the input), compared as :func:`prompt_key` compares. Two
+    conversations that open alike and go on differently share their first exchange, and
+    under a chat template every assistant turn is trained: split apart, the eval one's
+    first answer would be trained on the train side. A one-turn example's opening is its
+    prompt."""
+    asked = [m for m in example.messages if m.role != "system"][:1]
+    opening = flatten(asked) + "\n" + (example.context or "")
+    return " ".join(opening.casefold().split())
+
+
 def split_point(seed: int, key: str) -> float:
     """A prompt's place in [0, 1) for the split: a hash of the prompt alone, so its side
     does not move when rows are reordered or other rows come and go (a re-run on a grown
@@ -355,16 +367,16 @@ def run(config: Config, ctx: StageContext) -> dict:
 
     # Split by prompt: every example of one prompt, from whichever source (an SFT answer
     # and a preference pair often share theirs), lands on the same side, so no evaluation
-    # prompt was trained on by an earlier stage.
+    # prompt was trained on by an earlier stage; and every conversation that opens with it.
     wanted = {s.name: s.wanted_outputs() for s in config.sources}
     examples = [ex for name in names for ex in mixed[name]]
     rng.shuffle(examples)
-    by_prompt: dict[str, list[Example]] = {}
+    by_opening: dict[str, list[Example]] = {}
     for example in examples:
-        by_prompt.setdefault(prompt_key(example), []).append(example)
-    sides = split_prompts(list(by_prompt), config)
-    splits = {side: [ex for key in keys for ex in by_prompt[key]] for side, keys in sides.items()}
-    shared = [group for group in by_prompt.values() if len({ex.source for ex in group}) > 1]
+        by_opening.setdefault(opening_key(example), []).append(example)
+    sides = split_prompts(list(by_opening), config)
+    splits = {side: [ex for key in keys for ex in by_opening[key]] for side, keys in sides.items()}
+    shared = [group for group in by_opening.values() if len({ex.source for ex in group}) > 1]
     for name in names:
         counts[name]["shared_prompts"] = sum(
             1 for group in shared if any(ex.source == name for ex in group)
@@ -413,8 +425,8 @@ def run(config: Config, ctx: StageContext) -> dict:
         "rows": written,
         "sources": counts,
         "cross_source_prompts": len(shared),
-        "eval_prompts": len(sides["eval"]),
-        "judge_prompts": len(sides["judge"]),
+        "eval_prompts": len({prompt_key(ex) for ex in splits["eval"]}),
+        "judge_prompts": len({prompt_key(ex) for ex in splits["judge"]}),
     }
 
 

@@ -237,7 +237,7 @@ def test_a_prompt_shared_by_sources_lands_on_one_side_of_the_split_only(tmp_path
             for line in path.read_text().splitlines() if path.is_file() else []:
                 sides.setdefault(split, set()).add(json.loads(line)["prompt"].casefold())
     assert sides["train"] and sides["eval"] and sides["judge"]
-    assert not sides["train"] & sides["eval"]
+    assert not sides["train"] & sides["eval"], len(sides["train"] & sides["eval"])
     assert not sides["train"] & sides["judge"]
     assert not sides["eval"] & sides["judge"]
     assert manifest.metrics["cross_source_prompts"] == 20
@@ -250,6 +250,41 @@ def test_a_prompt_shared_by_sources_lands_on_one_side_of_the_split_only(tmp_path
     )
     assert 4 <= manifest.metrics["eval_prompts"] <= 16
     assert 4 <= manifest.metrics["judge_prompts"] <= 16
+
+
+def test_conversations_that_open_alike_land_on_one_side_of_the_split(tmp_path):
+    """40 openings, each as a one-turn conversation and as two two-turn ones that go on
+    differently: under a chat template SFT trains every assistant turn, so an eval
+    conversation whose first exchange another conversation trains on is no held-out one.
+    Split by the whole history, 24 of 40 openings had conversations on both sides."""
+    chats = []
+    for n in range(40):
+        opening = [
+            {"from": "human", "value": f"Tell me about subject {n} in detail"},
+            {"from": "gpt", "value": f"Subject {n} is a large field."},
+        ]
+        chats.append({"conversations": opening})
+        for follow in ("history", "uses"):
+            chats.append(
+                {
+                    "conversations": opening
+                    + [
+                        {"from": "human", "value": f"And its {follow}?"},
+                        {"from": "gpt", "value": f"Its {follow} are long."},
+                    ]
+                }
+            )
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    manifest = split_data(tmp_path, {"chat": "sharegpt"}, eval_fraction=0.3)
+    sides: dict[str, set[str]] = {}
+    for split in ("train", "eval"):
+        for line in (tmp_path / "out" / "sft" / f"{split}.jsonl").read_text().splitlines():
+            first = next(m for m in json.loads(line)["messages"] if m["role"] == "user")
+            sides.setdefault(split, set()).add(first["content"])
+    assert sides["train"] and sides["eval"]
+    assert not sides["train"] & sides["eval"], len(sides["train"] & sides["eval"])
+    # each eval opening's three conversations are three prompts
+    assert manifest.metrics["eval_prompts"] == 3 * len(sides["eval"])
 
 
 def test_a_system_prompt_does_not_make_a_question_another(tmp_path):
