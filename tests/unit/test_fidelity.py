@@ -119,6 +119,22 @@ def test_packed_examples_give_the_logits_and_loss_of_each_example_alone(family):
     torch.testing.assert_close(flat_loss, total, atol=1e-5, rtol=1e-5)
 
 
+def test_the_token_losses_are_transformers_own_shifted_loss():
+    """The oracle the packing test's expected loss rests on: the mean of token_losses over
+    the response mask is the loss transformers computes from the labels itself (its own
+    shift by one), on a padded batch with prompt tokens masked."""
+    from jobs.supervised import token_losses
+
+    model = tiny_lm("llama")
+    examples = [([5, 6, 7, 8, 9, 10], [IGNORE] * 3 + [8, 9, 10]), ([11, 12, 13], [IGNORE, 12, 13])]
+    batch = collate(examples, pad_id=0)
+    with torch.no_grad():
+        losses, mask = token_losses(model, batch)
+        reference = model(**batch, use_cache=False).loss
+    assert int(mask.sum()) == 5
+    torch.testing.assert_close((losses * mask).sum() / mask.sum(), reference)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_packing_is_refused_where_the_model_would_not_isolate_examples(family):
     from jobs.errors import BadInputError
