@@ -67,20 +67,34 @@ def conditioned(prompt: str, tag: str, end_of_turn: str) -> str:
     return f"{tag} User: {prompt}{end_of_turn}{tag} Assistant:"
 
 
+ROLES = {"user": "User", "assistant": "Assistant"}
+
+
 def layout(turns: list[dict], tag: str, end_of_turn: str) -> list[tuple[str, bool]]:
     """A conversation as OpenChat lays it out (``ochat/config/conversation_template.py``):
     a system text closed by the end-of-turn token, then every turn as ``"{tag} User:"`` /
     ``"{tag} Assistant:"``, a space, its text and the end-of-turn token; each assistant
     turn, its end-of-turn included, is trained (OpenChat gives user turns weight 0)."""
-    roles = {"user": "User", "assistant": "Assistant"}
     pieces: list[tuple[str, bool]] = []
     for turn in turns:
         if turn["role"] == "system":
             pieces.append((turn["content"] + end_of_turn, False))
             continue
-        pieces.append((f"{tag} {roles[turn['role']]}:", False))
+        pieces.append((f"{tag} {ROLES[turn['role']]}:", False))
         pieces.append((f" {turn['content']}{end_of_turn}", turn["role"] == "assistant"))
     return pieces
+
+
+def laid_out_contents(turns: list[dict], tag: str) -> list[str]:
+    """Each turn's text in :func:`layout`, after its header: where a special token's text
+    is text. The header anchors it: an answer that is only the end-of-turn text would
+    otherwise be found at the end of the turn before."""
+    return [
+        turn["content"]
+        if turn["role"] == "system"
+        else f"{tag} {ROLES[turn['role']]}: {turn['content']}"
+        for turn in turns
+    ]
 
 
 def weighted_loss(
@@ -133,7 +147,8 @@ def prepare(rows: list[dict], config: Config, tokenizer, where: str):
                 "(system/user/assistant) and text 'content'"
             )
         pieces = layout(turns, cls.tag, config.end_of_turn)
-        ids, labels = encode_segments(pieces, tokenizer, config.max_seq_len, end=[])
+        literal = laid_out_contents(turns, cls.tag)
+        ids, labels = encode_segments(pieces, tokenizer, config.max_seq_len, [], literal)
         out.append((ids, labels, cls.weight, label))
     return out
 

@@ -25,6 +25,7 @@ from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
 from jobs.models import free_memory, load_tokenizer, model_source
+from jobs.supervised import contents
 from jobs.tokens import encode, keep_end, padded_logits
 
 
@@ -44,14 +45,16 @@ def encode_pair(tokenizer, row: dict, max_len: int) -> tuple[list[int], ...]:
     with what the chat template closes a turn with (a pair's ``end``, written by the data
     stage under ``template: chat``), else with EOS; an over-long pair keeps the end of its
     prompt."""
-    prompt = encode(tokenizer, row["prompt"])
+    # special tokens' texts in the messages are text, as SFT encodes them
+    prompt = encode(tokenizer, row["prompt"], literal=contents(row))
     end = row.get("end")
     out = []
     for key in ("chosen", "rejected"):
         if isinstance(end, str):  # encoded with its answer, as SFT encodes the turn
-            answer = encode(tokenizer, row[key] + end, bos=False)
+            answer = encode(tokenizer, row[key] + end, bos=False, literal=[row[key]])
         else:
-            answer = encode(tokenizer, row[key], bos=False) + [tokenizer.eos_token_id]
+            answer = encode(tokenizer, row[key], bos=False, literal=[row[key]])
+            answer += [tokenizer.eos_token_id]
         answer = answer[: max_len - 1]
         head = keep_end(prompt, max_len - len(answer), tokenizer)
         out += [head + answer, [0] * len(head) + [1] * len(answer)]

@@ -4,13 +4,15 @@ leakage between examples, collation, and the loss."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 
 from jobs import dist
 from jobs.batches import IGNORE, pad
 from jobs.errors import BadInputError
-from jobs.tokens import bos_prefix
+from jobs.tokens import bos_prefix, encode_spans
 
 
 def segments_of(row: dict, where: str) -> list[tuple[str, bool]]:
@@ -37,25 +39,30 @@ def segments_of(row: dict, where: str) -> list[tuple[str, bool]]:
 
 
 def encode_segments(
-    segments: list[tuple[str, bool]], tokenizer, max_len: int, end: list[int]
+    segments: list[tuple[str, bool]],
+    tokenizer,
+    max_len: int,
+    end: list[int],
+    literal: Iterable[str] = (),
 ) -> tuple[list[int], list[int]]:
     """(input ids, labels) of one example: BOS where the tokenizer expects it, the pieces'
     text encoded as one string (the tokens the model meets at inference: SentencePiece-style
     tokenizers encode a piece alone differently), each token labelled when its last
     character lies in a trained piece (TRL's assistant masks work from character spans the
     same way), then ``end`` (trained). An over-long example keeps at most half its length
-    before its first trained token (the end of that context), then is cut at ``max_len``."""
+    before its first trained token (the end of that context), then is cut at ``max_len``.
+    ``literal``: the messages' contents, whose special-token look-alikes are text
+    (:func:`jobs.tokens.encode_spans`)."""
     text = "".join(piece for piece, _ in segments)
     trained_chars = [False] * len(text)
     at = 0
     for piece, trained in segments:
         trained_chars[at : at + len(piece)] = [trained] * len(piece)
         at += len(piece)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoded["input_ids"])
+    ids, spans = encode_spans(tokenizer, text, literal)
     labels = [
         token if stop > start and trained_chars[stop - 1] else IGNORE
-        for token, (start, stop) in zip(ids, encoded["offset_mapping"], strict=True)
+        for token, (start, stop) in zip(ids, spans, strict=True)
     ]
     prefix = bos_prefix(tokenizer)
     if prefix and ids[:1] != prefix:
@@ -146,8 +153,18 @@ def tokenize(
     out = []
     for number, row in enumerate(rows, start=1):
         end = [] if "segments" in row else [tokenizer.eos_token_id]
-        out.append(encode_segments(segments_of(row, f"{where}:{number}"), tokenizer, max_len, end))
+        pieces = segments_of(row, f"{where}:{number}")
+        out.append(encode_segments(pieces, tokenizer, max_len, end, contents(row)))
     return out
+
+
+def contents(row: dict) -> list[str]:
+    """A row's messages' own texts, in order (the answer last): what a template wraps, in
+    which a special token's text is text."""
+    turns = row.get("messages")
+    if isinstance(turns, list) and all(isinstance(t, dict) for t in turns):
+        return [t["content"] for t in turns if isinstance(t.get("content"), str)]
+    return [text for text in (row.get("response"), row.get("chosen")) if isinstance(text, str)]
 
 
 def pack(examples: list[tuple[list[int], list[int]]], max_len: int):

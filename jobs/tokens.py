@@ -4,10 +4,12 @@ tokenises: BOS where the tokenizer puts one, and position ids that ignore paddin
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 
 import torch
 
 _BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SPECIAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def bos_prefix(tokenizer) -> list[int]:
@@ -22,10 +24,73 @@ def bos_prefix(tokenizer) -> list[int]:
     return list(_BOS[tokenizer])
 
 
-def encode(tokenizer, text: str, bos: bool = True) -> list[int]:
+def special_tokens(tokenizer) -> dict[str, int]:
+    """The tokenizer's special tokens (BOS, EOS, a chat template's end of turn...) by their
+    text; probed again once tokens are added (crlft adds its end of turn)."""
+    size = len(tokenizer)
+    if _SPECIAL.get(tokenizer, (None,))[0] != size:
+        ids = set(tokenizer.all_special_ids) | {
+            i for i, token in tokenizer.added_tokens_decoder.items() if token.special
+        }
+        _SPECIAL[tokenizer] = (size, {tokenizer.convert_ids_to_tokens(i): i for i in ids})
+    return _SPECIAL[tokenizer][1]
+
+
+def literal_spans(tokenizer, text: str, literal: Iterable[str]) -> list[tuple[int, int]]:
+    """Where in ``text`` the ``literal`` texts lie (each found after the one before, as a
+    conversation's messages follow each other in its rendering), when any holds a special
+    token's text; none otherwise, the common case."""
+    literal = list(literal)
+    specials = special_tokens(tokenizer)
+    if not any(name in content for content in literal for name in specials):
+        return []
+    spans, cursor = [], 0
+    for content in literal:
+        at = text.find(content, cursor) if content else -1
+        if at >= 0:  # a template that rewrites a message (strips it) leaves it unfound
+            spans.append((at, at + len(content)))
+            cursor = at + len(content)
+    return spans
+
+
+def encode_spans(
+    tokenizer, text: str, literal: Iterable[str] = ()
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """``text``'s ids (no BOS) and each one's character span. A special token's text is the
+    token (a template's markup: ``<|im_end|>``), except inside the ``literal`` texts, the
+    messages' own contents: there "</s>" (an HTML answer) or "<|endoftext|>" is text, as
+    OpenChat tokenises a message's content (``ochat/config/conversation_template.py``,
+    special tokens split); read as the token, an answer would train a stop token in its
+    middle (TRL's SFT does)."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, spans = list(encoded["input_ids"]), [tuple(s) for s in encoded["offset_mapping"]]
+    inside = literal_spans(tokenizer, text, literal)
+    if not inside:
+        return ids, spans
+    special = set(special_tokens(tokenizer).values())
+    out_ids: list[int] = []
+    out_spans: list[tuple[int, int]] = []
+    for token, (start, stop) in zip(ids, spans, strict=True):
+        if token in special and any(a <= start and stop <= b for a, b in inside):
+            plain = tokenizer(
+                text[start:stop],
+                add_special_tokens=False,
+                split_special_tokens=True,
+                return_offsets_mapping=True,
+            )
+            out_ids += plain["input_ids"]
+            out_spans += [(start + a, start + b) for a, b in plain["offset_mapping"]]
+        else:
+            out_ids.append(token)
+            out_spans.append((start, stop))
+    return out_ids, out_spans
+
+
+def encode(tokenizer, text: str, bos: bool = True, literal: Iterable[str] = ()) -> list[int]:
     """``text``'s ids, after BOS where the tokenizer expects it (not twice when the text, as
-    a chat template's output may, already starts with it)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    a chat template's output may, already starts with it); special tokens' texts inside
+    the ``literal`` texts stay text (:func:`encode_spans`)."""
+    ids = encode_spans(tokenizer, text, literal)[0]
     prefix = bos_prefix(tokenizer) if bos else []
     if prefix and ids[:1] == prefix:
         return ids

@@ -560,6 +560,47 @@ def test_pieces_are_encoded_as_the_whole_text_is_for_sentencepiece_style_tokeniz
     assert [labels[i] for i in trained] == ids[trained[0] :]
 
 
+def test_a_special_tokens_text_inside_a_message_is_text(llama_style_tokenizer, tmp_path):
+    """Answers quote markup ("<|end_of_text|>" in a tokenizer tutorial, "</s>" in HTML):
+    inside a message it is text, as OpenChat tokenises a message's content; read as the
+    token, SFT trained a stop token in the middle of the answer (and, in a question, a
+    second BOS). The template's own end of turn and BOS stay the tokens."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_style_tokenizer)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    answer = "Fine, thanks.<|end_of_text|> Paris.<|eot_id|>"
+    question = "<|begin_of_text|>Hello there."
+    conversation = [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": answer},
+    ]
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": conversation}) + "\n")
+    chat_data(tmp_path / "out", llama_style_tokenizer, "sharegpt", tmp_path / "chats.jsonl")
+    rows = [json.loads(x) for x in (tmp_path / "out/sft/train.jsonl").read_text().splitlines()]
+    [(ids, labels)] = tokenize(rows, tokenizer, max_len=256)
+    trained = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE]
+    assert ids.count(bos) == 1 and eos not in ids
+    assert trained.count(eot) == 1 and trained[-1] == eot  # the template's, at the end
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(conversation, tokenize=False)
+    # a plain prompt and response: the answer's text, then the one EOS that ends it
+    plain = {"prompt": "Hello there.\n", "response": answer}
+    [(ids, labels)] = tokenize([plain], tokenizer, max_len=256)
+    assert ids.count(eos) == 1 and ids[-1] == eos and eot not in ids
+    # a preference pair's answers too, and the reward model's reading of one
+    from jobs.dpo import encode_pair
+    from jobs.scoring import encode
+
+    chosen, _, rejected, _ = encode_pair(
+        tokenizer, {"prompt": "Hello there.\n", "chosen": answer, "rejected": "No."}, 256
+    )
+    assert chosen.count(eos) == 1 and chosen[-1] == eos and eot not in chosen
+    assert rejected.count(eos) == 1
+    scored = encode(tokenizer, "Hello there.\n", answer, 256)
+    assert scored.count(eos) == 1 and scored[-1] == eos
+
+
 # --- C-RLFT as OpenChat ---------------------------------------------------------------------
 
 
@@ -592,6 +633,13 @@ def test_crlft_lays_out_every_turn_under_its_class_and_trains_every_answer(
         f"GPT4 User: What is the capital of France?{eot}GPT4 Assistant: Paris.{eot}"
     )
     assert trained_spans(tokenizer, ids, labels) == [f" Fine, thanks.{eot}", f" Paris.{eot}"]
+    # an answer that quotes the end of turn trains the token once, at its end (OpenChat
+    # tokenises a message's content with special tokens split)
+    quoting = {**row, "messages": [*row["messages"][:3], {"role": "assistant", "content": eot}]}
+    [(ids, labels, _, _)] = crlft.prepare([quoting], config, tokenizer, "sft/train.jsonl")
+    end = tokenizer.convert_tokens_to_ids(eot)
+    trained = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE]
+    assert trained.count(end) == 2 and trained[-1] == end  # the two answers' ends
     # The prompt asked at inference is the same layout up to the answer.
     asked = tokenizer.decode(
         tokenizer(crlft.conditioned("Hello there.", "GPT4", eot), add_special_tokens=False)[
