@@ -6,6 +6,8 @@
 #   make bench-gpu - the GPU benchmarks (1.33B model) on one NVIDIA GPU
 #                SETUP=none for both: use the python3 already there (a GPU machine whose
 #                CUDA PyTorch and job requirements were installed by other means, offline)
+#   make gpu-kit - the wheels a lent GPU machine lacks; one call there runs
+#                tests/gpu/device_call.sh (the suite and a short bench, logs under $OUT)
 #   make images - the job image (docker or podman, whichever is here)
 #   make images-local - the job image where no registry is reachable (CI): a debootstrapped
 #                Debian base, podman with storage of its own under .containers/
@@ -35,7 +37,7 @@ TORCH_INDEX_URL ?=
 IMAGE_TORCH_SPEC ?=
 CONTAINER ?= $(shell command -v docker >/dev/null 2>&1 && echo docker || echo podman)
 
-.PHONY: setup system-deps container-deps browser-deps demo test test-gpu lint bench bench-gpu images \
+.PHONY: setup system-deps container-deps browser-deps demo test test-gpu lint bench bench-gpu gpu-kit images \
 	images-local images-cuda-local e2e e2e-kind clean
 
 setup: system-deps $(STAMP)
@@ -106,6 +108,17 @@ test-gpu: $(GPU_SETUP)
 
 bench-gpu: $(GPU_SETUP)
 	$(GPU_PYTHON) -m bench.gpu
+
+# For a session lent a GPU machine: the wheels it lacks (the kit of ../shared/gpu/prepare.sh,
+# with TensorBoard's writer, which every stage opens, and the TRL reference's pandas and
+# xxhash), without the S3 client's (the GPU suite runs on the local store), under the 64 MiB
+# carry limit. Then one call: bash tests/gpu/device_call.sh (see there).
+GPU_PREPARE ?= ../shared/gpu/prepare.sh
+gpu-kit:
+	EXTRA_WHEELS="tensorboard protobuf absl-py pandas xxhash" bash $(GPU_PREPARE)
+	rm -f .gpu-kit/whl/boto3-* .gpu-kit/whl/botocore-* .gpu-kit/whl/s3transfer-* \
+		.gpu-kit/whl/jmespath-*
+	du -sh .gpu-kit
 
 bench: setup
 	$(BIN)/python -m bench.dedup

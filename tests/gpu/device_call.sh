@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The one call a session makes on a lent GPU machine (../shared/gpu/README.md). Here, first:
+#   make gpu-kit            (the wheels the machine lacks, in .gpu-kit/, under the carry limit)
+# then the device's run, carrying [".gpu-kit"], with a timeout_s of 600:
+#   bash tests/gpu/device_call.sh
+# It prints the versions there, runs the GPU suite (a stage may take KUBERLHF_STAGE_TIMEOUT_S,
+# the suite SUITE_S; GPU_TESTS: a -k expression) and a short benchmark (BENCH_CASES,
+# BENCH_IMPLS, BENCH_S), and leaves under $OUT: versions.txt, gpu.log, bench.log, gpu.json
+# and torch_ext.tgz (DeepSpeed's fused-Adam build: put it at .gpu-kit/torch_ext.tgz and the
+# next machine skips the 53 s build).
+set -uo pipefail
+out=${OUT:?run this on the device machine, where OUT is set}
+# shellcheck source=/dev/null
+source .gpu-kit/device-env.sh || exit 1
+python3 - <<'PY' 2>&1 | tee "$out/versions.txt"
+import importlib
+
+for name in ("torch", "transformers", "deepspeed", "peft", "trl", "datasets", "pydantic",
+             "tensorboard", "faiss", "pandas"):
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "?"))
+    except Exception as exc:  # noqa: BLE001 - a missing wheel is what this line is for
+        print(name, "MISSING:", type(exc).__name__, exc)
+import torch.utils.tensorboard  # noqa: E402,F401 - every stage opens a TensorBoard sink
+PY
+export KUBERLHF_STAGE_TIMEOUT_S=${KUBERLHF_STAGE_TIMEOUT_S:-240}
+timeout -k 10 "${SUITE_S:-360}" python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/gpu \
+  ${GPU_TESTS:+-k "$GPU_TESTS"} 2>&1 | tee "$out/gpu.log"
+timeout -k 10 "${BENCH_S:-180}" python3 -m bench.gpu --only "${BENCH_CASES:-sft}" --seq 1024 \
+  --steps 15 --impls "${BENCH_IMPLS:-ours,plain,trl}" --timeout 150 2>&1 | tee "$out/bench.log"
+cp bench/results/gpu.json "$out/" 2>/dev/null || echo "no bench/results/gpu.json"
+if [ -d "$TORCH_EXTENSIONS_DIR" ]; then
+  tar -czf "$out/torch_ext.tgz" -C "$TORCH_EXTENSIONS_DIR" .
+fi
