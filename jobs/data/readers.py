@@ -49,16 +49,27 @@ class Example:
 class Row:
     where: str  # "file.jsonl:12" or "file.parquet: row 3", for error messages
     data: dict[str, Any]
+    # a source's ``columns``: the format's field -> the data set's column it was read from
+    columns: dict[str, str] = field(default_factory=dict)
+
+    def field_name(self, name: str) -> str:
+        """How an error names a field: the data set's column, which the user can find."""
+        if name in self.columns:
+            return f"{self.columns[name]!r} (read as {name!r})"
+        return repr(name)
 
     def text(self, name: str, required: bool = True) -> str | None:
         value = self.data.get(name)
         if value is None or (isinstance(value, str) and not value.strip() and required):
             if required:
-                raise BadInputError(f"{self.where}: field {name!r} is missing or empty")
+                raise BadInputError(
+                    f"{self.where}: field {self.field_name(name)} is missing or empty"
+                )
             return None
         if not isinstance(value, str):
             raise BadInputError(
-                f"{self.where}: field {name!r} should be text, got {type(value).__name__}"
+                f"{self.where}: field {self.field_name(name)} should be text, "
+                f"got {type(value).__name__}"
             )
         return value
 

@@ -148,6 +148,7 @@ def read_source(source: SourceConfig, ctx: StageContext) -> Iterator[Example]:
                     **row.data,
                     **{ours: row.data.get(theirs) for ours, theirs in source.columns.items()},
                 },
+                source.columns,
             )
             for row in rows
         )

@@ -346,6 +346,16 @@ def test_a_template_that_would_drop_the_instruction_is_refused(template):
         assert data.Config(output="o", sources=sources, template=good).template == good
 
 
+def test_a_renamed_column_is_named_as_the_data_set_names_it(tmp_path):
+    rows = [{"instruction": "Summarize this.", "answer": "  "}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = {"name": "a", "format": "alpaca", "uri": str(tmp_path / "a.jsonl")}
+    with pytest.raises(
+        BadInputError, match=r"a\.jsonl:1: field 'answer' \(read as 'output'\) is missing"
+    ):
+        run_data(tmp_path, [{**source, "columns": {"output": "answer"}}], eval_fraction=0)
+
+
 def test_a_whitespace_question_is_named_as_missing(tmp_path):
     rows = [{"prompt": "   ", "chosen": "a", "rejected": "b"}]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
