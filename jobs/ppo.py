@@ -332,8 +332,12 @@ def ptx_batches(config: Config, models: Models, data_dir: Path, start: int = 0):
         yield collate([items[i] for i in indices], models.tokenizer.pad_token_id)
 
 
-def train_on(models: Models, batch: dict, config: Config, ptx) -> dict[str, float]:
-    """PPO epochs over the rollout in minibatches; the losses and clip fraction."""
+def train_on(
+    models: Models, batch: dict, config: Config, ptx, ema: ExponentialAverage | None = None
+) -> dict[str, float]:
+    """PPO epochs over the rollout in minibatches; the losses and clip fraction. ``ema``
+    takes the actor's weights after every optimiser step (one per minibatch), as
+    DeepSpeed-Chat's ``moving_average`` follows each ``train_rlhf`` step."""
     mask, start = batch["mask"], batch["start"]
     stats: dict[str, list[float]] = {
         "policy_loss": [],
@@ -371,6 +375,8 @@ def train_on(models: Models, batch: dict, config: Config, ptx) -> dict[str, floa
                 sums["policy_loss"] += pg.detach() * share
                 sums["clip_fraction"] += clipped.detach() * share
                 sums["entropy"] += masked_mean(entropy, m) * share
+            if ema is not None:  # the minibatch's micro-batches made one optimiser step
+                ema.update(actor.module)
             for idx, weight, share in micro_batches(critic, minibatch, mask):
                 values = token_values(
                     critic, batch["sequences"][idx], batch["attention"][idx], start
@@ -456,7 +462,7 @@ def run(config: Config, ctx: StageContext) -> dict:
         batch["returns"] = returns
 
         timer = time.perf_counter()
-        losses = train_on(models, batch, config, ptx)
+        losses = train_on(models, batch, config, ptx, ema)
         training_s = seconds_since(timer, batch["mask"].device)
 
         kl_rows = ((batch["old_logp"] - batch["ref_logp"]) * batch["mask"]).sum(1)
@@ -466,8 +472,6 @@ def run(config: Config, ctx: StageContext) -> dict:
             # the horizon counts the whole batch's samples, as OpenRLHF's AdaptiveKLController
             batch_size = config.rollout_batch_size * dist.world_size()
             kl_coef *= 1 + error * batch_size / config.kl_horizon
-        if ema is not None:
-            ema.update(models.actor.module)
         iteration += 1
         if first_reward is None:
             first_reward = float(everyone.mean())
