@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         record_exit(EXIT_BAD_INPUT)
         return EXIT_BAD_INPUT
     configure_cuda_allocator()
+    configure_determinism()
     quiet_libraries()
     from jobs import dist
 
@@ -75,6 +76,21 @@ def configure_cuda_allocator() -> None:
     46.8 GiB reserved and 7.2 s with expandable segments. Read when CUDA starts, so it is
     set before any stage code runs."""
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def configure_determinism() -> None:
+    """``KUBERLHF_DETERMINISTIC=1``: the same numbers from the same inputs on a GPU (a
+    resumed run compared with one never stopped), at some cost in speed, as TRL's
+    ``full_determinism``: PyTorch's deterministic kernels where it has them (a warning
+    where it has none, not an error), cuBLAS with a fixed workspace, no cuDNN autotuning."""
+    if os.environ.get("KUBERLHF_DETERMINISTIC") != "1":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    import torch
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def quiet_libraries() -> None:

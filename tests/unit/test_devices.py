@@ -229,6 +229,23 @@ def test_the_entrypoint_configures_the_cuda_allocator(monkeypatch, tmp_path):
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
 
 
+def test_the_entrypoint_runs_deterministic_kernels_when_asked(monkeypatch, tmp_path):
+    from jobs.__main__ import main
+
+    (tmp_path / "c.yaml").write_text("output: o\n")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    main(["no-such-stage", "--config", str(tmp_path / "c.yaml")])
+    assert not torch.are_deterministic_algorithms_enabled()  # not by default: it costs speed
+    monkeypatch.setenv("KUBERLHF_DETERMINISTIC", "1")
+    try:
+        main(["no-such-stage", "--config", str(tmp_path / "c.yaml")])
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def tiny_models(tiny, dropout: float) -> SimpleNamespace:
     """PPO's four models as plain modules, each with dropout, in the shape rollout reads."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
