@@ -113,6 +113,7 @@ bench-gpu: $(GPU_SETUP)
 # with TensorBoard's writer, which every stage opens, and the TRL reference's pandas and
 # xxhash), without the S3 client's (the GPU suite runs on the local store), under the 64 MiB
 # carry limit. Then one call: bash tests/gpu/device_call.sh (see there).
+# (prepare.sh lies beside the development checkout, not in it; GPU_PREPARE=... elsewhere.)
 GPU_PREPARE ?= ../shared/gpu/prepare.sh
 gpu-kit:
 	EXTRA_WHEELS="tensorboard protobuf absl-py pandas xxhash" bash $(GPU_PREPARE)

@@ -82,7 +82,10 @@ def configure_determinism() -> None:
     """``KUBERLHF_DETERMINISTIC=1``: the same numbers from the same inputs on a GPU (a
     resumed run compared with one never stopped), at some cost in speed, as TRL's
     ``full_determinism``: PyTorch's deterministic kernels where it has them (a warning
-    where it has none, not an error), cuBLAS with a fixed workspace, no cuDNN autotuning."""
+    where it has none: an error would stop a stage on an op of a library's), cuBLAS with
+    a fixed workspace, no cuDNN autotuning, and attention through SDPA's math kernel (the
+    flash and memory-efficient backwards accumulate with atomics, deterministic only when
+    deterministic algorithms are enforced, not warned about)."""
     if os.environ.get("KUBERLHF_DETERMINISTIC") != "1":
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -91,6 +94,9 @@ def configure_determinism() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def quiet_libraries() -> None:

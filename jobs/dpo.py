@@ -45,7 +45,8 @@ def encode_pair(tokenizer, row: dict, max_len: int) -> tuple[list[int], ...]:
     with what the chat template closes a turn with (a pair's ``end``, written by the data
     stage under ``template: chat``), else with EOS; an over-long pair keeps the end of its
     prompt."""
-    # special tokens' texts in the messages are text, as SFT encodes them
+    # special tokens' texts in the answers (and the question's turns, where the row has
+    # them) are text, as SFT encodes them
     prompt = encode(tokenizer, row["prompt"], literal=contents(row))
     end = row.get("end")
     out = []

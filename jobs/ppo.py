@@ -136,8 +136,10 @@ class RunningMoments:
 
     @property
     def std(self) -> float:
-        # floored: a batch of equal rewards (a saturated reward model) divides by zero
-        return max((self.m2 / max(self.count - 1, 1)) ** 0.5, 1e-6) if self.count > 1 else 1.0
+        # 1 while the rewards have shown no spread (all equal so far: a saturated reward
+        # model): dividing by ~0 would blow the critic's values, read in these units, up
+        std = (self.m2 / max(self.count - 1, 1)) ** 0.5 if self.count > 1 else 0.0
+        return std if std > 1e-6 else 1.0
 
 
 class ExponentialAverage:

@@ -159,12 +159,12 @@ def tokenize(
 
 
 def contents(row: dict) -> list[str]:
-    """A row's messages' own texts, in order (the answer last): what a template wraps, in
-    which a special token's text is text."""
+    """A row's messages' own texts, in order (an SFT row's answer last): what a template
+    wraps, in which a special token's text is text; an SFT row without them, its answer."""
     turns = row.get("messages")
     if isinstance(turns, list) and all(isinstance(t, dict) for t in turns):
         return [t["content"] for t in turns if isinstance(t.get("content"), str)]
-    return [text for text in (row.get("response"), row.get("chosen")) if isinstance(text, str)]
+    return [row["response"]] if isinstance(row.get("response"), str) else []
 
 
 def pack(examples: list[tuple[list[int], list[int]]], max_len: int):

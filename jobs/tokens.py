@@ -36,15 +36,17 @@ def special_tokens(tokenizer) -> dict[str, int]:
     return _SPECIAL[tokenizer][1]
 
 
-def literal_spans(tokenizer, text: str, literal: Iterable[str]) -> list[tuple[int, int]]:
+def literal_spans(
+    tokenizer, text: str, literal: Iterable[str], after: int = 0
+) -> list[tuple[int, int]]:
     """Where in ``text`` the ``literal`` texts lie (each found after the one before, as a
-    conversation's messages follow each other in its rendering), when any holds a special
-    token's text; none otherwise, the common case."""
+    conversation's messages follow each other in its rendering, the first at or after
+    ``after``), when any holds a special token's text; none otherwise, the common case."""
     literal = list(literal)
     specials = special_tokens(tokenizer)
     if not any(name in content for content in literal for name in specials):
         return []
-    spans, cursor = [], 0
+    spans, cursor = [], after
     for content in literal:
         at = text.find(content, cursor) if content else -1
         if at >= 0:  # a template that rewrites a message (strips it) leaves it unfound
@@ -53,44 +55,93 @@ def literal_spans(tokenizer, text: str, literal: Iterable[str]) -> list[tuple[in
     return spans
 
 
+def _cuts(spans: list[tuple[int, int]], length: int) -> dict[int, int]:
+    """The places the text can be cut between two of its tokens: character position ->
+    the index of the token after the cut."""
+    cuts: dict[int, int] = {}
+    reach = 0
+    for index, (start, stop) in enumerate(spans):
+        for position in range(reach, max(start, reach) + 1):  # a trimmed space: either side
+            cuts.setdefault(position, index)
+        reach = max(reach, stop)
+    for position in range(reach, max(length, reach) + 1):
+        cuts.setdefault(position, len(spans))
+    return cuts
+
+
 def encode_spans(
-    tokenizer, text: str, literal: Iterable[str] = ()
+    tokenizer, text: str, literal: Iterable[str] = (), after: int = 0
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """``text``'s ids (no BOS) and each one's character span. A special token's text is the
     token (a template's markup: ``<|im_end|>``), except inside the ``literal`` texts, the
-    messages' own contents: there "</s>" (an HTML answer) or "<|endoftext|>" is text, as
-    OpenChat tokenises a message's content (``ochat/config/conversation_template.py``,
-    special tokens split); read as the token, an answer would train a stop token in its
-    middle (TRL's SFT does)."""
+    messages' own contents (:func:`literal_spans`): there "</s>" (an HTML answer) or
+    "<|endoftext|>" is text, as OpenChat tokenises a message's content
+    (``ochat/config/conversation_template.py``, special tokens split); read as the token,
+    an answer would train a stop token in its middle (TRL's SFT does). Such a stretch gets
+    the tokens of the whole text encoded with special tokens split, between the nearest
+    places inside its message where both encodings cut the text alike (encoded alone, a
+    SentencePiece tokenizer would put a word start that is not in the text before it)."""
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, spans = list(encoded["input_ids"]), [tuple(s) for s in encoded["offset_mapping"]]
-    inside = literal_spans(tokenizer, text, literal)
-    if not inside:
-        return ids, spans
+    inside = literal_spans(tokenizer, text, literal, after)
     special = set(special_tokens(tokenizer).values())
+    found = [
+        (i, next(span for span in inside if span[0] <= start and stop <= span[1]))
+        for i, (token, (start, stop)) in enumerate(zip(ids, spans, strict=True))
+        if token in special and any(a <= start and stop <= b for a, b in inside)
+    ]
+    if not found:
+        return ids, spans
+    plain = tokenizer(
+        text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+    )
+    plain_ids, plain_spans = list(plain["input_ids"]), [tuple(s) for s in plain["offset_mapping"]]
+    ours, theirs = _cuts(spans, len(text)), _cuts(plain_spans, len(text))
+
+    # a common cut after which both have the same token: after a special token a Metaspace
+    # tokenizer starts a word ("<s>old" -> "<s>", "▁old"), the same cut, another token
+    def agree(x: int) -> bool:
+        a, b = ours[x], theirs[x]
+        if a >= len(ids) or b >= len(plain_ids):
+            return a >= len(ids) and b >= len(plain_ids)
+        return ids[a] == plain_ids[b]
+
+    both = sorted(set(ours) & set(theirs))
     out_ids: list[int] = []
     out_spans: list[tuple[int, int]] = []
-    for token, (start, stop) in zip(ids, spans, strict=True):
-        if token in special and any(a <= start and stop <= b for a, b in inside):
-            plain = tokenizer(
+    done, floor = 0, 0  # tokens of ``ids`` taken so far, and where they end in the text
+    for index, (first, last) in found:
+        if index < done:
+            continue  # inside the stretch just replaced
+        start, stop = spans[index]
+        low = max((x for x in both if max(first, floor) <= x <= start and agree(x)), default=None)
+        high = min((x for x in both if stop <= x <= last and agree(x)), default=None)
+        if low is None or high is None:  # no common cut in the message: the token alone
+            alone = tokenizer(
                 text[start:stop],
                 add_special_tokens=False,
                 split_special_tokens=True,
                 return_offsets_mapping=True,
             )
-            out_ids += plain["input_ids"]
-            out_spans += [(start + a, start + b) for a, b in plain["offset_mapping"]]
-        else:
-            out_ids.append(token)
-            out_spans.append((start, stop))
-    return out_ids, out_spans
+            out_ids += ids[done:index] + list(alone["input_ids"])
+            out_spans += spans[done:index] + [
+                (start + a, start + b) for a, b in alone["offset_mapping"]
+            ]
+            done, floor = index + 1, stop
+            continue
+        out_ids += ids[done : ours[low]] + plain_ids[theirs[low] : theirs[high]]
+        out_spans += spans[done : ours[low]] + plain_spans[theirs[low] : theirs[high]]
+        done, floor = ours[high], high
+    return out_ids + ids[done:], out_spans + spans[done:]
 
 
-def encode(tokenizer, text: str, bos: bool = True, literal: Iterable[str] = ()) -> list[int]:
+def encode(
+    tokenizer, text: str, bos: bool = True, literal: Iterable[str] = (), after: int = 0
+) -> list[int]:
     """``text``'s ids, after BOS where the tokenizer expects it (not twice when the text, as
     a chat template's output may, already starts with it); special tokens' texts inside
-    the ``literal`` texts stay text (:func:`encode_spans`)."""
-    ids = encode_spans(tokenizer, text, literal)[0]
+    the ``literal`` texts (sought from ``after`` on) stay text (:func:`encode_spans`)."""
+    ids = encode_spans(tokenizer, text, literal, after)[0]
     prefix = bos_prefix(tokenizer) if bos else []
     if prefix and ids[:1] == prefix:
         return ids

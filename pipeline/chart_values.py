@@ -84,6 +84,16 @@ class Shm(Closed):
     sizeLimit: Quantity = "8Gi"
 
 
+class PodSecurity(Closed):
+    """The pods' user and groups; null leaves one to the platform (OpenShift's restricted
+    SCC assigns a user and fsGroup from the namespace's range, and refuses a pod that names
+    one outside it). The image runs as any user: what it writes is on /scratch."""
+
+    runAsUser: int | None = Field(1000, ge=1)
+    runAsGroup: int | None = Field(1000, ge=0)
+    fsGroup: int | None = Field(1000, ge=0)
+
+
 class Scratch(Closed):
     sizeLimit: Quantity = "100Gi"
     storageClassName: str = Field(
@@ -196,6 +206,7 @@ class StageValues(Closed):
     shm: Shm = Shm()
     scratch: Scratch = Scratch()
     readOnlyRootFilesystem: bool = True
+    podSecurityContext: PodSecurity = PodSecurity()
     networkPolicy: NetworkPolicy = NetworkPolicy()
     tests: Tests = Tests()
 

@@ -482,6 +482,33 @@ def test_the_restricted_check_catches_what_the_namespace_refused():
     ]
 
 
+def test_the_platform_may_choose_the_pods_user_and_groups():
+    """OpenShift's restricted SCC assigns a pod's user and fsGroup from the namespace's
+    range and refuses a pod that names others: null leaves them out of both pods, which
+    still meet the restricted profile and the strict schema."""
+    from pipeline.charts import client_model
+
+    unset = {"podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None}}
+    docs = render(CHARTS / "sft", unset)
+    pods = [j["spec"]["template"]["spec"] for j in by_kind(docs, "Job")]
+    pods += [d["spec"] for d in by_kind(docs, "Pod")]
+    assert len(pods) == 2
+    for pod in pods:
+        assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(pod["securityContext"])
+        assert restricted_violations(pod) == []
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+        client_model(doc)
+    [job] = by_kind(render(CHARTS / "sft", {}), "Job")  # by default, the image's user
+    context = job["spec"]["template"]["spec"]["securityContext"]
+    assert (context["runAsUser"], context["runAsGroup"], context["fsGroup"]) == (1000,) * 3
+    # a namespace's range (OpenShift's start at 1000000000) and the root group, as given
+    given = {"podSecurityContext": {"runAsUser": 1000680000, "runAsGroup": 0, "fsGroup": 0}}
+    [job] = by_kind(render(CHARTS / "sft", given), "Job")
+    context = job["spec"]["template"]["spec"]["securityContext"]
+    assert (context["runAsUser"], context["runAsGroup"], context["fsGroup"]) == (1000680000, 0, 0)
+
+
 def test_the_service_account_token_is_mounted_only_when_asked_for():
     [job] = by_kind(render(CHARTS / "sft", {"automountServiceAccountToken": True}), "Job")
     assert job["spec"]["template"]["spec"]["automountServiceAccountToken"] is True

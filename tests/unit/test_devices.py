@@ -233,17 +233,26 @@ def test_the_entrypoint_runs_deterministic_kernels_when_asked(monkeypatch, tmp_p
     from jobs.__main__ import main
 
     (tmp_path / "c.yaml").write_text("output: o\n")
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    # set, then removed: monkeypatch then takes it out again after the test, whoever set it
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
     main(["no-such-stage", "--config", str(tmp_path / "c.yaml")])
     assert not torch.are_deterministic_algorithms_enabled()  # not by default: it costs speed
+    assert torch.backends.cuda.mem_efficient_sdp_enabled()
     monkeypatch.setenv("KUBERLHF_DETERMINISTIC", "1")
     try:
         main(["no-such-stage", "--config", str(tmp_path / "c.yaml")])
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.is_deterministic_algorithms_warn_only_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert not torch.backends.cuda.flash_sdp_enabled()
+        assert not torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.math_sdp_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        for enable in ("flash", "mem_efficient", "cudnn"):
+            getattr(torch.backends.cuda, f"enable_{enable}_sdp")(True)
 
 
 def tiny_models(tiny, dropout: float) -> SimpleNamespace:

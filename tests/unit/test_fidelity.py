@@ -601,6 +601,37 @@ def test_a_special_tokens_text_inside_a_message_is_text(llama_style_tokenizer, t
     assert scored.count(eos) == 1 and scored[-1] == eos
 
 
+def test_special_text_in_a_message_gets_the_tokens_of_its_text_in_context():
+    """A Metaspace (SentencePiece-style) tokenizer encodes "</s>" alone as a word start:
+    the answer's stretch gets the tokens the whole text has with special tokens split,
+    no space that is not in the text, and the template's own "</s>" after it stays EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=150, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    tok.train_from_iterator(["User: Use old tags.\nstrike <s> and </s> tags"] * 10, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    answer = "Use <s>old</s> tags."
+    pieces = [("User: strike?\n", False), (answer, True)]
+    text = "".join(p for p, _ in pieces)
+    eos = tokenizer.eos_token_id
+    ids, labels = encode_segments(pieces, tokenizer, max_len=128, end=[eos], literal=[answer])
+    as_text = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    alone = tokenizer("</s>", add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(alone)[0].startswith("▁")  # the hazard
+    assert ids == as_text + [eos] and ids.count(eos) == 1
+    assert tokenizer.decode(ids[:-1]) == tokenizer.decode(as_text)
+    # the same answer before a template's own "</s>" (Llama-2's turn end): that one stays
+    ids, _ = encode_segments([*pieces, ("</s>", True)], tokenizer, 128, [], [answer])
+    assert ids == as_text + [eos]
+
+
 # --- C-RLFT as OpenChat ---------------------------------------------------------------------
 
 

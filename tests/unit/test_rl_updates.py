@@ -476,3 +476,21 @@ def test_the_ema_follows_every_optimiser_step_as_deepspeed_chat_does(tiny):
     assert not torch.equal(w0, w1) and not torch.equal(w1, w2)  # each step moved it
     expected = decay**2 * w0 + decay * (1 - decay) * w1 + (1 - decay) * w2
     torch.testing.assert_close(ema.weights[name], expected)
+
+
+def test_the_reward_moments_are_the_runs_and_stay_finite_while_rewards_are_all_equal():
+    """PPO's normalising moments: Welford's mean and sample std of every reward seen, across
+    batches and through a resume (the state it checkpoints); a reward model that gives every
+    answer the same score (saturated) leaves the unit at 1, not at a floor that would
+    multiply the critic's values, read in these units, by a million."""
+    moments = ppo.RunningMoments()
+    moments.update(torch.full((8,), 3.5))
+    assert (moments.mean, moments.std) == (3.5, 1.0)
+    first, second = torch.randn(16), torch.randn(16) * 4 + 2
+    moments = ppo.RunningMoments()
+    moments.update(first)
+    moments = ppo.RunningMoments(moments.count, moments.mean, moments.m2)  # resumed
+    moments.update(second)
+    everything = torch.cat([first, second]).double()
+    assert moments.mean == pytest.approx(everything.mean().item(), abs=1e-9)
+    assert moments.std == pytest.approx(everything.std().item(), abs=1e-9)

@@ -166,9 +166,12 @@ spec:
       {{- end }}
       securityContext:
         runAsNonRoot: true
-        runAsUser: 1000
-        runAsGroup: 1000
-        fsGroup: 1000
+        {{- range $key := list "runAsUser" "runAsGroup" "fsGroup" }}
+        {{- $id := index $.Values.podSecurityContext $key }}
+        {{- if not (kindIs "invalid" $id) }}
+        {{ $key }}: {{ $id | int64 }}
+        {{- end }}
+        {{- end }}
         seccompProfile:
           type: RuntimeDefault
       containers:
@@ -270,8 +273,12 @@ spec:
   {{- end }}
   securityContext:
     runAsNonRoot: true
-    runAsUser: 1000
-    runAsGroup: 1000
+    {{- range $key := list "runAsUser" "runAsGroup" }}
+    {{- $id := index $.Values.podSecurityContext $key }}
+    {{- if not (kindIs "invalid" $id) }}
+    {{ $key }}: {{ $id | int64 }}
+    {{- end }}
+    {{- end }}
     seccompProfile:
       type: RuntimeDefault
   containers:
