@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     StringConstraints,
     field_validator,
     model_validator,
@@ -89,9 +90,10 @@ class PodSecurity(Closed):
     SCC assigns a user and fsGroup from the namespace's range, and refuses a pod that names
     one outside it). The image runs as any user: what it writes is on /scratch."""
 
-    runAsUser: int | None = Field(1000, ge=1)
-    runAsGroup: int | None = Field(1000, ge=0)
-    fsGroup: int | None = Field(1000, ge=0)
+    # an int32, as the API server takes one; strict: Helm's schema refuses "1000" too
+    runAsUser: StrictInt | None = Field(1000, ge=1, le=2**31 - 1)
+    runAsGroup: StrictInt | None = Field(1000, ge=0, le=2**31 - 1)
+    fsGroup: StrictInt | None = Field(1000, ge=0, le=2**31 - 1)
 
 
 class Scratch(Closed):
@@ -206,7 +208,7 @@ class StageValues(Closed):
     shm: Shm = Shm()
     scratch: Scratch = Scratch()
     readOnlyRootFilesystem: bool = True
-    podSecurityContext: PodSecurity = PodSecurity()
+    podSecurityContext: PodSecurity | None = PodSecurity()  # null: all three the platform's
     networkPolicy: NetworkPolicy = NetworkPolicy()
     tests: Tests = Tests()
 

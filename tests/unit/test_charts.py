@@ -259,6 +259,8 @@ def test_schema_refuses_literal_secrets_and_unknown_keys(values):
         {"resources": {"limit": {"cpu": "8"}}},  # a typo
         {"podLabels": {"kuberlhf.io/run": "other"}},  # the pods would leave their selector
         {"podLabels": {"app.kubernetes.io/instance": "x"}},
+        {"podSecurityContext": {"runAsUser": 2**31}},  # the API server's ids are int32
+        {"podSecurityContext": {"runAsUser": "1000"}},
     ],
 )
 def test_values_the_api_server_or_the_watch_would_trip_on_are_refused(values):
@@ -486,19 +488,22 @@ def test_the_platform_may_choose_the_pods_user_and_groups():
     """OpenShift's restricted SCC assigns a pod's user and fsGroup from the namespace's
     range and refuses a pod that names others: null leaves them out of both pods, which
     still meet the restricted profile and the strict schema."""
+    from pipeline.chart_values import StageValues
     from pipeline.charts import client_model
 
-    unset = {"podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None}}
-    docs = render(CHARTS / "sft", unset)
-    pods = [j["spec"]["template"]["spec"] for j in by_kind(docs, "Job")]
-    pods += [d["spec"] for d in by_kind(docs, "Pod")]
-    assert len(pods) == 2
-    for pod in pods:
-        assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(pod["securityContext"])
-        assert restricted_violations(pod) == []
-    for doc in docs:
-        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
-        client_model(doc)
+    each = {"podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None}}
+    for unset in (each, {"podSecurityContext": None}):  # each, or the whole map
+        StageValues.model_validate({"stage": "sft", **unset})
+        docs = render(CHARTS / "sft", unset)
+        pods = [j["spec"]["template"]["spec"] for j in by_kind(docs, "Job")]
+        pods += [d["spec"] for d in by_kind(docs, "Pod")]
+        assert len(pods) == 2
+        for pod in pods:
+            assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(pod["securityContext"])
+            assert restricted_violations(pod) == []
+        for doc in docs:
+            kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+            client_model(doc)
     [job] = by_kind(render(CHARTS / "sft", {}), "Job")  # by default, the image's user
     context = job["spec"]["template"]["spec"]["securityContext"]
     assert (context["runAsUser"], context["runAsGroup"], context["fsGroup"]) == (1000,) * 3

@@ -167,7 +167,7 @@ spec:
       securityContext:
         runAsNonRoot: true
         {{- range $key := list "runAsUser" "runAsGroup" "fsGroup" }}
-        {{- $id := index $.Values.podSecurityContext $key }}
+        {{- $id := index ($.Values.podSecurityContext | default dict) $key }}
         {{- if not (kindIs "invalid" $id) }}
         {{ $key }}: {{ $id | int64 }}
         {{- end }}
@@ -274,7 +274,7 @@ spec:
   securityContext:
     runAsNonRoot: true
     {{- range $key := list "runAsUser" "runAsGroup" }}
-    {{- $id := index $.Values.podSecurityContext $key }}
+    {{- $id := index ($.Values.podSecurityContext | default dict) $key }}
     {{- if not (kindIs "invalid" $id) }}
     {{ $key }}: {{ $id | int64 }}
     {{- end }}
