@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from array import array
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -85,7 +86,16 @@ def padded_shard(n: int, rank: int, world: int) -> tuple[list[int], list[bool]]:
     return mine + [0] * (length - len(mine)), [True] * len(mine) + [False] * (length - len(mine))
 
 
-def pad(sequences: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+def compact(ids: Iterable[int]) -> array:
+    """Token ids (or labels, positions) as a training stage holds a data set's examples
+    until it runs: 4 bytes a token. A Python list takes 8 for its pointer and 28 more for
+    each int above 256, 36 in all: a 100M-token SFT set would hold 3.6 GB on every rank
+    of a node, 0.4 GB so."""
+    return array("i", ids)
+
+
+def pad(sequences: Iterable[Iterable[int]], value: int, left: bool = False) -> torch.Tensor:
+    sequences = [list(s) for s in sequences]
     width = max(len(s) for s in sequences)
     rows = [
         ([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s)))

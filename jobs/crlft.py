@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs import dist, engine
-from jobs.batches import ShardedSampler, read_jsonl
+from jobs.batches import ShardedSampler, compact, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
@@ -149,7 +149,7 @@ def prepare(rows: list[dict], config: Config, tokenizer, where: str):
         pieces = layout(turns, cls.tag, config.end_of_turn)
         literal = laid_out_contents(turns, cls.tag)
         ids, labels = encode_segments(pieces, tokenizer, config.max_seq_len, [], literal)
-        out.append((ids, labels, cls.weight, label))
+        out.append((compact(ids), compact(labels), cls.weight, label))
     return out
 
 

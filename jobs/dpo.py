@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from jobs import dist, engine
-from jobs.batches import ShardedSampler, pad, padded_shard, read_jsonl, shard
+from jobs.batches import ShardedSampler, compact, pad, padded_shard, read_jsonl, shard
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
@@ -181,7 +181,9 @@ def run(config: Config, ctx: StageContext) -> dict:
             path = data_dir / "pairs" / f"{split}.jsonl"
             if path.is_file():
                 rows = read_jsonl(path, ("prompt", "chosen", "rejected"))
-                splits[split] += [encode_pair(tokenizer, r, config.max_seq_len) for r in rows]
+                splits[split] += [
+                    tuple(map(compact, encode_pair(tokenizer, r, config.max_seq_len))) for r in rows
+                ]
     if not splits["train"]:
         raise BadInputError(f"dpo: no pairs/train.jsonl in {config.data}")
     average, pad_id, cfg = config.loss == "ipo", tokenizer.pad_token_id, config.train
@@ -194,7 +196,7 @@ def run(config: Config, ctx: StageContext) -> dict:
     for split, items in splits.items():
         digest.update(split.encode())
         for item in items:
-            digest.update(json.dumps(item).encode())
+            digest.update(json.dumps([part.tolist() for part in item]).encode())
     fingerprint = digest.hexdigest()
     kept = torch.load(stored, weights_only=True) if stored.is_file() else {}
     # Reused only for these very pairs (a resumed run), never for other inputs'.

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from jobs import dist, engine
-from jobs.batches import ShardedSampler, padded_shard, read_jsonl
+from jobs.batches import ShardedSampler, compact, padded_shard, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
@@ -110,8 +110,8 @@ def load_pairs(
             rows = read_jsonl(path, ("prompt", "chosen", "rejected"))
             splits[split] += [
                 (
-                    encode(tokenizer, r["prompt"], r["chosen"], max_len),
-                    encode(tokenizer, r["prompt"], r["rejected"], max_len),
+                    compact(encode(tokenizer, r["prompt"], r["chosen"], max_len)),
+                    compact(encode(tokenizer, r["prompt"], r["rejected"], max_len)),
                 )
                 for r in rows
             ]

@@ -21,7 +21,7 @@ def encode(tokenizer, prompt: str, response: str, max_len: int, finished: bool =
     no EOS: it is read at its last token, as PPO reads one (:func:`ending_in_eos`) and TRL
     and DeepSpeed-Chat do, not as a finished answer."""
     ending = [tokenizer.eos_token_id] if finished else []
-    ids = encode_text(tokenizer, prompt + response, literal=[response], after=len(prompt))
+    ids = encode_text(tokenizer, prompt + response, literal=[(len(prompt), response)])
     return keep_end(ids + ending, max_len, tokenizer)
 
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from jobs import dist
-from jobs.batches import IGNORE, pad
+from jobs.batches import IGNORE, compact, pad
 from jobs.errors import BadInputError
-from jobs.tokens import bos_prefix, encode_spans
+from jobs.tokens import Literal, bos_prefix, encode_spans
 
 
 def segments_of(row: dict, where: str) -> list[tuple[str, bool]]:
@@ -43,7 +43,7 @@ def encode_segments(
     tokenizer,
     max_len: int,
     end: list[int],
-    literal: Iterable[str] = (),
+    literal: Iterable[Literal] = (),
 ) -> tuple[list[int], list[int]]:
     """(input ids, labels) of one example: BOS where the tokenizer expects it, the pieces'
     text encoded as one string (the tokens the model meets at inference: SentencePiece-style
@@ -154,7 +154,11 @@ def tokenize(
     for number, row in enumerate(rows, start=1):
         end = [] if "segments" in row else [tokenizer.eos_token_id]
         pieces = segments_of(row, f"{where}:{number}")
-        out.append(encode_segments(pieces, tokenizer, max_len, end, contents(row)))
+        literal: list[Literal] = list(contents(row))
+        if "segments" not in row and literal and literal[-1] == row["response"]:
+            literal[-1] = (len(row["prompt"]), row["response"])  # after its prompt
+        ids, labels = encode_segments(pieces, tokenizer, max_len, end, literal)
+        out.append((compact(ids), compact(labels)))
     return out
 
 
@@ -173,17 +177,18 @@ def pack(examples: list[tuple[list[int], list[int]]], max_len: int):
     transformers reads as packed sequences (``masking_utils.find_packed_sequence_indices``):
     SDPA and eager attention get a block-diagonal causal mask, flash-attention its
     variable-length kernel, so no example attends to another."""
-    rows, ids, labels, positions = [], [], [], []
+    rows, ids, labels, positions = [], compact(()), compact(()), compact(())
     for example_ids, example_labels in examples:
         if ids and len(ids) + len(example_ids) > max_len:
             rows.append((ids, labels, positions))
-            ids, labels, positions = [], [], []
-        ids = ids + example_ids
+            ids, labels, positions = compact(()), compact(()), compact(())
+        ids.extend(example_ids)
         # An example's first token has nothing of its own before it: in a row it would be
         # "predicted" from the previous example's last token (TRL's flattening collator
         # masks it the same way), so it is not trained on, as alone it could not be.
-        labels = labels + [IGNORE] + example_labels[1:]
-        positions = positions + list(range(len(example_ids)))
+        labels.append(IGNORE)
+        labels.extend(example_labels[1:])
+        positions.extend(range(len(example_ids)))
     if ids:
         rows.append((ids, labels, positions))
     return rows

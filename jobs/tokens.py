@@ -3,6 +3,7 @@ tokenises: BOS where the tokenizer puts one, and position ids that ignore paddin
 
 from __future__ import annotations
 
+import bisect
 import weakref
 from collections.abc import Iterable
 
@@ -10,6 +11,8 @@ import torch
 
 _BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _SPECIAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FRESH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CONTINUATION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def bos_prefix(tokenizer) -> list[int]:
@@ -36,20 +39,65 @@ def special_tokens(tokenizer) -> dict[str, int]:
     return _SPECIAL[tokenizer][1]
 
 
-def literal_spans(
-    tokenizer, text: str, literal: Iterable[str], after: int = 0
-) -> list[tuple[int, int]]:
-    """Where in ``text`` the ``literal`` texts lie (each found after the one before, as a
-    conversation's messages follow each other in its rendering, the first at or after
-    ``after``), when any holds a special token's text; none otherwise, the common case."""
+def fresh_after_special(tokenizer) -> bool:
+    """Whether the tokenizer encodes text after a special token as it encodes the same text
+    alone (byte-level BPE; a Metaspace that prepends its word start to every stretch), not
+    as a continuation (a Metaspace with ``prepend_scheme: first``, Llama-2's, Mistral's)."""
+    if tokenizer not in _FRESH:
+        name, token = min(special_tokens(tokenizer).items(), key=lambda item: item[1])
+        after = tokenizer(name + "ab cd", add_special_tokens=False)["input_ids"]
+        alone = tokenizer("ab cd", add_special_tokens=False)["input_ids"]
+        _FRESH[tokenizer] = after == [token, *alone]
+    return _FRESH[tokenizer]
+
+
+def continuation(tokenizer):
+    """For a Metaspace tokenizer that starts only the text with a word start (``first``):
+    a copy of its backend that reads special tokens' texts as text and starts nothing, to
+    encode a stretch after a special token as the whole text's encoding continues there.
+    None for others."""
+    if tokenizer not in _CONTINUATION:
+        from tokenizers import Tokenizer, pre_tokenizers
+
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        copy = None
+        if backend is not None and isinstance(backend.pre_tokenizer, pre_tokenizers.Metaspace):
+            copy = Tokenizer.from_str(backend.to_str())
+            copy.encode_special_tokens = True
+            copy.pre_tokenizer.prepend_scheme = "never"
+        _CONTINUATION[tokenizer] = copy
+    return _CONTINUATION[tokenizer]
+
+
+Literal = str | tuple[int, str]
+
+
+def literal_spans(tokenizer, text: str, literal: Iterable[Literal]) -> list[tuple[int, int]]:
+    """Where in ``text`` the ``literal`` texts lie, when any holds a special token's text;
+    none otherwise, the common case. Each is sought after the one before, as a
+    conversation's messages follow each other in its rendering, and stripped where a
+    template strips messages (Llama-2's, Gemma's); ``(position, text)`` is one whose place
+    is known (an answer after its prompt, which may quote it)."""
     literal = list(literal)
     specials = special_tokens(tokenizer)
-    if not any(name in content for content in literal for name in specials):
+    if not any(
+        name in (item if isinstance(item, str) else item[1])
+        for item in literal
+        for name in specials
+    ):
         return []
-    spans, cursor = [], after
-    for content in literal:
-        at = text.find(content, cursor) if content else -1
-        if at >= 0:  # a template that rewrites a message (strips it) leaves it unfound
+    spans, cursor = [], 0
+    for item in literal:
+        if isinstance(item, tuple):
+            at, content = item
+            at = at if text.startswith(content, at) else -1
+        else:
+            content = item
+            at = text.find(content, cursor) if content else -1
+            if at < 0 and content.strip():
+                content = content.strip()
+                at = text.find(content, cursor)
+        if at >= 0 and content:  # a template that rewrites a message leaves it unfound
             spans.append((at, at + len(content)))
             cursor = at + len(content)
     return spans
@@ -61,7 +109,9 @@ def _cuts(spans: list[tuple[int, int]], length: int) -> dict[int, int]:
     cuts: dict[int, int] = {}
     reach = 0
     for index, (start, stop) in enumerate(spans):
-        for position in range(reach, max(start, reach) + 1):  # a trimmed space: either side
+        # a trimmed space: either side; none where a token overlaps the one before (a word
+        # start mapped onto the character after it)
+        for position in range(reach, start + 1):
             cuts.setdefault(position, index)
         reach = max(reach, stop)
     for position in range(reach, max(length, reach) + 1):
@@ -70,25 +120,32 @@ def _cuts(spans: list[tuple[int, int]], length: int) -> dict[int, int]:
 
 
 def encode_spans(
-    tokenizer, text: str, literal: Iterable[str] = (), after: int = 0
+    tokenizer, text: str, literal: Iterable[Literal] = ()
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """``text``'s ids (no BOS) and each one's character span. A special token's text is the
     token (a template's markup: ``<|im_end|>``), except inside the ``literal`` texts, the
     messages' own contents (:func:`literal_spans`): there "</s>" (an HTML answer) or
     "<|endoftext|>" is text, as OpenChat tokenises a message's content
     (``ochat/config/conversation_template.py``, special tokens split); read as the token,
-    an answer would train a stop token in its middle (TRL's SFT does). Such a stretch gets
-    the tokens of the whole text encoded with special tokens split, between the nearest
-    places inside its message where both encodings cut the text alike (encoded alone, a
-    SentencePiece tokenizer would put a word start that is not in the text before it)."""
+    an answer would train a stop token in its middle (TRL's SFT does). The text between
+    the template's special tokens around such a message is encoded as the tokenizer
+    encodes a stretch there: alone, or as a continuation where only the text's start gets a
+    word start (:func:`continuation`); a special token's text encoded alone would get one
+    that is not in the text. For other tokenizers, the whole text's tokens with special
+    tokens split, between the nearest cuts where both encodings go on alike."""
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, spans = list(encoded["input_ids"]), [tuple(s) for s in encoded["offset_mapping"]]
-    inside = literal_spans(tokenizer, text, literal, after)
-    special = set(special_tokens(tokenizer).values())
+    inside = literal_spans(tokenizer, text, literal)
+    named = {token: name for name, token in special_tokens(tokenizer).items()}
+
+    def special(token: int, start: int, stop: int) -> bool:
+        # a special token written in the text: not an unknown character read as <unk>
+        return token in named and named[token] in text[start:stop]
+
     found = [
         (i, next(span for span in inside if span[0] <= start and stop <= span[1]))
         for i, (token, (start, stop)) in enumerate(zip(ids, spans, strict=True))
-        if token in special and any(a <= start and stop <= b for a, b in inside)
+        if special(token, start, stop) and any(a <= start and stop <= b for a, b in inside)
     ]
     if not found:
         return ids, spans
@@ -107,16 +164,57 @@ def encode_spans(
         return ids[a] == plain_ids[b]
 
     both = sorted(set(ours) & set(theirs))
+    # the template's own special tokens: a stretch may reach past its message (a space
+    # before an answer is the template's) but not across one of them
+    markup = [
+        (i, span)
+        for i, (token, span) in enumerate(zip(ids, spans, strict=True))
+        if special(token, *span) and not any(a <= span[0] and span[1] <= b for a, b in inside)
+    ]
     out_ids: list[int] = []
     out_spans: list[tuple[int, int]] = []
     done, floor = 0, 0  # tokens of ``ids`` taken so far, and where they end in the text
-    for index, (first, last) in found:
+    for index, _ in found:
         if index < done:
             continue  # inside the stretch just replaced
         start, stop = spans[index]
-        low = max((x for x in both if max(first, floor) <= x <= start and agree(x)), default=None)
-        high = min((x for x in both if stop <= x <= last and agree(x)), default=None)
-        if low is None or high is None:  # no common cut in the message: the token alone
+        # the stretch's bounds: the template's special tokens either side (by token, not by
+        # character: a trimmed space's token has no width, at either side of a cut)
+        before = [(i, b) for i, (a, b) in markup if b <= start]
+        after = [(i, a) for i, (a, b) in markup if a >= stop]
+        begin, lower = (before[-1][0] + 1, before[-1][1]) if before else (0, 0)
+        begin, lower = max(begin, done), max(lower, floor)
+        end, upper = after[0] if after else (len(ids), len(text))
+        fresh = lower == 0 or fresh_after_special(tokenizer)
+        if fresh or continuation(tokenizer) is not None:
+            # the stretch between the template's special tokens, encoded as the tokenizer
+            # encodes one there (alone, or as a continuation): exactly the text's tokens
+            if fresh:
+                part = tokenizer(
+                    text[lower:upper],
+                    add_special_tokens=False,
+                    split_special_tokens=True,
+                    return_offsets_mapping=True,
+                )
+                part_ids, part_spans = part["input_ids"], part["offset_mapping"]
+            else:
+                part = continuation(tokenizer).encode(text[lower:upper], add_special_tokens=False)
+                part_ids, part_spans = part.ids, part.offsets
+            out_ids += ids[done:begin] + list(part_ids)
+            out_spans += spans[done:begin] + [(lower + a, lower + b) for a, b in part_spans]
+            done, floor = end, upper
+            continue
+        # else the whole text's tokens with special tokens split, from and to the nearest
+        # cuts where both encodings go on alike (alone, a continuation would get a word start)
+        at = bisect.bisect_right(both, start) - 1  # the nearest agreeing cuts either side
+        while at >= 0 and both[at] >= lower and not agree(both[at]):
+            at -= 1
+        low = both[at] if at >= 0 and both[at] >= lower else None
+        at = bisect.bisect_left(both, stop)
+        while at < len(both) and both[at] <= upper and not agree(both[at]):
+            at += 1
+        high = both[at] if at < len(both) and both[at] <= upper else None
+        if low is None or high is None:  # no agreeing cut: the token's text alone
             alone = tokenizer(
                 text[start:stop],
                 add_special_tokens=False,
@@ -135,13 +233,11 @@ def encode_spans(
     return out_ids + ids[done:], out_spans + spans[done:]
 
 
-def encode(
-    tokenizer, text: str, bos: bool = True, literal: Iterable[str] = (), after: int = 0
-) -> list[int]:
+def encode(tokenizer, text: str, bos: bool = True, literal: Iterable[Literal] = ()) -> list[int]:
     """``text``'s ids, after BOS where the tokenizer expects it (not twice when the text, as
     a chat template's output may, already starts with it); special tokens' texts inside
-    the ``literal`` texts (sought from ``after`` on) stay text (:func:`encode_spans`)."""
-    ids = encode_spans(tokenizer, text, literal, after)[0]
+    the ``literal`` texts stay text (:func:`encode_spans`)."""
+    ids = encode_spans(tokenizer, text, literal)[0]
     prefix = bos_prefix(tokenizer) if bos else []
     if prefix and ids[:1] == prefix:
         return ids

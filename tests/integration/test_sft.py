@@ -100,7 +100,7 @@ def test_loss_counts_response_tokens_only(tiny):
         [{"prompt": "### User:\nHi\n\n### Assistant:\n", "response": "Hello there"}], tokenizer, 64
     )
     n_prompt = len(tokenizer("### User:\nHi\n\n### Assistant:\n")["input_ids"])
-    assert labels[:n_prompt] == [IGNORE] * n_prompt
+    assert list(labels[:n_prompt]) == [IGNORE] * n_prompt
     assert labels[n_prompt:] == ids[n_prompt:]
     assert ids[-1] == tokenizer.eos_token_id
 

@@ -529,7 +529,7 @@ def test_a_plain_prompt_and_response_start_with_bos_where_the_tokenizer_expects_
     # GPT-NeoX's tokenizer adds no BOS, so none is added.
     neox = AutoTokenizer.from_pretrained(tiny / "model")
     [(ids, _)] = tokenize([row], neox, max_len=64)
-    assert ids == neox(row["prompt"] + row["response"])["input_ids"] + [neox.eos_token_id]
+    assert list(ids) == neox(row["prompt"] + row["response"])["input_ids"] + [neox.eos_token_id]
 
 
 def test_pieces_are_encoded_as_the_whole_text_is_for_sentencepiece_style_tokenizers():
@@ -630,6 +630,95 @@ def test_special_text_in_a_message_gets_the_tokens_of_its_text_in_context():
     # the same answer before a template's own "</s>" (Llama-2's turn end): that one stays
     ids, _ = encode_segments([*pieces, ("</s>", True)], tokenizer, 128, [], [answer])
     assert ids == as_text + [eos]
+
+
+@pytest.mark.parametrize("kind", ["metaspace-always", "metaspace-first", "byte-level"])
+@pytest.mark.parametrize("answer", ["Use <s>old</s> tags.", "Use <s>old</s>", "</s> tags."])
+def test_special_text_at_a_messages_edge_gets_the_tokens_the_text_has_there(kind, answer):
+    """Llama-2's layout, the answer between the template's own "[/INST] " and "</s>", its
+    special text at either edge: the tokens are those of a twin tokenizer in which those
+    texts are no special tokens, with the template's own turned into another one (<Z>), so
+    that the text after it is read as text after a special token (the oracle shares no code
+    with the implementation: no split_special_tokens, no prepend scheme)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from jobs.tokens import encode_spans
+
+    specials = ["<unk>", "<s>", "</s>"]
+    if kind == "byte-level":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        scheme = kind.split("-")[1]
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=scheme)
+        tok.decoder = decoders.Metaspace(prepend_scheme=scheme)
+        alphabet = []
+    # the markup's pieces spaced apart, so that no merge learns a special token's text
+    corpus = ["[INST] How? [/INST] Use < s>old</ s> tags. strike < s> and </ s> tags"] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=200, special_tokens=specials, show_progress=False, initial_alphabet=alphabet
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    twin_spec = json.loads(tok.to_str())
+    twin_spec["added_tokens"] = []
+    twin = Tokenizer.from_str(json.dumps(twin_spec))
+    twin.add_special_tokens(["<Z>"])
+
+    question, between = "How?", "[INST] How? [/INST] " + answer
+    text = "<s>" + between + "</s>"
+    ids, spans = encode_spans(tokenizer, text, [question, answer])
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    expected = [bos, *twin.encode("<Z>" + between, add_special_tokens=False).ids[1:], eos]
+    assert ids == expected
+    assert [start for start, _ in spans] == sorted(start for start, _ in spans)
+
+
+def test_an_answer_is_read_where_it_stands_not_where_its_text_first_appears():
+    """An answer quoting its prompt's "</s>" is found after the prompt (sought from the
+    start, the prompt's own was read as text and the answer's trained as EOS); a template
+    that strips messages (Llama-2's ``content.strip()``) still has its answer found."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from jobs.tokens import encode_spans
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(["Say it. Close it with a tag like this. How?"] * 10, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    eos = tokenizer.eos_token_id
+    row = {
+        "prompt": "Say </s>\n",
+        "response": "</s>",
+        "messages": [
+            {"role": "user", "content": "Say </s>"},
+            {"role": "assistant", "content": "</s>"},
+        ],
+    }
+    [(ids, labels)] = tokenize([row], tokenizer, 64)
+    assert list(labels).count(eos) == 1 and labels[-1] == eos  # the closing EOS alone
+    assert list(ids).count(eos) == 1
+    assert tokenizer.decode([x for x in labels if x != IGNORE]) == "</s></s>"  # text, then EOS
+    content = "Close it with </s> like this.\n"
+    text = "<s>[INST] How? [/INST] " + content.strip() + " </s>"
+    ids, _ = encode_spans(tokenizer, text, ["How?", content])
+    assert ids.count(eos) == 1 and ids[-1] == eos
 
 
 # --- C-RLFT as OpenChat ---------------------------------------------------------------------

@@ -494,3 +494,45 @@ def test_the_reward_moments_are_the_runs_and_stay_finite_while_rewards_are_all_e
     everything = torch.cat([first, second]).double()
     assert moments.mean == pytest.approx(everything.mean().item(), abs=1e-9)
     assert moments.std == pytest.approx(everything.std().item(), abs=1e-9)
+
+
+def test_a_training_stage_holds_its_tokenised_examples_in_four_bytes_a_token(tiny):
+    """SFT's, the pre-training term's and C-RLFT's examples, and packed rows, live in
+    memory for the whole run, on every rank of a node: as Python lists (a pointer and an int
+    object a token) ids and labels took 36 bytes a token here (9 as arrays), a 100M-token
+    set 3.6 GB a rank. Measured with tracemalloc over what the functions return."""
+    import gc
+    import tracemalloc
+
+    from jobs import crlft
+    from jobs.models import load_tokenizer
+    from jobs.supervised import pack, tokenize
+
+    tokenizer = load_tokenizer(tiny / "model")
+    words = ["안녕하세요", "friendly", "answers", "keep", "everyone", "safe", "and", "calm"]
+    rows = [
+        {"prompt": f"Question {n}?\n", "response": " ".join(words[(n + i) % 8] for i in range(80))}
+        for n in range(40)
+    ]
+    config = crlft.Config(output="o", model="m", data="d")
+    rows = [{**row, "label": "gpt-4"} for row in rows]
+
+    def held(make) -> tuple[float, object]:
+        gc.collect()
+        tracemalloc.start()
+        try:
+            made = make()
+            gc.collect()
+            size = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        tokens = sum(len(item[0]) for item in made)
+        return size / tokens, made
+
+    per_token, items = held(lambda: tokenize(rows, tokenizer, max_len=512))
+    assert sum(len(ids) for ids, _ in items) > 8_000
+    packed_per_token, _ = held(lambda: pack(items, 256))
+    crlft_per_token, _ = held(lambda: crlft.prepare(rows, config, tokenizer, "sft/train.jsonl"))
+    assert per_token < 12  # ids and labels: 8 bytes, and each example's two small headers
+    assert packed_per_token < 18  # ids, labels and positions
+    assert crlft_per_token < 12
