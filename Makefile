@@ -15,8 +15,9 @@
 #                compiled with this machine's CUDA toolkit, CUDA_HOME), checked inside
 #   make e2e-kind - the tiny pipeline on a kind cluster through `rlhf run --backend kubernetes`
 
-# The first supported Python found (3.11 to 3.13); `make test PYTHON=python3.12` picks one.
-PYTHON ?= $(firstword $(foreach v,3.11 3.12 3.13,$(shell command -v python$(v) 2>/dev/null)) python3)
+# The first supported Python found that runs (3.11 to 3.13: a pyenv shim of a version not
+# selected is found but fails); `make test PYTHON=python3.12` picks one.
+PYTHON ?= $(firstword $(foreach v,3.11 3.12 3.13,$(shell python$(v) -c '' >/dev/null 2>&1 && command -v python$(v))) python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build on CPU machines; a GPU machine sets e.g. TORCH_SPEC="torch==2.13.0" and
