@@ -240,19 +240,22 @@ def test_the_entrypoint_runs_deterministic_kernels_when_asked(monkeypatch, tmp_p
     assert not torch.are_deterministic_algorithms_enabled()  # not by default: it costs speed
     assert torch.backends.cuda.mem_efficient_sdp_enabled()
     monkeypatch.setenv("KUBERLHF_DETERMINISTIC", "1")
+    kernels = ("flash", "mem_efficient", "cudnn")
+    were = {k: getattr(torch.backends.cuda, f"{k}_sdp_enabled")() for k in kernels}
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     try:
         main(["no-such-stage", "--config", str(tmp_path / "c.yaml")])
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.is_deterministic_algorithms_warn_only_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-        assert not torch.backends.cuda.flash_sdp_enabled()
-        assert not torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert not any(getattr(torch.backends.cuda, f"{k}_sdp_enabled")() for k in kernels)
         assert torch.backends.cuda.math_sdp_enabled()
-    finally:
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    finally:  # as they were, for the tests after this one in the same process
         torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.deterministic = False
-        for enable in ("flash", "mem_efficient", "cudnn"):
-            getattr(torch.backends.cuda, f"enable_{enable}_sdp")(True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+        for k, was in were.items():
+            getattr(torch.backends.cuda, f"enable_{k}_sdp")(was)
 
 
 def tiny_models(tiny, dropout: float) -> SimpleNamespace:
