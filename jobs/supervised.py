@@ -4,7 +4,7 @@ leakage between examples, collation, and the loss."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -146,7 +146,7 @@ def check_packing_isolates(model, device) -> None:
 
 def tokenize(
     rows: list[dict], tokenizer, max_len: int, where: str = "sft"
-) -> list[tuple[list[int], list[int]]]:
+) -> list[tuple[Sequence[int], Sequence[int]]]:
     """(input ids, labels) per row; labels are IGNORE outside the trained pieces. A plain
     response ends with the tokenizer's EOS; a templated conversation with what its
     template closes each turn with (already in its segments)."""
@@ -171,7 +171,7 @@ def contents(row: dict) -> list[str]:
     return [row["response"]] if isinstance(row.get("response"), str) else []
 
 
-def pack(examples: list[tuple[list[int], list[int]]], max_len: int):
+def pack(examples: list[tuple[Sequence[int], Sequence[int]]], max_len: int):
     """Greedy packing into rows of at most ``max_len`` tokens, positions restarting per
     example. The collated batch carries these position ids and no attention mask, which
     transformers reads as packed sequences (``masking_utils.find_packed_sequence_indices``):

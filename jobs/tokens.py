@@ -4,6 +4,7 @@ tokenises: BOS where the tokenizer puts one, and position ids that ignore paddin
 from __future__ import annotations
 
 import bisect
+import json
 import weakref
 from collections.abc import Iterable
 
@@ -57,19 +58,39 @@ def continuation(tokenizer):
     encode a stretch after a special token as the whole text's encoding continues there.
     None for others."""
     if tokenizer not in _CONTINUATION:
-        from tokenizers import Tokenizer, pre_tokenizers
+        from tokenizers import Tokenizer
 
         backend = getattr(tokenizer, "backend_tokenizer", None)
+        spec = json.loads(backend.to_str()) if backend is not None else {}
+        found = []
+
+        def never(node) -> None:  # every Metaspace, a Sequence's included
+            if isinstance(node, dict):
+                if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+                    node["prepend_scheme"] = "never"
+                    found.append(node)
+                for value in node.values():
+                    never(value)
+            elif isinstance(node, list):
+                for value in node:
+                    never(value)
+
+        never(spec.get("pre_tokenizer"))
         copy = None
-        if backend is not None and isinstance(backend.pre_tokenizer, pre_tokenizers.Metaspace):
-            copy = Tokenizer.from_str(backend.to_str())
+        if found:
+            copy = Tokenizer.from_str(json.dumps(spec))
             copy.encode_special_tokens = True
-            copy.pre_tokenizer.prepend_scheme = "never"
         _CONTINUATION[tokenizer] = copy
     return _CONTINUATION[tokenizer]
 
 
 Literal = str | tuple[int, str]
+
+
+def _without(text: str, specials) -> str:
+    for name in specials:
+        text = text.replace(name, "")
+    return text
 
 
 def literal_spans(tokenizer, text: str, literal: Iterable[Literal]) -> list[tuple[int, int]]:
@@ -94,7 +115,9 @@ def literal_spans(tokenizer, text: str, literal: Iterable[Literal]) -> list[tupl
         else:
             content = item
             at = text.find(content, cursor) if content else -1
-            if at < 0 and content.strip():
+            # stripped, as the template may have; not where nothing but special text is
+            # left, which could not be told from the template's own tokens
+            if at < 0 and _without(content, specials).strip():
                 content = content.strip()
                 at = text.find(content, cursor)
         if at >= 0 and content:  # a template that rewrites a message leaves it unfound

@@ -632,7 +632,9 @@ def test_special_text_in_a_message_gets_the_tokens_of_its_text_in_context():
     assert ids == as_text + [eos]
 
 
-@pytest.mark.parametrize("kind", ["metaspace-always", "metaspace-first", "byte-level"])
+@pytest.mark.parametrize(
+    "kind", ["metaspace-always", "metaspace-first", "metaspace-first-in-sequence", "byte-level"]
+)
 @pytest.mark.parametrize("answer", ["Use <s>old</s> tags.", "Use <s>old</s>", "</s> tags."])
 def test_special_text_at_a_messages_edge_gets_the_tokens_the_text_has_there(kind, answer):
     """Llama-2's layout, the answer between the template's own "[/INST] " and "</s>", its
@@ -657,6 +659,8 @@ def test_special_text_at_a_messages_edge_gets_the_tokens_the_text_has_there(kind
         scheme = kind.split("-")[1]
         tok = Tokenizer(models.BPE(unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=scheme)
+        if kind.endswith("sequence"):  # as some converted tokenizers nest it
+            tok.pre_tokenizer = pre_tokenizers.Sequence([tok.pre_tokenizer])
         tok.decoder = decoders.Metaspace(prepend_scheme=scheme)
         alphabet = []
     # the markup's pieces spaced apart, so that no merge learns a special token's text
@@ -719,6 +723,16 @@ def test_an_answer_is_read_where_it_stands_not_where_its_text_first_appears():
     text = "<s>[INST] How? [/INST] " + content.strip() + " </s>"
     ids, _ = encode_spans(tokenizer, text, ["How?", content])
     assert ids.count(eos) == 1 and ids[-1] == eos
+    # a user turn of special text alone, stripped by the template: not the answer's end
+    segments = [
+        ("<s>[INST] How? [/INST]", False),
+        (" Say it. </s>", True),
+        ("<s>[INST] </s> [/INST]", False),
+        (" Say it. </s>", True),
+    ]
+    literal = ["How?", "Say it.", " </s>\n", "Say it."]
+    ids, labels = encode_segments(segments, tokenizer, 128, [], literal)
+    assert [x for x in labels if x != IGNORE].count(eos) == 2  # each answer's own
 
 
 # --- C-RLFT as OpenChat ---------------------------------------------------------------------
