@@ -4,6 +4,7 @@ tokenises: BOS where the tokenizer puts one, and position ids that ignore paddin
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import weakref
 from collections.abc import Iterable
@@ -172,21 +173,27 @@ def encode_spans(
     ]
     if not found:
         return ids, spans
-    plain = tokenizer(
-        text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
-    )
-    plain_ids, plain_spans = list(plain["input_ids"]), [tuple(s) for s in plain["offset_mapping"]]
-    ours, theirs = _cuts(spans, len(text)), _cuts(plain_spans, len(text))
+
+    @functools.cache
+    def split():
+        # the whole text with special tokens split, and the cuts both encodings share: for
+        # the splice below, which only tokenizers neither fresh nor continued need
+        plain = tokenizer(
+            text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True
+        )
+        plain_spans = [tuple(s) for s in plain["offset_mapping"]]
+        ours, theirs = _cuts(spans, len(text)), _cuts(plain_spans, len(text))
+        return list(plain["input_ids"]), plain_spans, ours, theirs, sorted(set(ours) & set(theirs))
 
     # a common cut after which both have the same token: after a special token a Metaspace
     # tokenizer starts a word ("<s>old" -> "<s>", "▁old"), the same cut, another token
     def agree(x: int) -> bool:
+        plain_ids, _, ours, theirs, _ = split()
         a, b = ours[x], theirs[x]
         if a >= len(ids) or b >= len(plain_ids):
             return a >= len(ids) and b >= len(plain_ids)
         return ids[a] == plain_ids[b]
 
-    both = sorted(set(ours) & set(theirs))
     # the template's own special tokens: a stretch may reach past its message (a space
     # before an answer is the template's) but not across one of them
     markup = [
@@ -229,6 +236,7 @@ def encode_spans(
             continue
         # else the whole text's tokens with special tokens split, from and to the nearest
         # cuts where both encodings go on alike (alone, a continuation would get a word start)
+        plain_ids, plain_spans, ours, theirs, both = split()
         at = bisect.bisect_right(both, start) - 1  # the nearest agreeing cuts either side
         while at >= 0 and both[at] >= lower and not agree(both[at]):
             at -= 1
