@@ -170,16 +170,29 @@ def _parquet_rows(path: Path, display: str) -> Iterator[Row]:
         raise BadInputError(f"{display}: not a readable Parquet file ({exc})") from None
 
 
-def rows_from_hub(name: str, subset: str | None, split: str, revision: str | None) -> Iterator[Row]:
-    """Rows of a Hugging Face Hub data set (what users run; tests use files)."""
+def rows_from_hub(
+    name: str, subset: str | None, split: str, revision: str | None, stream: bool = False
+) -> Iterator[Row]:
+    """Rows of a Hugging Face Hub data set (what users run; tests use a local data set
+    folder, which ``load_dataset`` reads the same way). ``stream``: read the rows as they
+    are taken, for a source capped by ``max_rows`` (the first thousand rows of a
+    million-row set download and parse only the shards they are in, and nothing is
+    written to the data sets cache); otherwise the whole split is downloaded and converted
+    first, as ``load_dataset`` does."""
     import datasets
 
+    where = f"hf://{name}"
     try:
-        dataset = datasets.load_dataset(name, subset, split=split, revision=revision)
+        dataset = datasets.load_dataset(
+            name, subset, split=split, revision=revision, streaming=stream
+        )
+        # a streamed set reads its files only when iterated: its errors come from here
+        for index, data in enumerate(dataset):
+            yield Row(f"{where}[{split}]: row {index}", data)
+    except BadInputError:
+        raise
     except Exception as exc:  # the hub client raises many types; the user needs the message
-        raise BadInputError(f"hf://{name}: cannot load split {split!r} ({exc})") from None
-    for index, data in enumerate(dataset):
-        yield Row(f"hf://{name}[{split}]: row {index}", data)
+        raise BadInputError(f"{where}: cannot load split {split!r} ({exc})") from None
 
 
 def _as_row(where: str, item: Any) -> Row:

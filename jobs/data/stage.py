@@ -25,6 +25,7 @@ import hashlib
 import json
 import random
 from collections.abc import Iterator
+from itertools import islice
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -137,7 +138,9 @@ def read_source(source: SourceConfig, ctx: StageContext) -> Iterator[Example]:
     options = {"label_field": source.label_field} if source.format == "sharegpt" else {}
     if source.hub is not None:
         ctx.input_hub(source.hub, source.revision)
-        rows = rows_from_hub(source.hub, source.subset, source.split, source.revision)
+        rows = rows_from_hub(
+            source.hub, source.subset, source.split, source.revision, source.max_rows is not None
+        )
     else:
         rows = rows_from_file(ctx.input_file(source.uri), source.uri)
     if source.columns:
@@ -152,9 +155,9 @@ def read_source(source: SourceConfig, ctx: StageContext) -> Iterator[Example]:
             )
             for row in rows
         )
-    for count, example in enumerate(read_examples(rows, source.format, source.name, **options)):
-        if source.max_rows is not None and count >= source.max_rows:
-            return
+    # the cap stops the reading itself: not one row past it is read (or, streamed, fetched)
+    examples = islice(read_examples(rows, source.format, source.name, **options), source.max_rows)
+    for example in examples:
         if source.label is not None and example.label is None:
             example.label = source.label
         yield example

@@ -530,3 +530,31 @@ def test_a_run_that_writes_no_rows_is_an_error_and_a_share_asked_is_at_least_one
         eval_fraction=0.001,  # no prompt's point falls below it
     )
     assert manifest.metrics["eval_prompts"] == 1 and manifest.metrics["rows"]["prompts.eval"] == 1
+
+
+def test_a_capped_hub_source_reads_only_the_rows_it_takes(tmp_path, monkeypatch):
+    # A data set folder read through `hub:` as the Hub's are (load_dataset), two shards: the
+    # second is corrupt, standing for the million rows a cap means not to fetch. Capped at
+    # the first shard's rows, the source is streamed and the bad shard never read; whole,
+    # the split is converted first and the bad shard is an error naming the data set.
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing into the user's cache
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    shards = tmp_path / "set" / "data"
+    shards.mkdir(parents=True)
+    rows = [
+        {"instruction": f"name the colour number {i} of the rainbow", "input": "", "output": c}
+        for i, c in enumerate(["red", "orange", "yellow", "green"])
+    ]
+    (shards / "train-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (shards / "train-00001.jsonl").write_text('{"instruction": "cut off here\n')
+    source = {"name": "hub", "format": "alpaca", "hub": str(tmp_path / "set"), "max_rows": 4}
+    options = {"template": "raw", "min_tokens": 0, "dedup_threshold": None, "eval_fraction": 0}
+
+    manifest = run_data(tmp_path, [source], **options)
+
+    assert manifest.metrics["sources"]["hub"]["read"] == 4
+    written = (tmp_path / "out" / "sft" / "train.jsonl").read_text().splitlines()
+    assert sorted(json.loads(r)["response"] for r in written) == sorted(r["output"] for r in rows)
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").rglob("*.arrow"))
+    with pytest.raises(BadInputError, match=r"hf://.*set: cannot load split 'train'"):
+        run_data(tmp_path / "whole", [{**source, "max_rows": None}], **options)
