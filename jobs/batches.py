@@ -10,6 +10,7 @@ import torch
 
 from jobs.data.readers import rows_from_file
 from jobs.errors import BadInputError
+from jobs.tokens import MessageText
 
 IGNORE = -100  # label of tokens the loss skips (prompt, padding)
 
@@ -25,10 +26,75 @@ def read_jsonl(
         for name in required:
             if not isinstance(row.data.get(name), str):
                 raise BadInputError(f"{row.where}: field {name!r} missing or not text")
+        check_spans(row.data, row.where)
         if check is not None:
             check(row.data, row.where)
         rows.append(row.data)
     return rows
+
+
+def row_text(row: dict) -> str | None:
+    """The text a row's ``message_spans`` index: its conversation's segments, else its
+    prompt (None where those are malformed: their own checks name the fault)."""
+    segments = row.get("segments")
+    if segments is None:
+        return row.get("prompt") if isinstance(row.get("prompt"), str) else None
+    if isinstance(segments, list) and all(
+        isinstance(piece, dict) and isinstance(piece.get("text"), str) for piece in segments
+    ):
+        return "".join(piece["text"] for piece in segments)
+    return None
+
+
+def literals(row: dict) -> list[MessageText]:
+    """Where a special token's text is text in a row's text (its segments', else its prompt
+    and, for an SFT row, its answer): the messages' own texts, placed where the data stage
+    found them (``message_spans``), else to be sought in order (a row written by hand or
+    before the data stage placed them); an SFT row's answer right after its prompt."""
+    answer = row.get("response") if "segments" not in row else None
+    spans = row.get("message_spans")
+    if spans is not None:  # checked against the text by read_jsonl
+        text = row_text(row) or ""
+        found: list[MessageText] = [(start, text[start:stop]) for start, stop in spans]
+    else:
+        found = list(contents(row))
+        if isinstance(answer, str) and found and found[-1] == answer:
+            found.pop()
+    if isinstance(answer, str):
+        found.append((len(row["prompt"]), answer))
+    return found
+
+
+def contents(row: dict) -> list[str]:
+    """A row's messages' own texts, in order (an SFT row's answer last): what a template
+    wraps, in which a special token's text is text; an SFT row without them, its answer."""
+    turns = row.get("messages")
+    if isinstance(turns, list) and all(isinstance(t, dict) for t in turns):
+        return [t["content"] for t in turns if isinstance(t.get("content"), str)]
+    return [row["response"]] if isinstance(row.get("response"), str) else []
+
+
+def check_spans(row: dict, where: str) -> None:
+    """A row's ``message_spans`` (written by the data stage: where the messages' own texts
+    lie) are offsets into its text, in order: a wrong one would read the template's own
+    tokens as text."""
+    spans, text = row.get("message_spans"), row_text(row)
+    if spans is None or text is None:
+        return
+    stop = 0
+    for span in spans if isinstance(spans, list) else [spans]:
+        if not (
+            isinstance(span, list)
+            and len(span) == 2
+            and all(type(value) is int for value in span)
+            and stop <= span[0] < span[1] <= len(text)
+        ):
+            name = "segments'" if "segments" in row else "prompt's"
+            raise BadInputError(
+                f"{where}: field 'message_spans' should list [start, stop] offsets into the "
+                f"{name} {len(text)} characters, in order; {span!r} is not one"
+            )
+        stop = span[1]
 
 
 class ShardedSampler:

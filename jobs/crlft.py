@@ -34,6 +34,7 @@ from jobs.supervised import (
     token_losses,
     trained_targets,
 )
+from jobs.tokens import MessageText
 
 END_OF_TURN = "<|end_of_turn|>"
 
@@ -70,31 +71,29 @@ def conditioned(prompt: str, tag: str, end_of_turn: str) -> str:
 ROLES = {"user": "User", "assistant": "Assistant"}
 
 
-def layout(turns: list[dict], tag: str, end_of_turn: str) -> list[tuple[str, bool]]:
+def layout(
+    turns: list[dict], tag: str, end_of_turn: str
+) -> tuple[list[tuple[str, bool]], list[MessageText]]:
     """A conversation as OpenChat lays it out (``ochat/config/conversation_template.py``):
     a system text closed by the end-of-turn token, then every turn as ``"{tag} User:"`` /
     ``"{tag} Assistant:"``, a space, its text and the end-of-turn token; each assistant
-    turn, its end-of-turn included, is trained (OpenChat gives user turns weight 0)."""
+    turn, its end-of-turn included, is trained (OpenChat gives user turns weight 0). Also
+    where each turn's own text lies, in which a special token's text is text."""
     pieces: list[tuple[str, bool]] = []
+    literal: list[MessageText] = []
+    at = 0
     for turn in turns:
+        added = len(pieces)
         if turn["role"] == "system":
+            literal.append((at, turn["content"]))
             pieces.append((turn["content"] + end_of_turn, False))
-            continue
-        pieces.append((f"{tag} {ROLES[turn['role']]}:", False))
-        pieces.append((f" {turn['content']}{end_of_turn}", turn["role"] == "assistant"))
-    return pieces
-
-
-def laid_out_contents(turns: list[dict], tag: str) -> list[str]:
-    """Each turn's text in :func:`layout`, after its header: where a special token's text
-    is text. The header anchors it: an answer that is only the end-of-turn text would
-    otherwise be found at the end of the turn before."""
-    return [
-        turn["content"]
-        if turn["role"] == "system"
-        else f"{tag} {ROLES[turn['role']]}: {turn['content']}"
-        for turn in turns
-    ]
+        else:
+            header = f"{tag} {ROLES[turn['role']]}:"
+            literal.append((at + len(header) + 1, turn["content"]))
+            pieces.append((header, False))
+            pieces.append((f" {turn['content']}{end_of_turn}", turn["role"] == "assistant"))
+        at += sum(len(text) for text, _ in pieces[added:])
+    return pieces, literal
 
 
 def weighted_loss(
@@ -146,8 +145,7 @@ def prepare(rows: list[dict], config: Config, tokenizer, where: str):
                 f"{where}:{number}: field 'messages' needs turns with a role "
                 "(system/user/assistant) and text 'content'"
             )
-        pieces = layout(turns, cls.tag, config.end_of_turn)
-        literal = laid_out_contents(turns, cls.tag)
+        pieces, literal = layout(turns, cls.tag, config.end_of_turn)
         ids, labels = encode_segments(pieces, tokenizer, config.max_seq_len, [], literal)
         out.append((compact(ids), compact(labels), cls.weight, label))
     return out

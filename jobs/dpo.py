@@ -20,12 +20,11 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from jobs import dist, engine
-from jobs.batches import ShardedSampler, compact, pad, padded_shard, read_jsonl, shard
+from jobs.batches import ShardedSampler, compact, literals, pad, padded_shard, read_jsonl, shard
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
 from jobs.models import free_memory, load_tokenizer, model_source
-from jobs.supervised import contents
 from jobs.tokens import encode, keep_end, padded_logits
 
 
@@ -47,7 +46,7 @@ def encode_pair(tokenizer, row: dict, max_len: int) -> tuple[list[int], ...]:
     prompt."""
     # special tokens' texts in the answers (and the question's turns, where the row has
     # them) are text, as SFT encodes them
-    prompt = encode(tokenizer, row["prompt"], literal=contents(row))
+    prompt = encode(tokenizer, row["prompt"], literal=literals(row))
     end = row.get("end")
     out = []
     for key in ("chosen", "rejected"):

@@ -24,10 +24,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from jobs.batches import read_jsonl
+from jobs.batches import literals, read_jsonl
 from jobs.contract import METRICS, StageConfig, StageContext
 from jobs.data.readers import Message
-from jobs.data.templates import asked_turns, render_prompt
+from jobs.data.templates import asked_turns, prompt_spans, render_prompt
 from jobs.errors import BadInputError
 from jobs.generation import SamplingConfig, timed_generate
 from jobs.judge import JudgeConfig, judge_scores
@@ -101,18 +101,23 @@ def answers(
                 f"{ref}: {name}_prompt 'chat' needs a tokenizer with a chat template, and "
                 "this model's has none; use 'data'"
             )
-        prompts = [
-            render_prompt(
-                "chat",
-                [Message(t["role"], t["content"]) for t in asked_turns(row)],
-                tokenizer=tokenizer,
-            )
-            for row in rows
-        ]
+        prompts, placed = [], []
+        for row in rows:
+            turns = asked_turns(row)
+            messages = [Message(t["role"], t["content"]) for t in turns]
+            prompt = render_prompt("chat", messages, tokenizer=tokenizer)
+            asked = {"prompt": prompt, "messages": turns}
+            # where the turns' own texts lie, placed as the data stage places them
+            if (spans := prompt_spans(prompt, "chat", messages, tokenizer=tokenizer)) is not None:
+                asked["message_spans"] = spans
+            prompts.append(prompt)
+            placed.append(literals(asked))
     else:
-        prompts = [row["prompt"] for row in rows]
+        prompts, placed = [row["prompt"] for row in rows], [literals(row) for row in rows]
     model = load_causal_lm(path, config.inference)
-    samples, speed = timed_generate(model, tokenizer, prompts, config.sampling, seed=config.seed)
+    samples, speed = timed_generate(
+        model, tokenizer, prompts, config.sampling, seed=config.seed, literals=placed
+    )
     ctx.log(0, **{f"{name}.{key}": value for key, value in speed.items()})
     del model
     free_memory()

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from jobs.batches import read_jsonl
+from jobs.batches import literals, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.data.templates import asked_turns
 from jobs.endpoint import Ask, Cache, ChatClient, EndpointConfig
@@ -69,6 +69,7 @@ def from_model(
         config.sampling,
         num_samples=config.samples_per_source,
         seed=config.seed,
+        literals=[literals(r) for r in rows],
     )
     ctx.log(0, **{f"{split}.{source.name}.{key}": value for key, value in speed.items()})
     del model

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs import dist
 from jobs.batches import pad
-from jobs.tokens import encode, keep_end
+from jobs.tokens import MessageText, encode, keep_end
 
 
 class SamplingConfig(BaseModel):
@@ -102,10 +102,22 @@ def cache_options(config: SamplingConfig) -> dict:
     return options
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_tokens: int, device) -> dict:
+def encode_prompts(
+    tokenizer,
+    prompts: list[str],
+    max_tokens: int,
+    device,
+    literals: list[list[MessageText]] | None = None,
+) -> dict:
     """Left-padded prompts (BOS where the tokenizer expects one; an over-long prompt keeps
-    its end), on ``device``."""
-    rows = [keep_end(encode(tokenizer, p), max_tokens, tokenizer) for p in prompts]
+    its end), on ``device``. ``literals``: per prompt, where its messages' own texts lie
+    (:func:`jobs.batches.literals` of its row), in which a special token's text is text,
+    as SFT read it."""
+    literals = literals or [[] for _ in prompts]
+    rows = [
+        keep_end(encode(tokenizer, p, literal=lit), max_tokens, tokenizer)
+        for p, lit in zip(prompts, literals, strict=True)
+    ]
     return {
         "input_ids": pad(rows, tokenizer.pad_token_id, left=True).to(device),
         "attention_mask": pad([[1] * len(r) for r in rows], 0, left=True).to(device),
@@ -136,10 +148,13 @@ def sample(
     seed: int,
     num_samples: int = 1,
     synced_gpus: bool = False,
+    literals: list[list[MessageText]] | None = None,
 ) -> Samples:
     """``num_samples`` answers per prompt (a prompt's answers next to each other), in eval
-    mode (no dropout); the model's mode is restored after."""
-    encoded = encode_prompts(tokenizer, prompts, sampling.max_prompt_tokens, _device(model))
+    mode (no dropout); the model's mode is restored after. ``literals``: as
+    :func:`encode_prompts` takes them."""
+    device = _device(model)
+    encoded = encode_prompts(tokenizer, prompts, sampling.max_prompt_tokens, device, literals)
     start = encoded["input_ids"].size(1)
     was_training = model.training
     model.eval()
@@ -209,13 +224,18 @@ def generate(
     config: SamplingConfig,
     num_samples: int = 1,
     seed: int = 0,
+    literals: list[list[MessageText]] | None = None,
 ) -> list[list[Sample]]:
-    """``num_samples`` samples per prompt, in prompt order; deterministic in ``seed``."""
+    """``num_samples`` samples per prompt, in prompt order; deterministic in ``seed``.
+    ``literals``: as :func:`encode_prompts` takes them."""
     eos_ids = eos_ids_of(model, tokenizer)
     out: list[list[Sample]] = []
     for start in range(0, len(prompts), config.batch_size):
         batch = prompts[start : start + config.batch_size]
-        drawn = sample(model, tokenizer, batch, config, eos_ids, seed + start, num_samples)
+        placed = literals[start : start + config.batch_size] if literals else None
+        drawn = sample(
+            model, tokenizer, batch, config, eos_ids, seed + start, num_samples, literals=placed
+        )
         new_tokens = drawn.answers.tolist()
         for index in range(len(batch)):
             samples = []

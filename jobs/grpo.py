@@ -32,7 +32,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from jobs import dist, engine
-from jobs.batches import ShardedSampler, padded_shard, read_jsonl
+from jobs.batches import ShardedSampler, literals, padded_shard, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
@@ -235,7 +235,10 @@ def evaluate(ds, tokenizer, eos, rows, where, rewards: Rewards, config: Config):
         for first in range(0, len(indices), size):
             chunk, keep = indices[first : first + size], real[first : first + size]
             prompts = [rows[i]["prompt"] for i in chunk]
-            answers = sample(model, tokenizer, prompts, greedy, eos, 0, synced_gpus=synced)
+            placed = [literals(rows[i]) for i in chunk]
+            answers = sample(
+                model, tokenizer, prompts, greedy, eos, 0, synced_gpus=synced, literals=placed
+            )
             texts = decode(tokenizer, answers.answers, answers.mask)
             answered.append((chunk, keep, prompts, texts, answers.ended.tolist()))
     # scored once the weights are partitioned again (a reward model loads on first use)
@@ -256,8 +259,11 @@ def policy_samples(ds, reference, tokenizer, eos, rows, where, rewards, config):
     greedy = config.sampling.model_copy(update={"do_sample": False})
     prompts = [row["prompt"] for row in rows]
     gather = config.sampling.zero3_gather
+    placed = [literals(row) for row in rows]
     with untouched_generators(), engine.for_generation(ds, gather) as (model, synced):
-        answers = sample(model, tokenizer, prompts, greedy, eos, 0, synced_gpus=synced)
+        answers = sample(
+            model, tokenizer, prompts, greedy, eos, 0, synced_gpus=synced, literals=placed
+        )
     texts = decode(tokenizer, answers.answers, answers.mask)
     total, _ = rewards(prompts, texts, rows, where, answers.ended.tolist())
     size, temperature = ds.train_micro_batch_size_per_gpu(), config.sampling.temperature
@@ -332,7 +338,15 @@ def run(config: Config, ctx: StageContext) -> dict:
         prompts = [train_rows[i]["prompt"] for i in indices]
         with engine.for_generation(ds, config.sampling.zero3_gather) as (model, synced):
             samples = sample(
-                model, tokenizer, prompts, config.sampling, eos, seed, config.group_size, synced
+                model,
+                tokenizer,
+                prompts,
+                config.sampling,
+                eos,
+                seed,
+                config.group_size,
+                synced,
+                literals=[literals(train_rows[i]) for i in indices],
             )
         mask, start = samples.mask, samples.start
         timer = time.perf_counter()  # scoring: the reward functions and models, the log-probs

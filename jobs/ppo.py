@@ -29,7 +29,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from jobs import dist, engine
-from jobs.batches import ShardedSampler, read_jsonl
+from jobs.batches import ShardedSampler, literals, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.generation import Samples, SamplingConfig, decode, eos_ids_of, sample
@@ -50,6 +50,7 @@ from jobs.rollout import (
     whiten,
 )
 from jobs.scoring import ending_in_eos, head_values, last_token_scores, require_reward_model
+from jobs.tokens import MessageText
 
 PPO_SAMPLING = {**RL_SAMPLING, "max_new_tokens": 48}
 
@@ -235,11 +236,25 @@ class Models:
 
 
 @torch.no_grad()
-def rollout(models: Models, prompts: list[str], config: Config, seed: int) -> dict:
-    """Sample answers and score them: everything the PPO update needs."""
+def rollout(
+    models: Models,
+    prompts: list[str],
+    config: Config,
+    seed: int,
+    literals: list[list[MessageText]] | None = None,
+) -> dict:
+    """Sample answers and score them: everything the PPO update needs. ``literals``: where
+    each prompt's messages lie (its row's :func:`jobs.batches.literals`)."""
     with engine.for_generation(models.actor, config.sampling.zero3_gather) as (actor, synced):
         samples = sample(
-            actor, models.tokenizer, prompts, config.sampling, models.eos, seed, synced_gpus=synced
+            actor,
+            models.tokenizer,
+            prompts,
+            config.sampling,
+            models.eos,
+            seed,
+            synced_gpus=synced,
+            literals=literals,
         )
     # Eval mode while scoring: no activation checkpointing where nothing is trained.
     trained = (models.actor.module, models.critic.module)
@@ -301,12 +316,15 @@ def shape_rewards(batch: dict, scores: torch.Tensor, kl_coef: float) -> torch.Te
     return rewards
 
 
-def policy_samples(models: Models, prompts: list[str], config: Config) -> list[dict]:
-    """The policy's greedy answers to the sample prompts, with their reward model score
-    (raw) and KL to the reference."""
-    greedy = config.sampling.model_copy(update={"do_sample": False})
+def policy_samples(models: Models, rows: list[dict], config: Config) -> list[dict]:
+    """The policy's greedy answers to the sample prompts (prompts rows), with their reward
+    model score (raw) and KL to the reference."""
+    greedy = config.model_copy(
+        update={"sampling": config.sampling.model_copy(update={"do_sample": False})}
+    )
+    prompts = [row["prompt"] for row in rows]
     with untouched_generators():
-        batch = rollout(models, prompts, config.model_copy(update={"sampling": greedy}), 0)
+        batch = rollout(models, prompts, greedy, 0, [literals(row) for row in rows])
     answers = decode(models.tokenizer, batch["sequences"][:, batch["start"] :], batch["mask"])
     return sample_rows(
         prompts,
@@ -427,16 +445,17 @@ def run(config: Config, ctx: StageContext) -> dict:
     ptx = ptx_batches(config, models, data_dir, ptx_start) if config.ptx_coef > 0 else None
     batches = sampler.micro_batches(start=iteration)
     progress = ctx.progress(config.iterations, iteration)
-    held_out = [
-        r["prompt"] for r in sample_prompts(data_dir, config.prompts, config.sample_prompts)[0]
-    ]
+    held_out, _ = sample_prompts(data_dir, config.prompts, config.sample_prompts)
     first_reward = state.get("first_reward")
     # a run resumed from its last checkpoint reports what the run it continues ended with
     summary: dict = state.get("summary", {})
     while iteration < config.iterations:
         indices = next(batches)
         seed = config.seed * 100003 + iteration * 1009 + dist.rank()
-        batch = rollout(models, [prompts[i]["prompt"] for i in indices], config, seed)
+        asked = [prompts[i] for i in indices]
+        batch = rollout(
+            models, [row["prompt"] for row in asked], config, seed, [literals(r) for r in asked]
+        )
         batch["seed"] = seed
         raw = batch["scores"]
         # The whole batch's rewards, every rank's: the normalising moments are the run's,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from jobs import dist, engine
-from jobs.batches import ShardedSampler, compact, padded_shard, read_jsonl
+from jobs.batches import ShardedSampler, compact, literals, padded_shard, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
@@ -110,10 +110,11 @@ def load_pairs(
             rows = read_jsonl(path, ("prompt", "chosen", "rejected"))
             splits[split] += [
                 (
-                    compact(encode(tokenizer, r["prompt"], r["chosen"], max_len)),
-                    compact(encode(tokenizer, r["prompt"], r["rejected"], max_len)),
+                    compact(encode(tokenizer, r["prompt"], r["chosen"], max_len, True, asked)),
+                    compact(encode(tokenizer, r["prompt"], r["rejected"], max_len, True, asked)),
                 )
                 for r in rows
+                for asked in [literals(r)]
             ]
     return splits
 

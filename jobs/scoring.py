@@ -6,22 +6,33 @@ grpo) or train against one (ppo's critic and reward model).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from jobs.batches import pad
 from jobs.errors import BadInputError
 from jobs.models import InferenceConfig, quiet_load_report
+from jobs.tokens import MessageText, keep_end, positions
 from jobs.tokens import encode as encode_text
-from jobs.tokens import keep_end, positions
 
 
-def encode(tokenizer, prompt: str, response: str, max_len: int, finished: bool = True) -> list[int]:
+def encode(
+    tokenizer,
+    prompt: str,
+    response: str,
+    max_len: int,
+    finished: bool = True,
+    prompt_literal: Iterable[MessageText] = (),
+) -> list[int]:
     """BOS (where expected) + prompt + response + EOS, keeping the end when too long (the
     answer is what is judged). An answer cut at its token limit (``finished`` false) gets
     no EOS: it is read at its last token, as PPO reads one (:func:`ending_in_eos`) and TRL
-    and DeepSpeed-Chat do, not as a finished answer."""
+    and DeepSpeed-Chat do, not as a finished answer. The answer's special-token texts are
+    text, and the prompt's in ``prompt_literal`` (its messages: a pair's ``literals``)."""
     ending = [tokenizer.eos_token_id] if finished else []
-    ids = encode_text(tokenizer, prompt + response, literal=[(len(prompt), response)])
+    literal = [*prompt_literal, (len(prompt), response)]
+    ids = encode_text(tokenizer, prompt + response, literal=literal)
     return keep_end(ids + ending, max_len, tokenizer)
 
 

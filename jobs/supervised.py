@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from jobs import dist
-from jobs.batches import IGNORE, compact, pad
+from jobs.batches import IGNORE, compact, literals, pad
 from jobs.errors import BadInputError
-from jobs.tokens import Literal, bos_prefix, encode_spans
+from jobs.tokens import MessageText, bos_prefix, encode_spans
 
 
 def segments_of(row: dict, where: str) -> list[tuple[str, bool]]:
@@ -43,7 +43,7 @@ def encode_segments(
     tokenizer,
     max_len: int,
     end: list[int],
-    literal: Iterable[Literal] = (),
+    literal: Iterable[MessageText] = (),
 ) -> tuple[list[int], list[int]]:
     """(input ids, labels) of one example: BOS where the tokenizer expects it, the pieces'
     text encoded as one string (the tokens the model meets at inference: SentencePiece-style
@@ -154,21 +154,9 @@ def tokenize(
     for number, row in enumerate(rows, start=1):
         end = [] if "segments" in row else [tokenizer.eos_token_id]
         pieces = segments_of(row, f"{where}:{number}")
-        literal: list[Literal] = list(contents(row))
-        if "segments" not in row and literal and literal[-1] == row["response"]:
-            literal[-1] = (len(row["prompt"]), row["response"])  # after its prompt
-        ids, labels = encode_segments(pieces, tokenizer, max_len, end, literal)
+        ids, labels = encode_segments(pieces, tokenizer, max_len, end, literals(row))
         out.append((compact(ids), compact(labels)))
     return out
-
-
-def contents(row: dict) -> list[str]:
-    """A row's messages' own texts, in order (an SFT row's answer last): what a template
-    wraps, in which a special token's text is text; an SFT row without them, its answer."""
-    turns = row.get("messages")
-    if isinstance(turns, list) and all(isinstance(t, dict) for t in turns):
-        return [t["content"] for t in turns if isinstance(t.get("content"), str)]
-    return [row["response"]] if isinstance(row.get("response"), str) else []
 
 
 def pack(examples: list[tuple[Sequence[int], Sequence[int]]], max_len: int):

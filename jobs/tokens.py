@@ -85,7 +85,9 @@ def continuation(tokenizer):
     return _CONTINUATION[tokenizer]
 
 
-Literal = str | tuple[int, str]
+# A message's own text in a rendering, where a special token's text is text: sought in
+# order, or (position, text) where its place is known.
+MessageText = str | tuple[int, str]
 
 
 def _without(text: str, specials) -> str:
@@ -94,7 +96,7 @@ def _without(text: str, specials) -> str:
     return text
 
 
-def literal_spans(tokenizer, text: str, literal: Iterable[Literal]) -> list[tuple[int, int]]:
+def literal_spans(tokenizer, text: str, literal: Iterable[MessageText]) -> list[tuple[int, int]]:
     """Where in ``text`` the ``literal`` texts lie, when any holds a special token's text;
     none otherwise, the common case. Each is sought after the one before, as a
     conversation's messages follow each other in its rendering, and stripped where a
@@ -144,7 +146,7 @@ def _cuts(spans: list[tuple[int, int]], length: int) -> dict[int, int]:
 
 
 def encode_spans(
-    tokenizer, text: str, literal: Iterable[Literal] = ()
+    tokenizer, text: str, literal: Iterable[MessageText] = ()
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """``text``'s ids (no BOS) and each one's character span. A special token's text is the
     token (a template's markup: ``<|im_end|>``), except inside the ``literal`` texts, the
@@ -264,7 +266,9 @@ def encode_spans(
     return out_ids + ids[done:], out_spans + spans[done:]
 
 
-def encode(tokenizer, text: str, bos: bool = True, literal: Iterable[Literal] = ()) -> list[int]:
+def encode(
+    tokenizer, text: str, bos: bool = True, literal: Iterable[MessageText] = ()
+) -> list[int]:
     """``text``'s ids, after BOS where the tokenizer expects it (not twice when the text, as
     a chat template's output may, already starts with it); special tokens' texts inside
     the ``literal`` texts stay text (:func:`encode_spans`)."""

@@ -14,6 +14,10 @@ write:
   its turns (``messages``, for chat endpoints and chat templates), with the reference
   ``answer`` where the source has one, for verifiable rewards.
 
+Rows also carry ``message_spans`` (unless the template rewrote a message): where their
+messages' own texts lie in the prompt (or the segments), in which a training stage reads a
+special token's text as text (:func:`jobs.data.templates.message_spans`).
+
 The manifest counts, per source, what was read, kept and dropped by each filter, and the
 prompts shared between sources (``cross_source_prompts``; each source's ``shared_prompts``).
 """
@@ -38,7 +42,9 @@ from jobs.data.templates import (
     chat_segments,
     check_template,
     conversation,
+    conversation_spans,
     flatten,
+    prompt_spans,
     prompt_turns,
     render_prompt,
 )
@@ -209,7 +215,8 @@ def mix(
     return chosen
 
 
-def record(example: Example, output: Output, prompt: str, tokenizer, chat: bool) -> dict | None:
+def record(example: Example, output: Output, prompt: str, tokenizer, template: str) -> dict | None:
+    chat = template == "chat"
     base = {"prompt": prompt, "source": example.source}
     if example.label is not None:
         base["label"] = example.label
@@ -221,7 +228,13 @@ def record(example: Example, output: Output, prompt: str, tokenizer, chat: bool)
         row = {**base, "response": response, "messages": turns}
         if chat:
             row["segments"] = chat_segments(tokenizer, turns)
-        return row
+            spans = conversation_spans(row["segments"], turns, tokenizer)
+        else:
+            spans = prompt_spans(prompt, template, example.messages, example.context, tokenizer)
+        return placed(row, spans)
+    base = placed(
+        base, prompt_spans(prompt, template, example.messages, example.context, tokenizer)
+    )
     if output == "pairs":
         if example.chosen is None or example.rejected is None:
             return None
@@ -241,6 +254,12 @@ def record(example: Example, output: Output, prompt: str, tokenizer, chat: bool)
     if chat:  # how the template closes an answer: pairs labelled from answers to it keep it
         row["end"] = answer_end(tokenizer, turns)
     return row
+
+
+def placed(row: dict, spans: list[list[int]] | None) -> dict:
+    """The row with where its messages' own texts lie in its text (its segments', else its
+    prompt's): a training stage reads special-token text there as text."""
+    return row if spans is None else {**row, "message_spans": spans}
 
 
 def asked_text(example: Example) -> str:
@@ -404,7 +423,7 @@ def run(config: Config, ctx: StageContext) -> dict:
                         continue
                     asked.add(prompt_key(example))
                 try:
-                    row = record(example, output, prompt, tokenizer, config.template == "chat")
+                    row = record(example, output, prompt, tokenizer, config.template)
                 except Exception as exc:  # noqa: BLE001 - as above
                     where = f"{example.where}: template {config.template!r}"
                     raise BadInputError(f"{where}: {exc}") from None

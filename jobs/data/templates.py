@@ -91,6 +91,55 @@ def render_prompt(
     return re.sub(r"\{(prompt|input)\}", lambda m: values[m.group(1)], template)
 
 
+def message_spans(text: str, render, contents: list[str]) -> list[list[int]] | None:
+    """Where the ``contents`` (the messages' own texts) lie in ``text``, their rendering by
+    ``render`` (a function of the contents): ``[start, stop]`` character offsets in order
+    of place, so that a training stage reads a special token's text there as text and
+    everywhere else as the template's token (:func:`jobs.tokens.encode_spans`).
+
+    Found by rendering numbered stand-ins in the contents' places and reading ``text``
+    piece by piece against it, each content as it is or stripped (Llama-2's and Gemma's
+    templates trim it). Searching ``text`` for a content instead finds one that is only a
+    special token's text in the template's own ("<s>" after Llama-2's leading "<s>"), and
+    misses one the template splits (an Alpaca input joined to its instruction). None where
+    the renderings do not line up: a template that rewrites a content."""
+    marked = render([f"\x00{index}\x00" for index in range(len(contents))])
+    pieces = re.split("\x00(\\d+)\x00", marked)  # template, index, template, ..., template
+    if not text.startswith(pieces[0]):
+        return None
+    at, spans = len(pieces[0]), []
+    for index, after in zip(pieces[1::2], pieces[2::2], strict=True):
+        content = contents[int(index)]
+        for written in dict.fromkeys(
+            (content, content.strip(), content.lstrip(), content.rstrip())
+        ):
+            if text.startswith(written, at) and text.startswith(after, at + len(written)):
+                break
+        else:
+            return None
+        if written:
+            spans.append([at, at + len(written)])
+        at += len(written) + len(after)
+    return spans if at == len(text) else None
+
+
+def prompt_spans(
+    prompt: str,
+    template: str,
+    messages: list[Message],
+    context: str | None = None,
+    tokenizer=None,
+) -> list[list[int]] | None:
+    """Where the messages and the input lie in ``prompt``, their :func:`render_prompt`."""
+    contents = [m.content for m in messages] + ([context] if context else [])
+
+    def render(texts: list[str]) -> str:
+        standing = [Message(m.role, text) for m, text in zip(messages, texts, strict=False)]
+        return render_prompt(template, standing, texts[-1] if context else None, tokenizer)
+
+    return message_spans(prompt, render, contents)
+
+
 def prompt_turns(messages: list[Message], context: str | None) -> list[dict[str, str]]:
     """The conversation before the response as role/content turns (what a chat endpoint or
     a chat template is given), an Alpaca/KULLM input joined to the last instruction."""
@@ -171,3 +220,16 @@ def chat_segments(tokenizer, turns: list[dict[str, str]]) -> list[dict]:
         ]
         done = after
     return segments
+
+
+def conversation_spans(
+    segments: list[dict], turns: list[dict], tokenizer
+) -> list[list[int]] | None:
+    """Where the turns' contents lie in the text of their :func:`chat_segments`."""
+
+    def render(texts: list[str]) -> str:
+        standing = [{**turn, "content": text} for turn, text in zip(turns, texts, strict=True)]
+        return "".join(piece["text"] for piece in chat_segments(tokenizer, standing))
+
+    text = "".join(piece["text"] for piece in segments)
+    return message_spans(text, render, [turn["content"] for turn in turns])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -809,3 +810,86 @@ def test_crlft_loss_is_weighted_by_class_reward_over_the_steps_total_weight(tiny
             for i in (expert, suboptimal)
         )
         torch.testing.assert_close(step, (1.0 * sums[0] + 0.1 * sums[1]) / total)
+
+
+def test_a_messages_text_is_read_where_the_data_stage_placed_it(llama_style_tokenizer, tmp_path):
+    """The data stage writes where each message's own text lies (``message_spans``, found by
+    rendering stand-ins in the messages' places): sought in the rendering later, a user turn
+    that is only "<|begin_of_text|>" was found at the template's own BOS, an answer that
+    is only "<|eot_id|>" at the user turn's end, and a question the template writes apart
+    from its input (Alpaca's), or a pair's question, was not found at all, so SFT, the
+    reward model and DPO read its markup as stop tokens."""
+    from transformers import AutoTokenizer
+
+    from jobs.batches import literals
+    from jobs.dpo import encode_pair
+    from jobs.generation import encode_prompts
+    from jobs.reward import load_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_style_tokenizer)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+
+    conversation = [
+        {"role": "user", "content": "<|begin_of_text|>"},
+        {"role": "assistant", "content": "<|eot_id|>"},
+    ]
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": conversation}) + "\n")
+    chat_data(tmp_path / "chat", llama_style_tokenizer, "sharegpt", tmp_path / "chats.jsonl")
+    [row] = [json.loads(x) for x in (tmp_path / "chat/sft/train.jsonl").read_text().splitlines()]
+    [(ids, labels)] = tokenize([row], tokenizer, max_len=256)
+    trained = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE]
+    assert ids[0] == bos and list(ids).count(bos) == 1  # the template's BOS, the turn's text
+    assert trained.count(eot) == 1 and trained[-1] == eot  # the answer's text, then its end
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(conversation, tokenize=False)
+
+    def rows(name: str, output: str, source: dict, fmt: str) -> list[dict]:
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(source) + "\n")
+        config = data.Config(
+            output=str(tmp_path / name),
+            template="alpaca",
+            tokenizer=str(llama_style_tokenizer),
+            min_tokens=0,
+            dedup_threshold=None,
+            eval_fraction=0,
+            sources=[{"name": "s", "format": fmt, "uri": str(tmp_path / f"{name}.jsonl")}],
+        )
+        run_stage("data", config, data.run, workdir=tmp_path / f"w-{name}")
+        text = (tmp_path / name / output / "train.jsonl").read_text()
+        return [json.loads(x) for x in text.splitlines()]
+
+    asked = {"instruction": "Close it with <|end_of_text|> here.", "input": "Say <|eot_id|>."}
+    [row] = rows("alpaca", "sft", {**asked, "output": "Fine."}, "alpaca")
+    [(ids, _)] = tokenize([row], tokenizer, max_len=256)
+    assert list(ids).count(eos) == 1 and ids[-1] == eos and eot not in ids
+    # the same question asked of the policy (ppo, grpo, generate, evaluate encode it so)
+    [prompt] = [
+        json.loads(x) for x in (tmp_path / "alpaca/prompts/train.jsonl").read_text().splitlines()
+    ]
+    asked_ids = encode_prompts(tokenizer, [prompt["prompt"]], 256, "cpu", [literals(prompt)])
+    assert asked_ids["input_ids"].tolist() == [list(ids[: len(asked_ids["input_ids"][0])])]
+    assert eos not in asked_ids["input_ids"] and eot not in asked_ids["input_ids"]
+
+    pair = {"prompt": "Close it with <|end_of_text|> here.", "chosen": "Fine.", "rejected": "No."}
+    [row] = rows("pairs", "pairs", pair, "pairs")
+    assert list(literals(row))  # the question is placed in its prompt
+    chosen, _, rejected, _ = encode_pair(tokenizer, row, 256)
+    assert chosen.count(eos) == 1 and rejected.count(eos) == 1
+    read_folders = SimpleNamespace(input_dir=Path)  # the stage context's one call here
+    [(scored, _)] = load_pairs(read_folders, [str(tmp_path / "pairs")], tokenizer, 256)["train"]
+    assert list(scored).count(eos) == 1 and scored[-1] == eos
+
+
+@pytest.mark.parametrize("spans", [[[3, 99]], [[4, 2]], [[0, 4], [2, 6]], [["0", 4]], "0-4"])
+def test_message_spans_that_do_not_fit_the_rows_text_are_named(tmp_path, spans):
+    from jobs.batches import read_jsonl
+    from jobs.errors import BadInputError
+
+    good = {"prompt": "Say </s> now.\n", "response": "Fine.", "message_spans": [[0, 12]]}
+    path = tmp_path / "sft" / "train.jsonl"
+    path.parent.mkdir()
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "message_spans": spans}) + "\n")
+    with pytest.raises(BadInputError, match=r"^sft/train.jsonl:2: field 'message_spans' .* 14 "):
+        read_jsonl(path, ("prompt", "response"))
+    path.write_text(json.dumps(good) + "\n")
+    assert read_jsonl(path, ("prompt", "response")) == [good]
