@@ -65,6 +65,13 @@ def literals(row: dict) -> list[MessageText]:
     return found
 
 
+def placement(row: dict) -> dict:
+    """A row's question turns and where their texts lie in its prompt: carried from a
+    prompts row to the rows made from it (candidates, labelled pairs), whose prompt is the
+    same text, so that they read its special-token text as the data stage placed it."""
+    return {key: row[key] for key in ("messages", "message_spans") if key in row}
+
+
 def contents(row: dict) -> list[str]:
     """A row's messages' own texts, in order (an SFT row's answer last): what a template
     wraps, in which a special token's text is text; an SFT row without them, its answer."""

@@ -163,7 +163,7 @@ def run(config: Config, ctx: StageContext) -> dict:
     baseline, baseline_ended = answers("baseline", config.baseline, rows, config, ctx)
     # the reward models score every answer after the data stage's prompt: the text they
     # were trained on, the same for both models
-    prompts = [row["prompt"] for row in rows]
+    prompts, placed = [row["prompt"] for row in rows], [literals(row) for row in rows]
 
     same = [c == b for c, b in zip(candidate, baseline, strict=True)]
     report: dict = {
@@ -190,9 +190,16 @@ def run(config: Config, ctx: StageContext) -> dict:
                 candidate,
                 batch_size=size,
                 finished=candidate_ended,
+                literals=placed,
             ),
             score_texts(
-                reward_model, tokenizer, prompts, baseline, batch_size=size, finished=baseline_ended
+                reward_model,
+                tokenizer,
+                prompts,
+                baseline,
+                batch_size=size,
+                finished=baseline_ended,
+                literals=placed,
             ),
         )
         ctx.log(0, **{f"{name}.scoring_s": round(time.perf_counter() - started, 3)})

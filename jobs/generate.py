@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from jobs.batches import literals, read_jsonl
+from jobs.batches import literals, placement, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.data.templates import asked_turns
 from jobs.endpoint import Ask, Cache, ChatClient, EndpointConfig
@@ -139,6 +139,7 @@ def run(config: Config, ctx: StageContext) -> dict:
                     "instruction": row["instruction"],
                     "category": row.get("source"),
                     "responses": answers,
+                    **placement(row),
                 }
                 if "end" in row:  # how the chat template closes an answer: label's pairs keep it
                     record["end"] = row["end"]

@@ -54,6 +54,7 @@ from jobs.rollout import (
     update_config,
     whiten,
 )
+from jobs.tokens import MessageText
 
 GRPO_SAMPLING = {**RL_SAMPLING, "max_new_tokens": 64}
 
@@ -186,6 +187,7 @@ class RewardModels:
         prompts: list[str],
         completions: list[str],
         finished: list[bool] | None = None,
+        placed: list[list[MessageText]] | None = None,
     ):
         from jobs.scoring import load_reward_model, score_texts
 
@@ -196,7 +198,9 @@ class RewardModels:
                 load_tokenizer(path),
             )
         model, tokenizer = self.loaded[spec.model]
-        return score_texts(model, tokenizer, prompts, completions, finished=finished)
+        return score_texts(
+            model, tokenizer, prompts, completions, finished=finished, literals=placed
+        )
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from jobs.batches import read_jsonl
+from jobs.batches import literals, placement, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.errors import BadInputError
 from jobs.judge import JudgeConfig, judge_scores
@@ -85,13 +85,20 @@ def reward_model_scores(rows: list[dict], config: Config, ctx: StageContext):
     path = model_source(ctx, config.reward_model)
     model, tokenizer = load_reward_model(path, config.inference), load_tokenizer(path)
     prompts = [row["prompt"] for row in rows for _ in row["responses"]]
+    placed = [literals(row) for row in rows for _ in row["responses"]]
     texts = [r["text"] for row in rows for r in row["responses"]]
     # an answer cut at the token limit is read as cut, not as finished (it would otherwise
     # get the EOS of a finished one and, often, the score): the reward PPO would give it
     finished = [r.get("finish_reason") != "length" for row in rows for r in row["responses"]]
     flat = iter(
         score_texts(
-            model, tokenizer, prompts, texts, batch_size=config.batch_size, finished=finished
+            model,
+            tokenizer,
+            prompts,
+            texts,
+            batch_size=config.batch_size,
+            finished=finished,
+            literals=placed,
         )
     )
     del model
@@ -244,6 +251,7 @@ def run(config: Config, ctx: StageContext) -> dict:
                     "rejected": rejected["text"],
                     "source": row.get("category"),
                     "provenance": provenance,
+                    **placement(row),
                 }
                 if "end" in row:  # for DPO, as the data stage's pairs carry it
                     record["end"] = row["end"]

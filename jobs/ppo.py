@@ -241,9 +241,9 @@ def rollout(
     prompts: list[str],
     config: Config,
     seed: int,
-    literals: list[list[MessageText]] | None = None,
+    placed: list[list[MessageText]] | None = None,
 ) -> dict:
-    """Sample answers and score them: everything the PPO update needs. ``literals``: where
+    """Sample answers and score them: everything the PPO update needs. ``placed``: where
     each prompt's messages lie (its row's :func:`jobs.batches.literals`)."""
     with engine.for_generation(models.actor, config.sampling.zero3_gather) as (actor, synced):
         samples = sample(
@@ -254,7 +254,7 @@ def rollout(
             models.eos,
             seed,
             synced_gpus=synced,
-            literals=literals,
+            literals=placed,
         )
     # Eval mode while scoring: no activation checkpointing where nothing is trained.
     trained = (models.actor.module, models.critic.module)

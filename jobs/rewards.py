@@ -22,6 +22,7 @@ from typing import Literal, SupportsFloat
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from jobs.batches import literals
 from jobs.errors import BadInputError
 
 # A number as answers write it: a sign (ASCII or U+2212), thousands in groups of three
@@ -217,8 +218,8 @@ class Rewards:
     """Every configured reward of a batch of completions, and their weighted sum."""
 
     def __init__(self, specs: list[RewardFunction], score_model=None) -> None:
-        """``score_model(spec, prompts, completions, finished) -> list[float]`` scores
-        ``reward_model``s."""
+        """``score_model(spec, prompts, completions, finished, placed) -> list[float]``
+        scores ``reward_model``s (``placed``: where each prompt's messages lie)."""
         labels = [spec.label for spec in specs]
         if len(set(labels)) != len(labels):
             raise BadInputError(f"rewards: names must differ, got {labels}; set 'name'")
@@ -251,7 +252,8 @@ class Rewards:
         each: dict[str, list[float]] = {}
         for spec in self.specs:
             if spec.kind == "reward_model":
-                scored = self.score_model(spec, prompts, completions, finished)
+                placed = [literals(example) for example in examples]
+                scored = self.score_model(spec, prompts, completions, finished, placed)
                 each[spec.label] = [
                     finite(x, f"{place}: reward {spec.label!r}")
                     for x, place in zip(scored, where, strict=True)

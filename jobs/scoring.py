@@ -102,14 +102,18 @@ def score_texts(
     max_len: int = 512,
     batch_size: int = 16,
     finished: list[bool] | None = None,
+    literals: list[list[MessageText]] | None = None,
 ) -> list[float]:
     """Reward-model scores of (prompt, response) pairs: for labelling and evaluation.
     ``finished``: per response, whether it ended (EOS, end of turn, an endpoint's stop)
-    rather than being cut at its token limit; by default all did."""
+    rather than being cut at its token limit; by default all did. ``literals``: per
+    prompt, where its messages lie (its row's :func:`jobs.batches.literals`), read as the
+    reward stage read them in training."""
     finished = finished or [True] * len(responses)
+    literals = literals or [[] for _ in prompts]
     rows = [
-        encode(tokenizer, p, r, max_len, done)
-        for p, r, done in zip(prompts, responses, finished, strict=True)
+        encode(tokenizer, p, r, max_len, done, placed)
+        for p, r, done, placed in zip(prompts, responses, finished, literals, strict=True)
     ]
     out: list[float] = []
     for start in range(0, len(rows), batch_size):

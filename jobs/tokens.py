@@ -203,6 +203,11 @@ def encode_spans(
         for i, (token, span) in enumerate(zip(ids, spans, strict=True))
         if special(token, *span) and not any(a <= span[0] and span[1] <= b for a, b in inside)
     ]
+    absorbing = {  # token -> (lstrip, rstrip)
+        i: (t.lstrip, t.rstrip)
+        for i, t in tokenizer.added_tokens_decoder.items()
+        if t.lstrip or t.rstrip
+    }
     out_ids: list[int] = []
     out_spans: list[tuple[int, int]] = []
     done, floor = 0, 0  # tokens of ``ids`` taken so far, and where they end in the text
@@ -215,8 +220,16 @@ def encode_spans(
         before = [(i, b) for i, (a, b) in markup if b <= start]
         after = [(i, a) for i, (a, b) in markup if a >= stop]
         begin, lower = (before[-1][0] + 1, before[-1][1]) if before else (0, 0)
-        begin, lower = max(begin, done), max(lower, floor)
         end, upper = after[0] if after else (len(ids), len(text))
+        # a template token that strips whitespace (an added token's rstrip / lstrip) took
+        # the whitespace beside it, which a trimmed offset leaves outside its span
+        if before and ids[before[-1][0]] in absorbing and absorbing[ids[before[-1][0]]][1]:
+            while lower < start and text[lower].isspace():
+                lower += 1
+        if after and ids[end] in absorbing and absorbing[ids[end]][0]:
+            while upper > stop and text[upper - 1].isspace():
+                upper -= 1
+        begin, lower = max(begin, done), max(lower, floor)
         fresh = lower == 0 or fresh_after_special(tokenizer)
         if fresh or continuation(tokenizer) is not None:
             # the stretch between the template's special tokens, encoded as the tokenizer

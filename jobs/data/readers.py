@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -176,12 +177,15 @@ def rows_from_hub(
     """Rows of a Hugging Face Hub data set (what users run; tests use a local data set
     folder, which ``load_dataset`` reads the same way). ``stream``: read the rows as they
     are taken, for a source capped by ``max_rows`` (the first thousand rows of a
-    million-row set download and parse only the shards they are in, and nothing is
-    written to the data sets cache); otherwise the whole split is downloaded and converted
+    million-row set download and parse only the files they are in, and nothing is written
+    to the data sets cache). Not for a sliced split (``train[:10%]``, which streaming
+    refuses) nor offline (``HF_DATASETS_OFFLINE``/``HF_HUB_OFFLINE``: only the cache a
+    whole load made can serve it); otherwise the whole split is downloaded and converted
     first, as ``load_dataset`` does."""
     import datasets
 
-    where = f"hf://{name}"
+    stream = stream and "[" not in split and not _offline()
+    where, index = f"hf://{name}", -1
     try:
         dataset = datasets.load_dataset(
             name, subset, split=split, revision=revision, streaming=stream
@@ -192,7 +196,13 @@ def rows_from_hub(
     except BadInputError:
         raise
     except Exception as exc:  # the hub client raises many types; the user needs the message
-        raise BadInputError(f"{where}: cannot load split {split!r} ({exc})") from None
+        after = f" after row {index}" if index >= 0 else ""
+        raise BadInputError(f"{where}: cannot load split {split!r}{after} ({exc})") from None
+
+
+def _offline() -> bool:
+    flags = (os.environ.get(n, "") for n in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    return any(flag.strip().lower() in ("1", "true", "yes", "on") for flag in flags)
 
 
 def _as_row(where: str, item: Any) -> Row:

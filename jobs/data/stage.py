@@ -34,6 +34,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from jobs import dist
 from jobs.contract import StageConfig, StageContext
 from jobs.data.filters import near_duplicates
 from jobs.data.readers import READERS, Example, Row, read_examples, rows_from_file, rows_from_hub
@@ -405,6 +406,7 @@ def run(config: Config, ctx: StageContext) -> dict:
             1 for group in shared if any(ex.source == name for ex in group)
         )
     written: dict[str, int] = {}
+    unplaced = 0  # rows whose template rewrote a message: their messages are sought instead
     for split, rows in splits.items():
         files: dict[str, list[dict]] = {}
         asked: set[str] = set()  # a prompt is asked once per split, whatever its sources
@@ -429,6 +431,7 @@ def run(config: Config, ctx: StageContext) -> dict:
                     raise BadInputError(f"{where}: {exc}") from None
                 if row is not None:
                     files.setdefault(output, []).append(row)
+                    unplaced += "message_spans" not in row
         for output, out_rows in files.items():
             path = ctx.out_dir / output / f"{split}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -443,6 +446,12 @@ def run(config: Config, ctx: StageContext) -> dict:
             + " (an alpaca or sharegpt source has no pairs)"
         )
     ctx.log(1, kept=total, **written)
+    if unplaced:
+        dist.say_once(
+            f"data: template {config.template!r} rewrites the messages of {unplaced} rows, so "
+            "where their texts lie is not known: a special token's text in them is read as "
+            "text only where it is found by searching (message_spans absent)"
+        )
     return {
         "kept": total,
         "rows": written,
@@ -450,6 +459,7 @@ def run(config: Config, ctx: StageContext) -> dict:
         "cross_source_prompts": len(shared),
         "eval_prompts": len({prompt_key(ex) for ex in splits["eval"]}),
         "judge_prompts": len({prompt_key(ex) for ex in splits["judge"]}),
+        "rows_without_message_spans": unplaced,
     }
 
 

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from jobs.batches import literals
 from jobs.contract import read_manifest, run_stage
 from jobs.data import stage as data
 from tests.conftest import run_entrypoint
@@ -207,3 +208,28 @@ def test_a_candidate_without_its_source_is_named(tiny_rm, tmp_path):
         BadInputError, match=r"candidates/train.jsonl:1: field 'responses\[1\].source'"
     ):
         run_stage("label", config, label.run, workdir=tmp_path / "w")
+
+
+def test_a_reward_model_scores_a_questions_special_text_as_it_was_trained_to(tiny_rm):
+    """label, evaluate and grpo score (prompt, answer) with the question's special-token
+    text read as text where its row places it (``literals``), as the reward stage trained on
+    it: the oracle is transformers' classifier over the row encoded with every special
+    token's text split into text (a byte-level BPE: the same ids), and the control, read
+    as tokens, scores otherwise."""
+    from transformers import AutoModelForSequenceClassification
+
+    from jobs.models import load_tokenizer
+    from jobs.scoring import score_texts
+
+    tokenizer = load_tokenizer(str(tiny_rm / "model"))
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_rm / "model").eval()
+    question = "Close it with <|endoftext|> here."
+    prompt, answer = f"### 질문: {question}\n### 답변:", " 네, 알겠어요."
+    row = {"prompt": prompt, "message_spans": [[prompt.index(question), prompt.index("\n")]]}
+    [placed] = score_texts(model, tokenizer, [prompt], [answer], literals=[literals(row)])
+    [as_tokens] = score_texts(model, tokenizer, [prompt], [answer])
+    ids = tokenizer(prompt + answer, add_special_tokens=False, split_special_tokens=True)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids["input_ids"] + [tokenizer.eos_token_id]]))
+    assert placed == pytest.approx(float(expected.logits), abs=1e-4)
+    assert as_tokens != pytest.approx(placed, abs=1e-3)

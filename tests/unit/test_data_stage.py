@@ -538,7 +538,6 @@ def test_a_capped_hub_source_reads_only_the_rows_it_takes(tmp_path, monkeypatch)
     # the first shard's rows, the source is streamed and the bad shard never read; whole,
     # the split is converted first and the bad shard is an error naming the data set.
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing into the user's cache
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     shards = tmp_path / "set" / "data"
     shards.mkdir(parents=True)
     rows = [
@@ -558,3 +557,8 @@ def test_a_capped_hub_source_reads_only_the_rows_it_takes(tmp_path, monkeypatch)
     assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").rglob("*.arrow"))
     with pytest.raises(BadInputError, match=r"hf://.*set: cannot load split 'train'"):
         run_data(tmp_path / "whole", [{**source, "max_rows": None}], **options)
+    # a sliced split, which streaming refuses, is loaded whole and then capped
+    (shards / "train-00001.jsonl").unlink()
+    sliced = {**source, "split": "train[:3]", "max_rows": 2}
+    manifest = run_data(tmp_path / "sliced", [sliced], **options)
+    assert manifest.metrics["sources"]["hub"]["read"] == 2

@@ -408,17 +408,20 @@ def test_pairs_labelled_from_generated_answers_end_as_sft_trained_them(
 ):
     """The other way to preference pairs: prompts (data) -> answers (generate) -> pairs
     (label). The template's end of turn travels with the prompt to the pair, so DPO on
-    label's pairs ends answers as on the data stage's."""
+    label's pairs ends answers as on the data stage's; so does where the question lies, so
+    its "<|end_of_text|>" stays text in DPO and in the reward model's reading."""
     from transformers import AutoTokenizer
 
     from jobs import generate, label
+    from jobs.batches import literals
     from jobs.dpo import encode_pair
+    from jobs.scoring import encode
     from tests.chat_server import ChatServer
 
     chats = [
         {
             "messages": [
-                {"role": "user", "content": f"Question {n}?"},
+                {"role": "user", "content": f"Question {n}, <|end_of_text|>?"},
                 {"role": "assistant", "content": "Paris."},
             ]
         }
@@ -461,6 +464,13 @@ def test_pairs_labelled_from_generated_answers_end_as_sft_trained_them(
     chosen, mask, rejected, rejected_mask = encode_pair(tokenizer, pairs[0], max_len=256)
     answer = tokenizer.decode([t for t, m in zip(chosen, mask, strict=True) if m])
     assert answer == "Paris.<|eot_id|>"
+    eos = tokenizer.eos_token_id
+    assert eos not in chosen and eos not in rejected  # the question's is text
+
+    scored = encode(
+        tokenizer, pairs[0]["prompt"], pairs[0]["chosen"], 256, True, literals(pairs[0])
+    )
+    assert scored.count(eos) == 1 and scored[-1] == eos
 
 
 def test_an_answer_cut_at_max_seq_len_adds_no_stop_token():
@@ -872,7 +882,8 @@ def test_a_messages_text_is_read_where_the_data_stage_placed_it(llama_style_toke
 
     pair = {"prompt": "Close it with <|end_of_text|> here.", "chosen": "Fine.", "rejected": "No."}
     [row] = rows("pairs", "pairs", pair, "pairs")
-    assert list(literals(row))  # the question is placed in its prompt
+    question = pair["prompt"]
+    assert literals(row) == [(row["prompt"].index(question), question)]  # placed in its prompt
     chosen, _, rejected, _ = encode_pair(tokenizer, row, 256)
     assert chosen.count(eos) == 1 and rejected.count(eos) == 1
     read_folders = SimpleNamespace(input_dir=Path)  # the stage context's one call here
@@ -893,3 +904,109 @@ def test_message_spans_that_do_not_fit_the_rows_text_are_named(tmp_path, spans):
         read_jsonl(path, ("prompt", "response"))
     path.write_text(json.dumps(good) + "\n")
     assert read_jsonl(path, ("prompt", "response")) == [good]
+
+
+def test_message_spans_follow_what_a_template_does_with_a_message(llama_style_tokenizer, tmp_path):
+    """Stripped messages (Llama-2's, Gemma's templates) are placed as written, a message the
+    template writes twice is placed twice, and one the template rewrites is not placed at
+    all: the data stage then writes no spans for its row and counts it in the manifest."""
+    from transformers import AutoTokenizer
+
+    from jobs.data.templates import message_spans
+
+    contents = ["  <s> Hi ", "Fine </s>"]
+
+    def stripping(texts):
+        return f"<s>[INST] {texts[0].strip()} [/INST] {texts[1].strip()} </s>"
+
+    text = stripping(contents)
+    spans = message_spans(text, stripping, contents)
+    assert [text[a:b] for a, b in spans] == ["<s> Hi", "Fine </s>"]
+    assert spans[0][0] == len("<s>[INST] ") and spans[1][1] == len(text) - len(" </s>")
+
+    def twice(texts):  # a system prompt repeated before the last turn
+        return f"{texts[0]}|{texts[1]}|{texts[0]}"
+
+    text = twice(contents)
+    assert message_spans(text, twice, contents) == [[0, 9], [10, 19], [20, 29]]
+
+    def shouting(texts):
+        return "".join(f"<{text.upper()}>" for text in texts)
+
+    assert message_spans(shouting(contents), shouting, contents) is None
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_style_tokenizer)
+    tokenizer.chat_template = LLAMA3_TEMPLATE.replace(
+        "message['content']", "message['content'] | replace('Hi', 'Hello')"
+    )
+
+    def write(config, ctx):
+        tokenizer.save_pretrained(ctx.out_dir / "model")
+        return {}
+
+    run_stage("tokenizer", StageConfig(output=str(tmp_path / "tok")), write, workdir=tmp_path / "w")
+    conversation = [{"role": "user", "content": "Hi </s>"}, {"role": "assistant", "content": "Yo"}]
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": conversation}) + "\n")
+    chat_data(tmp_path / "out", tmp_path / "tok" / "model", "sharegpt", tmp_path / "chats.jsonl")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    rows = (tmp_path / "out/sft/train.jsonl").read_text() + (
+        tmp_path / "out/prompts/train.jsonl"
+    ).read_text()
+    assert "message_spans" not in rows
+    assert manifest["metrics"]["rows_without_message_spans"] == 2  # its sft and prompts rows
+
+
+@pytest.mark.parametrize("kind", ["byte-level-trimmed", "metaspace-first"])
+@pytest.mark.parametrize("strip", ["lstrip", "rstrip"])
+def test_a_template_token_that_strips_whitespace_keeps_it_out_of_the_message(kind, strip):
+    """A template token that takes the whitespace beside it (an added token with lstrip or
+    rstrip, as some chat models' turn markers are): the message's special text is text
+    and that whitespace is not encoded again (with trimmed offsets the token's span leaves
+    it out). Oracle: a twin tokenizer without the message's special
+    tokens, as in the test above."""
+    import json
+
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    from jobs.tokens import encode_spans
+
+    if kind.startswith("byte"):
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=True)
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(prepend_scheme="first")
+        alphabet = []
+    trainer = trainers.BpeTrainer(
+        vocab_size=200,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=alphabet,
+    )
+    tok.train_from_iterator(["Say it. Close < s> it with a </ s> tag. How?"] * 10, trainer)
+    tok.add_special_tokens([AddedToken("<|end|>", special=True, **{strip: True})])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    twin_spec = json.loads(tok.to_str())
+    twin_spec["added_tokens"] = [
+        t for t in twin_spec["added_tokens"] if t["content"] not in ("<s>", "</s>")
+    ]
+    twin = Tokenizer.from_str(json.dumps(twin_spec))
+    for answer in ("Close </s> it", "</s> it", "Close <s>"):
+        text = f"How? <|end|> {answer}  <|end|> Say"
+        ids, _ = encode_spans(tokenizer, text, [(text.index(answer), answer)])
+        assert ids == twin.encode(text, add_special_tokens=False).ids, answer
