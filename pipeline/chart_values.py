@@ -43,6 +43,11 @@ QUANTITY = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|([eE][+-
 Quantity = Annotated[str, StringConstraints(pattern=QUANTITY)]
 # The labels the Job's pods are selected by (the rendezvous Service, the submitter's watch).
 SELECTOR_LABELS = r"^(kuberlhf\.io/.*|app\.kubernetes\.io/(name|instance))$"
+# The stage pod's own volumes and where they are mounted: extra ones may not take them.
+CHART_VOLUMES = {"config": "/etc/kuberlhf", "dshm": "/dev/shm", "scratch": "/scratch"}
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# empty, or a DNS subdomain (a scheduler's name)
+SUBDOMAIN_OR_EMPTY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)?$"
 
 
 class Closed(BaseModel):
@@ -52,6 +57,11 @@ class Closed(BaseModel):
 class Image(Closed):
     repository: str = "kuberlhf"
     tag: str = Field("", description="default: the chart's appVersion")
+    digest: str = Field(
+        "",
+        pattern=r"^(sha256:[0-9a-f]{64})?$",
+        description="pins the image by content: repository@digest (the tag is then unused)",
+    )
     pullPolicy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
 
 
@@ -161,6 +171,44 @@ class StageValues(Closed):
     tolerations: list[dict[str, Any]] = []
     affinity: dict[str, Any] = {}
     priorityClassName: str = ""
+    schedulerName: str = Field(
+        "",
+        pattern=SUBDOMAIN_OR_EMPTY,
+        max_length=253,
+        description="a batch scheduler for the pods (Volcano, scheduler-plugins' "
+        "coscheduling); default: the cluster's",
+    )
+    extraVolumes: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="more volumes of the stage pod (a model cache PVC, a CA bundle)",
+        json_schema_extra={
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": {
+                        "type": "string",
+                        "pattern": DNS_LABEL,
+                        "not": {"enum": list(CHART_VOLUMES)},
+                    }
+                },
+            }
+        },
+    )
+    extraVolumeMounts: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="mounts of extraVolumes (or of the chart's) in the stage container",
+        json_schema_extra={
+            "items": {
+                "type": "object",
+                "required": ["name", "mountPath"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "mountPath": {"type": "string", "not": {"enum": list(CHART_VOLUMES.values())}},
+                },
+            }
+        },
+    )
     podAnnotations: dict[str, str] = {}
     podLabels: dict[str, str] = Field(
         default_factory=dict,
@@ -222,6 +270,28 @@ class StageValues(Closed):
                     "(the rendezvous Service, the submitter's watch); it is set by the chart"
                 )
         return labels
+
+    @model_validator(mode="after")
+    def _volumes_of_their_own(self) -> StageValues:
+        names = [volume.get("name") for volume in self.extraVolumes]
+        for name in names:
+            if not isinstance(name, str) or not re.match(DNS_LABEL, name):
+                raise ValueError(f"extraVolumes: {name!r} is not a volume name (a DNS label)")
+            if name in CHART_VOLUMES or names.count(name) > 1:
+                why = "the chart's own" if name in CHART_VOLUMES else "given twice"
+                raise ValueError(f"extraVolumes: {name!r} is {why}; give it another name")
+        for mount in self.extraVolumeMounts:
+            name, path = mount.get("name"), mount.get("mountPath")
+            if name not in (*names, *CHART_VOLUMES):
+                raise ValueError(
+                    f"extraVolumeMounts: {name!r} is no volume of the pod; add it to extraVolumes"
+                )
+            if not isinstance(path, str) or path.rstrip("/") in CHART_VOLUMES.values():
+                raise ValueError(
+                    f"extraVolumeMounts: {path!r} is not a path of its own (the chart mounts "
+                    f"{', '.join(CHART_VOLUMES.values())})"
+                )
+        return self
 
     @model_validator(mode="after")
     def _no_literal_credentials(self) -> StageValues:

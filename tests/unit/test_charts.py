@@ -16,6 +16,7 @@ from pipeline.chart_values import CHARTS, render_schema, stage_charts
 
 helm_python.disable_logging()
 K8S_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
+DIGEST = "sha256:" + "0123456789abcdef" * 4
 SCENARIOS = {
     "defaults": {},
     "gpu": {
@@ -46,6 +47,19 @@ SCENARIOS = {
             }
         },
         "priorityClassName": "training-high",
+        "schedulerName": "volcano",
+        "image": {"repository": "registry.example.com/kuberlhf", "digest": DIGEST},
+        "extraVolumes": [
+            {
+                "name": "models",
+                "persistentVolumeClaim": {"claimName": "hf-cache", "readOnly": True},
+            },
+            {"name": "ca", "configMap": {"name": "corporate-ca"}},
+        ],
+        "extraVolumeMounts": [
+            {"name": "models", "mountPath": "/models", "readOnly": True},
+            {"name": "ca", "mountPath": "/etc/ssl/corporate", "readOnly": True},
+        ],
         "serviceAccountName": "trainer",
         "imagePullSecrets": [{"name": "registry"}],
         "suspend": True,
@@ -207,7 +221,20 @@ def test_labels_volumes_and_scheduling():
     [config_map] = by_kind(docs, "ConfigMap")
     assert json.loads(config_map["data"]["config.json"]) == CONFIG
     mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
-    assert mounts == {"config": "/etc/kuberlhf", "dshm": "/dev/shm", "scratch": "/scratch"}
+    assert mounts == {
+        "config": "/etc/kuberlhf",
+        "dshm": "/dev/shm",
+        "scratch": "/scratch",
+        "models": "/models",
+        "ca": "/etc/ssl/corporate",
+    }
+    assert volumes["models"]["persistentVolumeClaim"]["claimName"] == "hf-cache"
+    assert pod["schedulerName"] == "volcano"
+    # pinned by digest: the stage container and what it tells the stage it runs
+    container = pod["containers"][0]
+    assert container["image"] == f"registry.example.com/kuberlhf@{DIGEST}"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["KUBERLHF_IMAGE"] == container["image"]
     assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
 
@@ -261,6 +288,13 @@ def test_schema_refuses_literal_secrets_and_unknown_keys(values):
         {"podLabels": {"app.kubernetes.io/instance": "x"}},
         {"podSecurityContext": {"runAsUser": 2**31}},  # the API server's ids are int32
         {"podSecurityContext": {"runAsUser": "1000"}},
+        {"image": {"digest": "sha256:abc"}},  # not a whole digest
+        {"image": {"digest": DIGEST.removeprefix("sha256:")}},
+        {"schedulerName": "Volcano_Batch"},  # not a DNS subdomain
+        {"extraVolumes": [{"name": "scratch", "emptyDir": {}}]},  # the chart's own
+        {"extraVolumes": [{"emptyDir": {}}]},  # no name
+        {"extraVolumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]},  # the chart's path
+        {"extraVolumeMounts": [{"name": "dshm"}]},  # no path
     ],
 )
 def test_values_the_api_server_or_the_watch_would_trip_on_are_refused(values):
@@ -581,3 +615,21 @@ def test_naming_s3_limits_egress_to_s3_dns_and_the_gang():
     ]
     assert {p["port"] for p in to_dns["ports"]} == {53}
     assert extra["to"] == [{"ipBlock": {"cidr": "10.0.9.7/32"}}]
+
+
+def test_a_mount_of_a_volume_the_pod_lacks_is_refused_before_anything_is_created():
+    """The API server refuses such a pod only once the Job exists; Helm's template and the
+    submitter's model say so first, naming the volume."""
+    from pydantic import ValidationError
+
+    from pipeline.chart_values import StageValues
+
+    values = {"extraVolumeMounts": [{"name": "models", "mountPath": "/models"}]}
+    with pytest.raises(Exception, match="extraVolumeMounts: models is no volume of the pod"):
+        render(CHARTS / "sft", values)
+    with pytest.raises(ValidationError, match="'models' is no volume of the pod"):
+        StageValues.model_validate({"stage": "sft", **values})
+    given = {**values, "extraVolumes": [{"name": "models", "emptyDir": {}}]}
+    [job] = by_kind(render(CHARTS / "sft", given), "Job")
+    StageValues.model_validate({"stage": "sft", **given})
+    assert job["spec"]["template"]["spec"]["volumes"][-1] == {"name": "models", "emptyDir": {}}

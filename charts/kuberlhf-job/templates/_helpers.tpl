@@ -42,7 +42,11 @@ app.kubernetes.io/component: {{ .Values.stage | quote }}
 {{- end }}
 
 {{- define "kuberlhf-job.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
 {{- end }}
 
 {{/* The headless Service that gives each pod of a multi-node Job a stable DNS name. */}}

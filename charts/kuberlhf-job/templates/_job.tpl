@@ -152,6 +152,9 @@ spec:
       {{- with .Values.priorityClassName }}
       priorityClassName: {{ . }}
       {{- end }}
+      {{- with .Values.schedulerName }}
+      schedulerName: {{ . }}
+      {{- end }}
       {{- with .Values.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
@@ -227,6 +230,16 @@ spec:
               mountPath: /dev/shm
             - name: scratch
               mountPath: /scratch
+            {{- $volumes := list "config" "dshm" "scratch" }}
+            {{- range .Values.extraVolumes }}{{ $volumes = append $volumes .name }}{{ end }}
+            {{- range .Values.extraVolumeMounts }}
+            {{- if not (has .name $volumes) }}
+            {{- fail (printf "extraVolumeMounts: %s is no volume of the pod; add it to extraVolumes" (toString .name)) }}
+            {{- end }}
+            {{- end }}
+            {{- with .Values.extraVolumeMounts }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
       volumes:
         - name: config
           configMap:
@@ -249,6 +262,9 @@ spec:
           emptyDir:
             sizeLimit: {{ .Values.scratch.sizeLimit | quote }}
           {{- end }}
+        {{- with .Values.extraVolumes }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
 {{- if .Values.tests.enabled }}
 ---
 apiVersion: v1
