@@ -46,6 +46,7 @@ SELECTOR_LABELS = r"^(kuberlhf\.io/.*|app\.kubernetes\.io/(name|instance))$"
 # The stage pod's own volumes and where they are mounted: extra ones may not take them.
 CHART_VOLUMES = {"config": "/etc/kuberlhf", "dshm": "/dev/shm", "scratch": "/scratch"}
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+CHART_PATHS = "^(" + "|".join(CHART_VOLUMES.values()) + ")/*$"
 # empty, or a DNS subdomain (a scheduler's name)
 SUBDOMAIN_OR_EMPTY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)?$"
 
@@ -59,7 +60,7 @@ class Image(Closed):
     tag: str = Field("", description="default: the chart's appVersion")
     digest: str = Field(
         "",
-        pattern=r"^(sha256:[0-9a-f]{64})?$",
+        pattern=r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})?$",
         description="pins the image by content: repository@digest (the tag is then unused)",
     )
     pullPolicy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
@@ -189,6 +190,7 @@ class StageValues(Closed):
                     "name": {
                         "type": "string",
                         "pattern": DNS_LABEL,
+                        "maxLength": 63,
                         "not": {"enum": list(CHART_VOLUMES)},
                     }
                 },
@@ -197,14 +199,14 @@ class StageValues(Closed):
     )
     extraVolumeMounts: list[dict[str, Any]] = Field(
         default_factory=list,
-        description="mounts of extraVolumes (or of the chart's) in the stage container",
+        description="mounts of extraVolumes in the stage container (and the helm test's)",
         json_schema_extra={
             "items": {
                 "type": "object",
                 "required": ["name", "mountPath"],
                 "properties": {
                     "name": {"type": "string"},
-                    "mountPath": {"type": "string", "not": {"enum": list(CHART_VOLUMES.values())}},
+                    "mountPath": {"type": "string", "not": {"pattern": CHART_PATHS}},
                 },
             }
         },
@@ -275,22 +277,26 @@ class StageValues(Closed):
     def _volumes_of_their_own(self) -> StageValues:
         names = [volume.get("name") for volume in self.extraVolumes]
         for name in names:
-            if not isinstance(name, str) or not re.match(DNS_LABEL, name):
+            if not isinstance(name, str) or not re.match(DNS_LABEL, name) or len(name) > 63:
                 raise ValueError(f"extraVolumes: {name!r} is not a volume name (a DNS label)")
             if name in CHART_VOLUMES or names.count(name) > 1:
                 why = "the chart's own" if name in CHART_VOLUMES else "given twice"
                 raise ValueError(f"extraVolumes: {name!r} is {why}; give it another name")
+        paths: list[str] = []
         for mount in self.extraVolumeMounts:
             name, path = mount.get("name"), mount.get("mountPath")
-            if name not in (*names, *CHART_VOLUMES):
+            if name not in names:
                 raise ValueError(
-                    f"extraVolumeMounts: {name!r} is no volume of the pod; add it to extraVolumes"
+                    f"extraVolumeMounts: {name!r} is no volume of extraVolumes; add it there"
                 )
-            if not isinstance(path, str) or path.rstrip("/") in CHART_VOLUMES.values():
+            if not isinstance(path, str) or re.match(CHART_PATHS, path):
                 raise ValueError(
                     f"extraVolumeMounts: {path!r} is not a path of its own (the chart mounts "
                     f"{', '.join(CHART_VOLUMES.values())})"
                 )
+            if path.rstrip("/") in paths:
+                raise ValueError(f"extraVolumeMounts: {path!r} is mounted twice")
+            paths.append(path.rstrip("/"))
         return self
 
     @model_validator(mode="after")

@@ -125,12 +125,25 @@ def _volumes(
     args = []
     for mount in mounts:
         volume, path = volumes[mount["name"]], mount["mountPath"]
+        if "subPath" in mount or "subPathExpr" in mount:
+            raise BadInputError(
+                f"stage {stage!r}: the mount of {mount['name']!r} at {path} takes a subPath, "
+                "which the container backend does not stand in for"
+            )
         if "configMap" in volume:
+            name = volume["configMap"]["name"]
+            if name not in config_maps:
+                raise BadInputError(
+                    f"stage {stage!r}: volume {mount['name']!r} is the cluster's ConfigMap "
+                    f"{name!r}, which the container backend cannot stand in for (it has the "
+                    "chart's own ConfigMaps only)"
+                )
             source = folder / mount["name"]
-            source.mkdir(mode=0o755)
-            for key, text in config_maps[volume["configMap"]["name"]].get("data", {}).items():
-                (source / key).write_text(text)
-                (source / key).chmod(0o644)
+            if not source.exists():  # a volume mounted twice is written once
+                source.mkdir(mode=0o755)
+                for key, text in config_maps[name].get("data", {}).items():
+                    (source / key).write_text(text)
+                    (source / key).chmod(0o644)
             args += ["--volume", f"{source}:{path}:ro"]
         elif "emptyDir" in volume and volume["emptyDir"].get("medium") == "Memory":
             size = volume["emptyDir"].get("sizeLimit")

@@ -128,3 +128,43 @@ def test_a_missing_engine_is_a_clear_error(tmp_path, capsys):
     command = ["run", the_plan.source, "--backend", "container", "--engine", "no-such-engine"]
     assert main(command) == 65
     assert "needs no-such-engine, and it is not on the PATH" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("volume", "mount", "message"),
+    [
+        (
+            {"name": "ca", "configMap": {"name": "corporate-ca"}},
+            {},
+            "'ca' is the cluster's ConfigMap 'corporate-ca'",
+        ),
+        (
+            {"name": "models", "persistentVolumeClaim": {"claimName": "hf-cache"}},
+            {},
+            "'models' is a persistentVolumeClaim",
+        ),
+        (
+            {"name": "cache", "emptyDir": {}},
+            {"subPath": "hub"},
+            "'cache' at /extra takes a subPath",
+        ),
+    ],
+)
+def test_a_chart_volume_the_container_backend_cannot_stand_in_for_is_named(
+    tmp_path, monkeypatch, volume, mount, message
+):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    extra = {"name": volume["name"], "mountPath": "/extra", **mount}
+    _, manifests = stage_plan(tmp_path, {"extraVolumes": [volume], "extraVolumeMounts": [extra]})
+    (tmp_path / "mounts").mkdir()
+    with pytest.raises(BadInputError, match=message):
+        container_command("podman", manifests, tmp_path / "mounts")
+    # an extra emptyDir is an anonymous volume, as the chart's scratch is
+    plain = {
+        "extraVolumes": [{"name": "cache", "emptyDir": {}}],
+        "extraVolumeMounts": [{"name": "cache", "mountPath": "/extra"}],
+    }
+    _, manifests = stage_plan(tmp_path, plain)
+    argv = container_command("podman", manifests, tmp_path / "mounts")
+    assert [argv[i + 1] for i, flag in enumerate(argv) if flag == "--volume"].count("/extra") == 1

@@ -49,6 +49,29 @@ app.kubernetes.io/component: {{ .Values.stage | quote }}
 {{- end }}
 {{- end }}
 
+{{/* extraVolumes and extraVolumeMounts as the API server would take them, refused here
+before anything is created: names and paths once each, mounts of extraVolumes only. */}}
+{{- define "kuberlhf-job.checkVolumes" -}}
+{{- $volumes := list }}
+{{- range .Values.extraVolumes }}
+{{- if has .name $volumes }}
+{{- fail (printf "extraVolumes: %s is given twice" .name) }}
+{{- end }}
+{{- $volumes = append $volumes .name }}
+{{- end }}
+{{- $paths := list }}
+{{- range .Values.extraVolumeMounts }}
+{{- if not (has .name $volumes) }}
+{{- fail (printf "extraVolumeMounts: %s is no volume of extraVolumes" (toString .name)) }}
+{{- end }}
+{{- $path := trimSuffix "/" .mountPath }}
+{{- if has $path $paths }}
+{{- fail (printf "extraVolumeMounts: %s is mounted twice" .mountPath) }}
+{{- end }}
+{{- $paths = append $paths $path }}
+{{- end }}
+{{- end }}
+
 {{/* The headless Service that gives each pod of a multi-node Job a stable DNS name. */}}
 {{- define "kuberlhf-job.service" -}}
 {{- $name := include "kuberlhf-job.fullname" . -}}

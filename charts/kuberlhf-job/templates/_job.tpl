@@ -230,13 +230,7 @@ spec:
               mountPath: /dev/shm
             - name: scratch
               mountPath: /scratch
-            {{- $volumes := list "config" "dshm" "scratch" }}
-            {{- range .Values.extraVolumes }}{{ $volumes = append $volumes .name }}{{ end }}
-            {{- range .Values.extraVolumeMounts }}
-            {{- if not (has .name $volumes) }}
-            {{- fail (printf "extraVolumeMounts: %s is no volume of the pod; add it to extraVolumes" (toString .name)) }}
-            {{- end }}
-            {{- end }}
+            {{- include "kuberlhf-job.checkVolumes" . }}
             {{- with .Values.extraVolumeMounts }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -313,9 +307,16 @@ spec:
       volumeMounts:
         - name: scratch
           mountPath: /scratch
+        {{- /* the stage's extra mounts too: an env entry may point into one (a CA bundle) */}}
+        {{- with .Values.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
   volumes:
     - name: scratch
       emptyDir: {}
+    {{- with .Values.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 {{- end }}
 {{- end }}
 
