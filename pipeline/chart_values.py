@@ -51,6 +51,12 @@ CHART_PATHS = "^(" + "|".join(CHART_VOLUMES.values()) + ")/*$"
 SUBDOMAIN_OR_EMPTY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)?$"
 
 
+def objects(required: list[str], **properties: dict) -> dict:
+    """The schema of a list of Kubernetes objects (volumes, mounts): each with ``required``
+    keys and ``properties`` checked, the rest as the API server takes it."""
+    return {"items": {"type": "object", "required": required, "properties": properties}}
+
+
 class Closed(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -182,34 +188,24 @@ class StageValues(Closed):
     extraVolumes: list[dict[str, Any]] = Field(
         default_factory=list,
         description="more volumes of the stage pod (a model cache PVC, a CA bundle)",
-        json_schema_extra={
-            "items": {
-                "type": "object",
-                "required": ["name"],
-                "properties": {
-                    "name": {
-                        "type": "string",
-                        "pattern": DNS_LABEL,
-                        "maxLength": 63,
-                        "not": {"enum": list(CHART_VOLUMES)},
-                    }
-                },
-            }
-        },
+        json_schema_extra=objects(
+            ["name"],
+            name={
+                "type": "string",
+                "pattern": DNS_LABEL,
+                "maxLength": 63,
+                "not": {"enum": list(CHART_VOLUMES)},
+            },
+        ),
     )
     extraVolumeMounts: list[dict[str, Any]] = Field(
         default_factory=list,
         description="mounts of extraVolumes in the stage container (and the helm test's)",
-        json_schema_extra={
-            "items": {
-                "type": "object",
-                "required": ["name", "mountPath"],
-                "properties": {
-                    "name": {"type": "string"},
-                    "mountPath": {"type": "string", "not": {"pattern": CHART_PATHS}},
-                },
-            }
-        },
+        json_schema_extra=objects(
+            ["name", "mountPath"],
+            name={"type": "string"},
+            mountPath={"type": "string", "not": {"pattern": CHART_PATHS}},
+        ),
     )
     podAnnotations: dict[str, str] = {}
     podLabels: dict[str, str] = Field(
