@@ -168,11 +168,17 @@ def encode_spans(
         # a special token written in the text: not an unknown character read as <unk>
         return token in named and named[token] in text[start:stop]
 
-    found = [
-        (i, next(span for span in inside if span[0] <= start and stop <= span[1]))
-        for i, (token, (start, stop)) in enumerate(zip(ids, spans, strict=True))
-        if special(token, start, stop) and any(a <= start and stop <= b for a, b in inside)
-    ]
+    # the special tokens written in the text: inside a message (to be read as text), or the
+    # template's own markup (a stretch may reach past its message, a space before an
+    # answer being the template's, but not across one of them)
+    found: list[int] = []
+    markup: list[tuple[int, tuple[int, int]]] = []
+    for i, (token, span) in enumerate(zip(ids, spans, strict=True)):
+        if special(token, *span):
+            if any(a <= span[0] and span[1] <= b for a, b in inside):
+                found.append(i)
+            else:
+                markup.append((i, span))
     if not found:
         return ids, spans
 
@@ -196,13 +202,6 @@ def encode_spans(
             return a >= len(ids) and b >= len(plain_ids)
         return ids[a] == plain_ids[b]
 
-    # the template's own special tokens: a stretch may reach past its message (a space
-    # before an answer is the template's) but not across one of them
-    markup = [
-        (i, span)
-        for i, (token, span) in enumerate(zip(ids, spans, strict=True))
-        if special(token, *span) and not any(a <= span[0] and span[1] <= b for a, b in inside)
-    ]
     absorbing = {  # token -> (lstrip, rstrip)
         i: (t.lstrip, t.rstrip)
         for i, t in tokenizer.added_tokens_decoder.items()
@@ -211,7 +210,7 @@ def encode_spans(
     out_ids: list[int] = []
     out_spans: list[tuple[int, int]] = []
     done, floor = 0, 0  # tokens of ``ids`` taken so far, and where they end in the text
-    for index, _ in found:
+    for index in found:
         if index < done:
             continue  # inside the stretch just replaced
         start, stop = spans[index]
@@ -223,10 +222,10 @@ def encode_spans(
         end, upper = after[0] if after else (len(ids), len(text))
         # a template token that strips whitespace (an added token's rstrip / lstrip) took
         # the whitespace beside it, which a trimmed offset leaves outside its span
-        if before and ids[before[-1][0]] in absorbing and absorbing[ids[before[-1][0]]][1]:
+        if before and absorbing.get(ids[before[-1][0]], (False, False))[1]:
             while lower < start and text[lower].isspace():
                 lower += 1
-        if after and ids[end] in absorbing and absorbing[ids[end]][0]:
+        if after and absorbing.get(ids[end], (False, False))[0]:
             while upper > stop and text[upper - 1].isspace():
                 upper -= 1
         begin, lower = max(begin, done), max(lower, floor)
