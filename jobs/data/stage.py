@@ -216,7 +216,16 @@ def mix(
     return chosen
 
 
-def record(example: Example, output: Output, prompt: str, tokenizer, template: str) -> dict | None:
+def record(
+    example: Example,
+    output: Output,
+    prompt: str,
+    spans: list[list[int]] | None,
+    tokenizer,
+    template: str,
+) -> dict | None:
+    """The example's row for ``output``; ``spans``: where its messages lie in ``prompt``
+    (:func:`prompt_spans`, once per example whatever its outputs)."""
     chat = template == "chat"
     base = {"prompt": prompt, "source": example.source}
     if example.label is not None:
@@ -227,15 +236,11 @@ def record(example: Example, output: Output, prompt: str, tokenizer, template: s
             return None
         turns = conversation(example.messages, response, example.context)
         row = {**base, "response": response, "messages": turns}
-        if chat:
+        if chat:  # spans in the whole conversation's segments, not in the prompt
             row["segments"] = chat_segments(tokenizer, turns)
             spans = conversation_spans(row["segments"], turns, tokenizer)
-        else:
-            spans = prompt_spans(prompt, template, example.messages, example.context, tokenizer)
         return placed(row, spans)
-    base = placed(
-        base, prompt_spans(prompt, template, example.messages, example.context, tokenizer)
-    )
+    base = placed(base, spans)
     if output == "pairs":
         if example.chosen is None or example.rejected is None:
             return None
@@ -415,6 +420,9 @@ def run(config: Config, ctx: StageContext) -> dict:
                 prompt = render_prompt(
                     config.template, example.messages, example.context, tokenizer
                 )
+                spans = prompt_spans(
+                    prompt, config.template, example.messages, example.context, tokenizer
+                )
             except Exception as exc:  # noqa: BLE001 - ValueError, a chat template's TemplateError
                 raise BadInputError(
                     f"{example.where}: template {config.template!r}: {exc}"
@@ -425,7 +433,7 @@ def run(config: Config, ctx: StageContext) -> dict:
                         continue
                     asked.add(prompt_key(example))
                 try:
-                    row = record(example, output, prompt, tokenizer, config.template)
+                    row = record(example, output, prompt, spans, tokenizer, config.template)
                 except Exception as exc:  # noqa: BLE001 - as above
                     where = f"{example.where}: template {config.template!r}"
                     raise BadInputError(f"{where}: {exc}") from None
