@@ -250,9 +250,11 @@ class Rewards:
         (file and row) for error messages; ``finished``: which completions ended rather than
         being cut at the token limit (a reward model reads a cut one as cut)."""
         each: dict[str, list[float]] = {}
+        # where each prompt's messages lie, once for all the reward models
+        scored_by_model = any(spec.kind == "reward_model" for spec in self.specs)
+        placed = [literals(example) for example in examples] if scored_by_model else []
         for spec in self.specs:
             if spec.kind == "reward_model":
-                placed = [literals(example) for example in examples]
                 scored = self.score_model(spec, prompts, completions, finished, placed)
                 each[spec.label] = [
                     finite(x, f"{place}: reward {spec.label!r}")
