@@ -15,9 +15,16 @@
 #                compiled with this machine's CUDA toolkit, CUDA_HOME), checked inside
 #   make e2e-kind - the tiny pipeline on a kind cluster through `rlhf run --backend kubernetes`
 
-# The first supported Python found that runs (3.11 to 3.13: a pyenv shim of a version not
-# selected is found but fails); `make test PYTHON=python3.12` picks one.
-PYTHON ?= $(firstword $(foreach v,3.11 3.12 3.13,$(shell python$(v) -c '' >/dev/null 2>&1 && command -v python$(v))) python3)
+# A python<v> that runs: on PATH, or one pyenv installed without selecting it (whose shim on
+# PATH is found but fails).
+find_python = $(firstword $(shell for p in python$(1) $$HOME/.pyenv/versions/$(1).*/bin/python$(1); do \
+  $$p -c '' >/dev/null 2>&1 && command -v $$p && break; done))
+# The first supported Python found (3.11 to 3.13); `make test PYTHON=python3.12` picks one.
+PYTHON ?= $(firstword $(foreach v,3.11 3.12 3.13,$(call find_python,$(v))) python3)
+# `make test` runs the suite again under each of these that the machine has and .venv does
+# not use, each in a venv of its own (.venv-3.12): CI runs 3.11 and 3.12, the Python of the
+# CUDA images; `make test PYTHONS=` runs it once.
+PYTHONS ?= 3.12
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build on CPU machines; a GPU machine sets e.g. TORCH_SPEC="torch==2.13.0" and
@@ -38,7 +45,7 @@ TORCH_INDEX_URL ?=
 IMAGE_TORCH_SPEC ?=
 CONTAINER ?= $(shell command -v docker >/dev/null 2>&1 && echo docker || echo podman)
 
-.PHONY: setup system-deps container-deps browser-deps demo test test-gpu lint bench bench-gpu gpu-kit images \
+.PHONY: setup system-deps container-deps browser-deps demo test image-if-possible test-gpu lint bench bench-gpu gpu-kit images \
 	images-local images-cuda-local e2e e2e-kind clean
 
 setup: system-deps $(STAMP)
@@ -79,13 +86,22 @@ browser-deps:
 # constrain the venv, so the suite tests what runs in the pods and a new release of those
 # cannot change a fresh clone's results (the test and bench tools, trl among them, float);
 # to move them: pip install -U in the venv, test, python images/lock.py.
-$(STAMP): pyproject.toml images/requirements.txt
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+# A venv ($(1)) with the python $(2)
+define venv
+	$(2) -m venv $(1)
+	$(1)/bin/pip install -q --upgrade pip
 	# torch first, so that the range in pyproject.toml installs nothing more
-	$(BIN)/pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -c images/requirements.txt -e '.[test,bench]'
-	touch $(STAMP)
+	$(1)/bin/pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(1)/bin/pip install -q -c images/requirements.txt -e '.[test,bench]'
+	touch $(1)/.installed
+endef
+
+$(STAMP): pyproject.toml images/requirements.txt
+	$(call venv,$(VENV),$(PYTHON))
+
+# Another Python's venv, for `make test` (PYTHONS)
+$(VENV)-%/.installed: pyproject.toml images/requirements.txt
+	$(call venv,$(VENV)-$*,$(or $(call find_python,$*),$(error no python$* here)))
 
 demo: setup
 	$(BIN)/rlhf run examples/demo.yaml
@@ -97,11 +113,24 @@ lint: setup
 	$(BIN)/ruff check jobs pipeline tests bench images
 	$(BIN)/ruff format --check jobs pipeline tests bench images
 
+# The Pythons of PYTHONS this machine has, besides the one .venv uses
+other_pythons = $(foreach v,$(filter-out $(shell $(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])'),$(PYTHONS)),$(if $(call find_python,$(v)),$(v)))
+# One worker per core; a module's tests stay on one worker, so its fixtures (the demo
+# pipeline, the job image) are made once; the modules are handed out in the order
+# tests/conftest.py gives them (the longest first), not by their number of tests.
+SUITE := -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
+
 test: setup container-deps browser-deps lint
+	@# the image builds while the other Pythons' venvs install (downloads, mostly)
+	@$(MAKE) --no-print-directory -j2 image-if-possible \
+	  $(foreach v,$(other_pythons),$(VENV)-$(v)/.installed)
+	$(BIN)/python $(SUITE)
+	$(foreach v,$(other_pythons),$(VENV)-$(v)/bin/python $(SUITE) &&) true
+	@$(foreach v,$(filter-out $(other_pythons),$(PYTHONS)),$(if $(call find_python,$(v)),,\
+	  echo "no python$(v) here: the suite ran under one Python only";)) true
+
+image-if-possible: setup container-deps
 	$(BIN)/python -m images.localbuild --if-possible
-	@# one worker per core; a module's tests stay on one worker, so a module's fixtures (the
-	@# demo pipeline, the job image) are made once
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # CPU-only machines skip every gpu test with the reason; `make test` runs them skipped.
 test-gpu: $(GPU_SETUP)
@@ -152,4 +181,4 @@ e2e: setup
 	$(BIN)/python -m pytest -v -rs tests/e2e
 
 clean:
-	rm -rf $(VENV) runs bench/results .pytest_cache .containers
+	rm -rf $(VENV) $(VENV)-3.* runs bench/results .pytest_cache .containers

@@ -30,3 +30,11 @@ def test_no_stage_imports_another_stage():
         if others:
             offenders[module] = sorted(others)
     assert offenders == {}
+
+
+def test_the_modules_the_suite_starts_first_are_its_own():
+    """A renamed module dropped from the list would be started last again, unnoticed."""
+    from tests.conftest import LONGEST_FIRST
+
+    assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
+    assert [m for m in LONGEST_FIRST if not (ROOT / m).is_file()] == []
