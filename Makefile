@@ -45,7 +45,7 @@ TORCH_INDEX_URL ?=
 IMAGE_TORCH_SPEC ?=
 CONTAINER ?= $(shell command -v docker >/dev/null 2>&1 && echo docker || echo podman)
 
-.PHONY: setup system-deps container-deps browser-deps demo test image-if-possible test-gpu lint bench bench-gpu gpu-kit images \
+.PHONY: setup system-deps container-deps browser-deps demo test test-gpu lint bench bench-gpu gpu-kit images \
 	images-local images-cuda-local e2e e2e-kind clean
 
 setup: system-deps $(STAMP)
@@ -121,16 +121,17 @@ other_pythons = $(foreach v,$(filter-out $(shell $(BIN)/python -c 'import sys; p
 SUITE := -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 test: setup container-deps browser-deps lint
-	@# the image builds while the other Pythons' venvs install (downloads, mostly)
-	@$(MAKE) --no-print-directory -j2 image-if-possible \
-	  $(foreach v,$(other_pythons),$(VENV)-$(v)/.installed)
+	@# the image builds while the other Pythons' venvs install (downloads, mostly); MAKE_COMMAND,
+	@# not MAKE, so that `make -n test` prints this line instead of running it
+	@pids=; $(foreach v,$(other_pythons),$(MAKE_COMMAND) --no-print-directory $(VENV)-$(v)/.installed & \
+	  pids="$$pids $$!";) \
+	echo "$(BIN)/python -m images.localbuild --if-possible"; \
+	$(BIN)/python -m images.localbuild --if-possible || { kill $$pids 2>/dev/null; exit 1; }; \
+	for pid in $$pids; do wait $$pid || exit 1; done
 	$(BIN)/python $(SUITE)
 	$(foreach v,$(other_pythons),$(VENV)-$(v)/bin/python $(SUITE) &&) true
 	@$(foreach v,$(filter-out $(other_pythons),$(PYTHONS)),$(if $(call find_python,$(v)),,\
 	  echo "no python$(v) here: the suite ran under one Python only";)) true
-
-image-if-possible: setup container-deps
-	$(BIN)/python -m images.localbuild --if-possible
 
 # CPU-only machines skip every gpu test with the reason; `make test` runs them skipped.
 test-gpu: $(GPU_SETUP)

@@ -145,10 +145,28 @@ def prepare_model(model, cfg: EngineConfig, task_type: str = "CAUSAL_LM"):
     return model
 
 
+def import_deepspeed():
+    """DeepSpeed, imported without the ``import mlflow`` its autotuner runs at import time
+    (``deepspeed/autotuning/autotuner.py``): 1.0-1.4 s of every stage process's start-up where
+    MLflow is installed, for the autotuner's own logging, which no stage uses. A stage whose
+    run logs to MLflow imports it in its sink as before."""
+    import sys
+
+    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
+        sys.modules["mlflow"] = None  # an import of it raises ImportError
+        try:
+            import deepspeed  # noqa: F401
+        finally:
+            del sys.modules["mlflow"]
+    import deepspeed
+
+    return deepspeed
+
+
 def init_distributed() -> None:
     """DeepSpeed's process group (one process, or one rank of torchrun's group)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     cpu = not _has_cuda()
     if cpu:
@@ -224,8 +242,9 @@ def load_model(model_class, source: str, cfg: EngineConfig, **kwargs):
 
 def initialize(model, cfg: EngineConfig, total_steps: int, task_type: str = "CAUSAL_LM"):
     """A DeepSpeed engine around ``model`` (one process, or one rank of torchrun's group)."""
-    import deepspeed
     import torch
+
+    deepspeed = import_deepspeed()
 
     init_distributed()
     cpu = not _has_cuda()
@@ -476,8 +495,7 @@ def load_frozen(model_class, source: str, config: dict, precision: str, **kwargs
 def initialize_frozen(model, config: dict):
     """An inference-only engine: no optimiser, ZeRO-3 partitioning or CPU offload of
     parameters when memory is short."""
-    import deepspeed
-
+    deepspeed = import_deepspeed()
     init_distributed()
     engine, *_ = deepspeed.initialize(model=model.eval(), config=config)
     engine.eval()
