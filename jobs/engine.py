@@ -147,7 +147,7 @@ def prepare_model(model, cfg: EngineConfig, task_type: str = "CAUSAL_LM"):
 
 def import_deepspeed():
     """DeepSpeed, imported without the ``import mlflow`` its autotuner runs at import time
-    (``deepspeed/autotuning/autotuner.py``): 1.0-1.4 s of every stage process's start-up where
+    (``deepspeed/autotuning/autotuner.py``): 0.9 s of CPU in every stage process's start-up where
     MLflow is installed, for the autotuner's own logging, which no stage uses. A stage whose
     run logs to MLflow imports it in its sink as before."""
     import sys

@@ -4,6 +4,8 @@ stages share lives in a shared module."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from jobs.stages import STAGES
@@ -32,9 +34,23 @@ def test_no_stage_imports_another_stage():
     assert offenders == {}
 
 
-def test_the_modules_the_suite_starts_first_are_its_own():
-    """A renamed module dropped from the list would be started last again, unnoticed."""
+def test_the_suite_hands_out_its_longest_modules_first():
+    """As pytest collects them (the order xdist hands modules out in, under the Makefile's
+    --no-loadscope-reorder): a module renamed, or node ids that stop matching the list, would
+    be started last again, unnoticed."""
     from tests.conftest import LONGEST_FIRST
 
-    assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
-    assert [m for m in LONGEST_FIRST if not (ROOT / m).is_file()] == []
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    modules = list(dict.fromkeys(line.split("::")[0] for line in done.stdout.splitlines()))
+    assert modules[: len(LONGEST_FIRST)] == list(LONGEST_FIRST)
+    suite = next(
+        line for line in (ROOT / "Makefile").read_text().splitlines() if "SUITE :=" in line
+    )
+    assert "--dist loadfile --no-loadscope-reorder" in suite
