@@ -22,6 +22,7 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 from jobs import store  # noqa: E402
+from tests import warm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -152,10 +153,11 @@ def s3_env(s3_server, monkeypatch, tmp_path):
 def run_entrypoint(
     stage: str, config: dict, tmp_path: Path, env: dict | None = None, name: str | None = None
 ) -> subprocess.CompletedProcess:
-    """``python -m jobs STAGE --config FILE`` in a subprocess, as a container runs it."""
+    """``python -m jobs STAGE --config FILE`` in a process of its own, as a container runs it
+    (forked warm where that is the same: tests/warm.py)."""
     config_path = tmp_path / f"{name or stage}.yaml"
     config_path.write_text(yaml.safe_dump(config, allow_unicode=True))
-    return subprocess.run(
+    return warm.run(
         [sys.executable, "-m", "jobs", stage, "--config", str(config_path)],
         capture_output=True,
         text=True,
@@ -282,7 +284,7 @@ def preempt_and_resume(
     # blocks the stage, and with it this loop, before the step it waits for
     errors = tmp_path / f"{stage}-preempted.stderr"
     with open(errors, "w") as stderr:
-        process = subprocess.Popen(
+        process = warm.Popen(
             command, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT, env=full_env
         )
         watchdog = threading.Timer(STAGE_TIMEOUT_S, process.kill)  # a stage that hangs
@@ -297,7 +299,7 @@ def preempt_and_resume(
             watchdog.cancel()
     assert process.returncode == EXIT_RETRY, errors.read_text()[-3000:]
     assert read_manifest(config["output"]) is None
-    resumed = subprocess.run(
+    resumed = warm.run(
         command, capture_output=True, text=True, cwd=ROOT, timeout=STAGE_TIMEOUT_S, env=full_env
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]

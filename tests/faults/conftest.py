@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from jobs import store
+from tests import warm
 from tests.conftest import ROOT, direct_client
 from tests.faults.proxy import FaultProxy, Rule
 
@@ -178,7 +179,7 @@ class Attempt:
         # stderr to a file: a pipe nobody reads while stdout is followed could fill and stall
         self.stderr_path = tmp_path / f"{name}.stderr"
         with open(self.stderr_path, "w") as stderr:
-            self.process = subprocess.Popen(
+            self.process = warm.Popen(
                 [sys.executable, "-m", "jobs", stage, "--config", str(path)],
                 stdout=subprocess.PIPE,
                 stderr=stderr,

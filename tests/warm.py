@@ -1,0 +1,291 @@
+"""Stage processes for the tests, forked from a warm interpreter.
+
+A stage process spends 4-5 s of its CPU importing PyTorch, transformers' GPT-NeoX and
+DeepSpeed before its first line of work (measured on the 2-core machine: a 2-step SFT
+stage, 6.9 s fresh and 2.5 s forked), and the suite starts some hundred of them. So each
+test worker keeps a fork server (``multiprocessing``'s, the standard library's) that has
+imported those once, and ``python -m jobs STAGE ...`` is run as a fork of it: a process of
+its own, with the given environment, folder, argument list, file descriptors and session,
+whose exit code, signals and output are those of the fresh process (the stage code is
+``jobs.__main__.main``, the container's entrypoint, unchanged).
+
+What a fork cannot give is what the libraries read from the environment while they are
+imported (thread counts, Hugging Face's folders, ``PYTHONPATH``). So a process runs warm
+only when its environment differs from the server's in variables read at run time, the
+ones ``RUN_TIME`` lists; any other difference, any other command, a CUDA machine (CUDA
+cannot be used in a child forked after its initialisation) and
+``KUBERLHF_TEST_FRESH_PROCESSES=1`` start a fresh interpreter with ``subprocess``, as
+before. ``tests/unit/test_warm.py`` shows the two give the same stage outputs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from multiprocessing import reduction
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Read when the stage runs, not when a library is imported: the store's S3 settings
+# (botocore reads them per client), the stage's own settings (jobs reads none at import),
+# the trackers' (MLflow and W&B are imported by their sinks, never by the server), and
+# pytest's note of the running test.
+RUN_TIME = ("KUBERLHF_", "AWS_", "MLFLOW_", "WANDB_", "PYTEST_CURRENT_TEST")
+
+_server_env: dict[str, str] | None = None
+_lock = threading.Lock()
+
+
+def preload() -> None:
+    """In the server, once: what ``python -m jobs`` sets before any import
+    (``jobs.__main__``), then the imports every stage pays for."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # a child's stderr is no tty
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the server runs on CPU machines only
+    import importlib
+
+    import torch  # noqa: F401
+    import torch.utils.tensorboard  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    from transformers.models.gpt_neox import modeling_gpt_neox  # noqa: F401
+
+    from jobs.engine import import_deepspeed
+    from jobs.stages import STAGES
+
+    import_deepspeed()
+    for module in STAGES.values():
+        importlib.import_module(module)
+    import jobs.__main__  # noqa: F401
+
+    # nothing buffered here may reach a child's output
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+if os.environ.get("KUBERLHF_WARM_SERVER") == "1" and multiprocessing.parent_process() is None:
+    preload()  # imported by the fork server (its environment names it), not by a test
+
+
+class _Fd:
+    """A file descriptor handed to the child through the fork server's socket."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self):
+        return _detach, (reduction.DupFd(self.fd),)
+
+
+def _detach(duplicate) -> int:
+    return duplicate.detach()
+
+
+def _child(argv, env, cwd, fds, new_session) -> None:
+    """The stage, in the fork: as ``python -m jobs ...`` would start it."""
+    import fcntl
+
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in fds]  # clear of 0-2 before the moves
+    for fd in fds:
+        os.close(fd)
+    for target, fd in enumerate(high):
+        os.dup2(fd, target)
+        os.close(fd)
+    # as the interpreter sets it up: stdout line-buffered only to a terminal
+    sys.stdout.reconfigure(line_buffering=os.isatty(1))
+    if new_session:
+        os.setsid()
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    import jobs.__main__
+
+    sys.argv = [jobs.__main__.__file__, *argv]
+    try:
+        code = jobs.__main__.main(argv)
+    finally:
+        atexit._run_exitfuncs()  # what the interpreter runs on its way out, as a fresh one
+    sys.exit(code)
+
+
+def _context():
+    """The fork server, started on first use with the environment of that moment."""
+    global _server_env
+    context = multiprocessing.get_context("forkserver")
+    with _lock:
+        if _server_env is None:
+            _server_env = dict(os.environ)
+            context.set_forkserver_preload(["tests.warm"])
+            saved, cwd = os.environ.get("KUBERLHF_WARM_SERVER"), os.getcwd()
+            os.environ["KUBERLHF_WARM_SERVER"] = "1"
+            os.chdir(ROOT)  # where the server finds the tests package
+            try:
+                multiprocessing.forkserver.ensure_running()
+            finally:
+                os.chdir(cwd)
+                if saved is None:
+                    del os.environ["KUBERLHF_WARM_SERVER"]
+                else:
+                    os.environ["KUBERLHF_WARM_SERVER"] = saved
+    return context
+
+
+def available() -> bool:
+    """Whether stages may run warm here: not where CUDA is (the GPU suite starts each
+    stage fresh), nor when ``KUBERLHF_TEST_FRESH_PROCESSES=1`` asks for fresh ones."""
+    if os.environ.get("KUBERLHF_TEST_FRESH_PROCESSES") == "1":
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _warm_argv(args: list[str], env: dict[str, str]) -> list[str] | None:
+    """The stage's arguments when ``args`` may run warm in ``env``, else None."""
+    if len(args) < 3 or list(args[1:3]) != ["-m", "jobs"] or not available():
+        return None
+    python = shutil.which(args[0], path=env.get("PATH"))
+    if python is None or os.path.realpath(python) != os.path.realpath(sys.executable):
+        return None
+    server = dict(os.environ) if _server_env is None else _server_env
+    changed = {k for k in env.keys() | server.keys() if env.get(k) != server.get(k)}
+    if any(not name.startswith(RUN_TIME) for name in changed):
+        return None
+    return [str(a) for a in args[3:]]
+
+
+def _fileno(stream, default: int) -> int:
+    if stream is None:
+        return default
+    return stream if isinstance(stream, int) else stream.fileno()
+
+
+class WarmProcess:
+    """The part of ``subprocess.Popen`` the tests use, for a stage forked warm."""
+
+    def __init__(self, args, stage_argv, env, cwd, stdout, stderr, text, start_new_session):
+        self.args, self.returncode = args, None
+        self.stdout = self.stderr = None
+        readers, child_fds, ours = [], [], []
+        for which, stream in (("stdout", stdout), ("stderr", stderr)):
+            if stream == subprocess.PIPE:
+                read, write = os.pipe()
+                readers.append((which, read))
+                child_fds.append(write)
+                ours.append(write)
+            elif stream == subprocess.STDOUT:
+                child_fds.append(child_fds[0])
+            else:
+                child_fds.append(_fileno(stream, 1 if which == "stdout" else 2))
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        ours.append(devnull)
+        fds = [devnull, *child_fds]
+        self.process = _context().Process(
+            target=_child,
+            args=(
+                stage_argv,
+                dict(env),
+                str(cwd or os.getcwd()),
+                [_Fd(fd) for fd in fds],
+                start_new_session,
+            ),
+        )
+        try:
+            self.process.start()
+        finally:
+            for fd in ours:  # the child has its copies
+                os.close(fd)
+        for which, read in readers:
+            setattr(self, which, open(read, "r" if text else "rb"))  # noqa: SIM115
+        self.pid = self.process.pid
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not self.process.is_alive():
+            self.process.join()
+            self.returncode = self.process.exitcode
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def communicate(self, input=None, timeout: float | None = None):
+        """Both pipes read to their end (a thread each, so neither fills), then the exit."""
+        results: dict[str, object] = {}
+
+        def drain(which: str) -> None:
+            stream = getattr(self, which)
+            results[which] = stream.read()
+            stream.close()
+
+        threads = [
+            threading.Thread(target=drain, args=(w,), daemon=True)
+            for w in ("stdout", "stderr")
+            if getattr(self, w) is not None and not getattr(self, w).closed
+        ]
+        for thread in threads:
+            thread.start()
+        self.wait(timeout)
+        for thread in threads:
+            thread.join(timeout)
+            if thread.is_alive():  # a grandchild keeps the pipe open
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        return results.get("stdout"), results.get("stderr")
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def Popen(
+    args,
+    *,
+    env=None,
+    cwd=None,
+    stdout=None,
+    stderr=None,
+    text=False,
+    start_new_session=False,
+):
+    """``subprocess.Popen``, forked warm where that gives the same process."""
+    env = dict(os.environ if env is None else env)
+    stage_argv = _warm_argv(list(args), env)
+    if stage_argv is None:
+        return subprocess.Popen(
+            args,
+            env=env,
+            cwd=cwd,
+            stdout=stdout,
+            stderr=stderr,
+            text=text,
+            start_new_session=start_new_session,
+        )
+    return WarmProcess(args, stage_argv, env, cwd, stdout, stderr, text, start_new_session)
+
+
+def run(args, *, env=None, cwd=None, capture_output=False, text=False, timeout=None):
+    """``subprocess.run``, forked warm where that gives the same process."""
+    pipe = subprocess.PIPE if capture_output else None
+    process = Popen(args, env=env, cwd=cwd, stdout=pipe, stderr=pipe, text=text)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        raise
+    return subprocess.CompletedProcess(args, process.poll(), out, err)
