@@ -53,3 +53,33 @@ def test_every_module_compiles_under_each_supported_python(version, tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_make_test_runs_the_suite_under_python_3_11_and_3_12():
+    """What CI runs (`make test`, dry): the suite once under .venv's Python and again under
+    3.12, whichever of the two .venv has."""
+    import re
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    missing = [v for v in ("3.11", "3.12") if interpreter(v) is None]
+    if missing:
+        pytest.skip(f"no python{' or python'.join(missing)} on this machine")
+    dry = subprocess.run(
+        ["make", "-n", "test"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    venv = re.findall(r"^\.venv/bin/python -m pytest .*$", dry.stdout, flags=re.M)
+    others = re.findall(r"^\.venv-(3\.\d+)/bin/python -m pytest ", dry.stdout, flags=re.M)
+    assert len(venv) == 1, dry.stdout[-3000:]
+    own = subprocess.run(
+        [str(ROOT / ".venv" / "bin" / "python"), "-c", "import sys; print(*sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.split()
+    assert sorted([".".join(own), *others]) == [
+        "3.11",
+        "3.12",
+    ], dry.stdout[-3000:]
