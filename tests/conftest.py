@@ -299,8 +299,14 @@ def preempt_and_resume(
             watchdog.cancel()
     assert process.returncode == EXIT_RETRY, errors.read_text()[-3000:]
     assert read_manifest(config["output"]) is None
-    resumed = warm.run(
-        command, capture_output=True, text=True, cwd=ROOT, timeout=STAGE_TIMEOUT_S, env=full_env
+    resumed = warm.run(  # fresh: the run it is compared with was forked (tests/warm.py)
+        command,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=STAGE_TIMEOUT_S,
+        env=full_env,
+        fresh=True,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from the checkpoint at step" in resumed.stdout

@@ -9,18 +9,29 @@ its own, with the given environment, folder, argument list, file descriptors and
 whose exit code, signals and output are those of the fresh process (the stage code is
 ``jobs.__main__.main``, the container's entrypoint, unchanged).
 
+Where a fork still differs from a fresh interpreter: every fork of one server has the same
+string-hash seed (a fresh process draws its own), so a test that compares two runs starts
+one of them fresh (``fresh=True``: the fault suite's uninterrupted run, a preempted run's
+resumption), and output that depended on set order would differ there; numpy's global
+generator is drawn anew in each fork, as in a fresh process. The child's ``sys.path`` is
+the test worker's (which holds the repository, as ``python -m`` from it does), and for
+``multiprocessing`` it is a forkserver child (no stage uses ``multiprocessing``).
+
 What a fork cannot give is what the libraries read from the environment while they are
 imported (thread counts, Hugging Face's folders, ``PYTHONPATH``). So a process runs warm
 only when its environment differs from the server's in variables read at run time, the
 ones ``RUN_TIME`` lists; any other difference, any other command, a CUDA machine (CUDA
 cannot be used in a child forked after its initialisation) and
 ``KUBERLHF_TEST_FRESH_PROCESSES=1`` start a fresh interpreter with ``subprocess``, as
-before. ``tests/unit/test_warm.py`` shows the two give the same stage outputs.
+before; so does Python 3.13, whose fork server drops the ``atexit`` handlers the preloaded
+libraries registered. ``tests/integration/test_warm.py`` shows the two give the same stage
+outputs.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -29,6 +40,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing import reduction
 from pathlib import Path
 
@@ -68,6 +80,11 @@ def preload() -> None:
     # nothing buffered here may reach a child's output
     sys.stdout.flush()
     sys.stderr.flush()
+    # forking is safe only from a process of one thread: a thread an import started would
+    # be missing in every child, with whatever lock it held
+    threads = len(os.listdir("/proc/self/task"))
+    if threading.active_count() != 1 or threads != 1:
+        raise RuntimeError(f"the warm server runs {threads} threads; it can fork with one only")
 
 
 if os.environ.get("KUBERLHF_WARM_SERVER") == "1" and multiprocessing.parent_process() is None:
@@ -92,6 +109,9 @@ def _child(argv, env, cwd, fds, new_session) -> None:
     """The stage, in the fork: as ``python -m jobs ...`` would start it."""
     import fcntl
 
+    if new_session:  # before anything else: the caller may signal the group at once
+        os.setsid()
+
     high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in fds]  # clear of 0-2 before the moves
     for fd in fds:
         os.close(fd)
@@ -100,19 +120,32 @@ def _child(argv, env, cwd, fds, new_session) -> None:
         os.close(fd)
     # as the interpreter sets it up: stdout line-buffered only to a terminal
     sys.stdout.reconfigure(line_buffering=os.isatty(1))
-    if new_session:
-        os.setsid()
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
+    if "numpy" in sys.modules:  # a fresh process seeds numpy's global generator anew
+        sys.modules["numpy"].random.seed()
     import jobs.__main__
 
     sys.argv = [jobs.__main__.__file__, *argv]
     try:
         code = jobs.__main__.main(argv)
     finally:
-        atexit._run_exitfuncs()  # what the interpreter runs on its way out, as a fresh one
+        # what the interpreter does on its way out, in its order: join the threads that are
+        # not daemons, then run the exit handlers
+        threading._shutdown()
+        atexit._run_exitfuncs()
     sys.exit(code)
+
+
+def _server_alive() -> bool:
+    pid = multiprocessing.forkserver._forkserver._forkserver_pid
+    if pid is None:
+        return False
+    try:
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return False
 
 
 def _context():
@@ -120,6 +153,10 @@ def _context():
     global _server_env
     context = multiprocessing.get_context("forkserver")
     with _lock:
+        if _server_env is not None and not _server_alive():
+            # multiprocessing would start another, silently, without the preload and with
+            # this moment's environment: a failure to see instead
+            raise RuntimeError("the warm stage server has died; see the worker's stderr")
         if _server_env is None:
             _server_env = dict(os.environ)
             context.set_forkserver_preload(["tests.warm"])
@@ -137,10 +174,17 @@ def _context():
     return context
 
 
-def available() -> bool:
+def available(env: dict[str, str] | None = None) -> bool:
     """Whether stages may run warm here: not where CUDA is (the GPU suite starts each
-    stage fresh), nor when ``KUBERLHF_TEST_FRESH_PROCESSES=1`` asks for fresh ones."""
-    if os.environ.get("KUBERLHF_TEST_FRESH_PROCESSES") == "1":
+    stage fresh), not under Python 3.13 or later (its fork server clears the exit handlers
+    the preload registered), nor when ``KUBERLHF_TEST_FRESH_PROCESSES=1`` (in the process's
+    environment or this one's) asks for fresh ones."""
+    if "1" in (
+        os.environ.get("KUBERLHF_TEST_FRESH_PROCESSES"),
+        (env or {}).get("KUBERLHF_TEST_FRESH_PROCESSES"),
+    ):
+        return False
+    if sys.version_info >= (3, 13):
         return False
     import torch
 
@@ -149,10 +193,11 @@ def available() -> bool:
 
 def _warm_argv(args: list[str], env: dict[str, str]) -> list[str] | None:
     """The stage's arguments when ``args`` may run warm in ``env``, else None."""
-    if len(args) < 3 or list(args[1:3]) != ["-m", "jobs"] or not available():
+    if len(args) < 3 or list(args[1:3]) != ["-m", "jobs"] or not available(env):
         return None
+    # this venv's interpreter itself (a link's target may be the bare Python without it)
     python = shutil.which(args[0], path=env.get("PATH"))
-    if python is None or os.path.realpath(python) != os.path.realpath(sys.executable):
+    if python is None or os.path.abspath(python) != os.path.abspath(sys.executable):
         return None
     server = dict(os.environ) if _server_env is None else _server_env
     changed = {k for k in env.keys() | server.keys() if env.get(k) != server.get(k)}
@@ -202,13 +247,22 @@ class WarmProcess:
         finally:
             for fd in ours:  # the child has its copies
                 os.close(fd)
+        # as for a subprocess child, the worker does not wait for it when it exits
+        multiprocessing.process._children.discard(self.process)
         for which, read in readers:
             setattr(self, which, open(read, "r" if text else "rb"))  # noqa: SIM115
         self.pid = self.process.pid
+        if start_new_session:  # its own group before the caller may signal it
+            with contextlib.suppress(ProcessLookupError):  # or it has ended already
+                while os.getpgid(self.pid) != self.pid:
+                    time.sleep(0.001)
 
     def poll(self) -> int | None:
         if self.returncode is None and not self.process.is_alive():
             self.process.join()
+            if self.process.exitcode == 255 and not _server_alive():
+                # the server's end of the status pipe closed: no exit code came back
+                raise RuntimeError(f"the warm stage server died while {self.args} ran")
             self.returncode = self.process.exitcode
         return self.returncode
 
@@ -221,6 +275,7 @@ class WarmProcess:
     def communicate(self, input=None, timeout: float | None = None):
         """Both pipes read to their end (a thread each, so neither fills), then the exit."""
         results: dict[str, object] = {}
+        deadline = None if timeout is None else time.monotonic() + timeout
 
         def drain(which: str) -> None:
             stream = getattr(self, which)
@@ -236,14 +291,16 @@ class WarmProcess:
             thread.start()
         self.wait(timeout)
         for thread in threads:
-            thread.join(timeout)
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if thread.is_alive():  # a grandchild keeps the pipe open
                 raise subprocess.TimeoutExpired(self.args, timeout)
         return results.get("stdout"), results.get("stderr")
 
     def send_signal(self, sig: int) -> None:
+        # the server reaps the child at once: one that just ended is gone, not a zombie
         if self.poll() is None:
-            os.kill(self.pid, sig)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
@@ -261,10 +318,12 @@ def Popen(
     stderr=None,
     text=False,
     start_new_session=False,
+    fresh=False,
 ):
-    """``subprocess.Popen``, forked warm where that gives the same process."""
+    """``subprocess.Popen``, forked warm where that gives the same process (``fresh``: a
+    fresh interpreter in any case)."""
     env = dict(os.environ if env is None else env)
-    stage_argv = _warm_argv(list(args), env)
+    stage_argv = None if fresh else _warm_argv(list(args), env)
     if stage_argv is None:
         return subprocess.Popen(
             args,
@@ -278,10 +337,10 @@ def Popen(
     return WarmProcess(args, stage_argv, env, cwd, stdout, stderr, text, start_new_session)
 
 
-def run(args, *, env=None, cwd=None, capture_output=False, text=False, timeout=None):
+def run(args, *, env=None, cwd=None, capture_output=False, text=False, timeout=None, fresh=False):
     """``subprocess.run``, forked warm where that gives the same process."""
     pipe = subprocess.PIPE if capture_output else None
-    process = Popen(args, env=env, cwd=cwd, stdout=pipe, stderr=pipe, text=text)
+    process = Popen(args, env=env, cwd=cwd, stdout=pipe, stderr=pipe, text=text, fresh=fresh)
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

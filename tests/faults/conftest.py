@@ -171,6 +171,7 @@ class Attempt:
         name: str,
         workdir: Path | None = None,
         env: dict[str, str] | None = None,
+        fresh: bool = False,
     ) -> None:
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
@@ -187,6 +188,7 @@ class Attempt:
                 cwd=ROOT,
                 env=env,
                 start_new_session=True,
+                fresh=fresh,
             )
         self.stdout = ""
 
