@@ -54,6 +54,8 @@ RUN_TIME = ("KUBERLHF_", "AWS_", "MLFLOW_", "WANDB_", "PYTEST_CURRENT_TEST")
 
 _server_env: dict[str, str] | None = None
 _lock = threading.Lock()
+_forked = False  # a process has started warm: from then on a failed start is a failure
+_refused: str | None = None  # why this worker's server could not serve: stages start fresh
 
 
 def preload() -> None:
@@ -84,7 +86,9 @@ def preload() -> None:
     # be missing in every child, with whatever lock it held
     threads = len(os.listdir("/proc/self/task"))
     if threading.active_count() != 1 or threads != 1:
-        raise RuntimeError(f"the warm server runs {threads} threads; it can fork with one only")
+        # (PyTorch starts its OpenMP pool while it is imported unless OMP_NUM_THREADS=1,
+        # the suite's setting on two cores): the server leaves, and stages start fresh
+        raise SystemExit(f"the warm stage server runs {threads} threads; it forks with one only")
 
 
 if os.environ.get("KUBERLHF_WARM_SERVER") == "1" and multiprocessing.parent_process() is None:
@@ -244,6 +248,10 @@ class WarmProcess:
         )
         try:
             self.process.start()
+        except BaseException:
+            for _, read in readers:
+                os.close(read)
+            raise
         finally:
             for fd in ours:  # the child has its copies
                 os.close(fd)
@@ -322,19 +330,36 @@ def Popen(
 ):
     """``subprocess.Popen``, forked warm where that gives the same process (``fresh``: a
     fresh interpreter in any case)."""
+    global _forked, _refused
     env = dict(os.environ if env is None else env)
     stage_argv = None if fresh else _warm_argv(list(args), env)
-    if stage_argv is None:
-        return subprocess.Popen(
-            args,
-            env=env,
-            cwd=cwd,
-            stdout=stdout,
-            stderr=stderr,
-            text=text,
-            start_new_session=start_new_session,
-        )
-    return WarmProcess(args, stage_argv, env, cwd, stdout, stderr, text, start_new_session)
+    if stage_argv is not None and _refused is None:
+        try:
+            process = WarmProcess(
+                args, stage_argv, env, cwd, stdout, stderr, text, start_new_session
+            )
+        except (EOFError, ConnectionError) as exc:
+            if _forked:  # it served, then died: not to be passed over
+                raise RuntimeError("the warm stage server has died; see its stderr") from exc
+            _refused = "the warm stage server did not start (its reason is on stderr)"
+            print(f"tests/warm.py: {_refused}; stages start fresh", file=sys.stderr)
+        else:
+            _forked = True
+            return process
+    return subprocess.Popen(
+        args,
+        env=env,
+        cwd=cwd,
+        stdout=stdout,
+        stderr=stderr,
+        text=text,
+        start_new_session=start_new_session,
+    )
+
+
+def refused() -> str | None:
+    """Why this worker's warm server could not serve, if it could not."""
+    return _refused
 
 
 def run(args, *, env=None, cwd=None, capture_output=False, text=False, timeout=None, fresh=False):
