@@ -59,12 +59,14 @@ _refused: str | None = None  # why this worker's server could not serve: stages 
 
 
 def preload() -> None:
-    """In the server, once: what ``python -m jobs`` sets before any import
-    (``jobs.__main__``), then the imports every stage pays for."""
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # a child's stderr is no tty
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the server runs on CPU machines only
+    """In the server, once: what ``python -m jobs`` sets before any import, by its own
+    functions, then the imports every stage pays for."""
     import importlib
+
+    from jobs.__main__ import configure_cuda_allocator, quiet_libraries
+
+    configure_cuda_allocator()
+    quiet_libraries()
 
     import torch  # noqa: F401
     import torch.utils.tensorboard  # noqa: F401
@@ -77,7 +79,6 @@ def preload() -> None:
     import_deepspeed()
     for module in STAGES.values():
         importlib.import_module(module)
-    import jobs.__main__  # noqa: F401
 
     # nothing buffered here may reach a child's output
     sys.stdout.flush()
