@@ -7,11 +7,13 @@ test worker keeps a fork server (``multiprocessing``'s, the standard library's) 
 imported those once, and ``python -m jobs STAGE ...`` is run as a fork of it: a process of
 its own, with the given environment, folder, argument list, file descriptors and session,
 whose exit code, signals and output are those of the fresh process (the stage code is
-``jobs.__main__.main``, the container's entrypoint, unchanged).
+``jobs.__main__.main``, the container's entrypoint, unchanged). ``python -m pipeline.cli``
+(`rlhf run`) runs warm the same way, and its local backend then starts each stage through
+the same server: the demo pipeline, the fault suite's and the tiny recipes' are run so.
 
 Where a fork still differs from a fresh interpreter: every fork of one server has the same
 string-hash seed (a fresh process draws its own), so a test that compares two runs starts
-one of them fresh (``fresh=True``: the fault suite's uninterrupted run, a preempted run's
+one of them fresh (``fresh=True``: the fault suite's uninterrupted runs, a preempted run's
 resumption), and output that depended on set order would differ there; numpy's global
 generator is drawn anew in each fork, as in a fresh process. The child's ``sys.path`` is
 the test worker's (which holds the repository, as ``python -m`` from it does), and for
@@ -20,7 +22,9 @@ the test worker's (which holds the repository, as ``python -m`` from it does), a
 What a fork cannot give is what the libraries read from the environment while they are
 imported (thread counts, Hugging Face's folders, ``PYTHONPATH``). So a process runs warm
 only when its environment differs from the server's in variables read at run time, the
-ones ``RUN_TIME`` lists; any other difference, any other command, a CUDA machine (CUDA
+ones ``RUN_TIME`` lists, in ``PYTHONUNBUFFERED`` (whose effect on the output streams the
+child sets up itself) and in the interpreter's own folder in front of ``PATH`` (where the
+local backend puts it); any other difference, any other command, a CUDA machine (CUDA
 cannot be used in a child forked after its initialisation) and
 ``KUBERLHF_TEST_FRESH_PROCESSES=1`` start a fresh interpreter with ``subprocess``, as
 before; so does Python 3.13, whose fork server drops the ``atexit`` handlers the preloaded
@@ -32,6 +36,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
+import importlib
+import io
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -48,21 +55,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Read when the stage runs, not when a library is imported: the store's S3 settings
 # (botocore reads them per client), the stage's own settings (jobs reads none at import),
-# the trackers' (MLflow and W&B are imported by their sinks, never by the server), and
-# pytest's note of the running test.
-RUN_TIME = ("KUBERLHF_", "AWS_", "MLFLOW_", "WANDB_", "PYTEST_CURRENT_TEST")
+# the trackers' (MLflow and W&B are imported by their sinks, never by the server), pytest's
+# note of the running test, and the tokenizers library's thread switch (its Rust side reads
+# the variable each time it decides, from the process's environment, which the child sets).
+RUN_TIME = (
+    "KUBERLHF_",
+    "AWS_",
+    "MLFLOW_",
+    "WANDB_",
+    "PYTEST_CURRENT_TEST",
+    "TOKENIZERS_PARALLELISM",
+)
+# What the warm processes are: the container's entrypoint, and the submitter (whose local
+# backend then starts its stages warm as well).
+MODULES = ("jobs", "pipeline.cli")
 
 _server_env: dict[str, str] | None = None
 _lock = threading.Lock()
 _forked = False  # a process has started warm: from then on a failed start is a failure
 _refused: str | None = None  # why this worker's server could not serve: stages start fresh
+_in_fork = False  # this process is itself a warm one (`rlhf run`), served by its server
 
 
 def preload() -> None:
     """In the server, once: what ``python -m jobs`` sets before any import, by its own
     functions, then the imports every stage pays for."""
-    import importlib
-
     from jobs.__main__ import configure_cuda_allocator, quiet_libraries
 
     configure_cuda_allocator()
@@ -110,8 +127,8 @@ def _detach(duplicate) -> int:
     return duplicate.detach()
 
 
-def _child(argv, env, cwd, fds, new_session) -> None:
-    """The stage, in the fork: as ``python -m jobs ...`` would start it."""
+def _child(module, argv, env, cwd, fds, new_session, server_env) -> None:
+    """The process, in the fork: as ``python -m MODULE ...`` would start it."""
     import fcntl
 
     if new_session:  # before anything else: the caller may signal the group at once
@@ -123,24 +140,47 @@ def _child(argv, env, cwd, fds, new_session) -> None:
     for target, fd in enumerate(high):
         os.dup2(fd, target)
         os.close(fd)
-    # as the interpreter sets it up: stdout line-buffered only to a terminal
-    sys.stdout.reconfigure(line_buffering=os.isatty(1))
+    if env.get("PYTHONUNBUFFERED"):
+        # as ``-u`` sets them up: text written through to unbuffered files, at once
+        for name, fd in (("stdout", 1), ("stderr", 2)):
+            old = getattr(sys, name)
+            raw = io.FileIO(fd, "w", closefd=False)
+            new = io.TextIOWrapper(raw, old.encoding, old.errors, write_through=True)
+            setattr(sys, name, new)
+    else:
+        # as the interpreter sets it up: stdout line-buffered only to a terminal
+        sys.stdout.reconfigure(line_buffering=os.isatty(1))
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
     if "numpy" in sys.modules:  # a fresh process seeds numpy's global generator anew
         sys.modules["numpy"].random.seed()
-    import jobs.__main__
-
-    sys.argv = [jobs.__main__.__file__, *argv]
+    if module == "pipeline.cli":
+        _serve_stages(server_env)
+    entry = importlib.import_module("jobs.__main__" if module == "jobs" else module)
+    sys.argv = [entry.__file__, *argv]
     try:
-        code = jobs.__main__.main(argv)
+        code = entry.main(argv)
     finally:
         # what the interpreter does on its way out, in its order: join the threads that are
         # not daemons, then run the exit handlers
         threading._shutdown()
         atexit._run_exitfuncs()
     sys.exit(code)
+
+
+def _serve_stages(server_env: dict[str, str]) -> None:
+    """In a warm ``rlhf run``: its local backend starts each stage with ``run`` below, so
+    through the server that forked this process (whose address and liveness pipe it holds
+    already), compared with that server's environment."""
+    global _server_env, _forked, _in_fork
+    _server_env, _forked, _in_fork = server_env, True, True
+    # multiprocessing would start a server of its own here, since it knows the one that
+    # forked this process by its address only: that one serves
+    multiprocessing.forkserver._forkserver.ensure_running = lambda: None
+    import pipeline.backends.local as local
+
+    local.LocalBackend = functools.partial(local.LocalBackend, runner=run)
 
 
 def _server_alive() -> bool:
@@ -157,6 +197,8 @@ def _context():
     """The fork server, started on first use with the environment of that moment."""
     global _server_env
     context = multiprocessing.get_context("forkserver")
+    if _in_fork:
+        return context
     with _lock:
         if _server_env is not None and not _server_alive():
             # multiprocessing would start another, silently, without the preload and with
@@ -196,9 +238,21 @@ def available(env: dict[str, str] | None = None) -> bool:
     return not torch.cuda.is_available()
 
 
-def _warm_argv(args: list[str], env: dict[str, str]) -> list[str] | None:
-    """The stage's arguments when ``args`` may run warm in ``env``, else None."""
-    if len(args) < 3 or list(args[1:3]) != ["-m", "jobs"] or not available(env):
+def _own_path(path: str | None) -> list[str]:
+    """PATH without the interpreter's own folder in front, which the local backend puts
+    there so that ``python`` is this one. The preload's imports look no program up on PATH
+    (checked with an audit hook and ``shutil.which`` watched: under 3.12 they run
+    ``/sbin/ldconfig`` by its full path, and nothing else)."""
+    entries = (path or "").split(os.pathsep)
+    own = str(Path(sys.executable).parent)
+    while entries and entries[0] == own:
+        entries.pop(0)
+    return entries
+
+
+def _warm_command(args: list[str], env: dict[str, str]) -> tuple[str, list[str]] | None:
+    """The module and its arguments when ``args`` may run warm in ``env``, else None."""
+    if len(args) < 3 or args[1] != "-m" or args[2] not in MODULES or not available(env):
         return None
     # this venv's interpreter itself (a link's target may be the bare Python without it)
     python = shutil.which(args[0], path=env.get("PATH"))
@@ -206,9 +260,12 @@ def _warm_argv(args: list[str], env: dict[str, str]) -> list[str] | None:
         return None
     server = dict(os.environ) if _server_env is None else _server_env
     changed = {k for k in env.keys() | server.keys() if env.get(k) != server.get(k)}
+    if _own_path(env.get("PATH")) == _own_path(server.get("PATH")):
+        changed.discard("PATH")
+    changed.discard("PYTHONUNBUFFERED")  # the child sets its output up as ``-u`` does
     if any(not name.startswith(RUN_TIME) for name in changed):
         return None
-    return [str(a) for a in args[3:]]
+    return args[2], [str(a) for a in args[3:]]
 
 
 def _fileno(stream, default: int) -> int:
@@ -220,7 +277,7 @@ def _fileno(stream, default: int) -> int:
 class WarmProcess:
     """The part of ``subprocess.Popen`` the tests use, for a stage forked warm."""
 
-    def __init__(self, args, stage_argv, env, cwd, stdout, stderr, text, start_new_session):
+    def __init__(self, args, command, env, cwd, stdout, stderr, text, start_new_session):
         self.args, self.returncode = args, None
         self.stdout = self.stderr = None
         readers, child_fds, ours = [], [], []
@@ -237,14 +294,16 @@ class WarmProcess:
         devnull = os.open(os.devnull, os.O_RDONLY)
         ours.append(devnull)
         fds = [devnull, *child_fds]
-        self.process = _context().Process(
+        context = _context()  # which sets the server's environment on its first start
+        self.process = context.Process(
             target=_child,
             args=(
-                stage_argv,
+                *command,
                 dict(env),
                 str(cwd or os.getcwd()),
                 [_Fd(fd) for fd in fds],
                 start_new_session,
+                _server_env,
             ),
         )
         try:
@@ -269,7 +328,7 @@ class WarmProcess:
     def poll(self) -> int | None:
         if self.returncode is None and not self.process.is_alive():
             self.process.join()
-            if self.process.exitcode == 255 and not _server_alive():
+            if self.process.exitcode == 255 and not _in_fork and not _server_alive():
                 # the server's end of the status pipe closed: no exit code came back
                 raise RuntimeError(f"the warm stage server died while {self.args} ran")
             self.returncode = self.process.exitcode
@@ -333,12 +392,10 @@ def Popen(
     fresh interpreter in any case)."""
     global _forked, _refused
     env = dict(os.environ if env is None else env)
-    stage_argv = None if fresh else _warm_argv(list(args), env)
-    if stage_argv is not None and _refused is None:
+    command = None if fresh else _warm_command(list(args), env)
+    if command is not None and _refused is None:
         try:
-            process = WarmProcess(
-                args, stage_argv, env, cwd, stdout, stderr, text, start_new_session
-            )
+            process = WarmProcess(args, command, env, cwd, stdout, stderr, text, start_new_session)
         except (EOFError, ConnectionError) as exc:
             if _forked:  # it served, then died: not to be passed over
                 raise RuntimeError("the warm stage server has died; see its stderr") from exc
@@ -346,7 +403,9 @@ def Popen(
             print(f"tests/warm.py: {_refused}; stages start fresh", file=sys.stderr)
         else:
             _forked = True
+            _note("warm", args, env)
             return process
+    _note("fresh", args, env)
     return subprocess.Popen(
         args,
         env=env,
@@ -356,6 +415,14 @@ def Popen(
         text=text,
         start_new_session=start_new_session,
     )
+
+
+def _note(kind: str, args, env: dict[str, str]) -> None:
+    """One line for each process started, in the file ``KUBERLHF_TEST_WARM_LOG`` names, so
+    that a test can see how the processes of another (a warm ``rlhf run``) started."""
+    if log := env.get("KUBERLHF_TEST_WARM_LOG"):
+        with open(log, "a") as out:
+            out.write(f"{kind} {' '.join(str(a) for a in args[1:])}\n")
 
 
 def refused() -> str | None:

@@ -23,6 +23,7 @@ import yaml
 
 from jobs import store
 from jobs.contract import read_manifest, run_stage
+from tests import warm
 from tests.conftest import ROOT, free_port, run_entrypoint, with_dropout
 
 pytestmark = pytest.mark.slow
@@ -85,7 +86,7 @@ def demo(tmp_path_factory, tracking) -> Path:
         "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
         "KUBERLHF_TEST_TOKEN": CANARY,
     }
-    result = subprocess.run(
+    result = warm.run(  # its stages forked warm too (tests/warm.py)
         [sys.executable, "-m", "pipeline.cli", "run", "examples/demo.yaml", "--store", str(runs)],
         cwd=ROOT,
         capture_output=True,

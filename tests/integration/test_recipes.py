@@ -4,7 +4,6 @@ each runs end to end on CPU."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import kubernetes_validate
@@ -13,6 +12,7 @@ import pytest
 from jobs.contract import require_finished
 from pipeline.charts import client_model, render_stage
 from pipeline.config import plan
+from tests import warm
 from tests.conftest import ROOT
 
 RECIPES = {
@@ -50,7 +50,7 @@ END_TO_END = [name for name in RECIPES if name not in ("stablevicuna", "vaiv-kor
 @pytest.mark.slow
 @pytest.mark.parametrize("name", END_TO_END)
 def test_tiny_variant_runs_end_to_end(name, tmp_path):
-    result = subprocess.run(
+    result = warm.run(  # its stages forked warm too (tests/warm.py)
         [
             sys.executable,
             "-m",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 
 from jobs.errors import EXIT_BAD_INPUT
 from tests import warm
-from tests.conftest import ROOT
+from tests.conftest import ROOT, pipeline_file
 from tests.faults.conftest import timing
 
 pytestmark = pytest.mark.skipif(
@@ -65,6 +66,73 @@ def test_a_stage_forked_warm_ends_as_the_fresh_process_ends(tiny, tiny_data, tmp
     for name, tensor in weights.items():
         assert again[name].equal(tensor), name
     assert logged == logged_again and len(logged) >= 6
+
+
+def test_a_pipeline_run_warm_starts_its_stages_warm_and_ends_as_a_fresh_one(
+    tiny, tiny_data, tmp_path
+):
+    """`rlhf run` forked warm starts its local stages through the same server (the stage's
+    environment adds the launch's variables, ``PYTHONUNBUFFERED`` and the interpreter's
+    folder on PATH, none of them read while a library is imported); the run's outputs, exit
+    and output lines are the fresh run's."""
+    stages = {
+        "sft": {
+            "config": {
+                "model": str(tiny / "model"),
+                "data": str(tiny_data),
+                "max_seq_len": 64,
+                "max_steps": 3,
+                "eval_every": 3,
+                "log_every": 1,
+                "seed": 5,
+                "train": {"learning_rate": 3e-3, "micro_batch_size": 8},
+            }
+        },
+        "merge": {"config": {"base": str(tiny / "model"), "other": "${sft.output}/model"}},
+    }
+    results = {}
+    for how, start in (("fresh", subprocess.run), ("warm", warm.run)):
+        path = pipeline_file(tmp_path / how, stages, name="warmth")
+        log = tmp_path / f"{how}.log"
+        result = start(
+            [sys.executable, "-m", "pipeline.cli", "run", str(path)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "KUBERLHF_TEST_WARM_LOG": str(log)},
+        )
+        skip_if_refused()
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        runs = tmp_path / how / "runs" / "warmth"
+        lines = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")]
+        results[how] = (
+            {
+                stage: load_file(str(runs / stage / "model" / "model.safetensors"))
+                for stage in stages
+            },
+            [{k: v for k, v in line.items() if not timing(k)} for line in lines],
+            [  # what it said, but for its folder and the figures that measure the clock
+                re.sub(r"([\w.]+)=\S+?(,|$)", lambda m: "" if timing(m[1]) else m[0], x).replace(
+                    str(tmp_path / how), "FOLDER"
+                )
+                for x in result.stdout.splitlines()
+                if not x.startswith("{")
+            ],
+        )
+        started = log.read_text().splitlines() if log.exists() else []
+        if how == "warm":  # `rlhf run`'s start, then its stages', noted by it
+            run = f"warm -m pipeline.cli run {path}"
+            assert started == [run, "warm -m jobs sft", "warm -m jobs merge"]
+        else:  # a fresh `rlhf run` starts its stages with subprocess, not tests/warm.py
+            assert started == []
+    (weights, logged, said), (again, logged_again, said_again) = results["fresh"], results["warm"]
+    for stage, tensors in weights.items():
+        assert again[stage].keys() == tensors.keys()
+        for name, tensor in tensors.items():
+            assert again[stage][name].equal(tensor), (stage, name)
+    assert logged == logged_again and len(logged) >= 4
+    assert said == said_again and len(said) >= 4
 
 
 def test_a_process_whose_imports_would_differ_starts_fresh(tmp_path):
