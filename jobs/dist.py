@@ -40,19 +40,57 @@ def device():
     return torch.device("cpu")
 
 
+# How long a collective may take before its ranks give up. For the tensors' group:
+# DeepSpeed's and TRL's default (torch's own for NCCL is 10 minutes). For the waits: the
+# ranks that wait at a barrier while one rank per node moves a model or a checkpoint through
+# the store (a 13B model's checkpoint is some 200 GB) or rank 0 publishes the output.
+COLLECTIVE_TIMEOUT = ("KUBERLHF_COLLECTIVE_TIMEOUT_S", 1800)
+WAIT_TIMEOUT = ("KUBERLHF_WAIT_TIMEOUT_S", 4 * 3600)
+
+# The group the waits and the object collectives run on: gloo, on the host, whatever the
+# backend of the tensors' group. On NCCL a barrier is an all-reduce on the GPU that NCCL's
+# watchdog aborts (SIGABRT, every rank) once it has waited longer than the group's timeout;
+# a gloo barrier waits on the host as long as its own group allows, and a peer that died
+# ends it at once (its connection closes).
+_host_group = None  # None: the default group (one that DeepSpeed started itself)
+
+
+def timeout(setting: tuple[str, int]):
+    """The timeout ``setting`` names: its environment variable's seconds, else its default."""
+    from datetime import timedelta
+
+    from jobs.errors import BadInputError
+
+    name, default = setting
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return timedelta(seconds=default)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise BadInputError(f"{name}={raw!r}: give a number of seconds above 0")
+    return timedelta(seconds=seconds)
+
+
 def init() -> None:
-    """Join the process group torchrun describes (gloo on CPU, nccl on GPUs)."""
+    """Join the process group torchrun describes (gloo on CPU, nccl on GPUs), with the
+    collective timeout, and the host group for the waits."""
+    global _host_group
+    collective, wait = timeout(COLLECTIVE_TIMEOUT), timeout(WAIT_TIMEOUT)  # checked in any case
     if world_size() == 1:
         return
     import torch
     import torch.distributed as torch_dist
 
-    if torch_dist.is_initialized():
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank())
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    torch_dist.init_process_group(backend=backend)
+    if not torch_dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank())
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch_dist.init_process_group(backend=backend, timeout=collective)
+    if _host_group is None:  # every rank gets here at the same point: creating it is collective
+        _host_group = torch_dist.new_group(backend="gloo", timeout=wait)
 
 
 def shutdown() -> None:
@@ -62,12 +100,14 @@ def shutdown() -> None:
     its 0, 65 or 75 into a bug for torchrun; NCCL warns and may block a peer. Called on the
     stage's own exits only (done, bad input, retry): after an unexpected error a rank may be
     inside a collective, where destroying the group can hang (torchtitan #1342)."""
+    global _host_group
     if world_size() == 1:
         return
     import torch.distributed as torch_dist
 
     if torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
+        torch_dist.destroy_process_group()  # every group, the host group with it
+    _host_group = None
 
 
 _SAID: set[str] = set()
@@ -99,9 +139,11 @@ def _collective_device(torch_dist):
 
 
 def barrier() -> None:
+    """Wait for every rank, on the host: as long as the wait timeout allows, since a rank
+    may be moving a model or a checkpoint through the store meanwhile."""
     group = _group()
     if group is not None:
-        group.barrier()
+        group.barrier(group=_host_group)
 
 
 def all_reduce_sum(tensor):
@@ -146,7 +188,7 @@ def all_gather_object(obj) -> list:
     if group is None:
         return [obj]
     gathered: list = [None] * world_size()
-    group.all_gather_object(gathered, obj)
+    group.all_gather_object(gathered, obj, group=_host_group)
     return gathered
 
 
@@ -156,5 +198,5 @@ def broadcast_object(obj):
     if group is None:
         return obj
     box = [obj]
-    group.broadcast_object_list(box, src=0)
+    group.broadcast_object_list(box, src=0, group=_host_group)
     return box[0]

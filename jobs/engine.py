@@ -184,7 +184,9 @@ def init_distributed() -> None:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
+    deepspeed.init_distributed(
+        dist_backend="gloo" if cpu else "nccl", timeout=dist.timeout(dist.COLLECTIVE_TIMEOUT)
+    )
 
 
 def training_dtype(precision: str):

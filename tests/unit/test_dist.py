@@ -4,6 +4,9 @@ evaluation shards are the same length on every rank."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,8 @@ import torch
 
 from jobs import dist
 from jobs.batches import padded_shard, shard
+from jobs.errors import BadInputError
+from tests.conftest import ROOT, free_port
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 # (gather and scatter are tensor methods too; the import check catches torch.distributed's)
@@ -84,3 +89,80 @@ def test_without_a_process_group_the_helpers_are_the_identity():
     assert dist.all_gather_object({"a": 1}) == [{"a": 1}]
     assert dist.any_rank(True) and not dist.any_rank(False)
     assert dist.all_ranks(True) and not dist.all_ranks(False)
+
+
+# Two ranks: rank 0 is busy (as when it moves a checkpoint through the store) for longer
+# than the tensors' collective timeout before each wait, while rank 1 waits for it.
+WAITING = """
+import os, sys, time
+import torch
+from jobs import dist
+
+dist.init()
+for wait in sys.argv[2:]:
+    if dist.rank() == 0:
+        time.sleep(float(sys.argv[1]))
+    try:
+        if wait == "barrier":
+            dist.barrier()
+        elif wait == "broadcast_object":
+            assert dist.broadcast_object({"step": dist.rank()}) == {"step": 0}
+        else:
+            dist.all_reduce_sum(torch.ones(1, device=dist.device()))
+    except Exception as exc:
+        print(f"{wait}: gave up: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        os._exit(0)
+    print(f"{wait}: done", flush=True)
+os._exit(0)
+"""
+
+
+def two_ranks_waiting(waits: list[str], busy_s: float, collective_s: float) -> list[str]:
+    """What rank 1 printed, waiting ``busy_s`` for rank 0 at each of ``waits``, with the
+    collective timeout ``collective_s`` (the wait timeout long)."""
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": "2",
+        "KUBERLHF_COLLECTIVE_TIMEOUT_S": str(collective_s),
+        "KUBERLHF_WAIT_TIMEOUT_S": "120",
+    }
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", WAITING, str(busy_s), *waits],
+            cwd=ROOT,
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [rank.communicate(timeout=300) for rank in ranks]
+    return outputs[1][0].splitlines() or [outputs[1][1][-2000:]]
+
+
+def test_ranks_wait_at_a_barrier_longer_than_a_collective_may_take():
+    """The waits (barriers, object collectives) run on a host group with the long wait
+    timeout: on NCCL, a barrier is a GPU collective whose watchdog kills every rank after
+    the group's timeout (torch's default 10 minutes), which a rank moving a large checkpoint
+    through the store outlasts. The tensors' collectives keep the collective timeout: the
+    same wait in an all-reduce gives up (the control, showing the timeout is in force)."""
+    waited = two_ranks_waiting(["barrier", "broadcast_object", "all_reduce_sum"], 4, 1)
+    assert waited[:2] == ["barrier: done", "broadcast_object: done"], waited
+    assert waited[2].startswith("all_reduce_sum: gave up:"), waited
+    assert "timed out" in waited[2].lower(), waited[2]
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5"])
+def test_a_timeout_that_is_not_a_number_of_seconds_is_a_bad_input(monkeypatch, value):
+    monkeypatch.setenv("KUBERLHF_WAIT_TIMEOUT_S", value)
+    with pytest.raises(BadInputError, match=f"KUBERLHF_WAIT_TIMEOUT_S='{value}': give a num"):
+        dist.init()  # a stage's first step, in one process as in several
+    with pytest.raises(BadInputError, match=f"KUBERLHF_WAIT_TIMEOUT_S='{value}': give a num"):
+        dist.timeout(dist.WAIT_TIMEOUT)
+    monkeypatch.setenv("KUBERLHF_WAIT_TIMEOUT_S", "90")
+    assert dist.timeout(dist.WAIT_TIMEOUT).total_seconds() == 90
+    monkeypatch.delenv("KUBERLHF_WAIT_TIMEOUT_S")
+    assert dist.timeout(dist.WAIT_TIMEOUT).total_seconds() == dist.WAIT_TIMEOUT[1]
