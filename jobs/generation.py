@@ -84,13 +84,31 @@ def eos_ids_of(model, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def cache_options(config: SamplingConfig) -> dict:
+def gathered_per_token(model) -> bool:
+    """Whether ``model``'s weights are ZeRO-3 partitions that DeepSpeed's hooks gather
+    layer by layer at every forward (``engine.for_generation`` when they do not fit)."""
+    return any(
+        getattr(getattr(p, "ds_status", None), "name", None) == "NOT_AVAILABLE"
+        for p in model.parameters()
+    )
+
+
+def cache_options(config: SamplingConfig, model=None) -> dict:
     """``generate`` options of the KV cache asked for (transformers' default: dynamic) and
-    of compiling its decode step."""
+    of compiling its decode step. Never compiled over weights gathered at every token:
+    the gathered weights land in new buffers at each forward, which a CUDA graph (replaying
+    the addresses it captured) would not read, and dynamo breaks its graph at every hook."""
     if config.cache != "static":
         return {}
     options: dict = {"cache_implementation": "static"}
-    if config.compile_decode is False:
+    if model is not None and gathered_per_token(model):
+        if config.compile_decode:
+            dist.say_once(
+                "generation: compile_decode is not used: the actor's ZeRO-3 weights are "
+                "gathered at every token (they do not fit on the device at once)"
+            )
+        options["disable_compile"] = True
+    elif config.compile_decode is False:
         options["disable_compile"] = True
     elif config.compile_decode:
         from transformers import CompileConfig
@@ -176,7 +194,7 @@ def sample(
             eos_token_id=sorted(eos),
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,
-            **cache_options(sampling),
+            **cache_options(sampling, model),
             # Under ZeRO-3 every rank must run every forward: ranks that finish early keep
             # stepping until all have, or the parameter all-gathers hang.
             synced_gpus=synced_gpus and dist.world_size() > 1,

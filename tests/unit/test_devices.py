@@ -148,6 +148,45 @@ def test_training_models_load_in_their_precision_and_partitioned_under_zero3(tin
     assert not any(hasattr(p, "ds_id") for p in frozen.parameters())
 
 
+def test_weights_gathered_at_every_token_are_never_compiled_over(tiny, monkeypatch):
+    """ZeRO-3 weights too large for the device are gathered layer by layer at every decode
+    step, into new buffers each time: a compiled (CUDA-graph) decode step would replay the
+    addresses it captured, so the static cache runs eager there, whatever compile_decode
+    says; gathered once per rollout, the decode step is compiled as asked."""
+    from transformers import AutoModelForCausalLM
+
+    from jobs.generation import SamplingConfig, cache_options, gathered_per_token, sample
+    from jobs.models import load_tokenizer
+    from tests.conftest import free_port
+
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    path = str(tiny / "model")
+    cfg = engine.EngineConfig(zero_stage=3)
+    actor = engine.initialize(engine.load_model(AutoModelForCausalLM, path, cfg), cfg, 1)
+    compiled = SamplingConfig(
+        cache="static", compile_decode=True, do_sample=False, max_new_tokens=4
+    )
+    tokenizer = load_tokenizer(path)
+    with engine.for_generation(actor, gather=False) as (model, _):
+        assert gathered_per_token(model)
+        assert cache_options(compiled, model) == {
+            "cache_implementation": "static",
+            "disable_compile": True,
+        }
+        # and generate takes it so: nothing compiled, the tokens those of the dynamic cache
+        eos, prompts = {tokenizer.eos_token_id}, ["Hi", "Tell me"]
+        static = sample(model, tokenizer, prompts, compiled, eos, seed=1)
+        assert not hasattr(model, "_compiled_call")
+        dynamic = compiled.model_copy(update={"cache": "dynamic", "compile_decode": None})
+        assert static.sequences.equal(sample(model, tokenizer, prompts, dynamic, eos, 1).sequences)
+    with engine.for_generation(actor, gather=True) as (model, _):
+        assert not gathered_per_token(model)
+        assert "compile_config" in cache_options(compiled, model)
+
+
 def test_training_models_use_the_attention_kernel_asked_for(tiny):
     """``train.attn_implementation`` reaches the model (SFT, reward, DPO's policy and its
     reference, C-RLFT load through engine.model_options); a kernel whose package or GPU
