@@ -124,14 +124,15 @@ def pair_logps(model, items, pad_id: int, average: bool) -> tuple[torch.Tensor, 
 @torch.no_grad()
 def reference_logps(model, items, pad_id: int, average: bool, batch_size: int) -> torch.Tensor:
     """[n, 2]: the reference's log-probs of chosen and rejected of every pair; each rank
-    computes its share and every rank gets all of them."""
-    indices = shard(len(items), dist.rank(), dist.world_size())
+    computes its share and every rank gets all of them. The shares are padded to one length
+    (a partitioned reference's every forward is a collective); the padding is dropped."""
+    indices, real = padded_shard(len(items), dist.rank(), dist.world_size())
     rows = []
     for start in range(0, len(indices), batch_size):
         chunk = [items[i] for i in indices[start : start + batch_size]]
         chosen, rejected = pair_logps(model, chunk, pad_id, average)
         rows.append(torch.stack([chosen, rejected], dim=1).float().cpu())
-    mine = torch.cat(rows) if rows else torch.zeros(0, 2)
+    mine = torch.cat(rows)[torch.tensor(real, dtype=torch.bool)] if rows else torch.zeros(0, 2)
     out = torch.zeros(len(items), 2)
     for rank, part in enumerate(dist.all_gather_object(mine)):
         out[shard(len(items), rank, dist.world_size())] = part
@@ -203,13 +204,30 @@ def run(config: Config, ctx: StageContext) -> dict:
         ref = {split: kept[split] for split in splits}
     else:
         reference_path = model_source(ctx, config.reference) if config.reference else source
-        reference = AutoModelForCausalLM.from_pretrained(
-            reference_path, **engine.model_options(cfg)
-        ).to(dist.device())
+        if cfg.zero_stage == 3:
+            # Partitioned over the ranks as the policy will be (an inference-only ZeRO-3
+            # engine, as PPO's frozen models): a model trained under ZeRO-3 need not fit
+            # whole on one GPU, nor a full copy per rank in host memory.
+            frozen = engine.frozen_config(3, False, cfg.precision)
+            options = {k: v for k, v in engine.model_options(cfg).items() if k != "dtype"}
+            reference = engine.initialize_frozen(
+                engine.load_frozen(
+                    AutoModelForCausalLM, reference_path, frozen, cfg.precision, **options
+                ),
+                frozen,
+            )
+            dist.say_once("dpo: the reference is partitioned over the ranks (ZeRO-3)")
+        else:
+            reference = AutoModelForCausalLM.from_pretrained(
+                reference_path, **engine.model_options(cfg)
+            ).to(dist.device())
+        reference.eval()  # (a DeepSpeed engine's eval returns nothing)
         ref = {
-            split: reference_logps(reference.eval(), items, pad_id, average, cfg.micro_batch_size)
+            split: reference_logps(reference, items, pad_id, average, cfg.micro_batch_size)
             for split, items in splits.items()
         }
+        if cfg.zero_stage == 3:
+            reference.destroy()  # its hooks and partitions, before the policy's engine
         del reference
         free_memory()
         if dist.is_main():

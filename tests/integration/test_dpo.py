@@ -218,7 +218,8 @@ def test_two_processes_under_zero3_evaluate_uneven_shards_as_one(
     """17 held-out pairs over 2 ranks in micro-batches of 4: rank 0 has 3 batches, rank 1
     has 2. Under ZeRO-3 every forward is a collective, so unpadded shards hang; padded ones
     must give the single process's metrics, and the reference log-probs each rank computes
-    for its share, gathered, must be the single process's."""
+    for its share with the reference partitioned over both, gathered, must be the single
+    process's (with the whole reference)."""
     from jobs.contract import StageConfig, run_stage
 
     data = pairs_output(tiny_data, tmp_path / "pairs", n_train=40, n_eval=17)
@@ -256,6 +257,10 @@ def test_two_processes_under_zero3_evaluate_uneven_shards_as_one(
         timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # partitioned too (a model trained under ZeRO-3 need not fit whole on one GPU), and its
+    # log-probs the single process's whole reference's (the metrics below)
+    assert "dpo: the reference is partitioned over the ranks (ZeRO-3)" in result.stdout
+    assert "partitioned" not in one.stdout
 
     first = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     second = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
