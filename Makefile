@@ -135,20 +135,26 @@ test: setup container-deps browser-deps lint
 	  echo "no python$(v) here: the suite ran under one Python only";)) true
 
 # CPU-only machines skip every gpu test with the reason; `make test` runs them skipped.
+# GPU_WORKERS pytest-xdist workers (where it is installed) share the one GPU, tiny models a
+# few hundred MiB each, a module each: the demo's (which makes the demo once) beside the
+# supervised stages', the preference stages' and the rollouts'.
+GPU_WORKERS ?= 4
+GPU_XDIST = $$($(GPU_PYTHON) -c 'import xdist' 2>/dev/null && echo "-n $(GPU_WORKERS) --dist loadfile")
 test-gpu: $(GPU_SETUP)
-	$(GPU_PYTHON) -m pytest -q -rs -m gpu tests/gpu
+	$(GPU_PYTHON) -m pytest -q -rs -m gpu tests/gpu $(GPU_XDIST)
 
 bench-gpu: $(GPU_SETUP)
 	$(GPU_PYTHON) -m bench.gpu
 
 # For a session lent a GPU machine: the wheels it lacks (the kit of ../shared/gpu/prepare.sh,
-# with TensorBoard's writer, which every stage opens, and the TRL reference's pandas and
-# xxhash), without the S3 client's (the GPU suite runs on the local store), under the 64 MiB
+# with TensorBoard's writer, which every stage opens, the TRL reference's pandas and xxhash,
+# and pytest-xdist for the suite's workers), without the S3 client's (the GPU suite runs on the local store), under the 64 MiB
 # carry limit. Then one call: bash tests/gpu/device_call.sh (see there).
 # (prepare.sh lies beside the development checkout, not in it; GPU_PREPARE=... elsewhere.)
 GPU_PREPARE ?= ../shared/gpu/prepare.sh
 gpu-kit:
-	EXTRA_WHEELS="tensorboard protobuf absl-py pandas xxhash" bash $(GPU_PREPARE)
+	EXTRA_WHEELS="tensorboard protobuf absl-py pandas xxhash pytest-xdist execnet" \
+		bash $(GPU_PREPARE)
 	rm -f .gpu-kit/whl/boto3-* .gpu-kit/whl/botocore-* .gpu-kit/whl/s3transfer-* \
 		.gpu-kit/whl/jmespath-*
 	du -sh .gpu-kit

@@ -24,11 +24,19 @@ for name in ("torch", "transformers", "deepspeed", "peft", "trl", "datasets", "p
 import torch.utils.tensorboard  # noqa: E402,F401 - every stage opens a TensorBoard sink
 PY
 export KUBERLHF_STAGE_TIMEOUT_S=${KUBERLHF_STAGE_TIMEOUT_S:-240}
-timeout -k 10 "${SUITE_S:-360}" python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests/gpu \
-  ${GPU_TESTS:+-k "$GPU_TESTS"} 2>&1 | tee "$out/gpu.log"
+# as `make test-gpu` runs it (GPU_WORKERS workers on the one GPU, a module each), each test's
+# outcome on its own line as it ends, so that a suite stopped by SUITE_S still tells what it
+# reached
+xdist=$(python3 -c 'import xdist' 2>/dev/null && echo "-n ${GPU_WORKERS:-4} --dist loadfile")
+# shellcheck disable=SC2086
+timeout -k 10 "${SUITE_S:-360}" python3 -m pytest -v -rs --durations=0 -p no:cacheprovider \
+  -m gpu tests/gpu $xdist ${GPU_TESTS:+-k "$GPU_TESTS"} 2>&1 | tee "$out/gpu.log"
+suite=${PIPESTATUS[0]}
+echo "the GPU suite's exit status: $suite" | tee -a "$out/gpu.log"
 timeout -k 10 "${BENCH_S:-180}" python3 -m bench.gpu --only "${BENCH_CASES:-sft}" --seq 1024 \
   --steps 15 --impls "${BENCH_IMPLS:-ours,plain,trl}" --timeout 150 2>&1 | tee "$out/bench.log"
 cp bench/results/gpu.json "$out/" 2>/dev/null || echo "no bench/results/gpu.json"
 if [ -d "$TORCH_EXTENSIONS_DIR" ]; then
   tar -czf "$out/torch_ext.tgz" -C "$TORCH_EXTENSIONS_DIR" .
 fi
+exit "$suite"
