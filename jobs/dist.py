@@ -8,6 +8,7 @@ first evaluation on GPUs ("No backend type associated with device type cpu").
 
 from __future__ import annotations
 
+import math
 import os
 
 
@@ -67,11 +68,11 @@ def timeout(setting: tuple[str, int]):
         return timedelta(seconds=default)
     try:
         seconds = float(raw)
-    except ValueError:
-        seconds = 0.0
-    if not seconds > 0:
-        raise BadInputError(f"{name}={raw!r}: give a number of seconds above 0")
-    return timedelta(seconds=seconds)
+        if math.isfinite(seconds) and seconds > 0:
+            return timedelta(seconds=seconds)
+    except (ValueError, OverflowError):
+        pass
+    raise BadInputError(f"{name}={raw!r}: give a number of seconds above 0")
 
 
 def init() -> None:

@@ -227,7 +227,7 @@ def run(config: Config, ctx: StageContext) -> dict:
             for split, items in splits.items()
         }
         if cfg.zero_stage == 3:
-            reference.destroy()  # its hooks and partitions, before the policy's engine
+            reference.destroy()  # its ZeRO-3 hooks; the partitions go with it below
         del reference
         free_memory()
         if dist.is_main():

@@ -38,7 +38,6 @@ import atexit
 import contextlib
 import functools
 import importlib
-import io
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -141,12 +140,11 @@ def _child(module, argv, env, cwd, fds, new_session, server_env) -> None:
         os.dup2(fd, target)
         os.close(fd)
     if env.get("PYTHONUNBUFFERED"):
-        # as ``-u`` sets them up: text written through to unbuffered files, at once
-        for name, fd in (("stdout", 1), ("stderr", 2)):
-            old = getattr(sys, name)
-            raw = io.FileIO(fd, "w", closefd=False)
-            new = io.TextIOWrapper(raw, old.encoding, old.errors, write_through=True)
-            setattr(sys, name, new)
+        # as near ``-u`` as the same stream objects go (handlers made at import hold them:
+        # DeepSpeed's logger's): each line written out as it ends (a partial line waits for
+        # its end, which under ``-u`` it would not)
+        for stream in (sys.stdout, sys.stderr):
+            stream.reconfigure(line_buffering=True, write_through=True)
     else:
         # as the interpreter sets it up: stdout line-buffered only to a terminal
         sys.stdout.reconfigure(line_buffering=os.isatty(1))
@@ -254,9 +252,13 @@ def _warm_command(args: list[str], env: dict[str, str]) -> tuple[str, list[str]]
     """The module and its arguments when ``args`` may run warm in ``env``, else None."""
     if len(args) < 3 or args[1] != "-m" or args[2] not in MODULES or not available(env):
         return None
-    # this venv's interpreter itself (a link's target may be the bare Python without it)
+    # this venv's interpreter itself, by any of its names there (``python``,
+    # ``python3.11``), not a link's target elsewhere: the bare Python, without the venv
     python = shutil.which(args[0], path=env.get("PATH"))
-    if python is None or os.path.abspath(python) != os.path.abspath(sys.executable):
+    ours = os.path.abspath(sys.executable)
+    if python is None or os.path.dirname(os.path.abspath(python)) != os.path.dirname(ours):
+        return None
+    if not os.path.samefile(python, ours):
         return None
     server = dict(os.environ) if _server_env is None else _server_env
     changed = {k for k in env.keys() | server.keys() if env.get(k) != server.get(k)}
@@ -436,7 +438,7 @@ def run(args, *, env=None, cwd=None, capture_output=False, text=False, timeout=N
     process = Popen(args, env=env, cwd=cwd, stdout=pipe, stderr=pipe, text=text, fresh=fresh)
     try:
         out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except BaseException:  # as subprocess.run: a timeout, an interrupt, an error
         process.kill()
         process.wait()
         raise

@@ -125,11 +125,12 @@ def test_two_gpus_evaluate_across_ranks(name, tiny, tiny_data, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (NCCL, one per rank)")
-def test_two_gpus_wait_at_a_barrier_longer_than_nccls_timeout():
+def test_two_gpus_wait_at_a_barrier_longer_than_nccls_timeout(tmp_path):
     """With NCCL for the tensors, the waits still run on the host group: rank 1 waits out
-    rank 0's 4 s at a barrier and an object broadcast with a collective timeout of 1 s (an
+    rank 0's 5 s at a barrier and an object broadcast with a collective timeout of 2 s (an
     all-reduce would have NCCL's watchdog abort both ranks, so none is tried here)."""
-    assert two_ranks_waiting(["barrier", "broadcast_object"], 4, 1) == [
+    waits = ["barrier", "broadcast_object"]
+    assert two_ranks_waiting(waits, busy_s=5, collective_s=2, folder=tmp_path) == [
         "barrier: done",
         "broadcast_object: done",
     ]

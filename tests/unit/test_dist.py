@@ -94,12 +94,19 @@ def test_without_a_process_group_the_helpers_are_the_identity():
 # Two ranks: rank 0 is busy (as when it moves a checkpoint through the store) for longer
 # than the tensors' collective timeout before each wait, while rank 1 waits for it.
 WAITING = """
-import os, sys, time
+import os, pathlib, sys, time
 import torch
 from jobs import dist
 
+if torch.cuda.is_available():  # the context made before the two meet
+    torch.cuda.set_device(dist.local_rank())
+# both ranks at the rendezvous within a moment: its store has the collective timeout too
+here = pathlib.Path(sys.argv[2])
+(here / f"ready-{dist.rank()}").touch()
+while len(list(here.glob("ready-*"))) < 2:
+    time.sleep(0.01)
 dist.init()
-for wait in sys.argv[2:]:
+for wait in sys.argv[3:]:
     if dist.rank() == 0:
         time.sleep(float(sys.argv[1]))
     try:
@@ -117,7 +124,9 @@ os._exit(0)
 """
 
 
-def two_ranks_waiting(waits: list[str], busy_s: float, collective_s: float) -> list[str]:
+def two_ranks_waiting(
+    waits: list[str], busy_s: float, collective_s: float, folder: Path
+) -> list[str]:
     """What rank 1 printed, waiting ``busy_s`` for rank 0 at each of ``waits``, with the
     collective timeout ``collective_s`` (the wait timeout long)."""
     env = {
@@ -130,7 +139,7 @@ def two_ranks_waiting(waits: list[str], busy_s: float, collective_s: float) -> l
     }
     ranks = [
         subprocess.Popen(
-            [sys.executable, "-c", WAITING, str(busy_s), *waits],
+            [sys.executable, "-c", WAITING, str(busy_s), str(folder), *waits],
             cwd=ROOT,
             env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
             stdout=subprocess.PIPE,
@@ -143,19 +152,20 @@ def two_ranks_waiting(waits: list[str], busy_s: float, collective_s: float) -> l
     return outputs[1][0].splitlines() or [outputs[1][1][-2000:]]
 
 
-def test_ranks_wait_at_a_barrier_longer_than_a_collective_may_take():
+def test_ranks_wait_at_a_barrier_longer_than_a_collective_may_take(tmp_path):
     """The waits (barriers, object collectives) run on a host group with the long wait
     timeout: on NCCL, a barrier is a GPU collective whose watchdog kills every rank after
     the group's timeout (torch's default 10 minutes), which a rank moving a large checkpoint
     through the store outlasts. The tensors' collectives keep the collective timeout: the
     same wait in an all-reduce gives up (the control, showing the timeout is in force)."""
-    waited = two_ranks_waiting(["barrier", "broadcast_object", "all_reduce_sum"], 4, 1)
+    waits = ["barrier", "broadcast_object", "all_reduce_sum"]
+    waited = two_ranks_waiting(waits, busy_s=5, collective_s=2, folder=tmp_path)
     assert waited[:2] == ["barrier: done", "broadcast_object: done"], waited
     assert waited[2].startswith("all_reduce_sum: gave up:"), waited
     assert "timed out" in waited[2].lower(), waited[2]
 
 
-@pytest.mark.parametrize("value", ["soon", "0", "-5"])
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "inf", "1e300"])
 def test_a_timeout_that_is_not_a_number_of_seconds_is_a_bad_input(monkeypatch, value):
     monkeypatch.setenv("KUBERLHF_WAIT_TIMEOUT_S", value)
     with pytest.raises(BadInputError, match=f"KUBERLHF_WAIT_TIMEOUT_S='{value}': give a num"):
