@@ -28,6 +28,23 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
+@pytest.fixture(autouse=True)
+def _environment_as_found():
+    """Each test leaves the process's environment as it found it. Stages, engines and
+    entrypoints run in the test process set variables (DeepSpeed's DS_ACCELERATOR and its
+    rendezvous, the entrypoint's allocator setting, inductor's cache folder): left behind,
+    they made every later stage process of that worker differ from its warm server's
+    environment, and start fresh (tests/warm.py)."""
+    saved = dict(os.environ)
+    yield
+    for name in os.environ.keys() - saved.keys():
+        if name != "PYTEST_CURRENT_TEST":  # pytest's own, which it removes itself
+            del os.environ[name]
+    for name, value in saved.items():
+        if name != "PYTEST_CURRENT_TEST" and os.environ.get(name) != value:
+            os.environ[name] = value
+
+
 def pytest_sessionstart(session) -> None:
     """Once per run (the controller of a parallel run, or the only process): the fault
     suite's table starts empty, so it shows this run's faults only."""

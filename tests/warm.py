@@ -65,10 +65,16 @@ RUN_TIME = (
     "PYTEST_CURRENT_TEST",
     "TOKENIZERS_PARALLELISM",
 )
+# Set by an import the server has made, to the value a fresh process's import would set
+# where it is unset (DeepSpeed's __init__: setdefault), so the worker has it or not by
+# whether it has imported DeepSpeed yet: the same either way.
+SET_BY_IMPORTS = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
 # What the warm processes are: the container's entrypoint, and the submitter (whose local
 # backend then starts its stages warm as well).
 MODULES = ("jobs", "pipeline.cli")
 
+# as the worker's conftest left it, before any test ran (the server starts with it)
+_WORKER_ENV = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
 _server_env: dict[str, str] | None = None
 _lock = threading.Lock()
 _forked = False  # a process has started warm: from then on a failed start is a failure
@@ -203,20 +209,26 @@ def _context():
             # this moment's environment: a failure to see instead
             raise RuntimeError("the warm stage server has died; see the worker's stderr")
         if _server_env is None:
-            _server_env = dict(os.environ)
+            # the worker's environment as the suite set it up, not as the test that happens
+            # to start the server has changed it (a variable it set would make every later
+            # test's processes differ from the server's, and start fresh)
+            _server_env = dict(_WORKER_ENV)
             context.set_forkserver_preload(["tests.warm"])
-            saved, cwd = os.environ.get("KUBERLHF_WARM_SERVER"), os.getcwd()
-            os.environ["KUBERLHF_WARM_SERVER"] = "1"
+            saved, cwd = dict(os.environ), os.getcwd()
+            _set_environment({**_server_env, "KUBERLHF_WARM_SERVER": "1"})
             os.chdir(ROOT)  # where the server finds the tests package
             try:
                 multiprocessing.forkserver.ensure_running()
             finally:
                 os.chdir(cwd)
-                if saved is None:
-                    del os.environ["KUBERLHF_WARM_SERVER"]
-                else:
-                    os.environ["KUBERLHF_WARM_SERVER"] = saved
+                _set_environment(saved)
     return context
+
+
+def _set_environment(env: dict[str, str]) -> None:
+    for name in os.environ.keys() - env.keys():
+        del os.environ[name]
+    os.environ.update(env)
 
 
 def available(env: dict[str, str] | None = None) -> bool:
@@ -265,6 +277,9 @@ def _warm_command(args: list[str], env: dict[str, str]) -> tuple[str, list[str]]
     if _own_path(env.get("PATH")) == _own_path(server.get("PATH")):
         changed.discard("PATH")
     changed.discard("PYTHONUNBUFFERED")  # the child sets its output up as ``-u`` does
+    for name, value in SET_BY_IMPORTS.items():
+        if env.get(name, value) == value and server.get(name, value) == value:
+            changed.discard(name)
     if any(not name.startswith(RUN_TIME) for name in changed):
         return None
     return args[2], [str(a) for a in args[3:]]
