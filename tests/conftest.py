@@ -36,6 +36,7 @@ def _environment_as_found():
     they made every later stage process of that worker differ from its warm server's
     environment, and start fresh (tests/warm.py)."""
     saved = dict(os.environ)
+    warm.between_tests(saved)
     yield
     for name in os.environ.keys() - saved.keys():
         if name != "PYTEST_CURRENT_TEST":  # pytest's own, which it removes itself

@@ -38,6 +38,7 @@ import atexit
 import contextlib
 import functools
 import importlib
+import json
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -45,6 +46,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from multiprocessing import reduction
@@ -55,8 +57,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # Read when the stage runs, not when a library is imported: the store's S3 settings
 # (botocore reads them per client), the stage's own settings (jobs reads none at import),
 # the trackers' (MLflow and W&B are imported by their sinks, never by the server), pytest's
-# note of the running test, and the tokenizers library's thread switch (its Rust side reads
-# the variable each time it decides, from the process's environment, which the child sets).
+# note of the running test, the tokenizers library's thread switch (its Rust side reads
+# the variable each time it decides, from the process's environment, which the child sets)
+# and inductor's cache folder and pointer note (read when it compiles, which the server
+# never does; inductor sets them in the process that compiled, a test worker among them).
 RUN_TIME = (
     "KUBERLHF_",
     "AWS_",
@@ -64,18 +68,20 @@ RUN_TIME = (
     "WANDB_",
     "PYTEST_CURRENT_TEST",
     "TOKENIZERS_PARALLELISM",
+    "TORCHINDUCTOR_CACHE_DIR",
+    "_TORCHINDUCTOR_",
 )
-# Set by an import the server has made, to the value a fresh process's import would set
-# where it is unset (DeepSpeed's __init__: setdefault), so the worker has it or not by
-# whether it has imported DeepSpeed yet: the same either way.
-SET_BY_IMPORTS = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
 # What the warm processes are: the container's entrypoint, and the submitter (whose local
 # backend then starts its stages warm as well).
 MODULES = ("jobs", "pipeline.cli")
 
-# as the worker's conftest left it, before any test ran (the server starts with it)
-_WORKER_ENV = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
-_server_env: dict[str, str] | None = None
+# The worker's environment between tests (tests/conftest.py's fixture tells it), until the
+# server starts with it: not as the test that starts it has changed it
+_between_tests = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+_server_env: dict[str, str] | None = None  # what the server started with
+# and what it runs with once started: ``python -m jobs``'s own settings and the variables
+# its imports set (DeepSpeed's PYTORCH_NVML_BASED_CUDA_CHECK), all where they are unset
+_server_started: dict[str, str] = {}
 _lock = threading.Lock()
 _forked = False  # a process has started warm: from then on a failed start is a failure
 _refused: str | None = None  # why this worker's server could not serve: stages start fresh
@@ -105,6 +111,9 @@ def preload() -> None:
     # nothing buffered here may reach a child's output
     sys.stdout.flush()
     sys.stderr.flush()
+    report = Path(os.environ["KUBERLHF_WARM_SERVER_REPORT"])
+    report.with_suffix(".tmp").write_text(json.dumps(dict(os.environ)))
+    report.with_suffix(".tmp").replace(report)
     # forking is safe only from a process of one thread: a thread an import started would
     # be missing in every child, with whatever lock it held
     threads = len(os.listdir("/proc/self/task"))
@@ -132,7 +141,7 @@ def _detach(duplicate) -> int:
     return duplicate.detach()
 
 
-def _child(module, argv, env, cwd, fds, new_session, server_env) -> None:
+def _child(module, argv, env, cwd, fds, new_session, server_env, started) -> None:
     """The process, in the fork: as ``python -m MODULE ...`` would start it."""
     import fcntl
 
@@ -160,7 +169,7 @@ def _child(module, argv, env, cwd, fds, new_session, server_env) -> None:
     if "numpy" in sys.modules:  # a fresh process seeds numpy's global generator anew
         sys.modules["numpy"].random.seed()
     if module == "pipeline.cli":
-        _serve_stages(server_env)
+        _serve_stages(server_env, started)
     entry = importlib.import_module("jobs.__main__" if module == "jobs" else module)
     sys.argv = [entry.__file__, *argv]
     try:
@@ -173,12 +182,12 @@ def _child(module, argv, env, cwd, fds, new_session, server_env) -> None:
     sys.exit(code)
 
 
-def _serve_stages(server_env: dict[str, str]) -> None:
+def _serve_stages(server_env: dict[str, str], started: dict[str, str]) -> None:
     """In a warm ``rlhf run``: its local backend starts each stage with ``run`` below, so
     through the server that forked this process (whose address and liveness pipe it holds
     already), compared with that server's environment."""
-    global _server_env, _forked, _in_fork
-    _server_env, _forked, _in_fork = server_env, True, True
+    global _server_env, _server_started, _forked, _in_fork
+    _server_env, _server_started, _forked, _in_fork = server_env, started, True, True
     # multiprocessing would start a server of its own here, since it knows the one that
     # forked this process by its address only: that one serves
     multiprocessing.forkserver._forkserver.ensure_running = lambda: None
@@ -212,17 +221,40 @@ def _context():
             # the worker's environment as the suite set it up, not as the test that happens
             # to start the server has changed it (a variable it set would make every later
             # test's processes differ from the server's, and start fresh)
-            _server_env = dict(_WORKER_ENV)
+            _server_env = dict(_between_tests)
             context.set_forkserver_preload(["tests.warm"])
             saved, cwd = dict(os.environ), os.getcwd()
-            _set_environment({**_server_env, "KUBERLHF_WARM_SERVER": "1"})
+            report = Path(tempfile.gettempdir()) / f"kuberlhf-warm-{os.getpid()}.json"
+            report.unlink(missing_ok=True)
+            _set_environment(
+                {
+                    **_server_env,
+                    "KUBERLHF_WARM_SERVER": "1",
+                    "KUBERLHF_WARM_SERVER_REPORT": str(report),
+                }
+            )
             os.chdir(ROOT)  # where the server finds the tests package
             try:
                 multiprocessing.forkserver.ensure_running()
             finally:
                 os.chdir(cwd)
                 _set_environment(saved)
+            # its environment once its imports are done (a server that refused to serve
+            # writes none: the first start then fails, and stages start fresh)
+            while not report.exists() and _server_alive():
+                time.sleep(0.05)
+            if report.exists():
+                _server_started.update(json.loads(report.read_text()))
+                report.unlink()
     return context
+
+
+def between_tests(env: dict[str, str]) -> None:
+    """The worker's environment as a test found it (the server, not started yet, will
+    start with it)."""
+    global _between_tests
+    if _server_env is None:
+        _between_tests = {k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}
 
 
 def _set_environment(env: dict[str, str]) -> None:
@@ -272,14 +304,18 @@ def _warm_command(args: list[str], env: dict[str, str]) -> tuple[str, list[str]]
         return None
     if not os.path.samefile(python, ours):
         return None
-    server = dict(os.environ) if _server_env is None else _server_env
+    server = _between_tests if _server_env is None else _server_env
     changed = {k for k in env.keys() | server.keys() if env.get(k) != server.get(k)}
     if _own_path(env.get("PATH")) == _own_path(server.get("PATH")):
         changed.discard("PATH")
     changed.discard("PYTHONUNBUFFERED")  # the child sets its output up as ``-u`` does
-    for name, value in SET_BY_IMPORTS.items():
-        if env.get(name, value) == value and server.get(name, value) == value:
-            changed.discard(name)
+    # set by the server's start-up where it was unset, as a fresh process's start-up sets
+    # it: the same whether the process is given that value or none
+    changed -= {
+        name
+        for name, value in _server_started.items()
+        if name not in server and env.get(name, value) == value
+    }
     if any(not name.startswith(RUN_TIME) for name in changed):
         return None
     return args[2], [str(a) for a in args[3:]]
@@ -321,6 +357,7 @@ class WarmProcess:
                 [_Fd(fd) for fd in fds],
                 start_new_session,
                 _server_env,
+                _server_started,
             ),
         )
         try:
