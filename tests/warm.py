@@ -23,8 +23,12 @@ What a fork cannot give is what the libraries read from the environment while th
 imported (thread counts, Hugging Face's folders, ``PYTHONPATH``). So a process runs warm
 only when its environment differs from the server's in variables read at run time, the
 ones ``RUN_TIME`` lists, in ``PYTHONUNBUFFERED`` (whose effect on the output streams the
-child sets up itself) and in the interpreter's own folder in front of ``PATH`` (where the
-local backend puts it); any other difference, any other command, a CUDA machine (CUDA
+child sets up itself), in the interpreter's own folder in front of ``PATH`` (where the
+local backend puts it) and in variables the server's own start-up set where they were
+unset, given the value it set (``python -m jobs``'s settings, DeepSpeed's import-time
+one: a fresh process sets the same). The server starts with the worker's environment as
+the test that starts it found it (tests/conftest.py restores it after every test); any
+other difference, any other command, a CUDA machine (CUDA
 cannot be used in a child forked after its initialisation) and
 ``KUBERLHF_TEST_FRESH_PROCESSES=1`` start a fresh interpreter with ``subprocess``, as
 before; so does Python 3.13, whose fork server drops the ``atexit`` handlers the preloaded
