@@ -61,18 +61,7 @@ def mean(values) -> float:
 
 
 def sft_config(tiny, tiny_data, output: Path, zero_stage: int) -> dict:
-    return {
-        "output": str(output),
-        "model": str(tiny / "model"),
-        "data": str(tiny_data),
-        "max_seq_len": 96,
-        "max_steps": 40,
-        "eval_every": 20,
-        "seed": 3,
-        "train": {
-            **BF16,
-            "zero_stage": zero_stage,
-            "learning_rate": 3e-3,
-            "micro_batch_size": 16,
-        },
-    }
+    """The CPU suite's SFT run (tests/integration/test_sft.py), in bf16 under ``zero_stage``."""
+    from tests.integration.test_sft import sft_config as cpu_config
+
+    return cpu_config(tiny, tiny_data, output, train={**BF16, "zero_stage": zero_stage})
