@@ -93,7 +93,7 @@ def gathered_per_token(model) -> bool:
     )
 
 
-def cache_options(config: SamplingConfig, model=None) -> dict:
+def cache_options(config: SamplingConfig, model) -> dict:
     """``generate`` options of the KV cache asked for (transformers' default: dynamic) and
     of compiling its decode step. Never compiled over weights gathered at every token:
     the gathered weights land in new buffers at each forward, which a CUDA graph (replaying
@@ -101,7 +101,7 @@ def cache_options(config: SamplingConfig, model=None) -> dict:
     if config.cache != "static":
         return {}
     options: dict = {"cache_implementation": "static"}
-    if model is not None and gathered_per_token(model):
+    if gathered_per_token(model):
         if config.compile_decode:
             dist.say_once(
                 "generation: compile_decode is not used: the actor's ZeRO-3 weights are "

@@ -38,12 +38,11 @@ def _environment_as_found():
     saved = dict(os.environ)
     warm.between_tests(saved)
     yield
-    for name in os.environ.keys() - saved.keys():
-        if name != "PYTEST_CURRENT_TEST":  # pytest's own, which it removes itself
-            del os.environ[name]
-    for name, value in saved.items():
-        if name != "PYTEST_CURRENT_TEST" and os.environ.get(name) != value:
-            os.environ[name] = value
+    # but for pytest's own note of the running test, which it removes itself
+    saved.pop("PYTEST_CURRENT_TEST", None)
+    if (running := os.environ.get("PYTEST_CURRENT_TEST")) is not None:
+        saved["PYTEST_CURRENT_TEST"] = running
+    warm.set_environment(saved)
 
 
 def pytest_sessionstart(session) -> None:

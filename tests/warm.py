@@ -211,7 +211,7 @@ def _server_alive() -> bool:
 
 
 def _context():
-    """The fork server, started on first use with the environment of that moment."""
+    """The fork server, started on first use with the worker's environment between tests."""
     global _server_env
     context = multiprocessing.get_context("forkserver")
     if _in_fork:
@@ -222,15 +222,15 @@ def _context():
             # this moment's environment: a failure to see instead
             raise RuntimeError("the warm stage server has died; see the worker's stderr")
         if _server_env is None:
-            # the worker's environment as the suite set it up, not as the test that happens
-            # to start the server has changed it (a variable it set would make every later
-            # test's processes differ from the server's, and start fresh)
+            # not as the test that happens to start the server has changed it (a variable
+            # it set would make every later test's processes differ from the server's, and
+            # start fresh)
             _server_env = dict(_between_tests)
             context.set_forkserver_preload(["tests.warm"])
             saved, cwd = dict(os.environ), os.getcwd()
             report = Path(tempfile.gettempdir()) / f"kuberlhf-warm-{os.getpid()}.json"
             report.unlink(missing_ok=True)
-            _set_environment(
+            set_environment(
                 {
                     **_server_env,
                     "KUBERLHF_WARM_SERVER": "1",
@@ -242,7 +242,7 @@ def _context():
                 multiprocessing.forkserver.ensure_running()
             finally:
                 os.chdir(cwd)
-                _set_environment(saved)
+                set_environment(saved)
             # its environment once its imports are done (a server that refused to serve
             # writes none: the first start then fails, and stages start fresh)
             while not report.exists() and _server_alive():
@@ -261,7 +261,8 @@ def between_tests(env: dict[str, str]) -> None:
         _between_tests = {k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}
 
 
-def _set_environment(env: dict[str, str]) -> None:
+def set_environment(env: dict[str, str]) -> None:
+    """``os.environ`` made ``env``: what it lacks removed, the rest set."""
     for name in os.environ.keys() - env.keys():
         del os.environ[name]
     os.environ.update(env)
