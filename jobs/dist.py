@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 
 def world_size() -> int:
@@ -100,15 +101,17 @@ def shutdown() -> None:
     exception", SIGABRT: pytorch/pytorch#190489), turning a stage's exit code into -6 and
     its 0, 65 or 75 into a bug for torchrun; NCCL warns and may block a peer. Called on the
     stage's own exits only (done, bad input, retry): after an unexpected error a rank may be
-    inside a collective, where destroying the group can hang (torchtitan #1342)."""
+    inside a collective, where destroying the group can hang (torchtitan #1342). One
+    process has a group too where DeepSpeed started (:func:`jobs.engine.init_distributed`
+    gives it one of its own, NCCL on a GPU), left to finalisation just the same."""
     global _host_group
-    if world_size() == 1:
+    _host_group = None
+    if "torch.distributed" not in sys.modules:  # no stage of this process started one
         return
     import torch.distributed as torch_dist
 
-    if torch_dist.is_initialized():
+    if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.destroy_process_group()  # every group, the host group with it
-    _host_group = None
 
 
 _SAID: set[str] = set()

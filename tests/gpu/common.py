@@ -33,6 +33,7 @@ GPU = [
     ),
 ]
 BF16 = {"precision": "bf16", "warmup_steps": 4}
+DEVICE = "cpu" if ON_CPU else "cuda"  # where a test puts a model itself
 
 
 def finished(output: Path, result: subprocess.CompletedProcess) -> Manifest:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.gpu.common import BF16, GPU, ON_CPU, stage
+from tests.gpu.common import BF16, DEVICE, GPU, ON_CPU, stage
 from tests.integration.test_grpo import grpo_config, warm_config
 
 pytestmark = GPU
@@ -17,8 +17,7 @@ def test_the_compiled_decode_gives_the_dynamic_caches_tokens_on_the_gpu(tiny):
     from jobs.models import load_tokenizer
     from tests.unit.test_generation import PROMPTS
 
-    device = "cpu" if ON_CPU else "cuda"
-    model = AutoModelForCausalLM.from_pretrained(tiny / "model").to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny / "model").to(DEVICE).eval()
     tokenizer = load_tokenizer(str(tiny / "model"))
     runs = {}
     for cache in ("dynamic", "static"):

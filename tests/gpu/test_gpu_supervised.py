@@ -14,8 +14,9 @@ import torch
 import yaml
 
 from tests.conftest import ROOT, STAGE_TIMEOUT_S, run_entrypoint
-from tests.gpu.common import BF16, GPU, ON_CPU, finished, metrics_lines, sft_config, stage
+from tests.gpu.common import BF16, DEVICE, GPU, ON_CPU, finished, metrics_lines, sft_config, stage
 from tests.unit.test_dist import two_ranks_waiting
+from tests.unit.test_fidelity import FAMILIES, tiny_lm
 
 pytestmark = GPU
 
@@ -26,11 +27,14 @@ def test_sft_lowers_held_out_loss_on_the_gpu(tiny, tiny_data, tmp_path, zero_sta
     assert manifest.metrics["eval_loss"] < 0.5 * manifest.metrics["eval_loss_start"]
 
 
-@pytest.mark.parametrize("lever", ["compile", "compile under zero3", "flash_attention_2"])
+@pytest.mark.parametrize(
+    "lever", ["compile", "compile under zero3", "packing", "flash_attention_2"]
+)
 def test_sft_speed_levers_train_on_the_gpu(tiny, tiny_data, tmp_path, lever):
     """The levers bench/gpu.py measures: torch.compile inside the engine (ZeRO-2, and
-    ZeRO-3, whose parameter hooks run inside the compiled model), and flash-attention
-    with packed rows (each example its own sequence in the variable-length kernel)."""
+    ZeRO-3, whose parameter hooks run inside the compiled model), packed rows under SDPA
+    (a block-diagonal mask; the stage's isolation check runs in bf16 first) and under
+    flash-attention (each example its own sequence in the variable-length kernel)."""
     from transformers.utils import is_flash_attn_2_available
 
     config = sft_config(tiny, tiny_data, tmp_path / "sft", 3 if "zero3" in lever else 2)
@@ -38,6 +42,8 @@ def test_sft_speed_levers_train_on_the_gpu(tiny, tiny_data, tmp_path, lever):
         config["train"]["compile"] = True
         if ON_CPU:  # inductor's CPU code fails on bf16 reductions (torch 2.13)
             config["train"]["precision"] = "fp32"
+    elif lever == "packing":
+        config["packing"] = True
     else:
         if not is_flash_attn_2_available():
             pytest.skip("flash-attn is not installed here")
@@ -45,6 +51,22 @@ def test_sft_speed_levers_train_on_the_gpu(tiny, tiny_data, tmp_path, lever):
         config["packing"] = True
     manifest = stage("sft", config, tmp_path)
     assert manifest.metrics["eval_loss"] < 0.5 * manifest.metrics["eval_loss_start"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_packing_check_tells_isolation_from_bf16_rounding(family):
+    """On a GPU, bf16 kernels round a row differently with its shape: the check compares
+    rows of one shape, so models that isolate packed examples are not refused for it, and
+    OPT (whose mask ignores the position ids) still is."""
+    from jobs.errors import BadInputError
+    from jobs.supervised import check_packing_isolates
+
+    model = tiny_lm(family).to(DEVICE, torch.bfloat16)
+    if family == "opt":
+        with pytest.raises(BadInputError, match="does not keep packed examples apart"):
+            check_packing_isolates(model, DEVICE)
+    else:
+        check_packing_isolates(model, DEVICE)
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])

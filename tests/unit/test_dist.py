@@ -176,3 +176,32 @@ def test_a_timeout_that_is_not_a_number_of_seconds_is_a_bad_input(monkeypatch, v
     assert dist.timeout(dist.WAIT_TIMEOUT).total_seconds() == 90
     monkeypatch.delenv("KUBERLHF_WAIT_TIMEOUT_S")
     assert dist.timeout(dist.WAIT_TIMEOUT).total_seconds() == dist.WAIT_TIMEOUT[1]
+
+
+ONE_PROCESS = """
+import torch.distributed as torch_dist
+from jobs import dist
+from jobs.engine import init_distributed
+
+init_distributed()  # what a stage's DeepSpeed engine starts with, in one process
+started = torch_dist.is_initialized()
+dist.shutdown()
+print(f"started {started}, left {not torch_dist.is_initialized()}")
+"""
+
+
+def test_one_process_leaves_the_group_deepspeed_gave_it():
+    """A single-process stage's group (NCCL on a GPU) is left on its exits as a gang's is,
+    not to interpreter finalisation, where torch warns and NCCL may block the exit."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_PORT")}
+    result = subprocess.run(
+        [sys.executable, "-c", ONE_PROCESS],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.stdout.strip().splitlines()[-1:] == ["started True, left True"], (
+        result.stdout[-2000:] + result.stderr[-2000:]
+    )
