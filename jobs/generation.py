@@ -38,8 +38,9 @@ class SamplingConfig(BaseModel):
     max_prompt_tokens: int = Field(384, ge=1, description="longer prompts keep their end")
     cache: Literal["dynamic", "static"] = Field(
         "dynamic",
-        description="KV cache: static pre-allocates it, so transformers can compile the "
-        "decode step (CUDA graphs) on GPUs; the tokens are the same",
+        description="KV cache: static pre-allocates it (for max_prompt_tokens + "
+        "max_new_tokens), so transformers can compile the decode step (CUDA graphs) on "
+        "GPUs, once; the tokens are the same",
     )
     compile_decode: bool | None = Field(
         None,
@@ -100,7 +101,12 @@ def cache_options(config: SamplingConfig, model) -> dict:
     the addresses it captured) would not read, and dynamo breaks its graph at every hook."""
     if config.cache != "static":
         return {}
-    options: dict = {"cache_implementation": "static"}
+    # Sized once for the longest prompt and answer there can be: sized per batch (to its
+    # longest prompt), a longer batch would recompile the decode step.
+    options: dict = {
+        "cache_implementation": "static",
+        "max_cache_len": config.max_prompt_tokens + config.max_new_tokens,
+    }
     if gathered_per_token(model):
         if config.compile_decode:
             dist.say_once(

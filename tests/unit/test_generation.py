@@ -161,6 +161,23 @@ def test_a_static_cache_and_a_compiled_decode_give_the_dynamic_caches_tokens(
     assert hasattr(model, "_compiled_call")
 
 
+def test_the_decode_step_is_compiled_once_for_prompts_of_any_length(model_and_tokenizer):
+    """Each compile of the decode step takes a minute at 1B parameters on a GPU: the static
+    cache is sized once for the longest prompt there can be, so a later, longer batch
+    (here the second) does not compile it again."""
+    from torch._dynamo.utils import counters
+
+    model, tokenizer = model_and_tokenizer
+    config = SamplingConfig(
+        do_sample=False, max_new_tokens=4, batch_size=2, cache="static", compile_decode=True
+    )
+    torch._dynamo.reset()  # nothing compiled for an earlier test's model is reused
+    compiled = counters["stats"]["unique_graphs"]
+    shortest_first = [PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[3]]
+    generate(model, tokenizer, shortest_first, config)
+    assert counters["stats"]["unique_graphs"] - compiled == 1
+
+
 def test_a_compiled_decode_needs_the_static_cache():
     with pytest.raises(ValueError, match="compile_decode needs cache: static"):
         SamplingConfig(compile_decode=True)
