@@ -148,12 +148,16 @@ bench-gpu: $(GPU_SETUP)
 
 # For a session lent a GPU machine: the wheels it lacks (the kit of ../shared/gpu/prepare.sh,
 # with TensorBoard's writer, which every stage opens, the TRL reference's pandas and xxhash,
-# and pytest-xdist for the suite's workers), without the S3 client's (the GPU suite runs on the local store), under the 64 MiB
-# carry limit. Then one call: bash tests/gpu/device_call.sh (see there).
+# and pytest-xdist for the suite's workers), without the S3 client's (the GPU suite runs on
+# the local store), under the 64 MiB carry limit. Then one call: bash tests/gpu/device_call.sh
+# (see there). The machine's transformers (5.17) is older than pyproject.toml's floor; the
+# pinned 5.25 needs a huggingface-hub (2.x) and packages its image lacks, so the kit carries
+# KIT_TRANSFORMERS, the floor, which its hub (1.33) serves.
 # (prepare.sh lies beside the development checkout, not in it; GPU_PREPARE=... elsewhere.)
 GPU_PREPARE ?= ../shared/gpu/prepare.sh
+KIT_TRANSFORMERS ?= transformers==5.24.0
 gpu-kit:
-	EXTRA_WHEELS="tensorboard protobuf absl-py pandas xxhash pytest-xdist execnet" \
+	EXTRA_WHEELS="tensorboard protobuf absl-py pandas xxhash pytest-xdist execnet $(KIT_TRANSFORMERS)" \
 		bash $(GPU_PREPARE)
 	rm -f .gpu-kit/whl/boto3-* .gpu-kit/whl/botocore-* .gpu-kit/whl/s3transfer-* \
 		.gpu-kit/whl/jmespath-*

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     from jobs import dist
 
+    dist.begin()
     try:
         from jobs.config_file import load_mapping, validate
         from jobs.contract import run_stage

@@ -95,6 +95,26 @@ def init() -> None:
         _host_group = torch_dist.new_group(backend="gloo", timeout=wait)
 
 
+_had_group = False  # a group was up before this stage began (main() called in-process)
+
+
+def begin() -> None:
+    """Note, as a stage begins, whether this process is in a group already: :func:`shutdown`
+    leaves only a group the stage joined. (DeepSpeed keeps the groups it derives from the
+    default one: a caller whose group were destroyed under it could not start another
+    engine, "Group ... is not registered".)"""
+    global _had_group
+    _had_group = _initialized()
+
+
+def _initialized() -> bool:
+    if "torch.distributed" not in sys.modules:  # no stage of this process started one
+        return False
+    import torch.distributed as torch_dist
+
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
 def shutdown() -> None:
     """Leave the process group before the interpreter ends. A gloo group left to
     interpreter finalisation may abort the process ("terminate called without an active
@@ -103,15 +123,15 @@ def shutdown() -> None:
     stage's own exits only (done, bad input, retry): after an unexpected error a rank may be
     inside a collective, where destroying the group can hang (torchtitan #1342). One
     process has a group too where DeepSpeed started (:func:`jobs.engine.init_distributed`
-    gives it one of its own, NCCL on a GPU), left to finalisation just the same."""
+    gives it one of its own, NCCL on a GPU), left to finalisation just the same. A group
+    that was up before the stage began (:func:`begin`) is its caller's, and stays."""
     global _host_group
-    _host_group = None
-    if "torch.distributed" not in sys.modules:  # no stage of this process started one
+    if _had_group or not _initialized():
         return
     import torch.distributed as torch_dist
 
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.destroy_process_group()  # every group, the host group with it
+    torch_dist.destroy_process_group()  # every group, the host group with it
+    _host_group = None
 
 
 _SAID: set[str] = set()
