@@ -8,6 +8,8 @@
 #                CUDA PyTorch and job requirements were installed by other means, offline)
 #   make gpu-kit - the wheels a lent GPU machine lacks; one call there runs
 #                tests/gpu/device_call.sh (the suite and a short bench, logs under $OUT)
+#   make gpu-rehearsal - before that call, the GPU machine's library versions in a venv of
+#                their own, running the unit tests and the GPU suite on this CPU
 #   make images - the job image (docker or podman, whichever is here)
 #   make images-local - the job image where no registry is reachable (CI): a debootstrapped
 #                Debian base, podman with storage of its own under .containers/
@@ -45,7 +47,7 @@ TORCH_INDEX_URL ?=
 IMAGE_TORCH_SPEC ?=
 CONTAINER ?= $(shell command -v docker >/dev/null 2>&1 && echo docker || echo podman)
 
-.PHONY: setup system-deps container-deps browser-deps demo test test-gpu lint bench bench-gpu gpu-kit images \
+.PHONY: setup system-deps container-deps browser-deps demo test test-gpu lint bench bench-gpu gpu-kit gpu-rehearsal images \
 	images-local images-cuda-local e2e e2e-kind clean
 
 setup: system-deps $(STAMP)
@@ -162,6 +164,29 @@ gpu-kit:
 	rm -f .gpu-kit/whl/boto3-* .gpu-kit/whl/botocore-* .gpu-kit/whl/s3transfer-* \
 		.gpu-kit/whl/jmespath-*
 	du -sh .gpu-kit
+
+# Before a GPU call, on this machine's CPU: the GPU machine's software (Python 3.12, torch
+# 2.11, huggingface-hub 1.33 and tokenizers 0.23.2 as its image has them, transformers as
+# the kit carries it) in a venv of its own, running the unit tests and the GPU suite
+# (KUBERLHF_GPU_SUITE_ON_CPU): what the first GPU call would meet, bar the GPU. torch's
+# wheel there is its CUDA build (some GB to download, once).
+REHEARSAL_VENV ?= .venv-gpu-machine
+GPU_MACHINE_PINS ?= torch==2.11.0 huggingface-hub==1.33.0 tokenizers==0.23.2 $(KIT_TRANSFORMERS)
+gpu-rehearsal:
+	@if [ ! -f $(REHEARSAL_VENV)/.installed ]; then \
+	  py=$(call find_python,3.12); [ -n "$$py" ] || { echo "gpu-rehearsal needs python3.12"; exit 1; }; \
+	  $$py -m venv $(REHEARSAL_VENV) && $(REHEARSAL_VENV)/bin/pip install -q --upgrade pip && \
+	  names=$$(for pin in $(GPU_MACHINE_PINS) setuptools; do printf '%s|' "$${pin%%==*}"; done); \
+	  grep -viE "^($${names%|})==" images/requirements.txt > $(REHEARSAL_VENV)/constraints.txt && \
+	  for pin in $(GPU_MACHINE_PINS); do echo "$$pin"; done >> $(REHEARSAL_VENV)/constraints.txt && \
+	  $(REHEARSAL_VENV)/bin/pip install -q -c $(REHEARSAL_VENV)/constraints.txt torch && \
+	  $(REHEARSAL_VENV)/bin/pip install -q -c $(REHEARSAL_VENV)/constraints.txt -e '.[test,bench]' && \
+	  touch $(REHEARSAL_VENV)/.installed || exit 1; \
+	fi
+	$(REHEARSAL_VENV)/bin/python -c 'import sys, torch, transformers; print("python", sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__)'
+	$(REHEARSAL_VENV)/bin/python -m pytest -q -n 2 -p no:cacheprovider tests/unit
+	KUBERLHF_GPU_SUITE_ON_CPU=1 $(REHEARSAL_VENV)/bin/python -m pytest -q -rs -m gpu tests/gpu \
+	  -n 2 --dist loadfile -p no:cacheprovider
 
 bench: setup
 	$(BIN)/python -m bench.dedup
