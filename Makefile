@@ -169,19 +169,22 @@ gpu-kit:
 # 2.11, huggingface-hub 1.33 and tokenizers 0.23.2 as its image has them, transformers as
 # the kit carries it) in a venv of its own, running the unit tests and the GPU suite
 # (KUBERLHF_GPU_SUITE_ON_CPU): what the first GPU call would meet, bar the GPU. torch's
-# wheel there is its CUDA build (some GB to download, once).
+# wheel there is its CUDA build (some GB to download, once). images/requirements.txt's
+# setuptools is left out of the constraints: torch 2.11 asks for an older one.
 REHEARSAL_VENV ?= .venv-gpu-machine
 GPU_MACHINE_PINS ?= torch==2.11.0 huggingface-hub==1.33.0 tokenizers==0.23.2 $(KIT_TRANSFORMERS)
 gpu-rehearsal:
-	@if [ ! -f $(REHEARSAL_VENV)/.installed ]; then \
+	@# the stamp holds the pins it was made with: other pins, another venv
+	@if [ "$$(cat $(REHEARSAL_VENV)/.installed 2>/dev/null)" != "$(GPU_MACHINE_PINS)" ]; then \
 	  py=$(call find_python,3.12); [ -n "$$py" ] || { echo "gpu-rehearsal needs python3.12"; exit 1; }; \
+	  rm -rf $(REHEARSAL_VENV) && \
 	  $$py -m venv $(REHEARSAL_VENV) && $(REHEARSAL_VENV)/bin/pip install -q --upgrade pip && \
-	  names=$$(for pin in $(GPU_MACHINE_PINS) setuptools; do printf '%s|' "$${pin%%==*}"; done); \
+	  names=$$(for pin in $(GPU_MACHINE_PINS) setuptools; do printf '%s|' "$${pin%%==*}"; done) && \
 	  grep -viE "^($${names%|})==" images/requirements.txt > $(REHEARSAL_VENV)/constraints.txt && \
 	  for pin in $(GPU_MACHINE_PINS); do echo "$$pin"; done >> $(REHEARSAL_VENV)/constraints.txt && \
 	  $(REHEARSAL_VENV)/bin/pip install -q -c $(REHEARSAL_VENV)/constraints.txt torch && \
 	  $(REHEARSAL_VENV)/bin/pip install -q -c $(REHEARSAL_VENV)/constraints.txt -e '.[test,bench]' && \
-	  touch $(REHEARSAL_VENV)/.installed || exit 1; \
+	  echo "$(GPU_MACHINE_PINS)" > $(REHEARSAL_VENV)/.installed || exit 1; \
 	fi
 	$(REHEARSAL_VENV)/bin/python -c 'import sys, torch, transformers; print("python", sys.version.split()[0], "torch", torch.__version__, "transformers", transformers.__version__)'
 	$(REHEARSAL_VENV)/bin/python -m pytest -q -n 2 -p no:cacheprovider tests/unit

@@ -103,8 +103,10 @@ def begin() -> None:
     leaves only a group the stage joined. (DeepSpeed keeps the groups it derives from the
     default one: a caller whose group were destroyed under it could not start another
     engine, "Group ... is not registered".)"""
-    global _had_group
+    global _had_group, _host_group
     _had_group = _initialized()
+    if not _had_group:  # a host group kept from a caller's earlier group is gone with it
+        _host_group = None
 
 
 def _initialized() -> bool:
@@ -128,9 +130,16 @@ def shutdown() -> None:
     global _host_group
     if _had_group or not _initialized():
         return
-    import torch.distributed as torch_dist
+    # Every group, the host group with it; through DeepSpeed where it holds the default
+    # group, so that it forgets the groups it derived from it too (an engine started later
+    # in this process would otherwise take those: "Group ... is not registered").
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        deepspeed_comm.destroy_process_group()
+    else:
+        import torch.distributed as torch_dist
 
-    torch_dist.destroy_process_group()  # every group, the host group with it
+        torch_dist.destroy_process_group()
     _host_group = None
 
 

@@ -38,9 +38,10 @@ class SamplingConfig(BaseModel):
     max_prompt_tokens: int = Field(384, ge=1, description="longer prompts keep their end")
     cache: Literal["dynamic", "static"] = Field(
         "dynamic",
-        description="KV cache: static pre-allocates it (for max_prompt_tokens + "
-        "max_new_tokens), so transformers can compile the decode step (CUDA graphs) on "
-        "GPUs, once; the tokens are the same",
+        description="KV cache: static pre-allocates it, so transformers can compile the "
+        "decode step (CUDA graphs) on GPUs; where the step may be compiled, for "
+        "max_prompt_tokens + max_new_tokens (one compile for every prompt length, each "
+        "step attending over that length); the tokens are the same",
     )
     compile_decode: bool | None = Field(
         None,
@@ -101,28 +102,28 @@ def cache_options(config: SamplingConfig, model) -> dict:
     the addresses it captured) would not read, and dynamo breaks its graph at every hook."""
     if config.cache != "static":
         return {}
-    # Sized once for the longest prompt and answer there can be: sized per batch (to its
-    # longest prompt), a longer batch would recompile the decode step.
-    options: dict = {
-        "cache_implementation": "static",
-        "max_cache_len": config.max_prompt_tokens + config.max_new_tokens,
-    }
+    options: dict = {"cache_implementation": "static"}
     if gathered_per_token(model):
         if config.compile_decode:
             dist.say_once(
                 "generation: compile_decode is not used: the actor's ZeRO-3 weights are "
                 "gathered at every token (they do not fit on the device at once)"
             )
-        options["disable_compile"] = True
-    elif config.compile_decode is False:
-        options["disable_compile"] = True
-    elif config.compile_decode:
+        return {**options, "disable_compile": True}
+    if config.compile_decode is False:
+        return {**options, "disable_compile": True}
+    if config.compile_decode:
         from transformers import CompileConfig
 
         # transformers compiles on accelerators only, unless told to on every device
         compiled = CompileConfig()
         compiled._compile_all_devices = True
         options["compile_config"] = compiled
+    # Where the step may be compiled: the cache sized once, for the longest prompt and
+    # answer there can be (sized to each batch's longest prompt, a longer batch would
+    # compile the step again); each step then attends over all of it, a price a compiled
+    # step repays and an eager one would not.
+    options["max_cache_len"] = config.max_prompt_tokens + config.max_new_tokens
     return options
 
 

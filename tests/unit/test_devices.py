@@ -172,7 +172,10 @@ def test_weights_gathered_at_every_token_are_never_compiled_over(tiny, monkeypat
     tokenizer = load_tokenizer(path)
     with engine.for_generation(actor, gather=False) as (model, _):
         assert gathered_per_token(model)
-        assert cache_options(compiled, model)["disable_compile"] is True
+        assert cache_options(compiled, model) == {
+            "cache_implementation": "static",
+            "disable_compile": True,
+        }
         # and generate takes it so: nothing compiled, the tokens those of the dynamic cache
         eos, prompts = {tokenizer.eos_token_id}, ["Hi", "Tell me"]
         static = sample(model, tokenizer, prompts, compiled, eos, seed=1)

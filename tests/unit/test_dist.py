@@ -180,33 +180,58 @@ def test_a_timeout_that_is_not_a_number_of_seconds_is_a_bad_input(monkeypatch, v
 
 ONE_PROCESS = """
 import sys
+import torch
 import torch.distributed as torch_dist
-from jobs import dist
-from jobs.engine import init_distributed
+import jobs.contract
+from jobs import engine
+from jobs.__main__ import main
+from jobs.errors import BadInputError
+
+
+def start_an_engine():
+    engine.init_distributed()  # what a stage's DeepSpeed engine starts with, in one process
+    model = torch.nn.Linear(2, 2)
+    engine.import_deepspeed().initialize(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        config={"train_micro_batch_size_per_gpu": 1},
+    )
+
 
 if sys.argv[1] == "before":  # as in a test that calls the entrypoint's main() in-process
-    init_distributed()
-dist.begin()
-init_distributed()  # what a stage's DeepSpeed engine starts with, in one process
-dist.shutdown()
-print(f"left {not torch_dist.is_initialized()}")
+    engine.init_distributed()
+
+
+def stage(*args, **kwargs):
+    start_an_engine()
+    raise BadInputError("a bad row")  # one of the stage's own exits
+
+
+jobs.contract.run_stage = stage
+code = main(["sft", "--config", sys.argv[2]])
+left = not torch_dist.is_initialized()
+start_an_engine()  # again in this process, on the group now up
+print(f"exit {code}, left {left}, an engine again")
 """
 
 
 @pytest.mark.parametrize(("group", "left"), [("by the stage", True), ("before", False)])
-def test_one_process_leaves_the_group_deepspeed_gave_its_stage(group, left):
+def test_one_process_leaves_the_group_deepspeed_gave_its_stage(group, left, tmp_path):
     """A single-process stage's group (NCCL on a GPU) is left on its exits as a gang's is,
     not to interpreter finalisation, where torch warns and NCCL may block the exit; a
-    group its caller was in before it began stays (DeepSpeed's own groups hang on it)."""
+    group its caller was in before the stage began stays. Left through DeepSpeed, which
+    forgets the groups it derived, so that an engine can start again in the process."""
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"output: {tmp_path / 'sft'}\nmodel: no-model\ndata: no-data\n")
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_PORT")}
     result = subprocess.run(
-        [sys.executable, "-c", ONE_PROCESS, group],
+        [sys.executable, "-c", ONE_PROCESS, group, str(config)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert result.stdout.strip().splitlines()[-1:] == [f"left {left}"], (
+    assert result.stdout.strip().splitlines()[-1:] == [f"exit 65, left {left}, an engine again"], (
         result.stdout[-2000:] + result.stderr[-2000:]
     )

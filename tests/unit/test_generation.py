@@ -48,8 +48,9 @@ def test_the_repetition_penalty_leaves_padding_out_when_the_pad_token_is_eos(
     """A tokenizer without a pad token pads with EOS (Llama's and GPT-2's do): the padding
     of a short prompt in a batch is not a repetition of EOS. EOS's logit is just above a
     second token's: a prompt ends at once alone, and must in a batch beside a longer one
-    (transformers 5 leaves the padding that the attention mask names out of its penalty:
-    this holds the sampler to handing the mask on, and transformers to keeping it so)."""
+    (transformers 5.23 and later leave the padding that the attention mask names out of
+    its penalty, hence pyproject.toml's floor: this holds the sampler to handing the mask
+    on, and transformers to keeping it so)."""
     model, tokenizer = model_and_tokenizer
     tokenizer.pad_token = tokenizer.eos_token
     eos = tokenizer.eos_token_id
