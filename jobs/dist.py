@@ -156,11 +156,11 @@ def say_once(line: str) -> None:
 
 def _group():
     """torch.distributed when a group of more than one process is up, else None."""
-    if world_size() == 1:
+    if world_size() == 1 or not _initialized():
         return None
     import torch.distributed as torch_dist
 
-    return torch_dist if torch_dist.is_initialized() else None
+    return torch_dist
 
 
 def _collective_device(torch_dist):

@@ -103,14 +103,13 @@ def cache_options(config: SamplingConfig, model) -> dict:
     if config.cache != "static":
         return {}
     options: dict = {"cache_implementation": "static"}
-    if gathered_per_token(model):
-        if config.compile_decode:
-            dist.say_once(
-                "generation: compile_decode is not used: the actor's ZeRO-3 weights are "
-                "gathered at every token (they do not fit on the device at once)"
-            )
-        return {**options, "disable_compile": True}
-    if config.compile_decode is False:
+    gathered = gathered_per_token(model)
+    if gathered and config.compile_decode:
+        dist.say_once(
+            "generation: compile_decode is not used: the actor's ZeRO-3 weights are "
+            "gathered at every token (they do not fit on the device at once)"
+        )
+    if gathered or config.compile_decode is False:
         return {**options, "disable_compile": True}
     if config.compile_decode:
         from transformers import CompileConfig

@@ -163,7 +163,7 @@ def test_a_static_cache_and_a_compiled_decode_give_the_dynamic_caches_tokens(
 
 
 def test_the_decode_step_is_compiled_once_for_prompts_of_any_length(model_and_tokenizer):
-    """Each compile of the decode step takes a minute at 1B parameters on a GPU: the static
+    """A compile of the decode step can take a minute at 1B parameters on a GPU: the static
     cache is sized once for the longest prompt there can be, so a later, longer batch
     (here the second) does not compile it again."""
     from torch._dynamo.utils import counters
