@@ -393,9 +393,20 @@ DECODES = {
 }
 
 
+def run_watched(stage_name: str, config, run, workdir: Path, decode: str) -> dict:
+    """Run a stage; for the compiled decode, what its compiles met (graph breaks, frames
+    dynamo gave up on, CUDA graphs skipped): a "compiled" figure is one only where each is 0."""
+    from jobs.contract import run_stage
+    from jobs.generation import CompileWatch
+
+    watch = CompileWatch()
+    run_stage(stage_name, config, run, workdir)
+    return {"compile": watch.counts()} if decode == "compiled" else {}
+
+
 def ppo(root: Path, args, decode: str) -> dict:
     from jobs import ppo as stage
-    from jobs.contract import read_manifest, run_stage
+    from jobs.contract import read_manifest
 
     new_tokens = 16 if args.tiny else 256
     # bf16 as on a GPU; a compiled step on the CPU in fp32 (see ``ours``)
@@ -430,7 +441,7 @@ def ppo(root: Path, args, decode: str) -> dict:
         actor_train=train,
         critic_train=train,
     )
-    run_stage("ppo", config, stage.run, root / f"w-ppo-{decode}")
+    compiles = run_watched("ppo", config, stage.run, root / f"w-ppo-{decode}", decode)
     output = Path(config.output)
     lines = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
     steady = [m for m in lines if m.get("step", 0) > 1 and "generation_s" in m] or lines
@@ -446,6 +457,7 @@ def ppo(root: Path, args, decode: str) -> dict:
         "generation_share": round(split["generation_s"] / iteration_s, 3),
         "generation_tokens_per_s": round(generated / split["generation_s"], 1),
         "peak_memory_gib": read_manifest(str(output)).metrics.get("cuda_peak_memory_gib", 0.0),
+        **compiles,
     }
     return out | decode_floor(root, split["generation_s"], new_tokens, args.rollout)
 
@@ -496,7 +508,6 @@ def generate(root: Path, args, decode: str) -> dict:
     """The generate stage on the 1.33B actor: 4 rollout batches of prompts (up to 256
     tokens), 256 new tokens each at temperature 1, in batches of the rollout's size."""
     from jobs import generate as stage
-    from jobs.contract import run_stage
 
     config = stage.Config(
         output=str(root / f"ours-generate-{decode}"),
@@ -505,7 +516,7 @@ def generate(root: Path, args, decode: str) -> dict:
         max_prompts=4 * args.rollout,
         **inference_options(args, decode),
     )
-    run_stage("generate", config, stage.run, root / f"w-generate-{decode}")
+    compiles = run_watched("generate", config, stage.run, root / f"w-generate-{decode}", decode)
     lines = [
         json.loads(x) for x in (Path(config.output) / "metrics.jsonl").read_text().splitlines()
     ]
@@ -520,6 +531,7 @@ def generate(root: Path, args, decode: str) -> dict:
         "generation_tokens_per_s": rate,
         "includes_compile": decode == "compiled",
         STEADY: steady[0] if steady else None,
+        **compiles,
         **decode_floor(root, seconds / 4, config.sampling.max_new_tokens, args.rollout),
     }
 
@@ -528,7 +540,6 @@ def evaluate(root: Path, args, decode: str) -> dict:
     """The evaluate stage: the 1.33B actor answers 4 rollout batches of prompts as candidate
     and again as baseline, and the 350M reward model judges both."""
     from jobs import evaluate as stage
-    from jobs.contract import run_stage
 
     config = stage.Config(
         output=str(root / f"ours-evaluate-{decode}"),
@@ -539,7 +550,7 @@ def evaluate(root: Path, args, decode: str) -> dict:
         max_prompts=4 * args.rollout,
         **inference_options(args, decode),
     )
-    run_stage("evaluate", config, stage.run, root / f"w-evaluate-{decode}")
+    compiles = run_watched("evaluate", config, stage.run, root / f"w-evaluate-{decode}", decode)
     lines = [
         json.loads(x) for x in (Path(config.output) / "metrics.jsonl").read_text().splitlines()
     ]
@@ -558,6 +569,7 @@ def evaluate(root: Path, args, decode: str) -> dict:
         "generation_tokens_per_s": round(tokens / seconds, 1),
         "baseline_tokens_per_s": found["baseline.tokens_per_s"],
         "includes_compile": decode == "compiled",
+        **compiles,
         **decode_floor(
             root, found["baseline.generation_s"] / 4, config.sampling.max_new_tokens, args.rollout
         ),

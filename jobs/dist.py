@@ -204,10 +204,18 @@ def all_gather_cat(tensor):
 
 
 def any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any rank (a SIGTERM reaches ranks unevenly)."""
+    """True on every rank when ``flag`` is true on any rank (a SIGTERM reaches ranks
+    unevenly). Agreed on the host group: on NCCL the answer would be read from the GPU once
+    every kernel queued before the all-reduce has run, a wait for the whole step each time
+    the stop flag is asked (after every optimiser step), with no kernels queued meanwhile."""
     import torch
 
-    return bool(all_reduce_sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)
+    group = _group()
+    if group is None or _host_group is None:  # (no host group: a group DeepSpeed started)
+        return bool(all_reduce_sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)
+    flags = torch.tensor([1 if flag else 0])
+    group.all_reduce(flags, group=_host_group)
+    return bool(flags.item() > 0)
 
 
 def all_ranks(flag: bool) -> bool:

@@ -8,6 +8,7 @@ the first generated token of every row follows its own prompt directly.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
@@ -126,6 +127,56 @@ def cache_options(config: SamplingConfig, model) -> dict:
     return options
 
 
+class CompileWatch:
+    """What torch.compile did over a span, read from dynamo's and inductor's own counters.
+    A decode step whose graph broke, with frames dynamo gave up on (which then run eager
+    for good: a recompile limit reached, say) or that inductor ran without CUDA graphs runs
+    slower than one compiled whole, and torch says so only in logs that are off by default."""
+
+    def __init__(self) -> None:
+        self._before = self._read()
+
+    @staticmethod
+    def _read() -> dict[str, Counter]:
+        from torch._dynamo.utils import counters
+
+        return {
+            "breaks": Counter(counters["graph_break"]),
+            "given_up": Counter(counters["unimplemented"]),
+            "cudagraph_skips": Counter({"": counters["inductor"]["cudagraph_skips"]}),
+        }
+
+    def since(self) -> dict[str, Counter]:
+        """What each counter gained over the span, by reason."""
+        now = self._read()
+        return {kind: now[kind] - self._before[kind] for kind in now}
+
+    def counts(self) -> dict[str, int]:
+        """What the span's compiles met, counted (a benchmark's record)."""
+        return {kind: found.total() for kind, found in self.since().items()}
+
+    def report(self, model, on_cuda: bool) -> list[str]:
+        """What ``model``'s decode step ran as over the span, a line each."""
+        if not hasattr(model, "_compiled_call"):
+            return ["the static KV cache's decode step runs eager"]
+        new = self.since()
+        lines = ["the static KV cache's decode step runs compiled (torch.compile)"]
+        if new["breaks"] or new["given_up"]:
+            first = next(iter(new["given_up"] or new["breaks"])).strip().splitlines()[0]
+            lines.append(
+                f"the compiled decode step runs eager in part: {new['breaks'].total()} graph "
+                f"break(s), {new['given_up'].total()} frame(s) dynamo gave up on (first: "
+                f"{first[:200]}; TORCH_LOGS=graph_breaks,recompiles says more)"
+            )
+        # (on the CPU inductor counts a skip for every graph: CUDA graphs are GPU-only)
+        if on_cuda and new["cudagraph_skips"]:
+            lines.append(
+                "the compiled decode step runs without CUDA graphs: inductor skipped them "
+                f"{new['cudagraph_skips'].total()} time(s) (TORCH_LOGS=perf_hints says why)"
+            )
+        return lines
+
+
 def encode_prompts(
     tokenizer,
     prompts: list[str],
@@ -182,6 +233,7 @@ def sample(
     start = encoded["input_ids"].size(1)
     was_training = model.training
     model.eval()
+    watch = CompileWatch()
     timer = time.perf_counter()
     torch.manual_seed(seed)
     try:
@@ -210,8 +262,8 @@ def sample(
     seconds = time.perf_counter() - timer
     if sampling.cache == "static":
         # what transformers did (it compiles where it judges it can), not what was asked
-        how = "compiled (torch.compile)" if hasattr(model, "_compiled_call") else "eager"
-        dist.say_once(f"generation: the static KV cache's decode step runs {how}")
+        for line in watch.report(model, device.type == "cuda"):
+            dist.say_once(f"generation: {line}")
 
     # The answer runs up to and including its first EOS (stopping is an action too).
     prompt_ids = encoded["input_ids"].repeat_interleave(num_samples, 0)

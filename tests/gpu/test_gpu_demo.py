@@ -115,8 +115,10 @@ def test_ppo_rolls_out_with_the_compiled_decode_on_the_gpu(demo, tmp_path):
     config = ppo_config(demo, tmp_path / "static", iterations=2, sampling=sampling)
     result = run_entrypoint("ppo", config, tmp_path)
     assert finished(tmp_path / "static", result).metrics["iterations"] == 2
-    # compiled, not fallen back to an eager decode
+    # compiled, not fallen back to an eager decode, in whole or in part, with its CUDA graphs
     assert "the static KV cache's decode step runs compiled" in result.stdout
+    assert "the compiled decode step runs eager in part" not in result.stdout
+    assert "the compiled decode step runs without CUDA graphs" not in result.stdout
 
 
 def test_ppo_preempted_on_the_gpu_resumes_to_the_same_metrics(demo, tmp_path):

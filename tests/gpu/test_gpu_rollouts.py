@@ -13,7 +13,7 @@ def test_the_compiled_decode_gives_the_dynamic_caches_tokens_on_the_gpu(tiny):
     the greedy tokens are the dynamic cache's (fp32, so no rounding decides a tie)."""
     from transformers import AutoModelForCausalLM
 
-    from jobs.generation import SamplingConfig, generate
+    from jobs.generation import CompileWatch, SamplingConfig, generate
     from jobs.models import load_tokenizer
     from tests.unit.test_generation import PROMPTS
 
@@ -28,9 +28,14 @@ def test_the_compiled_decode_gives_the_dynamic_caches_tokens_on_the_gpu(tiny):
             cache=cache,
             compile_decode=True if ON_CPU and cache == "static" else None,
         )
+        watch = CompileWatch()
         runs[cache] = [s[0].tokens for s in generate(model, tokenizer, PROMPTS, config, seed=11)]
     assert runs["static"] == runs["dynamic"] and any(runs["dynamic"])
     assert hasattr(model, "_compiled_call")  # the decode steps ran compiled
+    # whole: no graph break, no frame left to eager, and (on a GPU) its CUDA graphs
+    met = watch.counts()
+    assert (met["breaks"], met["given_up"]) == (0, 0), met
+    assert ON_CPU or met["cudagraph_skips"] == 0, met
 
 
 def test_grpo_raises_held_out_accuracy_on_the_gpu(tiny, tmp_path):

@@ -114,6 +114,8 @@ for wait in sys.argv[3:]:
             dist.barrier()
         elif wait == "broadcast_object":
             assert dist.broadcast_object({"step": dist.rank()}) == {"step": 0}
+        elif wait == "any_rank":
+            assert dist.any_rank(dist.rank() == 0) and not dist.any_rank(False)
         else:
             dist.all_reduce_sum(torch.ones(1, device=dist.device()))
     except Exception as exc:
@@ -153,16 +155,18 @@ def two_ranks_waiting(
 
 
 def test_ranks_wait_at_a_barrier_longer_than_a_collective_may_take(tmp_path):
-    """The waits (barriers, object collectives) run on a host group with the long wait
-    timeout: on NCCL, a barrier is a GPU collective whose watchdog kills every rank after
-    the group's timeout (torch's default 10 minutes), which a rank moving a large checkpoint
-    through the store outlasts. The tensors' collectives keep the collective timeout: the
-    same wait in an all-reduce gives up (the control, showing the timeout is in force)."""
-    waits = ["barrier", "broadcast_object", "all_reduce_sum"]
+    """The waits (barriers, object collectives, the stop flag's agreement) run on a host
+    group with the long wait timeout: on NCCL, a barrier is a GPU collective whose watchdog
+    kills every rank after the group's timeout (torch's default 10 minutes), which a rank
+    moving a large checkpoint through the store outlasts; and the stop flag read back from
+    the GPU would wait for the whole step queued before it, after every optimiser step. The
+    tensors' collectives keep the collective timeout: the same wait in an all-reduce gives
+    up (the control, showing the timeout is in force)."""
+    waits = ["barrier", "broadcast_object", "any_rank", "all_reduce_sum"]
     waited = two_ranks_waiting(waits, busy_s=5, collective_s=2, folder=tmp_path)
-    assert waited[:2] == ["barrier: done", "broadcast_object: done"], waited
-    assert waited[2].startswith("all_reduce_sum: gave up:"), waited
-    assert "timed out" in waited[2].lower(), waited[2]
+    assert waited[:3] == ["barrier: done", "broadcast_object: done", "any_rank: done"], waited
+    assert waited[3].startswith("all_reduce_sum: gave up:"), waited
+    assert "timed out" in waited[3].lower(), waited[3]
 
 
 @pytest.mark.parametrize("value", ["soon", "0", "-5", "inf", "1e300"])

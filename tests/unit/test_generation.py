@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -177,6 +179,57 @@ def test_the_decode_step_is_compiled_once_for_prompts_of_any_length(model_and_to
     shortest_first = [PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[3]]
     generate(model, tokenizer, shortest_first, config)
     assert counters["stats"]["unique_graphs"] - compiled == 1
+
+
+def break_the_graph(model) -> None:
+    """A hook at every layer's forward that dynamo cannot trace through (eager, a no-op)."""
+    model.gpt_neox.layers[0].register_forward_hook(lambda *_: torch._dynamo.graph_break())
+
+
+def recompile_at_most_once(monkeypatch) -> None:
+    """Dynamo gives up on a frame it has compiled once already (its recompile limit, 8)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+
+
+@pytest.mark.parametrize(
+    ("spoil", "said"),
+    [
+        (None, None),
+        (break_the_graph, r"[1-9]\d* graph break\(s\), [1-9]\d* frame\(s\) .*graph_break\(\)"),
+        (recompile_at_most_once, r"0 graph break\(s\), 1 frame\(s\) .*recompile limit exceeded"),
+    ],
+)
+def test_the_log_says_where_the_compiled_decode_step_runs_eager(
+    model_and_tokenizer, monkeypatch, capsys, spoil, said
+):
+    """A decode step whose graph breaks, or that dynamo gives up on, runs slower than one
+    compiled whole; torch says so only in logs that are off by default, and the stage's
+    log said "compiled" and nothing more. The batches are of 3 prompts and 1: the second
+    compiles the step again, which dynamo refuses under a recompile limit of 1."""
+    from jobs import dist
+
+    monkeypatch.setattr(dist, "_SAID", set())
+    model, tokenizer = model_and_tokenizer
+    if spoil is break_the_graph:
+        spoil(model)
+    elif spoil is not None:
+        spoil(monkeypatch)
+    config = SamplingConfig(
+        do_sample=False, max_new_tokens=3, batch_size=3, cache="static", compile_decode=True
+    )
+    torch._dynamo.reset()
+    eager = generate(model, tokenizer, PROMPTS, config.model_copy(update={"compile_decode": False}))
+    assert capsys.readouterr().out.count("generation: ") == 1  # "... runs eager"
+    assert generate(model, tokenizer, PROMPTS, config) == eager  # the same tokens in any case
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("generation: ")]
+    assert lines[0] == "generation: the static KV cache's decode step runs compiled (torch.compile)"
+    if said is None:
+        assert lines[1:] == []
+    else:
+        prefix = "generation: the compiled decode step runs eager in part: "
+        # a line for each batch whose step compiled anew with something to say
+        assert len(lines) > 1 and all(x.startswith(prefix) for x in lines[1:]), lines
+        assert re.match(said, lines[1].removeprefix(prefix)), lines[1]
 
 
 def test_a_compiled_decode_needs_the_static_cache():
