@@ -395,13 +395,14 @@ DECODES = {
 
 def run_watched(stage_name: str, config, run, workdir: Path, decode: str) -> dict:
     """Run a stage; for the compiled decode, what its compiles met (graph breaks, frames
-    dynamo gave up on, CUDA graphs skipped): a "compiled" figure is one only where each is 0."""
+    dynamo gave up on, CUDA graphs skipped on a GPU): a "compiled" figure is one only where
+    each is 0."""
     from jobs.contract import run_stage
     from jobs.generation import CompileWatch
 
     watch = CompileWatch()
     run_stage(stage_name, config, run, workdir)
-    return {"compile": watch.counts()} if decode == "compiled" else {}
+    return {"compile": watch.counts(torch.cuda.is_available())} if decode == "compiled" else {}
 
 
 def ppo(root: Path, args, decode: str) -> dict:

@@ -151,9 +151,11 @@ class CompileWatch:
         now = self._read()
         return {kind: now[kind] - self._before[kind] for kind in now}
 
-    def counts(self) -> dict[str, int]:
-        """What the span's compiles met, counted (a benchmark's record)."""
-        return {kind: found.total() for kind, found in self.since().items()}
+    def counts(self, on_cuda: bool) -> dict[str, int]:
+        """What the span's compiles met, counted (a benchmark's record); CUDA graphs' skips
+        on a GPU only (on the CPU inductor counts one for every graph: they are GPU-only)."""
+        found = {kind: reasons.total() for kind, reasons in self.since().items()}
+        return found if on_cuda else {k: v for k, v in found.items() if k != "cudagraph_skips"}
 
     def report(self, model, on_cuda: bool) -> list[str]:
         """What ``model``'s decode step ran as over the span, a line each."""
@@ -168,8 +170,7 @@ class CompileWatch:
                 f"break(s), {new['given_up'].total()} frame(s) dynamo gave up on (first: "
                 f"{first[:200]}; TORCH_LOGS=graph_breaks,recompiles says more)"
             )
-        # (on the CPU inductor counts a skip for every graph: CUDA graphs are GPU-only)
-        if on_cuda and new["cudagraph_skips"]:
+        if on_cuda and new["cudagraph_skips"]:  # (as in ``counts``)
             lines.append(
                 "the compiled decode step runs without CUDA graphs: inductor skipped them "
                 f"{new['cudagraph_skips'].total()} time(s) (TORCH_LOGS=perf_hints says why)"

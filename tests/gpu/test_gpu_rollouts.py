@@ -33,9 +33,8 @@ def test_the_compiled_decode_gives_the_dynamic_caches_tokens_on_the_gpu(tiny):
     assert runs["static"] == runs["dynamic"] and any(runs["dynamic"])
     assert hasattr(model, "_compiled_call")  # the decode steps ran compiled
     # whole: no graph break, no frame left to eager, and (on a GPU) its CUDA graphs
-    met = watch.counts()
-    assert (met["breaks"], met["given_up"]) == (0, 0), met
-    assert ON_CPU or met["cudagraph_skips"] == 0, met
+    met = watch.counts(on_cuda=not ON_CPU)
+    assert set(met.values()) == {0}, met
 
 
 def test_grpo_raises_held_out_accuracy_on_the_gpu(tiny, tmp_path):
