@@ -394,8 +394,9 @@ DECODES = {
 
 
 def run_watched(stage_name: str, config, run, workdir: Path, decode: str) -> dict:
-    """Run a stage; for the compiled decode, what its compiles met (graph breaks, frames
-    dynamo gave up on, CUDA graphs skipped on a GPU): a "compiled" figure is one only where
+    """Run a stage; for the compiled decode, what the run's compiles met (graph breaks,
+    frames run eager, CUDA graphs skipped on a GPU), of which the decode step is the only
+    compiled code here (``train.compile`` is off): a "compiled" figure is one only where
     each is 0."""
     from jobs.contract import run_stage
     from jobs.generation import CompileWatch

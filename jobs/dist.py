@@ -205,9 +205,12 @@ def all_gather_cat(tensor):
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any rank (a SIGTERM reaches ranks
-    unevenly). Agreed on the host group: on NCCL the answer would be read from the GPU once
-    every kernel queued before the all-reduce has run, a wait for the whole step each time
-    the stop flag is asked (after every optimiser step), with no kernels queued meanwhile."""
+    unevenly). Agreed on the host group: on NCCL the answer is read from the GPU once the
+    kernels queued before the all-reduce have run, so the host would queue nothing while
+    the GPU drains, after every optimiser step (where the stop flag is asked; the cost of
+    the gap is not measured: no GPU yet). Its wait is the host group's (a rank that died
+    ends it at once; one hung in an NCCL collective is aborted by the watchdog, which ends
+    it too), as the barriers' is."""
     import torch
 
     group = _group()

@@ -321,19 +321,50 @@ def for_generation(engine, gather: bool = True):
     token): DeepSpeed's pre-forward hook, which stays, broadcasts while it traces the
     module order, so every rank must run as many forwards."""
     if engine.zero_optimization_stage() != 3:
-        yield engine.module, False
+        with engine_hooks_off(engine):
+            yield engine.module, False
         return
     if gather and dist.all_ranks(fits_on_device(engine.module)):
         from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
         dist.say_once("generation: the actor's ZeRO-3 parameters are gathered once per rollout")
-        with unwrap_model_for_generation(engine):
+        with unwrap_model_for_generation(engine), engine_hooks_off(engine):
             yield engine.module, dist.world_size() > 1
         return
     dist.say_once(
         "generation: the actor's ZeRO-3 parameters are gathered layer by layer at every token"
     )
     yield engine.module, True
+
+
+ENGINE_HOOKS = ("module_forward_pre_hook", "module_forward_post_hook")
+
+
+@contextmanager
+def engine_hooks_off(engine):
+    """The module without the DeepSpeed engine's own forward hooks (its timers, its flops
+    profiler, ZeRO-3's flag that lets a forward fetch a parameter it has not announced),
+    none of which a rollout over whole weights needs. Dynamo in torch 2.11 cannot trace
+    them (an enum compared with ``<``): a compiled decode step ran them eager at every
+    token, in pieces around the compiled forward (5 frames run eager in a PPO run under
+    torch 2.11; torch 2.13 traces them). Each is swapped for a hook that does nothing, in
+    its place among the module's hooks (ZeRO-3's run after it), and put back after."""
+    swapped = []
+    for name in ENGINE_HOOKS:
+        handle = getattr(engine, name, None)
+        hooks = handle.hooks_dict_ref() if handle is not None else None
+        if hooks is not None and handle.id in hooks:
+            swapped.append((hooks, handle.id, hooks[handle.id]))
+            hooks[handle.id] = _no_hook
+    try:
+        yield
+    finally:
+        for hooks, key, hook in swapped:
+            hooks[key] = hook
+
+
+def _no_hook(*_args, **_kwargs) -> None:
+    return None
 
 
 def fits_on_device(module, share: float = 0.5) -> bool:

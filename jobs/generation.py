@@ -127,11 +127,18 @@ def cache_options(config: SamplingConfig, model) -> dict:
     return options
 
 
+# What the log says where a compiled decode step is not compiled whole (the GPU tests
+# look for these words).
+PARTLY_EAGER = "the compiled decode step runs eager in part"
+NO_CUDA_GRAPHS = "the compiled decode step runs without CUDA graphs"
+
+
 class CompileWatch:
     """What torch.compile did over a span, read from dynamo's and inductor's own counters.
-    A decode step whose graph broke, with frames dynamo gave up on (which then run eager
-    for good: a recompile limit reached, say) or that inductor ran without CUDA graphs runs
-    slower than one compiled whole, and torch says so only in logs that are off by default."""
+    A decode step whose graph broke, with frames dynamo could not compile (they then run
+    eager: the step's own frame past a recompile limit, say) or that inductor ran without
+    CUDA graphs runs slower than one compiled whole, and torch says so only in logs that
+    are off by default."""
 
     def __init__(self) -> None:
         self._before = self._read()
@@ -140,10 +147,14 @@ class CompileWatch:
     def _read() -> dict[str, Counter]:
         from torch._dynamo.utils import counters
 
+        frames = counters["frames"]
         return {
             "breaks": Counter(counters["graph_break"]),
-            "given_up": Counter(counters["unimplemented"]),
+            # frames whose conversion failed: dynamo runs them eager (torch's own count)
+            "eager_frames": Counter({"": frames["total"] - frames["ok"]}),
             "cudagraph_skips": Counter({"": counters["inductor"]["cudagraph_skips"]}),
+            # why dynamo stopped, a graph break or not (also bumped where it recovered)
+            "reasons": Counter(counters["unimplemented"]),
         }
 
     def since(self) -> dict[str, Counter]:
@@ -153,27 +164,34 @@ class CompileWatch:
 
     def counts(self, on_cuda: bool) -> dict[str, int]:
         """What the span's compiles met, counted (a benchmark's record); CUDA graphs' skips
-        on a GPU only (on the CPU inductor counts one for every graph: they are GPU-only)."""
-        found = {kind: reasons.total() for kind, reasons in self.since().items()}
-        return found if on_cuda else {k: v for k, v in found.items() if k != "cudagraph_skips"}
+        on a GPU only, as in :meth:`report`."""
+        new = self.since()
+        kinds = (
+            ("breaks", "eager_frames", "cudagraph_skips") if on_cuda else ("breaks", "eager_frames")
+        )
+        return {kind: new[kind].total() for kind in kinds}
 
     def report(self, model, on_cuda: bool) -> list[str]:
-        """What ``model``'s decode step ran as over the span, a line each."""
+        """What ``model``'s decode step ran as over the span, a line each. A step compiled
+        before the span (an earlier batch) was reported then."""
         if not hasattr(model, "_compiled_call"):
             return ["the static KV cache's decode step runs eager"]
         new = self.since()
         lines = ["the static KV cache's decode step runs compiled (torch.compile)"]
-        if new["breaks"] or new["given_up"]:
-            first = next(iter(new["given_up"] or new["breaks"])).strip().splitlines()[0]
+        breaks, eager = new["breaks"].total(), new["eager_frames"].total()
+        if breaks or eager:
+            # one of the span's reasons (dynamo's counters keep no order within a span)
+            reason = next(iter(new["reasons"] or new["breaks"]), "").strip().splitlines()
             lines.append(
-                f"the compiled decode step runs eager in part: {new['breaks'].total()} graph "
-                f"break(s), {new['given_up'].total()} frame(s) dynamo gave up on (first: "
-                f"{first[:200]}; TORCH_LOGS=graph_breaks,recompiles says more)"
+                f"{PARTLY_EAGER} or whole: {breaks} graph break(s), {eager} frame(s) run "
+                f"eager (one reason: {reason[0][:200] if reason else 'not counted'}; "
+                "TORCH_LOGS=graph_breaks,recompiles says more)"
             )
-        if on_cuda and new["cudagraph_skips"]:  # (as in ``counts``)
+        # On the CPU inductor counts a skip for every graph: CUDA graphs are GPU-only.
+        if on_cuda and new["cudagraph_skips"]:
             lines.append(
-                "the compiled decode step runs without CUDA graphs: inductor skipped them "
-                f"{new['cudagraph_skips'].total()} time(s) (TORCH_LOGS=perf_hints says why)"
+                f"{NO_CUDA_GRAPHS}: inductor skipped them {new['cudagraph_skips'].total()} "
+                "time(s) (TORCH_LOGS=cudagraphs says why)"
             )
         return lines
 

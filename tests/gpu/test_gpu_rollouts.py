@@ -11,12 +11,15 @@ pytestmark = GPU
 def test_the_compiled_decode_gives_the_dynamic_caches_tokens_on_the_gpu(tiny):
     """With the static cache transformers compiles the decode step on a GPU (CUDA graphs):
     the greedy tokens are the dynamic cache's (fp32, so no rounding decides a tie)."""
+    import torch
+    from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
     from jobs.generation import CompileWatch, SamplingConfig, generate
     from jobs.models import load_tokenizer
     from tests.unit.test_generation import PROMPTS
 
+    torch._dynamo.reset()  # a step compiled by an earlier test would compile nothing here
     model = AutoModelForCausalLM.from_pretrained(tiny / "model").to(DEVICE).eval()
     tokenizer = load_tokenizer(str(tiny / "model"))
     runs = {}
@@ -28,13 +31,14 @@ def test_the_compiled_decode_gives_the_dynamic_caches_tokens_on_the_gpu(tiny):
             cache=cache,
             compile_decode=True if ON_CPU and cache == "static" else None,
         )
-        watch = CompileWatch()
+        watch, graphs = CompileWatch(), counters["stats"]["unique_graphs"]
         runs[cache] = [s[0].tokens for s in generate(model, tokenizer, PROMPTS, config, seed=11)]
     assert runs["static"] == runs["dynamic"] and any(runs["dynamic"])
     assert hasattr(model, "_compiled_call")  # the decode steps ran compiled
     # whole: no graph break, no frame left to eager, and (on a GPU) its CUDA graphs
     met = watch.counts(on_cuda=not ON_CPU)
     assert set(met.values()) == {0}, met
+    assert counters["stats"]["unique_graphs"] > graphs  # something compiled, and whole
 
 
 def test_grpo_raises_held_out_accuracy_on_the_gpu(tiny, tmp_path):

@@ -23,6 +23,7 @@ import yaml
 
 from jobs import store
 from jobs.contract import read_manifest, run_stage
+from jobs.generation import PARTLY_EAGER
 from tests import warm
 from tests.conftest import ROOT, free_port, run_entrypoint, with_dropout
 
@@ -481,6 +482,7 @@ def test_ppo_trains_the_same_with_the_static_cache_and_the_compiled_decode(demo,
         said = {"static": "runs eager", "compiled": "runs compiled"}.get(name)
         if said:
             assert f"the static KV cache's decode step {said}" in result.stdout, name
+        assert PARTLY_EAGER not in result.stdout, result.stdout[-3000:]  # compiled whole
     keys = ("reward_mean", "kl", "response_length", "eos_fraction", "policy_loss", "value_loss")
     for name in ("static", "compiled"):
         assert len(runs[name]) == len(runs["dynamic"]) == 2

@@ -187,6 +187,49 @@ def test_weights_gathered_at_every_token_are_never_compiled_over(tiny, monkeypat
         assert "compile_config" in cache_options(compiled, model)
 
 
+def hook_names(module) -> list[str]:
+    """The module's forward pre- and post-hooks, by function, in the order they run."""
+    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+    return [getattr(h, "__qualname__", type(h).__name__) for h in hooks]
+
+
+@pytest.mark.parametrize(("stage", "gather"), [(2, True), (3, True), (3, False)])
+def test_a_rollout_runs_without_the_engines_own_forward_hooks(tiny, monkeypatch, stage, gather):
+    """DeepSpeed's engine hooks its module's every forward (timers, the flops profiler,
+    ZeRO-3's flag for parameters a forward fetches unannounced). Dynamo in torch 2.11
+    cannot trace them, so the compiled decode step ran them eager at every token, in
+    pieces around the compiled forward (the GPU machine's torch; here torch 2.13 traces
+    them, and the rehearsal venv, ``make gpu-rehearsal``, showed the 5 eager frames).
+    Over whole weights a rollout needs none of them: they are off while the actor
+    generates, and back after, in their order among ZeRO-3's hooks; over weights gathered
+    at every token (never compiled) ZeRO-3 needs its flag, and they stay."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import free_port
+
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    cfg = engine.EngineConfig(zero_stage=stage)
+    path = str(tiny / "model")
+    actor = engine.initialize(engine.load_model(AutoModelForCausalLM, path, cfg), cfg, 1)
+    before = hook_names(actor.module)
+    engines = [h for h in before if "DeepSpeedEngine._create_module_forward" in h]
+    assert len(engines) == 2, before
+    with engine.for_generation(actor, gather=gather) as (model, _):
+        during = hook_names(model)
+        model(input_ids=torch.tensor([[5, 6, 7]]))  # a forward runs without them
+    assert [h for h in during if h in engines] == ([] if gather else engines), during
+    if gather:  # each in its place, doing nothing
+        assert sum(h == "_no_hook" for h in during) == 2, during
+    assert hook_names(actor.module) == before  # the same hooks, in the same order
+    # and training goes on with them
+    batch = torch.tensor([[5, 6, 7, 8]])
+    actor.backward(actor(input_ids=batch, labels=batch).loss)
+    actor.step()
+
+
 def test_training_models_use_the_attention_kernel_asked_for(tiny):
     """``train.attn_implementation`` reaches the model (SFT, reward, DPO's policy and its
     reference, C-RLFT load through engine.model_options); a kernel whose package or GPU

@@ -182,7 +182,7 @@ def test_the_decode_step_is_compiled_once_for_prompts_of_any_length(model_and_to
 
 
 def break_the_graph(model) -> None:
-    """A hook at every layer's forward that dynamo cannot trace through (eager, a no-op)."""
+    """A hook at the first layer's forward that dynamo cannot trace through (eager, a no-op)."""
     model.gpt_neox.layers[0].register_forward_hook(lambda *_: torch._dynamo.graph_break())
 
 
@@ -195,8 +195,15 @@ def recompile_at_most_once(monkeypatch) -> None:
     ("spoil", "said"),
     [
         (None, None),
-        (break_the_graph, r"[1-9]\d* graph break\(s\), [1-9]\d* frame\(s\) .*graph_break\(\)"),
-        (recompile_at_most_once, r"0 graph break\(s\), 1 frame\(s\) .*recompile limit exceeded"),
+        (
+            break_the_graph,
+            r"[1-9]\d* graph break\(s\), \d+ frame\(s\) run eager \(one reason: .*graph_break\(\)",
+        ),
+        (
+            recompile_at_most_once,
+            r"0 graph break\(s\), 1 frame\(s\) run eager "
+            r"\(one reason: Dynamo recompile limit exceeded",
+        ),
     ],
 )
 def test_the_log_says_where_the_compiled_decode_step_runs_eager(
@@ -205,8 +212,10 @@ def test_the_log_says_where_the_compiled_decode_step_runs_eager(
     """A decode step whose graph breaks, or that dynamo gives up on, runs slower than one
     compiled whole; torch says so only in logs that are off by default, and the stage's
     log said "compiled" and nothing more. The batches are of 3 prompts and 1: the second
-    compiles the step again, which dynamo refuses under a recompile limit of 1."""
+    compiles the step again, which dynamo refuses under a recompile limit of 1 (the step's
+    own frame then runs eager)."""
     from jobs import dist
+    from jobs.generation import PARTLY_EAGER
 
     monkeypatch.setattr(dist, "_SAID", set())
     model, tokenizer = model_and_tokenizer
@@ -226,10 +235,34 @@ def test_the_log_says_where_the_compiled_decode_step_runs_eager(
     if said is None:
         assert lines[1:] == []
     else:
-        prefix = "generation: the compiled decode step runs eager in part: "
+        prefix = f"generation: {PARTLY_EAGER} or whole: "
         # a line for each batch whose step compiled anew with something to say
         assert len(lines) > 1 and all(x.startswith(prefix) for x in lines[1:]), lines
         assert re.match(said, lines[1].removeprefix(prefix)), lines[1]
+
+
+def test_skipped_cuda_graphs_are_told_on_a_gpu_only():
+    """Inductor counts a skip of CUDA graphs for every graph it compiles for the CPU, where
+    there are none to skip; on a GPU a skip is a decode step run launch by launch. (Here the
+    count is bumped by hand: no GPU, and a real skip needs one.)"""
+    from torch._dynamo.utils import counters
+
+    from jobs.generation import NO_CUDA_GRAPHS, CompileWatch
+
+    compiled = torch.nn.Linear(1, 1)
+    compiled._compiled_call = None  # as transformers marks a model it compiled
+    watch = CompileWatch()
+    counters["inductor"]["cudagraph_skips"] += 2
+    assert watch.counts(on_cuda=True) == {"breaks": 0, "eager_frames": 0, "cudagraph_skips": 2}
+    assert watch.counts(on_cuda=False) == {"breaks": 0, "eager_frames": 0}
+    told = watch.report(compiled, on_cuda=True)
+    assert told[1:] == [
+        f"{NO_CUDA_GRAPHS}: inductor skipped them 2 time(s) (TORCH_LOGS=cudagraphs says why)"
+    ]
+    assert watch.report(compiled, on_cuda=False) == told[:1]
+    assert watch.report(torch.nn.Linear(1, 1), on_cuda=True) == [
+        "the static KV cache's decode step runs eager"
+    ]
 
 
 def test_a_compiled_decode_needs_the_static_cache():
