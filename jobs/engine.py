@@ -342,16 +342,24 @@ ENGINE_HOOKS = ("module_forward_pre_hook", "module_forward_post_hook")
 
 @contextmanager
 def engine_hooks_off(engine):
-    """The module without the DeepSpeed engine's own forward hooks (its timers, its flops
-    profiler, ZeRO-3's flag that lets a forward fetch a parameter it has not announced),
-    none of which a rollout over whole weights needs. Dynamo in torch 2.11 cannot trace
-    them (an enum compared with ``<``): a compiled decode step ran them eager at every
-    token, in pieces around the compiled forward (5 frames run eager in a PPO run under
-    torch 2.11; torch 2.13 traces them). Each is swapped for a hook that does nothing, in
-    its place among the module's hooks (ZeRO-3's run after it), and put back after."""
+    """The module without the hooks DeepSpeed runs at its every forward, none of which a
+    rollout over whole weights needs:
+    - the engine's own (its timers, its flops profiler, ZeRO-3's flag that lets a forward
+      fetch a parameter it has not announced), which dynamo in torch 2.11 cannot trace (an
+      enum compared with ``<``): the compiled decode step ran them eager at every token, in
+      pieces around the compiled forward (5 frames in a PPO run under torch 2.11);
+    - under ZeRO-3, the start-of-forward hook that resets the parameter coordinator's trace,
+      which DeepSpeed tells dynamo never to trace (a graph break before the compiled step
+      and one after, under torch 2.11 and 2.13 alike). Over gathered weights nothing is
+      fetched, and ZeRO-3's hooks put back after the rollout re-record the trace.
+    Each is swapped for a hook that does nothing, in its place among the module's hooks,
+    and put back after."""
+    handles = [getattr(engine, name, None) for name in ENGINE_HOOKS]
+    optimizer = getattr(engine, "optimizer", None)
+    offload = getattr(optimizer, "parameter_offload", optimizer)  # as unwrap_model_for_... finds it
+    handles.append(getattr(offload, "fwd_pre_hook", None))
     swapped = []
-    for name in ENGINE_HOOKS:
-        handle = getattr(engine, name, None)
+    for handle in handles:
         hooks = handle.hooks_dict_ref() if handle is not None else None
         if hooks is not None and handle.id in hooks:
             swapped.append((hooks, handle.id, hooks[handle.id]))

@@ -199,10 +199,12 @@ def test_a_rollout_runs_without_the_engines_own_forward_hooks(tiny, monkeypatch,
     ZeRO-3's flag for parameters a forward fetches unannounced). Dynamo in torch 2.11
     cannot trace them, so the compiled decode step ran them eager at every token, in
     pieces around the compiled forward (the GPU machine's torch; here torch 2.13 traces
-    them, and the rehearsal venv, ``make gpu-rehearsal``, showed the 5 eager frames).
+    them, and the rehearsal venv, ``make gpu-rehearsal``, showed the 5 eager frames);
+    ZeRO-3's start-of-forward hook is never traced (two graph breaks, either torch).
     Over whole weights a rollout needs none of them: they are off while the actor
     generates, and back after, in their order among ZeRO-3's hooks; over weights gathered
-    at every token (never compiled) ZeRO-3 needs its flag, and they stay."""
+    at every token (never compiled) ZeRO-3 needs them, and they stay. The compile itself
+    is the ZeRO-3 case of ``test_a_rollout_over_gathered_weights_compiles_whole``."""
     from transformers import AutoModelForCausalLM
 
     from tests.conftest import free_port
@@ -221,13 +223,49 @@ def test_a_rollout_runs_without_the_engines_own_forward_hooks(tiny, monkeypatch,
         during = hook_names(model)
         model(input_ids=torch.tensor([[5, 6, 7]]))  # a forward runs without them
     assert [h for h in during if h in engines] == ([] if gather else engines), during
-    if gather:  # each in its place, doing nothing
-        assert sum(h == "_no_hook" for h in during) == 2, during
+    if gather:  # each in its place, doing nothing (and ZeRO-3's start-of-forward hook)
+        assert sum(h == "_no_hook" for h in during) == (3 if stage == 3 else 2), during
     assert hook_names(actor.module) == before  # the same hooks, in the same order
     # and training goes on with them
     batch = torch.tensor([[5, 6, 7, 8]])
     actor.backward(actor(input_ids=batch, labels=batch).loss)
     actor.step()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_rollout_over_gathered_weights_compiles_whole(tiny, monkeypatch, stage):
+    """The actor's compiled decode step, as PPO and GRPO run it: no graph break and no
+    frame run eager (under ZeRO-3 DeepSpeed's start-of-forward hook broke the graph twice;
+    under torch 2.11 the engine's hooks ran as 5 eager frames, which ``make gpu-rehearsal``
+    checks), and the same compiled step for every rollout, training steps between them."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM
+
+    from jobs.generation import CompileWatch, SamplingConfig, sample
+    from jobs.models import load_tokenizer
+    from tests.conftest import free_port
+
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    cfg = engine.EngineConfig(zero_stage=stage)
+    path = str(tiny / "model")
+    actor = engine.initialize(engine.load_model(AutoModelForCausalLM, path, cfg), cfg, 1)
+    tokenizer = load_tokenizer(path)
+    compiled = SamplingConfig(
+        cache="static", compile_decode=True, do_sample=False, max_new_tokens=4
+    )
+    torch._dynamo.reset()
+    watch, graphs = CompileWatch(), counters["stats"]["unique_graphs"]
+    batch = torch.tensor([[5, 6, 7, 8]])
+    for _ in range(2):  # two rollouts
+        with engine.for_generation(actor, gather=True) as (model, _):
+            sample(model, tokenizer, ["Hi", "Tell me"], compiled, {tokenizer.eos_token_id}, 1)
+        actor.backward(actor(input_ids=batch, labels=batch).loss)
+        actor.step()
+    assert watch.counts(on_cuda=False) == {"breaks": 0, "eager_frames": 0}
+    assert counters["stats"]["unique_graphs"] - graphs == 1
 
 
 def test_training_models_use_the_attention_kernel_asked_for(tiny):
