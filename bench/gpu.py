@@ -232,7 +232,7 @@ def matmul_parameters(model_dir: Path, case: str = "sft") -> int:
 def ours(case: str, root: Path, seq: int, args, compiled: bool = False) -> dict:
     """Our stage; ``compiled``: with ``train.compile`` (torch.compile inside the engine),
     one of the speed levers, measured beside the default in the same run."""
-    from jobs.contract import read_manifest, run_stage
+    from jobs.contract import read_manifest
     from jobs.stages import stage_module
 
     module = stage_module(case)
@@ -257,11 +257,12 @@ def ours(case: str, root: Path, seq: int, args, compiled: bool = False) -> dict:
         checkpoint_every=10**6,
         train=train,
     )
-    run_stage(case, config, module.run, root / f"w-ours-{case}-{seq}")
+    compiles = run_watched(case, config, module.run, root / f"w-ours-{case}-{seq}", compiled)
     output = Path(config.output)
     lines = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
     peak = read_manifest(str(output)).metrics.get("cuda_peak_memory_gib", 0.0)
-    return figures(steady_rate(lines), matmul_parameters(root / "actor" / "model", case), peak)
+    model = root / "actor" / "model"
+    return figures(steady_rate(lines), matmul_parameters(model, case), peak) | compiles
 
 
 def plain(case: str, root: Path, seq: int, args) -> dict:
@@ -393,17 +394,17 @@ DECODES = {
 }
 
 
-def run_watched(stage_name: str, config, run, workdir: Path, decode: str) -> dict:
-    """Run a stage; for the compiled decode, what the run's compiles met (graph breaks,
-    frames run eager, CUDA graphs skipped on a GPU), of which the decode step is the only
-    compiled code here (``train.compile`` is off): a "compiled" figure is one only where
+def run_watched(stage_name: str, config, run, workdir: Path, compiled: bool) -> dict:
+    """Run a stage; where it compiles (the decode step, or the model under
+    ``train.compile``: never both in one case here), what its compiles met (graph breaks,
+    frames run eager, CUDA graphs skipped on a GPU): a "compiled" figure is one only where
     each is 0."""
+    from jobs.compiled import CompileWatch
     from jobs.contract import run_stage
-    from jobs.generation import CompileWatch
 
     watch = CompileWatch()
     run_stage(stage_name, config, run, workdir)
-    return {"compile": watch.counts(torch.cuda.is_available())} if decode == "compiled" else {}
+    return {"compile": watch.counts(torch.cuda.is_available())} if compiled else {}
 
 
 def ppo(root: Path, args, decode: str) -> dict:
@@ -443,7 +444,7 @@ def ppo(root: Path, args, decode: str) -> dict:
         actor_train=train,
         critic_train=train,
     )
-    compiles = run_watched("ppo", config, stage.run, root / f"w-ppo-{decode}", decode)
+    compiles = run_watched("ppo", config, stage.run, root / f"w-ppo-{decode}", decode == "compiled")
     output = Path(config.output)
     lines = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
     steady = [m for m in lines if m.get("step", 0) > 1 and "generation_s" in m] or lines
@@ -518,7 +519,9 @@ def generate(root: Path, args, decode: str) -> dict:
         max_prompts=4 * args.rollout,
         **inference_options(args, decode),
     )
-    compiles = run_watched("generate", config, stage.run, root / f"w-generate-{decode}", decode)
+    compiles = run_watched(
+        "generate", config, stage.run, root / f"w-generate-{decode}", decode == "compiled"
+    )
     lines = [
         json.loads(x) for x in (Path(config.output) / "metrics.jsonl").read_text().splitlines()
     ]
@@ -552,7 +555,9 @@ def evaluate(root: Path, args, decode: str) -> dict:
         max_prompts=4 * args.rollout,
         **inference_options(args, decode),
     )
-    compiles = run_watched("evaluate", config, stage.run, root / f"w-evaluate-{decode}", decode)
+    compiles = run_watched(
+        "evaluate", config, stage.run, root / f"w-evaluate-{decode}", decode == "compiled"
+    )
     lines = [
         json.loads(x) for x in (Path(config.output) / "metrics.jsonl").read_text().splitlines()
     ]

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs import dist
+from jobs.compiled import CompileWatch
 from jobs.errors import BadInputError, TransientError
 
 
@@ -616,6 +617,8 @@ class TrainLoop:
         self.ds, self.ctx, self.schedule, self.evaluate = ds, ctx, schedule, evaluate
         self.total, self.step = total_steps, state.get("step", 0)
         self.meter = StepMeter(names, ds.device)
+        # what the compiles of a compiled model (train.compile) met, said where they broke it
+        self.compiles = CompileWatch() if compiled(ds.module) else None
         self.first: dict = state.get("first_eval") or _earlier_first_eval(state)
         if not self.first and evaluate is not None:
             self.first = evaluate()
@@ -642,12 +645,32 @@ class TrainLoop:
             if log_now:
                 lr = self.ds.get_lr()[0]
                 self.ctx.log(step, **means, lr=lr, tokens_per_s=self.meter.window_rate())
+                self._say_compiles()
             if self.evaluate is not None and (step % every.eval_every == 0 or last):
                 self.summary = self.evaluate()
                 self.ctx.log(step, **self.summary)
             state = {"first_eval": self.first, "last_eval": self.summary}
             checkpoint_or_stop(self.ds, self.ctx, step, every.checkpoint_every, state)
         progress.close()
+
+    def _say_compiles(self) -> None:
+        """Where the compiles since the last log broke the compiled model's graph or left
+        frames eager (under ZeRO-3, DeepSpeed's hooks on every layer do)."""
+        if self.compiles is not None:
+            eager = self.compiles.eager_parts()
+            if eager:
+                dist.say_once(f"engine: {COMPILED_IN_PART}: {eager}")
+            self.compiles.restart()
+
+
+# What the log says where train.compile's model is not compiled whole.
+COMPILED_IN_PART = "the compiled model runs eager in part"
+
+
+def compiled(module) -> bool:
+    """Whether ``module`` or one of its submodules was compiled in place (nn.Module.compile,
+    what DeepSpeed's engine.compile does without DeepCompile)."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
 
 
 def _earlier_first_eval(state: dict) -> dict:

@@ -8,7 +8,6 @@ the first generated token of every row follows its own prompt directly.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs import dist
 from jobs.batches import pad
+from jobs.compiled import CompileWatch
 from jobs.tokens import MessageText, encode, keep_end
 
 
@@ -133,67 +133,22 @@ PARTLY_EAGER = "the compiled decode step runs eager in part"
 NO_CUDA_GRAPHS = "the compiled decode step runs without CUDA graphs"
 
 
-class CompileWatch:
-    """What torch.compile did over a span, read from dynamo's and inductor's own counters.
-    A decode step whose graph broke, with frames dynamo could not compile (they then run
-    eager: the step's own frame past a recompile limit, say) or that inductor ran without
-    CUDA graphs runs slower than one compiled whole, and torch says so only in logs that
-    are off by default."""
-
-    def __init__(self) -> None:
-        self._before = self._read()
-
-    @staticmethod
-    def _read() -> dict[str, Counter]:
-        from torch._dynamo.utils import counters
-
-        frames = counters["frames"]
-        return {
-            "breaks": Counter(counters["graph_break"]),
-            # frames whose conversion failed: dynamo runs them eager (torch's own count)
-            "eager_frames": Counter({"": frames["total"] - frames["ok"]}),
-            "cudagraph_skips": Counter({"": counters["inductor"]["cudagraph_skips"]}),
-            # why dynamo stopped, a graph break or not (also bumped where it recovered)
-            "reasons": Counter(counters["unimplemented"]),
-        }
-
-    def since(self) -> dict[str, Counter]:
-        """What each counter gained over the span, by reason."""
-        now = self._read()
-        return {kind: now[kind] - self._before[kind] for kind in now}
-
-    def counts(self, on_cuda: bool) -> dict[str, int]:
-        """What the span's compiles met, counted (a benchmark's record); CUDA graphs' skips
-        on a GPU only, as in :meth:`report`."""
-        new = self.since()
-        kinds = (
-            ("breaks", "eager_frames", "cudagraph_skips") if on_cuda else ("breaks", "eager_frames")
+def compile_report(watch: CompileWatch, model, on_cuda: bool) -> list[str]:
+    """What ``model``'s decode step ran as over ``watch``'s span, a line each. A step
+    compiled before the span (an earlier batch) was reported then."""
+    if not hasattr(model, "_compiled_call"):
+        return ["the static KV cache's decode step runs eager"]
+    lines = ["the static KV cache's decode step runs compiled (torch.compile)"]
+    eager = watch.eager_parts()
+    if eager:
+        lines.append(f"{PARTLY_EAGER} or whole: {eager}")
+    skips = watch.cudagraph_skips() if on_cuda else 0
+    if skips:
+        lines.append(
+            f"{NO_CUDA_GRAPHS}: inductor skipped them {skips} time(s) "
+            "(TORCH_LOGS=cudagraphs says why)"
         )
-        return {kind: new[kind].total() for kind in kinds}
-
-    def report(self, model, on_cuda: bool) -> list[str]:
-        """What ``model``'s decode step ran as over the span, a line each. A step compiled
-        before the span (an earlier batch) was reported then."""
-        if not hasattr(model, "_compiled_call"):
-            return ["the static KV cache's decode step runs eager"]
-        new = self.since()
-        lines = ["the static KV cache's decode step runs compiled (torch.compile)"]
-        breaks, eager = new["breaks"].total(), new["eager_frames"].total()
-        if breaks or eager:
-            # one of the span's reasons (dynamo's counters keep no order within a span)
-            reason = next(iter(new["reasons"] or new["breaks"]), "").strip().splitlines()
-            lines.append(
-                f"{PARTLY_EAGER} or whole: {breaks} graph break(s), {eager} frame(s) run "
-                f"eager (one reason: {reason[0][:200] if reason else 'not counted'}; "
-                "TORCH_LOGS=graph_breaks,recompiles says more)"
-            )
-        # On the CPU inductor counts a skip for every graph: CUDA graphs are GPU-only.
-        if on_cuda and new["cudagraph_skips"]:
-            lines.append(
-                f"{NO_CUDA_GRAPHS}: inductor skipped them {new['cudagraph_skips'].total()} "
-                "time(s) (TORCH_LOGS=cudagraphs says why)"
-            )
-        return lines
+    return lines
 
 
 def encode_prompts(
@@ -281,7 +236,7 @@ def sample(
     seconds = time.perf_counter() - timer
     if sampling.cache == "static":
         # what transformers did (it compiles where it judges it can), not what was asked
-        for line in watch.report(model, device.type == "cuda"):
+        for line in compile_report(watch, model, device.type == "cuda"):
             dist.say_once(f"generation: {line}")
 
     # The answer runs up to and including its first EOS (stopping is an action too).

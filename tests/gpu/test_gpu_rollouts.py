@@ -15,7 +15,8 @@ def test_the_compiled_decode_gives_the_dynamic_caches_tokens_on_the_gpu(tiny):
     from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
-    from jobs.generation import CompileWatch, SamplingConfig, generate
+    from jobs.compiled import CompileWatch
+    from jobs.generation import SamplingConfig, generate
     from jobs.models import load_tokenizer
     from tests.unit.test_generation import PROMPTS
 

@@ -241,7 +241,8 @@ def test_a_rollout_over_gathered_weights_compiles_whole(tiny, monkeypatch, stage
     from torch._dynamo.utils import counters
     from transformers import AutoModelForCausalLM
 
-    from jobs.generation import CompileWatch, SamplingConfig, sample
+    from jobs.compiled import CompileWatch
+    from jobs.generation import SamplingConfig, sample
     from jobs.models import load_tokenizer
     from tests.conftest import free_port
 

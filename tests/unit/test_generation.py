@@ -247,7 +247,8 @@ def test_skipped_cuda_graphs_are_told_on_a_gpu_only():
     count is bumped by hand: no GPU, and a real skip needs one.)"""
     from torch._dynamo.utils import counters
 
-    from jobs.generation import NO_CUDA_GRAPHS, CompileWatch
+    from jobs.compiled import CompileWatch
+    from jobs.generation import NO_CUDA_GRAPHS, compile_report
 
     compiled = torch.nn.Linear(1, 1)
     compiled._compiled_call = None  # as transformers marks a model it compiled
@@ -255,12 +256,12 @@ def test_skipped_cuda_graphs_are_told_on_a_gpu_only():
     counters["inductor"]["cudagraph_skips"] += 2
     assert watch.counts(on_cuda=True) == {"breaks": 0, "eager_frames": 0, "cudagraph_skips": 2}
     assert watch.counts(on_cuda=False) == {"breaks": 0, "eager_frames": 0}
-    told = watch.report(compiled, on_cuda=True)
+    told = compile_report(watch, compiled, on_cuda=True)
     assert told[1:] == [
         f"{NO_CUDA_GRAPHS}: inductor skipped them 2 time(s) (TORCH_LOGS=cudagraphs says why)"
     ]
-    assert watch.report(compiled, on_cuda=False) == told[:1]
-    assert watch.report(torch.nn.Linear(1, 1), on_cuda=True) == [
+    assert compile_report(watch, compiled, on_cuda=False) == told[:1]
+    assert compile_report(watch, torch.nn.Linear(1, 1), on_cuda=True) == [
         "the static KV cache's decode step runs eager"
     ]
 
