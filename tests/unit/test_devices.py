@@ -118,17 +118,30 @@ def test_inference_models_go_where_the_config_says(tiny, monkeypatch):
     assert InferenceConfig(device="cpu").torch_device() == torch.device("cpu")
 
 
-def test_training_models_load_in_their_precision_and_partitioned_under_zero3(tiny, monkeypatch):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
+def one_process(monkeypatch) -> None:
+    """The variables torchrun gives one process, for DeepSpeed's process group. They go when
+    the test ends: stages run later as subprocesses would inherit this process's (busy)
+    rendezvous port."""
     from tests.conftest import free_port
 
-    # ZeRO-3 joins a process group here; its variables go when the test ends, or stages run
-    # later as subprocesses would inherit this process's (busy) rendezvous port.
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
+
+
+def an_actor(path: str, stage: int):
+    """A causal LM's training engine under ZeRO ``stage``, as PPO's actor."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = engine.EngineConfig(zero_stage=stage)
+    return engine.initialize(engine.load_model(AutoModelForCausalLM, path, cfg), cfg, 1)
+
+
+def test_training_models_load_in_their_precision_and_partitioned_under_zero3(tiny, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    one_process(monkeypatch)
 
     path = str(tiny / "model")
     full = engine.load_model(AutoModelForCausalLM, path, engine.EngineConfig(precision="bf16"))
@@ -153,19 +166,13 @@ def test_weights_gathered_at_every_token_are_never_compiled_over(tiny, monkeypat
     step, into new buffers each time: a compiled (CUDA-graph) decode step would replay the
     addresses it captured, so the static cache runs eager there, whatever compile_decode
     says; gathered once per rollout, the decode step is compiled as asked."""
-    from transformers import AutoModelForCausalLM
 
     from jobs.generation import SamplingConfig, cache_options, gathered_per_token, sample
     from jobs.models import load_tokenizer
-    from tests.conftest import free_port
 
-    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    one_process(monkeypatch)
     path = str(tiny / "model")
-    cfg = engine.EngineConfig(zero_stage=3)
-    actor = engine.initialize(engine.load_model(AutoModelForCausalLM, path, cfg), cfg, 1)
+    actor = an_actor(path, 3)
     compiled = SamplingConfig(
         cache="static", compile_decode=True, do_sample=False, max_new_tokens=4
     )
@@ -205,17 +212,10 @@ def test_a_rollout_runs_without_the_engines_own_forward_hooks(tiny, monkeypatch,
     generates, and back after, in their order among ZeRO-3's hooks; over weights gathered
     at every token (never compiled) ZeRO-3 needs them, and they stay. The compile itself
     is the ZeRO-3 case of ``test_a_rollout_over_gathered_weights_compiles_whole``."""
-    from transformers import AutoModelForCausalLM
 
-    from tests.conftest import free_port
-
-    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    cfg = engine.EngineConfig(zero_stage=stage)
+    one_process(monkeypatch)
     path = str(tiny / "model")
-    actor = engine.initialize(engine.load_model(AutoModelForCausalLM, path, cfg), cfg, 1)
+    actor = an_actor(path, stage)
     before = hook_names(actor.module)
     engines = [h for h in before if "DeepSpeedEngine._create_module_forward" in h]
     assert len(engines) == 2, before
@@ -239,20 +239,14 @@ def test_a_rollout_over_gathered_weights_compiles_whole(tiny, monkeypatch, stage
     under torch 2.11 the engine's hooks ran as 5 eager frames, which ``make gpu-rehearsal``
     checks), and the same compiled step for every rollout, training steps between them."""
     from torch._dynamo.utils import counters
-    from transformers import AutoModelForCausalLM
 
     from jobs.compiled import CompileWatch
     from jobs.generation import SamplingConfig, sample
     from jobs.models import load_tokenizer
-    from tests.conftest import free_port
 
-    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    cfg = engine.EngineConfig(zero_stage=stage)
+    one_process(monkeypatch)
     path = str(tiny / "model")
-    actor = engine.initialize(engine.load_model(AutoModelForCausalLM, path, cfg), cfg, 1)
+    actor = an_actor(path, stage)
     tokenizer = load_tokenizer(path)
     compiled = SamplingConfig(
         cache="static", compile_decode=True, do_sample=False, max_new_tokens=4
