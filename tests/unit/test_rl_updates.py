@@ -155,7 +155,7 @@ def test_a_training_loop_resumed_after_its_last_step_reports_its_last_evaluation
         progress=lambda total, step: SimpleNamespace(update=print, close=lambda: None),
         log=lambda step, **values: logged.append((step, values)),
     )
-    ds = SimpleNamespace(device=torch.device("cpu"))
+    ds = SimpleNamespace(device=torch.device("cpu"), module=torch.nn.Linear(1, 1))
     schedule = engine.Schedule(max_steps=4)
 
     def never() -> dict:
