@@ -397,8 +397,8 @@ DECODES = {
 def run_watched(stage_name: str, config, run, workdir: Path, compiled: bool) -> dict:
     """Run a stage; where it compiles (the decode step, or the model under
     ``train.compile``: never both in one case here), what its compiles met (graph breaks,
-    frames run eager, CUDA graphs skipped on a GPU): a "compiled" figure is one only where
-    each is 0."""
+    frames run eager, CUDA graphs skipped on a GPU): a "compiled" figure is compiled whole
+    only where each is 0."""
     from jobs.compiled import CompileWatch
     from jobs.contract import run_stage
 
