@@ -60,7 +60,3 @@ class CompileWatch:
             f"{reason[0][:200] if reason else 'not counted'}; "
             "TORCH_LOGS=graph_breaks,recompiles says more)"
         )
-
-    def cudagraph_skips(self) -> int:
-        """How often inductor left out CUDA graphs over the span (meaningful on a GPU)."""
-        return self.since()["cudagraph_skips"].total()

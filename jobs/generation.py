@@ -142,7 +142,7 @@ def compile_report(watch: CompileWatch, model, on_cuda: bool) -> list[str]:
     eager = watch.eager_parts()
     if eager:
         lines.append(f"{PARTLY_EAGER} or whole: {eager}")
-    skips = watch.cudagraph_skips() if on_cuda else 0
+    skips = watch.counts(on_cuda).get("cudagraph_skips", 0)  # (counted on a GPU only)
     if skips:
         lines.append(
             f"{NO_CUDA_GRAPHS}: inductor skipped them {skips} time(s) "
@@ -207,7 +207,8 @@ def sample(
     start = encoded["input_ids"].size(1)
     was_training = model.training
     model.eval()
-    watch = CompileWatch()
+    # (only the static cache's decode step is ever compiled)
+    watch = CompileWatch() if sampling.cache == "static" else None
     timer = time.perf_counter()
     torch.manual_seed(seed)
     try:
@@ -234,7 +235,7 @@ def sample(
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - timer
-    if sampling.cache == "static":
+    if watch is not None:
         # what transformers did (it compiles where it judges it can), not what was asked
         for line in compile_report(watch, model, device.type == "cuda"):
             dist.say_once(f"generation: {line}")
