@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import pytest
@@ -181,14 +182,18 @@ def test_the_decode_step_is_compiled_once_for_prompts_of_any_length(model_and_to
     assert counters["stats"]["unique_graphs"] - compiled == 1
 
 
-def break_the_graph(model) -> None:
+def break_the_graph(model):
     """A hook at the first layer's forward that dynamo cannot trace through (eager, a no-op)."""
     model.gpt_neox.layers[0].register_forward_hook(lambda *_: torch._dynamo.graph_break())
+    return contextlib.nullcontext()
 
 
-def recompile_at_most_once(monkeypatch) -> None:
-    """Dynamo gives up on a frame it has compiled once already (its recompile limit, 8)."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+def recompile_at_most_once(model):
+    """Dynamo gives up on a frame it has compiled once already (its recompile limit, 8).
+    Patched through dynamo's own config.patch: monkeypatch, finding the option through the
+    config module's __getattr__, deletes it on undo, and every later compile in the process
+    fails ("torch._dynamo.config.recompile_limit does not exist")."""
+    return torch._dynamo.config.patch(recompile_limit=1)
 
 
 @pytest.mark.parametrize(
@@ -219,17 +224,15 @@ def test_the_log_says_where_the_compiled_decode_step_runs_eager(
 
     monkeypatch.setattr(dist, "_SAID", set())
     model, tokenizer = model_and_tokenizer
-    if spoil is break_the_graph:
-        spoil(model)
-    elif spoil is not None:
-        spoil(monkeypatch)
+    spoiled = spoil(model) if spoil is not None else contextlib.nullcontext()
     config = SamplingConfig(
         do_sample=False, max_new_tokens=3, batch_size=3, cache="static", compile_decode=True
     )
     torch._dynamo.reset()
     eager = generate(model, tokenizer, PROMPTS, config.model_copy(update={"compile_decode": False}))
     assert capsys.readouterr().out.count("generation: ") == 1  # "... runs eager"
-    assert generate(model, tokenizer, PROMPTS, config) == eager  # the same tokens in any case
+    with spoiled:
+        assert generate(model, tokenizer, PROMPTS, config) == eager  # the same tokens in any case
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("generation: ")]
     assert lines[0] == "generation: the static KV cache's decode step runs compiled (torch.compile)"
     if said is None:
