@@ -266,11 +266,12 @@ def ours(case: str, root: Path, seq: int, args, compiled: bool = False) -> dict:
 
 
 def plain(case: str, root: Path, seq: int, args) -> dict:
-    """The reference loop: the model in bf16, torch's fused AdamW, the same batches."""
+    """The reference loop: the model in bf16, torch's fused AdamW, the same batches, and
+    transformers' own loss (its logits at every position, as a plain loop computes them)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from jobs.batches import ShardedSampler, read_jsonl
-    from jobs.supervised import collate, response_loss, tokenize
+    from jobs.supervised import collate, tokenize
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model_dir = root / "actor" / "model"
@@ -285,7 +286,8 @@ def plain(case: str, root: Path, seq: int, args) -> dict:
     for step in range(1, args.steps + 1):
         batch = collate([items[i] for i in next(batches)], tokenizer.pad_token_id)
         tokens += int(batch["attention_mask"].sum())
-        loss, _ = response_loss(model, {k: v.to(device) for k, v in batch.items()})
+        inputs = ("input_ids", "attention_mask", "labels")
+        loss = model(**{k: batch[k].to(device) for k in inputs}, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

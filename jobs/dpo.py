@@ -25,7 +25,7 @@ from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
 from jobs.models import free_memory, load_tokenizer, model_source
-from jobs.tokens import encode, keep_end, padded_logits
+from jobs.tokens import encode, keep_end, padded_logits, predicted_positions
 
 
 class Config(StageConfig, engine.Schedule):
@@ -61,12 +61,18 @@ def encode_pair(tokenizer, row: dict, max_len: int) -> tuple[list[int], ...]:
     return tuple(out)
 
 
-def sequence_logps(model, input_ids, attention_mask, answer_mask, average: bool = False):
-    """Sum (or per-token mean) of the log-probs of the answer tokens of every row."""
-    logits = padded_logits(model, input_ids, attention_mask)
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    token_logp = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    mask = answer_mask[:, 1:].float()
+def sequence_logps(
+    model, input_ids, attention_mask, answer_mask, average: bool = False, logits_to_keep=None
+):
+    """Sum (or per-token mean) of the log-probs of the answer tokens of every row, from the
+    logits at ``logits_to_keep`` (:func:`collate`'s: the positions before answer tokens;
+    by default every position)."""
+    kept = logits_to_keep
+    if kept is None:
+        kept = torch.arange(input_ids.size(1) - 1, device=input_ids.device)
+    logp = F.log_softmax(padded_logits(model, input_ids, attention_mask, kept).float(), dim=-1)
+    token_logp = logp.gather(-1, input_ids[:, kept + 1, None]).squeeze(-1)
+    mask = answer_mask[:, kept + 1].float()
     total = (token_logp * mask).sum(1)
     return total / mask.sum(1).clamp(min=1) if average else total
 
@@ -103,21 +109,21 @@ def dpo_loss(*args, **kwargs):
 
 
 def collate(items: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen rows then rejected rows, right-padded together."""
+    """Chosen rows then rejected rows, right-padded together, and the positions whose
+    logits their answers' log-probs read."""
     ids = [i[0] for i in items] + [i[2] for i in items]
-    masks = [i[1] for i in items] + [i[3] for i in items]
+    answer_mask = pad([i[1] for i in items] + [i[3] for i in items], 0)
     return {
         "input_ids": pad(ids, pad_id),
         "attention_mask": pad([[1] * len(x) for x in ids], 0),
-        "answer_mask": pad(masks, 0),
+        "answer_mask": answer_mask,
+        "logits_to_keep": predicted_positions(answer_mask.bool()),
     }
 
 
 def pair_logps(model, items, pad_id: int, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
     batch = {k: v.to(next(model.parameters()).device) for k, v in collate(items, pad_id).items()}
-    logps = sequence_logps(
-        model, batch["input_ids"], batch["attention_mask"], batch["answer_mask"], average
-    )
+    logps = sequence_logps(model, **batch, average=average)
     return logps[: len(items)], logps[len(items) :]
 
 

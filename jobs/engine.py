@@ -88,9 +88,19 @@ def deepspeed_config(cfg: EngineConfig, total_steps: int) -> dict:
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "optimizer": {"type": "AdamW", "params": optimizer_params(cfg)},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
+        **UNTIMED,
     }
+
+
+# DeepSpeed's own progress lines and timers, off: the stages log their own figures. Its
+# throughput timer, on by default, synchronises the device at the start of every forward
+# and at every step (DeepSpeed PR #5363, which added the switch, measured up to 20-25%
+# lost on some accelerators): the host waited for the GPU twice a micro-batch.
+UNTIMED = {
+    "steps_per_print": 1 << 30,
+    "wall_clock_breakdown": False,
+    "timers": {"throughput": {"enabled": False}},
+}
 
 
 def schedule(cfg: EngineConfig, total_steps: int):
@@ -266,6 +276,7 @@ def initialize(model, cfg: EngineConfig, total_steps: int, task_type: str = "CAU
         lr_scheduler=schedule(cfg, total_steps),
         config=config,
     )
+    drop_idle_forward_hooks(engine)
     if cfg.compile:
         # In place (nn.Module.compile): the module, its state dict and its export stay as
         # they are. Batches of new lengths recompile once, then run with dynamic shapes.
@@ -321,9 +332,8 @@ def for_generation(engine, gather: bool = True):
     either way. The ranks still step together (``synced_gpus``: one small all-reduce a
     token): DeepSpeed's pre-forward hook, which stays, broadcasts while it traces the
     module order, so every rank must run as many forwards."""
-    if engine.zero_optimization_stage() != 3:
-        with engine_hooks_off(engine):
-            yield engine.module, False
+    if engine.zero_optimization_stage() != 3:  # (its forward hooks gone: initialize)
+        yield engine.module, False
         return
     if gather and dist.all_ranks(fits_on_device(engine.module)):
         from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
@@ -341,15 +351,41 @@ def for_generation(engine, gather: bool = True):
 ENGINE_HOOKS = ("module_forward_pre_hook", "module_forward_post_hook")
 
 
+def drop_idle_forward_hooks(engine) -> None:
+    """Remove the hooks DeepSpeed's engine runs around its module's every forward
+    (``_forward_prologue`` and ``_forward_epilogue``) where they have nothing to do: outside
+    ZeRO-3 (whose flag lets a forward fetch parameters it has not announced), with no
+    fp16 auto-cast, flops profiler, autotuning, random-LTD, memory breakdown or timers,
+    as :func:`deepspeed_config` sets it. Run anyway, they are Python at every forward,
+    and under ``train.compile`` dynamo in torch 2.11 cannot trace them (an enum compared
+    with ``<``): the compiled model ran them as 5 eager frames at every step (the GPU
+    machine's torch; torch 2.13 traces them)."""
+    busy = (
+        engine.zero_optimization_partition_weights()
+        or engine.fp16_auto_cast()
+        or engine.flops_profiler_enabled()  # autotuning turns it on too
+        or engine.random_ltd_enabled()
+        or engine.memory_breakdown()
+        or engine.engine_timers.forward_timers
+        or engine.tput_timer.config.enabled
+    )
+    if not busy:  # as DeepSpeed removes them itself under DeepCompile (_set_deepcompile_active)
+        for name in ENGINE_HOOKS:
+            if (handle := getattr(engine, name, None)) is not None:
+                handle.remove()
+                setattr(engine, name, None)
+
+
 @contextmanager
 def engine_hooks_off(engine):
-    """The module without the hooks DeepSpeed runs at its every forward, none of which a
-    rollout over whole weights needs:
-    - the engine's own (its timers, its flops profiler, ZeRO-3's flag that lets a forward
-      fetch a parameter it has not announced), which dynamo in torch 2.11 cannot trace (an
-      enum compared with ``<``): the compiled decode step ran them eager at every token, in
-      pieces around the compiled forward (5 frames in a PPO run under torch 2.11);
-    - under ZeRO-3, the start-of-forward hook that resets the parameter coordinator's trace,
+    """A ZeRO-3 module without the hooks DeepSpeed runs at its every forward, none of which
+    a rollout over gathered weights needs:
+    - the engine's own (ZeRO-3's flag that lets a forward fetch a parameter it has not
+      announced), which dynamo in torch 2.11 cannot trace (an enum compared with ``<``):
+      the compiled decode step ran them eager at every token, in pieces around the
+      compiled forward (5 frames in a PPO run under torch 2.11; outside ZeRO-3 they are
+      gone from the start, :func:`drop_idle_forward_hooks`);
+    - the start-of-forward hook that resets the parameter coordinator's trace,
       which DeepSpeed tells dynamo never to trace (a graph break before the compiled step
       and one after, under torch 2.11 and 2.13 alike). Over gathered weights nothing is
       fetched, and ZeRO-3's hooks put back after the rollout re-record the trace.
@@ -524,7 +560,7 @@ def frozen_config(zero_stage: int, offload: bool, precision: str) -> dict:
         "train_micro_batch_size_per_gpu": 1,
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
-        "steps_per_print": 1 << 30,
+        **UNTIMED,
     }
 
 
@@ -540,6 +576,7 @@ def initialize_frozen(model, config: dict):
     deepspeed = import_deepspeed()
     init_distributed()
     engine, *_ = deepspeed.initialize(model=model.eval(), config=config)
+    drop_idle_forward_hooks(engine)
     engine.eval()
     return engine
 

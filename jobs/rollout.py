@@ -90,8 +90,8 @@ def token_logprobs(
     (the distribution the tokens were drawn from, as TRL and verl compute it), and the
     policy's entropy there (a metric: computed without a graph, which would hold a
     vocabulary-wide tensor)."""
-    logits = padded_logits(model, sequences, attention_mask)
-    logits = logits[:, start - 1 : -1].float() / temperature
+    kept = torch.arange(start - 1, sequences.size(1) - 1, device=sequences.device)
+    logits = padded_logits(model, sequences, attention_mask, kept).float() / temperature
     logp = F.log_softmax(logits, dim=-1)
     chosen = logp.gather(-1, sequences[:, start:, None]).squeeze(-1)
     with torch.no_grad():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from jobs import dist
 from jobs.batches import IGNORE, compact, literals, pad
 from jobs.errors import BadInputError
-from jobs.tokens import MessageText, bos_prefix, encode_spans
+from jobs.tokens import MessageText, bos_prefix, encode_spans, logits_at, predicted_positions
 
 
 def segments_of(row: dict, where: str) -> list[tuple[str, bool]]:
@@ -129,7 +129,7 @@ def check_packing_isolates(model, device) -> None:
         # two packed rows, collated as training collates them (one row under flash-attention)
         rows = [(row, [IGNORE] * 12, list(range(6)) * 2)] * 2
         batch = to_device(collate(rows, 0, flattens(model)), device)
-        del batch["labels"]
+        del batch["labels"], batch["logits_to_keep"]
         return batch
 
     batch, reference = packed(first + second), packed(second + first)
@@ -197,7 +197,7 @@ def collate(items, pad_id: int, flatten: bool = False) -> dict:
     with the sequences' boundaries given (as TRL's padding-free collator,
     ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``, gives them): from the
     position ids alone transformers would find them again in every layer, a host sync
-    each time."""
+    each time. ``logits_to_keep``: the positions :func:`token_losses` reads."""
     flat = flatten and len(items[0]) == 3
     if flat:
         items = [tuple([t for item in items for t in item[part]] for part in range(3))]
@@ -215,6 +215,7 @@ def collate(items, pad_id: int, flatten: bool = False) -> dict:
         batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = torch.tensor(bounds, dtype=torch.int32)
         longest = max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
         batch["max_length_q"] = batch["max_length_k"] = longest  # a Python int, as flash takes
+    batch["logits_to_keep"] = predicted_positions(batch["labels"] != IGNORE)
     return batch
 
 
@@ -224,12 +225,16 @@ def to_device(batch: dict, device) -> dict:
 
 
 def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy of every position [batch, len-1] and the response mask."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-    targets = batch["labels"][:, 1:]
-    losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
-    return losses, targets != IGNORE
+    """Next-token cross-entropy [batch, kept] at the batch's ``logits_to_keep`` (positions
+    whose next token has a label in some row: :func:`collate`), and its label mask."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "logits_to_keep")}
+    kept = batch["logits_to_keep"]
+    logits = logits_at(model, kept, **inputs).float()
+    targets = batch["labels"][:, kept + 1]
+    losses = F.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none"
+    )
+    return losses.view_as(targets), targets != IGNORE
 
 
 def trained_targets(items) -> int:

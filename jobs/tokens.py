@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import inspect
 import json
 import weakref
 from collections.abc import Iterable
@@ -309,11 +310,42 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def padded_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """A causal LM's logits over a padded batch (left or right), with :func:`positions`."""
-    return model(
+def predicted_positions(targets: torch.Tensor) -> torch.Tensor:
+    """The positions whose logits a loss reads: those whose next token is a target in any
+    row (``targets`` [batch, len], true at every predicted token). Found on the host, where
+    the batch is built: found on the GPU, their count would make the host wait for it."""
+    return targets[:, 1:].any(0).nonzero().squeeze(1)
+
+
+@functools.cache
+def _keeps_logits(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def logits_at(model, positions: torch.Tensor, **inputs) -> torch.Tensor:
+    """A causal LM's logits [batch, len(positions), vocab] at ``positions`` (the same for
+    every row) only: the vocabulary-wide projection, and all that follows it (the fp32
+    copy, the log-softmax, their gradients), on the positions a loss reads, not on prompts
+    and padding, as TRL's trainers ask (``logits_to_keep``, GRPOTrainer's
+    ``_get_per_token_logps``). ``model``: a transformers model, bare or inside a DeepSpeed
+    engine or a peft wrapper; one whose forward lacks the argument computes every logit,
+    and they are picked after."""
+    from transformers import PreTrainedModel
+
+    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if inner is not None and _keeps_logits(type(inner)):
+        return model(**inputs, use_cache=False, logits_to_keep=positions).logits
+    return model(**inputs, use_cache=False).logits[:, positions]
+
+
+def padded_logits(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, kept: torch.Tensor
+) -> torch.Tensor:
+    """:func:`logits_at` ``kept`` over a padded batch (left or right), with :func:`positions`."""
+    return logits_at(
+        model,
+        kept,
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=positions(attention_mask),
-        use_cache=False,
-    ).logits
+    )

@@ -86,7 +86,7 @@ def test_packed_examples_give_the_logits_and_loss_of_each_example_alone(family):
     with torch.no_grad():
         # As the training loop calls it (no KV cache: with one, transformers builds no
         # packed-sequence mask).
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "logits_to_keep")}
         packed = model(**inputs, use_cache=False).logits
         offset, row = 0, 0
         for ids, _ in examples:
@@ -120,20 +120,33 @@ def test_packed_examples_give_the_logits_and_loss_of_each_example_alone(family):
     torch.testing.assert_close(flat_loss, total, atol=1e-5, rtol=1e-5)
 
 
-def test_the_token_losses_are_transformers_own_shifted_loss():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_token_losses_are_transformers_own_shifted_loss(family):
     """The oracle the packing test's expected loss rests on: the mean of token_losses over
     the response mask is the loss transformers computes from the labels itself (its own
-    shift by one), on a padded batch with prompt tokens masked."""
+    shift by one, every logit), on a padded batch with prompt tokens masked; and the
+    vocabulary-wide head projected only the positions that predict a label in some row
+    (1 to 4: not position 0, which predicts a prompt token in both rows, nor 5, the last),
+    while transformers' own loss projects all 6."""
     from jobs.supervised import token_losses
 
-    model = tiny_lm("llama")
-    examples = [([5, 6, 7, 8, 9, 10], [IGNORE] * 3 + [8, 9, 10]), ([11, 12, 13], [IGNORE, 12, 13])]
+    model = tiny_lm(family)
+    examples = [
+        ([5, 6, 7, 8, 9, 10], [IGNORE] * 3 + [8, 9, 10]),
+        ([11, 12, 13, 14], [IGNORE] * 2 + [13, 14]),
+    ]
     batch = collate(examples, pad_id=0)
+    projected = []
+    model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: projected.append(args[0].shape[:-1])
+    )
     with torch.no_grad():
         losses, mask = token_losses(model, batch)
-        reference = model(**batch, use_cache=False).loss
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+        reference = model(**inputs, use_cache=False).loss
     assert int(mask.sum()) == 5
     torch.testing.assert_close((losses * mask).sum() / mask.sum(), reference)
+    assert projected == [(2, 4), (2, 6)]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -177,6 +190,73 @@ def test_left_padded_rows_give_the_numbers_of_the_row_alone(family):
             )
             alone = sequence_logps(lm, one, ones, torch.tensor([[0] * (len(r) - 2) + [1, 1]]))
             torch.testing.assert_close(sums[i], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def projections(model) -> list[tuple[int, ...]]:
+    """The [batch, positions] of every input the model's vocabulary-wide head projects."""
+    seen: list[tuple[int, ...]] = []
+    model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: seen.append(tuple(args[0].shape[:-1]))
+    )
+    return seen
+
+
+def without_logits_to_keep(model):
+    """``model`` as one whose forward has no ``logits_to_keep`` (a few transformers models,
+    remote code): its class swapped for a subclass whose forward takes only the inputs."""
+    parent = type(model)
+
+    class Plain(parent):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None):
+            return parent.forward(
+                self, input_ids, attention_mask=attention_mask, position_ids=position_ids
+            )
+
+    model.__class__ = Plain
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("keeps", [True, False], ids=["logits_to_keep", "without"])
+def test_answer_log_probs_are_those_of_every_logit_from_the_answer_positions_alone(family, keeps):
+    """PPO's and GRPO's token log-probs and DPO's answer sums equal those read off the
+    log-softmax of every logit, while the head projects only the positions that predict an
+    answer token (where the model takes ``logits_to_keep``; a model without it projects
+    them all and gets the same numbers)."""
+    import torch.nn.functional as F
+
+    from jobs.dpo import collate as collate_pairs
+    from jobs.dpo import sequence_logps
+    from jobs.rollout import token_logprobs
+
+    lm = tiny_lm(family) if keeps else without_logits_to_keep(tiny_lm(family))
+    seen = projections(lm)
+    rows = [[5, 6, 7, 8, 9, 10, 11, 12], [0, 0, 0, 8, 9, 10, 11, 12]]  # left-padded prompts
+    ids = torch.tensor(rows)
+    mask = (ids != 0).long()
+    # pairs: prompts of 4 and 2 tokens, answers of 3 and 2 (chosen and rejected alike)
+    pairs = [([5, 6, 7, 8, 9, 10, 11], [0] * 4 + [1] * 3) * 2, ([5, 6, 7, 8], [0, 0, 1, 1]) * 2]
+    batch = collate_pairs(pairs, pad_id=0)
+    with torch.no_grad():
+        logp, entropy = token_logprobs(lm, ids, mask, start=5)
+        sums = sequence_logps(lm, **batch)
+        every = F.log_softmax(
+            lm(
+                input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)
+            ).logits.float(),
+            dim=-1,
+        )
+        every_pair = F.log_softmax(
+            lm(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits.float(), dim=-1
+        )
+    expected = every[:, 4:7].gather(-1, ids[:, 5:, None]).squeeze(-1)
+    torch.testing.assert_close(logp, expected)
+    torch.testing.assert_close(entropy, -(every[:, 4:7].exp() * every[:, 4:7]).sum(-1))
+    answers = batch["answer_mask"][:, 1:].float()
+    picked = every_pair[:, :-1].gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(sums, (picked * answers).sum(1))
+    # the rollout reads 3 positions of 8; the pairs the 5 from the shorter prompt's end on
+    assert seen[:2] == ([(2, 3), (4, 5)] if keeps else [(2, 8), (4, 7)])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
