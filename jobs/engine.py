@@ -276,7 +276,6 @@ def initialize(model, cfg: EngineConfig, total_steps: int, task_type: str = "CAU
         lr_scheduler=schedule(cfg, total_steps),
         config=config,
     )
-    drop_idle_forward_hooks(engine)
     if cfg.compile:
         # In place (nn.Module.compile): the module, its state dict and its export stay as
         # they are. Batches of new lengths recompile once, then run with dynamic shapes.
@@ -294,6 +293,7 @@ def initialize(model, cfg: EngineConfig, total_steps: int, task_type: str = "CAU
             engine.compile()
         if dist.is_main():
             print("engine: the model is compiled (torch.compile); the first steps compile it")
+    drop_idle_forward_hooks(engine)  # after compile, which could make them again
     return engine
 
 

@@ -333,9 +333,16 @@ def logits_at(model, positions: torch.Tensor, **inputs) -> torch.Tensor:
     from transformers import PreTrainedModel
 
     inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
-    if inner is not None and _keeps_logits(type(inner)):
-        return model(**inputs, use_cache=False, logits_to_keep=positions).logits
-    return model(**inputs, use_cache=False).logits[:, positions]
+    if inner is None or not _keeps_logits(type(inner)):
+        return model(**inputs, use_cache=False).logits[:, positions]
+    logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
+    if logits.size(1) != positions.numel():
+        # a wrapper that dropped the argument: gather would read the wrong positions quietly
+        raise RuntimeError(
+            f"{type(model).__name__} returned logits at {logits.size(1)} positions for "
+            f"logits_to_keep's {positions.numel()}"
+        )
+    return logits
 
 
 def padded_logits(

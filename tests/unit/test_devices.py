@@ -201,16 +201,17 @@ def hook_names(module) -> list[str]:
     return [getattr(h, "__qualname__", type(h).__name__) for h in hooks]
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
+@pytest.mark.parametrize(("stage", "compiled"), [(0, False), (2, False), (2, True), (3, False)])
 def test_deepspeed_neither_waits_for_the_device_nor_hooks_forwards_for_nothing(
-    tiny, monkeypatch, stage
+    tiny, monkeypatch, stage, compiled
 ):
     """DeepSpeed's throughput timer, on by default, synchronised the device at the start of
     every forward and at every step from the third on (the host waited for the GPU twice a
     micro-batch, for a figure no stage reads): no synchronisation now, counted at the
     accelerator over 5 training steps. And the engine's hooks around every forward, idle
     outside ZeRO-3 in the config the stages write, are gone there (the frozen models'
-    engines' too); ZeRO-3 keeps them (its flag for parameters fetched unannounced)."""
+    engines' too, and a compiled model's); ZeRO-3 keeps them (its flag for parameters
+    fetched unannounced)."""
     from deepspeed.accelerator import get_accelerator
     from transformers import AutoModelForCausalLM
 
@@ -224,7 +225,8 @@ def test_deepspeed_neither_waits_for_the_device_nor_hooks_forwards_for_nothing(
 
     monkeypatch.setattr(accelerator, "synchronize", counted)
     path = str(tiny / "model")
-    actor = an_actor(path, stage)
+    cfg = engine.EngineConfig(zero_stage=stage, compile=compiled)
+    actor = engine.initialize(engine.load_model(AutoModelForCausalLM, path, cfg), cfg, 1)
     frozen = engine.initialize_frozen(
         AutoModelForCausalLM.from_pretrained(path),
         engine.frozen_config(3 if stage == 3 else 0, False, "fp32"),
@@ -238,6 +240,32 @@ def test_deepspeed_neither_waits_for_the_device_nor_hooks_forwards_for_nothing(
     for model in (actor, frozen):
         hooks = [h for h in hook_names(model.module) if "DeepSpeedEngine._create_module" in h]
         assert len(hooks) == (2 if stage == 3 else 0), hooks
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["engine", "engine+lora"])
+def test_the_kept_positions_reach_the_model_through_the_engine_and_lora(tiny, monkeypatch, lora):
+    """The training stages call their model through DeepSpeed's engine, and with LoRA
+    through peft's wrapper: ``logits_to_keep`` reaches the causal LM inside both, whose
+    head projects only the 2 positions that predict the answer of a 6-token row (a
+    wrapper that dropped it is an error, not positions read wrong)."""
+    from transformers import AutoModelForCausalLM
+
+    from jobs.batches import IGNORE
+    from jobs.supervised import collate, token_losses
+
+    one_process(monkeypatch)
+    cfg = engine.EngineConfig(lora=engine.LoraConfig(r=4) if lora else None)
+    actor = engine.initialize(
+        engine.load_model(AutoModelForCausalLM, str(tiny / "model"), cfg), cfg, 1
+    )
+    projected = []
+    actor.module.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: projected.append(args[0].shape[1])
+    )
+    losses, mask = token_losses(actor, collate([([5, 6, 7, 8, 9, 10], [IGNORE] * 4 + [9, 10])], 0))
+    assert projected == [2] and losses.shape == mask.shape == (1, 2) and bool(mask.all())
+    actor.backward(losses.sum())
+    actor.step()
 
 
 @pytest.mark.parametrize(("stage", "gather"), [(3, True), (3, False)])

@@ -216,6 +216,23 @@ def without_logits_to_keep(model):
     return model
 
 
+def test_a_model_that_takes_logits_to_keep_but_ignores_it_is_an_error():
+    """Gathering answer tokens from logits at other positions than asked would give wrong
+    log-probs without a word: a model that returns every logit is refused instead."""
+    from jobs.tokens import logits_at
+
+    model = tiny_lm("llama")
+    parent = type(model)
+
+    class Ignoring(parent):
+        def forward(self, input_ids=None, use_cache=None, logits_to_keep=0):
+            return parent.forward(self, input_ids)
+
+    model.__class__ = Ignoring
+    with pytest.raises(RuntimeError, match="logits at 5 positions for logits_to_keep's 2"):
+        logits_at(model, torch.tensor([2, 3]), input_ids=torch.tensor([[5, 6, 7, 8, 9]]))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("keeps", [True, False], ids=["logits_to_keep", "without"])
 def test_answer_log_probs_are_those_of_every_logit_from_the_answer_positions_alone(family, keeps):
