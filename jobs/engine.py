@@ -519,7 +519,7 @@ def resume(engines, ctx) -> dict:
     # per-rank files: then the generators rank 0 saved in the client state, if any.
     generators = torch.load(mine, weights_only=True) if mine.is_file() else state
     if "torch_rng" in generators:
-        torch.set_rng_state(generators["torch_rng"])
+        torch.set_rng_state(generators["torch_rng"].cpu())
         if "cuda_rng" in generators and torch.cuda.is_available():
             torch.cuda.set_rng_state(generators["cuda_rng"].cpu())
     elif dist.is_main():

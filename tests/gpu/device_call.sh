@@ -3,7 +3,8 @@
 #   make gpu-kit            (the wheels the machine lacks, in .gpu-kit/, under the carry limit)
 # then the device's run, carrying [".gpu-kit"], with a timeout_s of 600:
 #   bash tests/gpu/device_call.sh
-# It prints the versions there, runs the GPU suite (a stage may take KUBERLHF_STAGE_TIMEOUT_S,
+# It prints the versions there (and leaves pip's list), stops with exit 3 where the libraries
+# do not import, runs the GPU suite (a stage may take KUBERLHF_STAGE_TIMEOUT_S,
 # the suite SUITE_S; GPU_TESTS: a -k expression) and a short benchmark (BENCH_CASES,
 # BENCH_IMPLS, BENCH_S), and leaves under $OUT: versions.txt, gpu.log, bench.log, gpu.json
 # and torch_ext.tgz (DeepSpeed's fused-Adam build: put it at .gpu-kit/torch_ext.tgz and the
@@ -23,6 +24,10 @@ for name in ("torch", "transformers", "deepspeed", "peft", "trl", "datasets", "p
         print(name, "MISSING:", type(exc).__name__, exc)
 import torch.utils.tensorboard  # noqa: E402,F401 - every stage opens a TensorBoard sink
 PY
+python3 -m pip list --format=freeze > "$out/pip-list.txt" 2>&1
+# a library that does not import (transformers checks its dependencies' versions on import)
+# would fail every test and the benchmark: stop here, with the reason, not after the budget
+python3 -c "import transformers, trl, peft, deepspeed, jobs.stages" || exit 3
 export KUBERLHF_STAGE_TIMEOUT_S=${KUBERLHF_STAGE_TIMEOUT_S:-240}
 # as `make test-gpu` runs it (GPU_WORKERS workers on the one GPU, a module each), each test's
 # outcome on its own line as it ends, so that a suite stopped by SUITE_S still tells what it

@@ -1,4 +1,4 @@
-"""SFT (ZeRO-2 and 3, and its speed levers) and C-RLFT on the GPU; collectives over NCCL
+"""SFT (ZeRO-0, 2 and 3, and its speed levers) and C-RLFT on the GPU; collectives over NCCL
 and the waits beside them on two GPUs."""
 
 from __future__ import annotations
@@ -21,8 +21,11 @@ from tests.unit.test_fidelity import FAMILIES, tiny_lm
 pytestmark = GPU
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_sft_lowers_held_out_loss_on_the_gpu(tiny, tiny_data, tmp_path, zero_stage):
+    """ZeRO-0 is what ``precision: bf16`` alone gives: DeepSpeed's bf16 path without ZeRO,
+    which on a GPU wraps its fused Adam in its FP16_Optimizer (fp32 master weights, bf16
+    gradients), a path no CPU run takes (there torch's AdamW gets the unfused one)."""
     manifest = stage("sft", sft_config(tiny, tiny_data, tmp_path / "sft", zero_stage), tmp_path)
     assert manifest.metrics["eval_loss"] < 0.5 * manifest.metrics["eval_loss_start"]
 
