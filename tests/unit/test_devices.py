@@ -232,7 +232,7 @@ def test_deepspeed_neither_waits_for_the_device_nor_hooks_forwards_for_nothing(
         engine.frozen_config(3 if stage == 3 else 0, False, "fp32"),
     )
     batch = torch.tensor([[5, 6, 7, 8]])
-    for _ in range(5):
+    for _ in range(0 if compiled else 5):  # (compiled: only the hooks; what compiles is costly)
         actor.backward(actor(input_ids=batch, labels=batch).loss)
         actor.step()
         frozen(input_ids=batch)
