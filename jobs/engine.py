@@ -286,9 +286,10 @@ def initialize(model, cfg: EngineConfig, total_steps: int, task_type: str = "CAU
             # DeepCompile is module.compile with the accelerator's backend).
             from deepspeed.accelerator import get_accelerator
 
-            from jobs.scoring import classifier
+            from jobs.models import transformers_model
 
-            classifier(engine).base_model.compile(backend=get_accelerator().get_compile_backend())
+            backbone = transformers_model(engine).base_model
+            backbone.compile(backend=get_accelerator().get_compile_backend())
         else:
             engine.compile()
         if dist.is_main():

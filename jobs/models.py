@@ -91,6 +91,15 @@ def load_causal_lm(path: str, settings: InferenceConfig, revision: str | None = 
     return model.to(device).eval()
 
 
+def transformers_model(model):
+    """The transformers model inside a plain model, a DeepSpeed engine (its ``module``) or
+    a LoRA (peft) model (its base model, with the LoRA layers in it)."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
 def free_memory() -> None:
     """Give a model's memory back once the caller has dropped it (the next model needs it)."""
     import gc

@@ -12,7 +12,7 @@ import torch
 
 from jobs.batches import pad
 from jobs.errors import BadInputError
-from jobs.models import InferenceConfig, quiet_load_report
+from jobs.models import InferenceConfig, quiet_load_report, transformers_model
 from jobs.tokens import MessageText, keep_end, positions
 from jobs.tokens import encode as encode_text
 
@@ -51,21 +51,12 @@ def ending_in_eos(
     return judged
 
 
-def classifier(model):
-    """The sequence classifier inside a plain model, a DeepSpeed engine or a LoRA (peft)
-    model: its ``base_model`` (the backbone) and ``score`` (the head) are what
-    :func:`head_values` calls, apart (the classifier's own forward reads the last token
-    only)."""
-    model = getattr(model, "module", model)  # a DeepSpeed engine: its module
-    if hasattr(model, "get_base_model"):  # a peft model: the model with its LoRA layers
-        model = model.get_base_model()
-    return model
-
-
 def head_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The scalar head's value at every position [batch, len]: a reward model's score, a
-    PPO critic's value. Any of a plain model, a DeepSpeed engine or a LoRA (peft) model."""
-    model = classifier(model)
+    PPO critic's value. Any of a plain model, a DeepSpeed engine or a LoRA (peft) model:
+    the sequence classifier's ``base_model`` (the backbone) and ``score`` (the head) are
+    called apart (the classifier's own forward reads the last token only)."""
+    model = transformers_model(model)
     hidden = model.base_model(  # no KV cache: a scoring forward never decodes further
         input_ids=input_ids,
         attention_mask=attention_mask,

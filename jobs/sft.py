@@ -18,7 +18,7 @@ from jobs.batches import ShardedSampler, padded_shard, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
-from jobs.models import load_tokenizer, model_source
+from jobs.models import load_tokenizer, model_source, transformers_model
 from jobs.supervised import (
     check_packing_isolates,
     collate,
@@ -130,7 +130,7 @@ def run(config: Config, ctx: StageContext) -> dict:
     # A chat template's end-of-turn token ends answers as EOS does: generation stops there.
     stops = end_of_turn_ids(splits["train"], tokenizer, config.max_seq_len)
     if stops:
-        base = getattr(ds.module, "get_base_model", lambda: ds.module)()  # a LoRA's base too
+        base = transformers_model(ds)  # a LoRA's base too
         configured = base.generation_config.eos_token_id
         known = configured if isinstance(configured, list) else [configured]
         base.generation_config.eos_token_id = sorted({*stops, *(t for t in known if t is not None)})

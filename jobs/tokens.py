@@ -330,10 +330,9 @@ def logits_at(model, positions: torch.Tensor, **inputs) -> torch.Tensor:
     ``_get_per_token_logps``). ``model``: a transformers model, bare or inside a DeepSpeed
     engine or a peft wrapper; one whose forward lacks the argument computes every logit,
     and they are picked after."""
-    from transformers import PreTrainedModel
+    from jobs.models import transformers_model  # (here: jobs.models brings the stage contract)
 
-    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
-    if inner is None or not _keeps_logits(type(inner)):
+    if not _keeps_logits(type(transformers_model(model))):
         return model(**inputs, use_cache=False).logits[:, positions]
     logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
     if logits.size(1) != positions.numel():
