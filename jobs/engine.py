@@ -295,7 +295,20 @@ def initialize(model, cfg: EngineConfig, total_steps: int, task_type: str = "CAU
         if dist.is_main():
             print("engine: the model is compiled (torch.compile); the first steps compile it")
     drop_idle_forward_hooks(engine)  # after compile, which could make them again
+    reduce_only_among_several(engine)
     return engine
+
+
+def reduce_only_among_several(engine) -> None:
+    """Outside ZeRO, DeepSpeed's engine all-reduces the gradients at every step's end even
+    in a group of one process (``buffered_allreduce_fallback``): it flattens them into
+    buckets of up to 500M elements, reduces each over that group and copies it back, two
+    passes over every gradient and a bucket's worth of memory for an identity. TRL and
+    accelerate wrap no DDP around one process; the engine's own switch, which it clears
+    where it has no process group, turns it off here too. ZeRO-1 to 3 keep theirs: their
+    reduction fills the optimiser's partitions."""
+    if engine.dp_world_size == 1 and not engine.zero_optimization():
+        engine.enable_backward_allreduce = False
 
 
 def train_without_dropout(module) -> None:

@@ -523,3 +523,44 @@ def test_rollouts_are_scored_under_the_temperature_they_were_sampled_at(tiny):
         assert (
             at_one.gather(-1, seqs[:, start:, None]).squeeze(-1) * mask - expected
         ).abs().max() > 0.01
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_process_outside_zero_does_not_all_reduce_its_gradients_with_itself(
+    tiny, monkeypatch, precision
+):
+    """Outside ZeRO, DeepSpeed's engine flattened every step's gradients into buckets,
+    all-reduced them over a group of one process and copied them back: two passes over
+    every gradient for an identity. One process now trains without that reduction, to the
+    same weights bit for bit as with it (which a forced engine still runs: the control);
+    ZeRO-2's own reduction, which fills its optimiser's partitions, stays."""
+    from transformers import AutoModelForCausalLM
+
+    one_process(monkeypatch)
+    path = str(tiny / "model")
+    reductions: dict[str, int] = {}
+    weights = {}
+    for name, stage, forced in (("ours", 0, False), ("reduced", 0, True), ("zero2", 2, False)):
+        torch.manual_seed(0)
+        cfg = engine.EngineConfig(zero_stage=stage, precision=precision, learning_rate=1e-2)
+        actor = engine.initialize(engine.load_model(AutoModelForCausalLM, path, cfg), cfg, 3)
+        if forced:
+            actor.enable_backward_allreduce = True
+        reductions[name] = 0
+        reduce = actor.allreduce_gradients
+
+        def counted(*args, reduce=reduce, name=name, **kwargs):
+            reductions[name] += 1
+            return reduce(*args, **kwargs)
+
+        monkeypatch.setattr(actor, "allreduce_gradients", counted)
+        for step in range(3):
+            batch = torch.tensor([[5, 6, 7, 8, 9], [9, 8, 7, 6, 5]]) + step
+            actor.backward(actor(input_ids=batch, labels=batch).loss)
+            actor.step()
+        weights[name] = {k: v.detach().clone() for k, v in actor.module.state_dict().items()}
+    assert reductions == {"ours": 0, "reduced": 3, "zero2": 3}
+    before = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    assert any(not torch.equal(weights["ours"][k].float(), before[k]) for k in before)
+    for key, value in weights["reduced"].items():
+        assert torch.equal(weights["ours"][key], value), key
