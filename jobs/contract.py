@@ -202,11 +202,11 @@ def download_finished(
             raise BadInputError(f"{uri}: the output has no file {missing[0]}")
         for entry in entries:
             target = inside(local_dir, entry.path, store.join(uri, MANIFEST))
-            if not (target.is_file() and store.sha256_file(target) == entry.sha256):
-                store.download_file(store.join(uri, entry.path), target)
-                if store.sha256_file(target) != entry.sha256:
-                    target.unlink()
-                    raise BadInputError(f"{uri}/{entry.path}: checksum does not match the manifest")
+            if target.is_file() and store.sha256_file(target) == entry.sha256:
+                continue
+            if store.download_file(store.join(uri, entry.path), target) != entry.sha256:
+                target.unlink()
+                raise BadInputError(f"{uri}/{entry.path}: checksum does not match the manifest")
     except (BadInputError, FileNotFoundError):
         # Files that disagree with the manifest read are the upstream stage publishing
         # again (it deletes its manifest first), not a broken output: read it once more.
@@ -684,9 +684,9 @@ class Checkpoints:
                 raise BadInputError(f"{remote}: a committed checkpoint without files")
             for entry, where in entries:
                 target = inside(local, entry.path, where)
-                if not (target.is_file() and store.sha256_file(target) == entry.sha256):
-                    store.download_file(store.join(remote, entry.path), target)
-                if store.sha256_file(target) != entry.sha256:
+                if target.is_file() and store.sha256_file(target) == entry.sha256:
+                    continue
+                if store.download_file(store.join(remote, entry.path), target) != entry.sha256:
                     raise BadInputError(f"{remote}/{entry.path}: checkpoint checksum mismatch")
         dist.barrier()
         return local
@@ -723,7 +723,7 @@ def current_input_hash(ref: InputRef) -> str | None:
         if not store.exists(ref.uri):
             return None
         with tempfile.TemporaryDirectory() as tmp:
-            return store.sha256_file(store.download_file(ref.uri, Path(tmp) / "f"))
+            return store.download_file(ref.uri, Path(tmp) / "f")
     path = store.local_path(ref.uri)
     return store.sha256_file(path) if path.is_file() else None
 

@@ -77,6 +77,27 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _HashedWrites:
+    """A file that hashes the bytes written to it, in the order they are written: the
+    checksum of a download is taken as it lands, not by reading the file a second time
+    (2.7 GB at 1.3B parameters, an optimiser checkpoint several times that). It says it
+    cannot seek, so s3transfer's ranged download (``download_fileobj`` of an object above
+    the multipart threshold) hands it the parts in the file's order, through its
+    non-seekable output manager's queue, which drops the bytes a retried part sends again.
+    (An object below the threshold s3transfer fetches in one request whose retry writes
+    from the start again, past that queue: those are read whole instead.)"""
+
+    def __init__(self, handle) -> None:
+        self.handle, self.digest = handle, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+    def seekable(self) -> bool:
+        return False
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
@@ -145,9 +166,13 @@ class _Local:
         os.chmod(tmp.name, 0o644)
         os.replace(tmp.name, target)
 
-    def get_file(self, uri: str, dst: Path) -> None:
+    def get_file(self, uri: str, dst: Path) -> str:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(local_path(uri), dst)
+        with open(local_path(uri), "rb") as source, open(dst, "wb") as handle:
+            target = _HashedWrites(handle)
+            while chunk := source.read(_CHUNK):
+                target.write(chunk)
+        return target.digest.hexdigest()
 
     def delete(self, uri: str) -> None:
         target = local_path(uri)
@@ -199,11 +224,13 @@ class _S3:
     def _call(self, uri: str, fn, *args, **kwargs):
         from boto3.exceptions import RetriesExceededError, S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
+        from s3transfer.exceptions import RetriesExceededError as PartRetriesExceededError
 
         try:
             return fn(*args, **kwargs)
-        except RetriesExceededError as exc:
-            # download_file read a body cut short (or stalled) on every attempt it makes
+        except (RetriesExceededError, PartRetriesExceededError) as exc:
+            # a download read a body cut short (or stalled) on every attempt it makes
+            # (download_fileobj raises s3transfer's error, which download_file wraps)
             raise TransientError(f"{uri}: S3 download failed after retries: {exc}") from None
         except S3UploadFailedError as exc:
             # upload_file wraps the service's answer in an error of its own: judge the answer.
@@ -307,12 +334,21 @@ class _S3:
         bucket, key = _split_s3(uri)
         self._call(uri, self.client.upload_file, str(src), bucket, key, Config=self.transfer)
 
-    def get_file(self, uri: str, dst: Path) -> None:
+    def get_file(self, uri: str, dst: Path) -> str:
         bucket, key = _split_s3(uri)
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(dst.name + ".part")
-        self._call(uri, self.client.download_file, bucket, key, str(tmp), Config=self.transfer)
+        head = self._call(uri, self.client.head_object, Bucket=bucket, Key=key)
+        with open(tmp, "wb") as handle:
+            target = _HashedWrites(handle)
+            if head["ContentLength"] < self.transfer.multipart_threshold:
+                target.write(self.read_bytes(uri))
+            else:
+                self._call(
+                    uri, self.client.download_fileobj, bucket, key, target, Config=self.transfer
+                )
         os.replace(tmp, dst)
+        return target.digest.hexdigest()
 
     def delete(self, uri: str) -> None:
         bucket, prefix = _split_s3(uri)
@@ -379,9 +415,9 @@ def upload_file(src: Path, uri: str) -> None:
     _backend(uri).put_file(src, uri)
 
 
-def download_file(uri: str, dst: Path) -> Path:
-    _backend(uri).get_file(uri, dst)
-    return dst
+def download_file(uri: str, dst: Path) -> str:
+    """Copy ``uri`` to ``dst``; the sha256 of the bytes written (taken as they were)."""
+    return _backend(uri).get_file(uri, dst)
 
 
 def delete(uri: str) -> None:

@@ -59,6 +59,38 @@ def test_manifest_lists_every_file_with_size_and_checksum(out_root, tmp_path):
     assert read_manifest(config.output) == manifest
 
 
+def test_a_download_is_verified_as_it_lands_not_read_again(out_root, tmp_path, monkeypatch):
+    """An input (a finished output) and a checkpoint are checked against their recorded
+    checksums from the bytes as they arrive: no file is read back to hash it (a 1.3B
+    model's 2.7 GB, an optimiser checkpoint several times that), and a file whose bytes
+    differ from the record is still refused."""
+    config = data_config(store.join(out_root, "data"), str(FIXTURES / "alpaca.jsonl"))
+    manifest = run_stage("data", config, data.run, workdir=tmp_path / "w")
+    checkpoints = Checkpoints(store.join(out_root, "_checkpoints"), tmp_path / "local")
+    (checkpoints.local_dir(10)).mkdir(parents=True)
+    (checkpoints.local_dir(10) / "state.pt").write_bytes(b"state" * 1000)
+    checkpoints.save(10)
+
+    hashed = []
+    real = store.sha256_file
+    monkeypatch.setattr(store, "sha256_file", lambda path: hashed.append(path) or real(path))
+    assert download_finished(config.output, tmp_path / "read") == manifest
+    restored = Checkpoints(checkpoints.uri, tmp_path / "elsewhere").restore(10)
+    assert (restored / "state.pt").read_bytes() == b"state" * 1000
+    assert hashed == []
+    for entry in manifest.files:
+        assert real(tmp_path / "read" / entry.path) == entry.sha256
+
+    # bytes altered in the store (the same size): refused, as they land
+    rows = store.join(config.output, "sft/train.jsonl")
+    store.write_text(rows, store.read_text(rows).replace("a", "b", 1))
+    with pytest.raises(BadInputError, match="sft/train.jsonl: checksum does not match"):
+        download_finished(config.output, tmp_path / "again")
+    store.write_bytes(store.join(checkpoints.uri, "step-00000010", "state.pt"), b"STATE" * 1000)
+    with pytest.raises(BadInputError, match="state.pt: checkpoint checksum mismatch"):
+        Checkpoints(checkpoints.uri, tmp_path / "third").restore(10)
+
+
 def test_rerun_with_same_config_and_inputs_is_skipped(out_root, tmp_path, capsys):
     config = data_config(store.join(out_root, "data"), str(FIXTURES / "alpaca.jsonl"))
     first = run_stage("data", config, data.run, workdir=tmp_path / "w1")
