@@ -306,7 +306,9 @@ def reduce_only_among_several(engine) -> None:
     passes over every gradient and a bucket's worth of memory for an identity. TRL and
     accelerate wrap no DDP around one process; the engine's own switch, which it clears
     where it has no process group, turns it off here too. ZeRO-1 to 3 keep theirs: their
-    reduction fills the optimiser's partitions."""
+    reduction fills the optimiser's partitions. (The reduction also gave a trainable
+    parameter that had no gradient a zero one, which fp32 AdamW then steps with its
+    momentum; every stage's model gives each trainable parameter a gradient.)"""
     if engine.dp_world_size == 1 and not engine.zero_optimization():
         engine.enable_backward_allreduce = False
 

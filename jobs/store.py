@@ -78,24 +78,67 @@ def sha256_file(path: Path) -> str:
 
 
 class _HashedWrites:
-    """A file that hashes the bytes written to it, in the order they are written: the
-    checksum of a download is taken as it lands, not by reading the file a second time
-    (2.7 GB at 1.3B parameters, an optimiser checkpoint several times that). It says it
-    cannot seek, so s3transfer's ranged download (``download_fileobj`` of an object above
-    the multipart threshold) hands it the parts in the file's order, through its
-    non-seekable output manager's queue, which drops the bytes a retried part sends again.
-    (An object below the threshold s3transfer fetches in one request whose retry writes
-    from the start again, past that queue: those are read whole instead.)"""
+    """A file that hashes what is written to it in the file's order, as it lands: a
+    download's checksum without reading the file a second time (2.7 GB at 1.3B parameters,
+    an optimiser checkpoint several times that). s3transfer writes the parts of a ranged
+    download at their offsets in the order they arrive (``seek`` then ``write``, one IO
+    thread): a write at the hashed end extends the checksum, and the parts that came early
+    wait in memory until it reaches them. Where that is not the plain case, the checksum
+    is left to a read of the finished file (:meth:`hexdigest`): bytes written again below
+    the hashed end (a retried request, which may carry other bytes), or more than
+    ``EARLY_LIMIT`` bytes waiting. (Said non-seekable, s3transfer would hand the writes
+    over in order through its in-memory queue, but a one-request download's retry
+    bypasses that queue, writing its bytes twice, and the queue's window of ten parts
+    deadlocks where the first part schedules the rest, as it does under
+    ``AWS_RESPONSE_CHECKSUM_VALIDATION=when_required``.)"""
+
+    EARLY_LIMIT = 512 << 20
 
     def __init__(self, handle) -> None:
         self.handle, self.digest = handle, hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.digest.update(data)
-        return self.handle.write(data)
+        self.at = self.hashed = self.waiting = 0
+        self.early: dict[int, bytes] = {}
+        self.exact = True
 
     def seekable(self) -> bool:
-        return False
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.at = self.handle.seek(offset, whence)
+        return self.at
+
+    def tell(self) -> int:
+        return self.at
+
+    def write(self, data) -> int:
+        start = self.at
+        written = self.handle.write(data)
+        self.at += written
+        if self.exact:
+            self._take(start, bytes(data[:written]))
+        return written
+
+    def _take(self, start: int, data: bytes) -> None:
+        if start < self.hashed:
+            self.exact, self.early = False, {}  # written again: read the file at the end
+        elif start > self.hashed:
+            self.waiting += len(data) - len(self.early.get(start, b""))
+            self.early[start] = data
+            if self.waiting > self.EARLY_LIMIT:
+                self.exact, self.early = False, {}
+        else:
+            self.digest.update(data)
+            self.hashed += len(data)
+            while (ready := self.early.pop(self.hashed, None)) is not None:
+                self.waiting -= len(ready)
+                self.digest.update(ready)
+                self.hashed += len(ready)
+
+    def hexdigest(self, path: Path) -> str:
+        """The sha256 of ``path``, the file written through this one once it is closed."""
+        if self.exact and not self.early and self.hashed == path.stat().st_size:
+            return self.digest.hexdigest()
+        return sha256_file(path)
 
 
 def is_s3(uri: str) -> bool:
@@ -172,7 +215,7 @@ class _Local:
             target = _HashedWrites(handle)
             while chunk := source.read(_CHUNK):
                 target.write(chunk)
-        return target.digest.hexdigest()
+        return target.hexdigest(dst)
 
     def delete(self, uri: str) -> None:
         target = local_path(uri)
@@ -338,17 +381,17 @@ class _S3:
         bucket, key = _split_s3(uri)
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(dst.name + ".part")
-        head = self._call(uri, self.client.head_object, Bucket=bucket, Key=key)
-        with open(tmp, "wb") as handle:
-            target = _HashedWrites(handle)
-            if head["ContentLength"] < self.transfer.multipart_threshold:
-                target.write(self.read_bytes(uri))
-            else:
+        try:
+            with open(tmp, "wb") as handle:
+                target = _HashedWrites(handle)
                 self._call(
                     uri, self.client.download_fileobj, bucket, key, target, Config=self.transfer
                 )
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # as download_file removed its own
+            raise
         os.replace(tmp, dst)
-        return target.digest.hexdigest()
+        return target.hexdigest(dst)
 
     def delete(self, uri: str) -> None:
         bucket, prefix = _split_s3(uri)

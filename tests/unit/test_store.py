@@ -122,3 +122,68 @@ def test_an_object_gone_while_being_read_is_worth_a_retry(s3_env, tmp_path):
         store.read_bytes(f"{s3_env}/run/gone.bin")
     with pytest.raises(TransientError, match="gone from S3"):
         store.download_file(f"{s3_env}/run/gone.bin", tmp_path / "gone.bin")
+
+
+def test_a_download_is_hashed_in_the_files_order_as_its_parts_land(tmp_path, monkeypatch):
+    """s3transfer writes a ranged download's parts at their offsets as they arrive: the
+    checksum is taken in the file's order all the same, without reading the file back; a
+    part written again (a retried request, which may carry other bytes) or too much
+    waiting out of order leaves it to a read of the finished file, never to a wrong sum."""
+    import hashlib
+    import random
+
+    data = os.urandom(40_000)
+    parts = [(at, data[at : at + 3000]) for at in range(0, len(data), 3000)]
+    reads = []
+    real = store.sha256_file
+    monkeypatch.setattr(store, "sha256_file", lambda path: reads.append(path) or real(path))
+
+    def download(order, again=(), limit=store._HashedWrites.EARLY_LIMIT):
+        monkeypatch.setattr(store._HashedWrites, "EARLY_LIMIT", limit)
+        path = tmp_path / f"f{len(reads)}-{random.random()}"
+        with open(path, "wb") as handle:
+            target = store._HashedWrites(handle)
+            for at, piece in [*order, *again]:
+                target.seek(at)
+                target.write(piece)
+        return target.hexdigest(path), path
+
+    shuffled = random.Random(0).sample(parts, len(parts))
+    digest, path = download(shuffled)
+    assert digest == hashlib.sha256(data).hexdigest() and reads == []
+
+    # written again below the hashed end, with other bytes: the sum is the file's
+    digest, path = download(parts, again=[(0, b"x" * 3000)])
+    assert digest == real(path) != hashlib.sha256(data).hexdigest() and reads == [path]
+    digest, path = download(shuffled, limit=5000)  # too much waiting: read back
+    assert digest == hashlib.sha256(data).hexdigest() and reads[-1] == path
+
+
+def test_a_download_of_many_parts_finishes_when_s3transfer_skips_its_size_probe(
+    s3_env, tmp_path, monkeypatch
+):
+    """Under AWS_RESPONSE_CHECKSUM_VALIDATION=when_required (a usual setting for MinIO or
+    Ceph) s3transfer fetches the first part before it knows the size, and that part
+    schedules the rest: a target it writes through its in-memory queue (a non-seekable
+    one), whose window is ten parts, deadlocked there on the eleventh. Twelve parts come
+    down, checksum and bytes right."""
+    import hashlib
+    import threading
+
+    monkeypatch.setenv("KUBERLHF_S3_MULTIPART_MB", "5")
+    monkeypatch.setenv("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
+    store.reset_clients()
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(12 * 5 * 2**20 - 100))
+    store.upload_file(source, f"{s3_env}/run/big.bin")
+    got: list = []
+    worker = threading.Thread(
+        target=lambda: got.append(store.download_file(f"{s3_env}/run/big.bin", tmp_path / "b")),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(timeout=120)
+    assert got, "the download did not finish in 120 s"
+    want = hashlib.sha256(source.read_bytes()).hexdigest()
+    assert got == [want] and store.sha256_file(tmp_path / "b") == want
+    assert not (tmp_path / "b.part").exists()
