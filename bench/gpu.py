@@ -260,9 +260,11 @@ def ours(case: str, root: Path, seq: int, args, compiled: bool = False) -> dict:
     compiles = run_watched(case, config, module.run, root / f"w-ours-{case}-{seq}", compiled)
     output = Path(config.output)
     lines = [json.loads(x) for x in (output / "metrics.jsonl").read_text().splitlines()]
-    peak = read_manifest(str(output)).metrics.get("cuda_peak_memory_gib", 0.0)
+    metrics = read_manifest(str(output)).metrics
+    peak = metrics.get("cuda_peak_memory_gib", 0.0)
     model = root / "actor" / "model"
-    return figures(steady_rate(lines), matmul_parameters(model, case), peak) | compiles
+    rate = figures(steady_rate(lines), matmul_parameters(model, case), peak)
+    return rate | startup(metrics) | compiles
 
 
 def plain(case: str, root: Path, seq: int, args) -> dict:
@@ -462,9 +464,16 @@ def ppo(root: Path, args, decode: str) -> dict:
         "generation_share": round(split["generation_s"] / iteration_s, 3),
         "generation_tokens_per_s": round(generated / split["generation_s"], 1),
         "peak_memory_gib": read_manifest(str(output)).metrics.get("cuda_peak_memory_gib", 0.0),
+        **startup(read_manifest(str(output)).metrics),
         **compiles,
     }
     return out | decode_floor(root, split["generation_s"], new_tokens, args.rollout)
+
+
+def startup(metrics: dict) -> dict:
+    """A stage's seconds from its start to its first step, and those fetching its inputs
+    (issue 11 found about 35 s at 1.3B parameters)."""
+    return {k: metrics[k] for k in ("startup_s", "startup_inputs_s") if k in metrics}
 
 
 def decode_floor(root: Path, generation_s: float, new_tokens: int, batch: int) -> dict:

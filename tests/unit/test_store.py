@@ -157,6 +157,11 @@ def test_a_download_is_hashed_in_the_files_order_as_its_parts_land(tmp_path, mon
     assert digest == real(path) != hashlib.sha256(data).hexdigest() and reads == [path]
     digest, path = download(shuffled, limit=5000)  # too much waiting: read back
     assert digest == hashlib.sha256(data).hexdigest() and reads[-1] == path
+    # written again ahead of the hashed end: a longer write over an early part, then a
+    # shorter one at its own offset (the file holds y where the early part was)
+    ahead = [parts[3], (parts[2][0], b"y" * 6000), (parts[2][0], b"z" * 3000), *parts[:2]]
+    digest, path = download(ahead + parts[4:])
+    assert digest == real(path) and reads[-1] == path
 
 
 def test_a_download_of_many_parts_finishes_when_s3transfer_skips_its_size_probe(
@@ -176,6 +181,9 @@ def test_a_download_of_many_parts_finishes_when_s3transfer_skips_its_size_probe(
     source = tmp_path / "big.bin"
     source.write_bytes(os.urandom(12 * 5 * 2**20 - 100))
     store.upload_file(source, f"{s3_env}/run/big.bin")
+    reads = []
+    real = store.sha256_file
+    monkeypatch.setattr(store, "sha256_file", lambda path: reads.append(path) or real(path))
     got: list = []
     worker = threading.Thread(
         target=lambda: got.append(store.download_file(f"{s3_env}/run/big.bin", tmp_path / "b")),
@@ -185,5 +193,6 @@ def test_a_download_of_many_parts_finishes_when_s3transfer_skips_its_size_probe(
     worker.join(timeout=120)
     assert got, "the download did not finish in 120 s"
     want = hashlib.sha256(source.read_bytes()).hexdigest()
-    assert got == [want] and store.sha256_file(tmp_path / "b") == want
+    assert reads == []  # hashed as the parts landed, not read back
+    assert got == [want] and real(tmp_path / "b") == want
     assert not (tmp_path / "b.part").exists()
