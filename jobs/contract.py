@@ -576,10 +576,10 @@ class StageContext:
                 "startup_s": round(ready, 2),
                 "startup_inputs_s": round(self.fetching, 2),
             }
+            # figures as key=value, as the finished line gives them
             dist.say_once(
-                f"{self.stage}: ready for its first step after {ready:.1f} s: inputs fetched "
-                f"and verified {self.fetching:.1f} s, models, engines and the rest "
-                f"{ready - self.fetching:.1f} s"
+                f"{self.stage}: ready for its first step: startup_s={ready:.1f}, "
+                f"startup_inputs_s={self.fetching:.1f}"
             )
 
         return tqdm(

@@ -119,7 +119,7 @@ def test_a_stage_records_how_long_it_took_to_its_first_step_and_the_fetching_in_
     fetched, ready = ctx.startup["startup_inputs_s"], ctx.startup["startup_s"]
     assert 0.1 * files <= fetched and fetched + 0.29 <= ready  # (both rounded to 0.01 s)
     said = capsys.readouterr().out
-    assert f"sft: ready for its first step after {ready:.1f} s: inputs fetched and" in said
+    assert f"sft: ready for its first step: startup_s={ready:.1f}, startup_inputs_s=" in said
     ctx.progress(10).close()  # a second bar (PPO's inner ones) changes nothing
     assert ctx.startup == {"startup_s": ready, "startup_inputs_s": fetched}
 
