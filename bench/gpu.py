@@ -458,13 +458,14 @@ def ppo(root: Path, args, decode: str) -> dict:
     }
     iteration_s = split["generation_s"] + split["scoring_s"] + split["training_s"]
     generated = split["response_length"] * args.rollout
+    metrics = read_manifest(str(output)).metrics
     out = {
         **{k: round(v, 3) for k, v in split.items()},
         "iteration_s": round(iteration_s, 3),
         "generation_share": round(split["generation_s"] / iteration_s, 3),
         "generation_tokens_per_s": round(generated / split["generation_s"], 1),
-        "peak_memory_gib": read_manifest(str(output)).metrics.get("cuda_peak_memory_gib", 0.0),
-        **startup(read_manifest(str(output)).metrics),
+        "peak_memory_gib": metrics.get("cuda_peak_memory_gib", 0.0),
+        **startup(metrics),
         **compiles,
     }
     return out | decode_floor(root, split["generation_s"], new_tokens, args.rollout)
