@@ -9,10 +9,14 @@ configured rewards, and turns the scores into advantages without a critic:
 - ``reinforce_pp`` (Hu, REINFORCE++): the return (r, minus the per-token KL penalty when the
   KL is a reward term) whitened over the whole batch.
 
-The update is the token-level PPO-clip loss (averaged over every answer token of a
-minibatch), plus ``kl_coef`` times an estimate of KL(pi || pi_ref) per token when the KL is
-a loss term (k1: log-ratio; k3: the low-variance estimator of Schulman) or as a penalty in
-the reward; ``reference_free`` drops the reference model. The formulas follow verl's
+The update is the token-level PPO-clip loss (its upper clip optionally apart, DAPO's
+clip-higher), plus ``kl_coef`` times an estimate of KL(pi || pi_ref) per token when the KL
+is a loss term (k1: log-ratio; k3: the low-variance estimator of Schulman) or as a penalty
+in the reward; ``reference_free`` drops the reference model. A minibatch's token losses
+are averaged over its answer tokens by default (DAPO; TRL's default loss_type), or per
+answer first (the GRPO paper), or summed over a fixed divisor (Dr. GRPO, which also
+leaves the group's std out: ``scale_rewards: none``); answers cut at the token limit may be
+left out of the loss (DAPO's overlong filtering). The formulas follow verl's
 ``trainer/ppo/core_algos.py`` (compute_grpo_outcome_advantage, compute_rloo_outcome_advantage,
 compute_reinforce_plus_plus_outcome_advantage, kl_penalty) and TRL's GRPOTrainer.
 
@@ -41,15 +45,17 @@ from jobs.models import InferenceConfig, free_memory, load_tokenizer, model_sour
 from jobs.rewards import RewardFunction, Rewards
 from jobs.rollout import (
     RL_SAMPLING,
+    LossAggregation,
     SampleLog,
+    loss_weights,
     masked_mean,
     micro_batches,
     over_defaults,
-    policy_loss,
     sample_prompts,
     sample_rows,
     seconds_since,
     token_logprobs,
+    token_policy_loss,
     untouched_generators,
     update_config,
     whiten,
@@ -74,6 +80,30 @@ class Config(StageConfig, SampleLog):
         description="answers per optimiser step, in forwards of train.micro_batch_size answers",
     )
     clip_range: float = Field(0.2, gt=0)
+    clip_range_high: float | None = Field(
+        None,
+        gt=0,
+        description="the ratio's upper clip apart from clip_range (DAPO's clip-higher, "
+        "0.28 there; TRL's epsilon_high); unset: clip_range",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group",
+        description="grpo: divide (r - group mean) by its group's reward std, the whole "
+        "batch's, or nothing (Dr. GRPO: a group of near-equal rewards is not blown up to "
+        "unit advantages); as TRL's scale_rewards",
+    )
+    loss_aggregation: LossAggregation = Field(
+        "token_mean",
+        description="how a minibatch's token losses become its loss: token_mean (TRL's "
+        "dapo/bnpo), sequence_mean (TRL's grpo: each answer's mean, then the mean over "
+        "answers) or max_length (Dr. GRPO: the sum over answers x max_new_tokens)",
+    )
+    mask_truncated_answers: bool = Field(
+        False,
+        description="answers cut at max_new_tokens (no EOS) take no part in the loss "
+        "(DAPO's overlong filtering; TRL's mask_truncated_completions); they still count "
+        "in their group's baseline",
+    )
     kl_coef: float = Field(0.04, ge=0)
     kl_estimator: Literal["k1", "k3"] = "k3"
     kl_in: Literal["loss", "reward"] = "loss"
@@ -106,6 +136,11 @@ class Config(StageConfig, SampleLog):
                 "policy's own samples E[grad log pi] = 0, as verl's kl_penalty notes): use k3, "
                 "or k1 with kl_in: reward"
             )
+        if self.algorithm != "grpo" and self.scale_rewards != "group":
+            raise ValueError(
+                f"scale_rewards is grpo's: {self.algorithm} has its own baseline "
+                "(rloo: the other answers' mean; reinforce_pp: the batch's whitening)"
+            )
         rollout = self.prompts_per_iteration * self.group_size
         if rollout % self.minibatch_size:
             raise ValueError(
@@ -126,14 +161,28 @@ class Config(StageConfig, SampleLog):
         return self
 
 
-def group_advantages(rewards: torch.Tensor, group: int, algorithm: str) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group: int, algorithm: str, scale: str = "group"
+) -> torch.Tensor:
     """One advantage per answer from its reward and its group's (answers to one prompt are
-    next to each other): GRPO's group-normalised reward or RLOO's leave-one-out baseline."""
+    next to each other): GRPO's group-normalised reward or RLOO's leave-one-out baseline.
+    GRPO's ``scale`` (TRL's scale_rewards): the std of its group, of the whole batch (every
+    rank's answers), or none."""
     grouped = rewards.view(-1, group)
     mean = grouped.mean(1, keepdim=True)
     if algorithm == "rloo":
         return ((grouped - mean) * group / (group - 1)).view(-1)
-    return ((grouped - mean) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
+    if scale == "none":
+        return (grouped - mean).view(-1)
+    std = dist.all_gather_cat(rewards).std() if scale == "batch" else grouped.std(1, keepdim=True)
+    return ((grouped - mean) / (std + 1e-4)).view(-1)
+
+
+def loss_tokens(mask: torch.Tensor, ended: torch.Tensor, config: Config) -> torch.Tensor:
+    """The answer tokens the loss reads: every one, or with ``mask_truncated_answers`` only
+    those of answers that ended with their EOS, as TRL's mask_truncated_completions keeps
+    them (so a cut answer is neither in the loss nor in its token count)."""
+    return mask * ended[:, None] if config.mask_truncated_answers else mask
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -171,7 +220,7 @@ def token_advantages(
     # The group baseline on the rewards alone, the KL penalty added per token after it, as
     # OpenRLHF does: normalising a penalty-shaped reward would blow a group's small KL
     # differences up to unit advantages when its answers' rewards are all the same.
-    group = group_advantages(rewards, config.group_size, config.algorithm)
+    group = group_advantages(rewards, config.group_size, config.algorithm, config.scale_rewards)
     return (group[:, None] - penalty_returns) * mask
 
 
@@ -375,29 +424,45 @@ def run(config: Config, ctx: StageContext) -> dict:
         advantages = token_advantages(scores, kl, mask, config)
         scoring_s = seconds_since(timer, mask.device)
 
+        loss_mask = loss_tokens(mask, samples.ended, config)
         timer = time.perf_counter()
         stats = {"loss": [], "clip_fraction": [], "entropy": [], "kl_loss": []}
         generator = torch.Generator().manual_seed(seed)
+        steps = ds.gradient_accumulation_steps()
         for _ in range(config.epochs):
             order = torch.randperm(rollout_size, generator=generator)
             for minibatch in order.split(config.minibatch_size):
+                minibatch = minibatch.to(mask.device)
+                weights = loss_weights(
+                    loss_mask, minibatch, config.loss_aggregation, config.sampling.max_new_tokens
+                )
                 sums = dict.fromkeys(stats, 0.0)
-                for idx, weight, share in micro_batches(ds, minibatch.to(mask.device), mask):
+                # (the metrics are means over every answer token, whatever the loss reads)
+                for idx, _, share in micro_batches(ds, minibatch, mask):
                     seqs, attn, m = samples.sequences[idx], samples.attention[idx], mask[idx]
                     logp, entropy = token_logprobs(ds, seqs, attn, start, temperature)
-                    loss, clipped = policy_loss(
-                        logp, old_logp[idx], advantages[idx], m, config.clip_range
+                    per_token, clipped = token_policy_loss(
+                        logp,
+                        old_logp[idx],
+                        advantages[idx],
+                        config.clip_range,
+                        config.clip_range_high,
                     )
-                    terms = {"clip_fraction": clipped, "entropy": masked_mean(entropy, m)}
+                    terms = {
+                        "clip_fraction": masked_mean(clipped, m),
+                        "entropy": masked_mean(entropy, m),
+                    }
                     if config.kl_in == "loss" and reference is not None and config.kl_coef > 0:
-                        kl_loss = masked_mean(
-                            kl_estimate(logp, ref_logp[idx], config.kl_estimator), m
-                        )
-                        loss = loss + config.kl_coef * kl_loss
-                        terms["kl_loss"] = kl_loss
-                    ds.backward(loss * weight)
+                        kl = kl_estimate(logp, ref_logp[idx], config.kl_estimator)
+                        per_token = per_token + config.kl_coef * kl
+                        terms["kl_loss"] = masked_mean(kl, m)
+                    # this micro-batch's part of the minibatch's loss; DeepSpeed divides
+                    # each backward by its accumulation steps, which the product undoes
+                    loss = (per_token * weights[idx]).sum()
+                    ds.backward(loss * steps)
                     ds.step()
-                    for key, value in {"loss": loss, **terms}.items():
+                    sums["loss"] = sums["loss"] + loss.detach()
+                    for key, value in terms.items():
                         sums[key] = sums[key] + value.detach() * share
                 for key, value in sums.items():
                     if torch.is_tensor(value):

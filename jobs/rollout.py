@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -122,15 +123,51 @@ def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
-def policy_loss(logp, old_logp, advantages, mask, clip: float):
-    """PPO's clipped surrogate, averaged over answer tokens; and the clipped fraction."""
+def token_policy_loss(logp, old_logp, advantages, clip: float, clip_high: float | None = None):
+    """PPO's clipped surrogate at every token, and where the clip stopped its gradient.
+    ``clip_high``: the ratio's upper bound apart from its lower one, DAPO's "clip-higher"
+    (TRL's epsilon_high, verl's clip_ratio_high): a token the old policy found unlikely
+    may grow further when its advantage is positive."""
     ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
-    limited = -advantages * ratio.clamp(1 - clip, 1 + clip)
+    limited = -advantages * ratio.clamp(1 - clip, 1 + (clip if clip_high is None else clip_high))
     # clipped: the tokens whose gradient the clip stopped (verl's pg_clipfrac), not every
     # ratio outside the range (half of those keep theirs, by their advantage's sign)
-    clipped = (limited > unclipped).float()
-    return masked_mean(torch.max(unclipped, limited), mask), masked_mean(clipped, mask)
+    return torch.max(unclipped, limited), (limited > unclipped).float()
+
+
+def policy_loss(logp, old_logp, advantages, mask, clip: float):
+    """PPO's clipped surrogate, averaged over answer tokens; and the clipped fraction."""
+    loss, clipped = token_policy_loss(logp, old_logp, advantages, clip)
+    return masked_mean(loss, mask), masked_mean(clipped, mask)
+
+
+LossAggregation = Literal["token_mean", "sequence_mean", "max_length"]
+
+
+def loss_weights(
+    mask: torch.Tensor, rows: torch.Tensor, aggregation: LossAggregation, max_length: int
+) -> torch.Tensor:
+    """Each answer token's weight in the loss of the minibatch ``rows`` (0 outside it): the
+    minibatch's loss is the sum of weight x per-token loss, aggregated as TRL's
+    GRPOTrainer does by its loss_type (verl: loss_agg_mode):
+
+    - ``token_mean``: the mean over the minibatch's answer tokens (TRL's bnpo and dapo,
+      DAPO's token-level loss, verl's token-mean): an answer weighs as many tokens as it has;
+    - ``sequence_mean``: each answer's token mean, averaged over answers (TRL's grpo, the
+      GRPO paper): a long answer's tokens weigh less each, so a long wrong answer is
+      penalised less per token than a short one;
+    - ``max_length``: the token sum over answers x ``max_length`` (Dr. GRPO; TRL's
+      dr_grpo, verl's seq-mean-token-sum-norm): a constant divisor, no length bias."""
+    weights = torch.zeros_like(mask)
+    kept = mask[rows]
+    if aggregation == "token_mean":
+        weights[rows] = kept / kept.sum().clamp(min=1)
+    elif aggregation == "sequence_mean":
+        weights[rows] = kept / kept.sum(1, keepdim=True).clamp(min=1) / len(rows)
+    else:
+        weights[rows] = kept / (len(rows) * max_length)
+    return weights
 
 
 def update_config(cfg: EngineConfig, minibatch: int, where: str) -> EngineConfig:

@@ -13,13 +13,34 @@ import torch
 from pydantic import ValidationError
 
 from jobs import engine, grpo, ppo
-from jobs.rollout import micro_batches, policy_loss, token_logprobs, update_config
+from jobs.rollout import (
+    loss_weights,
+    micro_batches,
+    policy_loss,
+    token_logprobs,
+    token_policy_loss,
+    update_config,
+)
 
 
-def minibatch_gradient(tiny, micro: int, batch: dict, weighted: bool = True):
+def ppo_loss(batch: dict, weighted: bool = True):
+    """PPO's micro-batch loss as ppo backpropagates it: the token mean, times its weight."""
+
+    def loss(_ds, idx, weight, logp):
+        mask = batch["mask"]
+        value, _ = policy_loss(
+            logp, batch["old_logp"][idx], batch["advantages"][idx], mask[idx], 0.2
+        )
+        return value * weight if weighted else value
+
+    return loss
+
+
+def minibatch_gradient(tiny, micro: int, batch: dict, loss_of):
     """One PPO-clip minibatch update of the tiny model by a real DeepSpeed engine with
-    ``micro`` rows per forward: the gradient of the step, the rows of each forward and the
-    optimiser steps taken."""
+    ``micro`` rows per forward, each backpropagating ``loss_of(engine, rows, weight,
+    log-probs)``: the gradient of the step, the rows of each forward and the optimiser
+    steps taken."""
     from transformers import AutoModelForCausalLM
 
     cfg = update_config(
@@ -38,10 +59,7 @@ def minibatch_gradient(tiny, micro: int, batch: dict, weighted: bool = True):
         logp, _ = token_logprobs(
             ds, batch["sequences"][idx], batch["attention"][idx], batch["start"]
         )
-        loss, _ = policy_loss(
-            logp, batch["old_logp"][idx], batch["advantages"][idx], mask[idx], 0.2
-        )
-        ds.backward(loss * weight if weighted else loss)
+        ds.backward(loss_of(ds, idx, weight, logp))
         if number < len(parts) - 1:
             ds.step()  # within the accumulation: no optimiser step
     gradient = torch.cat([p.grad.flatten().clone() for p in ds.module.parameters()])
@@ -49,9 +67,7 @@ def minibatch_gradient(tiny, micro: int, batch: dict, weighted: bool = True):
     return gradient, rows, ds.global_steps
 
 
-def test_a_minibatch_in_micro_batches_is_one_step_with_the_gradient_of_one_forward(
-    tiny, monkeypatch
-):
+def one_process(monkeypatch) -> None:
     from tests.conftest import free_port
 
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
@@ -59,6 +75,9 @@ def test_a_minibatch_in_micro_batches_is_one_step_with_the_gradient_of_one_forwa
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
 
+
+def rollout_minibatch() -> dict:
+    """12 answers of unequal lengths (micro-batches then hold unequal numbers of tokens)."""
     generator = torch.Generator().manual_seed(1)
     rows, prompt, answer = 12, 4, 10
     sequences = torch.randint(5, 100, (rows, prompt + answer), generator=generator)
@@ -66,7 +85,7 @@ def test_a_minibatch_in_micro_batches_is_one_step_with_the_gradient_of_one_forwa
     lengths = torch.tensor([1, 10, 2, 9, 3, 8, 10, 1, 10, 2, 5, 6])
     mask = (torch.arange(answer)[None] < lengths[:, None]).float()
     attention = torch.cat([torch.ones(rows, prompt), mask], 1).long()
-    batch = {
+    return {
         "sequences": sequences,
         "attention": attention,
         "mask": mask,
@@ -74,15 +93,132 @@ def test_a_minibatch_in_micro_batches_is_one_step_with_the_gradient_of_one_forwa
         "old_logp": -3 + torch.randn(rows, answer, generator=generator) * 0.1,
         "advantages": torch.randn(rows, answer, generator=generator) * mask,
     }
-    whole, whole_rows, whole_steps = minibatch_gradient(tiny, 12, batch)
-    parts, part_rows, part_steps = minibatch_gradient(tiny, 5, batch)
+
+
+def test_a_minibatch_in_micro_batches_is_one_step_with_the_gradient_of_one_forward(
+    tiny, monkeypatch
+):
+    one_process(monkeypatch)
+    batch = rollout_minibatch()
+    whole, whole_rows, whole_steps = minibatch_gradient(tiny, 12, batch, ppo_loss(batch))
+    parts, part_rows, part_steps = minibatch_gradient(tiny, 5, batch, ppo_loss(batch))
     assert whole_rows == [12] and part_rows == [4, 4, 4], part_rows  # ceil(12 / 5) forwards
     assert whole_steps == part_steps == 1  # one optimiser step per minibatch
     torch.testing.assert_close(parts, whole, atol=1e-6, rtol=1e-4)
     # the control: averaging the micro-batches' token means, as accumulation alone would,
     # is not the minibatch's gradient
-    unweighted, _, _ = minibatch_gradient(tiny, 5, batch, weighted=False)
+    unweighted, _, _ = minibatch_gradient(tiny, 5, batch, ppo_loss(batch, weighted=False))
     assert not torch.allclose(unweighted, whole, atol=1e-6, rtol=1e-4)
+
+
+# TRL's GRPOTrainer._compute_loss, by loss_type, over one forward of the whole minibatch
+TRL_LOSS = {
+    "token_mean": lambda loss, mask: (loss * mask).sum() / mask.sum().clamp(min=1.0),  # bnpo
+    "sequence_mean": lambda loss, mask: (  # grpo
+        (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    ).mean(),
+    "max_length": lambda loss, mask: (loss * mask).sum() / (loss.size(0) * mask.size(1)),
+}
+
+
+@pytest.mark.parametrize("aggregation", list(TRL_LOSS))
+def test_grpo_aggregates_a_minibatch_in_micro_batches_as_trl_does_over_one_forward(
+    tiny, monkeypatch, aggregation
+):
+    """The minibatch's loss as TRL's loss_type gives it over one forward (the oracle), and
+    grpo's: each micro-batch backpropagates its tokens' share of it (loss_weights), which
+    DeepSpeed divides by its accumulation steps. Clip-higher on both sides."""
+    one_process(monkeypatch)
+    batch = rollout_minibatch()
+    mask, rows = batch["mask"], torch.arange(12)
+
+    def per_token(idx, logp):
+        return token_policy_loss(logp, batch["old_logp"][idx], batch["advantages"][idx], 0.2, 0.28)[
+            0
+        ]
+
+    def trl(_ds, idx, _weight, logp):
+        assert len(idx) == 12  # one forward
+        return TRL_LOSS[aggregation](per_token(idx, logp), mask[idx])
+
+    def grpo_part(scaled: bool):
+        weights = loss_weights(mask, rows, aggregation, mask.size(1))
+
+        def loss(ds, idx, _weight, logp):
+            part = (per_token(idx, logp) * weights[idx]).sum()
+            return part * ds.gradient_accumulation_steps() if scaled else part
+
+        return loss
+
+    whole, _, _ = minibatch_gradient(tiny, 12, batch, trl)
+    parts, part_rows, steps = minibatch_gradient(tiny, 5, batch, grpo_part(scaled=True))
+    assert part_rows == [4, 4, 4] and steps == 1
+    torch.testing.assert_close(parts, whole, atol=1e-6, rtol=1e-4)
+    # the control: without undoing DeepSpeed's division the step is a third of it
+    unscaled, _, _ = minibatch_gradient(tiny, 5, batch, grpo_part(scaled=False))
+    assert not torch.allclose(unscaled, whole, atol=1e-6, rtol=1e-4)
+
+
+def test_the_loss_aggregations_weigh_long_and_short_answers_as_trl_does():
+    """One answer of 1 token and one of 9, the same loss at every token: the token mean
+    gives the long answer 9/10 of the weight, the sequence mean half, Dr. GRPO's fixed
+    divisor (2 answers x 10 tokens) 9/20 and the short one 1/20; rows outside the
+    minibatch weigh nothing."""
+    mask = (torch.arange(10)[None] < torch.tensor([[1], [9], [5]])).float()
+    rows = torch.tensor([0, 1])
+    shares = {
+        aggregation: loss_weights(mask, rows, aggregation, 10).sum(1).tolist()
+        for aggregation in TRL_LOSS
+    }
+    assert shares["token_mean"] == pytest.approx([0.1, 0.9, 0.0])
+    assert shares["sequence_mean"] == pytest.approx([0.5, 0.5, 0.0])
+    assert shares["max_length"] == pytest.approx([0.05, 0.45, 0.0])
+    loss = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+    for aggregation, trl in TRL_LOSS.items():
+        weights = loss_weights(mask, rows, aggregation, 10)
+        assert float((weights * loss).sum()) == pytest.approx(float(trl(loss[:2], mask[:2])))
+
+
+def test_clip_higher_lets_an_unlikely_token_with_a_positive_advantage_grow_further():
+    """DAPO's decoupled clip (0.2 below, 0.28 above) against the symmetric one, each token's
+    loss as TRL writes it: -min(r A, clamp(r, 1 - low, 1 + high) A)."""
+    ratio = torch.tensor([[1.25, 1.25, 0.75, 1.35]])
+    advantages = torch.tensor([[1.0, -1.0, -1.0, 1.0]])
+    for high, stopped in ((None, [1.0, 0.0, 1.0, 1.0]), (0.28, [0.0, 0.0, 1.0, 1.0])):
+        logp = torch.log(ratio).requires_grad_()
+        loss, clipped = token_policy_loss(logp, torch.zeros_like(logp), advantages, 0.2, high)
+        bound = 1 + (0.2 if high is None else high)
+        expected = -torch.min(ratio * advantages, ratio.clamp(0.8, bound) * advantages)
+        torch.testing.assert_close(loss, expected)
+        loss.sum().backward()
+        assert clipped[0].tolist() == stopped
+        assert (logp.grad[0] == 0).float().tolist() == stopped  # the clip stopped these
+
+
+def test_grpo_scales_its_advantages_by_the_group_the_batch_or_not_at_all():
+    """TRL's scale_rewards: a group of near-equal rewards (1, 1, 1.01) is blown up to
+    unit advantages by its own std, stays near zero unscaled (Dr. GRPO), and is divided by
+    the whole batch's std with "batch"."""
+    rewards = torch.tensor([1.0, 1.0, 1.01, 0.0, 1.0, 0.0])
+    centred = torch.tensor([-1 / 300, -1 / 300, 2 / 300, -1 / 3, 2 / 3, -1 / 3])
+    group = grpo.group_advantages(rewards, 3, "grpo", "group")
+    none = grpo.group_advantages(rewards, 3, "grpo", "none")
+    batch = grpo.group_advantages(rewards, 3, "grpo", "batch")
+    torch.testing.assert_close(none, centred)
+    torch.testing.assert_close(batch, centred / (rewards.std() + 1e-4))
+    stds = rewards.view(2, 3).std(1).repeat_interleave(3)
+    torch.testing.assert_close(group, centred / (stds + 1e-4))
+    assert group[2] > 1.0 and none[2] < 0.01  # the near-tie: unit-sized against tiny
+
+
+def test_answers_cut_at_the_token_limit_can_be_left_out_of_the_loss():
+    mask = torch.ones(3, 4)
+    ended = torch.tensor([True, False, True])
+    kept = grpo.loss_tokens(mask, ended, grpo_config(mask_truncated_answers=True))
+    assert kept.sum(1).tolist() == [4.0, 0.0, 4.0]
+    weights = loss_weights(kept, torch.arange(3), "token_mean", 4)
+    assert weights[1].sum() == 0 and float(weights.sum()) == pytest.approx(1.0)
+    assert grpo.loss_tokens(mask, ended, grpo_config()).sum() == 12  # the default keeps all
 
 
 def test_rl_configs_refuse_what_would_mislead():
@@ -293,6 +429,9 @@ def test_grpo_config_keeps_its_sampling_defaults_and_refuses_a_k1_loss():
     with pytest.raises(ValidationError, match="k1 as a loss term has no gradient"):
         grpo_config(kl_estimator="k1", kl_in="loss")
     grpo_config(kl_estimator="k1", kl_in="reward")  # the control: k1 as a reward penalty
+    with pytest.raises(ValidationError, match="scale_rewards is grpo's: rloo"):
+        grpo_config(algorithm="rloo", scale_rewards="none")
+    grpo_config(algorithm="grpo", scale_rewards="none")  # the control
 
 
 def test_a_ppo_sampling_block_changes_only_what_it_names():
