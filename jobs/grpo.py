@@ -12,7 +12,8 @@ configured rewards, and turns the scores into advantages without a critic:
 The update is the token-level PPO-clip loss (its upper clip optionally apart, DAPO's
 clip-higher), plus ``kl_coef`` times an estimate of KL(pi || pi_ref) per token when the KL
 is a loss term (k1: log-ratio; k3: the low-variance estimator of Schulman) or as a penalty
-in the reward; ``reference_free`` drops the reference model. A minibatch's token losses
+in the reward; ``reference_free`` drops the reference model; the ratio may be each
+answer's rather than each token's (GSPO). A minibatch's token losses
 are averaged over its answer tokens by default (DAPO; TRL's default loss_type), or per
 answer first (the GRPO paper), or summed over a fixed divisor (Dr. GRPO, which also
 leaves the group's std out: ``scale_rewards: none``); answers cut at the token limit may be
@@ -40,7 +41,7 @@ from jobs.batches import ShardedSampler, literals, padded_shard, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
-from jobs.generation import SamplingConfig, decode, eos_ids_of, sample
+from jobs.generation import Samples, SamplingConfig, decode, eos_ids_of, sample
 from jobs.models import InferenceConfig, free_memory, load_tokenizer, model_source
 from jobs.rewards import RewardFunction, Rewards
 from jobs.rollout import (
@@ -86,6 +87,11 @@ class Config(StageConfig, SampleLog):
         description="the ratio's upper clip apart from clip_range (DAPO's clip-higher, "
         "0.28 there; TRL's epsilon_high); unset: clip_range",
     )
+    importance_sampling: Literal["token", "sequence"] = Field(
+        "token",
+        description="the ratio clipped: each token's, or each answer's (the geometric mean "
+        "of its tokens', GSPO; TRL's importance_sampling_level)",
+    )
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "group",
         description="grpo: divide (r - group mean) by its group's reward std, the whole "
@@ -94,9 +100,10 @@ class Config(StageConfig, SampleLog):
     )
     loss_aggregation: LossAggregation = Field(
         "token_mean",
-        description="how a minibatch's token losses become its loss: token_mean (TRL's "
-        "dapo/bnpo), sequence_mean (TRL's grpo: each answer's mean, then the mean over "
-        "answers) or max_length (Dr. GRPO: the sum over answers x max_new_tokens)",
+        description="how a minibatch's token losses become its loss: token_mean (DAPO; "
+        "each rank's minibatch, averaged over ranks), sequence_mean (TRL's grpo: each "
+        "answer's mean, then the mean over answers) or max_length (Dr. GRPO: the sum "
+        "over answers x max_new_tokens)",
     )
     mask_truncated_answers: bool = Field(
         False,
@@ -276,6 +283,52 @@ def logprobs_of(model, samples, size: int, temperature: float) -> torch.Tensor:
         model.train(was_training)
 
 
+def train_minibatch(
+    ds, samples: Samples, rows, old_logp, ref_logp, advantages, config: Config
+) -> dict:
+    """One optimiser step on the answers ``rows`` of a rollout, in the engine's
+    micro-batches: the minibatch's loss as ``config`` aggregates it (each micro-batch
+    backpropagates its tokens' part), plus the KL term per token where ``ref_logp`` is
+    given. Returns the loss and the means over every answer token of the clip fraction,
+    entropy and KL (the loss may read fewer: ``mask_truncated_answers``)."""
+    mask, steps = samples.mask, ds.gradient_accumulation_steps()
+    temperature = config.sampling.temperature
+    weights = loss_weights(
+        loss_tokens(mask, samples.ended, config),
+        rows,
+        config.loss_aggregation,
+        config.sampling.max_new_tokens,
+    )
+    sums = dict.fromkeys(("loss", "clip_fraction", "entropy", "kl_loss"), 0.0)
+    for idx, _, share in micro_batches(ds, rows, mask):
+        m = mask[idx]
+        logp, entropy = token_logprobs(
+            ds, samples.sequences[idx], samples.attention[idx], samples.start, temperature
+        )
+        per_token, clipped = token_policy_loss(
+            logp,
+            old_logp[idx],
+            advantages[idx],
+            config.clip_range,
+            config.clip_range_high,
+            m if config.importance_sampling == "sequence" else None,
+        )
+        terms = {"clip_fraction": masked_mean(clipped, m), "entropy": masked_mean(entropy, m)}
+        if ref_logp is not None:
+            kl = kl_estimate(logp, ref_logp[idx], config.kl_estimator)
+            per_token = per_token + config.kl_coef * kl
+            terms["kl_loss"] = masked_mean(kl, m)
+        # this micro-batch's part of the minibatch's loss; DeepSpeed divides each backward
+        # by its accumulation steps, which the product undoes
+        loss = (per_token * weights[idx]).sum()
+        ds.backward(loss * steps)
+        ds.step()
+        sums["loss"] = sums["loss"] + loss.detach()
+        for key, value in terms.items():
+            sums[key] = sums[key] + value.detach() * share
+    return sums
+
+
 @torch.no_grad()
 def evaluate(ds, tokenizer, eos, rows, where, rewards: Rewards, config: Config):
     """Mean reward of greedy answers to held-out prompts, per function, over all ranks."""
@@ -401,7 +454,7 @@ def run(config: Config, ctx: StageContext) -> dict:
                 synced,
                 literals=[literals(train_rows[i]) for i in indices],
             )
-        mask, start = samples.mask, samples.start
+        mask = samples.mask
         timer = time.perf_counter()  # scoring: the reward functions and models, the log-probs
         texts = decode(tokenizer, samples.answers, mask)
         repeat = [i for i in indices for _ in range(config.group_size)]
@@ -424,46 +477,22 @@ def run(config: Config, ctx: StageContext) -> dict:
         advantages = token_advantages(scores, kl, mask, config)
         scoring_s = seconds_since(timer, mask.device)
 
-        loss_mask = loss_tokens(mask, samples.ended, config)
+        kl_term = config.kl_in == "loss" and reference is not None and config.kl_coef > 0
         timer = time.perf_counter()
         stats = {"loss": [], "clip_fraction": [], "entropy": [], "kl_loss": []}
         generator = torch.Generator().manual_seed(seed)
-        steps = ds.gradient_accumulation_steps()
         for _ in range(config.epochs):
             order = torch.randperm(rollout_size, generator=generator)
             for minibatch in order.split(config.minibatch_size):
-                minibatch = minibatch.to(mask.device)
-                weights = loss_weights(
-                    loss_mask, minibatch, config.loss_aggregation, config.sampling.max_new_tokens
+                sums = train_minibatch(
+                    ds,
+                    samples,
+                    minibatch.to(mask.device),
+                    old_logp,
+                    ref_logp if kl_term else None,
+                    advantages,
+                    config,
                 )
-                sums = dict.fromkeys(stats, 0.0)
-                # (the metrics are means over every answer token, whatever the loss reads)
-                for idx, _, share in micro_batches(ds, minibatch, mask):
-                    seqs, attn, m = samples.sequences[idx], samples.attention[idx], mask[idx]
-                    logp, entropy = token_logprobs(ds, seqs, attn, start, temperature)
-                    per_token, clipped = token_policy_loss(
-                        logp,
-                        old_logp[idx],
-                        advantages[idx],
-                        config.clip_range,
-                        config.clip_range_high,
-                    )
-                    terms = {
-                        "clip_fraction": masked_mean(clipped, m),
-                        "entropy": masked_mean(entropy, m),
-                    }
-                    if config.kl_in == "loss" and reference is not None and config.kl_coef > 0:
-                        kl = kl_estimate(logp, ref_logp[idx], config.kl_estimator)
-                        per_token = per_token + config.kl_coef * kl
-                        terms["kl_loss"] = masked_mean(kl, m)
-                    # this micro-batch's part of the minibatch's loss; DeepSpeed divides
-                    # each backward by its accumulation steps, which the product undoes
-                    loss = (per_token * weights[idx]).sum()
-                    ds.backward(loss * steps)
-                    ds.step()
-                    sums["loss"] = sums["loss"] + loss.detach()
-                    for key, value in terms.items():
-                        sums[key] = sums[key] + value.detach() * share
                 for key, value in sums.items():
                     if torch.is_tensor(value):
                         stats[key].append(value)
@@ -491,6 +520,9 @@ def run(config: Config, ctx: StageContext) -> dict:
                 if v
             },
             "response_length": float(dist.all_gather_cat(mask.sum(1).float()).mean()),
+            # answers cut at max_new_tokens (TRL's completions/clipped_ratio): with
+            # mask_truncated_answers, the share the loss leaves out
+            "truncated_fraction": float(1 - dist.all_gather_cat(samples.ended.float()).mean()),
             "generation_s": samples.seconds,
             "scoring_s": scoring_s,
             "training_s": training_s,

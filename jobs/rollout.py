@@ -123,12 +123,27 @@ def whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
-def token_policy_loss(logp, old_logp, advantages, clip: float, clip_high: float | None = None):
+def token_policy_loss(
+    logp,
+    old_logp,
+    advantages,
+    clip: float,
+    clip_high: float | None = None,
+    sequence_mask: torch.Tensor | None = None,
+):
     """PPO's clipped surrogate at every token, and where the clip stopped its gradient.
     ``clip_high``: the ratio's upper bound apart from its lower one, DAPO's "clip-higher"
     (TRL's epsilon_high, verl's clip_ratio_high): a token the old policy found unlikely
-    may grow further when its advantage is positive."""
-    ratio = torch.exp(logp - old_logp)
+    may grow further when its advantage is positive. With ``sequence_mask`` (the answer
+    tokens) every token of an answer takes the answer's ratio, the geometric mean of its
+    tokens' (GSPO, Zheng et al.; TRL's importance_sampling_level "sequence"), so an answer
+    is clipped whole."""
+    log_ratio = logp - old_logp
+    if sequence_mask is not None:
+        log_ratio = (log_ratio * sequence_mask).sum(-1, keepdim=True) / sequence_mask.sum(
+            -1, keepdim=True
+        ).clamp(min=1)
+    ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     limited = -advantages * ratio.clamp(1 - clip, 1 + (clip if clip_high is None else clip_high))
     # clipped: the tokens whose gradient the clip stopped (verl's pg_clipfrac), not every
@@ -152,13 +167,16 @@ def loss_weights(
     minibatch's loss is the sum of weight x per-token loss, aggregated as TRL's
     GRPOTrainer does by its loss_type (verl: loss_agg_mode):
 
-    - ``token_mean``: the mean over the minibatch's answer tokens (TRL's bnpo and dapo,
-      DAPO's token-level loss, verl's token-mean): an answer weighs as many tokens as it has;
+    - ``token_mean``: the mean over the minibatch's answer tokens (DAPO's token-level
+      loss): an answer weighs as many tokens as it has. Each rank takes its own
+      minibatch's mean and the gradients are averaged over ranks; on one process that
+      is TRL's dapo (and bnpo over a minibatch of one forward) and verl's token-mean;
     - ``sequence_mean``: each answer's token mean, averaged over answers (TRL's grpo, the
-      GRPO paper): a long answer's tokens weigh less each, so a long wrong answer is
-      penalised less per token than a short one;
+      GRPO paper; an answer without a token the loss reads counts as 0, as in TRL, where
+      verl's seq-mean-token-mean leaves it out): a long answer's tokens weigh less each,
+      so a long wrong answer is penalised less per token than a short one;
     - ``max_length``: the token sum over answers x ``max_length`` (Dr. GRPO; TRL's
-      dr_grpo, verl's seq-mean-token-sum-norm): a constant divisor, no length bias."""
+      dr_grpo, verl's seq-mean-token-sum-norm up to a constant): no length bias."""
     weights = torch.zeros_like(mask)
     kept = mask[rows]
     if aggregation == "token_mean":

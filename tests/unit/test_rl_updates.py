@@ -36,16 +36,12 @@ def ppo_loss(batch: dict, weighted: bool = True):
     return loss
 
 
-def minibatch_gradient(tiny, micro: int, batch: dict, loss_of):
-    """One PPO-clip minibatch update of the tiny model by a real DeepSpeed engine with
-    ``micro`` rows per forward, each backpropagating ``loss_of(engine, rows, weight,
-    log-probs)``: the gradient of the step, the rows of each forward and the optimiser
-    steps taken."""
+def tiny_engine(tiny, micro: int, minibatch: int):
+    """The tiny model in a real DeepSpeed engine taking minibatches of ``minibatch`` rows in
+    forwards of at most ``micro``, and the rows of each forward it runs."""
     from transformers import AutoModelForCausalLM
 
-    cfg = update_config(
-        engine.EngineConfig(micro_batch_size=micro), len(batch["sequences"]), "train"
-    )
+    cfg = update_config(engine.EngineConfig(micro_batch_size=micro), minibatch, "train")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(tiny / "model"))
     ds = engine.initialize(model, cfg, total_steps=10)
@@ -53,6 +49,15 @@ def minibatch_gradient(tiny, micro: int, batch: dict, loss_of):
     ds.module.register_forward_hook(
         lambda _m, args, kwargs, _o: rows.append(len(kwargs["input_ids"])), with_kwargs=True
     )
+    return ds, rows
+
+
+def minibatch_gradient(tiny, micro: int, batch: dict, loss_of):
+    """One PPO-clip minibatch update of the tiny model by a real DeepSpeed engine with
+    ``micro`` rows per forward, each backpropagating ``loss_of(engine, rows, weight,
+    log-probs)``: the gradient of the step, the rows of each forward and the optimiser
+    steps taken."""
+    ds, rows = tiny_engine(tiny, micro, len(batch["sequences"]))
     mask = batch["mask"]
     parts = list(micro_batches(ds, torch.arange(len(mask)), mask))
     for number, (idx, weight, _) in enumerate(parts):
@@ -121,42 +126,82 @@ TRL_LOSS = {
 }
 
 
-@pytest.mark.parametrize("aggregation", list(TRL_LOSS))
-def test_grpo_aggregates_a_minibatch_in_micro_batches_as_trl_does_over_one_forward(
-    tiny, monkeypatch, aggregation
+def trl_loss(batch: dict, ref_logp, ended, aggregation: str, sequence: bool, masked: bool):
+    """TRL's GRPO loss over one forward of the whole minibatch (its _compute_loss, written
+    out here): the ratio per token or per answer (importance_sampling_level), clipped at
+    0.8 and 1.28, the k3 KL term at beta 0.04, truncated answers masked or not."""
+
+    def loss(_ds, idx, _weight, logp):
+        assert len(idx) == len(batch["mask"])  # one forward
+        mask = batch["mask"] * ended[:, None] if masked else batch["mask"]
+        log_ratio = logp - batch["old_logp"]
+        if sequence:
+            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        coef_1 = torch.exp(log_ratio)
+        coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.28)
+        advantages = batch["advantages"]
+        per_token = -torch.min(coef_1 * advantages, coef_2 * advantages)
+        per_token = per_token + 0.04 * (torch.exp(ref_logp - logp) - (ref_logp - logp) - 1)
+        return TRL_LOSS[aggregation](per_token, mask)
+
+    return loss
+
+
+def grpo_step_gradient(tiny, micro: int, batch: dict, ref_logp, ended, config):
+    """The gradient of the optimiser step grpo.train_minibatch takes on the whole batch."""
+    from jobs.generation import Samples
+
+    ds, rows = tiny_engine(tiny, micro, len(batch["mask"]))
+    gradients, step = [], ds.step
+
+    def step_reading_the_gradient():
+        if ds.is_gradient_accumulation_boundary():
+            gradients.append(torch.cat([p.grad.flatten().clone() for p in ds.module.parameters()]))
+        step()
+
+    ds.step = step_reading_the_gradient
+    samples = Samples(
+        batch["sequences"], batch["attention"], batch["mask"], ended, batch["start"], 0.0
+    )
+    everything = torch.arange(len(batch["mask"]))
+    grpo.train_minibatch(
+        ds, samples, everything, batch["old_logp"], ref_logp, batch["advantages"], config
+    )
+    assert len(gradients) == 1 and ds.global_steps == 1  # one optimiser step
+    return gradients[0], rows
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "sequence", "masked"),
+    [("token_mean", False, False), ("sequence_mean", True, True), ("max_length", False, True)],
+)
+def test_grpo_takes_a_minibatch_in_micro_batches_as_trl_takes_it_in_one_forward(
+    tiny, monkeypatch, aggregation, sequence, masked
 ):
-    """The minibatch's loss as TRL's loss_type gives it over one forward (the oracle), and
-    grpo's: each micro-batch backpropagates its tokens' share of it (loss_weights), which
-    DeepSpeed divides by its accumulation steps. Clip-higher on both sides."""
+    """grpo's minibatch step (each micro-batch backpropagates its tokens' part of the
+    minibatch's loss, which DeepSpeed divides by its accumulation steps) against TRL's
+    loss over one forward: each loss aggregation; the token's ratio and the answer's
+    (GSPO); answers cut at the token limit in the loss or out of it; clip-higher; the KL
+    term inside the aggregation."""
     one_process(monkeypatch)
     batch = rollout_minibatch()
-    mask, rows = batch["mask"], torch.arange(12)
-
-    def per_token(idx, logp):
-        return token_policy_loss(logp, batch["old_logp"][idx], batch["advantages"][idx], 0.2, 0.28)[
-            0
-        ]
-
-    def trl(_ds, idx, _weight, logp):
-        assert len(idx) == 12  # one forward
-        return TRL_LOSS[aggregation](per_token(idx, logp), mask[idx])
-
-    def grpo_part(scaled: bool):
-        weights = loss_weights(mask, rows, aggregation, mask.size(1))
-
-        def loss(ds, idx, _weight, logp):
-            part = (per_token(idx, logp) * weights[idx]).sum()
-            return part * ds.gradient_accumulation_steps() if scaled else part
-
-        return loss
-
-    whole, _, _ = minibatch_gradient(tiny, 12, batch, trl)
-    parts, part_rows, steps = minibatch_gradient(tiny, 5, batch, grpo_part(scaled=True))
-    assert part_rows == [4, 4, 4] and steps == 1
+    ended = batch["mask"].sum(1) < 10  # the answers of all 10 tokens were cut
+    ref_logp = batch["old_logp"] + 0.1 * torch.randn(
+        12, 10, generator=torch.Generator().manual_seed(2)
+    )
+    config = grpo_config(
+        loss_aggregation=aggregation,
+        importance_sampling="sequence" if sequence else "token",
+        mask_truncated_answers=masked,
+        clip_range_high=0.28,
+        kl_coef=0.04,
+        sampling={"max_new_tokens": 10},
+    )
+    oracle = trl_loss(batch, ref_logp, ended, aggregation, sequence, masked)
+    whole, _, _ = minibatch_gradient(tiny, 12, batch, oracle)
+    parts, rows = grpo_step_gradient(tiny, 5, batch, ref_logp, ended, config)
+    assert rows == [4, 4, 4]  # ceil(12 / 5) forwards
     torch.testing.assert_close(parts, whole, atol=1e-6, rtol=1e-4)
-    # the control: without undoing DeepSpeed's division the step is a third of it
-    unscaled, _, _ = minibatch_gradient(tiny, 5, batch, grpo_part(scaled=False))
-    assert not torch.allclose(unscaled, whole, atol=1e-6, rtol=1e-4)
 
 
 def test_the_loss_aggregations_weigh_long_and_short_answers_as_trl_does():
@@ -173,6 +218,11 @@ def test_the_loss_aggregations_weigh_long_and_short_answers_as_trl_does():
     assert shares["token_mean"] == pytest.approx([0.1, 0.9, 0.0])
     assert shares["sequence_mean"] == pytest.approx([0.5, 0.5, 0.0])
     assert shares["max_length"] == pytest.approx([0.05, 0.45, 0.0])
+    # an answer left out of the loss still counts in the sequence mean, as in TRL
+    out = loss_weights(
+        mask * torch.tensor([[1.0], [0.0], [1.0]]), torch.arange(3), "sequence_mean", 10
+    )
+    assert out.sum(1).tolist() == pytest.approx([1 / 3, 0.0, 1 / 3])
     loss = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
     for aggregation, trl in TRL_LOSS.items():
         weights = loss_weights(mask, rows, aggregation, 10)
@@ -209,6 +259,23 @@ def test_grpo_scales_its_advantages_by_the_group_the_batch_or_not_at_all():
     stds = rewards.view(2, 3).std(1).repeat_interleave(3)
     torch.testing.assert_close(group, centred / (stds + 1e-4))
     assert group[2] > 1.0 and none[2] < 0.01  # the near-tie: unit-sized against tiny
+    # the stage's advantages take the setting
+    config = grpo_config(
+        group_size=3, minibatch_size=16, scale_rewards="none", kl_in="reward", kl_coef=0.0
+    )
+    staged = grpo.token_advantages(rewards, torch.zeros(6, 1), torch.ones(6, 1), config)
+    torch.testing.assert_close(staged[:, 0], centred)
+
+
+def test_grpo_scales_by_the_std_of_every_ranks_rewards(monkeypatch):
+    """ "batch": the std of the whole batch, every rank's answers (TRL gathers the rewards
+    of every process first): another rank's rewards, far apart, shrink these advantages."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    other = torch.tensor([10.0, -10.0, 10.0, -10.0])
+    monkeypatch.setattr(grpo.dist, "all_gather_cat", lambda t: torch.cat([t, other]))
+    batch = grpo.group_advantages(rewards, 2, "grpo", "batch")
+    centred = torch.tensor([0.5, -0.5, -0.5, 0.5])
+    torch.testing.assert_close(batch, centred / (torch.cat([rewards, other]).std() + 1e-4))
 
 
 def test_answers_cut_at_the_token_limit_can_be_left_out_of_the_loss():
