@@ -23,7 +23,8 @@ compute_reinforce_plus_plus_outcome_advantage, kl_penalty) and TRL's GRPOTrainer
 
 Reads ``prompts/{train,eval}.jsonl`` of a stage output folder (each row a prompt and the
 fields its rewards read, e.g. ``answer``); logs per-function rewards, the groups' reward
-spread, KL, clip fraction, answer length and the time split; evaluates greedy answers to
+spread, KL, clip fraction, answer length, the share of answers cut at the token limit and
+the time split; evaluates greedy answers to
 held-out prompts every ``eval_every`` iterations; resumes exactly from its checkpoints;
 writes ``model/``.
 """
@@ -142,6 +143,12 @@ class Config(StageConfig, SampleLog):
                 "kl_estimator k1 as a loss term has no gradient in expectation (on the "
                 "policy's own samples E[grad log pi] = 0, as verl's kl_penalty notes): use k3, "
                 "or k1 with kl_in: reward"
+            )
+        if self.importance_sampling == "sequence" and self.kl_in == "reward" and self.kl_coef > 0:
+            raise ValueError(
+                "importance_sampling: sequence with kl_in: reward: GSPO clips an answer's "
+                "ratio against one advantage per answer, and the per-token KL penalty would "
+                "be averaged into it; use kl_in: loss"
             )
         if self.algorithm != "grpo" and self.scale_rewards != "group":
             raise ValueError(
@@ -293,12 +300,8 @@ def train_minibatch(
     entropy and KL (the loss may read fewer: ``mask_truncated_answers``)."""
     mask, steps = samples.mask, ds.gradient_accumulation_steps()
     temperature = config.sampling.temperature
-    weights = loss_weights(
-        loss_tokens(mask, samples.ended, config),
-        rows,
-        config.loss_aggregation,
-        config.sampling.max_new_tokens,
-    )
+    read = loss_tokens(mask, samples.ended, config)
+    weights = loss_weights(read, rows, config.loss_aggregation, config.sampling.max_new_tokens)
     sums = dict.fromkeys(("loss", "clip_fraction", "entropy", "kl_loss"), 0.0)
     for idx, _, share in micro_batches(ds, rows, mask):
         m = mask[idx]
@@ -311,7 +314,9 @@ def train_minibatch(
             advantages[idx],
             config.clip_range,
             config.clip_range_high,
-            m if config.importance_sampling == "sequence" else None,
+            # (a cut answer left out has ratio 1, as in TRL: its own could overflow,
+            # and inf x 0 would spoil the step)
+            read[idx] if config.importance_sampling == "sequence" else None,
         )
         terms = {"clip_fraction": masked_mean(clipped, m), "entropy": masked_mean(entropy, m)}
         if ref_logp is not None:

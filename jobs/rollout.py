@@ -135,9 +135,9 @@ def token_policy_loss(
     ``clip_high``: the ratio's upper bound apart from its lower one, DAPO's "clip-higher"
     (TRL's epsilon_high, verl's clip_ratio_high): a token the old policy found unlikely
     may grow further when its advantage is positive. With ``sequence_mask`` (the answer
-    tokens) every token of an answer takes the answer's ratio, the geometric mean of its
-    tokens' (GSPO, Zheng et al.; TRL's importance_sampling_level "sequence"), so an answer
-    is clipped whole."""
+    tokens the loss reads) every token of an answer takes the answer's ratio, the geometric
+    mean of its tokens' (GSPO, Zheng et al.; TRL's importance_sampling_level "sequence"):
+    with one advantage per answer, an answer is clipped whole."""
     log_ratio = logp - old_logp
     if sequence_mask is not None:
         log_ratio = (log_ratio * sequence_mask).sum(-1, keepdim=True) / sequence_mask.sum(
@@ -169,8 +169,9 @@ def loss_weights(
 
     - ``token_mean``: the mean over the minibatch's answer tokens (DAPO's token-level
       loss): an answer weighs as many tokens as it has. Each rank takes its own
-      minibatch's mean and the gradients are averaged over ranks; on one process that
-      is TRL's dapo (and bnpo over a minibatch of one forward) and verl's token-mean;
+      minibatch's mean and the gradients are averaged over ranks; on one process, with
+      one minibatch per rollout, that is TRL's dapo (and bnpo over a minibatch of one
+      forward) and verl's token-mean;
     - ``sequence_mean``: each answer's token mean, averaged over answers (TRL's grpo, the
       GRPO paper; an answer without a token the loss reads counts as 0, as in TRL, where
       verl's seq-mean-token-mean leaves it out): a long answer's tokens weigh less each,

@@ -126,6 +126,8 @@ def test_held_out_accuracy_rises(warm, tiny, tmp_path, algorithm):
         "training_s",
     ):
         assert key in lines[-1], key
+    # the copy task's answers end within the limit (8 tokens for 3 to 5 digits and EOS)
+    assert 0 <= lines[-1]["truncated_fraction"] < 0.5, lines[-1]
 
 
 def test_with_the_reward_negated_the_accuracy_falls(warm, tiny, tmp_path):

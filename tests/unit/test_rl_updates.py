@@ -171,37 +171,59 @@ def grpo_step_gradient(tiny, micro: int, batch: dict, ref_logp, ended, config):
     return gradients[0], rows
 
 
-@pytest.mark.parametrize(
-    ("aggregation", "sequence", "masked"),
-    [("token_mean", False, False), ("sequence_mean", True, True), ("max_length", False, True)],
-)
+def near_the_policy(tiny, batch: dict) -> tuple[dict, torch.Tensor]:
+    """``batch`` with old log-probs near the tiny model's own (log-ratios of about 0.15:
+    some past each clip bound, some inside), and reference log-probs near those."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny / "model"))
+    with torch.no_grad():
+        logp, _ = token_logprobs(model, batch["sequences"], batch["attention"], batch["start"])
+    noise = torch.Generator().manual_seed(2)
+    old = logp + 0.15 * torch.randn(logp.shape, generator=noise)
+    reference = old + 0.1 * torch.randn(logp.shape, generator=noise)
+    return {**batch, "old_logp": old}, reference
+
+
+# (loss_aggregation, the answer's ratio, cut answers masked, a setting whose change must
+# change the step: the control that the case reads it)
+CASES = [
+    ("token_mean", False, False, {"clip_range_high": None}),
+    ("token_mean", False, True, {"mask_truncated_answers": False}),
+    ("sequence_mean", True, True, {"importance_sampling": "token"}),
+    ("max_length", False, True, {"loss_aggregation": "token_mean"}),
+]
+
+
+@pytest.mark.parametrize(("aggregation", "sequence", "masked", "control"), CASES)
 def test_grpo_takes_a_minibatch_in_micro_batches_as_trl_takes_it_in_one_forward(
-    tiny, monkeypatch, aggregation, sequence, masked
+    tiny, monkeypatch, aggregation, sequence, masked, control
 ):
     """grpo's minibatch step (each micro-batch backpropagates its tokens' part of the
     minibatch's loss, which DeepSpeed divides by its accumulation steps) against TRL's
     loss over one forward: each loss aggregation; the token's ratio and the answer's
     (GSPO); answers cut at the token limit in the loss or out of it; clip-higher; the KL
-    term inside the aggregation."""
+    term inside the aggregation. The control: the step with one setting changed is not
+    the oracle's."""
     one_process(monkeypatch)
-    batch = rollout_minibatch()
+    batch, ref_logp = near_the_policy(tiny, rollout_minibatch())
     ended = batch["mask"].sum(1) < 10  # the answers of all 10 tokens were cut
-    ref_logp = batch["old_logp"] + 0.1 * torch.randn(
-        12, 10, generator=torch.Generator().manual_seed(2)
-    )
-    config = grpo_config(
-        loss_aggregation=aggregation,
-        importance_sampling="sequence" if sequence else "token",
-        mask_truncated_answers=masked,
-        clip_range_high=0.28,
-        kl_coef=0.04,
-        sampling={"max_new_tokens": 10},
-    )
+    settings = {
+        "loss_aggregation": aggregation,
+        "importance_sampling": "sequence" if sequence else "token",
+        "mask_truncated_answers": masked,
+        "clip_range_high": 0.28,
+        "kl_coef": 0.04,
+        "sampling": {"max_new_tokens": 10},
+    }
     oracle = trl_loss(batch, ref_logp, ended, aggregation, sequence, masked)
     whole, _, _ = minibatch_gradient(tiny, 12, batch, oracle)
-    parts, rows = grpo_step_gradient(tiny, 5, batch, ref_logp, ended, config)
+    parts, rows = grpo_step_gradient(tiny, 5, batch, ref_logp, ended, grpo_config(**settings))
     assert rows == [4, 4, 4]  # ceil(12 / 5) forwards
     torch.testing.assert_close(parts, whole, atol=1e-6, rtol=1e-4)
+    changed = grpo_config(**{**settings, **control})
+    other, _ = grpo_step_gradient(tiny, 5, batch, ref_logp, ended, changed)
+    assert not torch.allclose(other, whole, atol=1e-6, rtol=1e-4), control
 
 
 def test_the_loss_aggregations_weigh_long_and_short_answers_as_trl_does():
@@ -499,6 +521,9 @@ def test_grpo_config_keeps_its_sampling_defaults_and_refuses_a_k1_loss():
     with pytest.raises(ValidationError, match="scale_rewards is grpo's: rloo"):
         grpo_config(algorithm="rloo", scale_rewards="none")
     grpo_config(algorithm="grpo", scale_rewards="none")  # the control
+    with pytest.raises(ValidationError, match="importance_sampling: sequence with kl_in: reward"):
+        grpo_config(importance_sampling="sequence", kl_in="reward", kl_estimator="k1")
+    grpo_config(importance_sampling="sequence", kl_in="loss")  # the control
 
 
 def test_a_ppo_sampling_block_changes_only_what_it_names():
