@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs import dist
@@ -252,6 +253,30 @@ def sample(
     sequences = torch.cat([prompt_ids, answer.masked_fill(after_eos, tokenizer.pad_token_id)], 1)
     attention = torch.cat([prompt_mask, answer_mask], dim=1)
     return Samples(sequences, attention, answer_mask.float(), is_eos.any(1), start, seconds)
+
+
+def merge_samples(rows: list[tuple[Samples, int]], pad_id: int) -> Samples:
+    """Rows of several :func:`sample` calls as one batch, padded as one call pads its own:
+    prompts on the left to the longest prompt, answers on the right to the longest answer
+    (the tokens and their masks are the rows' own; only the padding moves)."""
+    start = max(drawn.start for drawn, _ in rows)
+    width = max(drawn.sequences.size(1) - drawn.start for drawn, _ in rows)
+    sequences, attention, mask = [], [], []
+    for drawn, row in rows:
+        left = start - drawn.start
+        right = width - (drawn.sequences.size(1) - drawn.start)
+        sequences.append(F.pad(drawn.sequences[row], (left, right), value=pad_id))
+        attention.append(F.pad(drawn.attention[row], (left, right), value=0))
+        mask.append(F.pad(drawn.mask[row], (0, right), value=0.0))
+    calls = {id(drawn): drawn for drawn, _ in rows}.values()
+    return Samples(
+        torch.stack(sequences),
+        torch.stack(attention),
+        torch.stack(mask),
+        torch.stack([drawn.ended[row] for drawn, row in rows]),
+        start,
+        sum(drawn.seconds for drawn in calls),
+    )
 
 
 def decode(tokenizer, answers: torch.Tensor, mask: torch.Tensor) -> list[str]:

@@ -17,7 +17,8 @@ answer's rather than each token's (GSPO). A minibatch's token losses
 are averaged over its answer tokens by default (DAPO; TRL's default loss_type), or per
 answer first (the GRPO paper), or summed over a fixed divisor (Dr. GRPO, which also
 leaves the group's std out: ``scale_rewards: none``); answers cut at the token limit may be
-left out of the loss (DAPO's overlong filtering). The formulas follow verl's
+left out of the loss (DAPO's overlong filtering), and groups whose answers all scored
+alike may be replaced by more samples (DAPO's dynamic sampling). The formulas follow verl's
 ``trainer/ppo/core_algos.py`` (compute_grpo_outcome_advantage, compute_rloo_outcome_advantage,
 compute_reinforce_plus_plus_outcome_advantage, kl_penalty) and TRL's GRPOTrainer.
 
@@ -42,7 +43,7 @@ from jobs.batches import ShardedSampler, literals, padded_shard, read_jsonl
 from jobs.contract import StageConfig, StageContext
 from jobs.engine import EngineConfig
 from jobs.errors import BadInputError
-from jobs.generation import Samples, SamplingConfig, decode, eos_ids_of, sample
+from jobs.generation import Samples, SamplingConfig, decode, eos_ids_of, merge_samples, sample
 from jobs.models import InferenceConfig, free_memory, load_tokenizer, model_source
 from jobs.rewards import RewardFunction, Rewards
 from jobs.rollout import (
@@ -112,6 +113,14 @@ class Config(StageConfig, SampleLog):
         "(DAPO's overlong filtering; TRL's mask_truncated_completions); they still count "
         "in their group's baseline",
     )
+    dynamic_sampling: bool = Field(
+        False,
+        description="DAPO's dynamic sampling (verl's filter_groups): a group whose answers "
+        "all scored alike teaches grpo nothing, so it is dropped and more prompts are "
+        "sampled, up to max_sampling_rounds rollouts an iteration; a batch still short is "
+        "filled with dropped groups",
+    )
+    max_sampling_rounds: int = Field(3, ge=1, description="rollouts an iteration at most")
     kl_coef: float = Field(0.04, ge=0)
     kl_estimator: Literal["k1", "k3"] = "k3"
     kl_in: Literal["loss", "reward"] = "loss"
@@ -190,6 +199,24 @@ def group_advantages(
         return (grouped - mean).view(-1)
     std = dist.all_gather_cat(rewards).std() if scale == "batch" else grouped.std(1, keepdim=True)
     return ((grouped - mean) / (std + 1e-4)).view(-1)
+
+
+def spread_out(total: list[float], group: int) -> list[bool]:
+    """Per group of ``group`` answers: whether their rewards differ (else every advantage
+    of the group is 0 under grpo and rloo; the same bound as zero_variance_groups)."""
+    return (torch.tensor(total).view(-1, group).std(1) >= 1e-6).tolist()
+
+
+def choose_groups(totals: list[list[float]], group: int, wanted: int) -> list[tuple[int, int]]:
+    """Dynamic sampling's batch from the rewards of several rollouts: (rollout, group) of
+    the first ``wanted`` groups whose rewards differ, in the order they were sampled, then
+    as many of the others as the batch still lacks (the batch keeps its size)."""
+    varied, flat = [], []
+    for number, total in enumerate(totals):
+        for index, differ in enumerate(spread_out(total, group)):
+            (varied if differ else flat).append((number, index))
+    chosen = varied[:wanted]
+    return chosen + flat[: wanted - len(chosen)]
 
 
 def loss_tokens(mask: torch.Tensor, ended: torch.Tensor, config: Config) -> torch.Tensor:
@@ -441,11 +468,14 @@ def run(config: Config, ctx: StageContext) -> dict:
     # a run resumed from its last checkpoint reports what the run it continues ended with
     last_eval = state.get("last_eval") or first_eval or {}
     summary: dict = state.get("summary", {})
-    batches = sampler.micro_batches(start=iteration)
-    progress = ctx.progress(config.iterations, iteration)
-    while iteration < config.iterations:
+    # prompt batches drawn so far: one an iteration, more with dynamic sampling
+    consumed = state.get("consumed", iteration)
+    batches = sampler.micro_batches(start=consumed)
+
+    def rollout(seed: int):
+        """One batch of prompts, group_size answers each, and their rewards; the seconds
+        the rewards took."""
         indices = next(batches)
-        seed = config.seed * 100003 + iteration * 1009 + dist.rank()
         prompts = [train_rows[i]["prompt"] for i in indices]
         with engine.for_generation(ds, config.sampling.zero3_gather) as (model, synced):
             samples = sample(
@@ -459,9 +489,8 @@ def run(config: Config, ctx: StageContext) -> dict:
                 synced,
                 literals=[literals(train_rows[i]) for i in indices],
             )
-        mask = samples.mask
-        timer = time.perf_counter()  # scoring: the reward functions and models, the log-probs
-        texts = decode(tokenizer, samples.answers, mask)
+        timer = time.perf_counter()
+        texts = decode(tokenizer, samples.answers, samples.mask)
         repeat = [i for i in indices for _ in range(config.group_size)]
         total, each = rewards(
             [train_rows[i]["prompt"] for i in repeat],
@@ -470,6 +499,41 @@ def run(config: Config, ctx: StageContext) -> dict:
             [train_where[i] for i in repeat],
             samples.ended.tolist(),
         )
+        return samples, total, each, time.perf_counter() - timer
+
+    progress = ctx.progress(config.iterations, iteration)
+    while iteration < config.iterations:
+        seed = config.seed * 100003 + iteration * 1009 + dist.rank()
+        drawn = [rollout(seed)]
+        # Dynamic sampling: every rank samples again while any rank lacks groups whose
+        # rewards differ (ZeRO-3's generation is collective: ranks sample in step).
+        while (
+            config.dynamic_sampling
+            and len(drawn) < config.max_sampling_rounds
+            and not dist.all_ranks(
+                sum(sum(spread_out(t, config.group_size)) for _, t, _, _ in drawn)
+                >= config.prompts_per_iteration
+            )
+        ):
+            drawn.append(rollout(seed + 7919 * len(drawn)))
+        consumed += len(drawn)
+        if config.dynamic_sampling:
+            groups = choose_groups(
+                [t for _, t, _, _ in drawn], config.group_size, config.prompts_per_iteration
+            )
+            rows = [
+                (number, index * config.group_size + k)
+                for number, index in groups
+                for k in range(config.group_size)
+            ]
+            samples = merge_samples([(drawn[n][0], r) for n, r in rows], tokenizer.pad_token_id)
+            total = [drawn[n][1][r] for n, r in rows]
+            each = {label: [drawn[n][2][label][r] for n, r in rows] for label in drawn[0][2]}
+        else:
+            samples, total, each, _ = drawn[0]
+        generation_s = sum(d[0].seconds for d in drawn)
+        mask = samples.mask
+        timer = time.perf_counter() - sum(d[3] for d in drawn)  # scoring: rewards, log-probs
         scores = torch.tensor(total, device=mask.device)
         micro, temperature = ds.train_micro_batch_size_per_gpu(), config.sampling.temperature
         old_logp = logprobs_of(ds.module, samples, micro, temperature)
@@ -528,7 +592,27 @@ def run(config: Config, ctx: StageContext) -> dict:
             # answers cut at max_new_tokens (TRL's completions/clipped_ratio): with
             # mask_truncated_answers, the share the loss leaves out
             "truncated_fraction": float(1 - dist.all_gather_cat(samples.ended.float()).mean()),
-            "generation_s": samples.seconds,
+            **(
+                {
+                    "sampling_rounds": float(len(drawn)),
+                    # over every group drawn, the trained batch's are zero_variance_groups
+                    "sampled_zero_variance_groups": float(
+                        dist.all_gather_cat(
+                            torch.tensor(
+                                [
+                                    float(not differ)
+                                    for _, t, _, _ in drawn
+                                    for differ in spread_out(t, config.group_size)
+                                ],
+                                device=mask.device,
+                            )
+                        ).mean()
+                    ),
+                }
+                if config.dynamic_sampling
+                else {}
+            ),
+            "generation_s": generation_s,
             "scoring_s": scoring_s,
             "training_s": training_s,
         }
@@ -544,7 +628,12 @@ def run(config: Config, ctx: StageContext) -> dict:
                 ),
             )
         progress.update(1)
-        kept = {"first_eval": first_eval, "last_eval": last_eval, "summary": summary}
+        kept = {
+            "first_eval": first_eval,
+            "last_eval": last_eval,
+            "summary": summary,
+            "consumed": consumed,
+        }
         engine.checkpoint_or_stop(ds, ctx, iteration, config.checkpoint_every, kept)
     progress.close()
     del reference

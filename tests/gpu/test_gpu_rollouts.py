@@ -42,12 +42,16 @@ def test_the_compiled_decode_gives_the_dynamic_caches_tokens_on_the_gpu(tiny):
     assert counters["stats"]["unique_graphs"] > graphs  # something compiled, and whole
 
 
+# Dr. GRPO's and DAPO's settings, GSPO's ratio per answer and DAPO's dynamic sampling
+ZERO3_VARIANT = {**DR_GRPO_DAPO, "importance_sampling": "sequence", "dynamic_sampling": True}
+
+
 def test_grpo_raises_held_out_accuracy_on_the_gpu(tiny, tmp_path):
     """The copy task of the CPU suite (tests/integration/test_grpo.py), in bf16 under
     ZeRO-2 and then ZeRO-3: a short SFT, then GRPO raises the held-out accuracy that a
     program checks. The ZeRO-3 run, which only has to complete, is GRPO as Dr. GRPO and
-    DAPO set it (the other loss aggregation, no std scaling, masked cut answers), with
-    GSPO's ratio per answer."""
+    DAPO set it (the other loss aggregation, no std scaling, masked cut answers, groups
+    resampled), with GSPO's ratio per answer."""
     train = {**BF16, "zero_stage": 2, "learning_rate": 3e-3, "micro_batch_size": 32}
     stage("sft", warm_config(tiny, tmp_path / "sft", train=train), tmp_path)
     for zero_stage in (2, 3):
@@ -59,7 +63,7 @@ def test_grpo_raises_held_out_accuracy_on_the_gpu(tiny, tmp_path):
             # the micro-batches) was within the noise of 100 held-out numbers
             iterations=80 if zero_stage == 2 else 2,
             train={**BF16, "zero_stage": zero_stage, "learning_rate": 5e-4},
-            **({**DR_GRPO_DAPO, "importance_sampling": "sequence"} if zero_stage == 3 else {}),
+            **(ZERO3_VARIANT if zero_stage == 3 else {}),
         )
         metrics = stage("grpo", config, tmp_path, tag=f"grpo-{zero_stage}").metrics
         if zero_stage == 2:

@@ -93,11 +93,19 @@ GSPO = {
 }
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "reinforce_pp", "dr_grpo_dapo", "gspo"])
+VARIANTS = {
+    "dr_grpo_dapo": DR_GRPO_DAPO,
+    "gspo": GSPO,
+    # DAPO's dynamic sampling: most groups of the copy task start all right (accuracy 0.75)
+    "dynamic": {"dynamic_sampling": True, "max_sampling_rounds": 3},
+}
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "reinforce_pp", *VARIANTS])
 def test_held_out_accuracy_rises(warm, tiny, tmp_path, algorithm):
     config = grpo_config(warm, tiny, tmp_path / algorithm, algorithm=algorithm)
-    if algorithm in ("dr_grpo_dapo", "gspo"):
-        config.update(algorithm="grpo", **(DR_GRPO_DAPO if algorithm == "dr_grpo_dapo" else GSPO))
+    if algorithm in VARIANTS:
+        config.update(algorithm="grpo", **VARIANTS[algorithm])
     if algorithm == "reinforce_pp":
         config["kl_in"] = "reward"
         # Batch-normalised advantages push every wrong answer down at once: at 5e-4 this
@@ -128,6 +136,12 @@ def test_held_out_accuracy_rises(warm, tiny, tmp_path, algorithm):
         assert key in lines[-1], key
     # the copy task's answers end within the limit (8 tokens for 3 to 5 digits and EOS)
     assert 0 <= lines[-1]["truncated_fraction"] < 0.5, lines[-1]
+    if algorithm == "dynamic":
+        rounds = [m["sampling_rounds"] for m in lines]
+        assert max(rounds) > 1 and set(rounds) <= {1.0, 2.0, 3.0}, rounds
+        # the batches trained on hold fewer groups without a reward spread than were drawn
+        trained = sum(m["zero_variance_groups"] for m in lines)
+        assert trained < sum(m["sampled_zero_variance_groups"] for m in lines), lines
 
 
 def test_with_the_reward_negated_the_accuracy_falls(warm, tiny, tmp_path):
@@ -174,6 +188,37 @@ def test_stopped_at_its_last_iteration_the_stage_reports_what_it_ended_with(warm
     got = read_manifest(str(tmp_path / "stopped")).metrics
     assert got["iterations"] == 3 and "reward_mean" in got
     for key in ("eval_correct", "eval_correct_start", "reward_mean", "kl", "response_length"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+
+
+def test_with_dynamic_sampling_a_resumed_run_draws_the_prompts_the_whole_run_drew(
+    warm, tiny, tmp_path
+):
+    """Dynamic sampling draws more prompt batches than iterations: a run preempted after
+    iteration 2 (or 3) resumes at the batch it would have drawn next (its checkpoint counts the
+    batches), and ends as the uninterrupted run ends."""
+    from tests.conftest import preempt_and_resume
+
+    settings = {
+        "iterations": 4,
+        "eval_every": 4,
+        "checkpoint_every": 100,
+        "eval_prompts": 20,
+        "dynamic_sampling": True,
+    }
+    whole = grpo_config(warm, tiny, tmp_path / "whole", **settings)
+    result = run_entrypoint("grpo", whole, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [m for m in metrics_lines(tmp_path / "whole") if "reward_mean" in m]
+    assert sum(m["sampling_rounds"] for m in lines[:2]) > 2  # more batches than iterations
+    stopped = grpo_config(warm, tiny, tmp_path / "stopped", **settings)
+    resumed = preempt_and_resume("grpo", stopped, tmp_path, after_step=1)
+    # (at 2, or at 3 where the signal came after iteration 2's check)
+    step = re.search(r"resumed from the checkpoint at step (\d+)", resumed.stdout)
+    assert step and int(step.group(1)) in (2, 3), resumed.stdout[-2000:]
+    expected = read_manifest(str(tmp_path / "whole")).metrics
+    got = read_manifest(str(tmp_path / "stopped")).metrics
+    for key in ("eval_correct", "reward_mean", "kl", "response_length", "sampling_rounds"):
         assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
 
 

@@ -272,3 +272,43 @@ def test_skipped_cuda_graphs_are_told_on_a_gpu_only():
 def test_a_compiled_decode_needs_the_static_cache():
     with pytest.raises(ValueError, match="compile_decode needs cache: static"):
         SamplingConfig(compile_decode=True)
+
+
+def test_rows_of_two_rollouts_merged_keep_their_tokens_and_log_probs(model_and_tokenizer):
+    """GRPO's dynamic sampling trains on groups of several rollouts in one batch: each row,
+    re-padded to the batch's longest prompt and answer, keeps its tokens, masks and
+    log-probs (those of the row as its own rollout padded it)."""
+    from jobs.generation import eos_ids_of, merge_samples, sample
+    from jobs.rollout import token_logprobs
+
+    model, tokenizer = model_and_tokenizer
+    config = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=10)
+    eos = eos_ids_of(model, tokenizer)
+    fewer = config.model_copy(update={"max_new_tokens": 4})
+    short = sample(model, tokenizer, PROMPTS[:1], fewer, eos, seed=1, num_samples=3)
+    long = sample(model, tokenizer, PROMPTS[1:2], config, eos, seed=2, num_samples=3)
+    assert short.start < long.start  # prompts of different lengths, and answers
+    assert short.answers.size(1) < long.answers.size(1)
+    rows = [(long, 2), (short, 0), (long, 0), (short, 2)]
+    merged = merge_samples(rows, tokenizer.pad_token_id)
+    assert merged.start == long.start and merged.seconds == short.seconds + long.seconds
+    logp, _ = token_logprobs(model, merged.sequences, merged.attention, merged.start)
+    for position, (drawn, row) in enumerate(rows):
+        length = int(drawn.mask[row].sum())
+        assert merged.mask[position].sum() == length
+        assert bool(merged.ended[position]) == bool(drawn.ended[row])
+        answer = merged.answers[position, :length]
+        assert answer.tolist() == drawn.answers[row, :length].tolist()
+        prompt = merged.sequences[position, : merged.start][
+            merged.attention[position, : merged.start] == 1
+        ]
+        assert (
+            prompt.tolist()
+            == drawn.sequences[row, : drawn.start][
+                drawn.attention[row, : drawn.start] == 1
+            ].tolist()
+        )
+        alone, _ = token_logprobs(model, drawn.sequences, drawn.attention, drawn.start)
+        torch.testing.assert_close(
+            logp[position, :length], alone[row, :length], atol=1e-4, rtol=1e-4
+        )

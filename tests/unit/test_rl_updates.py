@@ -300,6 +300,18 @@ def test_grpo_scales_by_the_std_of_every_ranks_rewards(monkeypatch):
     torch.testing.assert_close(batch, centred / (torch.cat([rewards, other]).std() + 1e-4))
 
 
+def test_dynamic_sampling_takes_groups_with_a_reward_spread_first_and_keeps_the_batch_size():
+    """DAPO's dynamic sampling (verl's filter_groups): groups whose answers all scored alike
+    are left for those that differ, from later rollouts too; a batch still short is filled
+    with the left ones, in the order they were sampled."""
+    first = [1.0, 1.0, 0.0, 1.0, 0.0, 0.0]  # groups of 2: alike, differ, alike
+    second = [1.0, 0.0, 1.0, 1.0, 0.5, 0.5]  # differ, alike, alike
+    assert grpo.spread_out(first, 2) == [False, True, False]
+    assert grpo.choose_groups([first, second], 2, 3) == [(0, 1), (1, 0), (0, 0)]
+    assert grpo.choose_groups([first, second], 2, 2) == [(0, 1), (1, 0)]
+    assert grpo.choose_groups([first], 2, 3) == [(0, 1), (0, 0), (0, 2)]
+
+
 def test_answers_cut_at_the_token_limit_can_be_left_out_of_the_loss():
     mask = torch.ones(3, 4)
     ended = torch.tensor([True, False, True])
