@@ -33,7 +33,7 @@ writes ``model/``.
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -116,9 +116,10 @@ class Config(StageConfig, SampleLog):
     dynamic_sampling: bool = Field(
         False,
         description="DAPO's dynamic sampling (verl's filter_groups): a group whose answers "
-        "all scored alike teaches grpo nothing, so it is dropped and more prompts are "
-        "sampled, up to max_sampling_rounds rollouts an iteration; a batch still short is "
-        "filled with dropped groups",
+        "all scored alike has no advantage (grpo, rloo; with kl_in: reward only its KL "
+        "penalty), so it is dropped and more prompts are sampled, up to "
+        "max_sampling_rounds rollouts an iteration; a batch still short is filled with "
+        "dropped groups",
     )
     max_sampling_rounds: int = Field(3, ge=1, description="rollouts an iteration at most")
     kl_coef: float = Field(0.04, ge=0)
@@ -158,6 +159,12 @@ class Config(StageConfig, SampleLog):
                 "importance_sampling: sequence with kl_in: reward: GSPO clips an answer's "
                 "ratio against one advantage per answer, and the per-token KL penalty would "
                 "be averaged into it; use kl_in: loss"
+            )
+        if self.dynamic_sampling and self.algorithm == "reinforce_pp":
+            raise ValueError(
+                "dynamic_sampling with reinforce_pp: its batch-whitened advantages give a "
+                "group whose answers all scored alike an advantage too, which dropping it "
+                "would lose"
             )
         if self.algorithm != "grpo" and self.scale_rewards != "group":
             raise ValueError(
@@ -202,8 +209,9 @@ def group_advantages(
 
 
 def spread_out(total: list[float], group: int) -> list[bool]:
-    """Per group of ``group`` answers: whether their rewards differ (else every advantage
-    of the group is 0 under grpo and rloo; the same bound as zero_variance_groups)."""
+    """Per group of ``group`` answers: whether their rewards differ (else the group's
+    advantages are 0 under grpo and rloo, but for a KL penalty in the reward; the same
+    bound as zero_variance_groups)."""
     return (torch.tensor(total).view(-1, group).std(1) >= 1e-6).tolist()
 
 
@@ -315,6 +323,13 @@ def logprobs_of(model, samples, size: int, temperature: float) -> torch.Tensor:
         )
     finally:
         model.train(was_training)
+
+
+class Rollout(NamedTuple):
+    samples: Samples
+    total: list[float]  # each answer's reward
+    each: dict[str, list[float]]  # each answer's reward per function
+    scoring_s: float  # the rewards' seconds
 
 
 def train_minibatch(
@@ -472,9 +487,8 @@ def run(config: Config, ctx: StageContext) -> dict:
     consumed = state.get("consumed", iteration)
     batches = sampler.micro_batches(start=consumed)
 
-    def rollout(seed: int):
-        """One batch of prompts, group_size answers each, and their rewards; the seconds
-        the rewards took."""
+    def rollout(seed: int) -> Rollout:
+        """One batch of prompts, group_size answers each, and their rewards."""
         indices = next(batches)
         prompts = [train_rows[i]["prompt"] for i in indices]
         with engine.for_generation(ds, config.sampling.zero3_gather) as (model, synced):
@@ -499,7 +513,7 @@ def run(config: Config, ctx: StageContext) -> dict:
             [train_where[i] for i in repeat],
             samples.ended.tolist(),
         )
-        return samples, total, each, time.perf_counter() - timer
+        return Rollout(samples, total, each, time.perf_counter() - timer)
 
     progress = ctx.progress(config.iterations, iteration)
     while iteration < config.iterations:
@@ -511,7 +525,7 @@ def run(config: Config, ctx: StageContext) -> dict:
             config.dynamic_sampling
             and len(drawn) < config.max_sampling_rounds
             and not dist.all_ranks(
-                sum(sum(spread_out(t, config.group_size)) for _, t, _, _ in drawn)
+                sum(sum(spread_out(d.total, config.group_size)) for d in drawn)
                 >= config.prompts_per_iteration
             )
         ):
@@ -519,21 +533,24 @@ def run(config: Config, ctx: StageContext) -> dict:
         consumed += len(drawn)
         if config.dynamic_sampling:
             groups = choose_groups(
-                [t for _, t, _, _ in drawn], config.group_size, config.prompts_per_iteration
+                [d.total for d in drawn], config.group_size, config.prompts_per_iteration
             )
             rows = [
                 (number, index * config.group_size + k)
                 for number, index in groups
                 for k in range(config.group_size)
             ]
-            samples = merge_samples([(drawn[n][0], r) for n, r in rows], tokenizer.pad_token_id)
-            total = [drawn[n][1][r] for n, r in rows]
-            each = {label: [drawn[n][2][label][r] for n, r in rows] for label in drawn[0][2]}
+            samples = merge_samples(
+                [(drawn[n].samples, r) for n, r in rows], tokenizer.pad_token_id
+            )
+            total = [drawn[n].total[r] for n, r in rows]
+            each = {label: [drawn[n].each[label][r] for n, r in rows] for label in drawn[0].each}
         else:
             samples, total, each, _ = drawn[0]
-        generation_s = sum(d[0].seconds for d in drawn)
+        generation_s = sum(d.samples.seconds for d in drawn)
         mask = samples.mask
-        timer = time.perf_counter() - sum(d[3] for d in drawn)  # scoring: rewards, log-probs
+        # scoring: every rollout's rewards, then the log-probs and advantages
+        timer = time.perf_counter() - sum(d.scoring_s for d in drawn)
         scores = torch.tensor(total, device=mask.device)
         micro, temperature = ds.train_micro_batch_size_per_gpu(), config.sampling.temperature
         old_logp = logprobs_of(ds.module, samples, micro, temperature)
@@ -595,14 +612,20 @@ def run(config: Config, ctx: StageContext) -> dict:
             **(
                 {
                     "sampling_rounds": float(len(drawn)),
-                    # over every group drawn, the trained batch's are zero_variance_groups
+                    # what the policy drew (the batch trained on leans to groups that differ:
+                    # its reward_mean and zero_variance_groups describe that batch)
+                    "sampled_reward_mean": float(
+                        dist.all_gather_cat(
+                            torch.tensor([r for d in drawn for r in d.total], device=mask.device)
+                        ).mean()
+                    ),
                     "sampled_zero_variance_groups": float(
                         dist.all_gather_cat(
                             torch.tensor(
                                 [
                                     float(not differ)
-                                    for _, t, _, _ in drawn
-                                    for differ in spread_out(t, config.group_size)
+                                    for d in drawn
+                                    for differ in spread_out(d.total, config.group_size)
                                 ],
                                 device=mask.device,
                             )

@@ -66,6 +66,7 @@ def test_grpo_raises_held_out_accuracy_on_the_gpu(tiny, tmp_path):
             **(ZERO3_VARIANT if zero_stage == 3 else {}),
         )
         metrics = stage("grpo", config, tmp_path, tag=f"grpo-{zero_stage}").metrics
+        assert ("sampling_rounds" in metrics) == (zero_stage == 3), metrics
         if zero_stage == 2:
             # in problems of the 100 (the fractions' float sum could miss by an ulp)
             rise = round(100 * (metrics["eval_correct"] - metrics["eval_correct_start"]))

@@ -139,9 +139,12 @@ def test_held_out_accuracy_rises(warm, tiny, tmp_path, algorithm):
     if algorithm == "dynamic":
         rounds = [m["sampling_rounds"] for m in lines]
         assert max(rounds) > 1 and set(rounds) <= {1.0, 2.0, 3.0}, rounds
-        # the batches trained on hold fewer groups without a reward spread than were drawn
+        # the batches trained on hold fewer groups without a reward spread than were drawn,
+        # none at all where the rounds stopped early (they had enough groups that differ)
         trained = sum(m["zero_variance_groups"] for m in lines)
         assert trained < sum(m["sampled_zero_variance_groups"] for m in lines), lines
+        assert all(m["zero_variance_groups"] == 0 for m in lines if m["sampling_rounds"] < 3)
+        assert all(0 <= m["sampled_reward_mean"] <= 1 for m in lines)
 
 
 def test_with_the_reward_negated_the_accuracy_falls(warm, tiny, tmp_path):
@@ -220,6 +223,47 @@ def test_with_dynamic_sampling_a_resumed_run_draws_the_prompts_the_whole_run_dre
     got = read_manifest(str(tmp_path / "stopped")).metrics
     for key in ("eval_correct", "reward_mean", "kl", "response_length", "sampling_rounds"):
         assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+
+
+def test_two_processes_under_zero3_sample_dynamically_in_step(warm, tiny, tmp_path):
+    """Dynamic sampling on two ranks under ZeRO-3, the actor gathered layer by layer at
+    every token (each generated token a collective): every rank samples again while either
+    rank lacks groups whose rewards differ, so the ranks stay in step (one sampling alone
+    would hang the other) and the run completes."""
+    import subprocess
+
+    import yaml
+
+    from tests.integration.test_ppo import TWO_PROCESSES
+
+    config = grpo_config(
+        warm,
+        tiny,
+        tmp_path / "two",
+        iterations=2,
+        prompts_per_iteration=4,
+        group_size=4,
+        minibatch_size=8,
+        eval_every=2,
+        eval_prompts=8,
+        dynamic_sampling=True,
+        sampling={"max_new_tokens": 8, "temperature": 0.5, "top_p": 1.0, "zero3_gather": False},
+        train={"learning_rate": 5e-4, "zero_stage": 3},
+    )
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.launch", "grpo", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=TWO_PROCESSES,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "gathered layer by layer at every token" in result.stdout
+    lines = [m for m in metrics_lines(tmp_path / "two") if "reward_mean" in m]
+    assert len(lines) == 2 and all(1 <= m["sampling_rounds"] <= 3 for m in lines), lines
 
 
 def test_a_failing_reward_function_stops_the_stage_naming_it_and_the_example(warm, tiny, tmp_path):

@@ -536,6 +536,9 @@ def test_grpo_config_keeps_its_sampling_defaults_and_refuses_a_k1_loss():
     with pytest.raises(ValidationError, match="importance_sampling: sequence with kl_in: reward"):
         grpo_config(importance_sampling="sequence", kl_in="reward", kl_estimator="k1")
     grpo_config(importance_sampling="sequence", kl_in="loss")  # the control
+    with pytest.raises(ValidationError, match="dynamic_sampling with reinforce_pp"):
+        grpo_config(dynamic_sampling=True, algorithm="reinforce_pp")
+    grpo_config(dynamic_sampling=True, algorithm="rloo")  # the control
 
 
 def test_a_ppo_sampling_block_changes_only_what_it_names():
