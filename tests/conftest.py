@@ -280,6 +280,31 @@ def tiny_rm(tiny, tiny_data, tmp_path_factory) -> Path:
     return out
 
 
+# Two ranks on this machine through jobs.launch (torchrun, gloo), as a pod with
+# nproc_per_node: 2 runs a stage
+TWO_PROCESSES = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "PET_NPROC_PER_NODE": "2",
+    "PET_STANDALONE": "1",
+    "PET_NNODES": "1",
+    "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+}
+
+
+def run_two_processes(stage: str, config: dict, path: Path) -> subprocess.CompletedProcess:
+    """``stage`` on two ranks (TWO_PROCESSES), its config written to ``path``."""
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.launch", stage, "--config", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=TWO_PROCESSES,
+        timeout=600,
+    )
+
+
 def preempt_and_resume(
     stage: str, config: dict, tmp_path: Path, after_step: int, env: dict | None = None
 ) -> subprocess.CompletedProcess:

@@ -230,11 +230,7 @@ def test_two_processes_under_zero3_sample_dynamically_in_step(warm, tiny, tmp_pa
     every token (each generated token a collective): every rank samples again while either
     rank lacks groups whose rewards differ, so the ranks stay in step (one sampling alone
     would hang the other) and the run completes."""
-    import subprocess
-
-    import yaml
-
-    from tests.integration.test_ppo import TWO_PROCESSES
+    from tests.conftest import run_two_processes
 
     config = grpo_config(
         warm,
@@ -250,16 +246,7 @@ def test_two_processes_under_zero3_sample_dynamically_in_step(warm, tiny, tmp_pa
         sampling={"max_new_tokens": 8, "temperature": 0.5, "top_p": 1.0, "zero3_gather": False},
         train={"learning_rate": 5e-4, "zero_stage": 3},
     )
-    path = tmp_path / "two.yaml"
-    path.write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [sys.executable, "-m", "jobs.launch", "grpo", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=TWO_PROCESSES,
-        timeout=600,
-    )
+    result = run_two_processes("grpo", config, tmp_path / "two.yaml")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gathered layer by layer at every token" in result.stdout
     lines = [m for m in metrics_lines(tmp_path / "two") if "reward_mean" in m]

@@ -25,7 +25,14 @@ from jobs import store
 from jobs.contract import read_manifest, run_stage
 from jobs.generation import PARTLY_EAGER
 from tests import warm
-from tests.conftest import ROOT, free_port, run_entrypoint, with_dropout
+from tests.conftest import (
+    ROOT,
+    TWO_PROCESSES,
+    free_port,
+    run_entrypoint,
+    run_two_processes,
+    with_dropout,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -241,16 +248,7 @@ def test_two_processes_under_zero3_complete_an_iteration(demo, tmp_path):
             actor_train={"zero_stage": 3, "learning_rate": 1e-4},
             critic_train={"zero_stage": 3, "learning_rate": 1e-4},
         )
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        result = subprocess.run(
-            [sys.executable, "-m", "jobs.launch", "ppo", "--config", str(path)],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            env=TWO_PROCESSES,
-            timeout=600,
-        )
+        result = run_two_processes("ppo", config, tmp_path / f"{name}.yaml")
         assert result.returncode == 0, result.stderr[-3000:]
         how = "gathered once per rollout" if gather else "gathered layer by layer at every token"
         assert f"the actor's ZeRO-3 parameters are {how}" in result.stdout
@@ -264,16 +262,6 @@ def test_two_processes_under_zero3_complete_an_iteration(demo, tmp_path):
     assert said == again and len(said) == 4
     for key in ("response_length", "eos_fraction", "reward_mean", "kl", "policy_loss"):
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
-
-
-TWO_PROCESSES = {
-    **os.environ,
-    "OMP_NUM_THREADS": "1",
-    "PET_NPROC_PER_NODE": "2",
-    "PET_STANDALONE": "1",
-    "PET_NNODES": "1",
-    "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-}
 
 
 def test_two_processes_preempted_resume_to_the_same_metrics(demo, tmp_path):
