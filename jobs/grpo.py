@@ -208,20 +208,24 @@ def group_advantages(
     return ((grouped - mean) / (std + 1e-4)).view(-1)
 
 
+# A group's reward std below this is no spread (its advantages are 0 under grpo and rloo)
+FLAT_STD = 1e-6
+
+
 def spread_out(total: list[float], group: int) -> list[bool]:
     """Per group of ``group`` answers: whether their rewards differ (else the group's
-    advantages are 0 under grpo and rloo, but for a KL penalty in the reward; the same
-    bound as zero_variance_groups)."""
-    return (torch.tensor(total).view(-1, group).std(1) >= 1e-6).tolist()
+    advantages are 0 under grpo and rloo, but for a KL penalty in the reward)."""
+    return (torch.tensor(total).view(-1, group).std(1) >= FLAT_STD).tolist()
 
 
-def choose_groups(totals: list[list[float]], group: int, wanted: int) -> list[tuple[int, int]]:
-    """Dynamic sampling's batch from the rewards of several rollouts: (rollout, group) of
-    the first ``wanted`` groups whose rewards differ, in the order they were sampled, then
-    as many of the others as the batch still lacks (the batch keeps its size)."""
+def choose_groups(spreads: list[list[bool]], wanted: int) -> list[tuple[int, int]]:
+    """Dynamic sampling's batch from several rollouts, given whether each of their groups'
+    rewards differ (:func:`spread_out`): (rollout, group) of the first ``wanted`` groups
+    that differ, in the order they were sampled, then as many of the others as the batch
+    still lacks (the batch keeps its size)."""
     varied, flat = [], []
-    for number, total in enumerate(totals):
-        for index, differ in enumerate(spread_out(total, group)):
+    for number, spread in enumerate(spreads):
+        for index, differ in enumerate(spread):
             (varied if differ else flat).append((number, index))
     chosen = varied[:wanted]
     return chosen + flat[: wanted - len(chosen)]
@@ -330,6 +334,7 @@ class Rollout(NamedTuple):
     total: list[float]  # each answer's reward
     each: dict[str, list[float]]  # each answer's reward per function
     scoring_s: float  # the rewards' seconds
+    spread: list[bool]  # per group: whether its rewards differ
 
 
 def train_minibatch(
@@ -513,7 +518,8 @@ def run(config: Config, ctx: StageContext) -> dict:
             [train_where[i] for i in repeat],
             samples.ended.tolist(),
         )
-        return Rollout(samples, total, each, time.perf_counter() - timer)
+        seconds = time.perf_counter() - timer
+        return Rollout(samples, total, each, seconds, spread_out(total, config.group_size))
 
     progress = ctx.progress(config.iterations, iteration)
     while iteration < config.iterations:
@@ -525,16 +531,13 @@ def run(config: Config, ctx: StageContext) -> dict:
             config.dynamic_sampling
             and len(drawn) < config.max_sampling_rounds
             and not dist.all_ranks(
-                sum(sum(spread_out(d.total, config.group_size)) for d in drawn)
-                >= config.prompts_per_iteration
+                sum(sum(d.spread) for d in drawn) >= config.prompts_per_iteration
             )
         ):
             drawn.append(rollout(seed + 7919 * len(drawn)))
         consumed += len(drawn)
         if config.dynamic_sampling:
-            groups = choose_groups(
-                [d.total for d in drawn], config.group_size, config.prompts_per_iteration
-            )
+            groups = choose_groups([d.spread for d in drawn], config.prompts_per_iteration)
             rows = [
                 (number, index * config.group_size + k)
                 for number, index in groups
@@ -546,7 +549,7 @@ def run(config: Config, ctx: StageContext) -> dict:
             total = [drawn[n].total[r] for n, r in rows]
             each = {label: [drawn[n].each[label][r] for n, r in rows] for label in drawn[0].each}
         else:
-            samples, total, each, _ = drawn[0]
+            samples, total, each = drawn[0].samples, drawn[0].total, drawn[0].each
         generation_s = sum(d.samples.seconds for d in drawn)
         mask = samples.mask
         # scoring: every rollout's rewards, then the log-probs and advantages
@@ -598,7 +601,7 @@ def run(config: Config, ctx: StageContext) -> dict:
             "reward_std": float(everyone.std()),
             **{f"reward.{label}": value for label, value in by_function.items()},
             "group_reward_std": float(spread.mean()),
-            "zero_variance_groups": float((spread < 1e-6).float().mean()),
+            "zero_variance_groups": float((spread < FLAT_STD).float().mean()),
             "kl": float(answer_kl.mean()),
             **{
                 k: float(dist.all_reduce_sum(torch.stack(v).mean())) / dist.world_size()
@@ -622,11 +625,7 @@ def run(config: Config, ctx: StageContext) -> dict:
                     "sampled_zero_variance_groups": float(
                         dist.all_gather_cat(
                             torch.tensor(
-                                [
-                                    float(not differ)
-                                    for d in drawn
-                                    for differ in spread_out(d.total, config.group_size)
-                                ],
+                                [float(not differ) for d in drawn for differ in d.spread],
                                 device=mask.device,
                             )
                         ).mean()

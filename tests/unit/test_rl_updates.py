@@ -307,9 +307,10 @@ def test_dynamic_sampling_takes_groups_with_a_reward_spread_first_and_keeps_the_
     first = [1.0, 1.0, 0.0, 1.0, 0.0, 0.0]  # groups of 2: alike, differ, alike
     second = [1.0, 0.0, 1.0, 1.0, 0.5, 0.5]  # differ, alike, alike
     assert grpo.spread_out(first, 2) == [False, True, False]
-    assert grpo.choose_groups([first, second], 2, 3) == [(0, 1), (1, 0), (0, 0)]
-    assert grpo.choose_groups([first, second], 2, 2) == [(0, 1), (1, 0)]
-    assert grpo.choose_groups([first], 2, 3) == [(0, 1), (0, 0), (0, 2)]
+    spreads = [grpo.spread_out(first, 2), grpo.spread_out(second, 2)]
+    assert grpo.choose_groups(spreads, 3) == [(0, 1), (1, 0), (0, 0)]
+    assert grpo.choose_groups(spreads, 2) == [(0, 1), (1, 0)]
+    assert grpo.choose_groups(spreads[:1], 3) == [(0, 1), (0, 0), (0, 2)]
 
 
 def test_answers_cut_at_the_token_limit_can_be_left_out_of_the_loss():
