@@ -527,6 +527,7 @@ class StageContext:
             if path is None or not path.is_file():
                 raise BadInputError(f"{uri}: not a file of the finished output at {root}")
             return path
+        digest = None
         if store.is_s3(uri):
             local = self.workdir / "inputs" / hashlib.sha256(uri.encode()).hexdigest()[:16]
             local = local / uri.rsplit("/", 1)[-1]
@@ -534,13 +535,15 @@ class StageContext:
                 if dist.is_node_main():
                     if not store.exists(uri):
                         raise BadInputError(f"{uri}: no such object")
-                    store.download_file(uri, local)
+                    # hashed as it arrived: a second read of a large file is start-up time
+                    digest = store.download_file(uri, local)
                 dist.barrier()
         else:
             local = store.local_path(uri)
             if not local.is_file():
                 raise BadInputError(f"{uri}: no such file")
-        self.inputs[uri] = InputRef(uri=uri, kind="file", sha256=store.sha256_file(local))
+        digest = digest or store.sha256_file(local)
+        self.inputs[uri] = InputRef(uri=uri, kind="file", sha256=digest)
         return local
 
     def input_hub(self, name: str, revision: str | None) -> None:

@@ -399,3 +399,26 @@ def test_a_checkpoint_restores_only_the_parts_of_the_run_that_committed_it(tmp_p
     checkpoints.save(10)
     restored = Checkpoints(checkpoints.uri, tmp_path / "elsewhere").restore(10)
     assert sorted(p.name for p in restored.iterdir()) == ["rank0.pt"]
+
+
+def test_a_plain_s3_file_is_read_once_its_checksum_taken_as_it_arrives(
+    s3_env, tmp_path, monkeypatch
+):
+    """Issue 11: start-up time went to copying and hashing inputs. A plain S3 file is hashed
+    on its way down, not read a second time after (the manifest still records its sha256)."""
+    import hashlib
+
+    source = tmp_path / "rows.jsonl"
+    source.write_bytes((FIXTURES / "alpaca.jsonl").read_bytes())
+    uri = f"{s3_env}/plain/rows.jsonl"
+    store.upload_file(source, uri)
+    hashed: list = []
+    real = store.sha256_file
+    monkeypatch.setattr(store, "sha256_file", lambda path: hashed.append(path) or real(path))
+    ctx = StageContext("data", data_config(f"{s3_env}/out", uri), tmp_path / "r")
+
+    local = ctx.input_file(uri)
+
+    assert local.read_bytes() == source.read_bytes()
+    assert ctx.inputs[uri].sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert local not in hashed
