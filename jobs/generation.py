@@ -8,7 +8,7 @@ the first generated token of every row follows its own prompt directly.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -186,6 +186,16 @@ class Samples:
     @property
     def answers(self) -> torch.Tensor:
         return self.sequences[:, self.start :]
+
+    def take(self, rows: slice, device: torch.device | str | None = None) -> Samples:
+        """These rows alone (on ``device``, else where they are)."""
+        return replace(
+            self,
+            **{
+                name: getattr(self, name)[rows].to(device)
+                for name in ("sequences", "attention", "mask", "ended")
+            },
+        )
 
 
 @torch.no_grad()

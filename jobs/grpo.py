@@ -14,7 +14,8 @@ clip-higher), plus ``kl_coef`` times an estimate of KL(pi || pi_ref) per token w
 is a loss term (k1: log-ratio; k3: the low-variance estimator of Schulman) or as a penalty
 in the reward; ``reference_free`` drops the reference model; the ratio may be each
 answer's rather than each token's (GSPO). A minibatch's token losses
-are averaged over its answer tokens by default (DAPO; TRL's default loss_type), or per
+are averaged over the answer tokens of every rank's by default (DAPO; TRL's default
+loss_type), or per
 answer first (the GRPO paper), or summed over a fixed divisor (Dr. GRPO, which also
 leaves the group's std out: ``scale_rewards: none``); answers cut at the token limit may be
 left out of the loss (DAPO's overlong filtering), and groups whose answers all scored
@@ -33,6 +34,7 @@ writes ``model/``.
 from __future__ import annotations
 
 import time
+from itertools import chain
 from typing import Literal, NamedTuple
 
 import torch
@@ -103,7 +105,7 @@ class Config(StageConfig, SampleLog):
     loss_aggregation: LossAggregation = Field(
         "token_mean",
         description="how a minibatch's token losses become its loss: token_mean (DAPO; "
-        "each rank's minibatch, averaged over ranks), sequence_mean (TRL's grpo: each "
+        "over the answer tokens of every rank's minibatch), sequence_mean (TRL's grpo: each "
         "answer's mean, then the mean over answers) or max_length (Dr. GRPO: the sum "
         "over answers x max_new_tokens)",
     )
@@ -118,8 +120,8 @@ class Config(StageConfig, SampleLog):
         description="DAPO's dynamic sampling (verl's filter_groups): a group whose answers "
         "all scored alike has no advantage (grpo, rloo; with kl_in: reward only its KL "
         "penalty), so it is dropped and more prompts are sampled, up to "
-        "max_sampling_rounds rollouts an iteration; a batch still short is filled with "
-        "dropped groups",
+        "max_sampling_rounds rollouts an iteration, the groups of every rank one pool; a "
+        "batch still short is filled with dropped groups",
     )
     max_sampling_rounds: int = Field(3, ge=1, description="rollouts an iteration at most")
     kl_coef: float = Field(0.04, ge=0)
@@ -154,7 +156,12 @@ class Config(StageConfig, SampleLog):
                 "policy's own samples E[grad log pi] = 0, as verl's kl_penalty notes): use k3, "
                 "or k1 with kl_in: reward"
             )
-        if self.importance_sampling == "sequence" and self.kl_in == "reward" and self.kl_coef > 0:
+        if (
+            self.importance_sampling == "sequence"
+            and self.kl_in == "reward"
+            and self.kl_coef > 0
+            and not self.reference_free
+        ):
             raise ValueError(
                 "importance_sampling: sequence with kl_in: reward: GSPO clips an answer's "
                 "ratio against one advantage per answer, and the per-token KL penalty would "
@@ -218,17 +225,68 @@ def spread_out(total: list[float], group: int) -> list[bool]:
     return (torch.tensor(total).view(-1, group).std(1) >= FLAT_STD).tolist()
 
 
-def choose_groups(spreads: list[list[bool]], wanted: int) -> list[tuple[int, int]]:
-    """Dynamic sampling's batch from several rollouts, given whether each of their groups'
-    rewards differ (:func:`spread_out`): (rollout, group) of the first ``wanted`` groups
-    that differ, in the order they were sampled, then as many of the others as the batch
-    still lacks (the batch keeps its size)."""
+def pool_groups(spreads: list[list[list[bool]]], wanted: int) -> list[list[tuple[int, int, int]]]:
+    """Dynamic sampling's batches, ``wanted`` groups on each rank, from every rank's
+    rollouts, given whether each of their groups' rewards differ (:func:`spread_out`;
+    ``spreads[rank][rollout][group]``): each rank's batch as (rank, rollout, group). A
+    rank keeps its first ``wanted`` groups that differ, in the order they were sampled;
+    its further ones go, in rank order, to the ranks that have fewer (the groups of all
+    ranks are one pool, as verl's filter_groups pools one global batch); a batch still
+    short is filled with the rank's own groups that do not differ (it keeps its size)."""
     varied, flat = [], []
-    for number, spread in enumerate(spreads):
-        for index, differ in enumerate(spread):
-            (varied if differ else flat).append((number, index))
-    chosen = varied[:wanted]
-    return chosen + flat[: wanted - len(chosen)]
+    for rank, rollouts in enumerate(spreads):
+        groups = [
+            ((rank, number, index), differ)
+            for number, spread in enumerate(rollouts)
+            for index, differ in enumerate(spread)
+        ]
+        varied.append([g for g, differ in groups if differ])
+        flat.append([g for g, differ in groups if not differ])
+    batches = [own[:wanted] for own in varied]
+    extra = [group for own in varied for group in own[wanted:]]
+    for rank, batch in enumerate(batches):
+        given, extra = extra[: wanted - len(batch)], extra[wanted - len(batch) :]
+        batch += given
+        batch += flat[rank][: wanted - len(batch)]
+    return batches
+
+
+def pooled_batch(
+    drawn: list[Rollout], spreads: list[list[list[bool]]], config: Config, pad_id: int
+) -> tuple[Samples, list[float], dict[str, list[float]]]:
+    """This rank's batch of :func:`pool_groups`: the answers, rewards and rewards per
+    function of its groups, those of other ranks' rollouts sent over (collective where
+    any group changes rank; every rank reads the same ``spreads``)."""
+    group, me = config.group_size, dist.rank()
+    batches = pool_groups(spreads, config.prompts_per_iteration)
+    received: list[dict] = [{}]
+    if any(owner != rank for rank, batch in enumerate(batches) for owner, _, _ in batch):
+        sent = {}
+        for rank, batch in enumerate(batches):
+            for owner, number, index in batch:
+                if owner == me != rank:
+                    part, ours = slice(index * group, (index + 1) * group), drawn[number]
+                    sent[number, index] = (
+                        ours.samples.take(part, "cpu"),
+                        ours.total[part],
+                        {label: values[part] for label, values in ours.each.items()},
+                    )
+        received = dist.all_gather_object(sent)
+    device = drawn[0].samples.mask.device
+    rows, total, each = [], [], {label: [] for label in drawn[0].each}
+    for owner, number, index in batches[me]:
+        if owner == me:
+            first, ours = index * group, drawn[number]
+            answers, scores = ours.samples, ours.total[first : first + group]
+            by_function = {label: v[first : first + group] for label, v in ours.each.items()}
+        else:
+            answers, scores, by_function = received[owner][number, index]
+            first, answers = 0, answers.take(slice(None), device)
+        rows += [(answers, first + k) for k in range(group)]
+        total += scores
+        for label, values in by_function.items():
+            each[label] += values
+    return merge_samples(rows, pad_id), total, each
 
 
 def loss_tokens(mask: torch.Tensor, ended: torch.Tensor, config: Config) -> torch.Tensor:
@@ -525,31 +583,23 @@ def run(config: Config, ctx: StageContext) -> dict:
     while iteration < config.iterations:
         seed = config.seed * 100003 + iteration * 1009 + dist.rank()
         drawn = [rollout(seed)]
-        # Dynamic sampling: every rank samples again while any rank lacks groups whose
-        # rewards differ (ZeRO-3's generation is collective: ranks sample in step).
-        while (
-            config.dynamic_sampling
-            and len(drawn) < config.max_sampling_rounds
-            and not dist.all_ranks(
-                sum(sum(d.spread) for d in drawn) >= config.prompts_per_iteration
-            )
-        ):
-            drawn.append(rollout(seed + 7919 * len(drawn)))
-        consumed += len(drawn)
         if config.dynamic_sampling:
-            groups = choose_groups([d.spread for d in drawn], config.prompts_per_iteration)
-            rows = [
-                (number, index * config.group_size + k)
-                for number, index in groups
-                for k in range(config.group_size)
-            ]
-            samples = merge_samples(
-                [(drawn[n].samples, r) for n, r in rows], tokenizer.pad_token_id
-            )
-            total = [drawn[n].total[r] for n, r in rows]
-            each = {label: [drawn[n].each[label][r] for n, r in rows] for label in drawn[0].each}
+            # every rank's groups are one pool: all ranks sample again while the pool lacks
+            # groups whose rewards differ (ZeRO-3's generation is collective: ranks sample
+            # in step)
+            spreads = [[spread] for spread in dist.all_gather_object(drawn[0].spread)]
+            while (
+                len(drawn) < config.max_sampling_rounds
+                and sum(map(sum, chain.from_iterable(spreads)))
+                < config.prompts_per_iteration * dist.world_size()
+            ):
+                drawn.append(rollout(seed + 7919 * len(drawn)))
+                for rank, spread in enumerate(dist.all_gather_object(drawn[-1].spread)):
+                    spreads[rank].append(spread)
+            samples, total, each = pooled_batch(drawn, spreads, config, tokenizer.pad_token_id)
         else:
             samples, total, each = drawn[0].samples, drawn[0].total, drawn[0].each
+        consumed += len(drawn)
         generation_s = sum(d.samples.seconds for d in drawn)
         mask = samples.mask
         # scoring: every rollout's rewards, then the log-probs and advantages

@@ -167,11 +167,12 @@ def loss_weights(
     minibatch's loss is the sum of weight x per-token loss, aggregated as TRL's
     GRPOTrainer does by its loss_type (verl: loss_agg_mode):
 
-    - ``token_mean``: the mean over the minibatch's answer tokens (DAPO's token-level
-      loss): an answer weighs as many tokens as it has. Each rank takes its own
-      minibatch's mean and the gradients are averaged over ranks; on one process, with
-      one minibatch per rollout, that is TRL's dapo (and bnpo over a minibatch of one
-      forward) and verl's token-mean;
+    - ``token_mean``: the mean over the answer tokens of every rank's minibatch (DAPO's
+      token-level loss; TRL's dapo, verl's token-mean): an answer weighs as many tokens
+      as it has, wherever it was sampled. Each rank divides by the ranks' token count
+      over the world size, as TRL's dapo does, since the engine averages the gradients
+      over ranks (a rank's own mean would give the tokens of a rank with few more weight
+      each; collective: every rank calls it for each minibatch);
     - ``sequence_mean``: each answer's token mean, averaged over answers (TRL's grpo, the
       GRPO paper; an answer without a token the loss reads counts as 0, as in TRL, where
       verl's seq-mean-token-mean leaves it out): a long answer's tokens weigh less each,
@@ -181,7 +182,7 @@ def loss_weights(
     weights = torch.zeros_like(mask)
     kept = mask[rows]
     if aggregation == "token_mean":
-        weights[rows] = kept / kept.sum().clamp(min=1)
+        weights[rows] = kept * dist.world_size() / dist.all_reduce_sum(kept.sum()).clamp(min=1)
     elif aggregation == "sequence_mean":
         weights[rows] = kept / kept.sum(1, keepdim=True).clamp(min=1) / len(rows)
     else:

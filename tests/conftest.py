@@ -292,15 +292,17 @@ TWO_PROCESSES = {
 }
 
 
-def run_two_processes(stage: str, config: dict, path: Path) -> subprocess.CompletedProcess:
-    """``stage`` on two ranks (TWO_PROCESSES), its config written to ``path``."""
+def run_two_processes(
+    stage: str, config: dict, path: Path, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``stage`` on two ranks (TWO_PROCESSES, and ``env``), its config written to ``path``."""
     path.write_text(yaml.safe_dump(config))
     return subprocess.run(
         [sys.executable, "-m", "jobs.launch", stage, "--config", str(path)],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env=TWO_PROCESSES,
+        env={**TWO_PROCESSES, **(env or {})},
         timeout=600,
     )
 

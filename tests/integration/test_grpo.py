@@ -227,11 +227,19 @@ def test_with_dynamic_sampling_a_resumed_run_draws_the_prompts_the_whole_run_dre
 
 def test_two_processes_under_zero3_sample_dynamically_in_step(warm, tiny, tmp_path):
     """Dynamic sampling on two ranks under ZeRO-3, the actor gathered layer by layer at
-    every token (each generated token a collective): every rank samples again while either
-    rank lacks groups whose rewards differ, so the ranks stay in step (one sampling alone
-    would hang the other) and the run completes."""
+    every token (each generated token a collective), the ranks made to disagree: rank 0's
+    reward alternates (every group differs: it has its batch after one rollout), rank 1's
+    is constant (none ever does). The groups of both ranks are one pool, as verl's one
+    global batch: both sample a second rollout (one sampling alone would hang the other),
+    after which rank 0's groups fill both batches, and the run completes."""
     from tests.conftest import run_two_processes
 
+    (tmp_path / "by_rank.py").write_text(
+        "import itertools, os\n"
+        "ANSWERS = itertools.count()\n"
+        "def score(prompt, completion, example):\n"
+        "    return float(next(ANSWERS) % 2) if os.environ['RANK'] == '0' else 0.0\n"
+    )
     config = grpo_config(
         warm,
         tiny,
@@ -242,15 +250,23 @@ def test_two_processes_under_zero3_sample_dynamically_in_step(warm, tiny, tmp_pa
         minibatch_size=8,
         eval_every=2,
         eval_prompts=8,
+        rewards=[{"kind": "function", "function": "by_rank:score"}],
         dynamic_sampling=True,
+        max_sampling_rounds=3,
         sampling={"max_new_tokens": 8, "temperature": 0.5, "top_p": 1.0, "zero3_gather": False},
         train={"learning_rate": 5e-4, "zero_stage": 3},
     )
-    result = run_two_processes("grpo", config, tmp_path / "two.yaml")
+    env = {"PYTHONPATH": f"{ROOT}:{tmp_path}"}
+    result = run_two_processes("grpo", config, tmp_path / "two.yaml", env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gathered layer by layer at every token" in result.stdout
     lines = [m for m in metrics_lines(tmp_path / "two") if "reward_mean" in m]
-    assert len(lines) == 2 and all(1 <= m["sampling_rounds"] <= 3 for m in lines), lines
+    assert len(lines) == 2, lines
+    for line in lines:
+        # two rollouts on each rank (rank 1's groups all flat, rank 0's none), not three:
+        # rank 1 trains on rank 0's second rollout instead of groups that teach nothing
+        assert line["sampling_rounds"] == 2 and line["sampled_zero_variance_groups"] == 0.5, line
+        assert line["zero_variance_groups"] == 0.0, line
 
 
 def test_a_failing_reward_function_stops_the_stage_naming_it_and_the_example(warm, tiny, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from jobs import engine, grpo, ppo
+from jobs import engine, grpo, ppo, rollout
 from jobs.rollout import (
     loss_weights,
     micro_batches,
@@ -117,13 +117,16 @@ def test_a_minibatch_in_micro_batches_is_one_step_with_the_gradient_of_one_forwa
 
 
 # TRL's GRPOTrainer._compute_loss, by loss_type, over one forward of the whole minibatch
+# (dr_grpo divides by max_completion_length, which a batch's answers may fall short of)
 TRL_LOSS = {
-    "token_mean": lambda loss, mask: (loss * mask).sum() / mask.sum().clamp(min=1.0),  # bnpo
-    "sequence_mean": lambda loss, mask: (  # grpo
+    "token_mean": lambda loss, mask, _: (loss * mask).sum() / mask.sum().clamp(min=1.0),  # bnpo
+    "sequence_mean": lambda loss, mask, _: (  # grpo
         (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
     ).mean(),
-    "max_length": lambda loss, mask: (loss * mask).sum() / (loss.size(0) * mask.size(1)),
+    "max_length": lambda loss, mask, max_length: (loss * mask).sum() / (loss.size(0) * max_length),
 }
+# the token limit of the oracle's rollout: above its longest answer (10 tokens)
+MAX_NEW_TOKENS = 16
 
 
 def trl_loss(batch: dict, ref_logp, ended, aggregation: str, sequence: bool, masked: bool):
@@ -142,7 +145,7 @@ def trl_loss(batch: dict, ref_logp, ended, aggregation: str, sequence: bool, mas
         advantages = batch["advantages"]
         per_token = -torch.min(coef_1 * advantages, coef_2 * advantages)
         per_token = per_token + 0.04 * (torch.exp(ref_logp - logp) - (ref_logp - logp) - 1)
-        return TRL_LOSS[aggregation](per_token, mask)
+        return TRL_LOSS[aggregation](per_token, mask, MAX_NEW_TOKENS)
 
     return loss
 
@@ -172,16 +175,26 @@ def grpo_step_gradient(tiny, micro: int, batch: dict, ref_logp, ended, config):
 
 
 def near_the_policy(tiny, batch: dict) -> tuple[dict, torch.Tensor]:
-    """``batch`` with old log-probs near the tiny model's own (log-ratios of about 0.15:
-    some past each clip bound, some inside), and reference log-probs near those."""
+    """``batch`` with old log-probs near the tiny model's own (log-ratios of about 0.15
+    around an answer's shift of -0.4, 0 or 0.4: tokens and whole answers past each clip
+    bound, and some inside), and reference log-probs near those."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny / "model"))
     with torch.no_grad():
         logp, _ = token_logprobs(model, batch["sequences"], batch["attention"], batch["start"])
     noise = torch.Generator().manual_seed(2)
-    old = logp + 0.15 * torch.randn(logp.shape, generator=noise)
+    shift = torch.tensor([-0.4, 0.0, 0.4]).repeat(len(logp) // 3 + 1)[: len(logp), None]
+    old = logp + shift + 0.15 * torch.randn(logp.shape, generator=noise)
     reference = old + 0.1 * torch.randn(logp.shape, generator=noise)
+    mask = batch["mask"]
+    for ratio, where in (
+        ((logp - old).exp(), mask.bool()),
+        ((((logp - old) * mask).sum(1) / mask.sum(1)).exp(), mask.sum(1) > 0),
+    ):
+        inside = (ratio >= 0.8) & (ratio <= 1.28)
+        assert (ratio[where] < 0.8).any() and (ratio[where] > 1.28).any(), ratio
+        assert inside[where].any(), ratio
     return {**batch, "old_logp": old}, reference
 
 
@@ -207,14 +220,15 @@ def test_grpo_takes_a_minibatch_in_micro_batches_as_trl_takes_it_in_one_forward(
     the oracle's."""
     one_process(monkeypatch)
     batch, ref_logp = near_the_policy(tiny, rollout_minibatch())
-    ended = batch["mask"].sum(1) < 10  # the answers of all 10 tokens were cut
+    # the answers of all 10 tokens count as cut (ended is the sampler's to say)
+    ended = batch["mask"].sum(1) < 10
     settings = {
         "loss_aggregation": aggregation,
         "importance_sampling": "sequence" if sequence else "token",
         "mask_truncated_answers": masked,
         "clip_range_high": 0.28,
         "kl_coef": 0.04,
-        "sampling": {"max_new_tokens": 10},
+        "sampling": {"max_new_tokens": MAX_NEW_TOKENS},
     }
     oracle = trl_loss(batch, ref_logp, ended, aggregation, sequence, masked)
     whole, _, _ = minibatch_gradient(tiny, 12, batch, oracle)
@@ -240,6 +254,10 @@ def test_the_loss_aggregations_weigh_long_and_short_answers_as_trl_does():
     assert shares["token_mean"] == pytest.approx([0.1, 0.9, 0.0])
     assert shares["sequence_mean"] == pytest.approx([0.5, 0.5, 0.0])
     assert shares["max_length"] == pytest.approx([0.05, 0.45, 0.0])
+    # Dr. GRPO's divisor is the token limit, not the width of the answers sampled
+    assert loss_weights(mask, rows, "max_length", 20).sum(1).tolist() == pytest.approx(
+        [0.025, 0.225, 0.0]
+    )
     # an answer left out of the loss still counts in the sequence mean, as in TRL
     out = loss_weights(
         mask * torch.tensor([[1.0], [0.0], [1.0]]), torch.arange(3), "sequence_mean", 10
@@ -248,7 +266,23 @@ def test_the_loss_aggregations_weigh_long_and_short_answers_as_trl_does():
     loss = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
     for aggregation, trl in TRL_LOSS.items():
         weights = loss_weights(mask, rows, aggregation, 10)
-        assert float((weights * loss).sum()) == pytest.approx(float(trl(loss[:2], mask[:2])))
+        assert float((weights * loss).sum()) == pytest.approx(float(trl(loss[:2], mask[:2], 10)))
+
+
+def test_the_token_mean_weighs_every_ranks_answer_tokens_alike(monkeypatch):
+    """TRL's dapo (and verl's token-mean) divide by the answer tokens of every rank, since
+    the engine averages the gradients over ranks: here one answer of 2 tokens, the other
+    rank's minibatch 6 tokens. Each of these tokens weighs 1/8 of the step (the mean of
+    the two ranks' weights x 2), not the 1/4 of a rank's own mean (1/2, halved)."""
+    mask = (torch.arange(4)[None] < torch.tensor([[2]])).float()
+    monkeypatch.setattr(rollout.dist, "world_size", lambda: 2)
+    monkeypatch.setattr(rollout.dist, "all_reduce_sum", lambda t: t + 6)
+    weights = loss_weights(mask, torch.arange(1), "token_mean", 4)
+    assert (weights[0] / 2).tolist() == pytest.approx([1 / 8, 1 / 8, 0.0, 0.0])
+    # the control: a rank that sees only itself takes its own mean
+    monkeypatch.setattr(rollout.dist, "world_size", lambda: 1)
+    monkeypatch.setattr(rollout.dist, "all_reduce_sum", lambda t: t)
+    assert loss_weights(mask, torch.arange(1), "token_mean", 4)[0].tolist() == [0.5, 0.5, 0, 0]
 
 
 def test_clip_higher_lets_an_unlikely_token_with_a_positive_advantage_grow_further():
@@ -308,9 +342,104 @@ def test_dynamic_sampling_takes_groups_with_a_reward_spread_first_and_keeps_the_
     second = [1.0, 0.0, 1.0, 1.0, 0.5, 0.5]  # differ, alike, alike
     assert grpo.spread_out(first, 2) == [False, True, False]
     spreads = [grpo.spread_out(first, 2), grpo.spread_out(second, 2)]
-    assert grpo.choose_groups(spreads, 3) == [(0, 1), (1, 0), (0, 0)]
-    assert grpo.choose_groups(spreads, 2) == [(0, 1), (1, 0)]
-    assert grpo.choose_groups(spreads[:1], 3) == [(0, 1), (0, 0), (0, 2)]
+    assert grpo.pool_groups([spreads], 3) == [[(0, 0, 1), (0, 1, 0), (0, 0, 0)]]
+    assert grpo.pool_groups([spreads], 2) == [[(0, 0, 1), (0, 1, 0)]]
+    assert grpo.pool_groups([spreads[:1]], 3) == [[(0, 0, 1), (0, 0, 0), (0, 0, 2)]]
+
+
+def test_dynamic_sampling_pools_the_groups_of_every_rank():
+    """As verl's one global batch: a rank keeps its own groups that differ, gives those it
+    has beyond its batch to the ranks short of them (in rank order), and fills what the
+    pool cannot give with its own alike groups. Every rank keeps its batch size."""
+    spreads = [
+        [[True, True], [True, False]],  # rank 0: three that differ, one beyond its batch
+        [[False, False], [False, False]],  # rank 1: none
+        [[True, True], [True, True]],  # rank 2: two beyond its batch
+    ]
+    assert grpo.pool_groups(spreads, 2) == [
+        [(0, 0, 0), (0, 0, 1)],
+        [(0, 1, 0), (2, 1, 0)],  # rank 0's extra, then rank 2's
+        [(2, 0, 0), (2, 0, 1)],
+    ]
+    # a pool too small: the short rank's own alike groups fill its batch
+    assert grpo.pool_groups(spreads[:2], 2) == [
+        [(0, 0, 0), (0, 0, 1)],
+        [(0, 1, 0), (1, 0, 0)],
+    ]
+
+
+# Each rank: two rollouts of 2 groups of 2 answers, every token saying where it was
+# sampled (100 x rank + 10 x rollout + row), prompts 1 + rollout tokens wide; rank 0's
+# groups all differ, rank 1's first alone. Prints the batch pooled_batch gives the rank.
+POOLING = """
+import json, torch
+from jobs import dist, grpo
+from jobs.generation import Samples
+
+dist.init()
+me = dist.rank()
+spreads = [[[True, True], [True, True]], [[True, False], [False, False]]]
+drawn = []
+for number in range(2):
+    where = [100 * me + 10 * number + row for row in range(4)]
+    sequences = torch.tensor([[w] * (number + 4) for w in where])
+    answers = Samples(
+        sequences, torch.ones_like(sequences), torch.ones(4, 3), torch.ones(4).bool(),
+        number + 1, 0.0,
+    )
+    total = [float(w) for w in where]
+    drawn.append(grpo.Rollout(answers, total, {"f": total}, 0.0, spreads[me][number]))
+config = grpo.Config(
+    output="o", actor="a", prompts="p", rewards=[{"kind": "json"}],
+    group_size=2, prompts_per_iteration=2, minibatch_size=4,
+)
+samples, total, each = grpo.pooled_batch(drawn, spreads, config, pad_id=-1)
+print(json.dumps({
+    "sequences": samples.sequences.tolist(), "attention": samples.attention.tolist(),
+    "start": samples.start, "total": total, "each": each,
+}), flush=True)
+dist.shutdown()
+"""
+
+
+def test_pooled_groups_reach_their_rank_with_their_tokens_and_rewards(tmp_path):
+    """Two ranks exchanging groups over the process group: rank 1, one group short, is
+    given rank 0's first group beyond its batch (of its second rollout), tokens, masks
+    and rewards as rank 0 sampled them, re-padded beside its own wider-prompted one;
+    rank 0 keeps its first two."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, free_port
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env["WORLD_SIZE"] = "2"
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", POOLING],
+            cwd=ROOT,
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [rank.communicate(timeout=300) for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks), [err[-2000:] for _, err in outputs]
+    first, second = (json.loads(out.splitlines()[-1]) for out, _ in outputs)
+    assert first["total"] == [0.0, 1.0, 2.0, 3.0] and first["start"] == 1
+    assert first["sequences"] == [[w] * 4 for w in range(4)]
+    # its own group (prompt 1 token wide), then rank 0's rollout 1's first (2 wide)
+    assert second["total"] == second["each"]["f"] == [100.0, 101.0, 10.0, 11.0]
+    assert second["start"] == 2
+    assert second["sequences"] == [[-1, 100, 100, 100, 100], [-1, 101, 101, 101, 101]] + [
+        [10] * 5,
+        [11] * 5,
+    ]
+    assert [row[0] for row in second["attention"]] == [0, 0, 1, 1]
 
 
 def test_answers_cut_at_the_token_limit_can_be_left_out_of_the_loss():
@@ -537,6 +666,8 @@ def test_grpo_config_keeps_its_sampling_defaults_and_refuses_a_k1_loss():
     with pytest.raises(ValidationError, match="importance_sampling: sequence with kl_in: reward"):
         grpo_config(importance_sampling="sequence", kl_in="reward", kl_estimator="k1")
     grpo_config(importance_sampling="sequence", kl_in="loss")  # the control
+    # without a reference there is no penalty to average into the answer's advantage
+    grpo_config(importance_sampling="sequence", kl_in="reward", reference_free=True)
     with pytest.raises(ValidationError, match="dynamic_sampling with reinforce_pp"):
         grpo_config(dynamic_sampling=True, algorithm="reinforce_pp")
     grpo_config(dynamic_sampling=True, algorithm="rloo")  # the control
