@@ -292,6 +292,25 @@ TWO_PROCESSES = {
 }
 
 
+def two_ranks(script: str, args: list[str], env: dict[str, str]) -> list[tuple[int, str, str]]:
+    """``python -c script *args`` as ranks 0 and 1 of a two-process group on this machine
+    (``env`` added to the rendezvous variables): each rank's exit code, stdout and stderr."""
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, *args],
+            cwd=ROOT,
+            env={**base, "WORLD_SIZE": "2", **env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [rank.communicate(timeout=300) for rank in ranks]
+    return [(rank.returncode, out, err) for rank, (out, err) in zip(ranks, outputs, strict=True)]
+
+
 def run_two_processes(
     stage: str, config: dict, path: Path, env: dict | None = None
 ) -> subprocess.CompletedProcess:

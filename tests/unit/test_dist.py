@@ -15,7 +15,7 @@ import torch
 from jobs import dist
 from jobs.batches import padded_shard, shard
 from jobs.errors import BadInputError
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, two_ranks
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 # (gather and scatter are tensor methods too; the import check catches torch.distributed's)
@@ -132,26 +132,11 @@ def two_ranks_waiting(
     """What rank 1 printed, waiting ``busy_s`` for rank 0 at each of ``waits``, with the
     collective timeout ``collective_s`` (the wait timeout long)."""
     env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "WORLD_SIZE": "2",
         "KUBERLHF_COLLECTIVE_TIMEOUT_S": str(collective_s),
         "KUBERLHF_WAIT_TIMEOUT_S": "120",
     }
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, "-c", WAITING, str(busy_s), str(folder), *waits],
-            cwd=ROOT,
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    outputs = [rank.communicate(timeout=300) for rank in ranks]
-    return outputs[1][0].splitlines() or [outputs[1][1][-2000:]]
+    _, out, err = two_ranks(WAITING, [str(busy_s), str(folder), *waits], env)[1]
+    return out.splitlines() or [err[-2000:]]
 
 
 def test_ranks_wait_at_a_barrier_longer_than_a_collective_may_take(tmp_path):

@@ -408,28 +408,13 @@ def test_pooled_groups_reach_their_rank_with_their_tokens_and_rewards(tmp_path):
     and rewards as rank 0 sampled them, re-padded beside its own wider-prompted one;
     rank 0 keeps its first two."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    from tests.conftest import ROOT, free_port
+    from tests.conftest import two_ranks
 
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    env["WORLD_SIZE"] = "2"
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, "-c", POOLING],
-            cwd=ROOT,
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    outputs = [rank.communicate(timeout=300) for rank in ranks]
-    assert all(rank.returncode == 0 for rank in ranks), [err[-2000:] for _, err in outputs]
-    first, second = (json.loads(out.splitlines()[-1]) for out, _ in outputs)
+    ranks = two_ranks(POOLING, [], {})
+    assert all(code == 0 for code, _, _ in ranks), [err[-2000:] for _, _, err in ranks]
+    (_, out0, _), (_, out1, _) = ranks
+    first, second = (json.loads(out.splitlines()[-1]) for out in (out0, out1))
     assert first["total"] == [0.0, 1.0, 2.0, 3.0] and first["start"] == 1
     assert first["sequences"] == [[w] * 4 for w in range(4)]
     # its own group (prompt 1 token wide), then rank 0's rollout 1's first (2 wide)
