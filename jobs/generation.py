@@ -188,9 +188,11 @@ class Samples:
         return self.sequences[:, self.start :]
 
     def take(self, rows: slice, device: torch.device | str | None = None) -> Samples:
-        """These rows alone (on ``device``, else where they are)."""
+        """These rows alone (on ``device``, else where they are); the sampling's seconds
+        stay with the whole call (a merge of these adds none)."""
         return replace(
             self,
+            seconds=0.0,
             **{
                 name: getattr(self, name)[rows].to(device)
                 for name in ("sequences", "attention", "mask", "ended")

@@ -14,8 +14,8 @@ clip-higher), plus ``kl_coef`` times an estimate of KL(pi || pi_ref) per token w
 is a loss term (k1: log-ratio; k3: the low-variance estimator of Schulman) or as a penalty
 in the reward; ``reference_free`` drops the reference model; the ratio may be each
 answer's rather than each token's (GSPO). A minibatch's token losses
-are averaged over the answer tokens of every rank's by default (DAPO; TRL's default
-loss_type), or per
+are averaged over the answer tokens of every rank's minibatch by default (DAPO; TRL's
+default loss_type), or per
 answer first (the GRPO paper), or summed over a fixed divisor (Dr. GRPO, which also
 leaves the group's std out: ``scale_rewards: none``); answers cut at the token limit may be
 left out of the loss (DAPO's overlong filtering), and groups whose answers all scored

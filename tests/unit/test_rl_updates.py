@@ -369,24 +369,28 @@ def test_dynamic_sampling_pools_the_groups_of_every_rank():
 
 
 # Each rank: two rollouts of 2 groups of 2 answers, every token saying where it was
-# sampled (100 x rank + 10 x rollout + row), prompts 1 + rollout tokens wide; rank 0's
-# groups all differ, rank 1's first alone. Prints the batch pooled_batch gives the rank.
+# sampled (100 x rank + 10 x rollout + row), rollout n's prompts 1 + n tokens wide and its
+# answers 3 + n, row r's answer mask r + 1 tokens long, ended where the token is a
+# multiple of 3; rank 0's groups differ but the first of rollout 1, rank 1's first alone.
+# Prints the batch pooled_batch gives the rank, and the token mean's weights of an
+# answer of 2 tokens on rank 0 and of 6 on rank 1 (through the real all-reduce).
 POOLING = """
 import json, torch
 from jobs import dist, grpo
 from jobs.generation import Samples
+from jobs.rollout import loss_weights
 
 dist.init()
 me = dist.rank()
-spreads = [[[True, True], [True, True]], [[True, False], [False, False]]]
+spreads = [[[True, True], [False, True]], [[True, False], [False, False]]]
 drawn = []
 for number in range(2):
     where = [100 * me + 10 * number + row for row in range(4)]
-    sequences = torch.tensor([[w] * (number + 4) for w in where])
-    answers = Samples(
-        sequences, torch.ones_like(sequences), torch.ones(4, 3), torch.ones(4).bool(),
-        number + 1, 0.0,
-    )
+    width = 3 + number
+    sequences = torch.tensor([[w] * (number + 1 + width) for w in where])
+    mask = (torch.arange(width)[None] <= torch.arange(4)[:, None]).float()
+    ended = torch.tensor([w % 3 == 0 for w in where])
+    answers = Samples(sequences, torch.ones_like(sequences), mask, ended, number + 1, 1.0)
     total = [float(w) for w in where]
     drawn.append(grpo.Rollout(answers, total, {"f": total}, 0.0, spreads[me][number]))
 config = grpo.Config(
@@ -394,37 +398,48 @@ config = grpo.Config(
     group_size=2, prompts_per_iteration=2, minibatch_size=4,
 )
 samples, total, each = grpo.pooled_batch(drawn, spreads, config, pad_id=-1)
+tokens = torch.ones(1, 8) * (torch.arange(8) < (2 if me == 0 else 6))
 print(json.dumps({
     "sequences": samples.sequences.tolist(), "attention": samples.attention.tolist(),
-    "start": samples.start, "total": total, "each": each,
+    "mask": samples.mask.tolist(), "ended": samples.ended.tolist(), "start": samples.start,
+    "total": total, "each": each, "seconds": samples.seconds,
+    "weights": loss_weights(tokens, torch.arange(1), "token_mean", 8)[0].tolist(),
 }), flush=True)
 dist.shutdown()
 """
 
 
-def test_pooled_groups_reach_their_rank_with_their_tokens_and_rewards(tmp_path):
+def test_pooled_groups_reach_their_rank_with_their_tokens_and_rewards():
     """Two ranks exchanging groups over the process group: rank 1, one group short, is
-    given rank 0's first group beyond its batch (of its second rollout), tokens, masks
-    and rewards as rank 0 sampled them, re-padded beside its own wider-prompted one;
-    rank 0 keeps its first two."""
+    given rank 0's one group beyond its batch (rollout 1's second), its tokens, masks,
+    ends and rewards as rank 0 sampled them, re-padded beside its own group of narrower
+    prompts and answers; rank 0 keeps its first two. And the token mean's divisor is
+    every rank's answer tokens: 8, an answer token weighing 1/8 of the step on either
+    rank once the engine averages the ranks' gradients."""
     import json
 
     from tests.conftest import two_ranks
 
     ranks = two_ranks(POOLING, [], {})
     assert all(code == 0 for code, _, _ in ranks), [err[-2000:] for _, _, err in ranks]
-    (_, out0, _), (_, out1, _) = ranks
-    first, second = (json.loads(out.splitlines()[-1]) for out in (out0, out1))
+    first, second = (json.loads(out.splitlines()[-1]) for _, out, _ in ranks)
     assert first["total"] == [0.0, 1.0, 2.0, 3.0] and first["start"] == 1
     assert first["sequences"] == [[w] * 4 for w in range(4)]
-    # its own group (prompt 1 token wide), then rank 0's rollout 1's first (2 wide)
-    assert second["total"] == second["each"]["f"] == [100.0, 101.0, 10.0, 11.0]
-    assert second["start"] == 2
-    assert second["sequences"] == [[-1, 100, 100, 100, 100], [-1, 101, 101, 101, 101]] + [
-        [10] * 5,
-        [11] * 5,
+    # its own group (prompts 1 token wide, answers 3), then rank 0's (2 and 4)
+    assert second["total"] == second["each"]["f"] == [100.0, 101.0, 12.0, 13.0]
+    assert second["start"] == 2 and second["seconds"] == 1.0  # its own sampling's
+    assert second["sequences"] == [
+        [-1, 100, 100, 100, 100, -1],
+        [-1, 101, 101, 101, 101, -1],
+        [12] * 6,
+        [13] * 6,
     ]
-    assert [row[0] for row in second["attention"]] == [0, 0, 1, 1]
+    assert second["attention"][:2] == [[0, 1, 1, 1, 1, 0]] * 2
+    assert second["attention"][2:] == [[1] * 6] * 2
+    assert second["mask"] == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert second["ended"] == [False, False, True, False]
+    for rank, tokens in ((first, 2), (second, 6)):
+        assert rank["weights"] == pytest.approx([2 / 8] * tokens + [0.0] * (8 - tokens))
 
 
 def test_answers_cut_at_the_token_limit_can_be_left_out_of_the_loss():
