@@ -187,6 +187,11 @@ class Samples:
     def answers(self) -> torch.Tensor:
         return self.sequences[:, self.start :]
 
+    @property
+    def lengths(self) -> list[int]:
+        """Each answer's tokens, its EOS included."""
+        return self.mask.sum(1).long().tolist()
+
     def take(self, rows: slice, device: torch.device | str | None = None) -> Samples:
         """These rows alone (on ``device``, else where they are); the sampling's seconds
         stay with the whole call (a merge of these adds none)."""

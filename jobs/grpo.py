@@ -145,6 +145,13 @@ class Config(StageConfig, SampleLog):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        for spec in self.rewards:
+            if spec.kind == "overlong" and spec.overlong_buffer > self.sampling.max_new_tokens:
+                raise ValueError(
+                    f"rewards: {spec.label!r}: overlong_buffer {spec.overlong_buffer} is more "
+                    f"than sampling.max_new_tokens {self.sampling.max_new_tokens}, the limit "
+                    "it counts back from"
+                )
         if (
             self.kl_estimator == "k1"
             and self.kl_in == "loss"
@@ -456,11 +463,18 @@ def evaluate(ds, tokenizer, eos, rows, where, rewards: Rewards, config: Config):
                 model, tokenizer, prompts, greedy, eos, 0, synced_gpus=synced, literals=placed
             )
             texts = decode(tokenizer, answers.answers, answers.mask)
-            answered.append((chunk, keep, prompts, texts, answers.ended.tolist()))
+            answered.append((chunk, keep, prompts, texts, answers))
     # scored once the weights are partitioned again (a reward model loads on first use)
-    for chunk, keep, prompts, texts, ended in answered:
+    for chunk, keep, prompts, texts, answers in answered:
         chosen = [rows[i] for i in chunk]
-        total, each = rewards(prompts, texts, chosen, [where[i] for i in chunk], ended)
+        total, each = rewards(
+            prompts,
+            texts,
+            chosen,
+            [where[i] for i in chunk],
+            answers.ended.tolist(),
+            answers.lengths,
+        )
         totals["eval_reward"] += sum(v for v, k in zip(total, keep, strict=True) if k)
         for label, values in each.items():
             totals[f"eval_{label}"] += sum(v for v, k in zip(values, keep, strict=True) if k)
@@ -481,7 +495,7 @@ def policy_samples(ds, reference, tokenizer, eos, rows, where, rewards, config):
             model, tokenizer, prompts, greedy, eos, 0, synced_gpus=synced, literals=placed
         )
     texts = decode(tokenizer, answers.answers, answers.mask)
-    total, _ = rewards(prompts, texts, rows, where, answers.ended.tolist())
+    total, _ = rewards(prompts, texts, rows, where, answers.ended.tolist(), answers.lengths)
     size, temperature = ds.train_micro_batch_size_per_gpu(), config.sampling.temperature
     logp = logprobs_of(ds.module, answers, size, temperature)
     ref = (
@@ -531,7 +545,9 @@ def run(config: Config, ctx: StageContext) -> dict:
             frozen,
         )
     eos = eos_ids_of(ds.module, tokenizer)
-    rewards = Rewards(config.rewards, RewardModels(ctx, config.scorer))
+    rewards = Rewards(
+        config.rewards, RewardModels(ctx, config.scorer), config.sampling.max_new_tokens
+    )
     rewards.check_examples(train_rows + eval_rows, train_where + eval_where)
     sampler = ShardedSampler(
         len(train_rows), config.prompts_per_iteration, config.seed, dist.rank(), dist.world_size()
@@ -575,6 +591,7 @@ def run(config: Config, ctx: StageContext) -> dict:
             [train_rows[i] for i in repeat],
             [train_where[i] for i in repeat],
             samples.ended.tolist(),
+            samples.lengths,
         )
         seconds = time.perf_counter() - timer
         return Rollout(samples, total, each, seconds, spread_out(total, config.group_size))

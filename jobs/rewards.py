@@ -3,8 +3,9 @@ model, or a weighted sum of several.
 
 Built in: ``answer_match`` (the extracted answer equals the example's, as text),
 ``numeric_match`` (as numbers, within a tolerance), ``format`` (a regular expression matches
-the whole answer), ``json`` (the answer parses as JSON), ``reward_model`` (a reward stage's
-model scores prompt and answer). ``function`` imports a user's ``module:function`` called as
+the whole answer), ``json`` (the answer parses as JSON), ``overlong`` (DAPO's soft overlong
+punishment of answers near the token limit), ``reward_model`` (a reward stage's model
+scores prompt and answer). ``function`` imports a user's ``module:function`` called as
 ``fn(prompt, completion, example) -> float`` (as TRL's and verl's reward functions are
 given the prompt, the completion and the data set's other fields).
 """
@@ -37,7 +38,9 @@ NUMBER = (
 class RewardFunction(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["answer_match", "numeric_match", "format", "json", "reward_model", "function"]
+    kind: Literal[
+        "answer_match", "numeric_match", "format", "json", "overlong", "reward_model", "function"
+    ]
     name: str | None = Field(None, description="its metric's name; default: the kind")
     weight: float = 1.0
     extract: str | None = Field(
@@ -55,13 +58,25 @@ class RewardFunction(BaseModel):
     pattern: str | None = Field(None, description="format: the regular expression")
     model: str | None = Field(None, description="reward_model: a reward stage's model folder")
     function: str | None = Field(None, description="function: module:function to import")
+    overlong_buffer: int | None = Field(
+        None,
+        ge=1,
+        description="overlong: the last tokens before the stage's max_new_tokens, over which "
+        "the reward falls from 0 to -1 (DAPO's L_cache; verl's overlong_buffer.len, TRL's "
+        "soft_punish_cache; the weight is verl's penalty_factor)",
+    )
 
     @model_validator(mode="after")
     def _has_its_input(self) -> RewardFunction:
-        needs = {"format": "pattern", "reward_model": "model", "function": "function"}
+        needs = {
+            "format": "pattern",
+            "reward_model": "model",
+            "function": "function",
+            "overlong": "overlong_buffer",
+        }
         field = needs.get(self.kind)
         if field and getattr(self, field) is None:
-            raise ValueError(f"a {self.kind} reward needs {field!r}")
+            raise ValueError(f"kind {self.kind} needs {field!r}")
         for expression in (self.extract, self.pattern, self.answer_extract):
             if expression is not None:
                 try:
@@ -191,6 +206,20 @@ def imported(spec: RewardFunction) -> Callable[[str, str, dict, str], float]:
     return check
 
 
+def soft_overlong(length: int, max_length: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13; TRL's
+    get_soft_overlong_punishment, verl's DAPO reward manager): 0 up to ``max_length -
+    buffer`` tokens, then falling linearly to -1 at ``max_length`` (an answer cut there),
+    so that a long answer is told apart from a cut one before it is cut. ``length``
+    counts the answer's tokens with its EOS, as TRL's completion_ids and verl's
+    valid_response_length do."""
+    if length <= max_length - buffer:
+        return 0.0
+    if length <= max_length:
+        return (max_length - buffer - length) / buffer
+    return -1.0
+
+
 BUILT_IN = {
     "answer_match": answer_match,
     "numeric_match": numeric_match,
@@ -217,15 +246,20 @@ def finite(value, where: str) -> float:
 class Rewards:
     """Every configured reward of a batch of completions, and their weighted sum."""
 
-    def __init__(self, specs: list[RewardFunction], score_model=None) -> None:
+    def __init__(
+        self, specs: list[RewardFunction], score_model=None, max_length: int | None = None
+    ) -> None:
         """``score_model(spec, prompts, completions, finished, placed) -> list[float]``
-        scores ``reward_model``s (``placed``: where each prompt's messages lie)."""
+        scores ``reward_model``s (``placed``: where each prompt's messages lie);
+        ``max_length``: the answers' token limit, which ``overlong`` reads."""
         labels = [spec.label for spec in specs]
         if len(set(labels)) != len(labels):
             raise BadInputError(f"rewards: names must differ, got {labels}; set 'name'")
-        self.specs, self.score_model = specs, score_model
+        self.specs, self.score_model, self.max_length = specs, score_model, max_length
         self.checks = {
-            spec.label: BUILT_IN[spec.kind](spec) for spec in specs if spec.kind != "reward_model"
+            spec.label: BUILT_IN[spec.kind](spec)
+            for spec in specs
+            if spec.kind not in ("reward_model", "overlong")
         }
 
     def check_examples(self, examples: list[dict], where: list[str]) -> None:
@@ -245,10 +279,12 @@ class Rewards:
         examples: list[dict],
         where: list[str],
         finished: list[bool] | None = None,
+        lengths: list[int] | None = None,
     ) -> tuple[list[float], dict[str, list[float]]]:
         """(total per completion, each reward per completion); ``where`` names each example
         (file and row) for error messages; ``finished``: which completions ended rather than
-        being cut at the token limit (a reward model reads a cut one as cut)."""
+        being cut at the token limit (a reward model reads a cut one as cut); ``lengths``:
+        their tokens, EOS included (what ``overlong`` reads)."""
         each: dict[str, list[float]] = {}
         # where each prompt's messages lie, once for all the reward models
         scored_by_model = any(spec.kind == "reward_model" for spec in self.specs)
@@ -260,6 +296,12 @@ class Rewards:
                     finite(x, f"{place}: reward {spec.label!r}")
                     for x, place in zip(scored, where, strict=True)
                 ]
+                continue
+            if spec.kind == "overlong":
+                if lengths is None or self.max_length is None:
+                    raise ValueError("an overlong reward reads the answers' lengths and limit")
+                buffer = spec.overlong_buffer or 0
+                each[spec.label] = [soft_overlong(n, self.max_length, buffer) for n in lengths]
                 continue
             check, values = self.checks[spec.label], []
             for prompt, completion, example, place in zip(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs import grpo
 from jobs.contract import read_manifest
 from jobs.errors import EXIT_BAD_INPUT
 from tests.conftest import ROOT, run_entrypoint, with_dropout
@@ -269,6 +270,35 @@ def test_two_processes_under_zero3_sample_dynamically_in_step(warm, tiny, tmp_pa
         assert line["zero_variance_groups"] == 0.0, line
 
 
+def test_the_overlong_reward_teaches_answers_to_end_before_the_limit(warm, tiny, tmp_path):
+    """DAPO's soft overlong punishment as a reward: without a KL term, at this learning
+    rate, the policy drifts to answers that run on to the token limit (12, where the copy
+    task's answers take about 7 tokens, so a right one is never punished). With the
+    penalty over the last 4 tokens before the limit, the same run (same first rollout)
+    brings its answers back under it. (Both lose the task in this regime: the test is of
+    the length signal, not of the accuracy, which the KL term keeps.)"""
+    settings = {
+        "kl_coef": 0.0,
+        "reference_free": True,
+        "iterations": 12,
+        "eval_every": 12,
+        "eval_prompts": 8,
+        "sampling": {"max_new_tokens": 12, "temperature": 0.5, "top_p": 1.0},
+        "train": {"learning_rate": 3e-4, "warmup_steps": 3},
+    }
+    overlong = {"kind": "overlong", "overlong_buffer": 4}
+    cut = {}
+    for name, rewards in (("control", [CHECK]), ("shaped", [CHECK, overlong])):
+        config = grpo_config(warm, tiny, tmp_path / name, rewards=rewards, **settings)
+        result = run_entrypoint("grpo", config, tmp_path, name=name)
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = [m for m in metrics_lines(tmp_path / name) if "truncated_fraction" in m]
+        cut[name] = [m["truncated_fraction"] for m in lines]
+    assert cut["shaped"][0] == cut["control"][0]  # the same first rollout
+    assert sum(cut["control"][-3:]) / 3 > 0.7, cut  # the drift
+    assert sum(cut["shaped"][-3:]) / 3 < 0.1, cut
+
+
 def test_a_failing_reward_function_stops_the_stage_naming_it_and_the_example(warm, tiny, tmp_path):
     (tmp_path / "user_rewards.py").write_text(
         "def score(prompt, completion, example):\n    raise ValueError('bad')\n"
@@ -339,6 +369,28 @@ def test_verifiable_rewards_check_answers():
     assert each["format"] == [1.0, 0.0, 0.0, 0.0]
     assert each["json"] == [1.0, 0.0, 1.0, 1.0]  # a bare number is JSON too
     assert totals == [2.5, 2.0, 0.5, 0.5]
+
+
+def test_the_overlong_reward_is_dapos_soft_punishment():
+    """DAPO's eq. 13 (TRL's get_soft_overlong_punishment), the limit 16 tokens and the
+    buffer 4: nothing up to 12 tokens, then a quarter less a token, down to -1 at the limit
+    (an answer cut there); weighted as any reward (verl's penalty_factor)."""
+    from jobs.rewards import RewardFunction, Rewards
+
+    spec = RewardFunction(kind="overlong", overlong_buffer=4, weight=0.5)
+    lengths = [1, 12, 13, 14, 15, 16, 17]
+    n = len(lengths)
+    totals, each = Rewards([spec], max_length=16)(
+        ["q"] * n, ["a"] * n, [{}] * n, ["f:1"] * n, [True] * n, lengths
+    )
+    assert each["overlong"] == [0.0, 0.0, -0.25, -0.5, -0.75, -1.0, -1.0]
+    assert totals == [0.0, 0.0, -0.125, -0.25, -0.375, -0.5, -0.5]
+    with pytest.raises(ValueError, match="kind overlong needs 'overlong_buffer'"):
+        RewardFunction(kind="overlong")
+    base = {"output": "o", "actor": "a", "prompts": "p", "sampling": {"max_new_tokens": 8}}
+    with pytest.raises(ValueError, match="overlong_buffer 9 is more than sampling.max_new_tok"):
+        grpo.Config(**base, rewards=[{"kind": "overlong", "overlong_buffer": 9}])
+    grpo.Config(**base, rewards=[{"kind": "overlong", "overlong_buffer": 8}])  # the control
 
 
 def test_advantages_follow_the_papers():
