@@ -597,6 +597,37 @@ def initialize_frozen(model, config: dict):
     return engine
 
 
+class Reference:
+    """The KL reference of a trained model: an engine of its own (``frozen``), or, for a
+    model trained with LoRA from its reference, that model with its adapters off: its
+    starting point exactly (an adapter starts at zero), without a second copy of the
+    weights, as TRL's trainers take a peft model's reference when given no ref_model."""
+
+    def __init__(self, trained, frozen=None) -> None:
+        self.trained, self.frozen = trained, frozen
+
+    @contextmanager
+    def model(self) -> Iterator:
+        """The module the reference's forwards run through."""
+        if self.frozen is not None:
+            yield self.frozen.module
+            return
+        with self.trained.module.disable_adapter():
+            yield self.trained.module
+
+
+def adapters_as_reference(cfg: EngineConfig, reference: str | None, stage: str) -> bool:
+    """Whether a model trained with ``cfg`` takes its reference from its own weights with
+    its LoRA adapters off (no ``reference`` of another model named); said once."""
+    if cfg.lora is None or reference is not None:
+        return False
+    dist.say_once(
+        f"{stage}: the reference is the actor with its LoRA adapters off (no second copy "
+        "of its weights)"
+    )
+    return True
+
+
 class StepMeter:
     """A training loop's figures between two logs: metric sums kept on the device (read when
     logged: a read every step would make the host wait for the GPU), and the tokens and

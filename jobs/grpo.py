@@ -394,6 +394,17 @@ def logprobs_of(model, samples, size: int, temperature: float) -> torch.Tensor:
         model.train(was_training)
 
 
+def reference_logprobs(
+    reference: engine.Reference | None, samples, size: int, temperature: float, policy
+) -> torch.Tensor:
+    """The reference's log-probs of the sampled answers (``policy``'s, the policy's own,
+    where there is no reference: no KL)."""
+    if reference is None:
+        return policy
+    with reference.model() as model:
+        return logprobs_of(model, samples, size, temperature)
+
+
 class Rollout(NamedTuple):
     samples: Samples
     total: list[float]  # each answer's reward
@@ -498,9 +509,7 @@ def policy_samples(ds, reference, tokenizer, eos, rows, where, rewards, config):
     total, _ = rewards(prompts, texts, rows, where, answers.ended.tolist(), answers.lengths)
     size, temperature = ds.train_micro_batch_size_per_gpu(), config.sampling.temperature
     logp = logprobs_of(ds.module, answers, size, temperature)
-    ref = (
-        logprobs_of(reference.module, answers, size, temperature) if reference is not None else logp
-    )
+    ref = reference_logprobs(reference, answers, size, temperature, logp)
     return sample_rows(prompts, texts, total, logp, ref, answers.mask)
 
 
@@ -537,12 +546,19 @@ def run(config: Config, ctx: StageContext) -> dict:
     engine.train_without_dropout(ds.module)
     zero3 = cfg.zero_stage == 3
     reference = None
-    if not config.reference_free:
+    if config.reference_free:
+        pass
+    elif engine.adapters_as_reference(cfg, config.reference, "grpo"):
+        reference = engine.Reference(ds)
+    else:
         reference_path = model_source(ctx, config.reference) if config.reference else actor_path
         frozen = engine.frozen_config(3 if zero3 else 0, False, cfg.precision)
-        reference = engine.initialize_frozen(
-            engine.load_frozen(AutoModelForCausalLM, reference_path, frozen, cfg.precision),
-            frozen,
+        reference = engine.Reference(
+            ds,
+            engine.initialize_frozen(
+                engine.load_frozen(AutoModelForCausalLM, reference_path, frozen, cfg.precision),
+                frozen,
+            ),
         )
     eos = eos_ids_of(ds.module, tokenizer)
     rewards = Rewards(
@@ -624,11 +640,7 @@ def run(config: Config, ctx: StageContext) -> dict:
         scores = torch.tensor(total, device=mask.device)
         micro, temperature = ds.train_micro_batch_size_per_gpu(), config.sampling.temperature
         old_logp = logprobs_of(ds.module, samples, micro, temperature)
-        ref_logp = (
-            logprobs_of(reference.module, samples, micro, temperature)
-            if reference is not None
-            else old_logp
-        )
+        ref_logp = reference_logprobs(reference, samples, micro, temperature, old_logp)
         kl = kl_estimate(old_logp, ref_logp, config.kl_estimator) * mask
         advantages = token_advantages(scores, kl, mask, config)
         scoring_s = seconds_since(timer, mask.device)

@@ -216,7 +216,12 @@ class Models:
             critic = engine.load_model(
                 AutoModelForSequenceClassification, critic_path, config.critic_train, num_labels=1
             )
-            reference = engine.load_frozen(AutoModelForCausalLM, reference_path, frozen, precision)
+            adapters_off = engine.adapters_as_reference(config.actor_train, config.reference, "ppo")
+            reference = (
+                None
+                if adapters_off
+                else engine.load_frozen(AutoModelForCausalLM, reference_path, frozen, precision)
+            )
             reward = engine.load_frozen(
                 AutoModelForSequenceClassification, reward_path, frozen, precision
             )
@@ -230,7 +235,9 @@ class Models:
         # it, the ratio of an unchanged policy is noise and the clip cuts gradients at random.
         engine.train_without_dropout(self.actor.module)
         engine.train_without_dropout(self.critic.module)
-        self.reference = engine.initialize_frozen(reference, frozen)
+        self.reference = engine.Reference(
+            self.actor, engine.initialize_frozen(reference, frozen) if reference else None
+        )
         self.reward = engine.initialize_frozen(reward, frozen)
         self.eos = eos_ids_of(actor, self.tokenizer)
 
@@ -299,8 +306,11 @@ def score(models: Models, samples: Samples, batch_size: int, temperature: float 
     for first in range(0, samples.sequences.size(0), batch_size):
         rows = slice(first, first + batch_size)
         seqs, attn = samples.sequences[rows], samples.attention[rows]
-        for name, model in (("old_logp", models.actor), ("ref_logp", models.reference)):
-            parts[name].append(token_logprobs(model.module, seqs, attn, start, temperature)[0])
+        parts["old_logp"].append(
+            token_logprobs(models.actor.module, seqs, attn, start, temperature)[0]
+        )
+        with models.reference.model() as reference:
+            parts["ref_logp"].append(token_logprobs(reference, seqs, attn, start, temperature)[0])
         parts["values"].append(token_values(models.critic, seqs, attn, start))
         judged = ending_in_eos(seqs, attn, samples.ended[rows], eos_id)
         parts["scores"].append(last_token_scores(models.reward.module, judged, attn))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tests.gpu.common import BF16, DEVICE, GPU, ON_CPU, stage
+from tests.conftest import run_entrypoint
+from tests.gpu.common import BF16, DEVICE, GPU, ON_CPU, finished, stage
 from tests.integration.test_grpo import DR_GRPO_DAPO, grpo_config, warm_config
 
 pytestmark = GPU
@@ -51,7 +52,8 @@ def test_grpo_raises_held_out_accuracy_on_the_gpu(tiny, tmp_path):
     ZeRO-2 and then ZeRO-3: a short SFT, then GRPO raises the held-out accuracy that a
     program checks. The ZeRO-3 run, which only has to complete, is GRPO as Dr. GRPO and
     DAPO set it (the other loss aggregation, no std scaling, masked cut answers, groups
-    resampled), with GSPO's ratio per answer."""
+    resampled), with GSPO's ratio per answer. Then two iterations with a LoRA actor, its
+    own reference with its adapters off."""
     train = {**BF16, "zero_stage": 2, "learning_rate": 3e-3, "micro_batch_size": 32}
     stage("sft", warm_config(tiny, tmp_path / "sft", train=train), tmp_path)
     for zero_stage in (2, 3):
@@ -71,3 +73,10 @@ def test_grpo_raises_held_out_accuracy_on_the_gpu(tiny, tmp_path):
             # in problems of the 100 (the fractions' float sum could miss by an ulp)
             rise = round(100 * (metrics["eval_correct"] - metrics["eval_correct_start"]))
             assert rise >= 5, metrics
+    # and with LoRA, its reference the actor with its adapters off (only has to complete)
+    lora = {**BF16, "zero_stage": 2, "learning_rate": 2e-3, "lora": {"r": 8}}
+    output = tmp_path / "grpo-lora"
+    config = grpo_config(tmp_path / "sft", tiny, output, iterations=2, train=lora)
+    result = run_entrypoint("grpo", config, tmp_path, name="grpo-lora")
+    finished(output, result)
+    assert "grpo: the reference is the actor with its LoRA adapters off" in result.stdout

@@ -369,6 +369,26 @@ def test_ptx_adaptive_kl_ema_and_a_lora_critic(demo, tmp_path):
     assert any(not (exported[k] == start[k]).all() for k in start)
 
 
+def test_a_lora_actor_is_its_own_reference_with_its_adapters_off(demo, tmp_path):
+    """An actor trained with LoRA takes its reference from its own weights, adapters off
+    (no second copy loaded), as TRL's trainers take a peft model's: the first rollout's
+    KL is exactly 0 and the trained policy moves away from it."""
+    config = ppo_config(
+        demo,
+        tmp_path / "lora",
+        str(demo / "reward" / "model"),
+        iterations=3,
+        rollout_batch_size=8,
+        minibatch_size=4,
+        actor_train={"learning_rate": 2e-3, "lora": {"r": 4}},
+    )
+    result = run_entrypoint("ppo", config, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ppo: the reference is the actor with its LoRA adapters off" in result.stdout
+    kls = [m["kl"] for m in metrics_lines(tmp_path / "lora")]
+    assert kls[0] == 0.0 and kls[-1] > 0.0, kls
+
+
 def test_normalised_ppo_is_the_same_whatever_the_reward_models_scale(demo, tmp_path):
     """With normalize_reward, the critic (the reward model at first) is read in the units
     the rewards are normalised to, as OpenRLHF's critic is: a reward model whose scores

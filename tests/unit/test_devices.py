@@ -463,7 +463,7 @@ def tiny_models(tiny, dropout: float) -> SimpleNamespace:
             module=actor, device=torch.device("cpu"), zero_optimization_stage=lambda: 0
         ),
         critic=SimpleNamespace(module=critic.train()),
-        reference=SimpleNamespace(module=reference),
+        reference=engine.Reference(None, SimpleNamespace(module=reference)),
         reward=SimpleNamespace(module=reward),
         tokenizer=tokenizer,
         eos=eos_ids_of(actor, tokenizer),
@@ -513,7 +513,7 @@ def test_rollouts_are_scored_under_the_temperature_they_were_sampled_at(tiny):
     config = rollout_config(len(prompts), temperature=0.5)
     batch = ppo.rollout(models, prompts, config, seed=3)
     seqs, attention, start, mask = (batch[k] for k in ("sequences", "attention", "start", "mask"))
-    for key, model in (("old_logp", models.actor), ("ref_logp", models.reference)):
+    for key, model in (("old_logp", models.actor), ("ref_logp", models.reference.frozen)):
         with torch.no_grad():
             logits = model.module.eval()(input_ids=seqs, attention_mask=attention).logits
         drawn_from = torch.log_softmax(logits[:, start - 1 : -1].float() / 0.5, -1)
@@ -564,3 +564,33 @@ def test_one_process_outside_zero_does_not_all_reduce_its_gradients_with_itself(
     assert any(not torch.equal(weights["ours"][k].float(), before[k]) for k in before)
     for key, value in weights["reduced"].items():
         assert torch.equal(weights["ours"][key], value), key
+
+
+def test_a_lora_models_reference_is_itself_with_its_adapters_off(tiny):
+    """TRL's trainers take a peft model's reference from the model itself, adapters
+    disabled: its starting point exactly, no second copy of the weights. After a change
+    to the adapters, the reference's log-probs are still the base model's; outside the
+    reference the adapters are on again (the control: the trained model's differ)."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(str(tiny / "model")).eval()
+    cfg = engine.EngineConfig(lora={"r": 4})
+    trained = engine.prepare_model(AutoModelForCausalLM.from_pretrained(str(tiny / "model")), cfg)
+    with torch.no_grad():
+        for name, weight in trained.named_parameters():
+            if "lora_B" in name:  # as a few steps of training would leave them
+                weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    trained.eval()
+    sequences = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    attention = torch.ones_like(sequences)
+    reference = engine.Reference(SimpleNamespace(module=trained))
+    with torch.no_grad():
+        base, _ = rollout.token_logprobs(lm, sequences, attention, 4)
+        with reference.model() as model:
+            off, _ = rollout.token_logprobs(model, sequences, attention, 4)
+        on, _ = rollout.token_logprobs(trained, sequences, attention, 4)
+    torch.testing.assert_close(off, base)
+    assert (on - base).abs().max() > 0.01
+    assert engine.adapters_as_reference(cfg, None, "test")
+    assert not engine.adapters_as_reference(cfg, "another/model", "test")
+    assert not engine.adapters_as_reference(engine.EngineConfig(), None, "test")

@@ -311,7 +311,7 @@ def test_ppo_reads_its_reward_model_where_the_reward_stage_trained_it(monkeypatc
     reads it: not finishing is not made to look finished)."""
     from types import SimpleNamespace
 
-    from jobs import ppo
+    from jobs import engine, ppo
     from jobs.generation import Samples
     from jobs.scoring import last_token_scores
 
@@ -328,7 +328,7 @@ def test_ppo_reads_its_reward_model_where_the_reward_stage_trained_it(monkeypatc
     samples = Samples(sequences, attention, answer_mask.float(), ended, width, 0.0)
     models = SimpleNamespace(
         actor=SimpleNamespace(module=lm),
-        reference=SimpleNamespace(module=lm),
+        reference=engine.Reference(None, SimpleNamespace(module=lm)),
         critic=rm,
         reward=SimpleNamespace(module=rm),
         tokenizer=SimpleNamespace(eos_token_id=eos),
