@@ -124,6 +124,12 @@ class Config(StageConfig, SampleLog):
         "batch still short is filled with dropped groups",
     )
     max_sampling_rounds: int = Field(3, ge=1, description="rollouts an iteration at most")
+    dynamic_sampling_reward: str | None = Field(
+        None,
+        description="the reward whose spread in a group keeps it (a reward's name, as verl's "
+        "filter_groups.metric: acc, DAPO's choice where shaping rewards are in the sum); "
+        "default: the weighted sum",
+    )
     kl_coef: float = Field(0.04, ge=0)
     kl_estimator: Literal["k1", "k3"] = "k3"
     kl_in: Literal["loss", "reward"] = "loss"
@@ -145,6 +151,12 @@ class Config(StageConfig, SampleLog):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        labels = [spec.label for spec in self.rewards]
+        if self.dynamic_sampling_reward not in (None, *labels):
+            raise ValueError(
+                f"dynamic_sampling_reward {self.dynamic_sampling_reward!r} is not a reward's "
+                f"name: {labels}"
+            )
         for spec in self.rewards:
             if spec.kind == "overlong" and spec.overlong_buffer > self.sampling.max_new_tokens:
                 raise ValueError(
@@ -410,7 +422,7 @@ class Rollout(NamedTuple):
     total: list[float]  # each answer's reward
     each: dict[str, list[float]]  # each answer's reward per function
     scoring_s: float  # the rewards' seconds
-    spread: list[bool]  # per group: whether its rewards differ
+    spread: list[bool]  # per group: whether its rewards differ (dynamic_sampling_reward's)
 
 
 def train_minibatch(
@@ -610,7 +622,8 @@ def run(config: Config, ctx: StageContext) -> dict:
             samples.lengths,
         )
         seconds = time.perf_counter() - timer
-        return Rollout(samples, total, each, seconds, spread_out(total, config.group_size))
+        judged = each[config.dynamic_sampling_reward] if config.dynamic_sampling_reward else total
+        return Rollout(samples, total, each, seconds, spread_out(judged, config.group_size))
 
     progress = ctx.progress(config.iterations, iteration)
     while iteration < config.iterations:

@@ -2,7 +2,8 @@
 
 Four models, each through the DeepSpeed engine: the actor (from the SFT model) and the
 critic (from the reward model) are trained; the reference (the SFT model) and the reward
-model are frozen, with ZeRO-3 or CPU offload for memory. Each iteration:
+model are frozen, with ZeRO-3 or CPU offload for memory (an actor trained with LoRA is its
+own reference, its adapters off). Each iteration:
 
 1. rollouts: the actor samples answers to a batch of prompts (KV cache, stop at EOS;
    ranks generate in lockstep under ZeRO-3);
@@ -84,9 +85,14 @@ class Config(StageConfig, SampleLog):
         "max_new_tokens without EOS (TRL's missing_eos_penalty)",
     )
     ema_decay: float | None = Field(None, gt=0, lt=1, description="export an EMA of the actor")
-    frozen_zero_stage: Literal[0, 3] = Field(0, description="ZeRO stage of reference/reward")
+    frozen_zero_stage: Literal[0, 3] = Field(
+        0,
+        description="ZeRO stage of the frozen reward model and reference (a LoRA actor's "
+        "reference is itself)",
+    )
     frozen_offload: bool = Field(
-        False, description="CPU-offload reference/reward parameters (needs frozen_zero_stage 3)"
+        False,
+        description="CPU-offload the frozen models' parameters (needs frozen_zero_stage 3)",
     )
     scoring_batch_size: int | None = Field(
         None, ge=1, description="rollout rows scored per forward; default: the actor's micro-batch"
@@ -236,7 +242,7 @@ class Models:
         engine.train_without_dropout(self.actor.module)
         engine.train_without_dropout(self.critic.module)
         self.reference = engine.Reference(
-            self.actor, engine.initialize_frozen(reference, frozen) if reference else None
+            self.actor, None if reference is None else engine.initialize_frozen(reference, frozen)
         )
         self.reward = engine.initialize_frozen(reward, frozen)
         self.eos = eos_ids_of(actor, self.tokenizer)

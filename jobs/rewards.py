@@ -298,10 +298,10 @@ class Rewards:
                 ]
                 continue
             if spec.kind == "overlong":
-                if lengths is None or self.max_length is None:
-                    raise ValueError("an overlong reward reads the answers' lengths and limit")
-                buffer = spec.overlong_buffer or 0
-                each[spec.label] = [soft_overlong(n, self.max_length, buffer) for n in lengths]
+                if lengths is None or self.max_length is None or len(lengths) != len(completions):
+                    raise ValueError("an overlong reward reads each answer's length and the limit")
+                limit, buffer = self.max_length, spec.overlong_buffer
+                each[spec.label] = [soft_overlong(n, limit, buffer) for n in lengths]
                 continue
             check, values = self.checks[spec.label], []
             for prompt, completion, example, place in zip(

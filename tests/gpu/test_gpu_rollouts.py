@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tests.conftest import run_entrypoint
-from tests.gpu.common import BF16, DEVICE, GPU, ON_CPU, finished, stage
+from tests.gpu.common import BF16, DEVICE, GPU, ON_CPU, finished, metrics_lines, stage
 from tests.integration.test_grpo import DR_GRPO_DAPO, grpo_config, warm_config
 
 pytestmark = GPU
@@ -80,3 +80,6 @@ def test_grpo_raises_held_out_accuracy_on_the_gpu(tiny, tmp_path):
     result = run_entrypoint("grpo", config, tmp_path, name="grpo-lora")
     finished(output, result)
     assert "grpo: the reference is the actor with its LoRA adapters off" in result.stdout
+    # its starting point exactly, in bf16 too (a fresh adapter adds nothing)
+    kls = [m["kl"] for m in metrics_lines(output) if "kl" in m]
+    assert kls[0] == 0.0, kls

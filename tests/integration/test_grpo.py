@@ -226,6 +226,40 @@ def test_with_dynamic_sampling_a_resumed_run_draws_the_prompts_the_whole_run_dre
         assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
 
 
+def test_dynamic_sampling_judges_groups_by_the_reward_it_is_told(warm, tiny, tmp_path):
+    """verl's filter_groups.metric: with a reward that differs for every answer in the sum
+    (a shaping term, here a counter), every group's total differs; judged by the copy
+    task's own reward, the groups all right or all wrong are dropped (most groups start
+    all right)."""
+    (tmp_path / "counter.py").write_text(
+        "import itertools\n"
+        "ANSWERS = itertools.count()\n"
+        "def score(prompt, completion, example):\n"
+        "    return next(ANSWERS) * 1e-3\n"
+    )
+    rewards = [CHECK, {"kind": "function", "function": "counter:score", "name": "shaping"}]
+    settings = {"iterations": 2, "eval_every": 2, "eval_prompts": 8, "dynamic_sampling": True}
+    env = {"PYTHONPATH": f"{ROOT}:{tmp_path}"}
+    flat = {}
+    for name, judge in (("sum", None), ("correct", "correct")):
+        config = grpo_config(
+            warm,
+            tiny,
+            tmp_path / name,
+            rewards=rewards,
+            dynamic_sampling_reward=judge,
+            **settings,
+        )
+        result = run_entrypoint("grpo", config, tmp_path, env=env, name=name)
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = [m for m in metrics_lines(tmp_path / name) if "sampling_rounds" in m]
+        flat[name] = [m["sampled_zero_variance_groups"] for m in lines]
+    assert flat["sum"] == [0.0, 0.0], flat
+    assert min(flat["correct"]) > 0.3, flat
+    with pytest.raises(ValueError, match="dynamic_sampling_reward 'acc' is not a reward's"):
+        grpo.Config(**grpo_config(warm, tiny, tmp_path / "x", dynamic_sampling_reward="acc"))
+
+
 def test_two_processes_under_zero3_sample_dynamically_in_step(warm, tiny, tmp_path):
     """Dynamic sampling on two ranks under ZeRO-3, the actor gathered layer by layer at
     every token (each generated token a collective), the ranks made to disagree: rank 0's
@@ -391,9 +425,17 @@ def test_the_overlong_reward_is_dapos_soft_punishment():
     """DAPO's eq. 13 (TRL's get_soft_overlong_punishment), the limit 16 tokens and the
     buffer 4: nothing up to 12 tokens, then a quarter less a token, down to -1 at the limit
     (an answer cut there); weighted as any reward (verl's penalty_factor)."""
+    import torch
+
+    from jobs.generation import Samples
     from jobs.rewards import RewardFunction, Rewards
 
     spec = RewardFunction(kind="overlong", overlong_buffer=4, weight=0.5)
+    # an answer's length counts its EOS, as TRL's completion_ids and verl's
+    # valid_response_length do: the sampler's mask runs up to and including it
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # 2 tokens + EOS; cut
+    answers = Samples(torch.zeros(2, 5).long(), torch.ones(2, 5).long(), mask, None, 1, 0.0)
+    assert answers.lengths == [3, 4]
     lengths = [1, 12, 13, 14, 15, 16, 17]
     n = len(lengths)
     totals, each = Rewards([spec], max_length=16)(
