@@ -558,20 +558,15 @@ def run(config: Config, ctx: StageContext) -> dict:
     engine.train_without_dropout(ds.module)
     zero3 = cfg.zero_stage == 3
     reference = None
-    if config.reference_free:
-        pass
-    elif engine.adapters_as_reference(cfg, config.reference, "grpo"):
-        reference = engine.Reference(ds)
-    else:
-        reference_path = model_source(ctx, config.reference) if config.reference else actor_path
-        frozen = engine.frozen_config(3 if zero3 else 0, False, cfg.precision)
-        reference = engine.Reference(
-            ds,
-            engine.initialize_frozen(
-                engine.load_frozen(AutoModelForCausalLM, reference_path, frozen, cfg.precision),
-                frozen,
-            ),
-        )
+    if not config.reference_free:
+        frozen_reference = None
+        if not engine.adapters_as_reference(cfg, config.reference, "grpo"):
+            path = model_source(ctx, config.reference) if config.reference else actor_path
+            frozen = engine.frozen_config(3 if zero3 else 0, False, cfg.precision)
+            frozen_reference = engine.initialize_frozen(
+                engine.load_frozen(AutoModelForCausalLM, path, frozen, cfg.precision), frozen
+            )
+        reference = engine.Reference(ds, frozen_reference)
     eos = eos_ids_of(ds.module, tokenizer)
     rewards = Rewards(
         config.rewards, RewardModels(ctx, config.scorer), config.sampling.max_new_tokens
