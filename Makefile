@@ -25,7 +25,7 @@ find_python = $(firstword $(shell for p in python$(1) $$HOME/.pyenv/versions/$(1
 PYTHON ?= $(firstword $(foreach v,3.11 3.12 3.13,$(call find_python,$(v))) python3)
 # `make test` runs the suite again under each of these that the machine has and .venv does
 # not use, each in a venv of its own (.venv-3.12; 3.12 is the CUDA images' Python): 3.11 and
-# 3.12 together took 25 min 42 s from a fresh clone on 2 cores. PYTHONS= runs one.
+# 3.12 together took 25 min 31 s from a fresh clone on 2 cores. PYTHONS= runs one.
 PYTHONS ?= 3.12
 VENV ?= .venv
 BIN := $(VENV)/bin
