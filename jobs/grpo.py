@@ -709,13 +709,13 @@ def run(config: Config, ctx: StageContext) -> dict:
                             torch.tensor([r for d in drawn for r in d.total], device=mask.device)
                         ).mean()
                     ),
+                    # (every rank's spreads are here already: the pool gathered them)
                     "sampled_zero_variance_groups": float(
-                        dist.all_gather_cat(
-                            torch.tensor(
-                                [float(not differ) for d in drawn for differ in d.spread],
-                                device=mask.device,
-                            )
-                        ).mean()
+                        torch.tensor(
+                            [not differ for own in spreads for one in own for differ in one]
+                        )
+                        .float()
+                        .mean()
                     ),
                 }
                 if config.dynamic_sampling
